@@ -1,0 +1,257 @@
+"""The composition root: builds every part from one frozen Settings object and runs them.
+
+Data flows one way: sources (in-process ``submit``, Redis Stream) -> pipeline (queue, batcher,
+writers) -> sinks (PostgreSQL, then the Redis mirror), and acknowledgements travel back with the
+batch. Nothing else in ingestd constructs clients or reads configuration.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import logging
+import os
+import signal
+import time
+from collections.abc import Mapping
+from types import TracebackType
+from typing import Any
+
+import asyncpg
+import redis.asyncio as aioredis
+import redis.exceptions
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+
+from ingestd import errors, migrations
+from ingestd.pipeline import InProcessSource, Outcome, Pipeline, cancel_quietly
+from ingestd.settings import Settings, redact
+from ingestd.sinks.mirror import RedisMirror
+from ingestd.sinks.postgres import PostgresSink, fetch_all_open_counts
+from ingestd.sources.stream import StreamSource
+
+log = logging.getLogger("ingestd.app")
+
+
+async def create_pool(settings: Settings, *, min_size: int | None = None) -> asyncpg.Pool:
+    """An asyncpg pool with timeouts on connect and on every command (asyncpg has none)."""
+    pg = settings.storage.postgres
+    pool = await asyncpg.create_pool(
+        pg.dsn,
+        min_size=pg.pool_min_size if min_size is None else min_size,
+        max_size=pg.pool_max_size,
+        timeout=pg.connect_timeout_s,
+        command_timeout=pg.command_timeout_s,
+        max_inactive_connection_lifetime=60.0,
+        server_settings={"application_name": "ingestd"},
+    )
+    assert pool is not None
+    return pool
+
+
+def create_redis(url: str, *, socket_timeout_s: float) -> aioredis.Redis:
+    """A redis-py client with explicit timeouts and retries (``from_url`` sets none)."""
+    return aioredis.Redis.from_url(
+        url,
+        socket_timeout=socket_timeout_s,
+        socket_connect_timeout=socket_timeout_s,
+        retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), 2),
+        retry_on_error=[redis.exceptions.ConnectionError, redis.exceptions.TimeoutError],
+        health_check_interval=30,
+        protocol=2,
+    )
+
+
+async def connect_with_retry(settings: Settings, deadline_s: float) -> asyncpg.Pool:
+    """Wait for PostgreSQL (compose starts it alongside ingestd) up to ``deadline_s``."""
+    end = time.monotonic() + deadline_s
+    delay = 0.2
+    while True:
+        try:
+            return await create_pool(settings)
+        except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
+            if time.monotonic() + delay > end:
+                raise errors.SinkUnavailable(
+                    f"cannot reach PostgreSQL at {redact(settings.storage.postgres.dsn)}: {exc}"
+                ) from exc
+            log.warning("PostgreSQL not reachable yet (%s); retrying", exc,
+                        extra={"action": "db_wait"})
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+
+class Service:
+    """ingestd as a library: ``async with Service(settings) as s: await s.submit(event)``."""
+
+    def __init__(self, settings: Settings, *, stream_intake: bool | None = None) -> None:
+        self.settings = settings
+        self._stream_intake = settings.stream.enabled if stream_intake is None else stream_intake
+        self.pool: asyncpg.Pool | None = None
+        self.redis: aioredis.Redis | None = None
+        self._mirror_redis: aioredis.Redis | None = None
+        self.pipeline: Pipeline | None = None
+        self.mirror: RedisMirror | None = None
+        self.stream: StreamSource | None = None
+        self._submitter: InProcessSource | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._stream_task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> Service:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+    async def start(self, *, connect_deadline_s: float = 60.0) -> None:
+        """Connect, check the schema, and start intake."""
+        s = self.settings
+        self.pool = await connect_with_retry(s, connect_deadline_s)
+        async with self.pool.acquire() as conn:
+            await migrations.check_current(conn)
+        self.redis = create_redis(s.storage.redis.url,
+                                  socket_timeout_s=s.storage.redis.socket_timeout_s)
+        self._mirror_redis = create_redis(
+            s.storage.redis.url, socket_timeout_s=s.storage.redis.mirror_socket_timeout_s
+        )
+        self.mirror = RedisMirror(
+            self._mirror_redis,
+            key_prefix=s.storage.redis.key_prefix,
+            fx_ttl_s=s.fx.ttl_seconds,
+            spread_ttl_s=s.mirror.spread_ttl_s,
+            health_ttl_s=s.mirror.health_ttl_s,
+        )
+        sink = PostgresSink(self.pool, acquire_timeout_s=s.storage.postgres.acquire_timeout_s)
+        self.pipeline = Pipeline(sink, self.mirror, s.pipeline)
+        self.pipeline.start()
+        self._submitter = InProcessSource(self.pipeline, max_event_bytes=s.pipeline.max_event_bytes)
+        if self._stream_intake:
+            self.stream = StreamSource(
+                self.redis, self.pipeline, s.stream,
+                consumer=s.consumer_name, max_event_bytes=s.pipeline.max_event_bytes,
+            )
+            self._stream_task = asyncio.create_task(self.stream.run(), name="ingestd-stream")
+        self._tasks = [
+            asyncio.create_task(self._heartbeat_loop(), name="ingestd-heartbeat"),
+            asyncio.create_task(self._reconcile_loop(), name="ingestd-reconcile"),
+        ]
+        log.info(
+            "ingestd started: database %s, redis %s, stream %s, consumer %s",
+            redact(s.storage.postgres.dsn), redact(s.storage.redis.url),
+            s.stream.key if self._stream_intake else "off", s.consumer_name,
+            extra={"action": "started"},
+        )
+
+    async def submit(self, event: Mapping[str, Any] | bytes | str) -> Outcome:
+        """Accept one event in-process; returns once it is committed (see InProcessSource)."""
+        if self._submitter is None:
+            raise errors.ShuttingDown("the service is not running")
+        return await self._submitter.submit(event)
+
+    def healthy(self) -> bool:
+        """False while batches have been failing for longer than twice the flush timeout."""
+        if self.pipeline is None:
+            return False
+        since = self.pipeline.metrics.flush_failing_since
+        return since is None or time.monotonic() - since < 2 * self.settings.pipeline.flush_timeout_s
+
+    async def _heartbeat_loop(self) -> None:
+        assert self.mirror is not None
+        while True:
+            if self.healthy():
+                self.mirror.stage_heartbeat("ingestd", dt.datetime.now(dt.UTC))
+            await self.mirror.flush()
+            await asyncio.sleep(self.settings.mirror.heartbeat_interval_s)
+
+    async def _reconcile_loop(self) -> None:
+        assert self.pool is not None and self.mirror is not None
+        while True:
+            try:
+                async with self.pool.acquire() as conn:
+                    counts, version = await fetch_all_open_counts(conn)
+                self.mirror.stage_open_counts(counts, version)
+                await self.mirror.flush()
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+                log.warning("open-count reconciliation failed: %s", exc,
+                            extra={"action": "reconcile_failed"})
+            await asyncio.sleep(self.settings.mirror.open_count_reconcile_s)
+
+    async def stop(self, grace_s: float | None = None) -> bool:
+        """Staged shutdown: stop intake, drain within the grace period, then cancel; True if clean."""
+        grace = self.settings.shutdown.grace_s if grace_s is None else grace_s
+        clean = True
+        t0 = time.monotonic()
+        if self.stream is not None:
+            self.stream.stop()
+        if self._stream_task is not None:
+            try:
+                async with asyncio.timeout(self.settings.stream.block_ms / 1000 + 2):
+                    await self._stream_task
+            except TimeoutError:
+                await cancel_quietly(self._stream_task)
+        if self.pipeline is not None:
+            try:
+                async with asyncio.timeout(max(0.1, grace - (time.monotonic() - t0))):
+                    await self.pipeline.drain()
+            except TimeoutError:
+                clean = False
+                log.error("drain exceeded the %.1fs grace period; cancelling (unacknowledged "
+                          "entries will be redelivered)", grace, extra={"action": "drain_timeout"})
+                await self.pipeline.abort()
+        if self.stream is not None:
+            with contextlib.suppress(redis.exceptions.RedisError, OSError):
+                await self.stream.finish()
+        for task in self._tasks:
+            await cancel_quietly(task)
+        if self.mirror is not None:
+            await self.mirror.flush()
+        for client in (self.redis, self._mirror_redis):
+            if client is not None:
+                await client.aclose()
+        if self.pool is not None:
+            try:
+                async with asyncio.timeout(5):
+                    await self.pool.close()
+            except TimeoutError:
+                self.pool.terminate()
+        log.info("ingestd stopped (%s) after %.2fs", "clean" if clean else "forced",
+                 time.monotonic() - t0, extra={"action": "stopped"})
+        return clean
+
+
+async def run_daemon(settings: Settings) -> int:
+    """``ingestd run``: until SIGTERM/SIGINT, then drain; a second signal exits at once."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    signals_seen = 0
+
+    def on_signal(signum: int) -> None:
+        nonlocal signals_seen
+        signals_seen += 1
+        if signals_seen == 1:
+            log.info("received %s: draining", signal.Signals(signum).name,
+                     extra={"action": "signal"})
+            stop.set()
+        else:
+            # Nothing is acknowledged without a commit, so exiting now loses nothing: the
+            # unacknowledged entries are redelivered to the next consumer.
+            os.write(2, b"second signal: exiting immediately\n")
+            os._exit(130)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal, sig)
+    service = Service(settings)
+    try:
+        await service.start()
+    except errors.IngestdError as exc:
+        log.error("%s", exc, extra={"action": "start_failed"})
+        return 2
+    await stop.wait()
+    clean = await service.stop()
+    return 0 if clean else 3

@@ -1,0 +1,241 @@
+"""The ``ingestd`` console script: a thin layer over the library."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import itertools
+import logging
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import asyncpg
+import orjson
+
+from ingestd import errors, logs, migrations
+from ingestd.settings import Settings, load_settings, redact
+
+log = logging.getLogger("ingestd.cli")
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML config file (default: $INGESTD_CONFIG)")
+    p.add_argument("--database-url", help="PostgreSQL DSN (default: $DATABASE_URL)")
+    p.add_argument("--redis-url", help="Redis URL (default: $REDIS_URL)")
+    p.add_argument("--log-format", choices=["plain", "json"])
+    p.add_argument("--log-level")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (exposed for tests and docs)."""
+    parser = argparse.ArgumentParser(prog="ingestd", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("run", help="the daemon: stream intake -> database + Redis mirror")
+    _common(p)
+    p.add_argument("--consumer", help="stable consumer name (default: $INGESTD_CONSUMER or host)")
+    p.add_argument("--metrics-port", type=int, help="Prometheus port (default 9464; 0 disables)")
+    p.add_argument("--stream", help="stream key (default ingestd:events)")
+
+    p = sub.add_parser("migrate", help="apply pending sql/ migrations")
+    _common(p)
+    p.add_argument("--create-database", action="store_true",
+                   help="create the database named in the DSN if it does not exist")
+
+    p = sub.add_parser("health", help="exit 0 if heartbeats are fresh (container HEALTHCHECK)")
+    _common(p)
+    p.add_argument("--component", action="append", default=[],
+                   help="also require this component's heartbeat (collector, paper, live)")
+    p.add_argument("--max-age", type=float, default=10.0, help="seconds (default 10)")
+
+    p = sub.add_parser("simulate", help="publish a realistic collector/paper feed to the stream")
+    _common(p)
+    p.add_argument("--rate", type=float, default=200.0, help="events per second (0: unpaced)")
+    p.add_argument("--duration", type=float, help="seconds to run (default: until interrupted)")
+    p.add_argument("--count", type=int, help="number of events to publish")
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--symbols", default="BTC,ETH,XRP")
+    p.add_argument("--tick", type=float, default=0.1, help="simulated seconds per market tick")
+    p.add_argument("--start", help="event time of the first tick (RFC 3339; default now)")
+    p.add_argument("--stream", help="stream key (default ingestd:events)")
+    p.add_argument("--stdout", action="store_true", help="print JSON lines instead of publishing")
+
+    p = sub.add_parser("bench", help="throughput benchmark against raw COPY (see README)")
+    _common(p)
+    p.add_argument("--events", type=int, default=100_000)
+    p.add_argument("--json", dest="json_path", help="also write the results as JSON here")
+    p.add_argument("--scratch-database", default="ingestd_bench",
+                   help="database created (and dropped) for the run")
+    return parser
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    overrides: dict[str, Any] = {
+        "storage.postgres.dsn": getattr(args, "database_url", None),
+        "storage.redis.url": getattr(args, "redis_url", None),
+        "log_format": getattr(args, "log_format", None),
+        "log_level": getattr(args, "log_level", None),
+        "stream.consumer": getattr(args, "consumer", None),
+        "metrics_port": getattr(args, "metrics_port", None),
+        "stream.key": getattr(args, "stream", None),
+    }
+    return load_settings(args.config, overrides=overrides)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the console script."""
+    args = build_parser().parse_args(argv)
+    try:
+        settings = _settings(args)
+    except errors.ConfigError as exc:
+        print(f"ingestd: configuration error: {exc}", file=sys.stderr)
+        return 2
+    logs.configure(settings.log_level, settings.log_format)
+    handler = _COMMANDS[args.command]
+    try:
+        return _run_async(handler(settings, args))
+    except KeyboardInterrupt:
+        return 130
+
+
+def _run_async(coro: Any) -> int:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency except on Windows
+        result: int = asyncio.run(coro)
+    else:
+        result = uvloop.run(coro)
+    return result
+
+
+async def _cmd_run(settings: Settings, args: argparse.Namespace) -> int:
+    from ingestd.app import run_daemon
+
+    return await run_daemon(settings)
+
+
+async def _cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
+    dsn = settings.storage.postgres.dsn
+    try:
+        conn = await _connect(dsn, create=args.create_database)
+    except (OSError, asyncpg.PostgresError) as exc:
+        print(f"ingestd migrate: cannot connect to {redact(dsn)}: {exc}", file=sys.stderr)
+        return 2
+    try:
+        applied = await migrations.migrate(conn)
+        timescale = await migrations.timescaledb_enabled(conn)
+    except errors.IngestdError as exc:
+        print(f"ingestd migrate: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        await conn.close()
+    flavour = "TimescaleDB" if timescale else "plain PostgreSQL (timescaledb not available)"
+    if applied:
+        print(f"applied {len(applied)} migration(s): {', '.join(applied)} [{flavour}]")
+    else:
+        print(f"schema is current [{flavour}]")
+    return 0
+
+
+async def _connect(dsn: str, *, create: bool, deadline_s: float = 30.0) -> asyncpg.Connection:
+    end = time.monotonic() + deadline_s
+    while True:
+        try:
+            return await asyncpg.connect(dsn, timeout=5)
+        except asyncpg.InvalidCatalogNameError:
+            if not create:
+                raise
+            await _create_database(dsn)
+        except OSError:
+            if time.monotonic() > end:
+                raise
+            await asyncio.sleep(0.5)
+
+
+async def _create_database(dsn: str) -> None:
+    probe = await asyncpg.connect(dsn, database="postgres", timeout=5)
+    try:
+        name = dsn.rsplit("/", 1)[-1].split("?", 1)[0]
+        if not name.replace("_", "").isalnum():
+            raise errors.ConfigError(f"refusing to create database with name {name!r}")
+        exists = await probe.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", name)
+        if not exists:
+            # An identifier cannot be a bind parameter; the name was checked to be [A-Za-z0-9_].
+            await probe.execute(f'CREATE DATABASE "{name}"')
+            print(f"created database {name}")
+    finally:
+        await probe.close()
+
+
+async def _cmd_health(settings: Settings, args: argparse.Namespace) -> int:
+    from ingestd.health import check_health
+
+    ok, message = await check_health(settings, ["ingestd", *args.component], args.max_age)
+    print(message, file=sys.stdout if ok else sys.stderr)
+    return 0 if ok else 1
+
+
+async def _cmd_simulate(settings: Settings, args: argparse.Namespace) -> int:
+    from ingestd.publisher import AsyncPublisher
+    from ingestd.simulate import Simulator
+
+    start = dt.datetime.fromisoformat(args.start) if args.start else None
+    if start is not None and start.tzinfo is None:
+        print("ingestd simulate: --start needs an offset", file=sys.stderr)
+        return 2
+    sim = Simulator(seed=args.seed, symbols=tuple(args.symbols.split(",")), start=start,
+                    tick_s=args.tick)
+    stream = sim.events()
+    if args.count is not None:
+        stream = itertools.islice(stream, args.count)
+    if args.stdout:
+        out = sys.stdout.buffer
+        for ev in stream:
+            out.write(orjson.dumps(ev) + b"\n")
+        return 0
+    publisher = AsyncPublisher.from_url(settings.storage.redis.url, stream=settings.stream.key)
+    t0 = time.monotonic()
+    sent = 0
+    chunk = 500 if args.rate <= 0 else max(1, min(500, int(args.rate / 20)))
+    try:
+        while True:
+            if args.duration is not None and time.monotonic() - t0 >= args.duration:
+                break
+            batch = list(itertools.islice(stream, chunk))
+            if not batch:
+                break
+            sent += await publisher.publish_many(batch)
+            if args.rate > 0:
+                ahead = sent / args.rate - (time.monotonic() - t0)
+                if ahead > 0:
+                    await asyncio.sleep(ahead)
+            if sent % 10_000 < chunk:
+                log.info("published %d events (%.0f/s)", sent, sent / (time.monotonic() - t0),
+                         extra={"action": "simulate_progress"})
+    finally:
+        await publisher.aclose()
+    log.info("published %d events to %s", sent, settings.stream.key,
+             extra={"action": "simulate_done"})
+    return 0
+
+
+async def _cmd_bench(settings: Settings, args: argparse.Namespace) -> int:
+    from ingestd.bench import run_bench
+
+    return await run_bench(settings, events=args.events, json_path=args.json_path,
+                           scratch_database=args.scratch_database)
+
+
+_COMMANDS = {
+    "run": _cmd_run,
+    "migrate": _cmd_migrate,
+    "health": _cmd_health,
+    "simulate": _cmd_simulate,
+    "bench": _cmd_bench,
+}
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,390 @@
+"""The wire format (DESIGN §3): decoding JSON exactly and validating it into typed events.
+
+Decimals never pass through a binary float: JSON numbers are kept as their literal text
+(``JsonNumber``), decimal strings must match a strict pattern, and each value is checked against
+its column's NUMERIC(p, s) and rounded exactly as PostgreSQL rounds (half away from zero). The
+validated text goes to PostgreSQL as is, so the common case never builds a ``Decimal`` at all.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import decimal
+import re
+import uuid
+from collections.abc import Mapping
+from typing import Any, Final
+
+import msgspec
+
+from ingestd import tables
+from ingestd.errors import InvalidEvent
+
+
+class JsonNumber(str):
+    """The literal text of a JSON number (msgspec's ``float_hook`` hands it over untouched)."""
+
+    __slots__ = ()
+
+
+_DECODER: Final = msgspec.json.Decoder(float_hook=JsonNumber)
+
+
+def decode_json(payload: bytes | str) -> Any:
+    """Decode one JSON document; numbers with a fraction or exponent stay exact text."""
+    try:
+        return _DECODER.decode(payload)
+    except msgspec.DecodeError as exc:
+        raise InvalidEvent(f"not valid JSON: {exc}") from None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Field:
+    """One field of an event type: its column type and whether it must be present."""
+
+    name: str
+    kind: tables.ColumnType
+    required: bool = True
+
+
+def _opt(name: str, kind: tables.ColumnType) -> Field:
+    return Field(name, kind, required=False)
+
+
+def _fields(columns: tuple[tuple[str, tables.ColumnType], ...], *, required: bool) -> list[Field]:
+    return [Field(name, kind, required) for name, kind in columns]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class EventType:
+    """What an event type carries and which field is its event time."""
+
+    name: str
+    fields: tuple[Field, ...]
+    time_field: str
+    table: tables.Table | None = None
+
+    @property
+    def field_names(self) -> frozenset[str]:
+        """Names of the fields this type accepts (besides type/event_id/producer)."""
+        return frozenset(f.name for f in self.fields)
+
+
+EVENT_TYPES: Final[dict[str, EventType]] = {
+    "spread": EventType(
+        "spread",
+        (
+            Field("symbol", tables.Varchar(10)),
+            Field("upbit_price", tables.PRICE_KRW),
+            Field("binance_price", tables.PRICE),
+            Field("binance_price_krw", tables.PRICE_KRW),
+            Field("spread_pct", tables.PCT),
+            Field("net_spread_pct", tables.PCT),
+            _opt("is_opportunity", tables.BOOL),
+            Field("timestamp", tables.TIME),
+        ),
+        "timestamp",
+        tables.SPREADS,
+    ),
+    "fx_rate": EventType(
+        "fx_rate",
+        (
+            Field("pair", tables.Varchar(20)),
+            Field("rate", tables.PRICE),
+            _opt("source", tables.Varchar(50)),
+            Field("timestamp", tables.TIME),
+        ),
+        "timestamp",
+        tables.FX_RATES,
+    ),
+    "order": EventType(
+        "order",
+        (
+            _opt("position_key", tables.POSITION_KEY),
+            Field("symbol", tables.Varchar(10)),
+            Field("venue", tables.Varchar(50)),
+            Field("side", tables.Varchar(20)),
+            Field("qty", tables.PRICE),
+            Field("price_theoretical", tables.PRICE),
+            _opt("price_effective", tables.PRICE),
+            _opt("slippage_bps", tables.BPS),
+            Field("leg_id", tables.Varchar(100)),
+            _opt("order_id", tables.Varchar(100)),
+            Field("timestamp", tables.TIME),
+        ),
+        "timestamp",
+        tables.ORDERS,
+    ),
+    "trade": EventType(
+        "trade",
+        (
+            _opt("position_key", tables.POSITION_KEY),
+            Field("symbol", tables.Varchar(10)),
+            Field("direction", tables.Varchar(50)),
+            Field("size", tables.PRICE),
+            Field("side", tables.Varchar(20)),
+            _opt("price_upbit", tables.PRICE_KRW),
+            _opt("price_binance", tables.PRICE),
+            _opt("pnl_krw", tables.PRICE_KRW),
+            _opt("pnl_pct", tables.PCT),
+            Field("timestamp", tables.TIME),
+        ),
+        "timestamp",
+        tables.TRADES,
+    ),
+    "position_open": EventType(
+        "position_open",
+        (
+            Field("position_key", tables.POSITION_KEY),
+            *_fields(tables.POSITION_ENTRY_COLUMNS, required=True),
+        ),
+        "timestamp_open",
+    ),
+    "position_close": EventType(
+        "position_close",
+        (
+            Field("position_key", tables.POSITION_KEY),
+            *_fields(tables.POSITION_EXIT_COLUMNS, required=True),
+            *_fields(tables.POSITION_ENTRY_COLUMNS, required=False),
+        ),
+        "timestamp_close",
+    ),
+    "heartbeat": EventType(
+        "heartbeat",
+        (Field("component", tables.Varchar(50)), Field("timestamp", tables.TIME)),
+        "timestamp",
+    ),
+}
+
+ENVELOPE_FIELDS: Final = frozenset({"type", "event_id", "producer"})
+
+
+@dataclasses.dataclass(slots=True)
+class Event:
+    """A validated event: every value is PostgreSQL-ready text (or None), the time is aware."""
+
+    type: str
+    event_id: str
+    producer: str | None
+    time: dt.datetime
+    values: dict[str, str | None]
+
+    @property
+    def spec(self) -> EventType:
+        """The event's type description."""
+        return EVENT_TYPES[self.type]
+
+
+# --- value validation --------------------------------------------------------------------------
+
+# [0-9] rather than \d (which matches non-ASCII digits) and \Z rather than $ (which matches before a
+# trailing newline): both traps are in PERFORMANCE.md.
+_DECIMAL_TEXT: Final = re.compile(r"(-?)([0-9]+)(?:\.([0-9]+))?\Z")
+_JSON_NUMBER: Final = re.compile(r"-?[0-9]+(?:\.[0-9]+)?(?:[eE][-+]?[0-9]+)?\Z")
+_RFC3339: Final = re.compile(
+    r"([0-9]{4}-[0-9]{2}-[0-9]{2})[Tt ]([0-9]{2}:[0-9]{2}:[0-9]{2})(?:\.([0-9]+))?"
+    r"([Zz]|[+-][0-9]{2}:[0-9]{2})\Z"
+)
+
+
+def numeric_text(value: object, kind: tables.Numeric, field: str) -> str:
+    """Exact decimal text for NUMERIC(p, s), rounded half away from zero; out of range is an error."""
+    if isinstance(value, str):
+        m = _DECIMAL_TEXT.match(value)
+        if m is not None:
+            int_part, frac = m.group(2), m.group(3)
+            if frac is None or len(frac) <= kind.scale:
+                if len(int_part.lstrip("0")) > kind.precision - kind.scale:
+                    raise _out_of_range(value, kind, field)
+                return value
+            return _round_numeric(decimal.Decimal(value), kind, field, value)
+        if type(value) is JsonNumber and _JSON_NUMBER.match(value):
+            return _round_numeric(decimal.Decimal(value), kind, field, value)
+        raise InvalidEvent(f"{value[:40]!r} is not a decimal number", field=field)
+    if isinstance(value, bool):
+        raise InvalidEvent("a boolean is not a number", field=field)
+    if isinstance(value, int):
+        if len(str(abs(value))) > kind.precision - kind.scale:
+            raise _out_of_range(str(value), kind, field)
+        return str(value)
+    if isinstance(value, decimal.Decimal):
+        return _round_numeric(value, kind, field, str(value))
+    if isinstance(value, float):
+        # A float from in-process code: its shortest repr is the number its author wrote.
+        return _round_numeric(decimal.Decimal(repr(value)), kind, field, repr(value))
+    raise InvalidEvent(f"expected a decimal string or number, got {type(value).__name__}", field=field)
+
+
+def _round_numeric(d: decimal.Decimal, kind: tables.Numeric, field: str, shown: str) -> str:
+    if not d.is_finite():
+        raise InvalidEvent(f"{shown[:40]!r} is not a finite number", field=field)
+    # One quantize under precision p both rounds half away from zero (as PostgreSQL's NUMERIC
+    # does) and fails when the rounded value needs more than p digits, i.e. does not fit.
+    ctx = decimal.Context(prec=kind.precision, rounding=decimal.ROUND_HALF_UP, traps=[])
+    try:
+        q = d.quantize(decimal.Decimal(1).scaleb(-kind.scale), context=ctx)
+    except decimal.InvalidOperation:
+        raise _out_of_range(shown, kind, field) from None
+    if not q.is_finite() or ctx.flags[decimal.InvalidOperation]:
+        raise _out_of_range(shown, kind, field)
+    return format(q, "f")
+
+
+def _out_of_range(shown: str, kind: tables.Numeric, field: str) -> InvalidEvent:
+    return InvalidEvent(
+        f"{shown[:40]} does not fit NUMERIC({kind.precision}, {kind.scale}) "
+        f"(at most {kind.precision - kind.scale} integer digits)",
+        field=field,
+    )
+
+
+def time_value(value: object, field: str) -> tuple[str, dt.datetime]:
+    """PostgreSQL-ready text and the aware datetime of an RFC 3339 time with an offset."""
+    if isinstance(value, dt.datetime):
+        if value.tzinfo is None or value.utcoffset() is None:
+            raise InvalidEvent("naive datetime: a time zone offset is required", field=field)
+        return value.isoformat(), value
+    if type(value) is not str:
+        raise InvalidEvent("expected an RFC 3339 time string", field=field)
+    m = _RFC3339.match(value)
+    if m is None:
+        if len(value) >= 19 and _RFC3339.match(value + "Z"):
+            raise InvalidEvent(f"{value[:40]!r} has no offset (naive time)", field=field)
+        raise InvalidEvent(f"{value[:40]!r} is not an RFC 3339 time with an offset", field=field)
+    date, clock, frac, offset = m.groups()
+    offset = "+00:00" if offset in ("Z", "z") else offset
+    micros = 0
+    carry = False
+    if frac:
+        if len(frac) > 6:
+            # PostgreSQL keeps microseconds; round the 7th digit half up, as it does.
+            carry_up = frac[6] >= "5"
+            micros = int(frac[:6]) + (1 if carry_up else 0)
+            if micros == 1_000_000:
+                micros, carry = 0, True
+        else:
+            micros = int(frac.ljust(6, "0"))
+    try:
+        parsed = dt.datetime.fromisoformat(f"{date}T{clock}{offset}")
+    except ValueError as exc:
+        raise InvalidEvent(f"{value[:40]!r} is not a valid time: {exc}", field=field) from None
+    parsed = parsed.replace(microsecond=micros)
+    if carry:
+        parsed += dt.timedelta(seconds=1)
+    if frac is None:
+        return f"{date}T{clock}{offset}", parsed
+    if len(frac) <= 6:
+        return f"{date}T{clock}.{frac}{offset}", parsed
+    return parsed.isoformat(), parsed
+
+
+def _text_value(value: object, kind: tables.Varchar, field: str) -> str:
+    if type(value) is not str:
+        raise InvalidEvent(f"expected a string, got {_json_type(value)}", field=field)
+    if not value:
+        raise InvalidEvent("must not be empty", field=field)
+    if len(value) > kind.length:
+        raise InvalidEvent(f"longer than {kind.length} characters ({len(value)})", field=field)
+    if "\x00" in value:
+        raise InvalidEvent("contains a NUL character", field=field)
+    return value
+
+
+def _json_type(value: object) -> str:
+    if isinstance(value, JsonNumber | int | float) and not isinstance(value, bool):
+        return "a number"
+    if isinstance(value, bool):
+        return "a boolean"
+    if value is None:
+        return "null"
+    return type(value).__name__
+
+
+def _bool_value(value: object, field: str) -> str:
+    if value is True:
+        return "true"
+    if value is False:
+        return "false"
+    raise InvalidEvent(f"expected true or false, got {_json_type(value)}", field=field)
+
+
+def utc_iso(moment: dt.datetime) -> str:
+    """Fixed-width UTC ISO-8601 (``2025-11-15T03:40:15.123000Z``): sorts as it compares."""
+    return moment.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+# --- events ------------------------------------------------------------------------------------
+
+
+def parse_event(obj: object, *, default_event_id: str | None = None) -> Event:
+    """Validate a decoded event; raise InvalidEvent naming the field and the reason."""
+    if not isinstance(obj, Mapping):
+        raise InvalidEvent(f"an event must be a JSON object, got {_json_type(obj)}")
+    etype = obj.get("type")
+    if type(etype) is not str:
+        raise InvalidEvent("missing or not a string", field="type")
+    spec = EVENT_TYPES.get(etype)
+    if spec is None:
+        raise InvalidEvent(
+            f"unknown event type {etype[:40]!r} (known: {', '.join(EVENT_TYPES)})", field="type"
+        )
+    raw_id = obj.get("event_id")
+    if raw_id is None:
+        event_id = default_event_id if default_event_id is not None else f"local:{uuid.uuid4().hex}"
+    else:
+        event_id = _text_value(raw_id, tables.EVENT_ID, "event_id")
+    raw_producer = obj.get("producer")
+    producer = None if raw_producer is None else _text_value(raw_producer, tables.PRODUCER, "producer")
+
+    allowed = spec.field_names
+    for key in obj:
+        if key not in allowed and key not in ENVELOPE_FIELDS:
+            raise InvalidEvent(f"unknown field for a {etype} event", field=str(key)[:60])
+
+    values: dict[str, str | None] = {}
+    event_time: dt.datetime | None = None
+    for f in spec.fields:
+        raw = obj.get(f.name)
+        if raw is None:
+            if f.required:
+                raise InvalidEvent("required field is missing", field=f.name)
+            values[f.name] = None
+            continue
+        kind = f.kind
+        if isinstance(kind, tables.Numeric):
+            values[f.name] = numeric_text(raw, kind, f.name)
+        elif isinstance(kind, tables.Varchar):
+            values[f.name] = _text_value(raw, kind, f.name)
+        elif isinstance(kind, tables.Timestamptz):
+            text, moment = time_value(raw, f.name)
+            values[f.name] = text
+            if f.name == spec.time_field:
+                event_time = moment
+        else:
+            values[f.name] = _bool_value(raw, f.name)
+    if etype == "spread" and values["is_opportunity"] is None:
+        values["is_opportunity"] = "false"
+    assert event_time is not None  # the time field is required in every event type
+    return Event(etype, event_id, producer, event_time, values)
+
+
+def decode_event(
+    payload: bytes | str, *, max_bytes: int, default_event_id: str | None = None
+) -> Event:
+    """Size-check, decode and validate one wire event."""
+    size = len(payload)
+    if size > max_bytes:
+        raise InvalidEvent(f"event is {size} bytes, larger than max_event_bytes={max_bytes}")
+    return parse_event(decode_json(payload), default_event_id=default_event_id)
+
+
+def normalize(obj: Mapping[str, Any]) -> Event:
+    """Validate an event given as a Python mapping (in-process producers)."""
+    for key, value in obj.items():
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                raise InvalidEvent("contains a lone surrogate (not valid UTF-8)", field=str(key)) from None
+    return parse_event(obj)

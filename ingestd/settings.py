@@ -1,0 +1,271 @@
+"""The frozen settings object: built once from YAML, the environment and CLI flags.
+
+Nothing else in ingestd reads the environment. Precedence: defaults < YAML file < environment
+(``DATABASE_URL``, ``REDIS_URL``, ``INGESTD_CONSUMER``, ``INGESTD_METRICS_PORT``) < CLI flags.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import socket
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from ingestd.errors import ConfigError
+
+DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/ingestd"
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class PostgresSettings:
+    """Connection pool to PostgreSQL/TimescaleDB."""
+
+    dsn: str = DEFAULT_DATABASE_URL
+    pool_min_size: int = 2
+    pool_max_size: int = 6
+    connect_timeout_s: float = 5.0
+    command_timeout_s: float = 10.0
+    acquire_timeout_s: float = 5.0
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class RedisSettings:
+    """The Redis that holds the event stream and the mirror keys."""
+
+    url: str = DEFAULT_REDIS_URL
+    key_prefix: str = ""
+    socket_timeout_s: float = 5.0
+    mirror_socket_timeout_s: float = 1.0
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class StorageSettings:
+    """Seed §6.2 ``storage`` section."""
+
+    backend: str = "postgres"
+    postgres: PostgresSettings = PostgresSettings()
+    redis: RedisSettings = RedisSettings()
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class FxSettings:
+    """Seed ``fx`` section: the TTL of ``fx:{pair}`` keys."""
+
+    ttl_seconds: float = 3.0
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class StreamSettings:
+    """The Redis Stream intake (DESIGN §4)."""
+
+    enabled: bool = True
+    key: str = "ingestd:events"
+    group: str = "ingestd"
+    consumer: str = ""
+    read_count: int = 2000
+    block_ms: int = 1000
+    claim_idle_ms: int = 30_000
+    claim_interval_s: float = 15.0
+    trim_interval_s: float = 30.0
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class PipelineSettings:
+    """Queue, batching and writers."""
+
+    queue_max_events: int = 20_000
+    batch_max_rows: int = 5_000
+    batch_max_age_ms: int = 200
+    writers: int = 2
+    flush_timeout_s: float = 30.0
+    max_event_bytes: int = 1_048_576
+    backoff_base_s: float = 0.25
+    backoff_cap_s: float = 15.0
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class MirrorSettings:
+    """Redis mirror TTLs and ingestd's own heartbeat (DESIGN §5)."""
+
+    spread_ttl_s: float = 60.0
+    health_ttl_s: float = 10.0
+    heartbeat_interval_s: float = 2.0
+    open_count_reconcile_s: float = 30.0
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ShutdownSettings:
+    """Staged shutdown: drain within ``grace_s``, then cancel."""
+
+    grace_s: float = 10.0
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Settings:
+    """Everything ingestd needs, frozen."""
+
+    storage: StorageSettings = StorageSettings()
+    fx: FxSettings = FxSettings()
+    stream: StreamSettings = StreamSettings()
+    pipeline: PipelineSettings = PipelineSettings()
+    mirror: MirrorSettings = MirrorSettings()
+    shutdown: ShutdownSettings = ShutdownSettings()
+    metrics_port: int = 9464
+    log_format: str = "plain"
+    log_level: str = "INFO"
+
+    @property
+    def consumer_name(self) -> str:
+        """This replica's stable consumer name: configured, else the host name."""
+        return self.stream.consumer or socket.gethostname()
+
+    def replace(self, **changes: Any) -> Settings:
+        """A copy with dotted-path changes, e.g. ``replace(**{"pipeline.writers": 3})``."""
+        return _replace_dotted(self, changes)
+
+    def check(self) -> Settings:
+        """Raise ConfigError on values that cannot work; return self."""
+        p = self.pipeline
+        if p.batch_max_rows < 1 or p.queue_max_events < p.batch_max_rows:
+            raise ConfigError(
+                "pipeline.queue_max_events must be >= pipeline.batch_max_rows >= 1 "
+                f"(got {p.queue_max_events} and {p.batch_max_rows})"
+            )
+        if p.writers < 1:
+            raise ConfigError("pipeline.writers must be >= 1")
+        if self.storage.postgres.pool_max_size < p.writers + 1:
+            raise ConfigError(
+                "storage.postgres.pool_max_size must exceed pipeline.writers "
+                f"(got {self.storage.postgres.pool_max_size} for {p.writers} writers)"
+            )
+        if self.stream.block_ms / 1000 >= self.storage.redis.socket_timeout_s:
+            raise ConfigError("stream.block_ms must be shorter than storage.redis.socket_timeout_s")
+        if self.log_format not in {"plain", "json"}:
+            raise ConfigError("log_format must be 'plain' or 'json'")
+        if self.storage.backend not in {"postgres", "csv", "dual"}:
+            raise ConfigError("storage.backend must be one of csv, postgres, dual")
+        return self
+
+
+T = TypeVar("T")
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def expand_env(text: str, environ: Mapping[str, str]) -> str:
+    """Expand ``${VAR}`` and ``${VAR:-default}``; an unset variable without default is an error."""
+
+    def sub(m: re.Match[str]) -> str:
+        name, default = m.group(1), m.group(2)
+        if name in environ:
+            return environ[name]
+        if default is not None:
+            return default
+        raise ConfigError(f"config refers to ${{{name}}} but it is not set in the environment")
+
+    return _VAR.sub(sub, text)
+
+
+def _build(cls: type[T], data: Mapping[str, Any], path: str) -> T:
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{path or 'config'} must be a mapping")
+    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        where = f"{path}.{key}" if path else str(key)
+        if key not in fields:
+            raise ConfigError(f"unknown config key {where!r} (known: {', '.join(sorted(fields))})")
+        default = getattr(cls(), key)
+        if dataclasses.is_dataclass(default):
+            kwargs[key] = _build(type(default), value or {}, where)
+        else:
+            kwargs[key] = _coerce(value, type(default), where)
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, kind: type, where: str) -> Any:
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in {"true", "false", "1", "0", "yes", "no"}:
+            return value.lower() in {"true", "1", "yes"}
+    elif kind is int and not isinstance(value, bool):
+        try:
+            return int(value)
+        except (TypeError, ValueError):
+            pass
+    elif kind is float and not isinstance(value, bool):
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            pass
+    elif kind is str:
+        if value is None:
+            return ""
+        if isinstance(value, str | int | float):
+            return str(value)
+    raise ConfigError(f"config key {where!r} must be a {kind.__name__}, got {value!r}")
+
+
+def _replace_dotted(obj: Any, changes: Mapping[str, Any]) -> Any:
+    nested: dict[str, dict[str, Any]] = {}
+    direct: dict[str, Any] = {}
+    for key, value in changes.items():
+        head, _, rest = key.partition(".")
+        if rest:
+            nested.setdefault(head, {})[rest] = value
+        else:
+            direct[head] = value
+    for head, sub in nested.items():
+        direct[head] = _replace_dotted(getattr(obj, head), sub)
+    return dataclasses.replace(obj, **direct)
+
+
+def load_settings(
+    config_path: str | os.PathLike[str] | None = None,
+    *,
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Settings:
+    """Build the settings: defaults, then YAML (``--config``/``INGESTD_CONFIG``), env, overrides."""
+    env = os.environ if environ is None else environ
+    path = config_path or env.get("INGESTD_CONFIG")
+    data: dict[str, Any] = {}
+    if path:
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
+        loaded = yaml.safe_load(expand_env(text, env))
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path} must hold a mapping at the top level")
+        data = loaded or {}
+    settings = _build(Settings, data, "")
+    from_env: dict[str, Any] = {}
+    if env.get("DATABASE_URL"):
+        from_env["storage.postgres.dsn"] = env["DATABASE_URL"]
+    if env.get("REDIS_URL"):
+        from_env["storage.redis.url"] = env["REDIS_URL"]
+    if env.get("INGESTD_CONSUMER"):
+        from_env["stream.consumer"] = env["INGESTD_CONSUMER"]
+    if env.get("INGESTD_METRICS_PORT"):
+        from_env["metrics_port"] = _coerce(env["INGESTD_METRICS_PORT"], int, "INGESTD_METRICS_PORT")
+    settings = settings.replace(**from_env)
+    if overrides:
+        settings = settings.replace(**{k: v for k, v in overrides.items() if v is not None})
+    return settings.check()
+
+
+_PASSWORD_IN_URL = re.compile(r"(?P<head>[a-z][a-z0-9+.-]*://[^:/@\s]*:)(?P<pw>[^@\s]*)(?P<at>@)", re.I)
+_PASSWORD_PARAM = re.compile(r"(?P<head>\bpassword=)(?P<pw>[^&\s]+)", re.I)
+
+
+def redact(text: str) -> str:
+    """Hide passwords in DSNs and URLs (``scheme://user:***@host``, ``password=***``)."""
+    text = _PASSWORD_IN_URL.sub(lambda m: f"{m.group('head')}***{m.group('at')}", text)
+    return _PASSWORD_PARAM.sub(lambda m: f"{m.group('head')}***", text)

@@ -1,0 +1,194 @@
+"""The Redis mirror (DESIGN §5): latest values and heartbeats, written after each commit.
+
+Values are coalesced per key within a flush and written by one Lua call that keeps, per key, the
+version (event time in microseconds; for open counts the writing transaction's id) it last wrote:
+an older event arriving later never replaces a newer one, across writers and replicas. Redis is a
+cache: when it is down the database path goes on, the newest pending value per key is kept, and it
+is written when Redis answers again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import logging
+from collections.abc import Iterable, Sequence
+from typing import Any, Final
+
+import orjson
+import redis.asyncio as aioredis
+import redis.exceptions
+
+from ingestd.batching import BatchOutcome, Item
+from ingestd.events import Event, utc_iso
+
+log = logging.getLogger("ingestd.sinks.mirror")
+
+VERSIONS_KEY: Final = "ingestd:mirror:versions"
+
+# KEYS[1] = versions hash; KEYS[2..] = mirror keys. ARGV = value, ttl_ms, version per mirror key.
+# ">=" so that rewriting the same event refreshes its TTL (catch-up, duplicate delivery).
+_SET_IF_NEWER: Final = """
+local written = 0
+for i = 2, #KEYS do
+    local j = (i - 2) * 3
+    local version = tonumber(ARGV[j + 3])
+    local current = tonumber(redis.call('HGET', KEYS[1], KEYS[i]) or '-1')
+    if version >= current then
+        local ttl = tonumber(ARGV[j + 2])
+        if ttl > 0 then
+            redis.call('SET', KEYS[i], ARGV[j + 1], 'PX', ttl)
+        else
+            redis.call('SET', KEYS[i], ARGV[j + 1])
+        end
+        redis.call('HSET', KEYS[1], KEYS[i], ARGV[j + 3])
+        written = written + 1
+    end
+end
+return written
+"""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class MirrorWrite:
+    """One coalesced key write."""
+
+    value: str
+    ttl_ms: int
+    version: int
+
+
+def _micros(moment: dt.datetime) -> int:
+    delta = moment - dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+    return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
+
+
+def spread_snapshot(ev: Event) -> dict[str, Any]:
+    """The JSON object of ``spreads:{SYMBOL}:last``: columns, decimals as strings, UTC time."""
+    v = ev.values
+    return {
+        "symbol": v["symbol"],
+        "upbit_price": v["upbit_price"],
+        "binance_price": v["binance_price"],
+        "binance_price_krw": v["binance_price_krw"],
+        "spread_pct": v["spread_pct"],
+        "net_spread_pct": v["net_spread_pct"],
+        "is_opportunity": v["is_opportunity"] == "true",
+        "timestamp": utc_iso(ev.time),
+        "event_id": ev.event_id,
+        "producer": ev.producer,
+    }
+
+
+class RedisMirror:
+    """Mirrors committed events into Redis keys with TTLs."""
+
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        *,
+        key_prefix: str = "",
+        fx_ttl_s: float = 3.0,
+        spread_ttl_s: float = 60.0,
+        health_ttl_s: float = 10.0,
+    ) -> None:
+        self._client = client
+        self.prefix = key_prefix
+        self._fx_ttl_ms = int(fx_ttl_s * 1000)
+        self._spread_ttl_ms = int(spread_ttl_s * 1000)
+        self._health_ttl_ms = int(health_ttl_s * 1000)
+        self._script = client.register_script(_SET_IF_NEWER)
+        self._pending: dict[str, MirrorWrite] = {}
+        self._failing = False
+        self.errors = 0
+
+    def key(self, name: str) -> str:
+        """The full Redis key for a mirror key name."""
+        return self.prefix + name
+
+    def stage_events(self, items: Iterable[Item], outcome: BatchOutcome) -> None:
+        """Coalesce the committed events of a batch into pending writes (newest per key)."""
+        for item in items:
+            ev = item.event
+            if ev is None or id(item) in outcome.rejected:
+                continue
+            if ev.type == "spread":
+                symbol = ev.values["symbol"]
+                self._stage_lazy(f"spreads:{symbol}:last", ev, self._spread_ttl_ms)
+            elif ev.type == "fx_rate":
+                pair = str(ev.values["pair"]).lower()
+                self._stage(f"fx:{pair}", str(ev.values["rate"]), self._fx_ttl_ms, _micros(ev.time))
+            elif ev.type == "heartbeat":
+                self._stage(
+                    f"health:{ev.values['component']}",
+                    utc_iso(ev.time),
+                    self._health_ttl_ms,
+                    _micros(ev.time),
+                )
+        if outcome.open_counts_version is not None:
+            for symbol, n in outcome.open_counts.items():
+                self._stage(f"positions:{symbol}:open_count", str(n), 0, outcome.open_counts_version)
+
+    def stage_open_counts(self, counts: dict[str, int], version: int) -> None:
+        """Stage a full reconciliation of open counts read from the database."""
+        for symbol, n in counts.items():
+            self._stage(f"positions:{symbol}:open_count", str(n), 0, version)
+
+    def stage_heartbeat(self, component: str, moment: dt.datetime) -> None:
+        """Stage ``health:{component}`` (ingestd's own heartbeat uses the time it writes it)."""
+        self._stage(f"health:{component}", utc_iso(moment), self._health_ttl_ms, _micros(moment))
+
+    def _stage(self, name: str, value: str, ttl_ms: int, version: int) -> None:
+        key = self.prefix + name
+        current = self._pending.get(key)
+        if current is None or version >= current.version:
+            self._pending[key] = MirrorWrite(value, ttl_ms, version)
+
+    def _stage_lazy(self, name: str, ev: Event, ttl_ms: int) -> None:
+        # Serialise the snapshot only for the newest spread per symbol, not for every event.
+        key = self.prefix + name
+        version = _micros(ev.time)
+        current = self._pending.get(key)
+        if current is None or version >= current.version:
+            value = orjson.dumps(spread_snapshot(ev)).decode()
+            self._pending[key] = MirrorWrite(value, ttl_ms, version)
+
+    @property
+    def pending(self) -> int:
+        """Keys waiting to be written (non-zero while Redis is unreachable)."""
+        return len(self._pending)
+
+    async def flush(self) -> bool:
+        """Write every pending key in one call; keep them for later if Redis fails."""
+        if not self._pending:
+            return True
+        pending = self._pending
+        self._pending = {}
+        keys: list[str] = [self.prefix + VERSIONS_KEY]
+        args: list[str | int] = []
+        for key, w in pending.items():
+            keys.append(key)
+            args.extend((w.value, w.ttl_ms, w.version))
+        try:
+            await self._script(keys=keys, args=args)
+        except (redis.exceptions.RedisError, OSError) as exc:
+            # Put back what has not been superseded meanwhile; the next flush retries it.
+            for key, w in pending.items():
+                newer = self._pending.get(key)
+                if newer is None or newer.version < w.version:
+                    self._pending[key] = w
+            self.errors += 1
+            if not self._failing:
+                log.warning("redis mirror write failed, will retry: %s", exc,
+                            extra={"action": "mirror_failed"})
+                self._failing = True
+            return False
+        if self._failing:
+            log.info("redis mirror caught up", extra={"action": "mirror_recovered"})
+            self._failing = False
+        return True
+
+    async def read_versions(self, names: Sequence[str]) -> list[int | None]:
+        """Versions stored for mirror keys (for tests and diagnostics)."""
+        raw = await self._client.hmget(self.prefix + VERSIONS_KEY, [self.prefix + n for n in names])
+        return [None if r is None else int(r) for r in raw]

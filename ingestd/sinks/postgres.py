@@ -1,0 +1,404 @@
+"""The database sink: one batch, one transaction.
+
+Append-only tables are written with a CSV COPY of the validated decimal/time text (the cheapest
+exact path, PERFORMANCE.md). A unique violation means a redelivered event met its earlier copy:
+the table's rows are then merged through a staging table with ``ON CONFLICT DO NOTHING``. A row
+that PostgreSQL rejects for its data is isolated by halving inside savepoints, so only it becomes a
+dead letter and the rest of the batch commits. ``positions`` is a plain mutable table written with
+upserts under a transaction-scoped advisory lock, so that open and close of one position end as
+one row whatever the order and batching of their arrival, across writers and replicas.
+"""
+
+from __future__ import annotations
+
+import collections
+import io
+import logging
+from collections.abc import Sequence
+from typing import Any, Final
+
+import asyncpg
+
+from ingestd import errors, tables
+from ingestd.batching import BatchOutcome, Item
+from ingestd.deadletters import DeadLetter, make_dead_letter
+from ingestd.events import Event
+
+log = logging.getLogger("ingestd.sinks.postgres")
+
+# Serialises the writers (of all replicas) that touch positions, orders-with-position or trades-
+# with-position, so that linking and open/close merging never race. Those events are few.
+POSITIONS_LOCK_ID: Final = 0x1D6E58A
+
+_ENTRY = [name for name, _ in tables.POSITION_ENTRY_COLUMNS]
+_EXIT = [name for name, _ in tables.POSITION_EXIT_COLUMNS]
+_CAST = {
+    **{name: "::text::numeric" for name, kind in tables.POSITION_ENTRY_COLUMNS
+       if isinstance(kind, tables.Numeric)},
+    **{name: "::text::numeric" for name, kind in tables.POSITION_EXIT_COLUMNS
+       if isinstance(kind, tables.Numeric)},
+    "timestamp_open": "::text::timestamptz",
+    "timestamp_close": "::text::timestamptz",
+}
+
+
+def _params(names: Sequence[str], start: int = 1) -> str:
+    return ", ".join(f"${i}{_CAST.get(n, '')}" for i, n in enumerate(names, start))
+
+
+_OPEN_COLS: Final = ["position_key", "producer", *_ENTRY, "open_event_id"]
+_SQL_OPEN: Final = f"""
+INSERT INTO positions ({", ".join(_OPEN_COLS)})
+VALUES ({_params(_OPEN_COLS)})
+ON CONFLICT (position_key) DO UPDATE SET
+    {", ".join(f"{c} = EXCLUDED.{c}" for c in _ENTRY)},
+    producer = COALESCE(positions.producer, EXCLUDED.producer),
+    open_event_id = EXCLUDED.open_event_id,
+    updated_at = CURRENT_TIMESTAMP
+RETURNING symbol
+"""
+
+_SQL_CLOSE: Final = f"""
+UPDATE positions SET
+    {", ".join(f"{c} = ${i}{_CAST.get(c, '')}" for i, c in enumerate(_EXIT, 2))},
+    status = 'CLOSED',
+    close_event_id = ${len(_EXIT) + 2},
+    updated_at = CURRENT_TIMESTAMP
+WHERE position_key = $1
+RETURNING symbol
+"""
+
+_CLOSED_COLS: Final = ["position_key", "producer", *_ENTRY, *_EXIT, "open_event_id", "close_event_id"]
+_SQL_INSERT_CLOSED: Final = f"""
+INSERT INTO positions ({", ".join(_CLOSED_COLS)}, status)
+VALUES ({_params(_CLOSED_COLS)}, 'CLOSED')
+RETURNING symbol
+"""
+
+_PARK_COLS: Final = ["position_key", "event_id", "producer", *_EXIT]
+_SQL_PARK: Final = f"""
+INSERT INTO position_closes_pending ({", ".join(_PARK_COLS)})
+VALUES ({_params(_PARK_COLS)})
+ON CONFLICT (position_key) DO UPDATE SET
+    {", ".join(f"{c} = EXCLUDED.{c}" for c in ["event_id", "producer", *_EXIT])},
+    received_at = CURRENT_TIMESTAMP
+"""
+
+# Apply the parked closes of positions that now exist, and remove them.
+_SQL_UNPARK: Final = f"""
+WITH parked AS (
+    DELETE FROM position_closes_pending AS c
+    USING positions AS p
+    WHERE c.position_key = p.position_key AND c.position_key = ANY($1::text[])
+    RETURNING c.*
+)
+UPDATE positions AS p SET
+    {", ".join(f"{c} = parked.{c}" for c in _EXIT)},
+    status = 'CLOSED',
+    close_event_id = parked.event_id,
+    updated_at = CURRENT_TIMESTAMP
+FROM parked
+WHERE p.position_key = parked.position_key
+RETURNING p.symbol
+"""
+
+_SQL_LINK: Final = {
+    name: f"""
+UPDATE {name} AS t SET position_id = p.id
+FROM positions AS p
+WHERE t.position_id IS NULL AND t.position_key IS NOT NULL
+  AND t.position_key = p.position_key AND t.position_key = ANY($1::text[])
+"""
+    for name in ("orders", "trades")
+}
+
+SQL_OPEN_COUNTS: Final = """
+SELECT s.symbol,
+       (SELECT count(*) FROM positions WHERE symbol = s.symbol AND status = 'OPEN')::int AS n
+FROM unnest($1::text[]) AS s(symbol)
+"""
+
+SQL_ALL_OPEN_COUNTS: Final = """
+SELECT symbol, (count(*) FILTER (WHERE status = 'OPEN'))::int AS n FROM positions GROUP BY symbol
+"""
+
+_SQL_DEAD_LETTER: Final = """
+INSERT INTO dead_letters
+    (dedup_key, source, event_type, event_id, producer, field, error,
+     payload, payload_bytes, payload_sha256)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
+ON CONFLICT (dedup_key) DO NOTHING
+"""
+
+
+def _csv_quote(text: str) -> str:
+    return '"' + text.replace('"', '""') + '"'
+
+
+class _CsvEncoder:
+    """Builds COPY ... (FORMAT csv) input for one table from validated event text."""
+
+    def __init__(self, table: tables.Table) -> None:
+        self.table = table
+        self._value_columns = [
+            (name, isinstance(kind, tables.Varchar))
+            for name, kind in table.columns
+            if name not in ("event_id", "producer")
+        ]
+
+    def encode(self, events: Sequence[Event]) -> bytes:
+        lines: list[str] = []
+        append = lines.append
+        cols = self._value_columns
+        for ev in events:
+            values = ev.values
+            parts = [_csv_quote(ev.event_id), "" if ev.producer is None else _csv_quote(ev.producer)]
+            for name, quoted in cols:
+                v = values[name]
+                parts.append("" if v is None else (_csv_quote(v) if quoted else v))
+            append(",".join(parts))
+        append("")
+        return "\n".join(lines).encode("utf-8")
+
+
+_ENCODERS: Final = {t.name: _CsvEncoder(t) for t in tables.APPEND_TABLES}
+
+
+def describe_pg_error(exc: BaseException) -> str:
+    """A dead letter's reason: SQLSTATE, message, and the column when PostgreSQL names one."""
+    parts = [f"database rejected the row: {getattr(exc, 'message', None) or exc}"]
+    code = errors.sqlstate(exc)
+    if code:
+        parts.append(f"(SQLSTATE {code})")
+    for attr in ("column_name", "detail"):
+        value = getattr(exc, attr, None)
+        if value:
+            parts.append(f"{attr.replace('_name', '')}: {value}")
+    return " ".join(parts)
+
+
+class PostgresSink:
+    """Writes batches into PostgreSQL/TimescaleDB through an asyncpg pool."""
+
+    def __init__(self, pool: asyncpg.Pool, *, acquire_timeout_s: float = 5.0) -> None:
+        self._pool = pool
+        self._acquire_timeout_s = acquire_timeout_s
+
+    async def write(self, items: Sequence[Item]) -> BatchOutcome:
+        """Commit every item of the batch in one transaction, or raise and commit nothing."""
+        outcome = BatchOutcome()
+        by_table: dict[str, list[tuple[Item, Event]]] = collections.defaultdict(list)
+        opens: list[tuple[Item, Event]] = []
+        closes: list[tuple[Item, Event]] = []
+        dead: list[DeadLetter] = []
+        seen: set[tuple[str, str, Any]] = set()
+        needs_lock = False
+        for item in items:
+            ev = item.event
+            if ev is None:
+                assert item.dead_letter is not None
+                dead.append(item.dead_letter)
+                continue
+            table = ev.spec.table
+            if table is not None:
+                key = (table.name, ev.event_id, ev.time)
+                if key in seen:  # the same event twice in one batch lands once
+                    outcome.duplicates += 1
+                    continue
+                seen.add(key)
+                by_table[table.name].append((item, ev))
+                if ev.values.get("position_key") is not None:
+                    needs_lock = True
+            elif ev.type == "position_open":
+                opens.append((item, ev))
+                needs_lock = True
+            elif ev.type == "position_close":
+                closes.append((item, ev))
+                needs_lock = True
+
+        conn: asyncpg.Connection
+        async with self._pool.acquire(timeout=self._acquire_timeout_s) as conn:
+            async with conn.transaction():
+                if needs_lock:
+                    await conn.execute("SELECT pg_advisory_xact_lock($1)", POSITIONS_LOCK_ID)
+                for name, rows in by_table.items():
+                    await self._insert(conn, tables.APPEND_TABLES_BY_NAME[name], rows, outcome,
+                                       merge=False)
+                touched: set[str] = set()
+                keys: set[str] = set()
+                if opens or closes:
+                    await self._positions(conn, opens, closes, outcome, touched, keys)
+                for name, rows in by_table.items():
+                    if name in _SQL_LINK:
+                        keys.update(k for _, ev in rows if (k := ev.values.get("position_key")))
+                if keys:
+                    for sql in _SQL_LINK.values():
+                        await conn.execute(sql, sorted(keys))
+                for item in items:
+                    reason = outcome.rejected.get(id(item))
+                    if reason is not None and item.event is not None:
+                        dead.append(self._rejected(item, item.event, reason))
+                if dead:
+                    await conn.executemany(_SQL_DEAD_LETTER, [_dl_args(d) for d in dead])
+                    outcome.dead_letters = len(dead)
+                if touched:
+                    rows_ = await conn.fetch(SQL_OPEN_COUNTS, sorted(touched))
+                    outcome.open_counts = {r["symbol"]: r["n"] for r in rows_}
+                    outcome.open_counts_version = await conn.fetchval(
+                        "SELECT pg_current_xact_id()::text::bigint"
+                    )
+        return outcome
+
+    async def _insert(
+        self,
+        conn: asyncpg.Connection,
+        table: tables.Table,
+        rows: Sequence[tuple[Item, Event]],
+        outcome: BatchOutcome,
+        *,
+        merge: bool,
+    ) -> None:
+        try:
+            async with conn.transaction():  # a savepoint: a failure leaves the batch usable
+                if merge:
+                    inserted = await self._merge(conn, table, [ev for _, ev in rows])
+                else:
+                    await self._copy(conn, table.name, table, [ev for _, ev in rows])
+                    inserted = len(rows)
+        except asyncpg.UniqueViolationError:
+            if merge:
+                raise
+            await self._insert(conn, table, rows, outcome, merge=True)
+            return
+        except asyncpg.PostgresError as exc:
+            if not errors.is_data_error(exc):
+                raise
+            if len(rows) == 1:
+                outcome.rejected[id(rows[0][0])] = describe_pg_error(exc)
+                return
+            mid = len(rows) // 2
+            await self._insert(conn, table, rows[:mid], outcome, merge=merge)
+            await self._insert(conn, table, rows[mid:], outcome, merge=merge)
+            return
+        outcome.inserted[table.name] = outcome.inserted.get(table.name, 0) + inserted
+        outcome.duplicates += len(rows) - inserted
+
+    async def _copy(
+        self, conn: asyncpg.Connection, target: str, table: tables.Table, events: Sequence[Event]
+    ) -> None:
+        data = _ENCODERS[table.name].encode(events)
+        await conn.copy_to_table(
+            target, source=io.BytesIO(data), columns=list(table.column_names), format="csv"
+        )
+
+    async def _merge(
+        self, conn: asyncpg.Connection, table: tables.Table, events: Sequence[Event]
+    ) -> int:
+        stage = f"ingestd_stage_{table.name}"
+        cols = ", ".join(table.column_names)
+        await conn.execute(
+            f"CREATE TEMP TABLE IF NOT EXISTS {stage} ON COMMIT DELETE ROWS AS "
+            f"SELECT {cols} FROM {table.name} WITH NO DATA"
+        )
+        await conn.execute(f"TRUNCATE {stage}")
+        await self._copy(conn, stage, table, events)
+        status = await conn.execute(
+            f"INSERT INTO {table.name} ({cols}) SELECT {cols} FROM {stage} "
+            f"ON CONFLICT (event_id, {table.time_column}) DO NOTHING"
+        )
+        return int(status.rsplit(" ", 1)[1])
+
+    async def _positions(
+        self,
+        conn: asyncpg.Connection,
+        opens: Sequence[tuple[Item, Event]],
+        closes: Sequence[tuple[Item, Event]],
+        outcome: BatchOutcome,
+        touched: set[str],
+        keys: set[str],
+    ) -> None:
+        for item, ev in opens:
+            v = ev.values
+            args = [v["position_key"], ev.producer, *(v[c] for c in _ENTRY), ev.event_id]
+            symbol = await self._one(conn, _SQL_OPEN, args, item, outcome)
+            if symbol is not None:
+                touched.add(symbol)
+                keys.add(str(v["position_key"]))
+        if opens:
+            for r in await conn.fetch(_SQL_UNPARK, sorted(keys)):
+                touched.add(r["symbol"])
+        for item, ev in closes:
+            v = ev.values
+            key = v["position_key"]
+            assert key is not None
+            keys.add(key)
+            symbol = await self._one(
+                conn, _SQL_CLOSE, [key, *(v[c] for c in _EXIT), ev.event_id], item, outcome
+            )
+            if symbol is None and id(item) not in outcome.rejected:
+                if all(v.get(c) is not None for c in _ENTRY):
+                    # The close repeats the entry columns: the whole row can be written now.
+                    args = [key, ev.producer, *(v[c] for c in _ENTRY), *(v[c] for c in _EXIT),
+                            None, ev.event_id]
+                    symbol = await self._one(conn, _SQL_INSERT_CLOSED, args, item, outcome)
+                else:
+                    args = [key, ev.event_id, ev.producer, *(v[c] for c in _EXIT)]
+                    await self._one(conn, _SQL_PARK, args, item, outcome)
+            if symbol is not None:
+                touched.add(symbol)
+
+    async def _one(
+        self,
+        conn: asyncpg.Connection,
+        sql: str,
+        args: Sequence[Any],
+        item: Item,
+        outcome: BatchOutcome,
+    ) -> str | None:
+        """Run one position statement in a savepoint; a data error rejects only this event."""
+        try:
+            async with conn.transaction():
+                row = await conn.fetchrow(sql, *args)
+        except asyncpg.PostgresError as exc:
+            if not errors.is_data_error(exc):
+                raise
+            outcome.rejected[id(item)] = describe_pg_error(exc)
+            return None
+        return None if row is None else str(row[0])
+
+    @staticmethod
+    def _rejected(item: Item, ev: Event, reason: str) -> DeadLetter:
+        raw = item.raw if item.raw is not None else repr(ev.values)
+        return make_dead_letter(
+            raw,
+            reason,
+            source=item.source.name,
+            dedup_key=item.source.dead_letter_key(item.token),
+            event_type=ev.type,
+            event_id=ev.event_id,
+            producer=ev.producer,
+        )
+
+
+def _dl_args(d: DeadLetter) -> tuple[Any, ...]:
+    return (
+        d.dedup_key,
+        d.source,
+        d.event_type,
+        d.event_id,
+        d.producer,
+        d.field,
+        d.error,
+        d.payload,
+        d.payload_bytes,
+        d.payload_sha256,
+    )
+
+
+async def fetch_all_open_counts(conn: asyncpg.Connection) -> tuple[dict[str, int], int]:
+    """Open positions per symbol (0 for symbols with none open) and a version for the mirror."""
+    async with conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock($1)", POSITIONS_LOCK_ID)
+        rows = await conn.fetch(SQL_ALL_OPEN_COUNTS)
+        version = await conn.fetchval("SELECT pg_current_xact_id()::text::bigint")
+    return {r["symbol"]: r["n"] for r in rows}, int(version)

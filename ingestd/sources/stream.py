@@ -1,0 +1,289 @@
+"""Redis Stream intake (DESIGN §4): one consumer group shared by every replica.
+
+At start this consumer first re-reads its own pending entries (id ``0``: after a crash they are
+never returned by ``>``), then reads new ones. Entries left idle by a dead replica are claimed with
+``XAUTOCLAIM``. An entry is ``XACK``ed only after its rows are committed; a redelivered entry lands
+once because its ``event_id`` (or the one derived from its entry id) is the idempotency key.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import redis.asyncio as aioredis
+import redis.exceptions
+
+from ingestd import errors, events
+from ingestd.batching import BatchOutcome, Item
+from ingestd.deadletters import make_dead_letter
+from ingestd.pipeline import Pipeline
+from ingestd.settings import StreamSettings
+
+log = logging.getLogger("ingestd.sources.stream")
+
+EVENT_FIELD = b"event"
+
+
+def _s(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+class StreamSource:
+    """Reads the event stream through a consumer group and acknowledges after commit."""
+
+    name = "stream"
+
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        pipeline: Pipeline,
+        settings: StreamSettings,
+        *,
+        consumer: str,
+        max_event_bytes: int,
+    ) -> None:
+        self._client = client
+        self._pipeline = pipeline
+        self.settings = settings
+        self.key = settings.key
+        self.group = settings.group
+        self.consumer = consumer
+        self._max_event_bytes = max_event_bytes
+        self._in_flight: set[bytes] = set()
+        self._unacked: set[bytes] = set()
+        self._stopping = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self.redelivered = 0
+        self.claimed = 0
+        self._rng = random.Random()  # noqa: S311 - jitter, not security
+
+    # --- acknowledgements --------------------------------------------------------------------
+
+    def dead_letter_key(self, token: Any) -> str | None:
+        """Dead letters of stream entries are keyed by the entry id: recorded once."""
+        return f"stream:{self.key}:{_s(token)}"
+
+    async def acknowledge(self, items: Sequence[Item], outcome: BatchOutcome) -> None:
+        """XACK the committed entries (rejected ones are in dead_letters, so they are done too)."""
+        ids = [item.token for item in items]
+        self._unacked.update(ids)
+        await self._flush_acks()
+
+    async def _flush_acks(self) -> None:
+        if not self._unacked:
+            return
+        ids = list(self._unacked)
+        try:
+            for start in range(0, len(ids), 1000):
+                chunk = ids[start : start + 1000]
+                await self._client.xack(self.key, self.group, *chunk)
+        except (redis.exceptions.RedisError, OSError) as exc:
+            log.warning("XACK failed, will retry: %s", exc, extra={"action": "ack_retry"})
+            return
+        self._unacked.difference_update(ids)
+        self._in_flight.difference_update(ids)
+        self._pipeline.metrics.acks += len(ids)
+
+    # --- reading -----------------------------------------------------------------------------
+
+    async def ensure_group(self) -> None:
+        """Create the group at id 0 (entries published before the first start are not lost)."""
+        try:
+            await self._client.xgroup_create(self.key, self.group, id="0", mkstream=True)
+            log.info("created consumer group %s on %s", self.group, self.key,
+                     extra={"action": "group_created"})
+        except redis.exceptions.ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    def _to_items(self, entries: Sequence[Any]) -> list[Item]:
+        now = time.monotonic()
+        items: list[Item] = []
+        for entry_id, fields in entries:
+            if entry_id in self._in_flight:
+                continue
+            self._in_flight.add(entry_id)
+            items.append(self._item(entry_id, fields, now))
+        return items
+
+    def _item(self, entry_id: bytes, fields: dict[bytes, bytes] | None, now: float) -> Item:
+        payload = None if fields is None else fields.get(EVENT_FIELD)
+        if payload is None:
+            raw: bytes = b"" if fields is None else repr(fields).encode()
+            reason = (
+                "stream entry was deleted or trimmed before it was processed"
+                if fields is None
+                else "stream entry has no 'event' field"
+            )
+            dl = make_dead_letter(raw, reason, source=self.name,
+                                  dedup_key=self.dead_letter_key(entry_id))
+            return Item(None, dl, self, entry_id, raw, now)
+        try:
+            ev = events.decode_event(
+                payload, max_bytes=self._max_event_bytes, default_event_id=f"stream:{_s(entry_id)}"
+            )
+        except errors.InvalidEvent as exc:
+            log.warning("invalid event in entry %s: %s", _s(entry_id), exc,
+                        extra={"action": "dead_letter"})
+            dl = make_dead_letter(payload, str(exc), source=self.name, field=exc.field,
+                                  dedup_key=self.dead_letter_key(entry_id))
+            return Item(None, dl, self, entry_id, payload, now)
+        return Item(ev, None, self, entry_id, payload, now)
+
+    async def _read(self, start: str, block: int | None) -> list[Any]:
+        reply = await self._client.xreadgroup(
+            self.group, self.consumer, {self.key: start}, count=self.settings.read_count,
+            block=block,
+        )
+        if not reply:
+            return []
+        entries: list[Any] = reply[0][1]
+        return entries
+
+    async def read_own_pending(self) -> int:
+        """Re-read this consumer's unacknowledged entries (after a crash) and queue them."""
+        last = "0"
+        total = 0
+        while True:
+            entries = await self._read(last, None)
+            if not entries:
+                return total
+            last = _s(entries[-1][0])
+            items = self._to_items(entries)
+            total += len(items)
+            self.redelivered += len(items)
+            await self._pipeline.put(items)
+
+    async def run(self) -> None:
+        """Read until ``stop()``; survives Redis outages with backoff."""
+        self._tasks = [
+            asyncio.create_task(self._claim_loop(), name="ingestd-claim"),
+            asyncio.create_task(self._trim_loop(), name="ingestd-trim"),
+        ]
+        try:
+            await self._read_loop()
+        finally:
+            for t in self._tasks:
+                t.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _read_loop(self) -> None:
+        attempt = 0
+        need_pending = True
+        failing = False
+        while not self._stopping.is_set():
+            try:
+                if need_pending:
+                    await self.ensure_group()
+                    n = await self.read_own_pending()
+                    if n:
+                        log.info("re-read %d pending entries of consumer %s", n, self.consumer,
+                                 extra={"action": "pending_reread"})
+                    need_pending = False
+                await self._flush_acks()
+                entries = await self._read(">", self.settings.block_ms)
+                if failing:
+                    log.info("stream reads recovered", extra={"action": "stream_recovered"})
+                    failing = False
+                attempt = 0
+                if entries and not self._stopping.is_set():
+                    await self._pipeline.put(self._to_items(entries))
+                elif entries:
+                    # Read while stopping: leave them pending; they are redelivered on restart.
+                    for entry_id, _ in entries:
+                        self._in_flight.discard(entry_id)
+            except errors.ShuttingDown:
+                return
+            except (redis.exceptions.RedisError, OSError) as exc:
+                if "NOGROUP" in str(exc):
+                    need_pending = True  # the group vanished (Redis restarted without its data)
+                attempt += 1
+                delay = self._rng.uniform(0, min(5.0, 0.1 * 2**attempt))
+                if not failing:
+                    log.warning("stream read failed, retrying: %s", exc,
+                                extra={"action": "stream_read_failed"})
+                    failing = True
+                await asyncio.sleep(delay)
+
+    async def _claim_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.claim_interval_s)
+            try:
+                await self.claim_idle()
+            except errors.ShuttingDown:
+                return
+            except (redis.exceptions.RedisError, OSError) as exc:
+                log.warning("XAUTOCLAIM failed: %s", exc, extra={"action": "claim_failed"})
+
+    async def claim_idle(self) -> int:
+        """Take over entries idle longer than ``claim_idle_ms`` (a dead replica's) and queue them."""
+        start = "0-0"
+        total = 0
+        while True:
+            reply = await self._client.xautoclaim(
+                self.key, self.group, self.consumer, self.settings.claim_idle_ms,
+                start_id=start, count=self.settings.read_count,
+            )
+            next_start, entries = _s(reply[0]), reply[1]
+            deleted = reply[2] if len(reply) > 2 else []
+            for entry_id in deleted:
+                log.error("pending entry %s was trimmed from the stream before it was processed",
+                          _s(entry_id), extra={"action": "entry_lost"})
+            items = self._to_items(entries)
+            if items:
+                total += len(items)
+                self.claimed += len(items)
+                await self._pipeline.put(items)
+            if next_start == "0-0":
+                if total:
+                    log.info("claimed %d idle entries", total, extra={"action": "entries_claimed"})
+                return total
+            start = next_start
+
+    async def _trim_loop(self) -> None:
+        if self.settings.trim_interval_s <= 0:
+            return
+        while True:
+            await asyncio.sleep(self.settings.trim_interval_s)
+            try:
+                await self.trim_acknowledged()
+            except (redis.exceptions.RedisError, OSError) as exc:
+                log.warning("stream trim failed: %s", exc, extra={"action": "trim_failed"})
+
+    async def trim_acknowledged(self) -> int:
+        """Remove entries that every consumer group of the stream has acknowledged."""
+        groups = await self._client.xinfo_groups(self.key)
+        if not groups:
+            return 0
+        floor: tuple[int, int] | None = None
+        for g in groups:
+            name = _s(g["name"])
+            if int(g["pending"]) > 0:
+                summary = await self._client.xpending(self.key, name)
+                candidate = _parse_id(_s(summary["min"]))
+            else:
+                ms, seq = _parse_id(_s(g["last-delivered-id"]))
+                candidate = (ms, seq + 1)
+            floor = candidate if floor is None or candidate < floor else floor
+        assert floor is not None
+        removed = await self._client.xtrim(self.key, minid=f"{floor[0]}-{floor[1]}",
+                                           approximate=False)
+        return int(removed)
+
+    def stop(self) -> None:
+        """Stop reading; the current blocking read ends within ``block_ms``."""
+        self._stopping.set()
+
+    async def finish(self) -> None:
+        """Acknowledge what the drained pipeline committed (called after the drain)."""
+        await self._flush_acks()
+
+
+def _parse_id(entry_id: str) -> tuple[int, int]:
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)
