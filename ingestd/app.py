@@ -25,6 +25,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 
 from ingestd import errors, migrations
+from ingestd.db import create_pool
 from ingestd.pipeline import InProcessSource, Outcome, Pipeline, cancel_quietly
 from ingestd.settings import Settings, redact
 from ingestd.sinks.mirror import RedisMirror
@@ -32,22 +33,6 @@ from ingestd.sinks.postgres import PostgresSink, fetch_all_open_counts
 from ingestd.sources.stream import StreamSource
 
 log = logging.getLogger("ingestd.app")
-
-
-async def create_pool(settings: Settings, *, min_size: int | None = None) -> asyncpg.Pool:
-    """An asyncpg pool with timeouts on connect and on every command (asyncpg has none)."""
-    pg = settings.storage.postgres
-    pool = await asyncpg.create_pool(
-        pg.dsn,
-        min_size=pg.pool_min_size if min_size is None else min_size,
-        max_size=pg.pool_max_size,
-        timeout=pg.connect_timeout_s,
-        command_timeout=pg.command_timeout_s,
-        max_inactive_connection_lifetime=60.0,
-        server_settings={"application_name": "ingestd"},
-    )
-    assert pool is not None
-    return pool
 
 
 def create_redis(url: str, *, socket_timeout_s: float) -> aioredis.Redis:
@@ -69,14 +54,15 @@ async def connect_with_retry(settings: Settings, deadline_s: float) -> asyncpg.P
     delay = 0.2
     while True:
         try:
-            return await create_pool(settings)
+            return await create_pool(settings.storage.postgres)
         except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
             if time.monotonic() + delay > end:
                 raise errors.SinkUnavailable(
                     f"cannot reach PostgreSQL at {redact(settings.storage.postgres.dsn)}: {exc}"
                 ) from exc
-            log.warning("PostgreSQL not reachable yet (%s); retrying", exc,
-                        extra={"action": "db_wait"})
+            log.warning(
+                "PostgreSQL not reachable yet (%s); retrying", exc, extra={"action": "db_wait"}
+            )
             await asyncio.sleep(delay)
             delay = min(delay * 2, 5.0)
 
@@ -115,8 +101,9 @@ class Service:
         self.pool = await connect_with_retry(s, connect_deadline_s)
         async with self.pool.acquire() as conn:
             await migrations.check_current(conn)
-        self.redis = create_redis(s.storage.redis.url,
-                                  socket_timeout_s=s.storage.redis.socket_timeout_s)
+        self.redis = create_redis(
+            s.storage.redis.url, socket_timeout_s=s.storage.redis.socket_timeout_s
+        )
         self._mirror_redis = create_redis(
             s.storage.redis.url, socket_timeout_s=s.storage.redis.mirror_socket_timeout_s
         )
@@ -133,8 +120,11 @@ class Service:
         self._submitter = InProcessSource(self.pipeline, max_event_bytes=s.pipeline.max_event_bytes)
         if self._stream_intake:
             self.stream = StreamSource(
-                self.redis, self.pipeline, s.stream,
-                consumer=s.consumer_name, max_event_bytes=s.pipeline.max_event_bytes,
+                self.redis,
+                self.pipeline,
+                s.stream,
+                consumer=s.consumer_name,
+                max_event_bytes=s.pipeline.max_event_bytes,
             )
             self._stream_task = asyncio.create_task(self.stream.run(), name="ingestd-stream")
         self._tasks = [
@@ -143,8 +133,10 @@ class Service:
         ]
         log.info(
             "ingestd started: database %s, redis %s, stream %s, consumer %s",
-            redact(s.storage.postgres.dsn), redact(s.storage.redis.url),
-            s.stream.key if self._stream_intake else "off", s.consumer_name,
+            redact(s.storage.postgres.dsn),
+            redact(s.storage.redis.url),
+            s.stream.key if self._stream_intake else "off",
+            s.consumer_name,
             extra={"action": "started"},
         )
 
@@ -159,7 +151,9 @@ class Service:
         if self.pipeline is None:
             return False
         since = self.pipeline.metrics.flush_failing_since
-        return since is None or time.monotonic() - since < 2 * self.settings.pipeline.flush_timeout_s
+        return (
+            since is None or time.monotonic() - since < 2 * self.settings.pipeline.flush_timeout_s
+        )
 
     async def _heartbeat_loop(self) -> None:
         assert self.mirror is not None
@@ -178,12 +172,15 @@ class Service:
                 self.mirror.stage_open_counts(counts, version)
                 await self.mirror.flush()
             except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
-                log.warning("open-count reconciliation failed: %s", exc,
-                            extra={"action": "reconcile_failed"})
+                log.warning(
+                    "open-count reconciliation failed: %s",
+                    exc,
+                    extra={"action": "reconcile_failed"},
+                )
             await asyncio.sleep(self.settings.mirror.open_count_reconcile_s)
 
     async def stop(self, grace_s: float | None = None) -> bool:
-        """Staged shutdown: stop intake, drain within the grace period, then cancel; True if clean."""
+        """Staged shutdown: stop intake, drain within the grace period, cancel; True if clean."""
         grace = self.settings.shutdown.grace_s if grace_s is None else grace_s
         clean = True
         t0 = time.monotonic()
@@ -201,8 +198,12 @@ class Service:
                     await self.pipeline.drain()
             except TimeoutError:
                 clean = False
-                log.error("drain exceeded the %.1fs grace period; cancelling (unacknowledged "
-                          "entries will be redelivered)", grace, extra={"action": "drain_timeout"})
+                log.error(
+                    "drain exceeded the %.1fs grace period; cancelling (unacknowledged "
+                    "entries will be redelivered)",
+                    grace,
+                    extra={"action": "drain_timeout"},
+                )
                 await self.pipeline.abort()
         if self.stream is not None:
             with contextlib.suppress(redis.exceptions.RedisError, OSError):
@@ -220,8 +221,12 @@ class Service:
                     await self.pool.close()
             except TimeoutError:
                 self.pool.terminate()
-        log.info("ingestd stopped (%s) after %.2fs", "clean" if clean else "forced",
-                 time.monotonic() - t0, extra={"action": "stopped"})
+        log.info(
+            "ingestd stopped (%s) after %.2fs",
+            "clean" if clean else "forced",
+            time.monotonic() - t0,
+            extra={"action": "stopped"},
+        )
         return clean
 
 
@@ -235,8 +240,9 @@ async def run_daemon(settings: Settings) -> int:
         nonlocal signals_seen
         signals_seen += 1
         if signals_seen == 1:
-            log.info("received %s: draining", signal.Signals(signum).name,
-                     extra={"action": "signal"})
+            log.info(
+                "received %s: draining", signal.Signals(signum).name, extra={"action": "signal"}
+            )
             stop.set()
         else:
             # Nothing is acknowledged without a commit, so exiting now loses nothing: the

@@ -103,12 +103,12 @@ class IntakeQueue:
         """Wake a waiting consumer without adding an item (used when draining starts)."""
         self._arrived.set()
 
-    async def wait(self, timeout: float | None) -> bool:
-        """Wait until an item is there (True) or the timeout passes (False)."""
+    async def wait(self, within_s: float | None) -> bool:
+        """Wait until an item is there (True) or ``within_s`` seconds pass (False)."""
         if self._items:
             return True
         try:
-            async with asyncio.timeout(timeout):
+            async with asyncio.timeout(within_s):
                 await self._arrived.wait()
         except TimeoutError:
             return False

@@ -42,13 +42,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("migrate", help="apply pending sql/ migrations")
     _common(p)
-    p.add_argument("--create-database", action="store_true",
-                   help="create the database named in the DSN if it does not exist")
+    p.add_argument(
+        "--create-database",
+        action="store_true",
+        help="create the database named in the DSN if it does not exist",
+    )
 
     p = sub.add_parser("health", help="exit 0 if heartbeats are fresh (container HEALTHCHECK)")
     _common(p)
-    p.add_argument("--component", action="append", default=[],
-                   help="also require this component's heartbeat (collector, paper, live)")
+    p.add_argument(
+        "--component",
+        action="append",
+        default=[],
+        help="also require this component's heartbeat (collector, paper, live)",
+    )
     p.add_argument("--max-age", type=float, default=10.0, help="seconds (default 10)")
 
     p = sub.add_parser("simulate", help="publish a realistic collector/paper feed to the stream")
@@ -67,8 +74,11 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--events", type=int, default=100_000)
     p.add_argument("--json", dest="json_path", help="also write the results as JSON here")
-    p.add_argument("--scratch-database", default="ingestd_bench",
-                   help="database created (and dropped) for the run")
+    p.add_argument(
+        "--scratch-database",
+        default="ingestd_bench",
+        help="database created (and dropped) for the run",
+    )
     return parser
 
 
@@ -186,8 +196,9 @@ async def _cmd_simulate(settings: Settings, args: argparse.Namespace) -> int:
     if start is not None and start.tzinfo is None:
         print("ingestd simulate: --start needs an offset", file=sys.stderr)
         return 2
-    sim = Simulator(seed=args.seed, symbols=tuple(args.symbols.split(",")), start=start,
-                    tick_s=args.tick)
+    sim = Simulator(
+        seed=args.seed, symbols=tuple(args.symbols.split(",")), start=start, tick_s=args.tick
+    )
     stream = sim.events()
     if args.count is not None:
         stream = itertools.islice(stream, args.count)
@@ -213,20 +224,29 @@ async def _cmd_simulate(settings: Settings, args: argparse.Namespace) -> int:
                 if ahead > 0:
                     await asyncio.sleep(ahead)
             if sent % 10_000 < chunk:
-                log.info("published %d events (%.0f/s)", sent, sent / (time.monotonic() - t0),
-                         extra={"action": "simulate_progress"})
+                log.info(
+                    "published %d events (%.0f/s)",
+                    sent,
+                    sent / (time.monotonic() - t0),
+                    extra={"action": "simulate_progress"},
+                )
     finally:
         await publisher.aclose()
-    log.info("published %d events to %s", sent, settings.stream.key,
-             extra={"action": "simulate_done"})
+    log.info(
+        "published %d events to %s", sent, settings.stream.key, extra={"action": "simulate_done"}
+    )
     return 0
 
 
 async def _cmd_bench(settings: Settings, args: argparse.Namespace) -> int:
     from ingestd.bench import run_bench
 
-    return await run_bench(settings, events=args.events, json_path=args.json_path,
-                           scratch_database=args.scratch_database)
+    return await run_bench(
+        settings,
+        events=args.events,
+        json_path=args.json_path,
+        scratch_database=args.scratch_database,
+    )
 
 
 _COMMANDS = {

@@ -40,7 +40,7 @@ class ShuttingDown(IngestdError):
 
 
 class SinkUnavailable(IngestdError):
-    """A sink failed for a reason that a retry can cure (connection lost, timeout, server restart)."""
+    """A sink failed for a reason a retry can cure (connection lost, timeout, restart)."""
 
     retriable = True
 
@@ -58,7 +58,7 @@ def sqlstate(exc: BaseException) -> str | None:
 
 
 def is_data_error(exc: BaseException) -> bool:
-    """True when PostgreSQL rejected a row for its content (class 22 data exception, 23 integrity)."""
+    """True when PostgreSQL rejected a row for its content (class 22 data, 23 integrity)."""
     code = sqlstate(exc)
     return (
         isinstance(exc, asyncpg.PostgresError)

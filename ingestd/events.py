@@ -189,7 +189,7 @@ _RFC3339: Final = re.compile(
 
 
 def numeric_text(value: object, kind: tables.Numeric, field: str) -> str:
-    """Exact decimal text for NUMERIC(p, s), rounded half away from zero; out of range is an error."""
+    """Exact text for NUMERIC(p, s), rounded half away from zero; out of range is an error."""
     if isinstance(value, str):
         m = _DECIMAL_TEXT.match(value)
         if m is not None:
@@ -213,7 +213,9 @@ def numeric_text(value: object, kind: tables.Numeric, field: str) -> str:
     if isinstance(value, float):
         # A float from in-process code: its shortest repr is the number its author wrote.
         return _round_numeric(decimal.Decimal(repr(value)), kind, field, repr(value))
-    raise InvalidEvent(f"expected a decimal string or number, got {type(value).__name__}", field=field)
+    raise InvalidEvent(
+        f"expected a decimal string or number, got {type(value).__name__}", field=field
+    )
 
 
 def _round_numeric(d: decimal.Decimal, kind: tables.Numeric, field: str, shown: str) -> str:
@@ -335,7 +337,9 @@ def parse_event(obj: object, *, default_event_id: str | None = None) -> Event:
     else:
         event_id = _text_value(raw_id, tables.EVENT_ID, "event_id")
     raw_producer = obj.get("producer")
-    producer = None if raw_producer is None else _text_value(raw_producer, tables.PRODUCER, "producer")
+    producer = (
+        None if raw_producer is None else _text_value(raw_producer, tables.PRODUCER, "producer")
+    )
 
     allowed = spec.field_names
     for key in obj:
@@ -386,5 +390,7 @@ def normalize(obj: Mapping[str, Any]) -> Event:
             try:
                 value.encode("utf-8")
             except UnicodeEncodeError:
-                raise InvalidEvent("contains a lone surrogate (not valid UTF-8)", field=str(key)) from None
+                raise InvalidEvent(
+                    "contains a lone surrogate (not valid UTF-8)", field=str(key)
+                ) from None
     return parse_event(obj)

@@ -11,12 +11,12 @@ from ingestd.app import create_redis
 from ingestd.settings import Settings, redact
 
 
-def heartbeat_age(value: bytes | None, now: dt.datetime) -> float | None:
+def heartbeat_age(value: bytes | str | None, now: dt.datetime) -> float | None:
     """Seconds since a ``health:*`` timestamp, or None when missing or unreadable."""
     if value is None:
         return None
     try:
-        moment = dt.datetime.fromisoformat(value.decode())
+        moment = dt.datetime.fromisoformat(value.decode() if isinstance(value, bytes) else value)
     except ValueError:
         return None
     if moment.tzinfo is None:

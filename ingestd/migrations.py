@@ -14,8 +14,7 @@ import os
 import re
 from pathlib import Path
 
-import asyncpg
-
+from ingestd.db import Connection
 from ingestd.errors import SchemaBehind, SchemaDrift
 
 log = logging.getLogger("ingestd.migrations")
@@ -71,7 +70,7 @@ CREATE TABLE IF NOT EXISTS {LEDGER_TABLE} (
 """
 
 
-async def _applied(conn: asyncpg.Connection) -> dict[int, str]:
+async def _applied(conn: Connection) -> dict[int, str]:
     exists = await conn.fetchval("SELECT to_regclass($1) IS NOT NULL", LEDGER_TABLE)
     if not exists:
         return {}
@@ -95,7 +94,7 @@ def _check_history(applied: dict[int, str], migrations: list[Migration]) -> None
             )
 
 
-async def migrate(conn: asyncpg.Connection, migrations: list[Migration] | None = None) -> list[str]:
+async def migrate(conn: Connection, migrations: list[Migration] | None = None) -> list[str]:
     """Apply every pending migration; return the names applied by this call."""
     migrations = load_migrations() if migrations is None else migrations
     done: list[str] = []
@@ -114,13 +113,17 @@ async def migrate(conn: asyncpg.Connection, migrations: list[Migration] | None =
                 mig.name,
                 mig.checksum,
             )
-            log.info("applied migration %04d_%s", mig.version, mig.name,
-                     extra={"action": "migration_applied"})
+            log.info(
+                "applied migration %04d_%s",
+                mig.version,
+                mig.name,
+                extra={"action": "migration_applied"},
+            )
             done.append(f"{mig.version:04d}_{mig.name}")
     return done
 
 
-async def check_current(conn: asyncpg.Connection, migrations: list[Migration] | None = None) -> None:
+async def check_current(conn: Connection, migrations: list[Migration] | None = None) -> None:
     """Raise SchemaBehind (or SchemaDrift) unless every known migration is applied as written."""
     migrations = load_migrations() if migrations is None else migrations
     applied = await _applied(conn)
@@ -133,8 +136,10 @@ async def check_current(conn: asyncpg.Connection, migrations: list[Migration] | 
         )
 
 
-async def timescaledb_enabled(conn: asyncpg.Connection) -> bool:
+async def timescaledb_enabled(conn: Connection) -> bool:
     """True when the timescaledb extension is created in this database."""
     return bool(
-        await conn.fetchval("SELECT EXISTS (SELECT 1 FROM pg_extension WHERE extname='timescaledb')")
+        await conn.fetchval(
+            "SELECT EXISTS (SELECT 1 FROM pg_extension WHERE extname='timescaledb')"
+        )
     )

@@ -19,8 +19,10 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
+import orjson
+
 from ingestd import errors, events
-from ingestd.batching import Acknowledger, BatchOutcome, Batcher, IntakeQueue, Item
+from ingestd.batching import Acknowledger, Batcher, BatchOutcome, IntakeQueue, Item
 from ingestd.deadletters import make_dead_letter
 from ingestd.metrics import Metrics
 from ingestd.settings import PipelineSettings
@@ -152,7 +154,7 @@ class Pipeline:
             try:
                 async with asyncio.timeout(s.flush_timeout_s):
                     outcome = await self._sink.write(items)
-            except Exception as exc:  # every failure is retried: dropping would lose events
+            except Exception as exc:  # noqa: BLE001 - every failure is retried: dropping loses events
                 attempt += 1
                 self.metrics.flush_retries += 1
                 if self.metrics.flush_failing_since is None:
@@ -162,7 +164,11 @@ class Pipeline:
                 log.log(
                     level,
                     "batch of %d not committed (attempt %d, retry in %.2fs): %s: %s",
-                    len(items), attempt, delay, type(exc).__name__, exc,
+                    len(items),
+                    attempt,
+                    delay,
+                    type(exc).__name__,
+                    exc,
                     extra={"action": "flush_retry"},
                 )
                 await asyncio.sleep(delay)
@@ -176,12 +182,16 @@ class Pipeline:
             for table, n in outcome.inserted.items():
                 m.rows_written[table] += n
             if attempt:
-                log.info("batch committed after %d retries", attempt,
-                         extra={"action": "flush_recovered"})
+                log.info(
+                    "batch committed after %d retries", attempt, extra={"action": "flush_recovered"}
+                )
             if outcome.rejected:
                 for reason in outcome.rejected.values():
-                    log.warning("event dead-lettered by the database: %s", reason,
-                                extra={"action": "dead_letter"})
+                    log.warning(
+                        "event dead-lettered by the database: %s",
+                        reason,
+                        extra={"action": "dead_letter"},
+                    )
             return outcome
 
 
@@ -217,8 +227,13 @@ class InProcessSource:
             if raw is None:
                 raw = _repr_payload(event)
             etype = event.get("type") if isinstance(event, Mapping) else None
-            dl = make_dead_letter(raw, str(exc), source=self.name, field=exc.field,
-                                  event_type=etype if isinstance(etype, str) else None)
+            dl = make_dead_letter(
+                raw,
+                str(exc),
+                source=self.name,
+                field=exc.field,
+                event_type=etype if isinstance(etype, str) else None,
+            )
             log.warning("invalid event rejected: %s", exc, extra={"action": "dead_letter"})
             await self._pipeline.put([Item(None, dl, self, fut, raw, time.monotonic())])
             await fut
@@ -240,8 +255,6 @@ class InProcessSource:
 
 def _repr_payload(event: object) -> str:
     try:
-        import orjson
-
         return orjson.dumps(event, default=str).decode()
     except TypeError:
         return repr(event)

@@ -58,8 +58,9 @@ def encode(event: Mapping[str, Any], ids: _Ids) -> bytes:
 class Publisher:
     """Synchronous publisher (plain scripts, the seed's style)."""
 
-    def __init__(self, client: redis.Redis, *, stream: str = DEFAULT_STREAM,
-                 id_prefix: str | None = None) -> None:
+    def __init__(
+        self, client: redis.Redis, *, stream: str = DEFAULT_STREAM, id_prefix: str | None = None
+    ) -> None:
         self._client = client
         self.stream = stream
         self._ids = _Ids(id_prefix)
@@ -95,8 +96,9 @@ class Publisher:
 class AsyncPublisher:
     """Asyncio publisher for producers that run an event loop."""
 
-    def __init__(self, client: aioredis.Redis, *, stream: str = DEFAULT_STREAM,
-                 id_prefix: str | None = None) -> None:
+    def __init__(
+        self, client: aioredis.Redis, *, stream: str = DEFAULT_STREAM, id_prefix: str | None = None
+    ) -> None:
         self._client = client
         self.stream = stream
         self._ids = _Ids(id_prefix)
@@ -104,8 +106,9 @@ class AsyncPublisher:
     @classmethod
     def from_url(cls, url: str, **kwargs: Any) -> AsyncPublisher:
         """Connect with explicit timeouts."""
-        client = aioredis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5,
-                                         protocol=2)
+        client = aioredis.Redis.from_url(
+            url, socket_timeout=5, socket_connect_timeout=5, protocol=2
+        )
         return cls(client, **kwargs)
 
     async def publish(self, event: Mapping[str, Any]) -> str:

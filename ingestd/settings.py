@@ -127,7 +127,8 @@ class Settings:
 
     def replace(self, **changes: Any) -> Settings:
         """A copy with dotted-path changes, e.g. ``replace(**{"pipeline.writers": 3})``."""
-        return _replace_dotted(self, changes)
+        updated: Settings = _replace_dotted(self, changes)
+        return updated
 
     def check(self) -> Settings:
         """Raise ConfigError on values that cannot work; return self."""
@@ -261,7 +262,9 @@ def load_settings(
     return settings.check()
 
 
-_PASSWORD_IN_URL = re.compile(r"(?P<head>[a-z][a-z0-9+.-]*://[^:/@\s]*:)(?P<pw>[^@\s]*)(?P<at>@)", re.I)
+_PASSWORD_IN_URL = re.compile(
+    r"(?P<head>[a-z][a-z0-9+.-]*://[^:/@\s]*:)(?P<pw>[^@\s]*)(?P<at>@)", re.I
+)
 _PASSWORD_PARAM = re.compile(r"(?P<head>\bpassword=)(?P<pw>[^&\s]+)", re.I)
 
 

@@ -94,11 +94,17 @@ class Simulator:
         self.ticks += 1
         self.now += self.tick
         self.usdkrw = q(self.usdkrw * (1 + Decimal(rng.gauss(0, 0.00005))), 2)
-        out.append({
-            "type": "fx_rate", "event_id": self._id("fx"), "producer": "collector",
-            "pair": "USDKRW", "rate": str(q(self.usdkrw, 8)), "source": "upbit",
-            "timestamp": self._ts(),
-        })
+        out.append(
+            {
+                "type": "fx_rate",
+                "event_id": self._id("fx"),
+                "producer": "collector",
+                "pair": "USDKRW",
+                "rate": str(q(self.usdkrw, 8)),
+                "source": "upbit",
+                "timestamp": self._ts(),
+            }
+        )
         for i, sym in enumerate(self.symbols):
             self.binance[sym] = self.binance[sym] * (1 + Decimal(rng.gauss(0, 0.0004)))
             # Mean-reverting premium around 3 %, with occasional spikes (the opportunities).
@@ -109,73 +115,118 @@ class Simulator:
             self.premium[sym] = p
             binance = q(self.binance[sym], 8)
             binance_krw = q(binance * self.usdkrw, 2)
-            upbit = q(binance_krw * (1 + p), 2 if binance_krw > 100 else 2)
+            upbit = q(binance_krw * (1 + p), 2)
             spread = q((upbit - binance_krw) / binance_krw * 100, 4)
             net = spread - FEES_PCT
             ts = self._ts(i + 1)
-            out.append({
-                "type": "spread", "event_id": self._id("sp"), "producer": "collector",
-                "symbol": sym, "upbit_price": str(upbit), "binance_price": str(binance),
-                "binance_price_krw": str(binance_krw), "spread_pct": str(spread),
-                "net_spread_pct": str(net), "is_opportunity": net >= ENTRY_NET_PCT,
-                "timestamp": ts,
-            })
+            out.append(
+                {
+                    "type": "spread",
+                    "event_id": self._id("sp"),
+                    "producer": "collector",
+                    "symbol": sym,
+                    "upbit_price": str(upbit),
+                    "binance_price": str(binance),
+                    "binance_price_krw": str(binance_krw),
+                    "spread_pct": str(spread),
+                    "net_spread_pct": str(net),
+                    "is_opportunity": net >= ENTRY_NET_PCT,
+                    "timestamp": ts,
+                }
+            )
             pos = self.open.get(sym)
             if pos is None and net >= ENTRY_NET_PCT:
                 out.extend(self._open(sym, upbit, binance, spread))
-            elif pos is not None and (net <= EXIT_NET_PCT
-                                      or self.now - pos.opened > dt.timedelta(minutes=30)):
+            elif pos is not None and (
+                net <= EXIT_NET_PCT or self.now - pos.opened > dt.timedelta(minutes=30)
+            ):
                 out.extend(self._close(sym, pos, upbit, binance, spread))
         if self.ticks % max(1, int(1 / self.tick.total_seconds())) == 0:
             for component in ("collector", "paper"):
-                out.append({"type": "heartbeat", "event_id": self._id("hb"),
-                            "producer": component, "component": component,
-                            "timestamp": self._ts()})
+                out.append(
+                    {
+                        "type": "heartbeat",
+                        "event_id": self._id("hb"),
+                        "producer": component,
+                        "component": component,
+                        "timestamp": self._ts(),
+                    }
+                )
         return out
 
-    def _legs(self, key: str, sym: str, size: Decimal, upbit: Decimal, binance: Decimal,
-              closing: bool) -> list[dict[str, Any]]:
+    def _legs(
+        self, key: str, sym: str, size: Decimal, upbit: Decimal, binance: Decimal, closing: bool
+    ) -> list[dict[str, Any]]:
         rng = self.rng
         legs = []
-        sides = (("upbit", "buy" if closing else "sell", upbit),
-                 ("binance_futures", "short" if closing else "long", binance))
+        sides = (
+            ("upbit", "buy" if closing else "sell", upbit),
+            ("binance_futures", "short" if closing else "long", binance),
+        )
         for n, (venue, side, price) in enumerate(sides):
             slip_bps = q(Decimal(abs(rng.gauss(0, 3))), 2)
             sign = 1 if side in ("buy", "long") else -1
             effective = q(price * (1 + sign * slip_bps / 10_000), 8)
-            legs.append({
-                "type": "order", "event_id": self._id("ord"), "producer": "paper",
-                "position_key": key, "symbol": sym, "venue": venue, "side": side,
-                "qty": str(size), "price_theoretical": str(q(price, 8)),
-                "price_effective": str(effective), "slippage_bps": str(slip_bps),
-                "leg_id": f"{key}_leg_{n + (2 if closing else 0)}", "timestamp": self._ts(10 + n),
-            })
+            legs.append(
+                {
+                    "type": "order",
+                    "event_id": self._id("ord"),
+                    "producer": "paper",
+                    "position_key": key,
+                    "symbol": sym,
+                    "venue": venue,
+                    "side": side,
+                    "qty": str(size),
+                    "price_theoretical": str(q(price, 8)),
+                    "price_effective": str(effective),
+                    "slippage_bps": str(slip_bps),
+                    "leg_id": f"{key}_leg_{n + (2 if closing else 0)}",
+                    "timestamp": self._ts(10 + n),
+                }
+            )
         return legs
 
     def _size(self, binance: Decimal) -> Decimal:
         notional_usdt = Decimal(self.rng.choice((500, 1000, 2000)))
         return q(notional_usdt / binance, 8)
 
-    def _open(self, sym: str, upbit: Decimal, binance: Decimal,
-              spread: Decimal) -> list[dict[str, Any]]:
+    def _open(
+        self, sym: str, upbit: Decimal, binance: Decimal, spread: Decimal
+    ) -> list[dict[str, Any]]:
         self.n_positions += 1
         key = f"{self.prefix}_pos_{self.n_positions:05d}"
         size = self._size(binance)
         self.open[sym] = _Open(key, size, upbit, binance, spread, self.now)
         common = {"symbol": sym, "direction": DIRECTION, "size": str(size)}
         return [
-            {"type": "position_open", "event_id": self._id("po"), "producer": "paper",
-             "position_key": key, **common, "entry_upbit_price": str(upbit),
-             "entry_binance_price": str(binance), "entry_spread_pct": str(spread),
-             "timestamp_open": self._ts(5)},
+            {
+                "type": "position_open",
+                "event_id": self._id("po"),
+                "producer": "paper",
+                "position_key": key,
+                **common,
+                "entry_upbit_price": str(upbit),
+                "entry_binance_price": str(binance),
+                "entry_spread_pct": str(spread),
+                "timestamp_open": self._ts(5),
+            },
             *self._legs(key, sym, size, upbit, binance, closing=False),
-            {"type": "trade", "event_id": self._id("tr"), "producer": "paper",
-             "position_key": key, **common, "side": "OPEN", "price_upbit": str(upbit),
-             "price_binance": str(binance), "timestamp": self._ts(20)},
+            {
+                "type": "trade",
+                "event_id": self._id("tr"),
+                "producer": "paper",
+                "position_key": key,
+                **common,
+                "side": "OPEN",
+                "price_upbit": str(upbit),
+                "price_binance": str(binance),
+                "timestamp": self._ts(20),
+            },
         ]
 
-    def _close(self, sym: str, pos: _Open, upbit: Decimal, binance: Decimal,
-               spread: Decimal) -> list[dict[str, Any]]:
+    def _close(
+        self, sym: str, pos: _Open, upbit: Decimal, binance: Decimal, spread: Decimal
+    ) -> list[dict[str, Any]]:
         del self.open[sym]
         # Short Upbit spot at entry, long Binance futures: gain when Upbit falls / Binance rises.
         upbit_leg = (pos.upbit - upbit) * pos.size
@@ -186,12 +237,29 @@ class Simulator:
         common = {"symbol": sym, "direction": DIRECTION, "size": str(pos.size)}
         return [
             *self._legs(pos.key, sym, pos.size, upbit, binance, closing=True),
-            {"type": "position_close", "event_id": self._id("pc"), "producer": "paper",
-             "position_key": pos.key, "exit_upbit_price": str(upbit),
-             "exit_binance_price": str(binance), "exit_spread_pct": str(spread),
-             "pnl_krw": str(pnl), "pnl_pct": str(pnl_pct), "timestamp_close": self._ts(30)},
-            {"type": "trade", "event_id": self._id("tr"), "producer": "paper",
-             "position_key": pos.key, **common, "side": "CLOSE", "price_upbit": str(upbit),
-             "price_binance": str(binance), "pnl_krw": str(pnl), "pnl_pct": str(pnl_pct),
-             "timestamp": self._ts(40)},
+            {
+                "type": "position_close",
+                "event_id": self._id("pc"),
+                "producer": "paper",
+                "position_key": pos.key,
+                "exit_upbit_price": str(upbit),
+                "exit_binance_price": str(binance),
+                "exit_spread_pct": str(spread),
+                "pnl_krw": str(pnl),
+                "pnl_pct": str(pnl_pct),
+                "timestamp_close": self._ts(30),
+            },
+            {
+                "type": "trade",
+                "event_id": self._id("tr"),
+                "producer": "paper",
+                "position_key": pos.key,
+                **common,
+                "side": "CLOSE",
+                "price_upbit": str(upbit),
+                "price_binance": str(binance),
+                "pnl_krw": str(pnl),
+                "pnl_pct": str(pnl_pct),
+                "timestamp": self._ts(40),
+            },
         ]

@@ -127,7 +127,9 @@ class RedisMirror:
                 )
         if outcome.open_counts_version is not None:
             for symbol, n in outcome.open_counts.items():
-                self._stage(f"positions:{symbol}:open_count", str(n), 0, outcome.open_counts_version)
+                self._stage(
+                    f"positions:{symbol}:open_count", str(n), 0, outcome.open_counts_version
+                )
 
     def stage_open_counts(self, counts: dict[str, int], version: int) -> None:
         """Stage a full reconciliation of open counts read from the database."""
@@ -179,8 +181,11 @@ class RedisMirror:
                     self._pending[key] = w
             self.errors += 1
             if not self._failing:
-                log.warning("redis mirror write failed, will retry: %s", exc,
-                            extra={"action": "mirror_failed"})
+                log.warning(
+                    "redis mirror write failed, will retry: %s",
+                    exc,
+                    extra={"action": "mirror_failed"},
+                )
                 self._failing = True
             return False
         if self._failing:

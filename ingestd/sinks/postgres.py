@@ -21,6 +21,7 @@ import asyncpg
 
 from ingestd import errors, tables
 from ingestd.batching import BatchOutcome, Item
+from ingestd.db import Connection
 from ingestd.deadletters import DeadLetter, make_dead_letter
 from ingestd.events import Event
 
@@ -33,10 +34,16 @@ POSITIONS_LOCK_ID: Final = 0x1D6E58A
 _ENTRY = [name for name, _ in tables.POSITION_ENTRY_COLUMNS]
 _EXIT = [name for name, _ in tables.POSITION_EXIT_COLUMNS]
 _CAST = {
-    **{name: "::text::numeric" for name, kind in tables.POSITION_ENTRY_COLUMNS
-       if isinstance(kind, tables.Numeric)},
-    **{name: "::text::numeric" for name, kind in tables.POSITION_EXIT_COLUMNS
-       if isinstance(kind, tables.Numeric)},
+    **{
+        name: "::text::numeric"
+        for name, kind in tables.POSITION_ENTRY_COLUMNS
+        if isinstance(kind, tables.Numeric)
+    },
+    **{
+        name: "::text::numeric"
+        for name, kind in tables.POSITION_EXIT_COLUMNS
+        if isinstance(kind, tables.Numeric)
+    },
     "timestamp_open": "::text::timestamptz",
     "timestamp_close": "::text::timestamptz",
 }
@@ -68,7 +75,14 @@ WHERE position_key = $1
 RETURNING symbol
 """
 
-_CLOSED_COLS: Final = ["position_key", "producer", *_ENTRY, *_EXIT, "open_event_id", "close_event_id"]
+_CLOSED_COLS: Final = [
+    "position_key",
+    "producer",
+    *_ENTRY,
+    *_EXIT,
+    "open_event_id",
+    "close_event_id",
+]
 _SQL_INSERT_CLOSED: Final = f"""
 INSERT INTO positions ({", ".join(_CLOSED_COLS)}, status)
 VALUES ({_params(_CLOSED_COLS)}, 'CLOSED')
@@ -152,7 +166,10 @@ class _CsvEncoder:
         cols = self._value_columns
         for ev in events:
             values = ev.values
-            parts = [_csv_quote(ev.event_id), "" if ev.producer is None else _csv_quote(ev.producer)]
+            parts = [
+                _csv_quote(ev.event_id),
+                "" if ev.producer is None else _csv_quote(ev.producer),
+            ]
             for name, quoted in cols:
                 v = values[name]
                 parts.append("" if v is None else (_csv_quote(v) if quoted else v))
@@ -216,42 +233,45 @@ class PostgresSink:
                 closes.append((item, ev))
                 needs_lock = True
 
-        conn: asyncpg.Connection
-        async with self._pool.acquire(timeout=self._acquire_timeout_s) as conn:
-            async with conn.transaction():
-                if needs_lock:
-                    await conn.execute("SELECT pg_advisory_xact_lock($1)", POSITIONS_LOCK_ID)
-                for name, rows in by_table.items():
-                    await self._insert(conn, tables.APPEND_TABLES_BY_NAME[name], rows, outcome,
-                                       merge=False)
-                touched: set[str] = set()
-                keys: set[str] = set()
-                if opens or closes:
-                    await self._positions(conn, opens, closes, outcome, touched, keys)
-                for name, rows in by_table.items():
-                    if name in _SQL_LINK:
-                        keys.update(k for _, ev in rows if (k := ev.values.get("position_key")))
-                if keys:
-                    for sql in _SQL_LINK.values():
-                        await conn.execute(sql, sorted(keys))
-                for item in items:
-                    reason = outcome.rejected.get(id(item))
-                    if reason is not None and item.event is not None:
-                        dead.append(self._rejected(item, item.event, reason))
-                if dead:
-                    await conn.executemany(_SQL_DEAD_LETTER, [_dl_args(d) for d in dead])
-                    outcome.dead_letters = len(dead)
-                if touched:
-                    rows_ = await conn.fetch(SQL_OPEN_COUNTS, sorted(touched))
-                    outcome.open_counts = {r["symbol"]: r["n"] for r in rows_}
-                    outcome.open_counts_version = await conn.fetchval(
-                        "SELECT pg_current_xact_id()::text::bigint"
-                    )
+        conn: Connection
+        async with (
+            self._pool.acquire(timeout=self._acquire_timeout_s) as conn,
+            conn.transaction(),
+        ):
+            if needs_lock:
+                await conn.execute("SELECT pg_advisory_xact_lock($1)", POSITIONS_LOCK_ID)
+            for name, rows in by_table.items():
+                await self._insert(
+                    conn, tables.APPEND_TABLES_BY_NAME[name], rows, outcome, merge=False
+                )
+            touched: set[str] = set()
+            keys: set[str] = set()
+            if opens or closes:
+                await self._positions(conn, opens, closes, outcome, touched, keys)
+            for name, rows in by_table.items():
+                if name in _SQL_LINK:
+                    keys.update(k for _, ev in rows if (k := ev.values.get("position_key")))
+            if keys:
+                for sql in _SQL_LINK.values():
+                    await conn.execute(sql, sorted(keys))
+            for item in items:
+                reason = outcome.rejected.get(id(item))
+                if reason is not None and item.event is not None:
+                    dead.append(self._rejected(item, item.event, reason))
+            if dead:
+                await conn.executemany(_SQL_DEAD_LETTER, [_dl_args(d) for d in dead])
+                outcome.dead_letters = len(dead)
+            if touched:
+                rows_ = await conn.fetch(SQL_OPEN_COUNTS, sorted(touched))
+                outcome.open_counts = {r["symbol"]: r["n"] for r in rows_}
+                outcome.open_counts_version = await conn.fetchval(
+                    "SELECT pg_current_xact_id()::text::bigint"
+                )
         return outcome
 
     async def _insert(
         self,
-        conn: asyncpg.Connection,
+        conn: Connection,
         table: tables.Table,
         rows: Sequence[tuple[Item, Event]],
         outcome: BatchOutcome,
@@ -284,16 +304,14 @@ class PostgresSink:
         outcome.duplicates += len(rows) - inserted
 
     async def _copy(
-        self, conn: asyncpg.Connection, target: str, table: tables.Table, events: Sequence[Event]
+        self, conn: Connection, target: str, table: tables.Table, events: Sequence[Event]
     ) -> None:
         data = _ENCODERS[table.name].encode(events)
         await conn.copy_to_table(
             target, source=io.BytesIO(data), columns=list(table.column_names), format="csv"
         )
 
-    async def _merge(
-        self, conn: asyncpg.Connection, table: tables.Table, events: Sequence[Event]
-    ) -> int:
+    async def _merge(self, conn: Connection, table: tables.Table, events: Sequence[Event]) -> int:
         stage = f"ingestd_stage_{table.name}"
         cols = ", ".join(table.column_names)
         await conn.execute(
@@ -310,7 +328,7 @@ class PostgresSink:
 
     async def _positions(
         self,
-        conn: asyncpg.Connection,
+        conn: Connection,
         opens: Sequence[tuple[Item, Event]],
         closes: Sequence[tuple[Item, Event]],
         outcome: BatchOutcome,
@@ -338,8 +356,14 @@ class PostgresSink:
             if symbol is None and id(item) not in outcome.rejected:
                 if all(v.get(c) is not None for c in _ENTRY):
                     # The close repeats the entry columns: the whole row can be written now.
-                    args = [key, ev.producer, *(v[c] for c in _ENTRY), *(v[c] for c in _EXIT),
-                            None, ev.event_id]
+                    args = [
+                        key,
+                        ev.producer,
+                        *(v[c] for c in _ENTRY),
+                        *(v[c] for c in _EXIT),
+                        None,
+                        ev.event_id,
+                    ]
                     symbol = await self._one(conn, _SQL_INSERT_CLOSED, args, item, outcome)
                 else:
                     args = [key, ev.event_id, ev.producer, *(v[c] for c in _EXIT)]
@@ -349,7 +373,7 @@ class PostgresSink:
 
     async def _one(
         self,
-        conn: asyncpg.Connection,
+        conn: Connection,
         sql: str,
         args: Sequence[Any],
         item: Item,
@@ -395,7 +419,7 @@ def _dl_args(d: DeadLetter) -> tuple[Any, ...]:
     )
 
 
-async def fetch_all_open_counts(conn: asyncpg.Connection) -> tuple[dict[str, int], int]:
+async def fetch_all_open_counts(conn: Connection) -> tuple[dict[str, int], int]:
     """Open positions per symbol (0 for symbols with none open) and a version for the mirror."""
     async with conn.transaction():
         await conn.execute("SELECT pg_advisory_xact_lock($1)", POSITIONS_LOCK_ID)

@@ -95,8 +95,12 @@ class StreamSource:
         """Create the group at id 0 (entries published before the first start are not lost)."""
         try:
             await self._client.xgroup_create(self.key, self.group, id="0", mkstream=True)
-            log.info("created consumer group %s on %s", self.group, self.key,
-                     extra={"action": "group_created"})
+            log.info(
+                "created consumer group %s on %s",
+                self.group,
+                self.key,
+                extra={"action": "group_created"},
+            )
         except redis.exceptions.ResponseError as exc:
             if "BUSYGROUP" not in str(exc):
                 raise
@@ -120,29 +124,41 @@ class StreamSource:
                 if fields is None
                 else "stream entry has no 'event' field"
             )
-            dl = make_dead_letter(raw, reason, source=self.name,
-                                  dedup_key=self.dead_letter_key(entry_id))
+            dl = make_dead_letter(
+                raw, reason, source=self.name, dedup_key=self.dead_letter_key(entry_id)
+            )
             return Item(None, dl, self, entry_id, raw, now)
         try:
             ev = events.decode_event(
                 payload, max_bytes=self._max_event_bytes, default_event_id=f"stream:{_s(entry_id)}"
             )
         except errors.InvalidEvent as exc:
-            log.warning("invalid event in entry %s: %s", _s(entry_id), exc,
-                        extra={"action": "dead_letter"})
-            dl = make_dead_letter(payload, str(exc), source=self.name, field=exc.field,
-                                  dedup_key=self.dead_letter_key(entry_id))
+            log.warning(
+                "invalid event in entry %s: %s", _s(entry_id), exc, extra={"action": "dead_letter"}
+            )
+            dl = make_dead_letter(
+                payload,
+                str(exc),
+                source=self.name,
+                field=exc.field,
+                dedup_key=self.dead_letter_key(entry_id),
+            )
             return Item(None, dl, self, entry_id, payload, now)
         return Item(ev, None, self, entry_id, payload, now)
 
     async def _read(self, start: str, block: int | None) -> list[Any]:
         reply = await self._client.xreadgroup(
-            self.group, self.consumer, {self.key: start}, count=self.settings.read_count,
+            self.group,
+            self.consumer,
+            {self.key: start},
+            count=self.settings.read_count,
             block=block,
         )
         if not reply:
             return []
-        entries: list[Any] = reply[0][1]
+        # RESP2 reply shape: [[stream_key, [(entry_id, {field: value}), ...]]]
+        streams: list[Any] = reply  # type: ignore[assignment]
+        entries: list[Any] = streams[0][1]
         return entries
 
     async def read_own_pending(self) -> int:
@@ -182,8 +198,12 @@ class StreamSource:
                     await self.ensure_group()
                     n = await self.read_own_pending()
                     if n:
-                        log.info("re-read %d pending entries of consumer %s", n, self.consumer,
-                                 extra={"action": "pending_reread"})
+                        log.info(
+                            "re-read %d pending entries of consumer %s",
+                            n,
+                            self.consumer,
+                            extra={"action": "pending_reread"},
+                        )
                     need_pending = False
                 await self._flush_acks()
                 entries = await self._read(">", self.settings.block_ms)
@@ -205,8 +225,11 @@ class StreamSource:
                 attempt += 1
                 delay = self._rng.uniform(0, min(5.0, 0.1 * 2**attempt))
                 if not failing:
-                    log.warning("stream read failed, retrying: %s", exc,
-                                extra={"action": "stream_read_failed"})
+                    log.warning(
+                        "stream read failed, retrying: %s",
+                        exc,
+                        extra={"action": "stream_read_failed"},
+                    )
                     failing = True
                 await asyncio.sleep(delay)
 
@@ -221,19 +244,26 @@ class StreamSource:
                 log.warning("XAUTOCLAIM failed: %s", exc, extra={"action": "claim_failed"})
 
     async def claim_idle(self) -> int:
-        """Take over entries idle longer than ``claim_idle_ms`` (a dead replica's) and queue them."""
+        """Take over entries idle past ``claim_idle_ms`` (a dead replica's) and queue them."""
         start = "0-0"
         total = 0
         while True:
             reply = await self._client.xautoclaim(
-                self.key, self.group, self.consumer, self.settings.claim_idle_ms,
-                start_id=start, count=self.settings.read_count,
+                self.key,
+                self.group,
+                self.consumer,
+                self.settings.claim_idle_ms,
+                start_id=start,
+                count=self.settings.read_count,
             )
             next_start, entries = _s(reply[0]), reply[1]
             deleted = reply[2] if len(reply) > 2 else []
             for entry_id in deleted:
-                log.error("pending entry %s was trimmed from the stream before it was processed",
-                          _s(entry_id), extra={"action": "entry_lost"})
+                log.error(
+                    "pending entry %s was trimmed from the stream before it was processed",
+                    _s(entry_id),
+                    extra={"action": "entry_lost"},
+                )
             items = self._to_items(entries)
             if items:
                 total += len(items)
@@ -271,8 +301,9 @@ class StreamSource:
                 candidate = (ms, seq + 1)
             floor = candidate if floor is None or candidate < floor else floor
         assert floor is not None
-        removed = await self._client.xtrim(self.key, minid=f"{floor[0]}-{floor[1]}",
-                                           approximate=False)
+        removed = await self._client.xtrim(
+            self.key, minid=f"{floor[0]}-{floor[1]}", approximate=False
+        )
         return int(removed)
 
     def stop(self) -> None:

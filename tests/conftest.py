@@ -1,0 +1,201 @@
+"""Fixtures: real PostgreSQL and real Redis, never mocks.
+
+Server addresses come from the environment when given (``INGESTD_TEST_DATABASE_URL``, an admin DSN
+of a server where databases may be created; ``INGESTD_TEST_REDIS_URL``; ``INGESTD_TEST_TIMESCALE_URL``
+for a server with timescaledb preloaded), else the local servers (PostgreSQL on 127.0.0.1:5432,
+Redis on 127.0.0.1:6379, a TimescaleDB cluster on 127.0.0.1:5433 when one runs), else a
+testcontainers server where a Docker engine answers. Each test gets its own database, cloned from
+a migrated template (fast isolation), and a flushed Redis database.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+
+import asyncpg
+import pytest
+import redis
+
+from ingestd import migrations
+from ingestd.settings import Settings, load_settings
+
+DEFAULT_PG = "postgresql://postgres@127.0.0.1:5432/postgres"
+DEFAULT_TIMESCALE = "postgresql://postgres@127.0.0.1:5433/postgres"
+DEFAULT_REDIS = "redis://127.0.0.1:6379/15"
+TEMPLATE = "ingestd_test_template"
+
+
+def _with_db(dsn: str, name: str) -> str:
+    base, _, query = dsn.partition("?")
+    base = base.rsplit("/", 1)[0]
+    return f"{base}/{name}" + (f"?{query}" if query else "")
+
+
+async def _can_connect(dsn: str) -> bool:
+    try:
+        conn = await asyncpg.connect(dsn, timeout=3)
+    except (OSError, asyncpg.PostgresError, TimeoutError):
+        return False
+    await conn.close()
+    return True
+
+
+def _docker_available() -> bool:
+    try:
+        import docker
+
+        docker.from_env().ping()
+    except Exception:
+        return False
+    return True
+
+
+@dataclass
+class PgServer:
+    """An admin DSN of a server where the tests may create databases."""
+
+    admin_dsn: str
+    timescale: bool
+
+    async def create_template(self) -> None:
+        admin = await asyncpg.connect(self.admin_dsn)
+        try:
+            await admin.execute(f"DROP DATABASE IF EXISTS {TEMPLATE} WITH (FORCE)")
+            await admin.execute(f"CREATE DATABASE {TEMPLATE}")
+        finally:
+            await admin.close()
+        conn = await asyncpg.connect(_with_db(self.admin_dsn, TEMPLATE))
+        try:
+            await migrations.migrate(conn)
+        finally:
+            await conn.close()
+
+    async def clone(self) -> str:
+        name = f"ingestd_test_{uuid.uuid4().hex[:12]}"
+        admin = await asyncpg.connect(self.admin_dsn)
+        try:
+            await admin.execute(f"CREATE DATABASE {name} TEMPLATE {TEMPLATE}")
+        finally:
+            await admin.close()
+        return _with_db(self.admin_dsn, name)
+
+    async def drop(self, dsn: str) -> None:
+        name = dsn.partition("?")[0].rsplit("/", 1)[1]
+        admin = await asyncpg.connect(self.admin_dsn)
+        try:
+            await admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        finally:
+            await admin.close()
+
+
+async def _preloaded(dsn: str) -> bool:
+    conn = await asyncpg.connect(dsn, timeout=3)
+    try:
+        libs = await conn.fetchval("SELECT current_setting('shared_preload_libraries')")
+        available = await conn.fetchval(
+            "SELECT count(*) FROM pg_available_extensions WHERE name = 'timescaledb'"
+        )
+    finally:
+        await conn.close()
+    return "timescaledb" in str(libs) and bool(available)
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[PgServer]:
+    """Plain PostgreSQL (or whatever the env names) with a migrated template database."""
+    dsn = os.environ.get("INGESTD_TEST_DATABASE_URL", DEFAULT_PG)
+    container = None
+    if not asyncio.run(_can_connect(dsn)):
+        if not _docker_available():
+            pytest.fail(f"no PostgreSQL at {dsn} and no Docker engine: start PostgreSQL "
+                        "(scripts/services.sh does) or set INGESTD_TEST_DATABASE_URL")
+        from testcontainers.postgres import PostgresContainer
+
+        container = PostgresContainer("postgres:15", driver=None).start()
+        dsn = container.get_connection_url()
+    server = PgServer(dsn, timescale=asyncio.run(_preloaded(dsn)))
+    asyncio.run(server.create_template())
+    yield server
+    if container is not None:
+        container.stop()
+
+
+@pytest.fixture(scope="session")
+def timescale_server() -> Iterator[PgServer]:
+    """A server with timescaledb preloaded; the test skips, saying why, where there is none."""
+    dsn = os.environ.get("INGESTD_TEST_TIMESCALE_URL", DEFAULT_TIMESCALE)
+    if not asyncio.run(_can_connect(dsn)):
+        pytest.skip(f"TimescaleDB tests need a server with timescaledb preloaded; none at {dsn} "
+                    "(set INGESTD_TEST_TIMESCALE_URL)")
+    if not asyncio.run(_preloaded(dsn)):
+        pytest.skip(f"the server at {dsn} does not preload timescaledb")
+    server = PgServer(dsn, timescale=True)
+    asyncio.run(server.create_template())
+    yield server
+
+
+@pytest.fixture
+async def db_dsn(pg_server: PgServer) -> AsyncIterator[str]:
+    """A fresh, migrated database for this test."""
+    dsn = await pg_server.clone()
+    yield dsn
+    await pg_server.drop(dsn)
+
+
+@pytest.fixture
+async def db(db_dsn: str) -> AsyncIterator[asyncpg.Connection]:
+    """A connection to this test's database."""
+    conn = await asyncpg.connect(db_dsn)
+    yield conn
+    await conn.close()
+
+
+@pytest.fixture(scope="session")
+def redis_base_url() -> str:
+    """The test Redis (database 15 by default: the tests flush it)."""
+    url = os.environ.get("INGESTD_TEST_REDIS_URL", DEFAULT_REDIS)
+    try:
+        redis.Redis.from_url(url, socket_timeout=3).ping()
+    except redis.exceptions.ConnectionError:
+        pytest.fail(f"no Redis at {url}: start redis-server (scripts/services.sh does) "
+                    "or set INGESTD_TEST_REDIS_URL")
+    return url
+
+
+@pytest.fixture
+def redis_url(redis_base_url: str) -> Iterator[str]:
+    """A flushed Redis database for this test."""
+    client = redis.Redis.from_url(redis_base_url)
+    client.flushdb()
+    yield redis_base_url
+    client.flushdb()
+    client.close()
+
+
+@pytest.fixture
+def rclient(redis_url: str) -> Iterator[redis.Redis]:
+    """A synchronous client for assertions."""
+    client = redis.Redis.from_url(redis_url)
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def settings(db_dsn: str, redis_url: str) -> Settings:
+    """Settings pointing at this test's database and Redis, tuned for quick tests."""
+    return load_settings(
+        None,
+        environ={},
+        overrides={
+            "storage.postgres.dsn": db_dsn,
+            "storage.redis.url": redis_url,
+            "stream.consumer": "test-consumer",
+            "stream.block_ms": 200,
+            "pipeline.batch_max_age_ms": 50,
+            "metrics_port": 0,
+        },
+    )
