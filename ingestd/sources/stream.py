@@ -211,12 +211,10 @@ class StreamSource:
                     log.info("stream reads recovered", extra={"action": "stream_recovered"})
                     failing = False
                 attempt = 0
-                if entries and not self._stopping.is_set():
+                if entries:
+                    # Even when stopping: the pipeline drains after intake stops, so entries
+                    # already delivered to us are written and acknowledged, not left pending.
                     await self._pipeline.put(self._to_items(entries))
-                elif entries:
-                    # Read while stopping: leave them pending; they are redelivered on restart.
-                    for entry_id, _ in entries:
-                        self._in_flight.discard(entry_id)
             except errors.ShuttingDown:
                 return
             except (redis.exceptions.RedisError, OSError) as exc:
