@@ -1,0 +1,172 @@
+"""The stream consumer group and the in-process API against real Redis and PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+import time
+from decimal import Decimal
+from typing import Any
+
+import asyncpg
+import pytest
+import redis
+
+from ingestd import Outcome, Service
+from ingestd.errors import InvalidEvent
+from ingestd.events import utc_iso
+from ingestd.settings import Settings
+
+pytestmark = [pytest.mark.pg, pytest.mark.redis]
+
+STREAM = "ingestd:events"
+
+
+def fx(i: int, *, rate: str = "1385.5", event_id: str | None = None) -> dict[str, Any]:
+    """A valid FX event."""
+    moment = dt.datetime(2026, 11, 30, tzinfo=dt.UTC) + dt.timedelta(seconds=i)
+    return {"type": "fx_rate", "event_id": event_id or f"fx-{i}", "producer": "collector",
+            "pair": "USDKRW", "rate": rate, "source": "test", "timestamp": utc_iso(moment)}
+
+
+async def count(conn: asyncpg.Connection, table: str, want: int, timeout: float = 20) -> int:
+    """Wait until ``table`` holds ``want`` rows; return what it holds."""
+    end = time.monotonic() + timeout
+    n = 0
+    while time.monotonic() < end:
+        n = int(await conn.fetchval(f"SELECT count(*) FROM {table}"))
+        if n >= want:
+            return n
+        await asyncio.sleep(0.05)
+    return n
+
+
+def xadd_all(client: redis.Redis, events: list[dict[str, Any]]) -> list[bytes]:
+    """Publish events; return their entry ids."""
+    pipe = client.pipeline(transaction=False)
+    for ev in events:
+        pipe.xadd(STREAM, {"event": json.dumps(ev)})
+    return list(pipe.execute())
+
+
+async def test_group_is_created_at_zero_so_earlier_entries_are_not_lost(
+    settings: Settings, rclient: redis.Redis, db: asyncpg.Connection
+) -> None:
+    xadd_all(rclient, [fx(i) for i in range(50)])  # published before ingestd ever ran
+    async with Service(settings):
+        assert await count(db, "fx_rates", 50) == 50
+    assert rclient.xpending(STREAM, "ingestd")["pending"] == 0
+
+
+async def test_own_pending_entries_are_reread_at_start(
+    settings: Settings, rclient: redis.Redis, db: asyncpg.Connection
+) -> None:
+    rclient.xgroup_create(STREAM, "ingestd", id="0", mkstream=True)
+    xadd_all(rclient, [fx(i) for i in range(30)])
+    # This consumer read them in an earlier life and died before XACK.
+    rclient.xreadgroup("ingestd", settings.consumer_name, {STREAM: ">"}, count=100)
+    assert rclient.xpending(STREAM, "ingestd")["pending"] == 30
+    async with Service(settings) as service:
+        assert await count(db, "fx_rates", 30) == 30
+        assert service.stream is not None and service.stream.redelivered == 30
+    assert rclient.xpending(STREAM, "ingestd")["pending"] == 0
+
+
+async def test_idle_entries_of_a_dead_consumer_are_claimed(
+    settings: Settings, rclient: redis.Redis, db: asyncpg.Connection
+) -> None:
+    rclient.xgroup_create(STREAM, "ingestd", id="0", mkstream=True)
+    xadd_all(rclient, [fx(i) for i in range(40)])
+    rclient.xreadgroup("ingestd", "dead-replica", {STREAM: ">"}, count=100)
+    fast = settings.replace(**{"stream.claim_idle_ms": 200, "stream.claim_interval_s": 0.2})
+    async with Service(fast) as service:
+        assert await count(db, "fx_rates", 40) == 40
+        assert service.stream is not None and service.stream.claimed == 40
+    assert rclient.xpending(STREAM, "ingestd")["pending"] == 0
+    assert await db.fetchval("SELECT count(DISTINCT event_id) FROM fx_rates") == 40
+
+
+async def test_redelivered_entries_and_republished_events_land_once(
+    settings: Settings, rclient: redis.Redis, db: asyncpg.Connection
+) -> None:
+    events = [fx(i) for i in range(100)]
+    xadd_all(rclient, events)
+    xadd_all(rclient, events[:60])  # a producer retried after a timeout
+    bad = rclient.xadd(STREAM, {"event": b"{broken"})
+    async with Service(settings):
+        assert await count(db, "fx_rates", 100) == 100
+        assert await count(db, "dead_letters", 1) == 1
+    # Replaying the whole stream in a second consumer group changes nothing either.
+    rclient.xgroup_create(STREAM, "replay", id="0")
+    replay = settings.replace(**{"stream.group": "replay"})
+    async with Service(replay):
+        await asyncio.sleep(1.0)
+        assert rclient.xpending(STREAM, "replay")["pending"] == 0
+    assert await db.fetchval("SELECT count(*) FROM fx_rates") == 100
+    dead = await db.fetch("SELECT dedup_key FROM dead_letters")
+    assert [r["dedup_key"] for r in dead] == [f"stream:{STREAM}:{bad.decode()}"]
+
+
+async def test_acknowledged_entries_are_trimmed_and_unread_ones_kept(
+    settings: Settings, rclient: redis.Redis, db: asyncpg.Connection
+) -> None:
+    xadd_all(rclient, [fx(i) for i in range(20)])
+    async with Service(settings) as service:
+        assert await count(db, "fx_rates", 20) == 20
+        assert service.stream is not None
+        await asyncio.sleep(0.3)  # let the acks of the last batch go out
+        removed = await service.stream.trim_acknowledged()
+    assert removed == 20
+    assert rclient.xlen(STREAM) == 0
+    rclient.xgroup_create(STREAM, "other", id="0")  # a second group that has read nothing
+    xadd_all(rclient, [fx(i) for i in range(20, 25)])
+    async with Service(settings) as service:
+        assert await count(db, "fx_rates", 25) == 25
+        await asyncio.sleep(0.3)
+        assert service.stream is not None
+        assert await service.stream.trim_acknowledged() == 0  # "other" still needs them
+    assert rclient.xlen(STREAM) == 5
+
+
+async def test_submit_waits_for_commit_and_rejects_bad_input(
+    settings: Settings, db: asyncpg.Connection, rclient: redis.Redis
+) -> None:
+    in_process = settings.replace(**{"stream.enabled": False})
+    async with Service(in_process) as service:
+        assert await service.submit(fx(1, rate="1385.123456789")) is Outcome.COMMITTED
+        # Committed before submit returned: no waiting needed.
+        assert await db.fetchval("SELECT rate FROM fx_rates") == Decimal("1385.12345679")
+        with pytest.raises(InvalidEvent) as err:
+            await service.submit({**fx(2), "timestamp": "2026-11-30T00:00:00"})
+        assert err.value.field == "timestamp"
+        dead = await db.fetchrow("SELECT * FROM dead_letters")
+        assert dead is not None and dead["source"] == "submit" and dead["field"] == "timestamp"
+        # Many producers at once: every call returns after its own commit.
+        outcomes = await asyncio.gather(*(service.submit(fx(i)) for i in range(10, 2010)))
+        assert set(outcomes) == {Outcome.COMMITTED}
+        assert await db.fetchval("SELECT count(*) FROM fx_rates") == 2001
+    assert rclient.exists(STREAM) == 0  # the stream intake was off
+
+
+async def test_backpressure_bounds_the_queue(settings: Settings, db: asyncpg.Connection) -> None:
+    small = settings.replace(**{
+        "stream.enabled": False, "pipeline.queue_max_events": 100,
+        "pipeline.batch_max_rows": 50, "pipeline.writers": 1,
+    })
+    async with Service(small) as service:
+        assert service.pipeline is not None
+        lock = await asyncpg.connect(small.storage.postgres.dsn)
+        tx = lock.transaction()
+        await tx.start()
+        await lock.execute("LOCK TABLE fx_rates IN ACCESS EXCLUSIVE MODE")
+        tasks = [asyncio.create_task(service.submit(fx(i))) for i in range(1000)]
+        await asyncio.sleep(1.0)
+        # The writer is stuck behind the lock: the queue stays within its bound (plus at most
+        # one batch in flight), and the remaining producers wait instead of piling up memory.
+        assert len(service.pipeline.queue) <= 100
+        assert sum(t.done() for t in tasks) == 0
+        await tx.rollback()
+        await lock.close()
+        await asyncio.gather(*tasks)
+    assert await db.fetchval("SELECT count(*) FROM fx_rates") == 1000
