@@ -262,7 +262,8 @@ class StreamSource:
                     _s(entry_id),
                     extra={"action": "entry_lost"},
                 )
-            items = self._to_items(entries)
+            # A deleted entry becomes a dead letter: its loss is recorded, never silent.
+            items = self._to_items([*entries, *((entry_id, None) for entry_id in deleted)])
             if items:
                 total += len(items)
                 self.claimed += len(items)
