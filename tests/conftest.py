@@ -1,11 +1,11 @@
 """Fixtures: real PostgreSQL and real Redis, never mocks.
 
-Server addresses come from the environment when given (``INGESTD_TEST_DATABASE_URL``, an admin DSN
-of a server where databases may be created; ``INGESTD_TEST_REDIS_URL``; ``INGESTD_TEST_TIMESCALE_URL``
-for a server with timescaledb preloaded), else the local servers (PostgreSQL on 127.0.0.1:5432,
-Redis on 127.0.0.1:6379, a TimescaleDB cluster on 127.0.0.1:5433 when one runs), else a
-testcontainers server where a Docker engine answers. Each test gets its own database, cloned from
-a migrated template (fast isolation), and a flushed Redis database.
+Server addresses come from the environment when given: ``INGESTD_TEST_DATABASE_URL`` (an admin
+DSN of a server where databases may be created), ``INGESTD_TEST_REDIS_URL`` and
+``INGESTD_TEST_TIMESCALE_URL`` (a server with timescaledb preloaded). Else the local servers
+(PostgreSQL on 127.0.0.1:5432, Redis on 127.0.0.1:6379, a TimescaleDB cluster on 127.0.0.1:5433
+when one runs), else a testcontainers server where a Docker engine answers. Each test gets its
+own database, cloned from a migrated template (fast isolation), and a flushed Redis database.
 """
 
 from __future__ import annotations
@@ -111,8 +111,10 @@ def pg_server() -> Iterator[PgServer]:
     container = None
     if not asyncio.run(_can_connect(dsn)):
         if not _docker_available():
-            pytest.fail(f"no PostgreSQL at {dsn} and no Docker engine: start PostgreSQL "
-                        "(scripts/services.sh does) or set INGESTD_TEST_DATABASE_URL")
+            pytest.fail(
+                f"no PostgreSQL at {dsn} and no Docker engine: start PostgreSQL "
+                "(scripts/services.sh does) or set INGESTD_TEST_DATABASE_URL"
+            )
         from testcontainers.postgres import PostgresContainer
 
         container = PostgresContainer("postgres:15", driver=None).start()
@@ -129,8 +131,10 @@ def timescale_server() -> Iterator[PgServer]:
     """A server with timescaledb preloaded; the test skips, saying why, where there is none."""
     dsn = os.environ.get("INGESTD_TEST_TIMESCALE_URL", DEFAULT_TIMESCALE)
     if not asyncio.run(_can_connect(dsn)):
-        pytest.skip(f"TimescaleDB tests need a server with timescaledb preloaded; none at {dsn} "
-                    "(set INGESTD_TEST_TIMESCALE_URL)")
+        pytest.skip(
+            f"TimescaleDB tests need a server with timescaledb preloaded; none at {dsn} "
+            "(set INGESTD_TEST_TIMESCALE_URL)"
+        )
     if not asyncio.run(_preloaded(dsn)):
         pytest.skip(f"the server at {dsn} does not preload timescaledb")
     server = PgServer(dsn, timescale=True)
@@ -161,8 +165,10 @@ def redis_base_url() -> str:
     try:
         redis.Redis.from_url(url, socket_timeout=3).ping()
     except redis.exceptions.ConnectionError:
-        pytest.fail(f"no Redis at {url}: start redis-server (scripts/services.sh does) "
-                    "or set INGESTD_TEST_REDIS_URL")
+        pytest.fail(
+            f"no Redis at {url}: start redis-server (scripts/services.sh does) "
+            "or set INGESTD_TEST_REDIS_URL"
+        )
     return url
 
 

@@ -59,7 +59,9 @@ def ingestd_env(settings: Settings, consumer: str = "e2e-1") -> dict[str, str]:
     return env
 
 
-def run_cli(settings: Settings, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+def run_cli(
+    settings: Settings, *args: str, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
     """Run an ``ingestd`` command to completion in another process."""
     return subprocess.run(
         [sys.executable, "-m", "ingestd.cli", *args],
@@ -92,7 +94,9 @@ def start_daemon(tmp_path: Path) -> Iterator[object]:
         with log_path.open("wb") as log:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "ingestd.cli", "run"],
-                env=env, stdout=log, stderr=subprocess.STDOUT,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
             )
         daemon = Daemon(proc, log_path)
         procs.append(daemon)

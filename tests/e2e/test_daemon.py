@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import datetime as dt
+import hashlib
 import itertools
 import json
 import signal
@@ -33,15 +33,26 @@ StartDaemon = Callable[..., Daemon]
 
 def simulated(count: int, seed: int) -> list[dict[str, Any]]:
     """The exact events ``ingestd simulate --count N --seed S --start START`` publishes."""
-    sim = Simulator(seed=seed, symbols=("BTC", "ETH", "XRP"),
-                    start=dt.datetime.fromisoformat(START))
+    sim = Simulator(
+        seed=seed, symbols=("BTC", "ETH", "XRP"), start=dt.datetime.fromisoformat(START)
+    )
     return list(itertools.islice(sim.events(), count))
 
 
 def publish_from_other_process(settings: Settings, count: int, seed: int) -> None:
     """``ingestd simulate`` in its own process: XADDs ``count`` events and exits."""
-    done = run_cli(settings, "simulate", "--count", str(count), "--seed", str(seed),
-                   "--rate", "0", "--start", START)
+    done = run_cli(
+        settings,
+        "simulate",
+        "--count",
+        str(count),
+        "--seed",
+        str(seed),
+        "--rate",
+        "0",
+        "--start",
+        START,
+    )
     assert done.returncode == 0, done.stderr
 
 
@@ -79,9 +90,15 @@ async def test_100k_events_from_another_process_land_exactly_once(
     await wait_for_rows(settings.storage.postgres.dsn, "spreads", exp.counts["spreads"])
     await wait_for_rows(settings.storage.postgres.dsn, "trades", exp.counts["trades"])
     # A fresh FX event and heartbeat, to read the short-TTL keys while they live.
-    fresh_fx = {"type": "fx_rate", "event_id": "fx-final", "producer": "collector",
-                "pair": "USDKRW", "rate": "1391.12345678", "source": "test",
-                "timestamp": utc_iso(dt.datetime.now(dt.UTC))}
+    fresh_fx = {
+        "type": "fx_rate",
+        "event_id": "fx-final",
+        "producer": "collector",
+        "pair": "USDKRW",
+        "rate": "1391.12345678",
+        "source": "test",
+        "timestamp": utc_iso(dt.datetime.now(dt.UTC)),
+    }
     rclient.xadd("ingestd:events", {"event": json.dumps(fresh_fx)})
     await wait_for_rows(settings.storage.postgres.dsn, "fx_rates", exp.counts["fx_rates"] + 1)
     deadline = time.monotonic() + 5
@@ -99,19 +116,25 @@ async def test_100k_events_from_another_process_land_exactly_once(
 
     # The mirror: newest spread per symbol by event time, with its TTL.
     for symbol in ("BTC", "ETH", "XRP"):
-        newest = max((e for e in sent if e["type"] == "spread" and e["symbol"] == symbol),
-                     key=lambda e: dt.datetime.fromisoformat(e["timestamp"]))
+        newest = max(
+            (e for e in sent if e["type"] == "spread" and e["symbol"] == symbol),
+            key=lambda e: dt.datetime.fromisoformat(e["timestamp"]),
+        )
         snap = json.loads(rclient.get(f"spreads:{symbol}:last") or b"{}")
         assert snap["event_id"] == newest["event_id"]
         assert snap["upbit_price"] == newest["upbit_price"]
         assert snap["timestamp"] == utc_iso(dt.datetime.fromisoformat(newest["timestamp"]))
         assert 0 < rclient.ttl(f"spreads:{symbol}:last") <= 60
         opened = await db.fetchval(
-            "SELECT count(*) FROM positions WHERE symbol = $1 AND status = 'OPEN'", symbol)
+            "SELECT count(*) FROM positions WHERE symbol = $1 AND status = 'OPEN'", symbol
+        )
         assert rclient.get(f"positions:{symbol}:open_count") == str(opened).encode()
         assert rclient.ttl(f"positions:{symbol}:open_count") == -1
-    newest_hb = max(dt.datetime.fromisoformat(e["timestamp"])
-                    for e in sent if e["type"] == "heartbeat" and e["component"] == "collector")
+    newest_hb = max(
+        dt.datetime.fromisoformat(e["timestamp"])
+        for e in sent
+        if e["type"] == "heartbeat" and e["component"] == "collector"
+    )
     assert rclient.get("health:collector") == utc_iso(newest_hb).encode()
     assert 0 < rclient.ttl("health:collector") <= 10
     assert rclient.get("health:ingestd") is not None
@@ -147,20 +170,34 @@ BAD_PAYLOADS: dict[str, bytes] = {
     "not_json": b"{not json",
     "unknown_type": b'{"type": "candle", "event_id": "bad-1"}',
     "sql_in_type": b'{"type": "spread\'; DROP TABLE spreads;--", "event_id": "bad-2"}',
-    "naive_time": (b'{"type": "fx_rate", "event_id": "bad-3", "pair": "USDKRW", "rate": "1.0",'
-                   b' "timestamp": "2025-11-15T03:40:15"}'),
-    "numeric_overflow": (b'{"type": "fx_rate", "event_id": "bad-4", "pair": "USDKRW",'
-                         b' "rate": "12345678901.5", "timestamp": "2025-11-15T03:40:15Z"}'),
-    "twenty_digit_int": (b'{"type": "fx_rate", "event_id": "bad-5", "pair": "USDKRW",'
-                         b' "rate": 12345678901234567890, "timestamp": "2025-11-15T03:40:15Z"}'),
-    "nan_string": (b'{"type": "fx_rate", "event_id": "bad-6", "pair": "USDKRW",'
-                   b' "rate": "NaN", "timestamp": "2025-11-15T03:40:15Z"}'),
-    "huge_exponent": (b'{"type": "fx_rate", "event_id": "bad-7", "pair": "USDKRW",'
-                      b' "rate": 1e400, "timestamp": "2025-11-15T03:40:15Z"}'),
-    "long_event_id": (b'{"type": "fx_rate", "event_id": "' + b"x" * 101 + b'", "pair": "USDKRW",'
-                      b' "rate": "1.0", "timestamp": "2025-11-15T03:40:15Z"}'),
-    "lone_surrogate": (b'{"type": "fx_rate", "event_id": "bad-8", "pair": "\\ud800",'
-                       b' "rate": "1.0", "timestamp": "2025-11-15T03:40:15Z"}'),
+    "naive_time": (
+        b'{"type": "fx_rate", "event_id": "bad-3", "pair": "USDKRW", "rate": "1.0",'
+        b' "timestamp": "2025-11-15T03:40:15"}'
+    ),
+    "numeric_overflow": (
+        b'{"type": "fx_rate", "event_id": "bad-4", "pair": "USDKRW",'
+        b' "rate": "12345678901.5", "timestamp": "2025-11-15T03:40:15Z"}'
+    ),
+    "twenty_digit_int": (
+        b'{"type": "fx_rate", "event_id": "bad-5", "pair": "USDKRW",'
+        b' "rate": 12345678901234567890, "timestamp": "2025-11-15T03:40:15Z"}'
+    ),
+    "nan_string": (
+        b'{"type": "fx_rate", "event_id": "bad-6", "pair": "USDKRW",'
+        b' "rate": "NaN", "timestamp": "2025-11-15T03:40:15Z"}'
+    ),
+    "huge_exponent": (
+        b'{"type": "fx_rate", "event_id": "bad-7", "pair": "USDKRW",'
+        b' "rate": 1e400, "timestamp": "2025-11-15T03:40:15Z"}'
+    ),
+    "long_event_id": (
+        b'{"type": "fx_rate", "event_id": "' + b"x" * 101 + b'", "pair": "USDKRW",'
+        b' "rate": "1.0", "timestamp": "2025-11-15T03:40:15Z"}'
+    ),
+    "lone_surrogate": (
+        b'{"type": "fx_rate", "event_id": "bad-8", "pair": "\\ud800",'
+        b' "rate": "1.0", "timestamp": "2025-11-15T03:40:15Z"}'
+    ),
     "oversize": b'{"type": "fx_rate", "pad": "' + b"y" * (1_048_576 + 10) + b'"}',
     "invalid_utf8": b'{"type": "fx_rate", "event_id": "bad-9", "pair": "\xff\xfe"}',
 }
@@ -191,10 +228,16 @@ async def test_malformed_events_are_dead_lettered_and_good_ones_land(
         "r.xadd('ingestd:events', {'not_event': b'x'})\n"
     )
     feed = tmp_path / "feed.json"
-    feed.write_text(json.dumps({"good": good, "bad": {k: v.hex() for k, v in BAD_PAYLOADS.items()}}))
+    feed.write_text(
+        json.dumps({"good": good, "bad": {k: v.hex() for k, v in BAD_PAYLOADS.items()}})
+    )
     proc = subprocess.run(
         [sys.executable, "-c", script, settings.storage.redis.url, str(feed)],
-        text=True, capture_output=True, timeout=120, check=False, env=ingestd_env(settings),
+        text=True,
+        capture_output=True,
+        timeout=120,
+        check=False,
+        env=ingestd_env(settings),
     )
     assert proc.returncode == 0, proc.stderr
     daemon = start_daemon(settings)
@@ -208,9 +251,16 @@ async def test_malformed_events_are_dead_lettered_and_good_ones_land(
     rows = await db.fetch("SELECT * FROM dead_letters ORDER BY id")
     assert len(rows) == want_dead
     errors = " | ".join(r["error"] for r in rows)
-    for fragment in ("not valid JSON", "unknown event type", "no offset", "does not fit NUMERIC",
-                     "not a decimal number", "longer than 100", "larger than max_event_bytes",
-                     "no 'event' field"):
+    for fragment in (
+        "not valid JSON",
+        "unknown event type",
+        "no offset",
+        "does not fit NUMERIC",
+        "not a decimal number",
+        "longer than 100",
+        "larger than max_event_bytes",
+        "no 'event' field",
+    ):
         assert fragment in errors, fragment
     for r in rows:
         assert r["dedup_key"].startswith("stream:ingestd:events:")
@@ -228,9 +278,7 @@ async def test_malformed_events_are_dead_lettered_and_good_ones_land(
     assert "action=dead_letter" in daemon.log
 
 
-async def test_run_refuses_a_schema_that_is_behind(
-    settings: Settings, pg_server: Any
-) -> None:
+async def test_run_refuses_a_schema_that_is_behind(settings: Settings, pg_server: Any) -> None:
     admin = await asyncpg.connect(pg_server.admin_dsn)
     name = "ingestd_test_unmigrated"
     await admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")

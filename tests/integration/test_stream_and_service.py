@@ -26,8 +26,15 @@ STREAM = "ingestd:events"
 def fx(i: int, *, rate: str = "1385.5", event_id: str | None = None) -> dict[str, Any]:
     """A valid FX event."""
     moment = dt.datetime(2026, 11, 30, tzinfo=dt.UTC) + dt.timedelta(seconds=i)
-    return {"type": "fx_rate", "event_id": event_id or f"fx-{i}", "producer": "collector",
-            "pair": "USDKRW", "rate": rate, "source": "test", "timestamp": utc_iso(moment)}
+    return {
+        "type": "fx_rate",
+        "event_id": event_id or f"fx-{i}",
+        "producer": "collector",
+        "pair": "USDKRW",
+        "rate": rate,
+        "source": "test",
+        "timestamp": utc_iso(moment),
+    }
 
 
 async def count(conn: asyncpg.Connection, table: str, want: int, timeout: float = 20) -> int:
@@ -105,7 +112,8 @@ async def test_redelivered_entries_and_republished_events_land_once(
         assert rclient.xpending(STREAM, "replay")["pending"] == 0
     assert await db.fetchval("SELECT count(*) FROM fx_rates") == 100
     dead = await db.fetch("SELECT dedup_key FROM dead_letters")
-    assert [r["dedup_key"] for r in dead] == [f"stream:{STREAM}:{bad.decode()}"]
+    bad_id = bad.decode() if isinstance(bad, bytes) else bad
+    assert [r["dedup_key"] for r in dead] == [f"stream:{STREAM}:{bad_id}"]
 
 
 async def test_acknowledged_entries_are_trimmed_and_unread_ones_kept(
@@ -150,10 +158,14 @@ async def test_submit_waits_for_commit_and_rejects_bad_input(
 
 
 async def test_backpressure_bounds_the_queue(settings: Settings, db: asyncpg.Connection) -> None:
-    small = settings.replace(**{
-        "stream.enabled": False, "pipeline.queue_max_events": 100,
-        "pipeline.batch_max_rows": 50, "pipeline.writers": 1,
-    })
+    small = settings.replace(
+        **{
+            "stream.enabled": False,
+            "pipeline.queue_max_events": 100,
+            "pipeline.batch_max_rows": 50,
+            "pipeline.writers": 1,
+        }
+    )
     async with Service(small) as service:
         assert service.pipeline is not None
         lock = await asyncpg.connect(small.storage.postgres.dsn)
