@@ -1,0 +1,138 @@
+"""Log lines: JSON or plain, each with an action, secrets redacted."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import sys
+from collections.abc import Iterator
+
+import pytest
+
+from ingestd import logs
+
+PLAIN_FMT = "%(asctime)s %(levelname)s %(name)s%(action_part)s %(message)s"
+
+
+def record(
+    msg: str,
+    *args: object,
+    level: int = logging.INFO,
+    action: str | None = None,
+    exc: bool = False,
+    **extra: object,
+) -> logging.LogRecord:
+    exc_info = None
+    if exc:
+        try:
+            raise ConnectionError("could not reach postgresql://ingest:hunter2@db:5432/ingestd")
+        except ConnectionError:
+            exc_info = sys.exc_info()
+    rec = logging.LogRecord("ingestd.pipeline", level, __file__, 42, msg, args, exc_info)
+    if action is not None:
+        rec.action = action
+    for key, value in extra.items():
+        setattr(rec, key, value)
+    return rec
+
+
+def test_json_formatter_one_object_per_line() -> None:
+    line = logs.JsonFormatter().format(
+        record("batch of %d committed", 5000, action="flush", level=logging.WARNING)
+    )
+    assert "\n" not in line
+    doc = json.loads(line)
+    assert doc["level"] == "warning"
+    assert doc["logger"] == "ingestd.pipeline"
+    assert doc["action"] == "flush"
+    assert doc["msg"] == "batch of 5000 committed"
+    ts = dt.datetime.fromisoformat(doc["ts"])
+    assert ts.utcoffset() == dt.timedelta(0)
+    assert abs(dt.datetime.now(dt.UTC) - ts) < dt.timedelta(minutes=5)
+
+
+def test_json_formatter_default_action_and_multiline_message() -> None:
+    line = logs.JsonFormatter().format(record("first\nsecond"))
+    assert "\n" not in line
+    doc = json.loads(line)
+    assert doc["action"] == "log"
+    assert doc["msg"] == "first\nsecond"
+    assert set(doc) == {"ts", "level", "logger", "action", "msg"}
+
+
+def test_json_formatter_redacts_dsn_passwords() -> None:
+    line = logs.JsonFormatter().format(
+        record(
+            "connecting to %s and %s",
+            "postgresql://ingest:hunter2@db:5432/ingestd",
+            "rediss://:topsecret@cache:6380/0",
+            action="connect",
+        )
+    )
+    assert "hunter2" not in line
+    assert "topsecret" not in line
+    doc = json.loads(line)
+    assert doc["msg"] == (
+        "connecting to postgresql://ingest:***@db:5432/ingestd and rediss://:***@cache:6380/0"
+    )
+
+
+def test_json_formatter_extras_are_kept_and_redacted() -> None:
+    line = logs.JsonFormatter().format(
+        record("x", action="a", attempt=3, ok=True, delay=0.5, dsn="host=h password=pw1 user=u")
+    )
+    doc = json.loads(line)
+    assert doc["attempt"] == 3
+    assert doc["ok"] is True
+    assert doc["delay"] == 0.5
+    assert doc["dsn"] == "host=h password=*** user=u"
+    assert "action_part" not in doc
+
+
+def test_json_formatter_redacts_exception_text() -> None:
+    line = logs.JsonFormatter().format(record("failed", level=logging.ERROR, exc=True))
+    assert "hunter2" not in line
+    doc = json.loads(line)
+    assert "ConnectionError" in doc["exc"]
+    assert "postgresql://ingest:***@db:5432/ingestd" in doc["exc"]
+
+
+def test_plain_formatter_includes_action() -> None:
+    out = logs.PlainFormatter(PLAIN_FMT).format(record("batch committed", action="flush"))
+    assert " INFO ingestd.pipeline action=flush batch committed" in out
+
+
+def test_plain_formatter_without_action() -> None:
+    out = logs.PlainFormatter(PLAIN_FMT).format(record("hello"))
+    assert "action=" not in out
+    assert out.endswith(" INFO ingestd.pipeline hello")
+
+
+def test_plain_formatter_redacts() -> None:
+    out = logs.PlainFormatter(PLAIN_FMT).format(
+        record("dsn %s", "postgresql://u:hunter2@h/db", action="connect", exc=True)
+    )
+    assert "hunter2" not in out
+    assert "action=connect dsn postgresql://u:***@h/db" in out
+
+
+@pytest.fixture
+def restore_root() -> Iterator[logging.Logger]:
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield root
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
+@pytest.mark.parametrize(
+    ("fmt", "cls"), [("json", logs.JsonFormatter), ("plain", logs.PlainFormatter)]
+)
+def test_configure_installs_one_handler(
+    restore_root: logging.Logger, fmt: str, cls: type[logging.Formatter]
+) -> None:
+    logs.configure("debug", fmt)
+    assert len(restore_root.handlers) == 1
+    assert isinstance(restore_root.handlers[0].formatter, cls)
+    assert restore_root.level == logging.DEBUG
