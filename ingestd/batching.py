@@ -57,9 +57,16 @@ class BatchOutcome:
     inserted: dict[str, int] = dataclasses.field(default_factory=dict)
     duplicates: int = 0
     rejected: dict[int, str] = dataclasses.field(default_factory=dict)  # id(item) -> reason
+    rejected_fields: dict[int, str] = dataclasses.field(default_factory=dict)  # id(item) -> column
     dead_letters: int = 0
     open_counts: dict[str, int] = dataclasses.field(default_factory=dict)
     open_counts_version: int | None = None
+
+    def reject(self, item: Item, reason: str, field: str | None = None) -> None:
+        """Mark one item as refused by the database (it becomes a dead letter)."""
+        self.rejected[id(item)] = reason
+        if field is not None:
+            self.rejected_fields[id(item)] = field
 
 
 class IntakeQueue:

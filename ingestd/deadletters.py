@@ -7,6 +7,8 @@ import hashlib
 
 # A dead letter keeps at most this much of the payload; the size and digest describe the whole.
 PAYLOAD_PREFIX_CHARS = 16_384
+# The width of dead_letters.dedup_key (VARCHAR(300)).
+DEDUP_KEY_CHARS = 300
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -34,6 +36,18 @@ def safe_text(raw: bytes | str, limit: int = PAYLOAD_PREFIX_CHARS) -> str:
     return text[:limit].replace("\x00", "\\x00")
 
 
+def bounded_key(key: str, limit: int = DEDUP_KEY_CHARS) -> str:
+    """The key itself when it fits ``dead_letters.dedup_key``, else a prefix plus its SHA-256.
+
+    Cutting alone would let two long keys collide, and the second poison entry would then be
+    recorded nowhere; the digest keeps distinct keys distinct.
+    """
+    if len(key) <= limit:
+        return key
+    digest = hashlib.sha256(key.encode("utf-8", errors="surrogatepass")).hexdigest()
+    return f"{key[: limit - len(digest) - 1]}~{digest}"
+
+
 def make_dead_letter(
     raw: bytes | str,
     error: str,
@@ -54,7 +68,7 @@ def make_dead_letter(
         payload_bytes=len(data),
         payload_sha256=hashlib.sha256(data).hexdigest(),
         field=None if field is None else safe_text(field, 100),
-        dedup_key=dedup_key,
+        dedup_key=None if dedup_key is None else bounded_key(dedup_key),
         event_type=None if event_type is None else safe_text(event_type, 50),
         event_id=None if event_id is None else safe_text(event_id, 100),
         producer=None if producer is None else safe_text(producer, 50),

@@ -200,7 +200,7 @@ def numeric_text(value: object, kind: tables.Numeric, field: str) -> str:
                 return value
             return _round_numeric(decimal.Decimal(value), kind, field, value)
         if type(value) is JsonNumber and _JSON_NUMBER.match(value):
-            return _round_numeric(decimal.Decimal(value), kind, field, value)
+            return _round_numeric(_json_decimal(value, kind, field), kind, field, value)
         raise InvalidEvent(f"{value[:40]!r} is not a decimal number", field=field)
     if isinstance(value, bool):
         raise InvalidEvent("a boolean is not a number", field=field)
@@ -216,6 +216,15 @@ def numeric_text(value: object, kind: tables.Numeric, field: str) -> str:
     raise InvalidEvent(
         f"expected a decimal string or number, got {type(value).__name__}", field=field
     )
+
+
+def _json_decimal(text: str, kind: tables.Numeric, field: str) -> decimal.Decimal:
+    # Decimal() refuses an exponent beyond its own limits (``1e1000000000000000000``): such a
+    # number fits no NUMERIC column, so it is out of range, not a crash.
+    try:
+        return decimal.Decimal(text)
+    except decimal.InvalidOperation:
+        raise _out_of_range(text, kind, field) from None
 
 
 def _round_numeric(d: decimal.Decimal, kind: tables.Numeric, field: str, shown: str) -> str:
@@ -246,6 +255,7 @@ def time_value(value: object, field: str) -> tuple[str, dt.datetime]:
     if isinstance(value, dt.datetime):
         if value.tzinfo is None or value.utcoffset() is None:
             raise InvalidEvent("naive datetime: a time zone offset is required", field=field)
+        _check_utc_range(value, str(value), field)
         return value.isoformat(), value
     if type(value) is not str:
         raise InvalidEvent("expected an RFC 3339 time string", field=field)
@@ -273,12 +283,28 @@ def time_value(value: object, field: str) -> tuple[str, dt.datetime]:
         raise InvalidEvent(f"{value[:40]!r} is not a valid time: {exc}", field=field) from None
     parsed = parsed.replace(microsecond=micros)
     if carry:
-        parsed += dt.timedelta(seconds=1)
+        try:
+            parsed += dt.timedelta(seconds=1)
+        except OverflowError:
+            raise _outside_range(value, field) from None
+    _check_utc_range(parsed, value, field)
     if frac is None:
         return f"{date}T{clock}{offset}", parsed
     if len(frac) <= 6:
         return f"{date}T{clock}.{frac}{offset}", parsed
     return parsed.isoformat(), parsed
+
+
+def _check_utc_range(moment: dt.datetime, shown: str, field: str) -> None:
+    # The mirror works with the UTC instant, which must exist: years 1 to 9999 in UTC.
+    try:
+        moment.astimezone(dt.UTC)
+    except OverflowError:
+        raise _outside_range(shown, field) from None
+
+
+def _outside_range(shown: str, field: str) -> InvalidEvent:
+    return InvalidEvent(f"{shown[:40]!r} is outside the years 1 to 9999 in UTC", field=field)
 
 
 def _text_value(value: object, kind: tables.Varchar, field: str) -> str:
@@ -313,7 +339,12 @@ def _bool_value(value: object, field: str) -> str:
 
 def utc_iso(moment: dt.datetime) -> str:
     """Fixed-width UTC ISO-8601 (``2025-11-15T03:40:15.123000Z``): sorts as it compares."""
-    return moment.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    u = moment.astimezone(dt.UTC)
+    # Not strftime: glibc's %Y does not zero-pad years below 1000.
+    return (
+        f"{u.year:04d}-{u.month:02d}-{u.day:02d}T{u.hour:02d}:{u.minute:02d}:{u.second:02d}"
+        f".{u.microsecond:06d}Z"
+    )
 
 
 # --- events ------------------------------------------------------------------------------------
@@ -377,7 +408,10 @@ def decode_event(
     payload: bytes | str, *, max_bytes: int, default_event_id: str | None = None
 ) -> Event:
     """Size-check, decode and validate one wire event."""
+    # A str is measured in UTF-8 bytes, as it would travel; a character is at most 4 of them.
     size = len(payload)
+    if isinstance(payload, str) and size * 4 > max_bytes:
+        size = len(payload.encode("utf-8", errors="surrogatepass"))
     if size > max_bytes:
         raise InvalidEvent(f"event is {size} bytes, larger than max_event_bytes={max_bytes}")
     return parse_event(decode_json(payload), default_event_id=default_event_id)

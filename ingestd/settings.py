@@ -163,10 +163,12 @@ def expand_env(text: str, environ: Mapping[str, str]) -> str:
 
     def sub(m: re.Match[str]) -> str:
         name, default = m.group(1), m.group(2)
-        if name in environ:
-            return environ[name]
-        if default is not None:
+        value = environ.get(name)
+        # As in the shell and docker compose, ``:-`` also applies when the variable is empty.
+        if default is not None and not value:
             return default
+        if value is not None:
+            return value
         raise ConfigError(f"config refers to ${{{name}}} but it is not set in the environment")
 
     return _VAR.sub(sub, text)
@@ -196,10 +198,16 @@ def _coerce(value: Any, kind: type, where: str) -> Any:
         if isinstance(value, str) and value.lower() in {"true", "false", "1", "0", "yes", "no"}:
             return value.lower() in {"true", "1", "yes"}
     elif kind is int and not isinstance(value, bool):
-        try:
+        # Never truncate: ``writers: 2.5`` is a mistake to report, not 2.
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
             return int(value)
-        except (TypeError, ValueError):
-            pass
+        if isinstance(value, str):
+            try:
+                return int(value.strip())
+            except ValueError:
+                pass
     elif kind is float and not isinstance(value, bool):
         try:
             return float(value)
@@ -265,7 +273,11 @@ def load_settings(
 _PASSWORD_IN_URL = re.compile(
     r"(?P<head>[a-z][a-z0-9+.-]*://[^:/@\s]*:)(?P<pw>[^@\s]*)(?P<at>@)", re.I
 )
-_PASSWORD_PARAM = re.compile(r"(?P<head>\bpassword=)(?P<pw>[^&\s]+)", re.I)
+# libpq key=value form (``password = 'my secret'``, quotes and spaces allowed) and URL query
+# parameters (``?password=secret&...``).
+_PASSWORD_PARAM = re.compile(
+    r"(?P<head>\bpassword\s*=\s*)(?P<pw>'(?:[^'\\]|\\.)*'?|[^&\s']+)", re.I
+)
 
 
 def redact(text: str) -> str:

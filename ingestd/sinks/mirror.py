@@ -33,8 +33,9 @@ local written = 0
 for i = 2, #KEYS do
     local j = (i - 2) * 3
     local version = tonumber(ARGV[j + 3])
-    local current = tonumber(redis.call('HGET', KEYS[1], KEYS[i]) or '-1')
-    if version >= current then
+    local current = redis.call('HGET', KEYS[1], KEYS[i])
+    -- A key never written has no version: any event time (also before 1970) is newer.
+    if (not current) or version >= tonumber(current) then
         local ttl = tonumber(ARGV[j + 2])
         if ttl > 0 then
             redis.call('SET', KEYS[i], ARGV[j + 1], 'PX', ttl)

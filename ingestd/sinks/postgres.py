@@ -14,6 +14,7 @@ from __future__ import annotations
 import collections
 import io
 import logging
+import re
 from collections.abc import Sequence
 from typing import Any, Final
 
@@ -181,16 +182,37 @@ class _CsvEncoder:
 _ENCODERS: Final = {t.name: _CsvEncoder(t) for t in tables.APPEND_TABLES}
 
 
+# COPY names the offending column only in the error context: 'COPY spreads, line 1, column x: ..'
+_COPY_CONTEXT_COLUMN: Final = re.compile(
+    r"\bCOPY [^,]+, line [0-9]+, column ([A-Za-z_][A-Za-z0-9_]*)"
+)
+
+
+def rejected_column(exc: BaseException) -> str | None:
+    """The column PostgreSQL blames for a data error, from the error or its COPY context."""
+    column = getattr(exc, "column_name", None)
+    if isinstance(column, str) and column:
+        return column
+    context = getattr(exc, "context", None)
+    if isinstance(context, str):
+        m = _COPY_CONTEXT_COLUMN.search(context)
+        if m is not None:
+            return m.group(1)
+    return None
+
+
 def describe_pg_error(exc: BaseException) -> str:
     """A dead letter's reason: SQLSTATE, message, and the column when PostgreSQL names one."""
     parts = [f"database rejected the row: {getattr(exc, 'message', None) or exc}"]
     code = errors.sqlstate(exc)
     if code:
         parts.append(f"(SQLSTATE {code})")
-    for attr in ("column_name", "detail"):
-        value = getattr(exc, attr, None)
-        if value:
-            parts.append(f"{attr.replace('_name', '')}: {value}")
+    column = rejected_column(exc)
+    if column:
+        parts.append(f"column: {column}")
+    detail = getattr(exc, "detail", None)
+    if detail:
+        parts.append(f"detail: {detail}")
     return " ".join(parts)
 
 
@@ -257,7 +279,8 @@ class PostgresSink:
             for item in items:
                 reason = outcome.rejected.get(id(item))
                 if reason is not None and item.event is not None:
-                    dead.append(self._rejected(item, item.event, reason))
+                    field = outcome.rejected_fields.get(id(item))
+                    dead.append(self._rejected(item, item.event, reason, field))
             if dead:
                 await conn.executemany(_SQL_DEAD_LETTER, [_dl_args(d) for d in dead])
                 outcome.dead_letters = len(dead)
@@ -294,7 +317,7 @@ class PostgresSink:
             if not errors.is_data_error(exc):
                 raise
             if len(rows) == 1:
-                outcome.rejected[id(rows[0][0])] = describe_pg_error(exc)
+                outcome.reject(rows[0][0], describe_pg_error(exc), rejected_column(exc))
                 return
             mid = len(rows) // 2
             await self._insert(conn, table, rows[:mid], outcome, merge=merge)
@@ -386,17 +409,18 @@ class PostgresSink:
         except asyncpg.PostgresError as exc:
             if not errors.is_data_error(exc):
                 raise
-            outcome.rejected[id(item)] = describe_pg_error(exc)
+            outcome.reject(item, describe_pg_error(exc), rejected_column(exc))
             return None
         return None if row is None else str(row[0])
 
     @staticmethod
-    def _rejected(item: Item, ev: Event, reason: str) -> DeadLetter:
+    def _rejected(item: Item, ev: Event, reason: str, field: str | None) -> DeadLetter:
         raw = item.raw if item.raw is not None else repr(ev.values)
         return make_dead_letter(
             raw,
             reason,
             source=item.source.name,
+            field=field,
             dedup_key=item.source.dead_letter_key(item.token),
             event_type=ev.type,
             event_id=ev.event_id,

@@ -485,11 +485,6 @@ async def test_open_counts_from_the_sink_match_the_database(
 # --- edge of the version scheme -----------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: mirror versions default to -1 for a key never written, and an event time before "
-    "1970-01-01T00:00:00.000001Z has a version < -1, so _SET_IF_NEWER never writes it",
-)
 async def test_event_time_before_1970_is_mirrored(
     mirror: RedisMirror, client: aioredis.Redis
 ) -> None:

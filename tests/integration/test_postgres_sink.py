@@ -949,16 +949,9 @@ async def test_producer_absent_and_event_time_precision(
     assert again.duplicates == 1
 
 
-# --- defects found while writing these tests (strict xfails: they flip when fixed) -------------
+# --- defects found while writing these tests, now fixed ------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG (minor): describe_pg_error drops the error context, so a value the database "
-    "rejects in a COPY is dead-lettered without naming its column ('value too long for type "
-    "character varying(10)'), and dead_letters.field stays NULL; the context "
-    "('COPY spreads, line 1, column symbol: ...') names it",
-)
 async def test_database_rejection_names_the_column(
     sink: PostgresSink, conn: asyncpg.Connection
 ) -> None:
@@ -968,14 +961,10 @@ async def test_database_rejection_names_the_column(
     reason = outcome.rejected[id(bad)]
     assert "character varying(100)" in reason
     assert "leg_id" in reason
+    row = await conn.fetchrow("SELECT field, error FROM dead_letters")
+    assert row is not None and row["field"] == "leg_id"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG (latent): make_dead_letter truncates every VARCHAR field except dedup_key "
-    "(VARCHAR(300)); the dead-letter INSERT runs outside a savepoint, so one over-long key "
-    "fails the whole batch with StringDataRightTruncationError on every retry",
-)
 async def test_overlong_dead_letter_key_does_not_fail_the_batch(
     sink: PostgresSink, conn: asyncpg.Connection
 ) -> None:
@@ -987,3 +976,9 @@ async def test_overlong_dead_letter_key_does_not_fail_the_batch(
     )
     assert outcome.inserted == {"spreads": 1}
     assert await conn.fetchval("SELECT count(*) FROM dead_letters") == 1
+    # Two long keys that share their first 300 characters stay two dead letters.
+    again = await sink.write(
+        [dead_item(b"not json", "not valid JSON", dedup_key="stream:" + "k" * 300 + ":2-0")]
+    )
+    assert again.dead_letters == 1
+    assert await conn.fetchval("SELECT count(DISTINCT dedup_key) FROM dead_letters") == 2

@@ -128,12 +128,6 @@ def test_expand_env_forms() -> None:
     assert expand_env("${EMPTY}", env) == ""
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="BUG: expand_env uses the :- default only when the variable is unset; shell and "
-    "docker compose also use it when the variable is set but empty",
-)
 def test_expand_env_default_applies_to_empty_variable() -> None:
     assert expand_env("${EMPTY:-d}", {"EMPTY": ""}) == "d"
 
@@ -201,12 +195,6 @@ def test_strings_from_the_environment_are_coerced(tmp_path: Path) -> None:
     assert got.fx.ttl_seconds == 1.5
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=pytest.fail.Exception,
-    reason="BUG: settings._coerce converts with int(value), so a YAML float for an int key "
-    "(pipeline.writers: 2.5) is silently truncated to 2 instead of a ConfigError",
-)
 def test_float_for_an_int_key_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"pipeline\.writers"):
         load_settings(write(tmp_path, "pipeline:\n  writers: 2.5\n"), environ={})
@@ -356,12 +344,6 @@ def test_redact(text: str, expected: str) -> None:
     assert redact(text) == expected
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="BUG: settings._PASSWORD_PARAM stops at whitespace, so a libpq quoted value "
-    "password='my secret' leaks the part after the space",
-)
 def test_redact_quoted_keyvalue_password() -> None:
     out = redact("host=db password='my secret' user=x")
     assert "secret" not in out
@@ -369,12 +351,6 @@ def test_redact_quoted_keyvalue_password() -> None:
     assert out.endswith(" user=x")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="BUG: settings._PASSWORD_PARAM requires 'password=' with no spaces; libpq allows "
-    "'password = secret', which is not redacted",
-)
 def test_redact_keyvalue_password_with_spaces_around_equals() -> None:
     out = redact("host=db password = secret user=x")
     assert "secret" not in out
