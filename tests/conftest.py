@@ -2,7 +2,8 @@
 
 Server addresses come from the environment when given: ``INGESTD_TEST_DATABASE_URL`` (an admin
 DSN of a server where databases may be created), ``INGESTD_TEST_REDIS_URL`` and
-``INGESTD_TEST_TIMESCALE_URL`` (a server with timescaledb preloaded). Else the local servers
+``INGESTD_TEST_TIMESCALE_URL`` (a server with timescaledb preloaded), and
+``INGESTD_TEST_TEMPLATE`` (the template database's name, for concurrent runs). Else the local servers
 (PostgreSQL on 127.0.0.1:5432, Redis on 127.0.0.1:6379, a TimescaleDB cluster on 127.0.0.1:5433
 when one runs), else a testcontainers server where a Docker engine answers. Each test gets its
 own database, cloned from a migrated template (fast isolation), and a flushed Redis database.
@@ -26,7 +27,8 @@ from ingestd.settings import Settings, load_settings
 DEFAULT_PG = "postgresql://postgres@127.0.0.1:5432/postgres"
 DEFAULT_TIMESCALE = "postgresql://postgres@127.0.0.1:5433/postgres"
 DEFAULT_REDIS = "redis://127.0.0.1:6379/15"
-TEMPLATE = "ingestd_test_template"
+# Two test runs at once on one server (two checkouts) each need their own template.
+TEMPLATE = os.environ.get("INGESTD_TEST_TEMPLATE", "ingestd_test_template")
 
 
 def _with_db(dsn: str, name: str) -> str:
