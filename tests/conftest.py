@@ -2,11 +2,12 @@
 
 Server addresses come from the environment when given: ``INGESTD_TEST_DATABASE_URL`` (an admin
 DSN of a server where databases may be created), ``INGESTD_TEST_REDIS_URL`` and
-``INGESTD_TEST_TIMESCALE_URL`` (a server with timescaledb preloaded), and
-``INGESTD_TEST_TEMPLATE`` (the template database's name, for concurrent runs). Else the local servers
+``INGESTD_TEST_TIMESCALE_URL`` (a server with timescaledb preloaded). Else the local servers
 (PostgreSQL on 127.0.0.1:5432, Redis on 127.0.0.1:6379, a TimescaleDB cluster on 127.0.0.1:5433
 when one runs), else a testcontainers server where a Docker engine answers. Each test gets its
 own database, cloned from a migrated template (fast isolation), and a flushed Redis database.
+Two runs at once on one server (two checkouts) need their own ``INGESTD_TEST_TEMPLATE`` name
+and Redis database.
 """
 
 from __future__ import annotations
