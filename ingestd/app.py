@@ -15,6 +15,7 @@ import os
 import signal
 import time
 from collections.abc import Mapping
+from pathlib import Path
 from types import TracebackType
 from typing import Any
 
@@ -24,13 +25,15 @@ import redis.exceptions
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 
-from ingestd import errors, migrations
+from ingestd import errors, failpoints, migrations
 from ingestd.db import create_pool
 from ingestd.pipeline import InProcessSource, Outcome, Pipeline, cancel_quietly
 from ingestd.settings import Settings, redact
 from ingestd.sinks.mirror import RedisMirror
 from ingestd.sinks.postgres import PostgresSink, fetch_all_open_counts
+from ingestd.sources.spool import SpoolSource
 from ingestd.sources.stream import StreamSource
+from ingestd.spool import Spool
 
 log = logging.getLogger("ingestd.app")
 
@@ -82,6 +85,9 @@ class Service:
         self._submitter: InProcessSource | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._stream_task: asyncio.Task[None] | None = None
+        self.spool: Spool | None = None
+        self._spool_source: SpoolSource | None = None
+        self._spool_task: asyncio.Task[None] | None = None
 
     async def __aenter__(self) -> Service:
         await self.start()
@@ -98,6 +104,7 @@ class Service:
     async def start(self, *, connect_deadline_s: float = 60.0) -> None:
         """Connect, check the schema, and start intake."""
         s = self.settings
+        failpoints.arm(s.failpoints)
         self.pool = await connect_with_retry(s, connect_deadline_s)
         async with self.pool.acquire() as conn:
             await migrations.check_current(conn)
@@ -117,7 +124,25 @@ class Service:
         sink = PostgresSink(self.pool, acquire_timeout_s=s.storage.postgres.acquire_timeout_s)
         self.pipeline = Pipeline(sink, self.mirror, s.pipeline)
         self.pipeline.start()
-        self._submitter = InProcessSource(self.pipeline, max_event_bytes=s.pipeline.max_event_bytes)
+        if s.spool.directory:
+            self.spool = Spool(
+                Path(s.spool.directory),
+                max_bytes=s.spool.max_bytes,
+                segment_bytes=s.spool.segment_bytes,
+            )
+            await self.spool.open()
+            self._spool_source = SpoolSource(
+                self.spool,
+                self.pipeline,
+                max_event_bytes=s.pipeline.max_event_bytes,
+                read_count=s.pipeline.batch_max_rows,
+            )
+            self._spool_task = asyncio.create_task(
+                self._spool_source.run(), name="ingestd-spool-replay"
+            )
+        self._submitter = InProcessSource(
+            self.pipeline, max_event_bytes=s.pipeline.max_event_bytes, spool=self.spool
+        )
         if self._stream_intake:
             self.stream = StreamSource(
                 self.redis,
@@ -192,6 +217,10 @@ class Service:
                     await self._stream_task
             except TimeoutError:
                 await cancel_quietly(self._stream_task)
+        if self._spool_source is not None:
+            # What is still on the spool stays there, durable, for the next start.
+            self._spool_source.stop()
+            await cancel_quietly(self._spool_task)
         if self.pipeline is not None:
             try:
                 async with asyncio.timeout(max(0.1, grace - (time.monotonic() - t0))):
@@ -210,6 +239,8 @@ class Service:
                 await self.stream.finish()
         for task in self._tasks:
             await cancel_quietly(task)
+        if self.spool is not None:
+            await self.spool.close()
         if self.mirror is not None:
             await self.mirror.flush()
         for client in (self.redis, self._mirror_redis):

@@ -83,6 +83,11 @@ class IntakeQueue:
         return len(self._items)
 
     @property
+    def full(self) -> bool:
+        """True while a producer would wait."""
+        return len(self._items) >= self._max
+
+    @property
     def max_items(self) -> int:
         """The bound past which producers wait."""
         return self._max

@@ -256,7 +256,8 @@ def time_value(value: object, field: str) -> tuple[str, dt.datetime]:
         if value.tzinfo is None or value.utcoffset() is None:
             raise InvalidEvent("naive datetime: a time zone offset is required", field=field)
         _check_utc_range(value, str(value), field)
-        return value.isoformat(), value
+        # In UTC: an offset with seconds (allowed by Python) is not RFC 3339.
+        return value.astimezone(dt.UTC).isoformat(), value
     if type(value) is not str:
         raise InvalidEvent("expected an RFC 3339 time string", field=field)
     m = _RFC3339.match(value)
@@ -402,6 +403,19 @@ def parse_event(obj: object, *, default_event_id: str | None = None) -> Event:
         values["is_opportunity"] = "false"
     assert event_time is not None  # the time field is required in every event type
     return Event(etype, event_id, producer, event_time, values)
+
+
+def to_wire(ev: Event) -> dict[str, Any]:
+    """The validated event as wire fields again (decimals and times as text): it decodes back
+    to the same event, which is how the spool keeps it."""
+    out: dict[str, Any] = {"type": ev.type, "event_id": ev.event_id}
+    if ev.producer is not None:
+        out["producer"] = ev.producer
+    for f in ev.spec.fields:
+        value = ev.values[f.name]
+        if value is not None:
+            out[f.name] = value == "true" if isinstance(f.kind, tables.Boolean) else value
+    return out
 
 
 def decode_event(

@@ -19,5 +19,7 @@ class Metrics:
     batches: int = 0
     flush_retries: int = 0
     acks: int = 0
+    spooled: int = 0
+    spool_rejections: int = 0
     last_commit_monotonic: float | None = None
     flush_failing_since: float | None = None

@@ -21,12 +21,13 @@ from typing import Any, Protocol
 
 import orjson
 
-from ingestd import errors, events
+from ingestd import errors, events, failpoints
 from ingestd.batching import Acknowledger, Batcher, BatchOutcome, IntakeQueue, Item
 from ingestd.deadletters import make_dead_letter
 from ingestd.metrics import Metrics
 from ingestd.settings import PipelineSettings
 from ingestd.sinks.mirror import RedisMirror
+from ingestd.spool import Spool, SpoolError
 
 log = logging.getLogger("ingestd.pipeline")
 
@@ -43,6 +44,8 @@ class Outcome(enum.Enum):
 
     COMMITTED = "committed"
     DEAD_LETTER = "dead_letter"
+    # Durably on the local spool (fsync'd), to be committed when the database takes it.
+    SPOOLED = "spooled"
 
 
 class Pipeline:
@@ -137,6 +140,7 @@ class Pipeline:
         if self._mirror is not None:
             self._mirror.stage_events(items, outcome)
             await self._mirror.flush()
+        failpoints.hit("before_ack")
         by_source: dict[int, tuple[Acknowledger, list[Item]]] = {}
         for item in items:
             by_source.setdefault(id(item.source), (item.source, []))[1].append(item)
@@ -200,9 +204,13 @@ class InProcessSource:
 
     name = "submit"
 
-    def __init__(self, pipeline: Pipeline, *, max_event_bytes: int) -> None:
+    def __init__(
+        self, pipeline: Pipeline, *, max_event_bytes: int, spool: Spool | None = None
+    ) -> None:
         self._pipeline = pipeline
         self._max_event_bytes = max_event_bytes
+        self._spool = spool
+        self._spool_failing = False
 
     def dead_letter_key(self, token: Any) -> str | None:
         """In-process events are never redelivered: no key needed."""
@@ -210,6 +218,11 @@ class InProcessSource:
 
     async def submit(self, event: Mapping[str, Any] | bytes | str) -> Outcome:
         """Queue one event and wait until it is committed (or stored as a dead letter).
+
+        With a spool configured, an event that finds the in-memory queue full (or the spool
+        still replaying, so that order is kept) is appended to the spool instead and the call
+        returns ``SPOOLED`` once it is fsync'd. When the spool cannot take it (full, broken),
+        the call waits for room in memory: backpressure, never a drop.
 
         Raises ``InvalidEvent`` for bad input, after it has been recorded in ``dead_letters``.
         """
@@ -238,8 +251,31 @@ class InProcessSource:
             await self._pipeline.put([Item(None, dl, self, fut, raw, time.monotonic())])
             await fut
             raise
+        spill = self._spool is not None and (self._spool.unread or self._pipeline.queue.full)
+        if spill and await self._to_spool(parsed):
+            return Outcome.SPOOLED
         await self._pipeline.put([item])
         return await fut
+
+    async def _to_spool(self, ev: events.Event) -> bool:
+        assert self._spool is not None
+        try:
+            await self._spool.append(orjson.dumps(events.to_wire(ev)))
+        except SpoolError as exc:
+            self._pipeline.metrics.spool_rejections += 1
+            if not self._spool_failing:
+                log.error(
+                    "spool refused an event, waiting for room in memory instead: %s",
+                    exc,
+                    extra={"action": "spool_refused"},
+                )
+                self._spool_failing = True
+            return False
+        if self._spool_failing:
+            log.info("spool takes events again", extra={"action": "spool_recovered"})
+            self._spool_failing = False
+        self._pipeline.metrics.spooled += 1
+        return True
 
     async def acknowledge(self, items: Sequence[Item], outcome: BatchOutcome) -> None:
         """Wake the callers of the committed items."""

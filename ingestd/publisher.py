@@ -20,6 +20,9 @@ from typing import Any
 import orjson
 import redis
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry as AsyncRetry
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
 
 DEFAULT_STREAM = "ingestd:events"
 
@@ -34,6 +37,23 @@ def _default(value: object) -> str:
             raise TypeError("naive datetime: give it a time zone")
         return value.isoformat()
     raise TypeError(f"cannot serialise {type(value).__name__}")
+
+
+# Through a Redis restart a publish waits (about 0.1 s, 0.2 s, ... capped at 2 s per try)
+# rather than fails; a chunk retried after a lost reply may be added twice, which is harmless:
+# every event carries its event_id, so ingestd stores it once.
+DEFAULT_RETRIES = 20
+
+
+def _client_options(retries: int) -> dict[str, Any]:
+    # redis-py's from_url() sets no retry and no timeouts unless asked (RELIABILITY.md).
+    return {
+        "socket_timeout": 5,
+        "socket_connect_timeout": 5,
+        "protocol": 2,
+        "retry": Retry(ExponentialBackoff(cap=2.0, base=0.1), retries),
+        "retry_on_error": [redis.exceptions.ConnectionError, redis.exceptions.TimeoutError],
+    }
 
 
 class _Ids:
@@ -66,9 +86,9 @@ class Publisher:
         self._ids = _Ids(id_prefix)
 
     @classmethod
-    def from_url(cls, url: str, **kwargs: Any) -> Publisher:
-        """Connect with explicit timeouts."""
-        client = redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5, protocol=2)
+    def from_url(cls, url: str, *, retries: int = DEFAULT_RETRIES, **kwargs: Any) -> Publisher:
+        """Connect with explicit timeouts; publishes ride through a Redis restart."""
+        client = redis.Redis.from_url(url, **_client_options(retries))
         return cls(client, **kwargs)
 
     def publish(self, event: Mapping[str, Any]) -> str:
@@ -104,11 +124,11 @@ class AsyncPublisher:
         self._ids = _Ids(id_prefix)
 
     @classmethod
-    def from_url(cls, url: str, **kwargs: Any) -> AsyncPublisher:
-        """Connect with explicit timeouts."""
-        client = aioredis.Redis.from_url(
-            url, socket_timeout=5, socket_connect_timeout=5, protocol=2
-        )
+    def from_url(cls, url: str, *, retries: int = DEFAULT_RETRIES, **kwargs: Any) -> AsyncPublisher:
+        """Connect with explicit timeouts; publishes ride through a Redis restart."""
+        options = _client_options(retries)
+        options["retry"] = AsyncRetry(ExponentialBackoff(cap=2.0, base=0.1), retries)
+        client = aioredis.Redis.from_url(url, **options)
         return cls(client, **kwargs)
 
     async def publish(self, event: Mapping[str, Any]) -> str:

@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 
 import yaml
 
+from ingestd import failpoints
 from ingestd.errors import ConfigError
 
 DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/ingestd"
@@ -100,6 +101,15 @@ class MirrorSettings:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class SpoolSettings:
+    """The local spool for in-process events past the in-memory bound (empty directory: off)."""
+
+    directory: str = ""
+    max_bytes: int = 1024 * 1024 * 1024
+    segment_bytes: int = 16 * 1024 * 1024
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class ShutdownSettings:
     """Staged shutdown: drain within ``grace_s``, then cancel."""
 
@@ -115,10 +125,13 @@ class Settings:
     stream: StreamSettings = StreamSettings()
     pipeline: PipelineSettings = PipelineSettings()
     mirror: MirrorSettings = MirrorSettings()
+    spool: SpoolSettings = SpoolSettings()
     shutdown: ShutdownSettings = ShutdownSettings()
     metrics_port: int = 9464
     log_format: str = "plain"
     log_level: str = "INFO"
+    # Crash points for the fault suite and the soak (ingestd.failpoints); empty in production.
+    failpoints: str = ""
 
     @property
     def consumer_name(self) -> str:
@@ -151,6 +164,9 @@ class Settings:
             raise ConfigError("log_format must be 'plain' or 'json'")
         if self.storage.backend not in {"postgres", "csv", "dual"}:
             raise ConfigError("storage.backend must be one of csv, postgres, dual")
+        failpoints.parse(self.failpoints)
+        if self.spool.segment_bytes < 1024 or self.spool.max_bytes < self.spool.segment_bytes:
+            raise ConfigError("spool.segment_bytes must be >= 1024 and <= spool.max_bytes")
         return self
 
 
@@ -262,6 +278,8 @@ def load_settings(
         from_env["storage.redis.url"] = env["REDIS_URL"]
     if env.get("INGESTD_CONSUMER"):
         from_env["stream.consumer"] = env["INGESTD_CONSUMER"]
+    if env.get("INGESTD_FAILPOINTS"):
+        from_env["failpoints"] = env["INGESTD_FAILPOINTS"]
     if env.get("INGESTD_METRICS_PORT"):
         from_env["metrics_port"] = _coerce(env["INGESTD_METRICS_PORT"], int, "INGESTD_METRICS_PORT")
     settings = settings.replace(**from_env)

@@ -20,7 +20,7 @@ from typing import Any, Final
 
 import asyncpg
 
-from ingestd import errors, tables
+from ingestd import errors, failpoints, tables
 from ingestd.batching import BatchOutcome, Item
 from ingestd.db import Connection
 from ingestd.deadletters import DeadLetter, make_dead_letter
@@ -260,6 +260,7 @@ class PostgresSink:
             self._pool.acquire(timeout=self._acquire_timeout_s) as conn,
             conn.transaction(),
         ):
+            failpoints.hit("before_copy")
             if needs_lock:
                 await conn.execute("SELECT pg_advisory_xact_lock($1)", POSITIONS_LOCK_ID)
             for name, rows in by_table.items():
@@ -290,6 +291,8 @@ class PostgresSink:
                 outcome.open_counts_version = await conn.fetchval(
                     "SELECT pg_current_xact_id()::text::bigint"
                 )
+            failpoints.hit("before_commit")
+        failpoints.hit("after_commit")
         return outcome
 
     async def _insert(

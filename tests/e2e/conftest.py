@@ -86,10 +86,21 @@ def start_daemon(tmp_path: Path) -> Iterator[object]:
         encoding="utf-8",
     )
 
-    def start(settings: Settings, consumer: str = "e2e-1", **extra_env: str) -> Daemon:
+    def start(
+        settings: Settings,
+        consumer: str = "e2e-1",
+        *,
+        config_yaml: str | None = None,
+        **extra_env: str,
+    ) -> Daemon:
+        """Start ``ingestd run``; ``config_yaml`` replaces the default test configuration."""
         log_path = tmp_path / f"ingestd-{consumer}-{len(procs)}.log"
         env = ingestd_env(settings, consumer)
         env["INGESTD_CONFIG"] = str(config)
+        if config_yaml is not None:
+            own = tmp_path / f"ingestd-{consumer}-{len(procs)}.yml"
+            own.write_text(config_yaml, encoding="utf-8")
+            env["INGESTD_CONFIG"] = str(own)
         env.update(extra_env)
         with log_path.open("wb") as log:
             proc = subprocess.Popen(

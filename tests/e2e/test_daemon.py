@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import hashlib
-import itertools
 import json
 import signal
 import subprocess
@@ -21,61 +20,13 @@ import redis
 
 from ingestd.events import utc_iso
 from ingestd.settings import Settings
-from ingestd.simulate import Simulator
 from tests.e2e.conftest import Daemon, ingestd_env, run_cli
+from tests.feeds import pending, publish_from_other_process, simulated, wait_for_rows
 from tests.ledger import Expected, assert_landed_exactly_once
 
 pytestmark = [pytest.mark.e2e, pytest.mark.pg, pytest.mark.redis]
 
-START = "2026-11-30T00:00:00+00:00"
 StartDaemon = Callable[..., Daemon]
-
-
-def simulated(count: int, seed: int) -> list[dict[str, Any]]:
-    """The exact events ``ingestd simulate --count N --seed S --start START`` publishes."""
-    sim = Simulator(
-        seed=seed, symbols=("BTC", "ETH", "XRP"), start=dt.datetime.fromisoformat(START)
-    )
-    return list(itertools.islice(sim.events(), count))
-
-
-def publish_from_other_process(settings: Settings, count: int, seed: int) -> None:
-    """``ingestd simulate`` in its own process: XADDs ``count`` events and exits."""
-    done = run_cli(
-        settings,
-        "simulate",
-        "--count",
-        str(count),
-        "--seed",
-        str(seed),
-        "--rate",
-        "0",
-        "--start",
-        START,
-    )
-    assert done.returncode == 0, done.stderr
-
-
-async def wait_for_rows(dsn: str, table: str, at_least: int, timeout: float = 120.0) -> int:
-    """Poll until ``table`` has at least ``at_least`` rows."""
-    conn = await asyncpg.connect(dsn)
-    try:
-        end = time.monotonic() + timeout
-        while True:
-            n = int(await conn.fetchval(f"SELECT count(*) FROM {table}"))
-            if n >= at_least:
-                return n
-            if time.monotonic() > end:
-                raise AssertionError(f"{table}: {n} rows after {timeout}s, wanted {at_least}")
-            await asyncio.sleep(0.1)
-    finally:
-        await conn.close()
-
-
-def pending(client: redis.Redis) -> int:
-    """Entries delivered to the group but not acknowledged."""
-    summary: Any = client.xpending("ingestd:events", "ingestd")
-    return int(summary["pending"])
 
 
 async def test_100k_events_from_another_process_land_exactly_once(

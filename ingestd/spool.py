@@ -1,0 +1,429 @@
+"""The spool: in-process events past the in-memory bound, kept on local disk until committed.
+
+A directory of segment files ``spool-<sequence>.log``, written append-only. A record is
+``[u32 length][u32 CRC-32 of the payload][payload]`` (big-endian). Appends are group-committed:
+every append waiting at that moment goes into one ``write`` and one ``fsync``, and an append
+returns only once its record is durable, so an event counts as accepted exactly when it is on
+disk. Records are replayed in order; a segment is removed (the active one truncated) once every
+record in it has been committed to the database.
+
+At open, a torn tail (a record cut short by a crash, or whose checksum fails) is cut off at the
+last valid record. A failed write (disk full, file too large) is undone with ``ftruncate`` and
+reported; nothing half-written stays. A failed ``fsync`` is fatal for the spool (RELIABILITY.md:
+after it, what is on disk is unknown): it takes no more appends, but still replays what was
+durable before.
+
+All state lives in the event loop's thread; file I/O runs in worker threads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import fcntl
+import logging
+import os
+import struct
+import time
+import zlib
+from pathlib import Path
+from typing import Final
+
+from ingestd.errors import IngestdError
+
+log = logging.getLogger("ingestd.spool")
+
+HEADER: Final = struct.Struct(">II")
+# A record longer than this cannot be ours (events are bounded by max_event_bytes): a torn length.
+MAX_RECORD_BYTES: Final = 64 * 1024 * 1024
+SEGMENT_PREFIX: Final = "spool-"
+SEGMENT_SUFFIX: Final = ".log"
+LOCK_FILE: Final = "spool.lock"
+# Replay reads this much at a time.
+READ_CHUNK_BYTES: Final = 4 * 1024 * 1024
+# After a failed write, wait this long before trying the disk again (each try costs a syscall).
+WRITE_RETRY_S: Final = 1.0
+
+
+class SpoolError(IngestdError):
+    """The spool cannot take this record now; the caller falls back to waiting (backpressure)."""
+
+    retriable = True
+
+
+class SpoolFull(SpoolError):
+    """The spool reached ``max_bytes``, or the disk (or file size limit) is full."""
+
+
+class SpoolBroken(SpoolError):
+    """An fsync failed, or the directory is unusable: the spool takes no more appends."""
+
+    retriable = False
+
+
+@dataclasses.dataclass(slots=True, eq=False)
+class SpoolRecord:
+    """One record handed to the replay: where it is (for acknowledgement) and its payload."""
+
+    segment: int
+    offset: int
+    payload: bytes
+
+
+@dataclasses.dataclass(slots=True, eq=False)
+class _Segment:
+    seq: int
+    path: Path
+    size: int = 0  # durable bytes (fsync'd)
+    records: int = 0  # durable records
+    read_offset: int = 0
+    committed: int = 0
+    sealed: bool = False
+
+    @property
+    def done(self) -> bool:
+        return self.committed >= self.records and self.read_offset >= self.size
+
+
+def _segment_name(seq: int) -> str:
+    return f"{SEGMENT_PREFIX}{seq:012d}{SEGMENT_SUFFIX}"
+
+
+def encode_record(payload: bytes) -> bytes:
+    """Header plus payload."""
+    return HEADER.pack(len(payload), zlib.crc32(payload)) + payload
+
+
+def scan(data: bytes) -> tuple[list[tuple[int, bytes]], int]:
+    """The valid records at the start of ``data`` (offset, payload) and where validity ends."""
+    out: list[tuple[int, bytes]] = []
+    pos = 0
+    end = len(data)
+    while pos + HEADER.size <= end:
+        length, crc = HEADER.unpack_from(data, pos)
+        start = pos + HEADER.size
+        if length > MAX_RECORD_BYTES or start + length > end:
+            break
+        payload = data[start : start + length]
+        if zlib.crc32(payload) != crc:
+            break
+        out.append((pos, payload))
+        pos = start + length
+    return out, pos
+
+
+class Spool:
+    """An append-only, checksummed, fsync'd local spool with in-order replay."""
+
+    def __init__(
+        self, directory: Path, *, max_bytes: int, segment_bytes: int = 16 * 1024 * 1024
+    ) -> None:
+        if segment_bytes < 1024 or max_bytes < segment_bytes:
+            raise ValueError("need segment_bytes >= 1024 and max_bytes >= segment_bytes")
+        self.directory = directory
+        self.max_bytes = max_bytes
+        self.segment_bytes = segment_bytes
+        self._segments: list[_Segment] = []
+        self._fd: int | None = None  # the active (last) segment, open for writing
+        self._lock_fd: int | None = None
+        self._waiting: list[tuple[bytes, asyncio.Future[None]]] = []
+        self._reserved = 0
+        self._io_task: asyncio.Task[None] | None = None
+        self._wake = asyncio.Event()
+        self._closing = False
+        self._retry_at = 0.0
+        self.broken: str | None = None
+        self.appended = 0
+        self.replayed = 0
+
+    # --- state -------------------------------------------------------------------------------
+
+    @property
+    def size_bytes(self) -> int:
+        """Durable bytes on disk, all segments."""
+        return sum(s.size for s in self._segments)
+
+    @property
+    def pending_records(self) -> int:
+        """Durable records not yet committed to the database."""
+        return sum(s.records - s.committed for s in self._segments)
+
+    @property
+    def unread(self) -> bool:
+        """True while records wait to be replayed (or appends to become durable)."""
+        return bool(self._waiting) or any(s.read_offset < s.size for s in self._segments)
+
+    # --- open / close ------------------------------------------------------------------------
+
+    async def open(self) -> int:
+        """Lock the directory, recover every segment, and return the records found to replay."""
+        try:
+            await asyncio.to_thread(self._open_sync)
+        except OSError as exc:
+            raise SpoolBroken(f"spool directory {self.directory} is unusable: {exc}") from exc
+        self._io_task = asyncio.create_task(self._io_loop(), name="ingestd-spool-io")
+        found = self.pending_records
+        if found:
+            log.info(
+                "spool holds %d records (%d bytes) to replay",
+                found,
+                self.size_bytes,
+                extra={"action": "spool_recovered"},
+            )
+        return found
+
+    def _open_sync(self) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        lock_fd = os.open(self.directory / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(lock_fd)
+            raise SpoolBroken(
+                f"spool directory {self.directory} is in use by another ingestd process"
+            ) from None
+        self._lock_fd = lock_fd
+        paths = sorted(self.directory.glob(f"{SEGMENT_PREFIX}*{SEGMENT_SUFFIX}"))
+        for i, path in enumerate(paths):
+            seq = int(path.name[len(SEGMENT_PREFIX) : -len(SEGMENT_SUFFIX)])
+            data = path.read_bytes()
+            records, valid = scan(data)
+            if valid < len(data):
+                last = i == len(paths) - 1
+                self._cut_tail(path, data, valid, torn_tail=last)
+            self._segments.append(
+                _Segment(seq, path, size=valid, records=len(records), sealed=True)
+            )
+        # New appends go to a fresh segment: recovered ones are only read from now on.
+        self._new_segment_sync()
+
+    def _cut_tail(self, path: Path, data: bytes, valid: int, *, torn_tail: bool) -> None:
+        if torn_tail:
+            log.warning(
+                "spool %s: cut a torn tail of %d bytes (a write cut short by a crash)",
+                path.name,
+                len(data) - valid,
+                extra={"action": "spool_torn_tail"},
+            )
+        else:
+            # Only the last segment is ever appended to: damage elsewhere means the disk lied.
+            aside = path.with_suffix(".corrupt")
+            aside.write_bytes(data[valid:])
+            log.error(
+                "spool %s: %d bytes after offset %d fail their checksum; kept in %s, not replayed",
+                path.name,
+                len(data) - valid,
+                valid,
+                aside.name,
+                extra={"action": "spool_corrupt"},
+            )
+        fd = os.open(path, os.O_RDWR)
+        try:
+            os.ftruncate(fd, valid)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def _new_segment_sync(self) -> None:
+        seq = self._segments[-1].seq + 1 if self._segments else 1
+        path = self.directory / _segment_name(seq)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        dir_fd = os.open(self.directory, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)  # the new file's name is durable before records are
+        finally:
+            os.close(dir_fd)
+        if self._fd is not None:
+            os.close(self._fd)
+            self._segments[-1].sealed = True
+        self._fd = fd
+        self._segments.append(_Segment(seq, path))
+
+    async def close(self) -> None:
+        """Finish pending appends, then release the files (records stay for the next start)."""
+        self._closing = True
+        self._wake.set()
+        if self._io_task is not None:
+            await self._io_task
+        self._collect()
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    # --- appending ---------------------------------------------------------------------------
+
+    async def append(self, payload: bytes) -> None:
+        """Append one record; return once it is durable, or raise SpoolError (nothing kept)."""
+        if self.broken is not None:
+            raise SpoolBroken(self.broken)
+        if self._closing:
+            raise SpoolBroken("the spool is closing")
+        if time.monotonic() < self._retry_at:
+            raise SpoolFull("the spool's disk was full a moment ago")
+        need = HEADER.size + len(payload)
+        if self.size_bytes + self._reserved + need > self.max_bytes:
+            raise SpoolFull(f"the spool holds {self.size_bytes} bytes, max_bytes={self.max_bytes}")
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiting.append((payload, fut))
+        self._reserved += need
+        self._wake.set()
+        await fut
+
+    async def _io_loop(self) -> None:
+        """The only writer of the active segment: group-committed appends and truncation."""
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            if self._waiting:
+                await self._write_waiting()
+            elif self._active_done() and self.broken is None:
+                await self._truncate_active()
+            if self._closing and not self._waiting:
+                return
+
+    async def _write_waiting(self) -> None:
+        batch, self._waiting = self._waiting, []
+        data = b"".join(encode_record(p) for p, _ in batch)
+        self._reserved -= len(data)
+        try:
+            if self._segments[-1].size >= self.segment_bytes:
+                await asyncio.to_thread(self._new_segment_sync)
+            seg = self._segments[-1]
+            await asyncio.to_thread(self._write_sync, seg.size, data)
+        except SpoolError as exc:
+            for _, fut in batch:
+                if not fut.done():
+                    fut.set_exception(type(exc)(str(exc)))
+            return
+        except OSError as exc:  # creating a segment failed: the directory is unusable
+            self.broken = f"cannot create a spool segment in {self.directory}: {exc}"
+            log.error("%s", self.broken, extra={"action": "spool_broken"})
+            for _, fut in batch:
+                if not fut.done():
+                    fut.set_exception(SpoolBroken(self.broken))
+            return
+        seg.size += len(data)
+        seg.records += len(batch)
+        self.appended += len(batch)
+        for _, fut in batch:
+            if not fut.done():
+                fut.set_result(None)
+
+    def _write_sync(self, at: int, data: bytes) -> None:
+        assert self._fd is not None
+        fd = self._fd
+        try:
+            view = memoryview(data)
+            written = 0
+            while written < len(data):
+                written += os.pwrite(fd, view[written:], at + written)
+        except OSError as exc:
+            # Disk full or file too large: undo the partial write so no half record remains.
+            try:
+                os.ftruncate(fd, at)
+            except OSError as undo:
+                self.broken = f"spool write failed ({exc}) and could not be undone ({undo})"
+                log.error("%s", self.broken, extra={"action": "spool_broken"})
+                raise SpoolBroken(self.broken) from exc
+            self._retry_at = time.monotonic() + WRITE_RETRY_S
+            log.warning(
+                "spool write of %d bytes failed, nothing kept: %s",
+                len(data),
+                exc,
+                extra={"action": "spool_full"},
+            )
+            raise SpoolFull(f"spool write failed: {exc.strerror or exc}") from exc
+        try:
+            os.fsync(fd)
+        except OSError as exc:
+            self.broken = f"spool fsync failed ({exc}): the spool is no longer trusted"
+            log.error("%s", self.broken, extra={"action": "spool_broken"})
+            raise SpoolBroken(self.broken) from exc
+
+    # --- replaying ---------------------------------------------------------------------------
+
+    async def read_batch(self, limit: int) -> list[SpoolRecord]:
+        """The next durable records not yet handed out, in order (at most ``limit``)."""
+        for seg in self._segments:
+            if seg.read_offset >= seg.size:
+                continue
+            start = seg.read_offset
+            length = min(seg.size - start, READ_CHUNK_BYTES)
+            data = await asyncio.to_thread(_pread, seg.path, start, length)
+            records, _ = scan(data)
+            if not records and len(data) >= HEADER.size:
+                # One record larger than a chunk: read exactly it.
+                need = HEADER.size + HEADER.unpack_from(data)[0]
+                if need <= seg.size - start:
+                    data = await asyncio.to_thread(_pread, seg.path, start, need)
+                    records, _ = scan(data)
+            if not records:
+                # Durable bytes that no longer pass their checksum: the disk changed them.
+                log.error(
+                    "spool %s: bytes at offset %d fail their checksum since open; the rest of "
+                    "the segment is skipped",
+                    seg.path.name,
+                    start,
+                    extra={"action": "spool_corrupt"},
+                )
+                seg.read_offset = seg.size
+                seg.committed = seg.records
+                self._collect()
+                continue
+            records = records[:limit]
+            last_offset, last_payload = records[-1]
+            seg.read_offset = start + last_offset + HEADER.size + len(last_payload)
+            self.replayed += len(records)
+            return [SpoolRecord(seg.seq, start + off, payload) for off, payload in records]
+        return []
+
+    def committed(self, records: list[SpoolRecord]) -> None:
+        """Mark records as committed to the database; remove what is wholly done."""
+        by_seq = {s.seq: s for s in self._segments}
+        for r in records:
+            seg = by_seq.get(r.segment)
+            if seg is not None:
+                seg.committed += 1
+        self._collect()
+
+    def _collect(self) -> None:
+        keep: list[_Segment] = []
+        for seg in self._segments:
+            if seg.sealed and seg.done:
+                with contextlib.suppress(FileNotFoundError):
+                    seg.path.unlink()
+            else:
+                keep.append(seg)
+        self._segments = keep
+        if self._active_done() and self._segments[-1].size > 0:
+            self._wake.set()  # the io loop truncates the active segment
+
+    def _active_done(self) -> bool:
+        if not self._segments or self._waiting:
+            return False
+        active = self._segments[-1]
+        return not active.sealed and active.size > 0 and active.done
+
+    async def _truncate_active(self) -> None:
+        seg = self._segments[-1]
+        try:
+            await asyncio.to_thread(self._truncate_sync)
+        except OSError as exc:
+            log.warning("spool truncate failed: %s", exc, extra={"action": "spool_truncate"})
+            return
+        seg.size = seg.records = seg.read_offset = seg.committed = 0
+
+    def _truncate_sync(self) -> None:
+        assert self._fd is not None
+        os.ftruncate(self._fd, 0)
+        os.fsync(self._fd)
+
+
+def _pread(path: Path, offset: int, length: int) -> bytes:
+    with path.open("rb") as f:
+        f.seek(offset)
+        return f.read(length)

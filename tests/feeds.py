@@ -1,0 +1,65 @@
+"""Feeds and probes shared by the end-to-end and fault suites."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import itertools
+import time
+from typing import Any
+
+import asyncpg
+import redis
+
+from ingestd.settings import Settings
+from ingestd.simulate import Simulator
+from tests.e2e.conftest import run_cli
+
+START = "2026-11-30T00:00:00+00:00"
+
+
+def simulated(count: int, seed: int) -> list[dict[str, Any]]:
+    """The exact events ``ingestd simulate --count N --seed S --start START`` publishes."""
+    sim = Simulator(
+        seed=seed, symbols=("BTC", "ETH", "XRP"), start=dt.datetime.fromisoformat(START)
+    )
+    return list(itertools.islice(sim.events(), count))
+
+
+def publish_from_other_process(settings: Settings, count: int, seed: int) -> None:
+    """``ingestd simulate`` in its own process: XADDs ``count`` events and exits."""
+    done = run_cli(
+        settings,
+        "simulate",
+        "--count",
+        str(count),
+        "--seed",
+        str(seed),
+        "--rate",
+        "0",
+        "--start",
+        START,
+    )
+    assert done.returncode == 0, done.stderr
+
+
+async def wait_for_rows(dsn: str, table: str, at_least: int, timeout: float = 120.0) -> int:
+    """Poll until ``table`` has at least ``at_least`` rows."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        end = time.monotonic() + timeout
+        while True:
+            n = int(await conn.fetchval(f"SELECT count(*) FROM {table}"))
+            if n >= at_least:
+                return n
+            if time.monotonic() > end:
+                raise AssertionError(f"{table}: {n} rows after {timeout}s, wanted {at_least}")
+            await asyncio.sleep(0.1)
+    finally:
+        await conn.close()
+
+
+def pending(client: redis.Redis) -> int:
+    """Entries delivered to the group but not acknowledged."""
+    summary: Any = client.xpending("ingestd:events", "ingestd")
+    return int(summary["pending"])
