@@ -7,9 +7,9 @@ PostgreSQL/TimescaleDB and their latest values mirrored into Redis.
 
 from ingestd.app import Service
 from ingestd.errors import IngestdError, InvalidEvent
-from ingestd.pipeline import Outcome
 from ingestd.publisher import AsyncPublisher, Publisher
 from ingestd.settings import Settings, load_settings
+from ingestd.sources.inprocess import Outcome
 
 __all__ = [
     "AsyncPublisher",

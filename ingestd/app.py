@@ -14,10 +14,9 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable
 from pathlib import Path
 from types import TracebackType
-from typing import Any
 
 import asyncpg
 import redis.asyncio as aioredis
@@ -27,10 +26,11 @@ from redis.backoff import ExponentialBackoff
 
 from ingestd import errors, failpoints, migrations
 from ingestd.db import create_pool
-from ingestd.pipeline import InProcessSource, Outcome, Pipeline, cancel_quietly
+from ingestd.pipeline import Pipeline, cancel_quietly
 from ingestd.settings import Settings, redact
 from ingestd.sinks.mirror import RedisMirror
 from ingestd.sinks.postgres import PostgresSink, fetch_all_open_counts
+from ingestd.sources.inprocess import EventInput, InProcessSource, Outcome
 from ingestd.sources.spool import SpoolSource
 from ingestd.sources.stream import StreamSource
 from ingestd.spool import Spool
@@ -141,7 +141,10 @@ class Service:
                 self._spool_source.run(), name="ingestd-spool-replay"
             )
         self._submitter = InProcessSource(
-            self.pipeline, max_event_bytes=s.pipeline.max_event_bytes, spool=self.spool
+            self.pipeline,
+            max_event_bytes=s.pipeline.max_event_bytes,
+            spool=self.spool,
+            spill_after_s=s.spool.spill_after_s,
         )
         if self._stream_intake:
             self.stream = StreamSource(
@@ -165,11 +168,17 @@ class Service:
             extra={"action": "started"},
         )
 
-    async def submit(self, event: Mapping[str, Any] | bytes | str) -> Outcome:
-        """Accept one event in-process; returns once it is committed (see InProcessSource)."""
+    async def submit(self, event: EventInput) -> Outcome:
+        """Accept one event in-process: once committed, or spooled (see InProcessSource)."""
         if self._submitter is None:
             raise errors.ShuttingDown("the service is not running")
         return await self._submitter.submit(event)
+
+    async def submit_many(self, batch: Iterable[EventInput]) -> list[Outcome]:
+        """Accept many events with one wait; bad ones come back as ``DEAD_LETTER``."""
+        if self._submitter is None:
+            raise errors.ShuttingDown("the service is not running")
+        return await self._submitter.submit_many(batch)
 
     def healthy(self) -> bool:
         """False while batches have been failing for longer than twice the flush timeout."""
@@ -192,13 +201,17 @@ class Service:
         assert self.pool is not None and self.mirror is not None
         while True:
             try:
-                async with self.pool.acquire() as conn:
+                async with self.pool.acquire(
+                    timeout=self.settings.storage.postgres.acquire_timeout_s
+                ) as conn:
                     counts, version = await fetch_all_open_counts(conn)
                 self.mirror.stage_open_counts(counts, version)
                 await self.mirror.flush()
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
-                log.warning(
-                    "open-count reconciliation failed: %s",
+            except Exception as exc:  # noqa: BLE001 - the next round retries; never die silently
+                log.log(
+                    logging.WARNING if errors.is_retriable(exc) else logging.ERROR,
+                    "open-count reconciliation failed: %s: %s",
+                    type(exc).__name__,
                     exc,
                     extra={"action": "reconcile_failed"},
                 )

@@ -38,10 +38,10 @@ import redis.asyncio as aioredis
 from ingestd import migrations
 from ingestd.app import Service, create_redis
 from ingestd.errors import ConfigError
-from ingestd.pipeline import Outcome
 from ingestd.publisher import Publisher
 from ingestd.settings import Settings, redact
 from ingestd.simulate import Simulator
+from ingestd.sources.inprocess import Outcome
 
 log = logging.getLogger("ingestd.bench")
 

@@ -256,8 +256,11 @@ def time_value(value: object, field: str) -> tuple[str, dt.datetime]:
         if value.tzinfo is None or value.utcoffset() is None:
             raise InvalidEvent("naive datetime: a time zone offset is required", field=field)
         _check_utc_range(value, str(value), field)
-        # In UTC: an offset with seconds (allowed by Python) is not RFC 3339.
-        return value.astimezone(dt.UTC).isoformat(), value
+        utc_offset = value.utcoffset()
+        if utc_offset is not None and utc_offset % dt.timedelta(minutes=1):
+            # An offset with seconds (Python allows it) is not RFC 3339: write the UTC instant.
+            return value.astimezone(dt.UTC).isoformat(), value
+        return value.isoformat(), value
     if type(value) is not str:
         raise InvalidEvent("expected an RFC 3339 time string", field=field)
     m = _RFC3339.match(value)

@@ -1,33 +1,28 @@
 """The pipeline: intake queue -> batcher -> writers (database commit, then mirror, then acks).
 
-Sources put items on a bounded queue and wait while it is full. One loop cuts batches (size or
-age); up to ``writers`` batches are written at once, each in one transaction. A batch is retried
-with capped, fully jittered exponential backoff until it commits: nothing is acknowledged, and
-nothing is dropped, before that. After the commit the mirror is written and each source hears which
-of its items are done (the stream XACKs them; in-process callers are woken).
+Sources (``ingestd.sources``) put items on a bounded queue and wait while it is full. One loop
+cuts batches (size or age); up to ``writers`` batches are written at once, each in one
+transaction. A batch is retried with capped, fully jittered exponential backoff until it
+commits: nothing is acknowledged, and nothing is dropped, before that. After the commit the
+mirror is written and each source hears which of its items are done (the stream XACKs them;
+in-process callers are woken; the spool marks records committed).
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
-import enum
 import logging
 import random
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
-import orjson
-
-from ingestd import errors, events, failpoints
+from ingestd import errors, failpoints
 from ingestd.batching import Acknowledger, Batcher, BatchOutcome, IntakeQueue, Item
-from ingestd.deadletters import make_dead_letter
 from ingestd.metrics import Metrics
 from ingestd.settings import PipelineSettings
 from ingestd.sinks.mirror import RedisMirror
-from ingestd.spool import Spool, SpoolError
 
 log = logging.getLogger("ingestd.pipeline")
 
@@ -37,15 +32,6 @@ class Sink(Protocol):
 
     async def write(self, items: Sequence[Item]) -> BatchOutcome:
         """Commit the batch atomically or raise."""
-
-
-class Outcome(enum.Enum):
-    """What became of one in-process event."""
-
-    COMMITTED = "committed"
-    DEAD_LETTER = "dead_letter"
-    # Durably on the local spool (fsync'd), to be committed when the database takes it.
-    SPOOLED = "spooled"
 
 
 class Pipeline:
@@ -76,6 +62,11 @@ class Pipeline:
         """Start the batching loop."""
         if self._loop_task is None:
             self._loop_task = asyncio.create_task(self._run(), name="ingestd-batcher")
+
+    @property
+    def failing(self) -> bool:
+        """True while batches fail to commit (the database is down, hung or refusing)."""
+        return self.metrics.flush_failing_since is not None
 
     @property
     def accepting(self) -> bool:
@@ -199,112 +190,31 @@ class Pipeline:
             return outcome
 
 
-class InProcessSource:
-    """``await submit(event)`` for producers in the same process (DESIGN §4)."""
-
-    name = "submit"
-
-    def __init__(
-        self, pipeline: Pipeline, *, max_event_bytes: int, spool: Spool | None = None
-    ) -> None:
-        self._pipeline = pipeline
-        self._max_event_bytes = max_event_bytes
-        self._spool = spool
-        self._spool_failing = False
-
-    def dead_letter_key(self, token: Any) -> str | None:
-        """In-process events are never redelivered: no key needed."""
-        return None
-
-    async def submit(self, event: Mapping[str, Any] | bytes | str) -> Outcome:
-        """Queue one event and wait until it is committed (or stored as a dead letter).
-
-        With a spool configured, an event that finds the in-memory queue full (or the spool
-        still replaying, so that order is kept) is appended to the spool instead and the call
-        returns ``SPOOLED`` once it is fsync'd. When the spool cannot take it (full, broken),
-        the call waits for room in memory: backpressure, never a drop.
-
-        Raises ``InvalidEvent`` for bad input, after it has been recorded in ``dead_letters``.
-        """
-        loop = asyncio.get_running_loop()
-        fut: asyncio.Future[Outcome] = loop.create_future()
-        raw: bytes | str | None = None
-        try:
-            if isinstance(event, bytes | str):
-                raw = event
-                parsed = events.decode_event(event, max_bytes=self._max_event_bytes)
-            else:
-                parsed = events.normalize(event)
-            item = Item(parsed, None, self, fut, raw, time.monotonic())
-        except errors.InvalidEvent as exc:
-            if raw is None:
-                raw = _repr_payload(event)
-            etype = event.get("type") if isinstance(event, Mapping) else None
-            dl = make_dead_letter(
-                raw,
-                str(exc),
-                source=self.name,
-                field=exc.field,
-                event_type=etype if isinstance(etype, str) else None,
-            )
-            log.warning("invalid event rejected: %s", exc, extra={"action": "dead_letter"})
-            await self._pipeline.put([Item(None, dl, self, fut, raw, time.monotonic())])
-            await fut
-            raise
-        spill = self._spool is not None and (self._spool.unread or self._pipeline.queue.full)
-        if spill and await self._to_spool(parsed):
-            return Outcome.SPOOLED
-        await self._pipeline.put([item])
-        return await fut
-
-    async def _to_spool(self, ev: events.Event) -> bool:
-        assert self._spool is not None
-        try:
-            await self._spool.append(orjson.dumps(events.to_wire(ev)))
-        except SpoolError as exc:
-            self._pipeline.metrics.spool_rejections += 1
-            if not self._spool_failing:
-                log.error(
-                    "spool refused an event, waiting for room in memory instead: %s",
-                    exc,
-                    extra={"action": "spool_refused"},
-                )
-                self._spool_failing = True
-            return False
-        if self._spool_failing:
-            log.info("spool takes events again", extra={"action": "spool_recovered"})
-            self._spool_failing = False
-        self._pipeline.metrics.spooled += 1
-        return True
-
-    async def acknowledge(self, items: Sequence[Item], outcome: BatchOutcome) -> None:
-        """Wake the callers of the committed items."""
-        for item in items:
-            fut: asyncio.Future[Outcome] = item.token
-            if fut.done():
-                continue
-            if item.event is None or id(item) in outcome.rejected:
-                fut.set_result(Outcome.DEAD_LETTER)
-            else:
-                fut.set_result(Outcome.COMMITTED)
-
-
-def _repr_payload(event: object) -> str:
-    try:
-        return orjson.dumps(event, default=str).decode()
-    except TypeError:
-        return repr(event)
-
-
 def count_by_type(items: Sequence[Item]) -> Mapping[str, int]:
     """Items per event type (``invalid`` for dead letters), for logs and tests."""
     return collections.Counter(i.event.type if i.event else "invalid" for i in items)
 
 
 async def cancel_quietly(task: asyncio.Task[Any] | None) -> None:
-    """Cancel a background task and wait for it, swallowing only its cancellation."""
+    """Cancel a background task and wait for it; an error it ends with is logged, not raised.
+
+    Shutdown must go on whatever a task was doing: cancelled inside ``pool.acquire()``, asyncpg
+    may raise from the connection reset instead of ``CancelledError``.
+    """
     if task is None:
         return
     task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
+    try:
         await task
+    except asyncio.CancelledError:
+        current = asyncio.current_task()
+        if current is not None and current.cancelling():
+            raise  # we are being cancelled ourselves, not just the task
+    except Exception as exc:  # noqa: BLE001 - logged; shutdown continues
+        log.warning(
+            "background task %s ended with %s: %s",
+            task.get_name(),
+            type(exc).__name__,
+            exc,
+            extra={"action": "task_failed"},
+        )

@@ -107,6 +107,8 @@ class SpoolSettings:
     directory: str = ""
     max_bytes: int = 1024 * 1024 * 1024
     segment_bytes: int = 16 * 1024 * 1024
+    # An in-memory event not committed within this long is spooled, so producers go on.
+    spill_after_s: float = 1.0
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -288,24 +288,27 @@ class Spool:
     async def _write_waiting(self) -> None:
         batch, self._waiting = self._waiting, []
         data = b"".join(encode_record(p) for p, _ in batch)
-        self._reserved -= len(data)
         try:
             if self._segments[-1].size >= self.segment_bytes:
                 await asyncio.to_thread(self._new_segment_sync)
             seg = self._segments[-1]
             await asyncio.to_thread(self._write_sync, seg.size, data)
         except SpoolError as exc:
+            self._reserved -= len(data)
             for _, fut in batch:
                 if not fut.done():
                     fut.set_exception(type(exc)(str(exc)))
             return
         except OSError as exc:  # creating a segment failed: the directory is unusable
+            self._reserved -= len(data)
             self.broken = f"cannot create a spool segment in {self.directory}: {exc}"
             log.error("%s", self.broken, extra={"action": "spool_broken"})
             for _, fut in batch:
                 if not fut.done():
                     fut.set_exception(SpoolBroken(self.broken))
             return
+        # Reserved until now, so that appends meanwhile see this batch against max_bytes.
+        self._reserved -= len(data)
         seg.size += len(data)
         seg.records += len(batch)
         self.appended += len(batch)

@@ -67,7 +67,9 @@ class SpoolSource:
     async def run(self) -> None:
         """Replay until ``stop()``: whatever is spooled, as fast as the queue takes it."""
         while not self._stopping.is_set():
-            if self._pipeline.queue.full or not self._spool.unread:
+            # While batches fail (the database is down) the records are safer on disk than in
+            # memory: replay resumes once a commit succeeds again.
+            if self._pipeline.queue.full or self._pipeline.failing or not self._spool.unread:
                 await asyncio.sleep(IDLE_POLL_S)
                 continue
             records = await self._spool.read_batch(self._read_count)

@@ -1,0 +1,262 @@
+"""In-process producers through database outages: backpressure, the spool, and replay.
+
+The producers here are ``Service.submit_many`` callers in the test process (and, for the crash
+test, in a child process that is SIGKILLed with a spooled backlog). The database is the fault
+suite's own PostgreSQL, stopped, frozen and locked for real.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+
+from ingestd import Outcome, Service
+from ingestd.settings import Settings
+from tests.faults.conftest import FaultServers
+from tests.feeds import simulated, wait_for_rows
+from tests.ledger import Expected, assert_landed_exactly_once
+
+pytestmark = [pytest.mark.faults, pytest.mark.pg, pytest.mark.redis]
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def chunks(events: Sequence[dict[str, Any]], n: int) -> list[Sequence[dict[str, Any]]]:
+    return [events[i : i + n] for i in range(0, len(events), n)]
+
+
+async def produce(
+    service: Service, events: Sequence[dict[str, Any]], *, producers: int = 4, chunk: int = 50
+) -> collections.Counter[Outcome]:
+    """Several producer tasks, each submitting its share a tick's worth at a time."""
+    outcomes: collections.Counter[Outcome] = collections.Counter()
+    parts = chunks(events, chunk)
+
+    async def one(mine: list[Sequence[dict[str, Any]]]) -> None:
+        for part in mine:
+            outcomes.update(await service.submit_many(part))
+
+    await asyncio.gather(*(one(parts[i::producers]) for i in range(producers)))
+    return outcomes
+
+
+async def watch_queue(service: Service, peak: list[int]) -> None:
+    """Record the largest queue depth seen (the in-memory bound must hold)."""
+    assert service.pipeline is not None
+    while True:
+        peak[0] = max(peak[0], len(service.pipeline.queue))
+        await asyncio.sleep(0.005)
+
+
+async def landed(settings: Settings, exp: Expected) -> None:
+    dsn = settings.storage.postgres.dsn
+    for table in ("spreads", "fx_rates", "orders", "trades"):
+        await wait_for_rows(dsn, table, exp.counts[table], timeout=120)
+    conn = await asyncpg.connect(dsn)
+    try:
+        await assert_landed_exactly_once(conn, exp)
+        assert await conn.fetchval("SELECT count(*) FROM dead_letters") == 0
+    finally:
+        await conn.close()
+
+
+async def wait_until(predicate: Any, timeout: float = 60.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not predicate():
+        assert asyncio.get_running_loop().time() < deadline, "condition not reached"
+        await asyncio.sleep(0.05)
+
+
+async def test_long_outage_spills_to_the_spool_and_replays_exactly_once(
+    fault_settings: Settings, fault_servers: FaultServers, tmp_path: Path
+) -> None:
+    spool_dir = tmp_path / "spool"
+    settings = fault_settings.replace(
+        **{
+            "spool.directory": str(spool_dir),
+            "spool.segment_bytes": 256 * 1024,
+            "spool.spill_after_s": 0.5,
+            "pipeline.queue_max_events": 2_000,
+            "pipeline.batch_max_rows": 500,
+        }
+    )
+    sent = simulated(20_000, seed=31)
+    exp = Expected.of(sent)
+    async with Service(settings, stream_intake=False) as service:
+        assert service.spool is not None and service.pipeline is not None
+        peak = [0]
+        watcher = asyncio.create_task(watch_queue(service, peak))
+        await asyncio.to_thread(fault_servers.pg.stop, "fast")
+        outcomes = await produce(service, sent)
+        # Every event was accepted while the database was down: none waited for it.
+        assert sum(outcomes.values()) == len(sent)
+        assert outcomes[Outcome.SPOOLED] > len(sent) - 2_000
+        assert service.spool.pending_records >= outcomes[Outcome.SPOOLED]
+        assert len(list(spool_dir.glob("spool-*.log"))) > 2  # spread over several segments
+        assert peak[0] <= 2_000 + 50  # the in-memory bound held (a chunk may overshoot it)
+        await asyncio.to_thread(fault_servers.pg.start)
+        await landed(settings, exp)
+        await wait_until(lambda: service.spool is not None and service.spool.pending_records == 0)
+        watcher.cancel()
+        assert peak[0] <= 2_000 + 500  # the replay, too, goes through the bounded queue
+    # Replayed and committed: the spool is empty again.
+    assert sum(p.stat().st_size for p in spool_dir.glob("spool-*.log")) == 0
+
+
+async def test_spool_full_falls_back_to_backpressure_and_loses_nothing(
+    fault_settings: Settings, fault_servers: FaultServers, tmp_path: Path
+) -> None:
+    settings = fault_settings.replace(
+        **{
+            "spool.directory": str(tmp_path / "spool"),
+            "spool.max_bytes": 256 * 1024,  # room for a few hundred events only
+            "spool.segment_bytes": 64 * 1024,
+            "spool.spill_after_s": 0.2,
+            "pipeline.queue_max_events": 1_000,
+            "pipeline.batch_max_rows": 500,
+        }
+    )
+    sent = simulated(6_000, seed=32)
+    exp = Expected.of(sent)
+    async with Service(settings, stream_intake=False) as service:
+        assert service.spool is not None and service.pipeline is not None
+        await asyncio.to_thread(fault_servers.pg.stop, "fast")
+        producing = asyncio.create_task(produce(service, sent, producers=2))
+        await wait_until(
+            lambda: service.pipeline is not None and service.pipeline.metrics.spool_rejections > 0
+        )
+        await asyncio.sleep(1.0)
+        # The spool is full and memory is bounded: the producers wait (backpressure).
+        assert not producing.done()
+        assert service.spool.size_bytes <= 256 * 1024
+        assert len(service.pipeline.queue) <= 1_000 + 50
+        await asyncio.to_thread(fault_servers.pg.start)
+        outcomes = await asyncio.wait_for(producing, timeout=120)
+        assert sum(outcomes.values()) == len(sent)
+        assert outcomes[Outcome.SPOOLED] > 0 and outcomes[Outcome.COMMITTED] > 0
+        await landed(settings, exp)
+        await wait_until(lambda: service.spool is not None and service.spool.pending_records == 0)
+
+
+# A producer process that spools a backlog while the database is down and is then SIGKILLed:
+# what it was told is spooled must land after a restart, exactly once.
+PRODUCER = textwrap.dedent(
+    """
+    import asyncio, collections, json, os, signal, sys
+    from ingestd import Service, load_settings
+    from tests.feeds import simulated
+
+    async def main(spool_dir, phase):
+        settings = load_settings(None, overrides={
+            "spool.directory": spool_dir, "spool.segment_bytes": 128 * 1024,
+            "spool.spill_after_s": 0.3, "pipeline.queue_max_events": 1000,
+            "pipeline.batch_max_rows": 500,
+            "pipeline.batch_max_age_ms": 50, "metrics_port": 0,
+            "storage.postgres.command_timeout_s": 3.0, "pipeline.flush_timeout_s": 6.0,
+            "pipeline.backoff_cap_s": 1.0})
+        async with Service(settings, stream_intake=False) as service:
+            if phase == "replay":
+                while service.spool.pending_records:
+                    await asyncio.sleep(0.05)
+                print(json.dumps({"replayed": service.spool.replayed}), flush=True)
+                return
+            print("started", flush=True)
+            sys.stdin.readline()  # the test stops the database, then says go
+            outcomes = collections.Counter()
+            events = simulated(8000, seed=33)
+            for i in range(0, len(events), 100):
+                for o in await service.submit_many(events[i:i + 100]):
+                    outcomes[o.value] += 1
+            print(json.dumps(outcomes), flush=True)
+            os.kill(os.getpid(), signal.SIGKILL)  # a crash with the backlog on the spool
+
+    asyncio.run(main(sys.argv[1], sys.argv[2]))
+    """
+)
+
+
+async def test_spooled_backlog_survives_sigkill_and_lands_exactly_once(
+    fault_settings: Settings, fault_servers: FaultServers, tmp_path: Path
+) -> None:
+    script = tmp_path / "producer.py"
+    script.write_text(PRODUCER)
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("INGESTD_")},
+        "DATABASE_URL": fault_settings.storage.postgres.dsn,
+        "REDIS_URL": fault_settings.storage.redis.url,
+        "PYTHONPATH": str(REPO_ROOT),
+    }
+    spool_dir = str(tmp_path / "spool")
+    proc = subprocess.Popen(  # noqa: ASYNC220 - its pipes are read from a thread
+        [sys.executable, str(script), spool_dir, "produce"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+        text=True,
+    )
+    assert proc.stdout is not None and proc.stdin is not None
+    assert (await asyncio.to_thread(proc.stdout.readline)).strip() == "started"
+    await asyncio.to_thread(fault_servers.pg.stop, "fast")
+    proc.stdin.write("go\n")
+    proc.stdin.flush()
+    report = json.loads(await asyncio.to_thread(proc.stdout.readline))
+    assert await asyncio.to_thread(proc.wait, 60) == -signal.SIGKILL
+    for pipe in (proc.stdin, proc.stdout, proc.stderr):
+        if pipe is not None:
+            pipe.close()
+    assert report["spooled"] > 6_000  # accepted while the database was down...
+    assert sum(report.values()) == 8_000
+    await asyncio.to_thread(fault_servers.pg.start)
+    # ...and replayed by the next process on the same spool directory.
+    replay = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, str(script), spool_dir, "replay"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        check=False,
+    )
+    assert replay.returncode == 0, replay.stderr
+    assert json.loads(replay.stdout)["replayed"] >= report["spooled"]
+    await landed(fault_settings, Expected.of(simulated(8_000, seed=33)))
+
+
+async def test_without_a_spool_an_outage_is_backpressure_with_bounded_memory(
+    fault_settings: Settings, fault_servers: FaultServers
+) -> None:
+    settings = fault_settings.replace(
+        **{"pipeline.queue_max_events": 1_000, "pipeline.batch_max_rows": 250}
+    )
+    sent = simulated(8_000, seed=34)
+    exp = Expected.of(sent)
+    async with Service(settings, stream_intake=False) as service:
+        assert service.pipeline is not None
+        peak = [0]
+        watcher = asyncio.create_task(watch_queue(service, peak))
+        await asyncio.to_thread(fault_servers.pg.stop, "fast")
+        producing = asyncio.create_task(produce(service, sent))
+        pipeline = service.pipeline
+        await wait_until(lambda: pipeline.failing)
+        await asyncio.sleep(1.5)
+        assert not producing.done()  # producers wait rather than fill memory
+        assert peak[0] <= 1_000 + 50
+        await asyncio.to_thread(fault_servers.pg.start)
+        outcomes = await asyncio.wait_for(producing, timeout=120)
+        watcher.cancel()
+        assert outcomes == {Outcome.COMMITTED: len(sent)}
+        assert peak[0] <= 1_000 + 50
+    await landed(settings, exp)
