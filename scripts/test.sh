@@ -17,4 +17,6 @@ echo "== ruff"
 echo "== mypy --strict"
 .venv/bin/mypy --strict
 echo "== pytest"
-.venv/bin/python -m pytest "$@"
+# A basetemp of this checkout's own: pytest prunes and re-modes the shared /tmp/pytest-of-<user>,
+# which would pull directories from under another checkout's test run.
+.venv/bin/python -m pytest --basetemp "$root/.local/pytest" "$@"

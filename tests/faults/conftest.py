@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import shutil
+import tempfile
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,13 +74,16 @@ class FaultServers:
 
 
 @pytest.fixture(scope="session")
-def fault_servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FaultServers]:
+def fault_servers() -> Iterator[FaultServers]:
     """Start the session's throwaway servers (skip, saying why, where the binaries are absent)."""
-    base: Path = tmp_path_factory.mktemp("fault-servers")
+    # Not under pytest's basetemp: another pytest session on the machine prunes old basetemps
+    # and resets their modes, which would pull the directory from under a running server.
+    base = Path(tempfile.mkdtemp(prefix="ingestd-fault-servers-"))
     try:
         pg = ThrowawayPostgres(base / "pg")
         rd = ThrowawayRedis(base / "redis")
     except ServerUnavailable as exc:
+        shutil.rmtree(base, ignore_errors=True)
         pytest.skip(f"the fault suite needs local server binaries: {exc}")
     pg.start()
     rd.start()
@@ -88,6 +93,7 @@ def fault_servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FaultSer
     yield servers
     pg.destroy()
     rd.destroy()
+    shutil.rmtree(base, ignore_errors=True)
 
 
 @pytest.fixture
