@@ -79,6 +79,17 @@ def build_parser() -> argparse.ArgumentParser:
         default="ingestd_bench",
         help="database created (and dropped) for the run",
     )
+    p.add_argument(
+        "--soak",
+        type=float,
+        metavar="SECONDS",
+        help="instead: a soak of this many seconds with faults, on throwaway servers",
+    )
+    p.add_argument("--rate", type=float, default=1000.0, help="soak: events per second")
+    p.add_argument("--fault-every", type=float, default=15.0, help="soak: seconds between faults")
+    p.add_argument("--replicas", type=int, default=2, help="soak: ingestd replicas (1-3)")
+    p.add_argument("--seed", type=int, default=1, help="soak: simulator seed")
+    p.add_argument("--keep", action="store_true", help="soak: keep its servers' directory")
     return parser
 
 
@@ -239,6 +250,18 @@ async def _cmd_simulate(settings: Settings, args: argparse.Namespace) -> int:
 
 
 async def _cmd_bench(settings: Settings, args: argparse.Namespace) -> int:
+    if args.soak is not None:
+        from ingestd.soak import run_soak
+
+        return await run_soak(
+            duration_s=args.soak,
+            rate=args.rate,
+            fault_every_s=args.fault_every,
+            replicas=args.replicas,
+            seed=args.seed,
+            json_path=args.json_path,
+            keep=args.keep,
+        )
     from ingestd.bench import run_bench
 
     return await run_bench(

@@ -148,6 +148,11 @@ class AsyncPublisher:
         await pipe.execute()
         return n
 
+    async def publish_raw(self, payload: bytes) -> str:
+        """XADD a payload exactly as given (already-encoded JSON, or a test's malformed one)."""
+        entry = await self._client.xadd(self.stream, {"event": payload})
+        return entry.decode() if isinstance(entry, bytes) else str(entry)
+
     async def aclose(self) -> None:
         """Close the connection pool."""
         await self._client.aclose()
