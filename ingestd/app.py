@@ -26,6 +26,7 @@ from redis.backoff import ExponentialBackoff
 
 from ingestd import errors, migrations
 from ingestd.db import create_pool
+from ingestd.maintenance import Maintenance
 from ingestd.pipeline import InProcessSource, Outcome, Pipeline, cancel_quietly
 from ingestd.settings import Settings, redact
 from ingestd.sinks.mirror import RedisMirror
@@ -82,6 +83,7 @@ class Service:
         self._submitter: InProcessSource | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._stream_task: asyncio.Task[None] | None = None
+        self.maintenance: Maintenance | None = None
 
     async def __aenter__(self) -> Service:
         await self.start()
@@ -131,6 +133,18 @@ class Service:
             asyncio.create_task(self._heartbeat_loop(), name="ingestd-heartbeat"),
             asyncio.create_task(self._reconcile_loop(), name="ingestd-reconcile"),
         ]
+        if s.maintenance.enabled:
+            self.maintenance = Maintenance(
+                self.pool,
+                self.redis,
+                settings=s.maintenance,
+                retention=s.retention,
+                key_prefix=s.storage.redis.key_prefix,
+                acquire_timeout_s=s.storage.postgres.acquire_timeout_s,
+            )
+            self._tasks.append(
+                asyncio.create_task(self.maintenance.run(), name="ingestd-maintenance")
+            )
         log.info(
             "ingestd started: database %s, redis %s, stream %s, consumer %s",
             redact(s.storage.postgres.dsn),
