@@ -132,11 +132,10 @@ FROM ingestd_maintenance ORDER BY task
 def _plain(value: Any) -> Any:
     """JSON-ready: times as UTC ISO-8601, decimals as strings."""
     if isinstance(value, dt.datetime):
-        # asyncpg gives PostgreSQL's +-infinity (a paused job's next start) as datetime.max/min.
-        if value == dt.datetime.max.replace(tzinfo=dt.UTC):
-            return "infinity"
-        if value == dt.datetime.min.replace(tzinfo=dt.UTC):
-            return "-infinity"
+        # asyncpg gives PostgreSQL's +-infinity (a paused job's next start) as the naive
+        # datetime.max/min; every real timestamptz comes back aware.
+        if value.tzinfo is None:
+            return "infinity" if value.year == 9999 else "-infinity"
         return value.astimezone(dt.UTC).isoformat().replace("+00:00", "Z")
     if isinstance(value, dt.date | dt.timedelta):
         return str(value)
