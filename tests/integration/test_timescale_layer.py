@@ -355,7 +355,7 @@ async def check_timescale_policies(conn: asyncpg.Connection, end: dt.datetime) -
         "orders": dt.timedelta(days=30),
         "trades": dt.timedelta(days=30),
     }
-    by = defaultdict(dict)
+    by: dict[str, dict[str, Any]] = defaultdict(dict)
     for j in await timescale_jobs(conn):
         by[j["proc"]][j["target"]] = orjson.loads(j["config"])
     # Retention reconciled from the settings (the migration installed the seed's 90/180/365).
