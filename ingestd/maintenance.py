@@ -318,7 +318,8 @@ class Maintenance:
                     "SELECT ingestd_set_retention($1, $2)", table, keep, timeout=timeout
                 )
                 if outcome != "plain":
-                    outcomes.append(f"{table} {days or 'forever'} d: {outcome}")
+                    kept = f"{days} days" if days else "kept forever"
+                    outcomes.append(f"{table} ({kept}): {outcome}")
                 if outcome in {"added", "changed", "removed"}:
                     log.info(
                         "retention policy of %s %s (%s days)",
