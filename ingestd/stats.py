@@ -35,9 +35,11 @@ WHERE schemaname = 'public'
 ORDER BY pg_total_relation_size(schemaname||'.'||tablename) DESC;
 """
 
-# Seed §7.1's slow-query log with the column's current name.
+# Seed §7.1's slow-query log with the column's current name, limited to this database (the view
+# covers the whole server).
 SQL_SLOW_QUERIES: Final = """
 SELECT query, calls, mean_exec_time FROM pg_stat_statements
+WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database())
 ORDER BY mean_exec_time DESC
 LIMIT $1
 """
@@ -319,6 +321,7 @@ def _cut(text: Any, width: int) -> str:
 def render(report: dict[str, Any]) -> str:
     """The report as readable text tables."""
     db = report["database"]
+    hyper = any(t["hypertable"] for t in report["tables"])
     out = [
         f"database {db['name']}: PostgreSQL {db['server_version']}, "
         + (f"TimescaleDB {db['timescaledb']}" if db["timescaledb"] else "plain (no timescaledb)")
@@ -326,13 +329,13 @@ def render(report: dict[str, Any]) -> str:
         "",
         "tables (seed §7.1; a hypertable's own size is its root, see hypertable size)",
         _table(
-            ["schema", "table", "size", "hypertable size", "rows"],
+            ["schema", "table", "size", *(["hypertable size"] if hyper else []), "rows"],
             [
                 [
                     t["schemaname"],
                     t["tablename"],
                     t["size"],
-                    t["hypertable_size"] or "",
+                    *([t["hypertable_size"] or ""] if hyper else []),
                     ""
                     if t["rows"] is None
                     else (f"{t['rows']}" if t["rows_exact"] else f"~{t['rows']}"),
