@@ -26,6 +26,7 @@ from redis.backoff import ExponentialBackoff
 
 from ingestd import errors, failpoints, migrations
 from ingestd.db import create_pool
+from ingestd.maintenance import Maintenance
 from ingestd.pipeline import Pipeline, cancel_quietly
 from ingestd.settings import Settings, redact
 from ingestd.sinks.mirror import RedisMirror
@@ -88,6 +89,7 @@ class Service:
         self.spool: Spool | None = None
         self._spool_source: SpoolSource | None = None
         self._spool_task: asyncio.Task[None] | None = None
+        self.maintenance: Maintenance | None = None
 
     async def __aenter__(self) -> Service:
         await self.start()
@@ -159,6 +161,18 @@ class Service:
             asyncio.create_task(self._heartbeat_loop(), name="ingestd-heartbeat"),
             asyncio.create_task(self._reconcile_loop(), name="ingestd-reconcile"),
         ]
+        if s.maintenance.enabled:
+            self.maintenance = Maintenance(
+                self.pool,
+                self.redis,
+                settings=s.maintenance,
+                retention=s.retention,
+                key_prefix=s.storage.redis.key_prefix,
+                acquire_timeout_s=s.storage.postgres.acquire_timeout_s,
+            )
+            self._tasks.append(
+                asyncio.create_task(self.maintenance.run(), name="ingestd-maintenance")
+            )
         log.info(
             "ingestd started: database %s, redis %s, stream %s, consumer %s",
             redact(s.storage.postgres.dsn),

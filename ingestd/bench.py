@@ -525,8 +525,13 @@ async def run_bench(
     group = f"bench-{tag}"
     # Mirror keys and ingestd's own heartbeat go under a scratch prefix, deleted at the end.
     key_prefix = f"ingestd:bench:{tag}:"
+    # No maintenance rounds (view refreshes) inside the timed runs: they would perturb them.
     bench_settings = settings.replace(
-        **{"storage.postgres.dsn": dsn, "storage.redis.key_prefix": key_prefix}
+        **{
+            "storage.postgres.dsn": dsn,
+            "storage.redis.key_prefix": key_prefix,
+            "maintenance.enabled": False,
+        }
     )
     stream_settings = bench_settings.replace(
         **{

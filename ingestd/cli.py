@@ -70,6 +70,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stream", help="stream key (default ingestd:events)")
     p.add_argument("--stdout", action="store_true", help="print JSON lines instead of publishing")
 
+    p = sub.add_parser("stats", help="seed §7: table sizes, chunks, compression, jobs, Redis INFO")
+    _common(p)
+    p.add_argument("--json", dest="as_json", action="store_true", help="JSON for machines")
+    p.add_argument("--exact", action="store_true", help="exact row counts (count(*); slow)")
+    p.add_argument("--top", type=int, default=10, help="slowest statements to show (default 10)")
+
     p = sub.add_parser("bench", help="throughput benchmark against raw COPY (see README)")
     _common(p)
     p.add_argument("--events", type=int, default=100_000)
@@ -249,6 +255,34 @@ async def _cmd_simulate(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+async def _cmd_stats(settings: Settings, args: argparse.Namespace) -> int:
+    from ingestd.app import create_redis
+    from ingestd.stats import collect_database, collect_redis, render, to_json
+
+    dsn = settings.storage.postgres.dsn
+    try:
+        conn = await asyncpg.connect(dsn, timeout=settings.storage.postgres.connect_timeout_s)
+    except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
+        print(f"ingestd stats: cannot connect to {redact(dsn)}: {exc}", file=sys.stderr)
+        return 2
+    try:
+        report = await collect_database(conn, exact=args.exact, top=args.top)
+    finally:
+        await conn.close()
+    client = create_redis(
+        settings.storage.redis.url, socket_timeout_s=settings.storage.redis.socket_timeout_s
+    )
+    try:
+        report["redis"] = await collect_redis(client, key_prefix=settings.storage.redis.key_prefix)
+    finally:
+        await client.aclose()
+    if args.as_json:
+        sys.stdout.buffer.write(to_json(report) + b"\n")
+    else:
+        sys.stdout.write(render(report))
+    return 0
+
+
 async def _cmd_bench(settings: Settings, args: argparse.Namespace) -> int:
     if args.soak is not None:
         from ingestd.soak import run_soak
@@ -278,6 +312,7 @@ _COMMANDS = {
     "health": _cmd_health,
     "simulate": _cmd_simulate,
     "bench": _cmd_bench,
+    "stats": _cmd_stats,
 }
 
 if __name__ == "__main__":

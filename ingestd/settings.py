@@ -119,6 +119,30 @@ class ShutdownSettings:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class RetentionSettings:
+    """Seed §2.2 retention in days (0 keeps rows forever); see ingestd/maintenance.py."""
+
+    spreads_days: int = 90
+    fx_rates_days: int = 180
+    orders_days: int = 365
+    delete_batch_rows: int = 10_000  # plain PostgreSQL: rows per DELETE statement
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class MaintenanceSettings:
+    """The maintenance task: view refreshes, plain-PostgreSQL retention, ``metrics:*`` keys."""
+
+    enabled: bool = True
+    refresh_interval_s: float = 60.0
+    metrics_interval_s: float = 60.0
+    retention_interval_s: float = 600.0
+    policy_interval_s: float = 3600.0
+    metrics_days: int = 7
+    metrics_hours: int = 48
+    statement_timeout_s: float = 300.0
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class Settings:
     """Everything ingestd needs, frozen."""
 
@@ -129,6 +153,8 @@ class Settings:
     mirror: MirrorSettings = MirrorSettings()
     spool: SpoolSettings = SpoolSettings()
     shutdown: ShutdownSettings = ShutdownSettings()
+    retention: RetentionSettings = RetentionSettings()
+    maintenance: MaintenanceSettings = MaintenanceSettings()
     metrics_port: int = 9464
     log_format: str = "plain"
     log_level: str = "INFO"
@@ -169,6 +195,23 @@ class Settings:
         failpoints.parse(self.failpoints)
         if self.spool.segment_bytes < 1024 or self.spool.max_bytes < self.spool.segment_bytes:
             raise ConfigError("spool.segment_bytes must be >= 1024 and <= spool.max_bytes")
+        r, m = self.retention, self.maintenance
+        for name in ("spreads_days", "fx_rates_days", "orders_days"):
+            if getattr(r, name) < 0:
+                raise ConfigError(f"retention.{name} must be >= 0 (0 keeps rows forever)")
+        if r.delete_batch_rows < 1:
+            raise ConfigError("retention.delete_batch_rows must be >= 1")
+        for name in (
+            "refresh_interval_s",
+            "metrics_interval_s",
+            "retention_interval_s",
+            "policy_interval_s",
+            "statement_timeout_s",
+        ):
+            if getattr(m, name) <= 0:
+                raise ConfigError(f"maintenance.{name} must be > 0")
+        if m.metrics_days < 1 or m.metrics_hours < 1:
+            raise ConfigError("maintenance.metrics_days and metrics_hours must be >= 1")
         return self
 
 

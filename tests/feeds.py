@@ -15,7 +15,13 @@ from ingestd.settings import Settings
 from ingestd.simulate import Simulator
 from tests.e2e.conftest import run_cli
 
-START = "2026-11-30T00:00:00+00:00"
+# A day back, to the hour: recent enough that no retention (90 days and more) ever applies to
+# the test data, and fixed for the whole session so that producers and ledgers agree.
+START = (
+    (dt.datetime.now(dt.UTC) - dt.timedelta(days=1))
+    .replace(minute=0, second=0, microsecond=0)
+    .isoformat()
+)
 
 
 def simulated(count: int, seed: int) -> list[dict[str, Any]]:

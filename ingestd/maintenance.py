@@ -1,0 +1,415 @@
+"""Periodic database maintenance: the part of seed §2 that the database does not do by itself.
+
+Four tasks, each on its own interval (``maintenance:`` settings):
+
+- ``retention_policies`` (TimescaleDB): makes each hypertable's retention policy match the
+  ``retention:`` settings, at start and then hourly (``ingestd_set_retention``);
+- ``retention_delete`` (plain PostgreSQL): deletes expired rows in bounded batches, one
+  transaction per batch (``ingestd_delete_expired``);
+- ``refresh_aggregates``: refreshes the aggregates that are plain materialized views
+  (``daily_pnl_summary`` on both flavours, ``hourly_spread_avg`` on plain PostgreSQL;
+  ``ingestd_refresh_aggregates``); the continuous aggregate is refreshed by its own policy;
+- ``metrics_keys``: writes ``metrics:daily_pnl:{YYYY-MM-DD}`` and
+  ``metrics:hourly_spread:{YYYY-MM-DD-HH}`` (DESIGN §5) from the two aggregates, TTL 1 day.
+
+Several replicas may run this: a replica claims a task's round in ``ingestd_maintenance`` under
+``pg_try_advisory_xact_lock`` (never waiting), and only when the last round started at least an
+interval ago, so one replica does each round and the others skip it. Work that needs ownership
+goes through the SECURITY DEFINER functions of migration 0003, because ingestd may run as a role
+with DML only. A failed round is logged with ``action=maintenance_failed``, recorded, and retried
+next round; it never stops the service.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import datetime as dt
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from decimal import Decimal
+from typing import Any, Final
+
+import asyncpg
+import orjson
+import redis.asyncio as aioredis
+import redis.exceptions
+
+from ingestd.db import Connection
+from ingestd.events import utc_iso
+from ingestd.settings import MaintenanceSettings, RetentionSettings
+
+log = logging.getLogger("ingestd.maintenance")
+
+TASK_POLICIES: Final = "retention_policies"
+TASK_RETENTION: Final = "retention_delete"
+TASK_REFRESH: Final = "refresh_aggregates"
+TASK_METRICS: Final = "metrics_keys"
+# Order within one wake-up: the keys are written from freshly refreshed views.
+TASKS: Final = (TASK_POLICIES, TASK_RETENTION, TASK_REFRESH, TASK_METRICS)
+
+# "ingestd maintenance" in the advisory-lock space, one key per task (migrations use 0x1D6E57D).
+_LOCK_BASE: Final = 0x1D6E600
+_LOCK_IDS: Final = {task: _LOCK_BASE + i for i, task in enumerate(TASKS)}
+
+METRICS_TTL_S: Final = 86_400  # DESIGN §5: 1 day
+DAILY_PNL_KEY: Final = "metrics:daily_pnl:{day}"
+HOURLY_SPREAD_KEY: Final = "metrics:hourly_spread:{hour}"
+
+# Tables with a retention setting (seed §2.2), in the order they are handled.
+RETENTION_TABLES: Final = ("spreads", "fx_rates", "orders")
+# At most this many batches per table per round, so one round stays bounded; the rest waits.
+MAX_BATCHES_PER_ROUND: Final = 100
+
+_SQL_CLAIM: Final = """
+INSERT INTO ingestd_maintenance AS m (task, last_started_at, runs)
+VALUES ($1, now(), 1)
+ON CONFLICT (task) DO UPDATE SET last_started_at = now(), runs = m.runs + 1
+WHERE $3 OR m.last_started_at IS NULL
+   OR m.last_started_at <= now() - make_interval(secs => $2)
+RETURNING true
+"""
+
+_SQL_SUCCEEDED: Final = """
+UPDATE ingestd_maintenance
+SET last_finished_at = clock_timestamp(), last_status = 'success', last_detail = $2,
+    last_error = NULL
+WHERE task = $1
+"""
+
+_SQL_FAILED: Final = """
+INSERT INTO ingestd_maintenance AS m (task, last_finished_at, last_status, last_error, failures)
+VALUES ($1, clock_timestamp(), 'failed', $2, 1)
+ON CONFLICT (task) DO UPDATE SET last_finished_at = clock_timestamp(), last_status = 'failed',
+    last_error = $2, failures = m.failures + 1
+"""
+
+SQL_HYPERTABLES: Final = """
+SELECT hypertable_name::text AS name
+FROM timescaledb_information.hypertables
+WHERE format('%I.%I', hypertable_schema, hypertable_name)::regclass
+      = to_regclass(hypertable_name::text)
+"""
+
+_SQL_DAILY: Final = """
+SELECT trade_date, symbol, trade_count::bigint AS trade_count,
+       total_pnl_krw::text AS total_pnl_krw, avg_pnl_pct::text AS avg_pnl_pct,
+       max_pnl_krw::text AS max_pnl_krw, min_pnl_krw::text AS min_pnl_krw
+FROM daily_pnl_summary
+WHERE trade_date >= $1
+ORDER BY trade_date, symbol
+"""
+
+_SQL_HOURLY: Final = """
+SELECT hour, symbol, avg_spread_pct::text AS avg_spread_pct,
+       avg_net_spread_pct::text AS avg_net_spread_pct,
+       max_spread_pct::text AS max_spread_pct, min_spread_pct::text AS min_spread_pct
+FROM hourly_spread_avg
+WHERE hour >= $1
+ORDER BY hour, symbol
+"""
+
+# Errors a round can meet while the database or Redis is down or slow: logged, retried later.
+_EXPECTED: Final = (
+    OSError,
+    TimeoutError,
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    asyncpg.InternalClientError,
+    redis.exceptions.RedisError,
+)
+
+
+async def hypertable_names(conn: Connection) -> set[str]:
+    """The hypertables among this schema's tables (empty without timescaledb)."""
+    if not await conn.fetchval(
+        "SELECT EXISTS (SELECT 1 FROM pg_extension WHERE extname = $1)", "timescaledb"
+    ):
+        return set()
+    return {r["name"] for r in await conn.fetch(SQL_HYPERTABLES)}
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class RoundResult:
+    """What one task's round did: ``ran`` is False when another replica had it."""
+
+    task: str
+    ran: bool
+    detail: str = ""
+
+
+def _fmt_hour(hour: dt.datetime) -> str:
+    return hour.astimezone(dt.UTC).strftime("%Y-%m-%d-%H")
+
+
+def daily_pnl_documents(rows: list[asyncpg.Record], refreshed_at: str) -> dict[str, bytes]:
+    """``metrics:daily_pnl:{day}`` values: per-symbol rows of the view plus exact day totals."""
+    by_day: dict[dt.date, list[asyncpg.Record]] = {}
+    for r in rows:
+        by_day.setdefault(r["trade_date"], []).append(r)
+    out: dict[str, bytes] = {}
+    for day, day_rows in by_day.items():
+        symbols = {
+            r["symbol"]: {
+                "trade_count": r["trade_count"],
+                "total_pnl_krw": r["total_pnl_krw"],
+                "avg_pnl_pct": r["avg_pnl_pct"],
+                "max_pnl_krw": r["max_pnl_krw"],
+                "min_pnl_krw": r["min_pnl_krw"],
+            }
+            for r in day_rows
+        }
+        totals = [Decimal(r["total_pnl_krw"]) for r in day_rows if r["total_pnl_krw"] is not None]
+        maxima = [Decimal(r["max_pnl_krw"]) for r in day_rows if r["max_pnl_krw"] is not None]
+        minima = [Decimal(r["min_pnl_krw"]) for r in day_rows if r["min_pnl_krw"] is not None]
+        doc: dict[str, Any] = {
+            "trade_date": day.isoformat(),
+            "trade_count": sum(r["trade_count"] for r in day_rows),
+            "total_pnl_krw": str(sum(totals, Decimal(0))) if totals else None,
+            "max_pnl_krw": str(max(maxima)) if maxima else None,
+            "min_pnl_krw": str(min(minima)) if minima else None,
+            "symbols": symbols,
+            "refreshed_at": refreshed_at,
+        }
+        out[DAILY_PNL_KEY.format(day=day.isoformat())] = orjson.dumps(doc)
+    return out
+
+
+def hourly_spread_documents(rows: list[asyncpg.Record], refreshed_at: str) -> dict[str, bytes]:
+    """``metrics:hourly_spread:{YYYY-MM-DD-HH}`` values: that hour's averages per symbol."""
+    by_hour: dict[dt.datetime, dict[str, dict[str, str]]] = {}
+    for r in rows:
+        by_hour.setdefault(r["hour"], {})[r["symbol"]] = {
+            "avg_spread_pct": r["avg_spread_pct"],
+            "avg_net_spread_pct": r["avg_net_spread_pct"],
+            "max_spread_pct": r["max_spread_pct"],
+            "min_spread_pct": r["min_spread_pct"],
+        }
+    return {
+        HOURLY_SPREAD_KEY.format(hour=_fmt_hour(hour)): orjson.dumps(
+            {"hour": utc_iso(hour), "symbols": symbols, "refreshed_at": refreshed_at}
+        )
+        for hour, symbols in by_hour.items()
+    }
+
+
+class Maintenance:
+    """Runs the maintenance tasks on their intervals until cancelled."""
+
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        redis_client: aioredis.Redis,
+        *,
+        settings: MaintenanceSettings,
+        retention: RetentionSettings,
+        key_prefix: str = "",
+        acquire_timeout_s: float = 5.0,
+        clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC),
+    ) -> None:
+        self._pool = pool
+        self._redis = redis_client
+        self.settings = settings
+        self.retention = retention
+        self.prefix = key_prefix
+        self._acquire_timeout_s = acquire_timeout_s
+        self._clock = clock
+        self._tasks: dict[str, tuple[Callable[[bool], Awaitable[RoundResult]], float]] = {
+            TASK_POLICIES: (self.reconcile_policies, settings.policy_interval_s),
+            TASK_RETENTION: (self.delete_expired, settings.retention_interval_s),
+            TASK_REFRESH: (self.refresh_aggregates, settings.refresh_interval_s),
+            TASK_METRICS: (self.write_metrics_keys, settings.metrics_interval_s),
+        }
+        self.failures = 0
+
+    def retention_days(self) -> dict[str, int]:
+        """Configured retention per table in days (0: keep forever)."""
+        r = self.retention
+        return {"spreads": r.spreads_days, "fx_rates": r.fx_rates_days, "orders": r.orders_days}
+
+    async def run(self) -> None:
+        """Every task at start, then each on its interval; returns only when cancelled."""
+        next_due = dict.fromkeys(TASKS, 0.0)
+        while True:
+            for task in TASKS:
+                if time.monotonic() >= next_due[task]:
+                    await self.run_task(task)
+                    next_due[task] = time.monotonic() + self._tasks[task][1]
+            await asyncio.sleep(max(0.05, min(next_due.values()) - time.monotonic()))
+
+    async def run_task(self, task: str, *, force: bool = False) -> RoundResult | None:
+        """One round of one task (``force``: even if a round ran within the interval).
+
+        Returns None when the round failed (logged, recorded, retried next round).
+        """
+        run, _ = self._tasks[task]
+        try:
+            result = await run(force)
+        except asyncio.CancelledError:
+            raise
+        except _EXPECTED as exc:
+            await self._failed(task, exc)
+            return None
+        except Exception as exc:  # a bug in one task must not stop the service
+            log.exception("maintenance task %s crashed", task, extra={"action": "maintenance_bug"})
+            await self._failed(task, exc)
+            return None
+        if result.ran:
+            log.info(
+                "maintenance %s: %s",
+                task,
+                result.detail or "done",
+                extra={"action": "maintenance_done", "task": task},
+            )
+        return result
+
+    async def run_all(self, *, force: bool = True) -> list[RoundResult | None]:
+        """One round of every task, in order (tests and ``ingestd stats --refresh``)."""
+        return [await self.run_task(task, force=force) for task in TASKS]
+
+    async def _failed(self, task: str, exc: BaseException) -> None:
+        self.failures += 1
+        log.warning(
+            "maintenance %s failed, will retry next round: %s",
+            task,
+            exc,
+            extra={"action": "maintenance_failed", "task": task},
+        )
+        try:
+            async with self._pool.acquire(timeout=self._acquire_timeout_s) as conn:
+                await conn.execute(_SQL_FAILED, task, f"{type(exc).__name__}: {exc}"[:2000])
+        except _EXPECTED as record_exc:
+            log.warning(
+                "could not record the failure of maintenance %s: %s",
+                task,
+                record_exc,
+                extra={"action": "maintenance_record_failed", "task": task},
+            )
+
+    async def _claim(self, conn: Connection, task: str, interval_s: float, force: bool) -> bool:
+        """Inside a transaction: True if this replica does the round (lock free, round due)."""
+        locked = await conn.fetchval("SELECT pg_try_advisory_xact_lock($1)", _LOCK_IDS[task])
+        if not locked:
+            return False
+        # 90 % of the interval: replicas whose clocks tick slightly apart still take turns.
+        claimed = await conn.fetchval(_SQL_CLAIM, task, interval_s * 0.9, force)
+        return bool(claimed)
+
+    async def _set_timeout(self, conn: Connection) -> None:
+        # A refresh over a large table outlasts the role's statement_timeout (and the pool's
+        # command_timeout, which every call below overrides).
+        await conn.execute(
+            "SELECT set_config('statement_timeout', $1, true)",
+            f"{int(self.settings.statement_timeout_s * 1000)}ms",
+        )
+
+    async def reconcile_policies(self, force: bool = False) -> RoundResult:
+        """TimescaleDB: make each retention policy match the ``retention:`` settings."""
+        timeout = self.settings.statement_timeout_s
+        async with self._pool.acquire(timeout=self._acquire_timeout_s) as conn, conn.transaction():
+            if not await self._claim(conn, TASK_POLICIES, self.settings.policy_interval_s, force):
+                return RoundResult(TASK_POLICIES, ran=False)
+            await self._set_timeout(conn)
+            outcomes: list[str] = []
+            for table, days in self.retention_days().items():
+                keep = dt.timedelta(days=days) if days > 0 else None
+                outcome = await conn.fetchval(
+                    "SELECT ingestd_set_retention($1, $2)", table, keep, timeout=timeout
+                )
+                if outcome != "plain":
+                    kept = f"{days} days" if days else "kept forever"
+                    outcomes.append(f"{table} ({kept}): {outcome}")
+                if outcome in {"added", "changed", "removed"}:
+                    log.info(
+                        "retention policy of %s %s (%s days)",
+                        table,
+                        outcome,
+                        days or "forever",
+                        extra={"action": "retention_policy_set", "table": table},
+                    )
+            detail = "; ".join(outcomes) if outcomes else "no hypertables"
+            await conn.execute(_SQL_SUCCEEDED, TASK_POLICIES, detail)
+        return RoundResult(TASK_POLICIES, ran=True, detail=detail)
+
+    async def delete_expired(self, force: bool = False) -> RoundResult:
+        """Plain PostgreSQL: delete rows past their retention, a bounded batch per transaction."""
+        timeout = self.settings.statement_timeout_s
+        async with self._pool.acquire(timeout=self._acquire_timeout_s) as conn:
+            async with conn.transaction():
+                if not await self._claim(
+                    conn, TASK_RETENTION, self.settings.retention_interval_s, force
+                ):
+                    return RoundResult(TASK_RETENTION, ran=False)
+            hyper = await hypertable_names(conn)
+            deleted: dict[str, int] = {}
+            for table, days in self.retention_days().items():
+                if days <= 0 or table in hyper:
+                    continue
+                total = 0
+                for _ in range(MAX_BATCHES_PER_ROUND):
+                    async with conn.transaction():
+                        await self._set_timeout(conn)
+                        n = int(
+                            await conn.fetchval(
+                                "SELECT ingestd_delete_expired($1, $2, $3)",
+                                table,
+                                dt.timedelta(days=days),
+                                self.retention.delete_batch_rows,
+                                timeout=timeout,
+                            )
+                        )
+                    total += n
+                    if n < self.retention.delete_batch_rows:
+                        break
+                deleted[table] = total
+            detail = (
+                ", ".join(f"{t}: {n} rows deleted" for t, n in deleted.items())
+                if deleted
+                else "retention is done by TimescaleDB policies"
+            )
+            await conn.execute(_SQL_SUCCEEDED, TASK_RETENTION, detail)
+        return RoundResult(TASK_RETENTION, ran=True, detail=detail)
+
+    async def refresh_aggregates(self, force: bool = False) -> RoundResult:
+        """Refresh the aggregates that are plain materialized views (CONCURRENTLY)."""
+        timeout = self.settings.statement_timeout_s
+        async with self._pool.acquire(timeout=self._acquire_timeout_s) as conn, conn.transaction():
+            if not await self._claim(conn, TASK_REFRESH, self.settings.refresh_interval_s, force):
+                return RoundResult(TASK_REFRESH, ran=False)
+            await self._set_timeout(conn)
+            refreshed = await conn.fetchval("SELECT ingestd_refresh_aggregates()", timeout=timeout)
+            detail = "refreshed " + ", ".join(refreshed) if refreshed else "nothing to refresh"
+            await conn.execute(_SQL_SUCCEEDED, TASK_REFRESH, detail)
+        return RoundResult(TASK_REFRESH, ran=True, detail=detail)
+
+    async def write_metrics_keys(self, force: bool = False) -> RoundResult:
+        """Write the ``metrics:*`` keys of the last days and hours from the two aggregates."""
+        timeout = self.settings.statement_timeout_s
+        now = self._clock()
+        first_day = now.astimezone(dt.UTC).date() - dt.timedelta(
+            days=self.settings.metrics_days - 1
+        )
+        first_hour = now.astimezone(dt.UTC).replace(
+            minute=0, second=0, microsecond=0
+        ) - dt.timedelta(hours=self.settings.metrics_hours - 1)
+        async with self._pool.acquire(timeout=self._acquire_timeout_s) as conn:
+            async with conn.transaction():
+                if not await self._claim(
+                    conn, TASK_METRICS, self.settings.metrics_interval_s, force
+                ):
+                    return RoundResult(TASK_METRICS, ran=False)
+                await self._set_timeout(conn)
+                daily = await conn.fetch(_SQL_DAILY, first_day, timeout=timeout)
+                hourly = await conn.fetch(_SQL_HOURLY, first_hour, timeout=timeout)
+            stamp = utc_iso(now)
+            docs = {**daily_pnl_documents(daily, stamp), **hourly_spread_documents(hourly, stamp)}
+            if docs:
+                pipe = self._redis.pipeline(transaction=False)
+                for name, value in docs.items():
+                    pipe.set(self.prefix + name, value, ex=METRICS_TTL_S)
+                await pipe.execute()
+            n_daily = sum(1 for k in docs if k.startswith("metrics:daily_pnl:"))
+            detail = f"{n_daily} daily_pnl and {len(docs) - n_daily} hourly_spread keys written"
+            await conn.execute(_SQL_SUCCEEDED, TASK_METRICS, detail)
+        return RoundResult(TASK_METRICS, ran=True, detail=detail)

@@ -1,0 +1,534 @@
+-- ingestd: the full current schema, as a fresh install of every migration creates it.
+--
+-- sql/migrations/ is the source of truth (`ingestd migrate` applies it, recorded with
+-- checksums); this file is the same schema in one place, for reading and for review.
+-- tests/integration/test_schema_file.py builds one database from this file and one from the
+-- migrations, on plain PostgreSQL and on TimescaleDB, and requires their catalogs to be equal:
+-- a migration that changes the schema changes this file in the same commit.
+-- It runs in one transaction on an empty database; like the migrations it branches on whether
+-- TimescaleDB is available (DESIGN §2).
+
+-- ================================================================================================
+-- Tables (migration 0001)
+-- ================================================================================================
+
+-- ingestd 0001: the seed's five tables (§1), made correct for TimescaleDB (DESIGN §2), plus the
+-- dead-letter table and the parking table for position closes that arrive before their open.
+-- Applies unchanged on plain PostgreSQL 15+; 0002 turns the time-series tables into hypertables
+-- where the timescaledb extension is available.
+
+-- positions stays a plain, mutable table: rows go OPEN -> CLOSED, hypertables may reference it.
+CREATE TABLE positions (
+    id BIGSERIAL PRIMARY KEY,
+    position_key VARCHAR(100) NOT NULL,
+    producer VARCHAR(50),
+    symbol VARCHAR(10) NOT NULL,
+    direction VARCHAR(50) NOT NULL,
+    size NUMERIC(18, 8) NOT NULL,
+
+    entry_upbit_price NUMERIC(18, 2) NOT NULL,
+    entry_binance_price NUMERIC(18, 8) NOT NULL,
+    entry_spread_pct NUMERIC(8, 4) NOT NULL,
+
+    exit_upbit_price NUMERIC(18, 2),
+    exit_binance_price NUMERIC(18, 8),
+    exit_spread_pct NUMERIC(8, 4),
+
+    pnl_krw NUMERIC(18, 2),
+    pnl_pct NUMERIC(8, 4),
+
+    status VARCHAR(20) NOT NULL DEFAULT 'OPEN',
+
+    timestamp_open TIMESTAMPTZ NOT NULL,
+    timestamp_close TIMESTAMPTZ,
+
+    open_event_id VARCHAR(100),
+    close_event_id VARCHAR(100),
+
+    created_at TIMESTAMPTZ NOT NULL DEFAULT CURRENT_TIMESTAMP,
+    updated_at TIMESTAMPTZ NOT NULL DEFAULT CURRENT_TIMESTAMP,
+
+    CONSTRAINT positions_position_key_key UNIQUE (position_key),
+    CONSTRAINT positions_status_check CHECK (status IN ('OPEN', 'CLOSED'))
+);
+
+CREATE INDEX idx_positions_symbol ON positions (symbol);
+CREATE INDEX idx_positions_status ON positions (status);
+CREATE INDEX idx_positions_timestamp_open ON positions (timestamp_open DESC);
+
+-- A close whose open has not landed yet, and which does not repeat the entry columns, waits here
+-- (entry columns of positions are NOT NULL). The open that arrives later applies and removes it.
+CREATE TABLE position_closes_pending (
+    position_key VARCHAR(100) PRIMARY KEY,
+    event_id VARCHAR(100) NOT NULL,
+    producer VARCHAR(50),
+    exit_upbit_price NUMERIC(18, 2),
+    exit_binance_price NUMERIC(18, 8),
+    exit_spread_pct NUMERIC(8, 4),
+    pnl_krw NUMERIC(18, 2),
+    pnl_pct NUMERIC(8, 4),
+    timestamp_close TIMESTAMPTZ NOT NULL,
+    received_at TIMESTAMPTZ NOT NULL DEFAULT CURRENT_TIMESTAMP
+);
+
+CREATE TABLE orders (
+    id BIGSERIAL NOT NULL,
+    event_id VARCHAR(100) NOT NULL,
+    producer VARCHAR(50),
+    -- Filled from position_key once the position exists (events may arrive before it).
+    position_id BIGINT REFERENCES positions (id) ON DELETE CASCADE,
+    position_key VARCHAR(100),
+
+    symbol VARCHAR(10) NOT NULL,
+    venue VARCHAR(50) NOT NULL,
+    side VARCHAR(20) NOT NULL,
+    qty NUMERIC(18, 8) NOT NULL,
+
+    price_theoretical NUMERIC(18, 8) NOT NULL,
+    price_effective NUMERIC(18, 8),
+    slippage_bps NUMERIC(8, 2),
+
+    leg_id VARCHAR(100) NOT NULL,
+    order_id VARCHAR(100),
+
+    timestamp TIMESTAMPTZ NOT NULL,
+    created_at TIMESTAMPTZ NOT NULL DEFAULT CURRENT_TIMESTAMP,
+
+    PRIMARY KEY (id, timestamp),
+    CONSTRAINT orders_event_id_timestamp_key UNIQUE (event_id, timestamp)
+);
+
+CREATE INDEX idx_orders_position_id ON orders (position_id);
+CREATE INDEX idx_orders_symbol ON orders (symbol);
+CREATE INDEX idx_orders_venue ON orders (venue);
+CREATE INDEX idx_orders_timestamp ON orders (timestamp DESC);
+CREATE INDEX idx_orders_unlinked ON orders (position_key)
+    WHERE position_id IS NULL AND position_key IS NOT NULL;
+
+CREATE TABLE spreads (
+    id BIGSERIAL NOT NULL,
+    event_id VARCHAR(100) NOT NULL,
+    producer VARCHAR(50),
+    symbol VARCHAR(10) NOT NULL,
+
+    upbit_price NUMERIC(18, 2) NOT NULL,
+    binance_price NUMERIC(18, 8) NOT NULL,
+    binance_price_krw NUMERIC(18, 2) NOT NULL,
+
+    spread_pct NUMERIC(8, 4) NOT NULL,
+    net_spread_pct NUMERIC(8, 4) NOT NULL,
+    is_opportunity BOOLEAN NOT NULL DEFAULT FALSE,
+
+    timestamp TIMESTAMPTZ NOT NULL,
+    created_at TIMESTAMPTZ NOT NULL DEFAULT CURRENT_TIMESTAMP,
+
+    PRIMARY KEY (id, timestamp),
+    CONSTRAINT spreads_event_id_timestamp_key UNIQUE (event_id, timestamp)
+);
+
+CREATE INDEX idx_spreads_symbol ON spreads (symbol);
+CREATE INDEX idx_spreads_is_opportunity ON spreads (is_opportunity);
+CREATE INDEX idx_spreads_timestamp ON spreads (timestamp DESC);
+
+CREATE TABLE fx_rates (
+    id BIGSERIAL NOT NULL,
+    event_id VARCHAR(100) NOT NULL,
+    producer VARCHAR(50),
+    pair VARCHAR(20) NOT NULL,
+    rate NUMERIC(18, 8) NOT NULL,
+    source VARCHAR(50),
+
+    timestamp TIMESTAMPTZ NOT NULL,
+    created_at TIMESTAMPTZ NOT NULL DEFAULT CURRENT_TIMESTAMP,
+
+    PRIMARY KEY (id, timestamp),
+    CONSTRAINT fx_rates_event_id_timestamp_key UNIQUE (event_id, timestamp)
+);
+
+CREATE INDEX idx_fx_rates_pair ON fx_rates (pair);
+CREATE INDEX idx_fx_rates_timestamp ON fx_rates (timestamp DESC);
+
+CREATE TABLE trades (
+    id BIGSERIAL NOT NULL,
+    event_id VARCHAR(100) NOT NULL,
+    producer VARCHAR(50),
+    position_id BIGINT REFERENCES positions (id) ON DELETE CASCADE,
+    position_key VARCHAR(100),
+
+    symbol VARCHAR(10) NOT NULL,
+    direction VARCHAR(50) NOT NULL,
+    size NUMERIC(18, 8) NOT NULL,
+
+    side VARCHAR(20) NOT NULL,
+    price_upbit NUMERIC(18, 2),
+    price_binance NUMERIC(18, 8),
+
+    pnl_krw NUMERIC(18, 2),
+    pnl_pct NUMERIC(8, 4),
+
+    timestamp TIMESTAMPTZ NOT NULL,
+    created_at TIMESTAMPTZ NOT NULL DEFAULT CURRENT_TIMESTAMP,
+
+    PRIMARY KEY (id, timestamp),
+    CONSTRAINT trades_event_id_timestamp_key UNIQUE (event_id, timestamp)
+);
+
+CREATE INDEX idx_trades_position_id ON trades (position_id);
+CREATE INDEX idx_trades_symbol ON trades (symbol);
+CREATE INDEX idx_trades_timestamp ON trades (timestamp DESC);
+CREATE INDEX idx_trades_unlinked ON trades (position_key)
+    WHERE position_id IS NULL AND position_key IS NOT NULL;
+
+-- Bad input never disappears: the raw payload (escaped to valid UTF-8; a prefix when oversize),
+-- its size and SHA-256, and the reason. dedup_key (stream entry id, file:line) makes a
+-- redelivered poison entry land once.
+CREATE TABLE dead_letters (
+    id BIGSERIAL PRIMARY KEY,
+    dedup_key VARCHAR(300),
+    source VARCHAR(50) NOT NULL,
+    event_type VARCHAR(50),
+    event_id VARCHAR(100),
+    producer VARCHAR(50),
+    field VARCHAR(100),
+    error TEXT NOT NULL,
+    payload TEXT NOT NULL,
+    payload_bytes INTEGER NOT NULL,
+    payload_sha256 CHAR(64) NOT NULL,
+    received_at TIMESTAMPTZ NOT NULL DEFAULT CURRENT_TIMESTAMP,
+    CONSTRAINT dead_letters_dedup_key_key UNIQUE (dedup_key)
+);
+
+CREATE INDEX idx_dead_letters_received_at ON dead_letters (received_at DESC);
+
+
+-- ================================================================================================
+-- Hypertables, or time_bucket() on plain PostgreSQL (migration 0002)
+-- ================================================================================================
+
+-- ingestd 0002: hypertables where TimescaleDB is available, else a time_bucket() for plain
+-- PostgreSQL so that the seed's queries run unchanged on both.
+--
+-- "Available" means preloaded AND installable: an extension that is installed but not in
+-- shared_preload_libraries makes CREATE EXTENSION fail with FATAL (DESIGN §2).
+--
+-- Chunk intervals follow the data: a collector writes many spreads per second per symbol (one
+-- day per chunk keeps a chunk's indexes in memory), FX a few per second (a week), orders and
+-- trades far fewer (a month).
+DO $$
+BEGIN
+    IF current_setting('shared_preload_libraries') ~ '(^|[\s,])timescaledb([\s,]|$)'
+       AND EXISTS (SELECT 1 FROM pg_available_extensions WHERE name = 'timescaledb') THEN
+        CREATE EXTENSION IF NOT EXISTS timescaledb;
+        PERFORM create_hypertable('spreads', 'timestamp',
+            chunk_time_interval => INTERVAL '1 day', if_not_exists => TRUE);
+        PERFORM create_hypertable('fx_rates', 'timestamp',
+            chunk_time_interval => INTERVAL '7 days', if_not_exists => TRUE);
+        PERFORM create_hypertable('orders', 'timestamp',
+            chunk_time_interval => INTERVAL '30 days', if_not_exists => TRUE);
+        PERFORM create_hypertable('trades', 'timestamp',
+            chunk_time_interval => INTERVAL '30 days', if_not_exists => TRUE);
+    ELSE
+        -- Same bucket origin as TimescaleDB's for timestamptz (Monday 2000-01-03, UTC), so hour
+        -- and day buckets are identical on both.
+        CREATE OR REPLACE FUNCTION time_bucket(bucket_width INTERVAL, ts TIMESTAMPTZ)
+        RETURNS TIMESTAMPTZ
+        LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE
+        AS 'SELECT date_bin(bucket_width, ts, TIMESTAMPTZ ''2000-01-03 00:00:00+00'')';
+    END IF;
+END
+$$;
+
+
+-- ================================================================================================
+-- Retention, compression, aggregates, maintenance (migration 0003)
+-- ================================================================================================
+
+-- ingestd 0003: the rest of seed §2 — retention, compression and the two aggregates — on
+-- TimescaleDB, with the plain-PostgreSQL fallback, and the SECURITY DEFINER functions through
+-- which ingestd's runtime (a writer role with DML only) refreshes the plain materialized views,
+-- deletes expired rows and reconciles retention policies. Every statement is idempotent: the file
+-- applies again, unchanged, on a database where it already ran.
+--
+-- The branch is taken per table on "is it a hypertable" (0002 made them hypertables where
+-- TimescaleDB was available), not on whether TimescaleDB is installed now: a database migrated
+-- before TimescaleDB was installed keeps plain tables and gets the plain fallback.
+
+-- Day and hour buckets are UTC. The views below say so explicitly; the database's TimeZone is
+-- also UTC so that the seed's own ad-hoc queries (DATE(timestamp_close), §5.2) give UTC days in
+-- every new session that does not set its own TimeZone.
+DO $$
+BEGIN
+    EXECUTE format('ALTER DATABASE %I SET timezone TO %L', current_database(), 'UTC');
+END
+$$;
+
+-- One row per maintenance task: which replica's round ran last, and how it ended. A replica claims
+-- a round by moving last_started_at forward (under pg_try_advisory_xact_lock), so several
+-- replicas do each round once; `ingestd stats` shows the table.
+CREATE TABLE IF NOT EXISTS ingestd_maintenance (
+    task VARCHAR(50) PRIMARY KEY,
+    last_started_at TIMESTAMPTZ,
+    last_finished_at TIMESTAMPTZ,
+    last_status VARCHAR(20),
+    last_detail TEXT,
+    last_error TEXT,
+    runs BIGINT NOT NULL DEFAULT 0,
+    failures BIGINT NOT NULL DEFAULT 0,
+    CONSTRAINT ingestd_maintenance_last_status_check
+        CHECK (last_status IN ('success', 'failed'))
+);
+
+-- Seed §2.3 daily_pnl_summary. positions stays a plain table (DESIGN §2), so this cannot be a
+-- continuous aggregate: it is a materialized view on both flavours, refreshed by ingestd. The seed
+-- groups by DATE(timestamp_close), which depends on the session TimeZone; here the day is the UTC
+-- day whatever the session says. The unique index lets REFRESH ... CONCURRENTLY run without
+-- blocking readers.
+CREATE MATERIALIZED VIEW IF NOT EXISTS daily_pnl_summary AS
+SELECT
+    DATE(timestamp_close AT TIME ZONE 'UTC') as trade_date,
+    symbol,
+    COUNT(*) as trade_count,
+    SUM(pnl_krw) as total_pnl_krw,
+    AVG(pnl_pct) as avg_pnl_pct,
+    MAX(pnl_krw) as max_pnl_krw,
+    MIN(pnl_krw) as min_pnl_krw
+FROM positions
+WHERE status = 'CLOSED'
+GROUP BY DATE(timestamp_close AT TIME ZONE 'UTC'), symbol
+WITH DATA;
+
+CREATE UNIQUE INDEX IF NOT EXISTS daily_pnl_summary_trade_date_symbol_key
+    ON daily_pnl_summary (trade_date, symbol);
+
+DO $$
+DECLARE
+    spreads_hyper BOOLEAN := FALSE;
+    tbl TEXT;
+    keep INTERVAL;
+BEGIN
+    IF EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'timescaledb') THEN
+        spreads_hyper := EXISTS (
+            SELECT 1 FROM timescaledb_information.hypertables
+            WHERE hypertable_schema = current_schema() AND hypertable_name = 'spreads');
+    END IF;
+
+    IF spreads_hyper THEN
+        -- Seed §2.3 hourly_spread_avg, verbatim, as a real continuous aggregate. Real-time
+        -- (materialized_only = false): a query sees the materialized buckets plus the raw rows
+        -- after the watermark, so the current hour is always there. WITH NO DATA because a
+        -- refresh cannot run inside the migration's transaction; the policy fills it.
+        CREATE MATERIALIZED VIEW IF NOT EXISTS hourly_spread_avg
+        WITH (timescaledb.continuous, timescaledb.materialized_only = false) AS
+        SELECT
+            TIME_BUCKET('1 hour', timestamp) as hour,
+            symbol,
+            AVG(spread_pct) as avg_spread_pct,
+            AVG(net_spread_pct) as avg_net_spread_pct,
+            MAX(spread_pct) as max_spread_pct,
+            MIN(spread_pct) as min_spread_pct
+        FROM spreads
+        GROUP BY TIME_BUCKET('1 hour', timestamp), symbol
+        WITH NO DATA;
+        -- Materialize every 15 minutes the hours from 3 days ago up to an hour ago: late or
+        -- redelivered spreads within 3 days are picked up through the invalidation log; the last
+        -- hour comes from the raw rows (real-time part).
+        PERFORM add_continuous_aggregate_policy('hourly_spread_avg',
+            start_offset => INTERVAL '3 days',
+            end_offset => INTERVAL '1 hour',
+            schedule_interval => INTERVAL '15 minutes',
+            if_not_exists => TRUE);
+    ELSE
+        -- Plain PostgreSQL: the same definition as an ordinary materialized view that ingestd
+        -- refreshes (time_bucket is 0002's UTC-origin function).
+        CREATE MATERIALIZED VIEW IF NOT EXISTS hourly_spread_avg AS
+        SELECT
+            TIME_BUCKET('1 hour', timestamp) as hour,
+            symbol,
+            AVG(spread_pct) as avg_spread_pct,
+            AVG(net_spread_pct) as avg_net_spread_pct,
+            MAX(spread_pct) as max_spread_pct,
+            MIN(spread_pct) as min_spread_pct
+        FROM spreads
+        GROUP BY TIME_BUCKET('1 hour', timestamp), symbol
+        WITH DATA;
+        CREATE UNIQUE INDEX IF NOT EXISTS hourly_spread_avg_hour_symbol_key
+            ON hourly_spread_avg (hour, symbol);
+    END IF;
+
+    IF EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'timescaledb') THEN
+        -- Compression (columnstore) of the two big tables, one segment per symbol / pair, newest
+        -- first inside a segment. A chunk is compressed once its whole range is older than 2 days:
+        -- today's and yesterday's chunks stay row-store for the dashboards and for late data
+        -- (which still lands, and still deduplicates, in compressed chunks, only slower).
+        -- orders and trades are not compressed: a few rows per minute, and ingestd UPDATEs their
+        -- position_id when the position lands.
+        FOR tbl IN SELECT unnest(ARRAY['spreads', 'fx_rates']) LOOP
+            IF EXISTS (
+                SELECT 1 FROM timescaledb_information.hypertables
+                WHERE hypertable_schema = current_schema() AND hypertable_name = tbl
+                  AND NOT compression_enabled) THEN
+                EXECUTE format(
+                    'ALTER TABLE %I SET (timescaledb.compress, timescaledb.compress_segmentby = %L,'
+                    ' timescaledb.compress_orderby = %L)',
+                    tbl, CASE tbl WHEN 'spreads' THEN 'symbol' ELSE 'pair' END, 'timestamp DESC');
+            END IF;
+            IF EXISTS (
+                SELECT 1 FROM timescaledb_information.hypertables
+                WHERE hypertable_schema = current_schema() AND hypertable_name = tbl) THEN
+                PERFORM add_compression_policy(tbl::regclass, compress_after => INTERVAL '2 days',
+                    if_not_exists => TRUE);
+            END IF;
+        END LOOP;
+
+        -- Seed §2.2 retention with the seed's intervals. ingestd reconciles them with its
+        -- `retention:` settings through ingestd_set_retention() below.
+        FOR tbl, keep IN
+            SELECT * FROM (VALUES ('spreads', INTERVAL '90 days'), ('fx_rates', INTERVAL '180 days'),
+                                  ('orders', INTERVAL '365 days')) AS r(t, k)
+        LOOP
+            IF EXISTS (
+                SELECT 1 FROM timescaledb_information.hypertables
+                WHERE hypertable_schema = current_schema() AND hypertable_name = tbl) THEN
+                PERFORM add_retention_policy(tbl::regclass, drop_after => keep,
+                    if_not_exists => TRUE);
+            END IF;
+        END LOOP;
+    END IF;
+END
+$$;
+
+-- Refreshes the aggregates that are plain materialized views (daily_pnl_summary on both flavours,
+-- hourly_spread_avg on plain PostgreSQL); a continuous aggregate is a view refreshed by its
+-- policy and is left alone. Returns the names refreshed.
+CREATE OR REPLACE FUNCTION ingestd_refresh_aggregates() RETURNS TEXT[]
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, public, pg_temp
+AS $fn$
+DECLARE
+    view_name TEXT;
+    populated BOOLEAN;
+    refreshed TEXT[] := '{}';
+BEGIN
+    FOREACH view_name IN ARRAY ARRAY['daily_pnl_summary', 'hourly_spread_avg'] LOOP
+        SELECT c.relispopulated INTO populated
+        FROM pg_class c
+        WHERE c.oid = to_regclass(view_name) AND c.relkind = 'm';
+        CONTINUE WHEN populated IS NULL;
+        IF populated THEN
+            EXECUTE format('REFRESH MATERIALIZED VIEW CONCURRENTLY %I', view_name);
+        ELSE
+            -- CONCURRENTLY needs a populated view.
+            EXECUTE format('REFRESH MATERIALIZED VIEW %I', view_name);
+        END IF;
+        refreshed := refreshed || view_name;
+    END LOOP;
+    RETURN refreshed;
+END
+$fn$;
+
+-- Plain-PostgreSQL retention: deletes at most max_rows rows of table_name older than keep, oldest
+-- first (through the timestamp index), and returns how many. ingestd calls it in a loop, one
+-- transaction per call, so no statement holds locks or WAL for long. Hypertables are refused:
+-- there retention is drop_chunks by the policy (and a ctid is not unique across chunks).
+CREATE OR REPLACE FUNCTION ingestd_delete_expired(table_name TEXT, keep INTERVAL, max_rows INTEGER)
+RETURNS BIGINT
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, public, pg_temp
+AS $fn$
+DECLARE
+    deleted BIGINT;
+BEGIN
+    IF table_name IS NULL OR table_name NOT IN ('spreads', 'fx_rates', 'orders', 'trades') THEN
+        RAISE EXCEPTION 'ingestd_delete_expired: % is not a time-series table', table_name
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF keep IS NULL OR keep <= INTERVAL '0' OR max_rows IS NULL OR max_rows < 1 THEN
+        RAISE EXCEPTION 'ingestd_delete_expired: keep must be positive and max_rows >= 1'
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    -- Nested IFs: one expression naming timescaledb_information would fail on plain PostgreSQL.
+    IF EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'timescaledb') THEN
+        IF EXISTS (
+            SELECT 1 FROM timescaledb_information.hypertables
+            WHERE format('%I.%I', hypertable_schema, hypertable_name)::regclass
+                  = to_regclass(table_name)) THEN
+            RAISE EXCEPTION 'ingestd_delete_expired: % is a hypertable; its retention policy drops chunks',
+                table_name USING ERRCODE = 'wrong_object_type';
+        END IF;
+    END IF;
+    EXECUTE format(
+        'DELETE FROM %1$I WHERE ctid = ANY (ARRAY('
+        'SELECT ctid FROM %1$I WHERE "timestamp" < now() - $1 ORDER BY "timestamp" LIMIT $2))',
+        table_name) USING keep, max_rows;
+    GET DIAGNOSTICS deleted = ROW_COUNT;
+    RETURN deleted;
+END
+$fn$;
+
+-- TimescaleDB retention reconciliation: makes table_name's retention policy drop chunks older
+-- than keep (NULL: no policy). Returns 'unchanged', 'added', 'changed', 'removed', or 'plain' when
+-- the table is not a hypertable (ingestd then deletes expired rows itself).
+CREATE OR REPLACE FUNCTION ingestd_set_retention(table_name TEXT, keep INTERVAL)
+RETURNS TEXT
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, public, pg_temp
+AS $fn$
+DECLARE
+    rel REGCLASS;
+    job INTEGER;
+    current_keep INTERVAL;
+BEGIN
+    IF table_name IS NULL OR table_name NOT IN ('spreads', 'fx_rates', 'orders', 'trades') THEN
+        RAISE EXCEPTION 'ingestd_set_retention: % is not a time-series table', table_name
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF keep IS NOT NULL AND keep <= INTERVAL '0' THEN
+        RAISE EXCEPTION 'ingestd_set_retention: keep must be positive (NULL removes the policy)'
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    rel := to_regclass(table_name);
+    IF NOT EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'timescaledb') THEN
+        RETURN 'plain';
+    END IF;
+    IF NOT EXISTS (
+        SELECT 1 FROM timescaledb_information.hypertables
+        WHERE format('%I.%I', hypertable_schema, hypertable_name)::regclass = rel) THEN
+        RETURN 'plain';
+    END IF;
+    SELECT j.job_id, (j.config ->> 'drop_after')::INTERVAL INTO job, current_keep
+    FROM timescaledb_information.jobs j
+    WHERE j.proc_name = 'policy_retention'
+      AND format('%I.%I', j.hypertable_schema, j.hypertable_name)::regclass = rel;
+    IF keep IS NULL THEN
+        IF job IS NULL THEN
+            RETURN 'unchanged';
+        END IF;
+        PERFORM remove_retention_policy(rel);
+        RETURN 'removed';
+    END IF;
+    IF job IS NOT NULL AND current_keep = keep THEN
+        RETURN 'unchanged';
+    END IF;
+    IF job IS NOT NULL THEN
+        PERFORM remove_retention_policy(rel);
+    END IF;
+    PERFORM add_retention_policy(rel, drop_after => keep);
+    RETURN CASE WHEN job IS NULL THEN 'added' ELSE 'changed' END;
+END
+$fn$;
+
+-- The functions run as their owner: only the schema ingestd lives in (and pg_catalog first,
+-- pg_temp last) is searched, and nobody may call them until granted (least privilege).
+DO $$
+DECLARE
+    fn TEXT;
+BEGIN
+    FOREACH fn IN ARRAY ARRAY['ingestd_refresh_aggregates()',
+                              'ingestd_delete_expired(text, interval, integer)',
+                              'ingestd_set_retention(text, interval)'] LOOP
+        EXECUTE format('ALTER FUNCTION %s SET search_path = pg_catalog, %I, pg_temp',
+                       fn, current_schema());
+        EXECUTE format('REVOKE ALL ON FUNCTION %s FROM PUBLIC', fn);
+    END LOOP;
+END
+$$;

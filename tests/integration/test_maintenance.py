@@ -1,0 +1,445 @@
+"""Maintenance rounds against real PostgreSQL/TimescaleDB and Redis: retention, refreshes, keys,
+one replica per round, failures retried, least privilege, and dedup into compressed chunks."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+import uuid
+from collections.abc import AsyncIterator
+from decimal import Decimal
+from typing import Any, Protocol
+
+import asyncpg
+import orjson
+import pytest
+import redis
+
+from ingestd import db as ingestd_db
+from ingestd import migrations
+from ingestd.app import create_redis
+from ingestd.batching import Item
+from ingestd.maintenance import (
+    TASK_METRICS,
+    TASK_POLICIES,
+    TASK_REFRESH,
+    TASK_RETENTION,
+    Maintenance,
+)
+from ingestd.settings import MaintenanceSettings, RetentionSettings, load_settings
+from ingestd.sinks.postgres import PostgresSink
+from tests.integration.test_postgres_sink import item, pos_close, pos_open, spread
+
+pytestmark = [pytest.mark.pg, pytest.mark.redis]
+
+UTC = dt.UTC
+FUNCTIONS = (
+    "ingestd_refresh_aggregates()",
+    "ingestd_delete_expired(text, interval, integer)",
+    "ingestd_set_retention(text, interval)",
+)
+
+
+class Server(Protocol):
+    """What these tests use of the conftest's server fixtures."""
+
+    admin_dsn: str
+
+
+PLAIN_ONLY = pytest.mark.parametrize("server", ["postgres"], indirect=True)
+TIMESCALE_ONLY = pytest.mark.parametrize(
+    "server", [pytest.param("timescale", marks=pytest.mark.timescale)], indirect=True
+)
+
+
+@pytest.fixture(params=["postgres", pytest.param("timescale", marks=pytest.mark.timescale)])
+def server(request: pytest.FixtureRequest) -> tuple[str, Server]:
+    """Plain PostgreSQL, then TimescaleDB (skipped where absent); synchronous (asyncio.run)."""
+    name: str = request.param
+    srv: Server = request.getfixturevalue("pg_server" if name == "postgres" else "timescale_server")
+    return name, srv
+
+
+def with_db(dsn: str, name: str, user: str | None = None) -> str:
+    """The DSN of database ``name`` on the server of ``dsn`` (optionally as ``user``)."""
+    base, _, query = dsn.partition("?")
+    base = base.rsplit("/", 1)[0]
+    if user is not None:
+        scheme, _, rest = base.partition("://")
+        base = f"{scheme}://{user}@{rest.rpartition('@')[2]}"
+    return f"{base}/{name}" + (f"?{query}" if query else "")
+
+
+@pytest.fixture
+async def dsn(server: tuple[str, Server]) -> AsyncIterator[str]:
+    """A freshly migrated database on this parameter's server."""
+    _, srv = server
+    name = f"ingestd_mt_{uuid.uuid4().hex[:12]}"
+    admin = await asyncpg.connect(srv.admin_dsn)
+    try:
+        await admin.execute(f"CREATE DATABASE {name}")
+    finally:
+        await admin.close()
+    url = with_db(srv.admin_dsn, name)
+    conn = await asyncpg.connect(url)
+    try:
+        await migrations.migrate(conn)
+    finally:
+        await conn.close()
+    yield url
+    admin = await asyncpg.connect(srv.admin_dsn)
+    try:
+        await admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+    finally:
+        await admin.close()
+
+
+@pytest.fixture
+async def conn(dsn: str) -> AsyncIterator[asyncpg.Connection]:
+    """A side connection for assertions."""
+    c = await asyncpg.connect(dsn)
+    yield c
+    await c.close()
+
+
+async def make_pool(dsn: str) -> asyncpg.Pool:
+    """ingestd's own pool."""
+    s = load_settings(None, environ={}, overrides={"storage.postgres.dsn": dsn, "metrics_port": 0})
+    return await ingestd_db.create_pool(s.storage.postgres)
+
+
+@pytest.fixture
+async def pool(dsn: str) -> AsyncIterator[asyncpg.Pool]:
+    """ingestd's pool on the test database."""
+    p = await make_pool(dsn)
+    yield p
+    await p.close()
+
+
+def maintenance(
+    pool: asyncpg.Pool, redis_client: Any, *, prefix: str = "", **retention: int
+) -> Maintenance:
+    """A Maintenance with the given retention (days; batch via delete_batch_rows)."""
+    return Maintenance(
+        pool,
+        redis_client,
+        settings=MaintenanceSettings(),
+        retention=RetentionSettings(**retention),
+        key_prefix=prefix,
+    )
+
+
+@pytest.fixture
+async def aredis(redis_url: str) -> AsyncIterator[Any]:
+    """An asyncio Redis client as the Service builds it."""
+    client = create_redis(redis_url, socket_timeout_s=2)
+    yield client
+    await client.aclose()
+
+
+async def task_row(conn: asyncpg.Connection, task: str) -> asyncpg.Record:
+    """The ingestd_maintenance row of one task."""
+    row = await conn.fetchrow("SELECT * FROM ingestd_maintenance WHERE task = $1", task)
+    assert row is not None, task
+    return row
+
+
+def iso(moment: dt.datetime) -> str:
+    """RFC 3339 UTC."""
+    return moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+# --- retention -----------------------------------------------------------------------------------
+
+
+@PLAIN_ONLY
+async def test_plain_retention_deletes_expired_rows_in_bounded_batches(
+    dsn: str, conn: asyncpg.Connection, pool: asyncpg.Pool, aredis: Any
+) -> None:
+    now = dt.datetime.now(UTC)
+    old = [
+        item(spread(f"old{i}", ts=iso(now - dt.timedelta(days=31, minutes=i)))) for i in range(23)
+    ]
+    new = [
+        item(spread(f"new{i}", ts=iso(now - dt.timedelta(days=29, minutes=i)))) for i in range(7)
+    ]
+    await PostgresSink(pool).write(old + new)
+    m = maintenance(pool, aredis, spreads_days=30, delete_batch_rows=5)
+    result = await m.run_task(TASK_RETENTION, force=True)
+    assert result is not None and result.ran
+    assert "spreads: 23 rows deleted" in result.detail
+    assert await conn.fetchval("SELECT count(*) FROM spreads") == 7
+    assert await conn.fetchval("SELECT count(*) FROM spreads WHERE event_id LIKE 'new%'") == 7
+    row = await task_row(conn, TASK_RETENTION)
+    assert row["last_status"] == "success" and row["runs"] == 1
+
+
+@PLAIN_ONLY
+async def test_delete_function_is_bounded_and_refuses_other_tables(
+    dsn: str, conn: asyncpg.Connection, pool: asyncpg.Pool
+) -> None:
+    now = dt.datetime.now(UTC)
+    batch = [
+        item(spread(f"o{i}", ts=iso(now - dt.timedelta(days=100, seconds=i)))) for i in range(12)
+    ]
+    await PostgresSink(pool).write(batch)
+    deleted = await conn.fetchval("SELECT ingestd_delete_expired('spreads', '90 days', 5)")
+    assert deleted == 5
+    assert await conn.fetchval("SELECT count(*) FROM spreads") == 7
+    for bad in ("positions", "dead_letters", "spreads; DROP TABLE positions"):
+        with pytest.raises(asyncpg.InvalidParameterValueError):
+            await conn.fetchval("SELECT ingestd_delete_expired($1, '1 day', 5)", bad)
+    with pytest.raises(asyncpg.InvalidParameterValueError):
+        await conn.fetchval("SELECT ingestd_delete_expired('spreads', '0 days', 5)")
+    assert await conn.fetchval("SELECT to_regclass('positions') IS NOT NULL")
+
+
+@TIMESCALE_ONLY
+async def test_timescale_retention_policies_follow_the_settings(
+    dsn: str, conn: asyncpg.Connection, pool: asyncpg.Pool, aredis: Any
+) -> None:
+    async def policies() -> dict[str, str]:
+        rows = await conn.fetch(
+            "SELECT hypertable_name::text AS t, config->>'drop_after' AS keep"
+            " FROM timescaledb_information.jobs WHERE proc_name = 'policy_retention'"
+        )
+        return {r["t"]: r["keep"] for r in rows}
+
+    assert await policies() == {"spreads": "90 days", "fx_rates": "180 days", "orders": "365 days"}
+    m = maintenance(pool, aredis)  # the seed's defaults: nothing to change
+    result = await m.run_task(TASK_POLICIES, force=True)
+    assert result is not None and result.detail.count("unchanged") == 3
+    m = maintenance(pool, aredis, spreads_days=14, fx_rates_days=0, orders_days=365)
+    result = await m.run_task(TASK_POLICIES, force=True)
+    assert result is not None
+    assert "spreads (14 days): changed" in result.detail
+    assert "fx_rates (kept forever): removed" in result.detail
+    assert await policies() == {"spreads": "14 days", "orders": "365 days"}
+    # The delete path is refused on a hypertable: drop_chunks does retention there.
+    with pytest.raises(asyncpg.WrongObjectTypeError):
+        await conn.fetchval("SELECT ingestd_delete_expired('spreads', '1 day', 5)")
+    result = await m.run_task(TASK_RETENTION, force=True)
+    assert result is not None and "TimescaleDB policies" in result.detail
+    # Retention actually drops old chunks with the reconciled interval.
+    now = dt.datetime.now(UTC)
+    await PostgresSink(pool).write(
+        [item(spread("old", ts=iso(now - dt.timedelta(days=20)))), item(spread("new", ts=iso(now)))]
+    )
+    job = await conn.fetchval(
+        "SELECT job_id FROM timescaledb_information.jobs"
+        " WHERE proc_name = 'policy_retention' AND hypertable_name = 'spreads'"
+    )
+    await conn.execute(f"CALL run_job({int(job)})")
+    assert [r["event_id"] for r in await conn.fetch("SELECT event_id FROM spreads")] == ["new"]
+
+
+# --- refresh and metrics keys ------------------------------------------------------------------
+
+
+def closed_position(key: str, symbol: str, pnl: str, pct: str, closed: str) -> list[Item]:
+    """A position opened and closed at ``closed``, as two items."""
+    close = pos_close(key, symbol)
+    close.update(pnl_krw=pnl, pnl_pct=pct, timestamp_close=closed)
+    return [item(pos_open(key, symbol)), item(close)]
+
+
+async def test_refresh_and_metrics_keys_respect_the_key_prefix(
+    server: tuple[str, Server],
+    dsn: str,
+    conn: asyncpg.Connection,
+    pool: asyncpg.Pool,
+    aredis: Any,
+    rclient: redis.Redis,
+) -> None:
+    now = dt.datetime.now(UTC).replace(microsecond=0)
+    today, yesterday = now.date(), now.date() - dt.timedelta(days=1)
+    # 23:30 on the day before in UTC is the next day in Seoul: the UTC day must win.
+    late_yesterday = dt.datetime.combine(yesterday, dt.time(23, 30), UTC)
+    batch = [
+        *closed_position("p1", "BTC", "1000.50", "1.2500", iso(late_yesterday)),
+        *closed_position("p2", "BTC", "-200.25", "-0.5000", iso(late_yesterday)),
+        *closed_position("p3", "ETH", "10.00", "0.1000", iso(now)),
+        item(spread("s1", "BTC", iso(now), spread_pct="3.0000", net_spread_pct="2.8000")),
+        item(spread("s2", "BTC", iso(now), spread_pct="3.0001", net_spread_pct="2.8001")),
+    ]
+    await PostgresSink(pool).write(batch)
+    m = maintenance(pool, aredis, prefix="t1:")
+    refreshed = await m.run_task(TASK_REFRESH, force=True)
+    assert refreshed is not None and "daily_pnl_summary" in refreshed.detail
+    result = await m.run_task(TASK_METRICS, force=True)
+    assert result is not None and result.ran
+
+    assert rclient.get("metrics:daily_pnl:" + yesterday.isoformat()) is None  # prefix respected
+    raw = rclient.get(f"t1:metrics:daily_pnl:{yesterday.isoformat()}")
+    assert raw is not None
+    doc = orjson.loads(raw)
+    assert doc["trade_count"] == 2
+    assert doc["total_pnl_krw"] == "800.25"
+    assert doc["max_pnl_krw"] == "1000.50" and doc["min_pnl_krw"] == "-200.25"
+    assert Decimal(doc["symbols"]["BTC"]["avg_pnl_pct"]) == Decimal("0.375")
+    assert set(doc["symbols"]) == {"BTC"}
+    assert 0 < rclient.ttl(f"t1:metrics:daily_pnl:{yesterday.isoformat()}") <= 86_400
+    today_doc = orjson.loads(rclient.get(f"t1:metrics:daily_pnl:{today.isoformat()}") or b"{}")
+    assert today_doc["symbols"]["ETH"]["total_pnl_krw"] == "10.00"
+    hour_key = f"t1:metrics:hourly_spread:{now:%Y-%m-%d-%H}"
+    hour_doc = orjson.loads(rclient.get(hour_key) or b"{}")
+    assert Decimal(hour_doc["symbols"]["BTC"]["avg_spread_pct"]) == Decimal("3.00005")
+    assert hour_doc["symbols"]["BTC"]["max_spread_pct"] == "3.0001"
+    assert 0 < rclient.ttl(hour_key) <= 86_400
+
+
+# --- several replicas, failures ----------------------------------------------------------------
+
+
+@PLAIN_ONLY
+async def test_only_one_replica_does_each_round(
+    dsn: str, conn: asyncpg.Connection, aredis: Any
+) -> None:
+    pools = [await make_pool(dsn) for _ in range(3)]
+    try:
+        replicas = [maintenance(p, aredis) for p in pools]
+        results = await asyncio.gather(*(r.run_task(TASK_REFRESH) for r in replicas))
+        assert sorted(r is not None and r.ran for r in results) == [False, False, True]
+        # Within the interval nobody runs it again; forced, one does.
+        again = await asyncio.gather(*(r.run_task(TASK_REFRESH) for r in replicas))
+        assert not any(r is not None and r.ran for r in again)
+        assert (await task_row(conn, TASK_REFRESH))["runs"] == 1
+    finally:
+        for p in pools:
+            await p.close()
+
+
+@PLAIN_ONLY
+async def test_a_failed_round_is_logged_recorded_and_retried(
+    dsn: str,
+    conn: asyncpg.Connection,
+    pool: asyncpg.Pool,
+    aredis: Any,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    await PostgresSink(pool).write(
+        closed_position("p1", "BTC", "5.00", "0.0100", iso(dt.datetime.now(UTC)))
+    )
+    await maintenance(pool, aredis).run_task(TASK_REFRESH, force=True)
+    dead_redis = create_redis("redis://127.0.0.1:1/0", socket_timeout_s=0.5)
+    try:
+        with caplog.at_level(logging.WARNING, logger="ingestd.maintenance"):
+            assert await maintenance(pool, dead_redis).run_task(TASK_METRICS) is None
+        await asyncio.sleep(0)
+    finally:
+        await dead_redis.aclose()
+    assert any(getattr(r, "action", None) == "maintenance_failed" for r in caplog.records)
+    row = await task_row(conn, TASK_METRICS)
+    assert row["last_status"] == "failed" and row["failures"] == 1
+    assert "ConnectionError" in row["last_error"]
+    # Next round (another replica, or this one once Redis is back) succeeds.
+    result = await maintenance(pool, aredis).run_task(TASK_METRICS, force=True)
+    assert result is not None and result.ran
+    row = await task_row(conn, TASK_METRICS)
+    assert row["last_status"] == "success" and row["last_error"] is None
+
+
+@PLAIN_ONLY
+async def test_a_round_without_a_database_fails_cleanly(dsn: str, aredis: Any) -> None:
+    p = await make_pool(dsn)
+    m = maintenance(p, aredis)
+    await p.close()
+    # Every task fails (and so does recording the failure); none raises, all are counted.
+    assert await m.run_all() == [None, None, None, None]
+    assert m.failures == 4
+
+
+# --- least privilege ----------------------------------------------------------------------------
+
+
+async def test_a_dml_only_role_runs_maintenance_through_the_functions(
+    server: tuple[str, Server], dsn: str, conn: asyncpg.Connection, aredis: Any
+) -> None:
+    kind, srv = server
+    role = f"ingestd_writer_{uuid.uuid4().hex[:8]}"
+    await conn.execute(f"CREATE ROLE {role} LOGIN")
+    try:
+        db = dsn.rsplit("/", 1)[1]
+        await conn.execute(f"GRANT CONNECT ON DATABASE {db} TO {role}")
+        await conn.execute(f"GRANT USAGE ON SCHEMA public TO {role}")
+        await conn.execute(
+            f"GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO {role}"
+        )
+        writer_dsn = with_db(srv.admin_dsn, db, user=role)
+        writer = await asyncpg.connect(writer_dsn)
+        try:
+            # Not the owner: REFRESH and policy changes are refused directly...
+            with pytest.raises(asyncpg.InsufficientPrivilegeError):
+                await writer.execute("REFRESH MATERIALIZED VIEW daily_pnl_summary")
+            # ...and the functions too until granted (REVOKE ... FROM PUBLIC in 0003).
+            with pytest.raises(asyncpg.InsufficientPrivilegeError):
+                await writer.fetchval("SELECT ingestd_refresh_aggregates()")
+        finally:
+            await writer.close()
+        for fn in FUNCTIONS:
+            await conn.execute(f"GRANT EXECUTE ON FUNCTION {fn} TO {role}")
+        p = await make_pool(writer_dsn)
+        try:
+            m = maintenance(p, aredis, spreads_days=45)
+            results = await m.run_all()
+            assert all(r is not None and r.ran for r in results), results
+            if kind == "timescale":
+                keep = await conn.fetchval(
+                    "SELECT config->>'drop_after' FROM timescaledb_information.jobs"
+                    " WHERE proc_name = 'policy_retention' AND hypertable_name = 'spreads'"
+                )
+                assert keep == "45 days"
+        finally:
+            await p.close()
+    finally:
+        await conn.execute(f"DROP OWNED BY {role}")
+        await conn.execute(f"DROP ROLE {role}")
+
+
+async def test_functions_run_with_a_fixed_search_path(conn: asyncpg.Connection, dsn: str) -> None:
+    rows = await conn.fetch(
+        "SELECT p.oid::regprocedure::text AS fn, p.prosecdef, p.proconfig"
+        " FROM pg_proc p WHERE p.proname LIKE 'ingestd\\_%'"
+    )
+    assert {r["fn"] for r in rows} == {f.replace(", ", ",") for f in FUNCTIONS}
+    for r in rows:
+        assert r["prosecdef"], r["fn"]
+        assert r["proconfig"] == ["search_path=pg_catalog, public, pg_temp"], r["fn"]
+
+
+# --- compressed chunks and the dedup path ------------------------------------------------------
+
+
+@TIMESCALE_ONLY
+async def test_redelivery_into_a_compressed_chunk_is_deduplicated_and_late_data_lands(
+    dsn: str, conn: asyncpg.Connection, pool: asyncpg.Pool
+) -> None:
+    day = dt.datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+    moment = day - dt.timedelta(days=5, hours=-3)
+    first = [item(spread(f"c{i}", "BTC", iso(moment + dt.timedelta(seconds=i)))) for i in range(50)]
+    sink = PostgresSink(pool)
+    await sink.write(first)
+    compressed = await conn.fetch(
+        "SELECT compress_chunk(c)"
+        " FROM show_chunks('spreads', older_than => now() - interval '2 days') c"
+    )
+    assert len(compressed) == 1
+    assert await conn.fetchval(
+        "SELECT bool_and(is_compressed) FROM timescaledb_information.chunks"
+        " WHERE hypertable_name = 'spreads'"
+    )
+    # The whole batch again (COPY meets the unique index inside the compressed chunk, then the
+    # staging merge's ON CONFLICT DO NOTHING), plus a late event for the same chunk.
+    late = item(spread("late-1", "ETH", iso(moment + dt.timedelta(minutes=30))))
+    outcome = await sink.write([*first, late])
+    assert outcome.inserted == {"spreads": 1}
+    assert outcome.duplicates == 50
+    assert await conn.fetchval("SELECT count(*) FROM spreads") == 51
+    assert await conn.fetchval("SELECT count(DISTINCT event_id) FROM spreads") == 51
+    # A redelivery of the late event alone (direct COPY path first) lands zero times again.
+    again = await sink.write(
+        [item(spread("late-1", "ETH", iso(moment + dt.timedelta(minutes=30))))]
+    )
+    assert again.inserted == {"spreads": 0} and again.duplicates == 1
+    assert await conn.fetchval("SELECT count(*) FROM spreads WHERE event_id = 'late-1'") == 1
