@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import decimal
+import logging
 import re
 import uuid
 from collections.abc import Mapping
@@ -20,6 +21,8 @@ import msgspec
 
 from ingestd import tables
 from ingestd.errors import InvalidEvent
+
+log = logging.getLogger("ingestd.events")
 
 
 class JsonNumber(str):
@@ -431,7 +434,19 @@ def decode_event(
         size = len(payload.encode("utf-8", errors="surrogatepass"))
     if size > max_bytes:
         raise InvalidEvent(f"event is {size} bytes, larger than max_event_bytes={max_bytes}")
-    return parse_event(decode_json(payload), default_event_id=default_event_id)
+    try:
+        return parse_event(decode_json(payload), default_event_id=default_event_id)
+    except InvalidEvent:
+        raise
+    except Exception as exc:
+        raise _internal_error(exc) from exc
+
+
+def _internal_error(exc: Exception) -> InvalidEvent:
+    # A payload that trips a bug in validation must not stop the intake or vanish: it becomes
+    # a dead letter like bad input (its raw payload kept), and the traceback is logged.
+    log.exception("validation failed unexpectedly", extra={"action": "validation_bug"})
+    return InvalidEvent(f"internal error while validating the event: {type(exc).__name__}: {exc}")
 
 
 def normalize(obj: Mapping[str, Any]) -> Event:
@@ -444,4 +459,9 @@ def normalize(obj: Mapping[str, Any]) -> Event:
                 raise InvalidEvent(
                     "contains a lone surrogate (not valid UTF-8)", field=str(key)
                 ) from None
-    return parse_event(obj)
+    try:
+        return parse_event(obj)
+    except InvalidEvent:
+        raise
+    except Exception as exc:
+        raise _internal_error(exc) from exc

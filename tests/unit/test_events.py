@@ -1064,3 +1064,16 @@ def test_decimal_module_default_context_untouched() -> None:
     assert ctx.prec == before
     assert not ctx.flags[decimal.InvalidOperation]
     assert not ctx.flags[decimal.Inexact]
+
+
+def test_a_bug_in_validation_becomes_a_dead_letter_reason_not_a_crash(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def broken(obj: object, *, default_event_id: str | None = None) -> events.Event:
+        raise IndexError("a bug")
+
+    monkeypatch.setattr(events, "parse_event", broken)
+    with pytest.raises(InvalidEvent, match="internal error while validating the event: IndexError"):
+        events.decode_event(b'{"type": "heartbeat"}', max_bytes=1000)
+    with pytest.raises(InvalidEvent, match="internal error"):
+        events.normalize({"type": "heartbeat"})
