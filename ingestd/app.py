@@ -28,6 +28,7 @@ from ingestd import errors, failpoints, migrations
 from ingestd.db import create_pool
 from ingestd.maintenance import Maintenance
 from ingestd.pipeline import Pipeline, cancel_quietly
+from ingestd.redis_packing import use_hiredis_packing
 from ingestd.settings import Settings, redact
 from ingestd.sinks.mirror import RedisMirror
 from ingestd.sinks.postgres import PostgresSink, fetch_all_open_counts
@@ -41,7 +42,7 @@ log = logging.getLogger("ingestd.app")
 
 def create_redis(url: str, *, socket_timeout_s: float) -> aioredis.Redis:
     """A redis-py client with explicit timeouts and retries (``from_url`` sets none)."""
-    return aioredis.Redis.from_url(
+    client = aioredis.Redis.from_url(
         url,
         socket_timeout=socket_timeout_s,
         socket_connect_timeout=socket_timeout_s,
@@ -50,6 +51,8 @@ def create_redis(url: str, *, socket_timeout_s: float) -> aioredis.Redis:
         health_check_interval=30,
         protocol=2,
     )
+    use_hiredis_packing(client)
+    return client
 
 
 async def connect_with_retry(settings: Settings, deadline_s: float) -> asyncpg.Pool:

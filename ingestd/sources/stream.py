@@ -48,6 +48,9 @@ class StreamSource:
         max_event_bytes: int,
     ) -> None:
         self._client = client
+        # XREADGROUP replies stay as Redis sent them: building a dict per entry is a measurable
+        # share of the intake's CPU (PERFORMANCE.md), and _event_payload reads the flat list.
+        client.set_response_callback("XREADGROUP", _raw_reply)
         self._pipeline = pipeline
         self.settings = settings
         self.key = settings.key
@@ -115,8 +118,8 @@ class StreamSource:
             items.append(self._item(entry_id, fields, now))
         return items
 
-    def _item(self, entry_id: bytes, fields: dict[bytes, bytes] | None, now: float) -> Item:
-        payload = None if fields is None else fields.get(EVENT_FIELD)
+    def _item(self, entry_id: bytes, fields: Any, now: float) -> Item:
+        payload = _event_payload(fields)
         if payload is None:
             raw: bytes = b"" if fields is None else repr(fields).encode()
             reason = (
@@ -156,7 +159,7 @@ class StreamSource:
         )
         if not reply:
             return []
-        # RESP2 reply shape: [[stream_key, [(entry_id, {field: value}), ...]]]
+        # The raw RESP2 reply (see __init__): [[stream_key, [[entry_id, [field, value, ...]]]]]
         streams: list[Any] = reply  # type: ignore[assignment]
         entries: list[Any] = streams[0][1]
         return entries
@@ -312,6 +315,27 @@ class StreamSource:
     async def finish(self) -> None:
         """Acknowledge what the drained pipeline committed (called after the drain)."""
         await self._flush_acks()
+
+
+def _raw_reply(response: Any, **options: Any) -> Any:
+    return response
+
+
+def _event_payload(fields: Any) -> bytes | None:
+    """The ``event`` field of an entry: from a raw ``[field, value, ...]`` list or a dict."""
+    if fields is None:
+        return None
+    if isinstance(fields, dict):
+        value: bytes | None = fields.get(EVENT_FIELD)
+        return value
+    if len(fields) == 2 and fields[0] == EVENT_FIELD:
+        first: bytes = fields[1]
+        return first
+    for i in range(0, len(fields) - 1, 2):
+        if fields[i] == EVENT_FIELD:
+            found: bytes = fields[i + 1]
+            return found
+    return None
 
 
 def _parse_id(entry_id: str) -> tuple[int, int]:
