@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from ingestd.app import create_redis
@@ -19,7 +21,7 @@ async def test_commands_are_packed_by_hiredis_and_work(redis_url: str) -> None:
         await client.xgroup_create("s", "g", id="0")
         groups = await client.xinfo_groups("s")
         assert [g["name"] for g in groups] == [b"g"]
-        read = await client.xreadgroup("g", "c", {"s": ">"}, count=5000)
+        read: Any = await client.xreadgroup("g", "c", {"s": ">"}, count=5000)
         assert len(read[0][1]) == 3000
         assert await client.xack("s", "g", *ids) == 3000
         assert (await client.xpending("s", "g"))["pending"] == 0
