@@ -273,6 +273,7 @@ class Record:
     fields: list[str] | None
     raw: str
     end_offset: int
+    end_line: int  # physical lines read up to end_offset
     error: str | None
     terminated: bool
 
@@ -312,34 +313,55 @@ class _Lines:
         return text
 
 
-def read_records(f: IO[bytes], *, offset: int = 0, line: int = 0) -> Iterator[Record]:
+class RecordReader:
     """The records of a CSV file from byte ``offset`` (after ``line`` lines); blank lines skipped.
 
     ``f`` must be positioned at ``offset``. A record with broken quoting or invalid UTF-8 comes
-    back with ``error`` set, and reading goes on with the next line.
+    back with ``error`` set, and reading goes on with the next line. After iterating, ``offset``,
+    ``line`` and ``terminated`` describe the end of what was read (blank lines included).
     """
-    lines = _Lines(f, offset, line)
-    reader = csv.reader(lines, strict=True)
-    while True:
-        start = lines.line + 1
-        lines.raw = []
-        lines.bad_utf8 = False
-        try:
-            fields = next(reader)
-        except StopIteration:
-            return
-        except csv.Error as exc:
-            yield Record(
-                start,
-                None,
-                "".join(lines.raw),
-                lines.offset,
-                f"malformed CSV: {exc}",
-                lines.terminated,
-            )
-            continue
-        if not fields:
-            continue
-        raw = lines.raw[0] if len(lines.raw) == 1 else "".join(lines.raw)
-        error = "not valid UTF-8" if lines.bad_utf8 else None
-        yield Record(start, fields, raw, lines.offset, error, lines.terminated)
+
+    def __init__(self, f: IO[bytes], *, offset: int = 0, line: int = 0) -> None:
+        self._lines = _Lines(f, offset, line)
+
+    @property
+    def offset(self) -> int:
+        """Bytes read so far (from the start of the file)."""
+        return self._lines.offset
+
+    @property
+    def line(self) -> int:
+        """Physical lines read so far."""
+        return self._lines.line
+
+    @property
+    def terminated(self) -> bool:
+        """True when the last line read ended with a line end."""
+        return self._lines.terminated
+
+    def __iter__(self) -> Iterator[Record]:
+        lines = self._lines
+        reader = csv.reader(lines, strict=True)
+        while True:
+            start = lines.line + 1
+            lines.raw = []
+            lines.bad_utf8 = False
+            try:
+                fields = next(reader)
+            except StopIteration:
+                return
+            except csv.Error as exc:
+                text = "".join(lines.raw)
+                reason = f"malformed CSV: {exc}"
+                yield Record(start, None, text, lines.offset, lines.line, reason, lines.terminated)
+                continue
+            if not fields:
+                continue
+            raw = lines.raw[0] if len(lines.raw) == 1 else "".join(lines.raw)
+            error = "not valid UTF-8" if lines.bad_utf8 else None
+            yield Record(start, fields, raw, lines.offset, lines.line, error, lines.terminated)
+
+
+def read_records(f: IO[bytes], *, offset: int = 0, line: int = 0) -> Iterator[Record]:
+    """Iterate the records of ``f`` (see ``RecordReader``)."""
+    return iter(RecordReader(f, offset=offset, line=line))
