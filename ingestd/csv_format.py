@@ -147,6 +147,8 @@ def _boolean(text: str, field: str) -> object:
 
 def _time(text: str, field: str) -> object:
     text = text.strip()
+    if text[-1:] in ("Z", "z") or text[-3:-2] == ":":
+        return text  # the common forms (Z, +09:00): no regex per row
     m = _BASIC_OFFSET.match(text)
     if m is not None and ":" in m.group(1):
         return f"{m.group(1)}{m.group(2)}:{m.group(3)}"
@@ -208,6 +210,9 @@ class RowConverter:
             if name in index and name not in (EVENT_ID, PRODUCER, STATUS)
         ]
         self._exit = [index[n] for n in _EXIT_COLUMNS if n in index]
+        # Derived ids are "csv:<source>:<line>"; the prefix is built once, not per row.
+        self._id_prefix = derived_event_id(source, 0)[:-1]
+        self._id_fits = len(self._id_prefix) + 20 <= tables.EVENT_ID.length
         self._close_time = index.get("timestamp_close")
 
     def event(self, fields: Sequence[str], line: int) -> events.Event:
@@ -224,7 +229,13 @@ class RowConverter:
             for name in _EXIT_COLUMNS:
                 obj.pop(name, None)
         event_id = fields[self._event_id] if self._event_id is not None else ""
-        obj[EVENT_ID] = event_id or derived_event_id(self.source, line)
+        if not event_id:
+            event_id = (
+                self._id_prefix + str(line)
+                if self._id_fits
+                else derived_event_id(self.source, line)
+            )
+        obj[EVENT_ID] = event_id
         producer = fields[self._producer] if self._producer is not None else ""
         if producer or self._default_producer:
             obj[PRODUCER] = producer or self._default_producer
