@@ -26,7 +26,10 @@ class Pending:
 
 
 class Outbox:
-    """A bounded FIFO with counters: ``added == settled + len(self) + in flight``."""
+    """A bounded FIFO with counters: ``added == settled + len(self) + in_flight``.
+
+    The bound counts the chunk being sent too: memory holds at most ``max_events`` events.
+    """
 
     def __init__(self, max_events: int, *, overflow: Overflow = "block") -> None:
         if max_events < 1:
@@ -34,6 +37,7 @@ class Outbox:
         self.max_events = max_events
         self.overflow: Overflow = overflow
         self._items: collections.deque[Pending] = collections.deque()
+        self.in_flight = 0
         self.added = 0
         self.sent = 0
         self.dropped = 0
@@ -51,14 +55,18 @@ class Outbox:
     @property
     def full(self) -> bool:
         """True when ``add`` would block (``block``) or drop (``drop_oldest``)."""
-        return len(self._items) >= self.max_events
+        return len(self._items) + self.in_flight >= self.max_events
 
     def add(self, item: Pending) -> None:
-        """Append; under ``drop_oldest`` a full buffer first drops its oldest event."""
-        while self.overflow == "drop_oldest" and len(self._items) >= self.max_events:
-            self._drop(self._items.popleft())
+        """Append; under ``drop_oldest`` a full buffer first drops its oldest queued event."""
+        self._trim(self.max_events - 1)
         self._items.append(item)
         self.added += 1
+
+    def _trim(self, limit: int) -> None:
+        # Only queued events can be dropped; the chunk in flight is the publisher's.
+        while self.overflow == "drop_oldest" and self._items and len(self) + self.in_flight > limit:
+            self._drop(self._items.popleft())
 
     def _drop(self, item: Pending) -> None:
         self.dropped += 1
@@ -70,17 +78,19 @@ class Outbox:
         """Remove and return up to ``limit`` of the oldest events (to be sent)."""
         n = min(limit, len(self._items))
         popleft = self._items.popleft
+        self.in_flight += n
         return [popleft() for _ in range(n)]
 
     def settle(self, items: list[Pending]) -> None:
         """Record a chunk as published."""
+        self.in_flight -= len(items)
         self.sent += len(items)
 
     def put_back(self, items: list[Pending]) -> None:
         """Return an unsent chunk to the front, in order (trimmed again under ``drop_oldest``)."""
+        self.in_flight -= len(items)
         self._items.extendleft(reversed(items))
-        while self.overflow == "drop_oldest" and len(self._items) > self.max_events:
-            self._drop(self._items.popleft())
+        self._trim(self.max_events)
 
 
 class Backoff:

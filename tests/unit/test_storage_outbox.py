@@ -51,6 +51,26 @@ def test_drop_oldest_policy_counts_what_it_drops() -> None:
     assert box.settled == 3  # dropped counts as settled: flush() does not wait for them
 
 
+def test_the_bound_counts_the_chunk_in_flight() -> None:
+    box = Outbox(3)
+    for i in range(3):
+        box.add(p(i))
+    chunk = box.take(2)
+    assert len(box) == 1 and box.in_flight == 2 and box.full  # memory still holds three
+    box.put_back(chunk)
+    assert box.in_flight == 0 and box.full
+    box.settle(box.take(3))
+    assert not box.full and box.in_flight == 0
+    dropping = Outbox(3, overflow="drop_oldest")
+    for i in range(3):
+        dropping.add(p(i))
+    sending = dropping.take(2)
+    dropping.add(p(3))  # drops e2, the oldest queued; the chunk in flight is not touched
+    assert dropping.first_dropped == "e2" and [x.event_id for x in sending] == ["e0", "e1"]
+    dropping.put_back(sending)
+    assert [x.event_id for x in dropping.take(5)] == ["e0", "e1", "e3"]
+
+
 def test_outbox_bound_must_be_positive() -> None:
     with pytest.raises(ValueError, match="max_events"):
         Outbox(0)
