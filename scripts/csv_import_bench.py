@@ -12,6 +12,8 @@ by its unique key), and ``verify-csv``. The scratch database and the file are re
 Nothing here is a test: the numbers go into the README by hand.
 """
 
+# ruff: noqa: S603, S607 - runs ingestd, psql and /usr/bin/time with arguments built here
+
 from __future__ import annotations
 
 import argparse
@@ -32,7 +34,7 @@ HEADER = (
 
 def generate(path: Path, rows: int, seed: int = 1) -> None:
     """A realistic spreads.csv: three symbols, a tick every 10 ms, exact decimal text."""
-    rng = random.Random(seed)
+    rng = random.Random(seed)  # noqa: S311 - test data, not security
     base = {"BTC": 140_000_000.0, "ETH": 5_200_000.0, "XRP": 850.0}
     usdkrw = 1385.5
     start = 1_763_178_015  # 2025-11-15T03:40:15Z
@@ -74,12 +76,18 @@ def timed(cmd: list[str], env: dict[str, str]) -> tuple[float, int, str]:
     return float(m.group(1)), int(m.group(2)), proc.stdout
 
 
+def _figures(rows: int, wall: float, rss_kib: int) -> str:
+    return f"{wall:7.1f}s  {rows / wall:9,.0f} rows/s  peak RSS {rss_kib / 1024:6.1f} MiB"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", type=int, action="append", help="rows (repeatable)")
     parser.add_argument(
         "--admin-url",
-        default=os.environ.get("INGESTD_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres"),
+        default=os.environ.get(
+            "INGESTD_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
+        ),
     )
     args = parser.parse_args()
     sizes = args.rows or [1_000_000]
@@ -94,18 +102,22 @@ def main() -> None:
             generate(path, rows)
             size_mb = path.stat().st_size / 1e6
             print(f"generated {rows:,} rows ({size_mb:.0f} MB) in {time.monotonic() - t0:.1f}s")
-            subprocess.run([*ingestd, "migrate", "--create-database"], env=env, check=True, capture_output=True)
+            subprocess.run(
+                [*ingestd, "migrate", "--create-database"], env=env, check=True, capture_output=True
+            )
             try:
                 for label, extra in (
                     ("import", []),
                     ("import again (checkpoint)", []),
                     ("import --no-resume (all duplicates)", ["--no-resume"]),
                 ):
-                    wall, rss, _ = timed([*ingestd, "import-csv", tmp, "--progress", "off", *extra], env)
-                    print(f"{label:38s} {wall:7.1f}s  {rows / wall:9,.0f} rows/s  peak RSS {rss / 1024:6.1f} MiB")
+                    wall, rss, _ = timed(
+                        [*ingestd, "import-csv", tmp, "--progress", "off", *extra], env
+                    )
+                    print(f"{label:38s} {_figures(rows, wall, rss)}")
                 wall, rss, out = timed([*ingestd, "verify-csv", tmp], env)
                 verdict = "OK" if " OK" in out and "MISMATCH" not in out else "MISMATCH"
-                print(f"{'verify-csv':38s} {wall:7.1f}s  {rows / wall:9,.0f} rows/s  peak RSS {rss / 1024:6.1f} MiB  {verdict}")
+                print(f"{'verify-csv':38s} {_figures(rows, wall, rss)}  {verdict}")
             finally:
                 subprocess.run(
                     ["psql", args.admin_url, "-qc", f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"],
