@@ -89,8 +89,8 @@ class CsvFile:
     def sync(self) -> None:
         """fsync the file if rows were written since the last fsync."""
         if self.dirty:
-            os.fsync(self._f.fileno())
             self.dirty = False
+            os.fsync(self._f.fileno())
 
     def close(self) -> None:
         """fsync and close."""
@@ -123,7 +123,10 @@ class CsvStorage(LogMethods):
         self._events = EventBuilder(producer, id_prefix)
         self._fsync_interval_s = fsync_interval_s
         self._files: dict[str, CsvFile] = {}
+        # _lock guards the files and rows; _sync_lock is held across fsyncs (and close), so that
+        # a row is never written while waiting for an fsync (an asyncio producer would stall).
         self._lock = threading.RLock()
+        self._sync_lock = threading.Lock()
         self._timer: threading.Timer | None = None
         self._closed = False
 
@@ -181,21 +184,24 @@ class CsvStorage(LogMethods):
     def _timed_sync(self) -> None:
         with self._lock:
             self._timer = None
-            if not self._closed:
-                self._sync_all()
+        self._sync_all()
 
     def _sync_all(self) -> None:
-        for f in self._files.values():
-            f.sync()
+        with self._sync_lock:
+            with self._lock:
+                if self._closed:
+                    return
+                files = list(self._files.values())
+            for f in files:  # outside _lock: rows go on being written meanwhile
+                f.sync()
 
     def flush(self, timeout: float | None = None) -> None:
         """fsync every file written to (``timeout`` is for interface parity; fsync is bounded)."""
-        with self._lock:
-            self._sync_all()
+        self._sync_all()
 
     def close(self) -> None:
         """fsync and close every file."""
-        with self._lock:
+        with self._sync_lock, self._lock:
             if self._closed:
                 return
             self._closed = True

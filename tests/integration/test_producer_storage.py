@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import os
 import shutil
 import socket
 import subprocess
@@ -387,3 +388,31 @@ def test_sync_client_timeouts(settings: Settings) -> None:
     kwargs = client.connection_pool.connection_kwargs
     assert kwargs["socket_timeout"] == 0.7 and kwargs["socket_connect_timeout"] == 0.7
     client.close()
+
+
+def test_rows_are_written_while_an_fsync_is_in_progress(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    storage = CsvStorage(tmp_path, fsync_interval_s=60)
+    storage.log_spread(spread(0))
+    release, in_fsync = threading.Event(), threading.Event()
+    real_fsync = os.fsync
+
+    def slow_fsync(fd: int) -> None:
+        in_fsync.set()
+        release.wait(10)
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", slow_fsync)
+    flusher = threading.Thread(target=storage.flush, daemon=True)
+    flusher.start()
+    assert in_fsync.wait(10)
+    writer = threading.Thread(target=storage.log_spread, args=(spread(1),), daemon=True)
+    writer.start()
+    writer.join(5)
+    assert not writer.is_alive()  # the row did not wait for the fsync
+    assert release.is_set() is False
+    release.set()
+    flusher.join(10)
+    storage.close()
+    assert (tmp_path / "spreads.csv").read_text(encoding="utf-8").count("\n") == 3
