@@ -76,6 +76,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--exact", action="store_true", help="exact row counts (count(*); slow)")
     p.add_argument("--top", type=int, default=10, help="slowest statements to show (default 10)")
 
+    p = sub.add_parser("import-csv", help="load the producers' CSV files into the database")
+    _common(p)
+    p.add_argument("dir", help="directory with positions.csv, orders.csv, spreads.csv, ...")
+    p.add_argument("--batch-rows", type=int, default=5000, help="rows per COPY batch")
+    p.add_argument(
+        "--id-prefix",
+        default="",
+        help="name the files <prefix>/<file> in derived ids and dead-letter keys (one per host)",
+    )
+    p.add_argument("--producer", help="producer of rows whose file has no producer column")
+    p.add_argument("--no-resume", action="store_true", help="ignore checkpoints; read every row")
+    p.add_argument("--progress", choices=["auto", "bar", "lines", "off"], default="auto")
+
+    p = sub.add_parser("verify-csv", help="compare the CSV files with the database, table by table")
+    _common(p)
+    p.add_argument("dir", help="directory with positions.csv, orders.csv, spreads.csv, ...")
+    p.add_argument("--id-prefix", default="", help="as given to import-csv")
+    p.add_argument("--show", type=int, default=5, help="how many differing keys to list")
+
     p = sub.add_parser("bench", help="throughput benchmark against raw COPY (see README)")
     _common(p)
     p.add_argument("--events", type=int, default=100_000)
@@ -306,6 +325,30 @@ async def _cmd_bench(settings: Settings, args: argparse.Namespace) -> int:
     )
 
 
+async def _cmd_import_csv(settings: Settings, args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from ingestd.csv_import import run_import
+
+    return await run_import(
+        settings,
+        Path(args.dir),
+        batch_rows=args.batch_rows,
+        id_prefix=args.id_prefix,
+        default_producer=args.producer,
+        resume=not args.no_resume,
+        progress_mode=args.progress,
+    )
+
+
+async def _cmd_verify_csv(settings: Settings, args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from ingestd.csv_verify import run_verify
+
+    return await run_verify(settings, Path(args.dir), id_prefix=args.id_prefix, show=args.show)
+
+
 _COMMANDS = {
     "run": _cmd_run,
     "migrate": _cmd_migrate,
@@ -313,6 +356,8 @@ _COMMANDS = {
     "simulate": _cmd_simulate,
     "bench": _cmd_bench,
     "stats": _cmd_stats,
+    "import-csv": _cmd_import_csv,
+    "verify-csv": _cmd_verify_csv,
 }
 
 if __name__ == "__main__":

@@ -68,6 +68,10 @@ class _Ids:
         return f"{self.prefix}-{next(self._n)}"
 
 
+# Public name for ingestd.storage, which gives every event it logs an id of this form.
+EventIds = _Ids
+
+
 def encode(event: Mapping[str, Any], ids: _Ids) -> bytes:
     """Serialise one event, adding an ``event_id`` when it has none."""
     if "event_id" not in event or event["event_id"] is None:

@@ -46,12 +46,23 @@ class RedisSettings:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class CsvSettings:
+    """Where producers' ``CsvStorage`` writes (backend ``csv`` or ``dual``) and how it fsyncs."""
+
+    dir: str = "data/csv"
+    fsync_interval_s: float = 1.0
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class StorageSettings:
     """Seed §6.2 ``storage`` section."""
 
     backend: str = "postgres"
     postgres: PostgresSettings = PostgresSettings()
     redis: RedisSettings = RedisSettings()
+    csv: CsvSettings = CsvSettings()
+    # Producer side (ingestd.storage): events held in memory while the stream is unreachable.
+    buffer_max_events: int = 100_000
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -331,6 +342,16 @@ def load_settings(
     if overrides:
         settings = settings.replace(**{k: v for k, v in overrides.items() if v is not None})
     return settings.check()
+
+
+def build_section(cls: type[T], data: Mapping[str, Any], path: str) -> T:
+    """One section from a mapping (the seed's ``storage.redis``); a misspelt key is an error."""
+    return _build(cls, data, path)
+
+
+def settings_from_mapping(data: Mapping[str, Any]) -> Settings:
+    """Settings from an already loaded config mapping (no environment, no file), checked."""
+    return _build(Settings, data, "").check()
 
 
 _PASSWORD_IN_URL = re.compile(

@@ -532,3 +532,20 @@ BEGIN
     END LOOP;
 END
 $$;
+
+-- ================================================================================================
+-- CSV import checkpoints (migration 0004)
+-- ================================================================================================
+
+-- How far `ingestd import-csv` got in each file, so that an interrupted or repeated import goes on
+-- from there. Correctness does not depend on it (rows land once by event id, bad rows once by
+-- dead-letter key); it makes resuming and re-running cheap. Written after each batch's commit.
+CREATE TABLE csv_import_checkpoints (
+    source VARCHAR(300) PRIMARY KEY,
+    byte_offset BIGINT NOT NULL,
+    line BIGINT NOT NULL,
+    rows BIGINT NOT NULL,
+    head_sha256 CHAR(64) NOT NULL,
+    tail_sha256 CHAR(64) NOT NULL,
+    updated_at TIMESTAMPTZ NOT NULL DEFAULT CURRENT_TIMESTAMP
+);

@@ -64,6 +64,12 @@ def _micros(moment: dt.datetime) -> int:
     return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
 
 
+# Public names for producers that write mirror keys directly (ingestd.storage.redis_cache): the
+# same script and the same versions, so a direct write and this mirror never fight.
+SET_IF_NEWER: Final = _SET_IF_NEWER
+version_micros: Final = _micros
+
+
 def spread_snapshot(ev: Event) -> dict[str, Any]:
     """The JSON object of ``spreads:{SYMBOL}:last``: columns, decimals as strings, UTC time."""
     v = ev.values

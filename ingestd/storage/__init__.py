@@ -1,0 +1,44 @@
+"""The producer side (seed §3.3 and §4): the models and the storages collector, paper and live use.
+
+    from ingestd.storage import RedisCacheStorage, create_storage, SpreadOpportunity
+
+    redis_cache = RedisCacheStorage(config["storage"]["redis"])
+    redis_cache.set_fx_rate("USDKRW", 1350.0, ttl=3)
+    with create_storage(config["storage"], producer="collector") as storage:
+        storage.log_spread(SpreadOpportunity(symbol="BTC", ...))
+
+``create_storage`` builds what ``storage.backend`` says: ``CsvStorage`` (``csv``),
+``PostgresStorage`` (``postgres``: events to ingestd's stream, batched into PostgreSQL) or
+``DualStorage`` (``dual``: both, one event id). ``create_async_storage`` and the ``Async*`` classes
+are the asyncio twins.
+"""
+
+from ingestd.storage.base import AsyncStorage, EventBuilder, Storage
+from ingestd.storage.csv_storage import AsyncCsvStorage, CsvStorage
+from ingestd.storage.dual import AsyncDualStorage, DualStorage
+from ingestd.storage.factory import create_async_storage, create_storage
+from ingestd.storage.models import FxRate, OrderLeg, Position, SpreadOpportunity, Trade
+from ingestd.storage.postgres import AsyncPostgresStorage, PostgresStorage
+from ingestd.storage.redis_cache import AsyncRedisCacheStorage, CacheKeys, RedisCacheStorage
+
+__all__ = [
+    "AsyncCsvStorage",
+    "AsyncDualStorage",
+    "AsyncPostgresStorage",
+    "AsyncRedisCacheStorage",
+    "AsyncStorage",
+    "CacheKeys",
+    "CsvStorage",
+    "DualStorage",
+    "EventBuilder",
+    "FxRate",
+    "OrderLeg",
+    "Position",
+    "PostgresStorage",
+    "RedisCacheStorage",
+    "SpreadOpportunity",
+    "Storage",
+    "Trade",
+    "create_async_storage",
+    "create_storage",
+]

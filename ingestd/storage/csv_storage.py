@@ -1,0 +1,242 @@
+"""The seed's ``CsvStorage``: the CSV logs producers keep as a backup (seed §4.1 step 3).
+
+One append-only file per table in one directory: ``positions.csv``, ``orders.csv``,
+``spreads.csv``, ``trades.csv``, ``fx_rates.csv``, in the DESIGN §6 layout (UTF-8, ``\\n`` line
+ends, RFC 4180 quoting), each row with its ``event_id``, so that ``ingestd import-csv`` of these
+files is exactly idempotent. ``positions.csv`` gets one row per event: an ``OPEN`` row when a
+position is opened and a ``CLOSED`` row (with the entry columns again) when it is closed; the import
+replays them in order, so the file is safe to import at any time, also while it grows.
+
+Durability: every row is handed to the operating system as it is logged (one ``write``, so a
+crash of the producer loses nothing already logged), and fsync'd at most ``fsync_interval_s``
+later by a timer (default 1 s, like Redis ``appendfsync everysec``), and at ``flush()``/``close()``;
+``fsync_interval_s=0`` fsyncs every row. After a power loss, at most the last interval is lost.
+A file left with a torn last row (no line end) gets a line end before the next row, so that only
+the torn row is bad (``import-csv`` reports it), never the next one.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import os
+import threading
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from ingestd import csv_format, events
+from ingestd.errors import InvalidEvent
+from ingestd.settings import CsvSettings, Settings
+from ingestd.storage.base import AsyncLogMethods, EventBuilder, LogMethods
+
+log = logging.getLogger("ingestd.storage.csv")
+
+DEFAULT_FSYNC_INTERVAL_S = 1.0
+
+
+class CsvFile:
+    """One append-only CSV file of the layout, opened for appending (header written if new)."""
+
+    def __init__(self, path: Path, table: csv_format.CsvTable) -> None:
+        self.path = path
+        self.table = table
+        needs_line_end = False
+        created = not path.exists()
+        if not created and path.stat().st_size > 0:
+            with path.open("rb") as f:
+                first = next(csv_format.read_records(f), None)
+                header = tuple(h.strip() for h in first.fields or ()) if first else ()
+                if header != table.columns:
+                    raise csv_format.CsvLayoutError(
+                        f"{path} has the header {','.join(header)!r}, but CsvStorage writes "
+                        f"{','.join(table.columns)!r}: import it (`ingestd import-csv`) and move "
+                        "it aside, or log to another directory"
+                    )
+                f.seek(-1, os.SEEK_END)
+                needs_line_end = f.read(1) != b"\n"
+        self._f = path.open("ab", buffering=0)
+        self._buf = io.StringIO()
+        self._writer = csv.writer(self._buf, lineterminator="\n")
+        if needs_line_end:
+            log.warning(
+                "%s ends with a torn row; it stays a bad row of its own",
+                path,
+                extra={"action": "csv_torn_row"},
+            )
+            self._f.write(b"\n")
+        if self._f.tell() == 0:
+            self._write(list(table.columns))
+        if created:
+            _fsync_dir(path.parent)
+        self.rows = 0
+        self.dirty = True
+
+    def _write(self, row: list[str]) -> None:
+        self._writer.writerow(row)
+        data = self._buf.getvalue().encode("utf-8")
+        self._buf.seek(0)
+        self._buf.truncate()
+        self._f.write(data)  # unbuffered: one write(2) per row
+
+    def append(self, row: list[str]) -> None:
+        """Write one row (handed to the OS at once; fsync'd later)."""
+        self._write(row)
+        self.rows += 1
+        self.dirty = True
+
+    def sync(self) -> None:
+        """fsync the file if rows were written since the last fsync."""
+        if self.dirty:
+            self.dirty = False
+            os.fsync(self._f.fileno())
+
+    def close(self) -> None:
+        """fsync and close."""
+        self.sync()
+        self._f.close()
+
+
+def _fsync_dir(directory: Path) -> None:
+    # A new file's directory entry is durable only once the directory itself is fsync'd.
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class CsvStorage(LogMethods):
+    """Seed §4 ``CsvStorage``: the ``log_*`` calls write rows of the DESIGN §6 CSV layout."""
+
+    def __init__(
+        self,
+        directory: str | os.PathLike[str],
+        *,
+        producer: str | None = None,
+        id_prefix: str | None = None,
+        fsync_interval_s: float = DEFAULT_FSYNC_INTERVAL_S,
+    ) -> None:
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self._events = EventBuilder(producer, id_prefix)
+        self._fsync_interval_s = fsync_interval_s
+        self._files: dict[str, CsvFile] = {}
+        # _lock guards the files and rows; _sync_lock is held across fsyncs (and close), so that
+        # a row is never written while waiting for an fsync (an asyncio producer would stall).
+        self._lock = threading.RLock()
+        self._sync_lock = threading.Lock()
+        self._timer: threading.Timer | None = None
+        self._closed = False
+
+    @classmethod
+    def from_settings(
+        cls, settings: Settings | CsvSettings, *, producer: str | None = None
+    ) -> CsvStorage:
+        """Write to ``storage.csv.dir`` with its fsync interval."""
+        csv_settings = settings.storage.csv if isinstance(settings, Settings) else settings
+        return cls(
+            csv_settings.dir, producer=producer, fsync_interval_s=csv_settings.fsync_interval_s
+        )
+
+    def __enter__(self) -> CsvStorage:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def path(self, table: str) -> Path:
+        """The file of a table (``spreads`` -> ``DIR/spreads.csv``)."""
+        return self.directory / csv_format.CSV_TABLES_BY_NAME[table].file_name
+
+    def _emit(self, event: dict[str, Any]) -> str:
+        ev = events.parse_event(event)
+        self.write_event(ev)
+        return ev.event_id
+
+    def write_event(self, ev: events.Event) -> None:
+        """Append the row of one validated event to its table's file."""
+        name = csv_format.TABLE_OF_EVENT.get(ev.type)
+        if name is None:
+            raise InvalidEvent(f"a {ev.type} event has no CSV file", field="type")
+        table = csv_format.CSV_TABLES_BY_NAME[name]
+        row = csv_format.row_of(table, ev)
+        with self._lock:
+            if self._closed:
+                raise ValueError("this CsvStorage is closed")
+            f = self._files.get(name)
+            if f is None:
+                f = self._files[name] = CsvFile(self.directory / table.file_name, table)
+            f.append(row)
+            if self._fsync_interval_s <= 0:
+                f.sync()
+            elif self._timer is None:
+                self._timer = threading.Timer(self._fsync_interval_s, self._timed_sync)
+                self._timer.daemon = True
+                self._timer.start()
+
+    def _timed_sync(self) -> None:
+        with self._lock:
+            self._timer = None
+        self._sync_all()
+
+    def _sync_all(self) -> None:
+        with self._sync_lock:
+            with self._lock:
+                if self._closed:
+                    return
+                files = list(self._files.values())
+            for f in files:  # outside _lock: rows go on being written meanwhile
+                f.sync()
+
+    def flush(self, timeout: float | None = None) -> None:
+        """fsync every file written to (``timeout`` is for interface parity; fsync is bounded)."""
+        self._sync_all()
+
+    def close(self) -> None:
+        """fsync and close every file."""
+        with self._sync_lock, self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+            for f in self._files.values():
+                f.close()
+
+
+class AsyncCsvStorage(AsyncLogMethods):
+    """``CsvStorage`` for asyncio code: a row is one ``write(2)``; fsync runs on a timer thread."""
+
+    def __init__(self, csv_storage: CsvStorage) -> None:
+        self.csv = csv_storage
+        self._events = csv_storage._events
+
+    async def __aenter__(self) -> AsyncCsvStorage:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def _emit(self, event: dict[str, Any]) -> str:
+        return self.csv._emit(event)
+
+    async def flush(self) -> None:
+        """fsync every file written to."""
+        self.csv.flush()
+
+    async def aclose(self) -> None:
+        """fsync and close every file."""
+        self.csv.close()

@@ -1,0 +1,104 @@
+"""Build the producer storage that ``storage.backend`` names: ``csv``, ``postgres`` or ``dual``."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+from ingestd.app import Service, create_redis
+from ingestd.errors import ConfigError
+from ingestd.publisher import DEFAULT_STREAM
+from ingestd.settings import Settings, StorageSettings, build_section, load_settings
+from ingestd.storage.base import AsyncStorage, Storage
+from ingestd.storage.csv_storage import AsyncCsvStorage, CsvStorage
+from ingestd.storage.dual import AsyncDualStorage, DualStorage
+from ingestd.storage.outbox import Overflow
+from ingestd.storage.postgres import AsyncPostgresStorage, PostgresStorage, StreamTransport
+from ingestd.storage.redis_cache import sync_client
+
+StorageConfig = Settings | StorageSettings | Mapping[str, Any] | None
+
+
+def _resolve(config: StorageConfig) -> tuple[StorageSettings, str]:
+    """The storage section and the stream key; a mapping is the seed's ``storage`` section."""
+    if config is None:
+        config = load_settings()
+    if isinstance(config, Settings):
+        return config.storage, config.stream.key
+    if isinstance(config, StorageSettings):
+        return config, DEFAULT_STREAM
+    storage = build_section(StorageSettings, config, "storage")
+    if storage.backend not in {"csv", "postgres", "dual"}:
+        raise ConfigError("storage.backend must be one of csv, postgres, dual")
+    return storage, DEFAULT_STREAM
+
+
+def _csv(
+    storage: StorageSettings, producer: str | None, csv_dir: str | os.PathLike[str] | None
+) -> CsvStorage:
+    return CsvStorage(
+        storage.csv.dir if csv_dir is None else csv_dir,
+        producer=producer,
+        fsync_interval_s=storage.csv.fsync_interval_s,
+    )
+
+
+def create_storage(
+    config: StorageConfig = None,
+    *,
+    producer: str | None = None,
+    csv_dir: str | os.PathLike[str] | None = None,
+) -> Storage:
+    """The synchronous storage for ``storage.backend`` (default config: ``load_settings()``)."""
+    storage, stream = _resolve(config)
+    if storage.backend == "csv":
+        return _csv(storage, producer, csv_dir)
+    r = storage.redis
+    overflow: Overflow = "drop_oldest" if storage.backend == "dual" else "block"
+    db = PostgresStorage(
+        sync_client(r, timeout_s=r.socket_timeout_s),
+        stream=stream,
+        producer=producer,
+        max_buffer_events=storage.buffer_max_events,
+        overflow=overflow,
+        owns_client=True,
+    )
+    if storage.backend == "postgres":
+        return db
+    return DualStorage(_csv(storage, producer, csv_dir), db, producer=producer)
+
+
+def create_async_storage(
+    config: StorageConfig = None,
+    *,
+    producer: str | None = None,
+    csv_dir: str | os.PathLike[str] | None = None,
+    service: Service | None = None,
+) -> AsyncStorage:
+    """The asyncio storage for ``storage.backend``; given ``service``, in-process, not via Redis."""
+    storage, stream = _resolve(config)
+    if storage.backend == "csv":
+        return AsyncCsvStorage(_csv(storage, producer, csv_dir))
+    overflow: Overflow = "drop_oldest" if storage.backend == "dual" else "block"
+    if service is not None:
+        db = AsyncPostgresStorage.in_process(
+            service,
+            producer=producer,
+            max_buffer_events=storage.buffer_max_events,
+            overflow=overflow,
+        )
+    else:
+        r = storage.redis
+        transport = StreamTransport(
+            create_redis(r.url, socket_timeout_s=r.socket_timeout_s), stream, owns_client=True
+        )
+        db = AsyncPostgresStorage(
+            transport,
+            producer=producer,
+            max_buffer_events=storage.buffer_max_events,
+            overflow=overflow,
+        )
+    if storage.backend == "postgres":
+        return db
+    return AsyncDualStorage(_csv(storage, producer, csv_dir), db, producer=producer)

@@ -1,0 +1,538 @@
+"""The seed's ``PostgresStorage``: producers log rows; ingestd's pipeline writes them to PostgreSQL.
+
+``log_position_open(pos)`` and its siblings do not talk to PostgreSQL themselves (one round trip
+per row is the slowest path there is, PERFORMANCE.md): they append the wire event, with its stable
+``event_id``, to a bounded in-memory outbox and return at once. A background publisher (a thread
+for plain synchronous code, a task for asyncio) sends the outbox in chunks, one pipelined round
+trip per chunk, to the Redis Stream that ``ingestd run`` consumes (or, in-process, to
+``Service.submit``), and ingestd COPY-batches them into the database.
+
+While the stream is unreachable the outbox keeps every event and the publisher retries with capped,
+jittered backoff; a retried chunk may land twice in the stream, and its event ids make it one row.
+When the outbox is full, ``overflow="block"`` (the default) makes ``log_*`` wait: backpressure, no
+loss. Dual write uses ``overflow="drop_oldest"``, because its CSV files hold every event already
+(see ``ingestd.storage.dual``). ``flush()`` returns once everything logged before it is in the
+stream (in-process: committed); ``close()`` flushes first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from types import TracebackType
+from typing import Any, Protocol
+
+import orjson
+import redis
+import redis.asyncio as aioredis
+import redis.exceptions
+
+from ingestd import errors
+from ingestd.app import Service, create_redis
+from ingestd.publisher import DEFAULT_STREAM
+from ingestd.settings import Settings
+from ingestd.storage.base import AsyncLogMethods, EventBuilder, LogMethods
+from ingestd.storage.outbox import Backoff, Outbox, Overflow, Pending
+from ingestd.storage.redis_cache import sync_client
+
+log = logging.getLogger("ingestd.storage.postgres")
+
+DEFAULT_MAX_BUFFER_EVENTS = 100_000
+DEFAULT_CHUNK_EVENTS = 1000
+DEFAULT_LINGER_S = 0.05
+DEFAULT_CLOSE_TIMEOUT_S = 10.0
+
+# What a failed publish can raise: the stream or in-process service is unreachable for now.
+_RETRIABLE = (redis.exceptions.RedisError, OSError, errors.IngestdError)
+
+
+class _Health:
+    """Logs the first failure of an outage, its recovery, and drops (once per outage)."""
+
+    def __init__(self, target: str) -> None:
+        self.target = target
+        self.failing_since: float | None = None
+        self.last_error: str | None = None
+        self._drops_logged = 0
+
+    def failed(self, exc: BaseException, pending: int) -> None:
+        self.last_error = f"{type(exc).__name__}: {exc}"
+        if self.failing_since is None:
+            self.failing_since = time.monotonic()
+            log.warning(
+                "cannot publish to %s (%s); %d events held, retrying",
+                self.target,
+                self.last_error,
+                pending,
+                extra={"action": "storage_publish_failed"},
+            )
+
+    def recovered(self) -> None:
+        if self.failing_since is not None:
+            log.info(
+                "publishing to %s again after %.1fs",
+                self.target,
+                time.monotonic() - self.failing_since,
+                extra={"action": "storage_publish_recovered"},
+            )
+            self.failing_since = None
+            self.last_error = None
+
+    def dropped(self, outbox: Outbox) -> None:
+        if outbox.dropped and not self._drops_logged:
+            log.warning(
+                "outbox full (%d events) while %s is unreachable: dropping the oldest from memory "
+                "(first %s); the CSV files hold them: run `ingestd import-csv DIR` to catch up",
+                outbox.max_events,
+                self.target,
+                outbox.first_dropped,
+                extra={"action": "storage_outbox_dropped"},
+            )
+            self._drops_logged = outbox.dropped
+
+    def unavailable(self, unsent: int) -> errors.SinkUnavailable:
+        return errors.SinkUnavailable(
+            f"{unsent} event(s) not yet published to {self.target}"
+            + (f": {self.last_error}" if self.last_error else "")
+        )
+
+
+def _validate(chunk_events: int, linger_s: float) -> None:
+    if chunk_events < 1 or linger_s < 0:
+        raise ValueError("chunk_events must be >= 1 and linger_s >= 0")
+
+
+class PostgresStorage(LogMethods):
+    """Seed §4 ``PostgresStorage`` for synchronous code: buffered, pipelined stream publishing."""
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        *,
+        stream: str = DEFAULT_STREAM,
+        producer: str | None = None,
+        id_prefix: str | None = None,
+        max_buffer_events: int = DEFAULT_MAX_BUFFER_EVENTS,
+        chunk_events: int = DEFAULT_CHUNK_EVENTS,
+        linger_s: float = DEFAULT_LINGER_S,
+        overflow: Overflow = "block",
+        owns_client: bool = False,
+    ) -> None:
+        _validate(chunk_events, linger_s)
+        self._client = client
+        self.stream = stream
+        self._events = EventBuilder(producer, id_prefix)
+        self._outbox = Outbox(max_buffer_events, overflow=overflow)
+        self._chunk = chunk_events
+        self._linger_s = linger_s
+        self._owns_client = owns_client
+        self._cond = threading.Condition()
+        self._health = _Health(f"stream {stream}")
+        self._thread: threading.Thread | None = None
+        self._closing = False
+        self._closed = False
+        self._urgent = 0  # flush() callers waiting: send without lingering
+        self.round_trips = 0
+
+    @classmethod
+    def from_settings(
+        cls, settings: Settings, *, producer: str | None = None, **kwargs: Any
+    ) -> PostgresStorage:
+        """Publish to the configured Redis and stream."""
+        client = sync_client(
+            settings.storage.redis, timeout_s=settings.storage.redis.socket_timeout_s
+        )
+        kwargs.setdefault("max_buffer_events", settings.storage.buffer_max_events)
+        return cls(
+            client, stream=settings.stream.key, producer=producer, owns_client=True, **kwargs
+        )
+
+    def __enter__(self) -> PostgresStorage:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    # --- state, for callers and tests -------------------------------------------------------------
+
+    @property
+    def pending(self) -> int:
+        """Events logged but not yet published."""
+        with self._cond:
+            return self._outbox.added - self._outbox.settled
+
+    @property
+    def dropped(self) -> int:
+        """Events dropped from memory under ``overflow="drop_oldest"``."""
+        return self._outbox.dropped
+
+    @property
+    def sent(self) -> int:
+        """Events published."""
+        return self._outbox.sent
+
+    # --- producing --------------------------------------------------------------------------------
+
+    def _emit(self, event: dict[str, Any]) -> str:
+        event_id: str = event["event_id"]
+        item = Pending(event_id, orjson.dumps(event))
+        with self._cond:
+            if self._closing:
+                raise errors.ShuttingDown("this PostgresStorage is closed")
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._run, name="ingestd-storage-publisher", daemon=True
+                )
+                self._thread.start()
+            while self._outbox.overflow == "block" and self._outbox.full:
+                self._cond.wait()  # backpressure: the publisher makes room
+            was_empty = not len(self._outbox)
+            self._outbox.add(item)
+            if self._outbox.dropped:
+                self._health.dropped(self._outbox)
+            if was_empty or len(self._outbox) >= self._chunk:
+                self._cond.notify_all()
+        return event_id
+
+    def flush(self, timeout: float | None = None) -> None:
+        """Wait until everything logged so far is in the stream; SinkUnavailable on timeout."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            target = self._outbox.added
+            self._urgent += 1
+            self._cond.notify_all()
+            try:
+                while self._outbox.settled < target:
+                    remaining = None if deadline is None else deadline - time.monotonic()
+                    if remaining is not None and remaining <= 0:
+                        raise self._health.unavailable(target - self._outbox.settled)
+                    if self._thread is None or not self._thread.is_alive():
+                        raise self._health.unavailable(target - self._outbox.settled)
+                    self._cond.wait(remaining)
+            finally:
+                self._urgent -= 1
+
+    def close(self, timeout: float = DEFAULT_CLOSE_TIMEOUT_S) -> None:
+        """Flush (up to ``timeout``), stop the publisher; SinkUnavailable if events remain."""
+        if self._closed:
+            return
+        failure: errors.SinkUnavailable | None = None
+        try:
+            if self._thread is not None:
+                self.flush(timeout)
+        except errors.SinkUnavailable as exc:
+            failure = exc
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout=timeout)
+        self._closed = True
+        if self._owns_client:
+            self._client.close()
+        if failure is not None:
+            log.error(
+                "closing with %d unpublished event(s): %s",
+                self.pending,
+                failure,
+                extra={"action": "storage_closed_unsent"},
+            )
+            raise failure
+
+    # --- the publisher thread ---------------------------------------------------------------------
+
+    def _run(self) -> None:
+        backoff = Backoff()
+        while True:
+            with self._cond:
+                while not len(self._outbox):
+                    if self._closing:
+                        return
+                    self._cond.wait()
+                deadline = time.monotonic() + self._linger_s
+                # Linger briefly so that one round trip carries many events.
+                while len(self._outbox) < self._chunk and not (self._closing or self._urgent):
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        break
+                    self._cond.wait(remaining)
+                batch = self._outbox.take(self._chunk)
+            try:
+                self._send(batch)
+            except Exception as exc:  # the publisher outlives any failure; its events stay queued
+                if not isinstance(exc, _RETRIABLE):
+                    log.exception("unexpected publish failure", extra={"action": "storage_bug"})
+                with self._cond:
+                    self._outbox.put_back(batch)
+                    self._health.failed(exc, len(self._outbox))
+                    if self._closing:
+                        return
+                    self._cond.notify_all()
+                    self._cond.wait(backoff.next_delay())
+                continue
+            backoff.reset()
+            with self._cond:
+                self._outbox.settle(batch)
+                self._health.recovered()
+                self._cond.notify_all()
+
+    def _send(self, batch: Sequence[Pending]) -> None:
+        pipe = self._client.pipeline(transaction=False)
+        for item in batch:
+            pipe.xadd(self.stream, {"event": item.payload})
+        self.round_trips += 1
+        pipe.execute()
+
+
+class _Transport(Protocol):
+    """Where the asyncio publisher sends a chunk."""
+
+    target: str
+
+    async def send(self, batch: Sequence[Pending]) -> None:
+        """Deliver every event of the chunk or raise."""
+
+    async def aclose(self) -> None:
+        """Release the transport's resources."""
+
+
+class StreamTransport:
+    """XADD a chunk in one pipelined round trip."""
+
+    def __init__(self, client: aioredis.Redis, stream: str, *, owns_client: bool) -> None:
+        self._client = client
+        self.stream = stream
+        self.target = f"stream {stream}"
+        self._owns_client = owns_client
+
+    async def send(self, batch: Sequence[Pending]) -> None:
+        """XADD every event of the chunk."""
+        pipe = self._client.pipeline(transaction=False)
+        for item in batch:
+            pipe.xadd(self.stream, {"event": item.payload})
+        await pipe.execute()
+
+    async def aclose(self) -> None:
+        """Close the client if this transport made it."""
+        if self._owns_client:
+            await self._client.aclose()
+
+
+class InProcessTransport:
+    """``Service.submit`` every event of a chunk at once; returns once they are committed."""
+
+    target = "in-process ingestd"
+
+    def __init__(self, service: Service) -> None:
+        self._service = service
+
+    async def send(self, batch: Sequence[Pending]) -> None:
+        """Submit the chunk concurrently (the pipeline batches it); raise if any is not done."""
+        results = await asyncio.gather(
+            *(self._service.submit(item.payload) for item in batch), return_exceptions=True
+        )
+        for result in results:
+            # An invalid event is done: it was stored in dead_letters. Anything else is retried.
+            if isinstance(result, BaseException) and not isinstance(result, errors.InvalidEvent):
+                raise result
+
+    async def aclose(self) -> None:
+        """The service belongs to the caller."""
+
+
+class AsyncPostgresStorage(AsyncLogMethods):
+    """``PostgresStorage`` for asyncio code: via the Redis Stream, or in-process via ``Service``."""
+
+    def __init__(
+        self,
+        transport: _Transport,
+        *,
+        producer: str | None = None,
+        id_prefix: str | None = None,
+        max_buffer_events: int = DEFAULT_MAX_BUFFER_EVENTS,
+        chunk_events: int = DEFAULT_CHUNK_EVENTS,
+        linger_s: float = DEFAULT_LINGER_S,
+        overflow: Overflow = "block",
+    ) -> None:
+        _validate(chunk_events, linger_s)
+        self._transport = transport
+        self._events = EventBuilder(producer, id_prefix)
+        self._outbox = Outbox(max_buffer_events, overflow=overflow)
+        self._chunk = chunk_events
+        self._linger_s = linger_s
+        self._health = _Health(transport.target)
+        self._cond: asyncio.Condition | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._closing = False
+        self._closed = False
+        self._urgent = 0
+        self.round_trips = 0
+
+    @classmethod
+    def from_settings(
+        cls, settings: Settings, *, producer: str | None = None, **kwargs: Any
+    ) -> AsyncPostgresStorage:
+        """Publish to the configured Redis and stream."""
+        r = settings.storage.redis
+        client = create_redis(r.url, socket_timeout_s=r.socket_timeout_s)
+        kwargs.setdefault("max_buffer_events", settings.storage.buffer_max_events)
+        transport = StreamTransport(client, settings.stream.key, owns_client=True)
+        return cls(transport, producer=producer, **kwargs)
+
+    @classmethod
+    def in_process(
+        cls, service: Service, *, producer: str | None = None, **kwargs: Any
+    ) -> AsyncPostgresStorage:
+        """Submit to a running ``Service`` in this process (``flush`` then means committed)."""
+        kwargs.setdefault("chunk_events", service.settings.pipeline.batch_max_rows)
+        return cls(InProcessTransport(service), producer=producer, **kwargs)
+
+    async def __aenter__(self) -> AsyncPostgresStorage:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    @property
+    def pending(self) -> int:
+        """Events logged but not yet published."""
+        return self._outbox.added - self._outbox.settled
+
+    @property
+    def dropped(self) -> int:
+        """Events dropped from memory under ``overflow="drop_oldest"``."""
+        return self._outbox.dropped
+
+    @property
+    def sent(self) -> int:
+        """Events published."""
+        return self._outbox.sent
+
+    def _condition(self) -> asyncio.Condition:
+        if self._cond is None:
+            self._cond = asyncio.Condition()
+        return self._cond
+
+    async def _emit(self, event: dict[str, Any]) -> str:
+        event_id: str = event["event_id"]
+        item = Pending(event_id, orjson.dumps(event))
+        cond = self._condition()
+        async with cond:
+            if self._closing:
+                raise errors.ShuttingDown("this AsyncPostgresStorage is closed")
+            if self._task is None:
+                self._task = asyncio.create_task(self._run(), name="ingestd-storage-publisher")
+            if self._outbox.overflow == "block":
+                await cond.wait_for(lambda: not self._outbox.full)
+            was_empty = not len(self._outbox)
+            self._outbox.add(item)
+            if self._outbox.dropped:
+                self._health.dropped(self._outbox)
+            if was_empty or len(self._outbox) >= self._chunk:
+                cond.notify_all()
+        return event_id
+
+    async def flush(self) -> None:
+        """Wait until everything logged so far is published (bound it with ``asyncio.timeout``)."""
+        cond = self._condition()
+        async with cond:
+            target = self._outbox.added
+            if self._outbox.settled >= target:
+                return
+            if self._task is None or self._task.done():
+                raise self._health.unavailable(target - self._outbox.settled)
+            self._urgent += 1
+            cond.notify_all()
+            try:
+                await cond.wait_for(lambda: self._outbox.settled >= target)
+            finally:
+                self._urgent -= 1
+
+    async def aclose(self, grace_s: float = DEFAULT_CLOSE_TIMEOUT_S) -> None:
+        """Flush (for up to ``grace_s``), stop the publisher; SinkUnavailable if events remain."""
+        if self._closed:
+            return
+        failure: errors.SinkUnavailable | None = None
+        try:
+            async with asyncio.timeout(grace_s):
+                await self.flush()
+        except TimeoutError:
+            failure = self._health.unavailable(self.pending)
+        except errors.SinkUnavailable as exc:
+            failure = exc
+        cond = self._condition()
+        async with cond:
+            self._closing = True
+            cond.notify_all()
+        if self._task is not None:
+            try:
+                async with asyncio.timeout(grace_s):
+                    await self._task
+            except TimeoutError:
+                self._task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._task
+        self._closed = True
+        await self._transport.aclose()
+        if failure is not None:
+            log.error(
+                "closing with %d unpublished event(s): %s",
+                self.pending,
+                failure,
+                extra={"action": "storage_closed_unsent"},
+            )
+            raise failure
+
+    async def _run(self) -> None:
+        cond = self._condition()
+        backoff = Backoff()
+        while True:
+            async with cond:
+                await cond.wait_for(lambda: bool(len(self._outbox)) or self._closing)
+                if not len(self._outbox):
+                    return
+                if not (self._closing or self._urgent):
+                    # Linger briefly so that one round trip carries many events.
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(self._linger_s):
+                            await cond.wait_for(
+                                lambda: (
+                                    len(self._outbox) >= self._chunk
+                                    or self._closing
+                                    or bool(self._urgent)
+                                )
+                            )
+                batch = self._outbox.take(self._chunk)
+            try:
+                self.round_trips += 1
+                await self._transport.send(batch)
+            except Exception as exc:  # the publisher outlives any failure; its events stay queued
+                if not isinstance(exc, _RETRIABLE):
+                    log.exception("unexpected publish failure", extra={"action": "storage_bug"})
+                async with cond:
+                    self._outbox.put_back(batch)
+                    self._health.failed(exc, len(self._outbox))
+                    if self._closing:
+                        return
+                    cond.notify_all()
+                await asyncio.sleep(backoff.next_delay())
+                continue
+            backoff.reset()
+            async with cond:
+                self._outbox.settle(batch)
+                self._health.recovered()
+                cond.notify_all()

@@ -1,0 +1,328 @@
+"""import-csv and verify-csv against real PostgreSQL, with generated CSV files of every case."""
+
+from __future__ import annotations
+
+import io
+import shutil
+from decimal import Decimal as D
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from ingestd.csv_import import run_import
+from ingestd.csv_verify import run_verify
+from ingestd.settings import Settings
+from tests.samples import POSITION_HEADER, SPREAD_HEADER, spread_rows, write_csv
+
+pytestmark = pytest.mark.pg
+
+FX_HEADER = "pair,rate,source,timestamp"
+ORDER_HEADER = (
+    "position_key,symbol,venue,side,qty,price_theoretical,price_effective,slippage_bps,leg_id,"
+    "order_id,timestamp"
+)
+
+
+async def imported(settings: Settings, directory: Path, **kwargs: object) -> tuple[int, str, str]:
+    """Run import-csv in-process: (exit code, summary, stderr)."""
+    out, err = io.StringIO(), io.StringIO()
+    code = await run_import(
+        settings,
+        directory,
+        progress_mode="off",
+        out=out,
+        err=err,
+        **kwargs,  # type: ignore[arg-type]
+    )
+    return code, out.getvalue(), err.getvalue()
+
+
+async def verified(settings: Settings, directory: Path) -> tuple[int, str]:
+    """Run verify-csv in-process: (exit code, report)."""
+    out, err = io.StringIO(), io.StringIO()
+    code = await run_verify(settings, directory, out=out, err=err)
+    return code, out.getvalue() + err.getvalue()
+
+
+async def counts(db: asyncpg.Connection) -> dict[str, int]:
+    """Rows per table."""
+    names = ["spreads", "fx_rates", "orders", "trades", "positions", "dead_letters"]
+    return {n: int(await db.fetchval(f"SELECT count(*) FROM {n}")) for n in names}
+
+
+def real_world_directory(path: Path) -> Path:
+    """Every case a real CSV file contains, across the five files."""
+    path.mkdir()
+    spreads = [
+        "BTC,140123456.12,98012.12345678,135800000.55,3.1836,2.9836,True,2025-11-15T12:40:15+09:00",
+        "ETH,5200000.5,3700.1,5199999.99,1.5,1.3,f,2025-11-15 03:40:16.5Z",
+        "XRP,850,0.6,849.1,0.1,-0.1,,2025-11-15T03:40:17+0000",  # empty optional: default false
+        "XRP,850,0.6,849.1,abc,-0.1,0,2025-11-15T03:40:18Z",  # bad decimal
+        "XRP,850,0.6,849.1,0.1,-0.1,1,2025-11-15T03:40:19",  # naive time
+        'XRP,850,0.6,849.1,0.1,"-0.1",t,2025-11-15T03:40:20Z',  # a quoted number is fine
+        "XRP,850,0.6,849.1,0.1,-0.1,1,2025-11-15T03:40:21Z,extra",  # too many fields
+        "SOL,1e2,2.5E-1,100,0.5,0.4,FALSE,2025-11-15T03:40:22Z",  # exponents, exactly
+    ]
+    data = ("\r\n".join([SPREAD_HEADER, *spreads]) + "\r\n\r\n").encode("utf-8")
+    (path / "spreads.csv").write_bytes(b"\xef\xbb\xbf" + data)  # BOM, CRLF, trailing empty line
+    fx = [
+        'USDKRW,1385.5,"api, v2\nfallback",2025-11-15T03:40:15Z',  # quoted comma and newline
+        "USDKRW,1385.75,,2025-11-15T03:40:16Z",  # empty optional -> NULL
+        "EURKRW,1500.123456789,static,2025-11-15T03:40:17Z",  # beyond the scale: rounded
+    ]
+    write_csv(path / "fx_rates.csv", FX_HEADER, fx)
+    write_csv(path / "orders.csv", ORDER_HEADER, [])  # header only
+    (path / "trades.csv").write_bytes(b"")  # empty file
+    positions = [
+        "pos_001,BTC,upbit_short_binance_long,0.01,140123456.12,98012.12345678,3.1836,"
+        ",,,,,OPEN,2025-11-15T03:40:15Z,",
+        "pos_002,ETH,upbit_long_binance_short,1.5,5200000,3700.1,1.2,,,,,,OPEN,"
+        "2025-11-15T03:41:00Z,",
+        "pos_001,BTC,upbit_short_binance_long,0.01,140123456.12,98012.12345678,3.1836,"
+        "140000000,98100.5,0.5,12345.67,0.8812,CLOSED,2025-11-15T03:40:15Z,2025-11-15T04:00:00Z",
+    ]
+    write_csv(path / "positions.csv", POSITION_HEADER, positions)
+    return path
+
+
+async def test_real_csv_files_import_exactly_and_bad_rows_are_reported(
+    settings: Settings, db: asyncpg.Connection, tmp_path: Path
+) -> None:
+    directory = real_world_directory(tmp_path / "in")
+    code, summary, err = await imported(settings, directory)
+    assert code == 1  # rows went to dead_letters
+    for line, reason in [
+        (5, "spread_pct: 'abc' is not a decimal number"),
+        (6, "timestamp: '2025-11-15T03:40:19' has no offset (naive time)"),
+        (8, "the row has 9 field(s), the header has 8"),
+    ]:
+        assert f"spreads.csv:{line}: {reason}" in err
+    assert await counts(db) == {
+        "spreads": 5,
+        "fx_rates": 3,
+        "orders": 0,
+        "trades": 0,
+        "positions": 2,
+        "dead_letters": 3,
+    }
+    btc = await db.fetchrow("SELECT * FROM spreads WHERE symbol = 'BTC'")
+    assert btc is not None
+    assert btc["upbit_price"] == D("140123456.12") and btc["is_opportunity"] is True
+    assert btc["event_id"] == "csv:spreads.csv:2"
+    assert btc["timestamp"].isoformat() == "2025-11-15T03:40:15+00:00"
+    sol = await db.fetchrow("SELECT * FROM spreads WHERE symbol = 'SOL'")
+    assert (
+        sol is not None and sol["upbit_price"] == D("100.00") and sol["binance_price"] == D("0.25")
+    )
+    xrp = await db.fetch("SELECT is_opportunity FROM spreads WHERE symbol='XRP' ORDER BY timestamp")
+    assert [r[0] for r in xrp] == [False, True]
+    fx = await db.fetch("SELECT pair, rate, source FROM fx_rates ORDER BY timestamp")
+    assert [tuple(r) for r in fx] == [
+        ("USDKRW", D("1385.50000000"), "api, v2\nfallback"),
+        ("USDKRW", D("1385.75000000"), None),
+        ("EURKRW", D("1500.12345679"), "static"),
+    ]
+    pos = await db.fetchrow("SELECT * FROM positions WHERE position_key = 'pos_001'")
+    assert pos is not None and pos["status"] == "CLOSED" and pos["pnl_krw"] == D("12345.67")
+    dead = await db.fetch("SELECT dedup_key, field, source, payload FROM dead_letters ORDER BY id")
+    assert [r["dedup_key"] for r in dead] == [f"csv:spreads.csv:{n}" for n in (5, 6, 8)]
+    assert [r["field"] for r in dead] == ["spread_pct", "timestamp", None]
+    assert dead[0]["source"] == "csv" and dead[0]["payload"].startswith("XRP,850,0.6,849.1,abc")
+    lines = {line.split()[0]: line.split() for line in summary.splitlines()[2:]}
+    assert lines["spreads"][2:5] == ["imported", "8", "5"]
+    assert lines["trades"][2] == "empty" and lines["orders"][3] == "0"
+
+    # Re-import: nothing added, no dead letter twice (checkpoints, then without them).
+    before = await counts(db)
+    code, summary, err = await imported(settings, directory)
+    assert code == 0 and "spreads.csv:5" not in err
+    assert "up to date" in summary
+    assert await counts(db) == before
+    code, _, err = await imported(settings, directory, resume=False)
+    assert code == 1 and "spreads.csv:5: spread_pct" in err  # reported again, stored once
+    assert await counts(db) == before
+
+    code, report = await verified(settings, directory)
+    assert code == 0, report
+    assert "3 row(s) rejected by import-csv" in report
+    assert "spreads.csv:6: timestamp: '2025-11-15T03:40:19' has no offset" in report
+
+
+async def test_unknown_or_missing_columns_refuse_that_file_only(
+    settings: Settings, db: asyncpg.Connection, tmp_path: Path
+) -> None:
+    write_csv(tmp_path / "spreads.csv", SPREAD_HEADER + ",colour", [])
+    write_csv(
+        tmp_path / "fx_rates.csv", "pair,source,timestamp", ["USDKRW,api,2025-11-15T03:40:15Z"]
+    )
+    write_csv(tmp_path / "positions.csv", POSITION_HEADER, [])
+    write_csv(
+        tmp_path / "orders.csv",
+        ORDER_HEADER,
+        [
+            "pos_9,BTC,upbit,buy,0.01,1,,,pos_9_leg_0,,2025-11-15T03:40:15Z",
+        ],
+    )
+    code, summary, err = await imported(settings, tmp_path)
+    assert code == 1
+    assert "spreads.csv: unknown column(s) 'colour' (the spreads layout has: symbol," in err
+    assert "fx_rates.csv: missing required column(s): rate" in err
+    assert [ln.split()[2] for ln in summary.splitlines()[2:]] == [
+        "imported",
+        "imported",
+        "absent",
+        "refused",
+        "refused",
+    ]
+    assert (await counts(db))["orders"] == 1  # the other files were imported all the same
+    code, report = await verified(settings, tmp_path)
+    assert code == 1 and "refused" in report
+
+
+async def test_appended_rows_are_the_only_ones_added(
+    settings: Settings, db: asyncpg.Connection, tmp_path: Path
+) -> None:
+    first, fresh = tmp_path / "a", tmp_path / "b"
+    first.mkdir()
+    path = write_csv(first / "spreads.csv", SPREAD_HEADER, spread_rows(1200))
+    assert (await imported(settings, first, batch_rows=500))[0] == 0
+    assert (await counts(db))["spreads"] == 1200
+    with path.open("a", encoding="utf-8") as f:
+        f.write("\n".join(spread_rows(300, start=1200)) + "\n")
+    code, summary, err = await imported(settings, first, batch_rows=500)
+    assert code == 0 and "resuming at line 1202" in err
+    assert "line 1202" in summary
+    assert (await counts(db))["spreads"] == 1500
+    # The same grown file elsewhere is the same source (same name, same bytes): up to date.
+    fresh.mkdir()
+    shutil.copy(path, fresh / "spreads.csv")
+    code, summary, _ = await imported(settings, fresh, batch_rows=500)
+    assert code == 0 and "up to date" in summary
+    # Without the checkpoint every row is read: ids from the line numbers match, none is added.
+    code, summary, _ = await imported(settings, fresh, batch_rows=500, resume=False)
+    assert code == 0
+    assert summary.splitlines()[5].split()[3:6] == ["1,500", "0", "1,500"]
+    assert (await counts(db))["spreads"] == 1500
+    want = sum(D(r.split(",")[1]) for r in spread_rows(1500))
+    assert await db.fetchval("SELECT sum(upbit_price) FROM spreads") == want
+    assert (await verified(settings, first))[0] == 0
+
+
+async def test_rewritten_file_is_read_from_the_start(
+    settings: Settings, db: asyncpg.Connection, tmp_path: Path
+) -> None:
+    path = write_csv(tmp_path / "spreads.csv", SPREAD_HEADER, spread_rows(100))
+    assert (await imported(settings, tmp_path))[0] == 0
+    write_csv(path, SPREAD_HEADER, spread_rows(100, start=100))  # replaced, not appended
+    code, _, err = await imported(settings, tmp_path)
+    assert code == 0 and "changed since its last import" in err
+    assert (await counts(db))["spreads"] == 200
+
+
+async def test_last_line_without_line_end_is_read_again_next_time(
+    settings: Settings, db: asyncpg.Connection, tmp_path: Path
+) -> None:
+    rows = spread_rows(3)
+    path = tmp_path / "spreads.csv"
+    path.write_text("\n".join([SPREAD_HEADER, *rows[:2], rows[2][:20]]), encoding="utf-8")
+    code, _, err = await imported(settings, tmp_path)  # the producer is still writing it
+    assert code == 1 and "spreads.csv:4:" in err
+    path.write_text("\n".join([SPREAD_HEADER, *rows]) + "\n", encoding="utf-8")
+    code, _, err = await imported(settings, tmp_path)
+    assert code == 0 and "resuming at line 4" in err
+    assert (await counts(db))["spreads"] == 3
+
+
+async def test_rows_the_database_rejects_are_isolated_and_listed_apart(
+    settings: Settings, db: asyncpg.Connection, tmp_path: Path
+) -> None:
+    # A constraint the wire rules do not know: PostgreSQL rejects the row in the COPY, the sink
+    # isolates it by halving, and only it becomes a dead letter.
+    await db.execute("ALTER TABLE spreads ADD CONSTRAINT test_positive CHECK (upbit_price > 0)")
+    rows = spread_rows(40)
+    rows[17] = rows[17].replace("BTC,140123473.12", "BTC,-5")
+    write_csv(tmp_path / "spreads.csv", SPREAD_HEADER, rows)
+    code, _, err = await imported(settings, tmp_path, batch_rows=16)
+    assert code == 1
+    assert "spreads.csv:19: database rejected the row" in err and "23514" in err
+    assert (await counts(db))["spreads"] == 39
+    key = await db.fetchval("SELECT dedup_key FROM dead_letters")
+    assert key == "csv:spreads.csv:19"
+    code, report = await verified(settings, tmp_path)
+    assert code == 0, report
+    assert "spreads.csv:19: database rejected the row" in report
+
+
+async def test_verify_reports_an_altered_row_a_missing_row_and_ignores_other_sources(
+    settings: Settings, db: asyncpg.Connection, tmp_path: Path
+) -> None:
+    write_csv(tmp_path / "spreads.csv", SPREAD_HEADER, spread_rows(500))
+    real_world = real_world_directory(tmp_path / "rw")
+    shutil.copy(real_world / "positions.csv", tmp_path / "positions.csv")
+    assert (await imported(settings, tmp_path))[0] == 0
+    code, report = await verified(settings, tmp_path)
+    assert code == 0 and "MISMATCH" not in report, report
+    # Rows from elsewhere (the daemon) in the same time span: information, not a mismatch.
+    await db.execute(
+        "INSERT INTO spreads (event_id, symbol, upbit_price, binance_price, binance_price_krw,"
+        " spread_pct, net_spread_pct, timestamp) SELECT 'stream:' || g, 'BTC', 1, 1, 1, 1, 1,"
+        " '2025-11-15T03:40:30Z' FROM generate_series(1, 7) AS g"
+    )
+    code, report = await verified(settings, tmp_path)
+    assert code == 0, report
+    assert "7 database row(s) in the file's time span come from elsewhere" in report
+
+    await db.execute(
+        "UPDATE spreads SET net_spread_pct = net_spread_pct + 0.0001"
+        " WHERE event_id = 'csv:spreads.csv:42'"
+    )
+    await db.execute("DELETE FROM spreads WHERE event_id = 'csv:spreads.csv:300'")
+    await db.execute("UPDATE positions SET pnl_krw = 1 WHERE position_key = 'pos_001'")
+    code, report = await verified(settings, tmp_path)
+    assert code == 1
+    assert "spreads.csv:42: differs in net_spread_pct (event_id=csv:spreads.csv:42" in report
+    assert "spreads.csv:300: not in the database (event_id=csv:spreads.csv:300" in report
+    assert "sum(net_spread_pct): csv " in report and "sum(upbit_price): csv " in report
+    assert "positions.csv:2: differs in pnl_krw (position_key=pos_001)" in report
+    table = {ln.split()[0]: ln.split() for ln in report.splitlines()[2:7]}
+    assert table["spreads"][2:5] == ["500", "499", "1"] and table["spreads"][-1] == "MISMATCH"
+    assert table["positions"][-1] == "MISMATCH" and table["fx_rates"][-1] == "absent"
+
+
+async def test_verify_an_edited_csv_file_and_rows_never_imported(
+    settings: Settings, db: asyncpg.Connection, tmp_path: Path
+) -> None:
+    rows = spread_rows(50)
+    path = write_csv(tmp_path / "spreads.csv", SPREAD_HEADER, rows)
+    assert (await imported(settings, tmp_path))[0] == 0
+    rows[9] = rows[9].replace(",3.1836,", ",3.1837,")  # the file changed after the import
+    rows.append("BTC,1,2,3,x,5,true,2025-11-15T03:40:15Z")  # a bad row import never saw
+    write_csv(path, SPREAD_HEADER, rows)
+    code, report = await verified(settings, tmp_path)
+    assert code == 1
+    assert "spreads.csv:11: differs in spread_pct" in report
+    assert "1 bad row(s) not in dead_letters (run import-csv)" in report
+    assert "spreads.csv:52: spread_pct: 'x' is not a decimal number" in report
+
+
+async def test_verify_missing_directory_and_no_files(settings: Settings, tmp_path: Path) -> None:
+    assert (await verified(settings, tmp_path / "nope"))[0] == 2
+    code, report = await verified(settings, tmp_path)
+    assert code == 1 and "no CSV files of the layout" in report
+    assert (await imported(settings, tmp_path / "nope"))[0] == 2
+
+
+async def test_import_with_id_prefix_and_default_producer(
+    settings: Settings, db: asyncpg.Connection, tmp_path: Path
+) -> None:
+    write_csv(tmp_path / "spreads.csv", SPREAD_HEADER, spread_rows(3))
+    code, _, _ = await imported(settings, tmp_path, id_prefix="host-a", default_producer="paper")
+    assert code == 0
+    rows = await db.fetch("SELECT event_id, producer FROM spreads ORDER BY event_id")
+    assert [tuple(r) for r in rows] == [(f"csv:host-a/spreads.csv:{n}", "paper") for n in (2, 3, 4)]
+    # The same file from another host is other rows.
+    assert (await imported(settings, tmp_path, id_prefix="host-b"))[0] == 0
+    assert (await counts(db))["spreads"] == 6
+    out = io.StringIO()
+    assert await run_verify(settings, tmp_path, id_prefix="host-a", out=out) == 0, out.getvalue()

@@ -1,0 +1,418 @@
+"""Producer storages against real Redis and PostgreSQL: through ingestd's stream or in-process,
+CSV files re-imported, and dual write through a Redis outage (a throwaway redis-server)."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import os
+import shutil
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from decimal import Decimal as D
+from pathlib import Path
+
+import asyncpg
+import pytest
+import redis
+
+from ingestd import Service, csv_format
+from ingestd.csv_import import run_import
+from ingestd.csv_verify import run_verify
+from ingestd.errors import ConfigError, SinkUnavailable
+from ingestd.settings import Settings
+from ingestd.storage import (
+    AsyncCsvStorage,
+    AsyncDualStorage,
+    AsyncPostgresStorage,
+    CsvStorage,
+    DualStorage,
+    PostgresStorage,
+    create_async_storage,
+    create_storage,
+)
+from ingestd.storage.redis_cache import sync_client
+from tests.samples import closed, fx_rate, order, position, spread, trade
+
+pytestmark = [pytest.mark.pg, pytest.mark.redis]
+
+
+async def wait_count(conn: asyncpg.Connection, sql: str, want: int, timeout: float = 30) -> int:
+    """Poll ``sql`` (a count) until it reaches ``want``; return the last value."""
+    end = time.monotonic() + timeout
+    n = -1
+    while time.monotonic() < end:
+        n = int(await conn.fetchval(sql))
+        if n >= want:
+            return n
+        await asyncio.sleep(0.05)
+    return n
+
+
+def log_history(storage: PostgresStorage | CsvStorage | DualStorage, spreads: int = 300) -> None:
+    """What a paper trader logs: two positions (one closed), their orders and trades, and feed."""
+    pos1, pos2 = position("pos_001", 0), position("pos_002", 1)
+    storage.log_position_open(pos1)
+    storage.log_position_open(pos2)
+    for i in range(4):
+        storage.log_order(order(i, "pos_001"))
+    storage.log_order(order(9, None))  # an order of no position
+    storage.log_trade(trade(0, "pos_001"))
+    storage.log_position_close(closed(pos1))
+    storage.log_trade(trade(60, "pos_001", side="CLOSE"))
+    for i in range(spreads):
+        storage.log_spread(spread(i, symbol=("BTC", "ETH", "XRP")[i % 3]))
+    for i in range(20):
+        storage.log_fx_rate(fx_rate(i))
+
+
+async def assert_history_landed(db: asyncpg.Connection, spreads: int = 300) -> None:
+    """Every row of log_history, exactly once and with its exact values."""
+    assert await wait_count(db, "SELECT count(*) FROM spreads", spreads) == spreads
+    assert await wait_count(db, "SELECT count(*) FROM fx_rates", 20) == 20
+    assert await wait_count(db, "SELECT count(*) FROM orders", 5) == 5
+    assert await wait_count(db, "SELECT count(*) FROM trades", 2) == 2
+    assert await wait_count(db, "SELECT count(*) FROM positions WHERE status='CLOSED'", 1) == 1
+    want = sum(spread(i).upbit_price for i in range(spreads))
+    assert await db.fetchval("SELECT sum(upbit_price) FROM spreads") == want
+    row = await db.fetchrow("SELECT * FROM positions WHERE position_key = 'pos_001'")
+    assert row is not None
+    assert (row["status"], row["pnl_krw"], row["exit_binance_price"]) == (
+        "CLOSED",
+        D("12345.67"),
+        D("98100.50000000"),
+    )
+    assert row["open_event_id"] == "pos_001:open" and row["close_event_id"] == "pos_001:close"
+    assert await db.fetchval("SELECT count(*) FROM positions") == 2
+    linked = await db.fetchval("SELECT count(*) FROM orders WHERE position_id IS NOT NULL")
+    assert linked == 4
+    assert await db.fetchval("SELECT count(*) FROM dead_letters") == 0
+
+
+# --- PostgresStorage through the stream ------------------------------------------------------
+
+
+async def test_sync_postgres_storage_lands_every_row_once_in_few_round_trips(
+    settings: Settings, db: asyncpg.Connection
+) -> None:
+    async with Service(settings):
+        storage = PostgresStorage.from_settings(settings, producer="paper")
+        log_history(storage)
+        await asyncio.to_thread(storage.flush, 10)
+        assert storage.pending == 0 and storage.sent == 330
+        # Buffered and pipelined: never a round trip per row.
+        assert storage.round_trips <= 20
+        await assert_history_landed(db)
+        # Logging the same open again (a restarted trader) is harmless: same event id.
+        storage.log_position_open(position("pos_002", 1))
+        await asyncio.to_thread(storage.close)
+        producers = await db.fetch("SELECT DISTINCT producer FROM spreads")
+        assert [r["producer"] for r in producers] == ["paper"]
+    assert await db.fetchval("SELECT count(*) FROM positions") == 2
+
+
+async def test_a_redelivered_chunk_lands_once(
+    settings: Settings, db: asyncpg.Connection, rclient: redis.Redis
+) -> None:
+    storage = PostgresStorage.from_settings(settings, producer="collector")
+    for i in range(50):
+        storage.log_spread(spread(i))
+    storage.close()
+    entries = rclient.xrange(settings.stream.key) or []
+    for _, fields in entries:  # a retried pipeline published them all again
+        assert fields is not None
+        rclient.xadd(settings.stream.key, {b"event": fields[b"event"]})
+    async with Service(settings):
+        assert await wait_count(db, "SELECT count(*) FROM spreads", 50) == 50
+        await asyncio.sleep(0.3)
+    assert rclient.xlen(settings.stream.key) >= 100
+    assert await db.fetchval("SELECT count(*) FROM spreads") == 50
+
+
+async def test_async_postgres_storage_stream_and_in_process(
+    settings: Settings, db: asyncpg.Connection
+) -> None:
+    async with Service(settings) as service:
+        async with AsyncPostgresStorage.from_settings(settings, producer="live") as storage:
+            for i in range(120):
+                await storage.log_spread(spread(i))
+            await storage.log_position_open(position("pos_010"))
+            await storage.flush()
+            assert storage.round_trips <= 10
+        assert await wait_count(db, "SELECT count(*) FROM spreads", 120) == 120
+        local = AsyncPostgresStorage.in_process(service, producer="paper")
+        for i in range(120, 180):
+            await local.log_spread(spread(i))
+        await local.log_position_close(closed(position("pos_010")))
+        await local.flush()  # in-process: committed when it returns
+        assert await db.fetchval("SELECT count(*) FROM spreads") == 180
+        status = await db.fetchval("SELECT status FROM positions WHERE position_key='pos_010'")
+        assert status == "CLOSED"
+        await local.aclose()
+
+
+def test_block_policy_backpressure_and_flush_timeout(tmp_path: Path) -> None:
+    dead = redis.Redis(host="127.0.0.1", port=_free_port(), socket_timeout=0.2, protocol=2)
+    storage = PostgresStorage(dead, max_buffer_events=5, chunk_events=2)
+    for i in range(5):
+        storage.log_spread(spread(i))
+    blocked = threading.Thread(target=storage.log_spread, args=(spread(5),), daemon=True)
+    blocked.start()
+    blocked.join(0.5)
+    assert blocked.is_alive()  # the full outbox makes the producer wait; nothing is dropped
+    with pytest.raises(SinkUnavailable, match="not yet published"):
+        storage.flush(timeout=0.3)
+    assert storage.dropped == 0 and storage.pending >= 5
+    with pytest.raises(SinkUnavailable):
+        storage.close(timeout=0.3)
+
+
+# --- CsvStorage ----------------------------------------------------------------------------
+
+
+async def test_csv_storage_files_reimport_exactly(
+    settings: Settings, db: asyncpg.Connection, tmp_path: Path
+) -> None:
+    with CsvStorage(tmp_path, producer="paper", fsync_interval_s=0) as storage:
+        log_history(storage)
+    spreads_csv = (tmp_path / "spreads.csv").read_text(encoding="utf-8").splitlines()
+    assert spreads_csv[0] == ",".join(csv_format.CSV_TABLES_BY_NAME["spreads"].columns)
+    assert len(spreads_csv) == 301
+    positions_csv = (tmp_path / "positions.csv").read_text(encoding="utf-8").splitlines()
+    # Append-only: an OPEN row per open, a CLOSED row (entry columns again) per close.
+    assert [line.split(",")[12] for line in positions_csv[1:]] == ["OPEN", "OPEN", "CLOSED"]
+    assert positions_csv[3].split(",")[:2] == ["pos_001", "BTC"]
+    err = io.StringIO()
+    assert (
+        await run_import(settings, tmp_path, progress_mode="off", out=io.StringIO(), err=err) == 0
+    )
+    await assert_history_landed(db)
+    ids = {r["event_id"] for r in await db.fetch("SELECT event_id FROM spreads")}
+    assert ids == {line.split(",")[8] for line in spreads_csv[1:]}
+    out = io.StringIO()
+    assert await run_verify(settings, tmp_path, out=out) == 0, out.getvalue()
+    # Again, without checkpoints: every row is read and meets its key; nothing is added.
+    await db.execute("TRUNCATE csv_import_checkpoints")
+    assert await run_import(settings, tmp_path, resume=False, progress_mode="off", out=out) == 0
+    await assert_history_landed(db)
+
+
+async def test_async_csv_storage_and_appending_to_existing_files(tmp_path: Path) -> None:
+    async with AsyncCsvStorage(CsvStorage(tmp_path)) as storage:
+        await storage.log_spread(spread(1))
+        await storage.log_fx_rate(fx_rate(1))
+        await storage.flush()
+    with CsvStorage(tmp_path) as again:  # a restarted producer appends under the same header
+        again.log_spread(spread(2))
+    lines = (tmp_path / "spreads.csv").read_text(encoding="utf-8").splitlines()
+    assert len(lines) == 3 and lines[1].startswith("BTC,140123457.12,")
+    assert (tmp_path / "fx_rates.csv").read_text(encoding="utf-8").count("\n") == 2
+
+
+def test_csv_storage_refuses_a_foreign_header_and_isolates_a_torn_row(tmp_path: Path) -> None:
+    (tmp_path / "spreads.csv").write_text("symbol,price\nBTC,1\n", encoding="utf-8")
+    with pytest.raises(csv_format.CsvLayoutError, match="has the header"):
+        CsvStorage(tmp_path).log_spread(spread(0))
+    other = tmp_path / "other"
+    with CsvStorage(other) as storage:
+        storage.log_spread(spread(0))
+    path = other / "spreads.csv"
+    path.write_bytes(path.read_bytes() + b"BTC,1401")  # a crash mid-row
+    with CsvStorage(other) as storage:
+        storage.log_spread(spread(1))
+    rows = path.read_text(encoding="utf-8").splitlines()
+    assert rows[2] == "BTC,1401" and rows[3].startswith("BTC,140123457.12,")
+
+
+# --- dual write through a Redis outage -------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+class OwnRedis:
+    """A throwaway redis-server on a free port, which the test stops and starts."""
+
+    def __init__(self, directory: Path) -> None:
+        self.port = _free_port()
+        self.directory = directory
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        exe = shutil.which("redis-server")
+        assert exe is not None, "redis-server is needed for the outage tests"
+        self.proc = subprocess.Popen(
+            [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", ""]  # noqa: RUF005
+            + ["--appendonly", "no", "--dir", str(self.directory)],
+            stdout=subprocess.DEVNULL,
+        )
+        client = redis.Redis.from_url(self.url, socket_timeout=0.5)
+        end = time.monotonic() + 10
+        while True:
+            try:
+                client.ping()
+                break
+            except redis.exceptions.ConnectionError:
+                if time.monotonic() > end:
+                    raise
+                time.sleep(0.05)
+        client.close()
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(timeout=10)
+            self.proc = None
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[OwnRedis]:
+    """A Redis of the test's own (never the shared one's database)."""
+    server = OwnRedis(tmp_path)
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+async def dual_settings(
+    settings: Settings, own_redis: OwnRedis, tmp_path: Path
+) -> AsyncIterator[Settings]:
+    """Settings with storage.backend dual, CSV files in tmp_path/csv, the throwaway Redis."""
+    yield settings.replace(
+        **{
+            "storage.redis.url": own_redis.url,
+            "storage.backend": "dual",
+            "storage.csv.dir": str(tmp_path / "csv"),
+            "storage.csv.fsync_interval_s": 0.05,
+        }
+    )
+
+
+async def test_dual_write_rides_out_a_redis_outage(
+    dual_settings: Settings, own_redis: OwnRedis, db: asyncpg.Connection, tmp_path: Path
+) -> None:
+    storage = create_storage(dual_settings, producer="paper")
+    assert isinstance(storage, DualStorage)
+    own_redis.stop()
+    log_history(storage, spreads=300)  # Redis is down: nothing blocks, the CSV side writes
+    csv_lines = (tmp_path / "csv" / "spreads.csv").read_text(encoding="utf-8").count("\n")
+    assert csv_lines == 301
+    assert storage.db.pending == 330 and storage.db.dropped == 0
+    own_redis.start()
+    async with Service(dual_settings):
+        await asyncio.to_thread(storage.flush, 20)  # the outbox catches up by itself
+        await assert_history_landed(db)
+    storage.close()
+
+
+async def test_dual_write_longer_outage_catches_up_by_reimport(
+    dual_settings: Settings, own_redis: OwnRedis, db: asyncpg.Connection, tmp_path: Path
+) -> None:
+    settings = dual_settings.replace(**{"storage.buffer_max_events": 50})
+    storage = create_storage(settings, producer="paper")
+    assert isinstance(storage, DualStorage)
+    own_redis.stop()
+    log_history(storage, spreads=300)
+    assert storage.db.dropped == 330 - 50  # the oldest, from memory only: the CSV holds them
+    own_redis.start()
+    async with Service(settings):
+        await asyncio.to_thread(storage.flush, 20)
+        assert await wait_count(db, "SELECT count(*) FROM fx_rates", 20) == 20
+        assert int(await db.fetchval("SELECT count(*) FROM spreads")) < 300
+        storage.close()
+        out = io.StringIO()
+        code = await run_import(settings, tmp_path / "csv", progress_mode="off", out=out)
+        assert code == 0, out.getvalue()
+        await assert_history_landed(db)
+        assert await run_verify(settings, tmp_path / "csv", out=out) == 0, out.getvalue()
+
+
+async def test_dual_csv_failure_still_reaches_the_database(
+    settings: Settings, db: asyncpg.Connection, tmp_path: Path
+) -> None:
+    async with Service(settings):
+        csv_side = CsvStorage(tmp_path)
+        csv_side.close()  # writing now fails
+        db_side = PostgresStorage.from_settings(settings)
+        dual = DualStorage(csv_side, db_side)
+        with pytest.raises(ValueError, match="closed"):
+            dual.log_spread(spread(7))
+        await asyncio.to_thread(db_side.close)
+        assert await wait_count(db, "SELECT count(*) FROM spreads", 1) == 1
+
+
+async def test_async_dual_and_factories(
+    settings: Settings, db: asyncpg.Connection, tmp_path: Path
+) -> None:
+    csv_only = create_storage({"backend": "csv", "csv": {"dir": str(tmp_path / "a")}})
+    assert isinstance(csv_only, CsvStorage)
+    csv_only.close()
+    pg = create_storage(settings)
+    assert isinstance(pg, PostgresStorage)
+    pg.close()
+    with pytest.raises(ConfigError, match="backend"):
+        create_storage({"backend": "mongo"})
+    with pytest.raises(ConfigError, match=r"storage\.bakend"):
+        create_storage({"bakend": "csv"})
+    dual = settings.replace(**{"storage.backend": "dual", "storage.csv.dir": str(tmp_path / "b")})
+    async with Service(settings) as service:
+        storage = create_async_storage(dual, producer="live", service=service)
+        assert isinstance(storage, AsyncDualStorage)
+        for i in range(30):
+            await storage.log_spread(spread(i))
+        await storage.flush()
+        assert await db.fetchval("SELECT count(*) FROM spreads") == 30
+        await storage.aclose()
+        via_stream = create_async_storage(dual, producer="live", csv_dir=tmp_path / "c")
+        await via_stream.log_fx_rate(fx_rate(1))
+        await via_stream.aclose()
+        assert await wait_count(db, "SELECT count(*) FROM fx_rates", 1) == 1
+    assert (tmp_path / "b" / "spreads.csv").read_text(encoding="utf-8").count("\n") == 31
+    assert (tmp_path / "c" / "fx_rates.csv").is_file()
+
+
+def test_sync_client_timeouts(settings: Settings) -> None:
+    client = sync_client(settings.storage.redis, timeout_s=0.7)
+    kwargs = client.connection_pool.connection_kwargs
+    assert kwargs["socket_timeout"] == 0.7 and kwargs["socket_connect_timeout"] == 0.7
+    client.close()
+
+
+def test_rows_are_written_while_an_fsync_is_in_progress(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    storage = CsvStorage(tmp_path, fsync_interval_s=60)
+    storage.log_spread(spread(0))
+    release, in_fsync = threading.Event(), threading.Event()
+    real_fsync = os.fsync
+
+    def slow_fsync(fd: int) -> None:
+        in_fsync.set()
+        release.wait(10)
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", slow_fsync)
+    flusher = threading.Thread(target=storage.flush, daemon=True)
+    flusher.start()
+    assert in_fsync.wait(10)
+    writer = threading.Thread(target=storage.log_spread, args=(spread(1),), daemon=True)
+    writer.start()
+    writer.join(5)
+    assert not writer.is_alive()  # the row did not wait for the fsync
+    assert release.is_set() is False
+    release.set()
+    flusher.join(10)
+    storage.close()
+    assert (tmp_path / "spreads.csv").read_text(encoding="utf-8").count("\n") == 3

@@ -1,0 +1,195 @@
+"""RedisCacheStorage (seed §3.3) against real Redis: keys, values, TTLs, the mirror's versions."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+from collections.abc import Iterator
+from decimal import Decimal as D
+
+import orjson
+import pytest
+import redis
+import redis.asyncio as aioredis
+
+from ingestd import events
+from ingestd.app import create_redis
+from ingestd.batching import BatchOutcome, Item
+from ingestd.errors import ConfigError, InvalidEvent
+from ingestd.health import check_health
+from ingestd.settings import Settings, load_settings
+from ingestd.sinks.mirror import VERSIONS_KEY, RedisMirror
+from ingestd.storage import AsyncRedisCacheStorage, RedisCacheStorage
+from tests.samples import at, spread
+
+pytestmark = pytest.mark.redis
+
+
+@pytest.fixture
+def cache(redis_url: str) -> Iterator[RedisCacheStorage]:
+    """The seed's construction: the storage.redis mapping of the config."""
+    config = {"storage": {"redis": {"url": redis_url}}}
+    storage = RedisCacheStorage(config.get("storage", {}).get("redis", {}))
+    yield storage
+    storage.close()
+
+
+def test_seed_calls_write_the_design_keys_values_and_ttls(
+    cache: RedisCacheStorage, rclient: redis.Redis
+) -> None:
+    assert cache.set_fx_rate("USDKRW", 1350.0, ttl=3)
+    assert rclient.get("fx:usdkrw") == b"1350.0"  # the float's repr, never binary noise
+    assert 0 < rclient.pttl("fx:usdkrw") <= 3000
+    assert cache.get_fx_rate("USDKRW") == D("1350.0")
+
+    assert cache.set_spread_snapshot("BTC", {"spread_pct": 0.8, "net_spread_pct": 0.5})
+    stored = orjson.loads(rclient.get("spreads:BTC:last") or b"")
+    assert stored["symbol"] == "BTC"
+    assert (stored["spread_pct"], stored["net_spread_pct"]) == ("0.8", "0.5")
+    assert stored["timestamp"].endswith("Z") and len(stored["timestamp"]) == 27
+    assert 55_000 < rclient.pttl("spreads:BTC:last") <= 60_000
+    snapshot = cache.get_spread_snapshot("BTC")
+    assert snapshot is not None and snapshot["spread_pct"] == D("0.8")
+    assert snapshot["timestamp"].tzinfo is not None
+
+    before = dt.datetime.now(dt.UTC)
+    for component in ("collector", "paper", "live"):
+        assert cache.set_health_heartbeat(component)
+        assert 9_000 < rclient.pttl(f"health:{component}") <= 10_000
+    beat = cache.get_health_heartbeat("collector")
+    assert beat is not None and beat >= before.replace(microsecond=0)
+    assert cache.get_fx_rate("EURKRW") is None
+    assert cache.get_spread_snapshot("ETH") is None
+
+
+async def test_heartbeats_satisfy_ingestd_health(cache: RedisCacheStorage, redis_url: str) -> None:
+    settings = load_settings(None, environ={}, overrides={"storage.redis.url": redis_url})
+    cache.set_health_heartbeat("ingestd")
+    cache.set_health_heartbeat("collector")
+    ok, message = await check_health(settings, ["ingestd", "collector"], 10)
+    assert ok, message
+    ok, message = await check_health(settings, ["ingestd", "paper"], 10)
+    assert not ok and "paper: no heartbeat" in message
+
+
+async def test_full_snapshot_is_byte_for_byte_what_ingestds_mirror_writes(
+    cache: RedisCacheStorage, redis_url: str, rclient: redis.Redis
+) -> None:
+    event = spread(3).to_event(event_id="c1-000042", producer="collector")
+    client = create_redis(redis_url, socket_timeout_s=2)
+    try:
+        mirror = RedisMirror(client)
+        ev = events.parse_event(event)
+        mirror.stage_events([Item(ev, None, None, None, None, 0.0)], BatchOutcome())  # type: ignore[arg-type]
+        assert await mirror.flush()
+    finally:
+        await client.aclose()
+    by_mirror = rclient.get("spreads:BTC:last")
+    rclient.delete("spreads:BTC:last", VERSIONS_KEY)
+    assert cache.set_spread_snapshot("BTC", event)
+    assert rclient.get("spreads:BTC:last") == by_mirror
+    rclient.delete("spreads:BTC:last", VERSIONS_KEY)
+    assert cache.set_spread_snapshot("BTC", spread(3))  # the model itself: same, without the id
+    from_model = orjson.loads(rclient.get("spreads:BTC:last") or b"")
+    assert from_model == {**orjson.loads(by_mirror or b""), "event_id": None, "producer": None}
+
+
+async def test_direct_writes_and_the_mirror_never_regress_each_other(
+    cache: RedisCacheStorage, redis_url: str, rclient: redis.Redis
+) -> None:
+    client = create_redis(redis_url, socket_timeout_s=2)
+    try:
+        mirror = RedisMirror(client)
+
+        async def mirrored(i: int) -> None:
+            ev = events.parse_event(spread(i).to_event(event_id=f"m{i}"))
+            mirror.stage_events([Item(ev, None, None, None, None, 0.0)], BatchOutcome())  # type: ignore[arg-type]
+            assert await mirror.flush()
+
+        await mirrored(10)
+        # An older snapshot from a producer does not replace the mirror's newer one ...
+        assert not cache.set_spread_snapshot("BTC", spread(5))
+        assert orjson.loads(rclient.get("spreads:BTC:last") or b"")["event_id"] == "m10"
+        # ... a newer one does, and then the mirror's older event does not replace it.
+        assert cache.set_spread_snapshot("BTC", spread(20))
+        await mirrored(15)
+        snapshot = cache.get_spread_snapshot("BTC")
+        assert snapshot is not None and snapshot["timestamp"] == at(20)
+    finally:
+        await client.aclose()
+    assert cache.set_fx_rate("USDKRW", "1390.1", timestamp=at(100))
+    assert not cache.set_fx_rate("USDKRW", "1300", timestamp=at(50))
+    assert cache.get_fx_rate("USDKRW") == D("1390.1")
+    # The same event again refreshes its TTL (>=), as the mirror does on redelivery.
+    assert cache.set_fx_rate("USDKRW", "1390.1", timestamp=at(100))
+
+
+def test_key_prefix_and_config_typos(redis_url: str, rclient: redis.Redis) -> None:
+    with RedisCacheStorage({"url": redis_url, "key_prefix": "arb:"}) as cache:
+        cache.set_fx_rate("EURKRW", D("1500.25"))
+        assert rclient.get("arb:fx:eurkrw") == b"1500.25"
+        assert rclient.hexists(f"arb:{VERSIONS_KEY}", "arb:fx:eurkrw")
+    with pytest.raises(ConfigError, match=r"storage\.redis\.urll"):
+        RedisCacheStorage({"urll": redis_url})
+
+
+def test_settings_carry_the_mirror_ttls(redis_url: str, rclient: redis.Redis) -> None:
+    settings: Settings = load_settings(
+        None,
+        environ={},
+        overrides={"storage.redis.url": redis_url, "fx.ttl_seconds": 7, "mirror.spread_ttl_s": 30},
+    )
+    with RedisCacheStorage(settings) as cache:
+        cache.set_fx_rate("USDKRW", 1)
+        cache.set_spread_snapshot("ETH", {"spread_pct": "1.5"})
+    assert 6_000 < rclient.pttl("fx:usdkrw") <= 7_000
+    assert 25_000 < rclient.pttl("spreads:ETH:last") <= 30_000
+
+
+@pytest.mark.parametrize(
+    ("call", "field"),
+    [
+        (lambda c: c.set_fx_rate("USDKRW", "abc"), "rate"),
+        (lambda c: c.set_fx_rate("USDKRW", float("nan")), "rate"),
+        (lambda c: c.set_fx_rate("", 1), "pair"),
+        (lambda c: c.set_fx_rate("USDKRW", 1, ttl=0), "ttl"),
+        (lambda c: c.set_spread_snapshot("BTC", {"colour": 1}), "colour"),
+        (lambda c: c.set_spread_snapshot("BTC", {"spread_pct": "1e999999"}), "spread_pct"),
+        (lambda c: c.set_spread_snapshot("BTC", {"symbol": "ETH"}), "symbol"),
+        (lambda c: c.set_spread_snapshot("BTC", {"timestamp": "2025-11-15T03:40:15"}), "timestamp"),
+        (lambda c: c.set_spread_snapshot("BTC", {"is_opportunity": "yes"}), "is_opportunity"),
+        (lambda c: c.set_health_heartbeat("x" * 51), "component"),
+    ],
+)
+def test_bad_input_names_the_field_and_writes_nothing(
+    cache: RedisCacheStorage, rclient: redis.Redis, call: object, field: str
+) -> None:
+    with pytest.raises(InvalidEvent) as excinfo:
+        call(cache)  # type: ignore[operator]
+    assert excinfo.value.field == field
+    assert rclient.dbsize() == 0
+
+
+async def test_async_twin_same_keys_and_values(redis_url: str, rclient: redis.Redis) -> None:
+    async with AsyncRedisCacheStorage({"url": redis_url}) as cache:
+        assert await cache.set_fx_rate("USDKRW", 1350.0, ttl=3)
+        assert await cache.get_fx_rate("USDKRW") == D("1350.0")
+        s = dataclasses.replace(spread(1), timestamp=at(1))
+        assert await cache.set_spread_snapshot("BTC", s)
+        assert not await cache.set_spread_snapshot("BTC", spread(0))  # older
+        snapshot = await cache.get_spread_snapshot("BTC")
+        assert snapshot is not None and snapshot["upbit_price"] == s.upbit_price
+        assert await cache.set_health_heartbeat("paper")
+        assert await cache.get_health_heartbeat("paper") is not None
+    assert rclient.get("fx:usdkrw") == b"1350.0"
+    assert 0 < rclient.pttl("health:paper") <= 10_000
+
+
+async def test_async_twin_accepts_a_client(redis_url: str) -> None:
+    client = aioredis.Redis.from_url(redis_url, protocol=2)
+    cache = AsyncRedisCacheStorage(client=client)
+    await cache.set_fx_rate("USDKRW", D("1385.12345678"))
+    assert await cache.get_fx_rate("USDKRW") == D("1385.12345678")
+    await cache.aclose()  # not its client: still open
+    assert await client.ping()
+    await client.aclose()

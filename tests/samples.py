@@ -1,0 +1,119 @@
+"""Model instances and CSV text for the storage and CSV tests (real values, exact decimals)."""
+
+from __future__ import annotations
+
+import datetime as dt
+from decimal import Decimal as D
+from pathlib import Path
+
+from ingestd.storage.models import FxRate, OrderLeg, Position, SpreadOpportunity, Trade
+
+T0 = dt.datetime(2025, 11, 15, 3, 40, 15, 123000, tzinfo=dt.UTC)
+
+SPREAD_HEADER = (
+    "symbol,upbit_price,binance_price,binance_price_krw,spread_pct,net_spread_pct,"
+    "is_opportunity,timestamp"
+)
+POSITION_HEADER = (
+    "position_key,symbol,direction,size,entry_upbit_price,entry_binance_price,entry_spread_pct,"
+    "exit_upbit_price,exit_binance_price,exit_spread_pct,pnl_krw,pnl_pct,status,"
+    "timestamp_open,timestamp_close"
+)
+
+
+def at(seconds: float) -> dt.datetime:
+    """T0 plus some seconds."""
+    return T0 + dt.timedelta(seconds=seconds)
+
+
+def spread(i: int, symbol: str = "BTC") -> SpreadOpportunity:
+    """A spread snapshot whose values depend on ``i``."""
+    return SpreadOpportunity(
+        symbol=symbol,
+        upbit_price=D("140123456.12") + i,
+        binance_price=D("98012.12345678"),
+        binance_price_krw=D("135800000.55"),
+        spread_pct=D("3.1836"),
+        net_spread_pct=D("2.9836") - D(i) / 10000,
+        is_opportunity=i % 2 == 0,
+        timestamp=at(i),
+    )
+
+
+def fx_rate(i: int, pair: str = "USDKRW") -> FxRate:
+    """An FX rate."""
+    return FxRate(pair=pair, rate=D("1385.5") + D(i) / 100, source="upbit", timestamp=at(i))
+
+
+def position(key: str = "pos_001", i: int = 0) -> Position:
+    """An OPEN position."""
+    return Position(
+        position_key=key,
+        symbol="BTC",
+        direction="upbit_short_binance_long",
+        size=D("0.01"),
+        entry_upbit_price=D("140123456.12"),
+        entry_binance_price=D("98012.12345678"),
+        entry_spread_pct=D("3.1836"),
+        timestamp_open=at(i),
+    )
+
+
+def closed(pos: Position, i: int = 60) -> Position:
+    """``pos``, CLOSED."""
+    return pos.close(
+        exit_upbit_price=D("140000000.00"),
+        exit_binance_price=D("98100.5"),
+        exit_spread_pct=D("0.5000"),
+        pnl_krw=D("12345.67"),
+        pnl_pct=D("0.8812"),
+        timestamp_close=at(i),
+    )
+
+
+def order(i: int, key: str | None = "pos_001") -> OrderLeg:
+    """An order leg of a position."""
+    return OrderLeg(
+        position_key=key,
+        symbol="BTC",
+        venue="upbit" if i % 2 == 0 else "binance_futures",
+        side="sell" if i % 2 == 0 else "long",
+        qty=D("0.01"),
+        price_theoretical=D("140123456.12"),
+        price_effective=D("140120000.5"),
+        slippage_bps=D("2.47"),
+        leg_id=f"{key or 'none'}_leg_{i}",
+        order_id=f"ex-{i}",
+        timestamp=at(i),
+    )
+
+
+def trade(i: int, key: str | None = "pos_001", side: str = "OPEN") -> Trade:
+    """A trade of a position."""
+    return Trade(
+        position_key=key,
+        symbol="BTC",
+        direction="upbit_short_binance_long",
+        size=D("0.01"),
+        side=side,
+        price_upbit=D("140123456.12"),
+        price_binance=D("98012.12345678"),
+        pnl_krw=None if side == "OPEN" else D("12345.67"),
+        pnl_pct=None if side == "OPEN" else D("0.8812"),
+        timestamp=at(i),
+    )
+
+
+def spread_rows(n: int, *, start: int = 0) -> list[str]:
+    """``n`` valid spreads.csv rows (no event_id column)."""
+    return [
+        f"BTC,{140123456 + i}.12,98012.12345678,135800000.55,3.1836,2.9836,true,"
+        f"2025-11-15T03:40:{(i % 60):02d}.{i:06d}Z"
+        for i in range(start, start + n)
+    ]
+
+
+def write_csv(path: Path, header: str, rows: list[str], *, newline: str = "\n") -> Path:
+    """A CSV file of a header and rows."""
+    path.write_bytes((newline.join([header, *rows]) + newline).encode("utf-8"))
+    return path
