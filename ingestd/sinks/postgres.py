@@ -17,7 +17,7 @@ import io
 import logging
 import operator
 import re
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import Any, Final
 
 import asyncpg
@@ -323,8 +323,11 @@ class PostgresSink:
         self, conn: Connection, target: str, table: tables.Table, events: Sequence[Event]
     ) -> None:
         data = _ENCODERS[table.name].encode(events)
+        # An async iterable, not a BytesIO: for a file-like source asyncpg builds a reader class
+        # per call, and the class's reference cycle keeps each batch's bytes alive until the
+        # cyclic GC runs (+20 MiB per million rows measured in verify-csv).
         await conn.copy_to_table(
-            target, source=io.BytesIO(data), columns=list(table.column_names), format="csv"
+            target, source=_once(data), columns=list(table.column_names), format="csv"
         )
 
     async def _merge(self, conn: Connection, table: tables.Table, events: Sequence[Event]) -> int:
@@ -419,6 +422,10 @@ class PostgresSink:
             event_id=ev.event_id,
             producer=ev.producer,
         )
+
+
+async def _once(data: bytes) -> AsyncIterator[bytes]:
+    yield data
 
 
 def _dl_args(d: DeadLetter) -> tuple[Any, ...]:
