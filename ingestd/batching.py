@@ -44,10 +44,11 @@ class Item:
     @property
     def route(self) -> str:
         """The batch lane this item counts against: its table, or a side lane."""
-        if self.event is None:
+        ev = self.event
+        if ev is None:
             return "dead_letters"
-        table = self.event.spec.table
-        return table.name if table is not None else self.event.type
+        table = ev.table
+        return table.name if table is not None else ev.type
 
 
 @dataclasses.dataclass(slots=True)

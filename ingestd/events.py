@@ -172,6 +172,9 @@ class Event:
     producer: str | None
     time: dt.datetime
     values: dict[str, str | None]
+    # The append-only table it goes to (None for positions and heartbeats): looked up once here
+    # rather than per event in the batcher, the sink and the mirror.
+    table: tables.Table | None = None
 
     @property
     def spec(self) -> EventType:
@@ -513,7 +516,7 @@ def parse_event(obj: object, *, default_event_id: str | None = None) -> Event:
             if key not in allowed:
                 raise InvalidEvent(f"unknown field for a {etype} event", field=str(key)[:60])
     values, moment = validator.fields(obj.get)
-    return Event(etype, event_id, producer, moment, values)
+    return Event(etype, event_id, producer, moment, values, validator.spec.table)
 
 
 def to_wire(ev: Event) -> dict[str, Any]:

@@ -77,8 +77,9 @@ class Pipeline:
         """Queue items, waiting while the queue is full (backpressure)."""
         if self._closing:
             raise errors.ShuttingDown("ingestd is shutting down and accepts no new events")
-        for it in items:
-            self.metrics.events_received[it.event.type if it.event else "invalid"] += 1
+        self.metrics.events_received.update(
+            it.event.type if it.event is not None else "invalid" for it in items
+        )
         await self.queue.put_many(items)
 
     async def drain(self) -> None:

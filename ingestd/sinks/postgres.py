@@ -11,7 +11,6 @@ one row whatever the order and batching of their arrival, across writers and rep
 
 from __future__ import annotations
 
-import collections
 import csv
 import io
 import logging
@@ -216,11 +215,11 @@ class PostgresSink:
     async def write(self, items: Sequence[Item]) -> BatchOutcome:
         """Commit every item of the batch in one transaction, or raise and commit nothing."""
         outcome = BatchOutcome()
-        by_table: dict[str, list[tuple[Item, Event]]] = collections.defaultdict(list)
+        by_table: dict[str, list[tuple[Item, Event]]] = {}
+        seen: dict[str, set[tuple[str, Any]]] = {}
         opens: list[tuple[Item, Event]] = []
         closes: list[tuple[Item, Event]] = []
         dead: list[DeadLetter] = []
-        seen: set[tuple[str, str, Any]] = set()
         needs_lock = False
         for item in items:
             ev = item.event
@@ -228,15 +227,21 @@ class PostgresSink:
                 assert item.dead_letter is not None
                 dead.append(item.dead_letter)
                 continue
-            table = ev.spec.table
+            table = ev.table
             if table is not None:
-                key = (table.name, ev.event_id, ev.time)
-                if key in seen:  # the same event twice in one batch lands once
+                name = table.name
+                rows = by_table.get(name)
+                if rows is None:
+                    rows = by_table[name] = []
+                    seen[name] = set()
+                key = (ev.event_id, ev.time)
+                in_batch = seen[name]
+                if key in in_batch:  # the same event twice in one batch lands once
                     outcome.duplicates += 1
                     continue
-                seen.add(key)
-                by_table[table.name].append((item, ev))
-                if ev.values.get("position_key") is not None:
+                in_batch.add(key)
+                rows.append((item, ev))
+                if name in _SQL_LINK and ev.values.get("position_key") is not None:
                     needs_lock = True
             elif ev.type == "position_open":
                 opens.append((item, ev))
