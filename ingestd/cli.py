@@ -65,7 +65,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--count", type=int, help="number of events to publish")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--symbols", default="BTC,ETH,XRP")
-    p.add_argument("--tick", type=float, default=0.1, help="simulated seconds per market tick")
+    p.add_argument(
+        "--tick",
+        type=float,
+        help="simulated seconds per market tick (default: paced to the wall clock at --rate, "
+        "else 0.1)",
+    )
     p.add_argument("--start", help="event time of the first tick (RFC 3339; default now)")
     p.add_argument("--stream", help="stream key (default ingestd:events)")
     p.add_argument("--stdout", action="store_true", help="print JSON lines instead of publishing")
@@ -232,9 +237,13 @@ async def _cmd_simulate(settings: Settings, args: argparse.Namespace) -> int:
     if start is not None and start.tzinfo is None:
         print("ingestd simulate: --start needs an offset", file=sys.stderr)
         return 2
-    sim = Simulator(
-        seed=args.seed, symbols=tuple(args.symbols.split(",")), start=start, tick_s=args.tick
-    )
+    symbols = tuple(args.symbols.split(","))
+    tick_s = args.tick
+    if tick_s is None:
+        # A tick is one FX event plus one spread per symbol (rarely a few more): at --rate the
+        # simulated clock then keeps pace with the wall clock, so heartbeats and TTLs are real.
+        tick_s = (1 + len(symbols)) / args.rate if args.rate > 0 else 0.1
+    sim = Simulator(seed=args.seed, symbols=symbols, start=start, tick_s=tick_s)
     stream = sim.events()
     if args.count is not None:
         stream = itertools.islice(stream, args.count)
