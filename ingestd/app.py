@@ -24,8 +24,10 @@ import redis.exceptions
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 
-from ingestd import errors, migrations
+from ingestd import errors, migrations, probes
 from ingestd.db import create_pool
+from ingestd.endpoints import OpsServer
+from ingestd.metrics import Metrics, MetricsCollector, create_registry
 from ingestd.pipeline import InProcessSource, Outcome, Pipeline, cancel_quietly
 from ingestd.settings import Settings, redact
 from ingestd.sinks.mirror import RedisMirror
@@ -55,6 +57,11 @@ async def connect_with_retry(settings: Settings, deadline_s: float) -> asyncpg.P
     while True:
         try:
             return await create_pool(settings.storage.postgres)
+        except (ValueError, asyncpg.ClientConfigurationError) as exc:
+            # A malformed DSN does not get better by waiting.
+            raise errors.ConfigError(
+                f"invalid database URL {redact(settings.storage.postgres.dsn)}: {exc}"
+            ) from exc
         except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
             if time.monotonic() + delay > end:
                 raise errors.SinkUnavailable(
@@ -82,6 +89,10 @@ class Service:
         self._submitter: InProcessSource | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._stream_task: asyncio.Task[None] | None = None
+        self.metrics = Metrics()
+        self._collector = MetricsCollector(self.metrics, healthy=self.healthy)
+        self.registry = create_registry(self._collector)
+        self.ops: OpsServer | None = None
 
     async def __aenter__(self) -> Service:
         await self.start()
@@ -115,7 +126,7 @@ class Service:
             health_ttl_s=s.mirror.health_ttl_s,
         )
         sink = PostgresSink(self.pool, acquire_timeout_s=s.storage.postgres.acquire_timeout_s)
-        self.pipeline = Pipeline(sink, self.mirror, s.pipeline)
+        self.pipeline = Pipeline(sink, self.mirror, s.pipeline, metrics=self.metrics)
         self.pipeline.start()
         self._submitter = InProcessSource(self.pipeline, max_event_bytes=s.pipeline.max_event_bytes)
         if self._stream_intake:
@@ -131,6 +142,7 @@ class Service:
             asyncio.create_task(self._heartbeat_loop(), name="ingestd-heartbeat"),
             asyncio.create_task(self._reconcile_loop(), name="ingestd-reconcile"),
         ]
+        await self._start_ops()
         log.info(
             "ingestd started: database %s, redis %s, stream %s, consumer %s",
             redact(s.storage.postgres.dsn),
@@ -145,6 +157,49 @@ class Service:
         if self._submitter is None:
             raise errors.ShuttingDown("the service is not running")
         return await self._submitter.submit(event)
+
+    async def _start_ops(self) -> None:
+        """Export the metrics and, with a port configured, serve /metrics, /healthz, /readyz."""
+        assert self.pipeline is not None and self.redis is not None
+        self._collector.queue = self.pipeline.queue
+        self._collector.mirror = self.mirror
+        self._collector.stream = self.stream
+        if not self.settings.metrics_port:
+            return
+        if self.stream is not None:
+            sampler = probes.sample_stream_forever(
+                self.redis, self.stream.key, self.stream.group, self.metrics
+            )
+            self._tasks.append(asyncio.create_task(sampler, name="ingestd-stream-sample"))
+        self.ops = OpsServer(
+            self.registry,
+            healthy=self.health_report,
+            ready=self.ready,
+            host=self.settings.metrics_host,
+            port=self.settings.metrics_port,
+        )
+        try:
+            await self.ops.start()
+        except OSError as exc:
+            await self.stop(grace_s=1)
+            raise errors.ConfigError(
+                f"cannot serve metrics on {self.settings.metrics_host}:"
+                f"{self.settings.metrics_port}: {exc.strerror or exc}"
+            ) from exc
+
+    def health_report(self) -> tuple[bool, str]:
+        """``/healthz``: (alive, one-line reason)."""
+        if self.healthy():
+            return True, "ok"
+        if self.pipeline is None:
+            return False, "unhealthy: not started"
+        since = self.pipeline.metrics.flush_failing_since or time.monotonic()
+        return False, f"unhealthy: batches failing to commit for {time.monotonic() - since:.0f}s"
+
+    async def ready(self) -> tuple[bool, dict[str, str]]:
+        """``/readyz``: database and Redis reachable, schema current, intake open."""
+        accepting = self.pipeline is not None and self.pipeline.accepting
+        return await probes.readiness(self.pool, self.redis, accepting=accepting)
 
     def healthy(self) -> bool:
         """False while batches have been failing for longer than twice the flush timeout."""
@@ -212,6 +267,8 @@ class Service:
             await cancel_quietly(task)
         if self.mirror is not None:
             await self.mirror.flush()
+        if self.ops is not None:
+            await self.ops.close()
         for client in (self.redis, self._mirror_redis):
             if client is not None:
                 await client.aclose()

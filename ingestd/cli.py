@@ -38,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--consumer", help="stable consumer name (default: $INGESTD_CONSUMER or host)")
     p.add_argument("--metrics-port", type=int, help="Prometheus port (default 9464; 0 disables)")
+    p.add_argument("--metrics-host", help="address of the metrics endpoint (default 127.0.0.1)")
     p.add_argument("--stream", help="stream key (default ingestd:events)")
 
     p = sub.add_parser("migrate", help="apply pending sql/ migrations")
@@ -90,6 +91,7 @@ def _settings(args: argparse.Namespace) -> Settings:
         "log_level": getattr(args, "log_level", None),
         "stream.consumer": getattr(args, "consumer", None),
         "metrics_port": getattr(args, "metrics_port", None),
+        "metrics_host": getattr(args, "metrics_host", None),
         "stream.key": getattr(args, "stream", None),
     }
     return load_settings(args.config, overrides=overrides)

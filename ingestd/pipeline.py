@@ -181,6 +181,7 @@ class Pipeline:
             m.dead_letters += outcome.dead_letters
             for table, n in outcome.inserted.items():
                 m.rows_written[table] += n
+            m.observe_batch(items, outcome, time.monotonic() - started)
             if attempt:
                 log.info(
                     "batch committed after %d retries", attempt, extra={"action": "flush_recovered"}
