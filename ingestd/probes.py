@@ -92,9 +92,7 @@ async def sample_stream(client: aioredis.Redis, key: str, group: str, metrics: M
         if "no such key" not in str(exc).lower():
             raise
         groups, length = [], 0  # the stream does not exist yet: nothing is waiting
-    info: dict[str, Any] | None = next(
-        (g for g in groups if _text(g.get("name")) == group), None
-    )
+    info: dict[str, Any] | None = next((g for g in groups if _text(g.get("name")) == group), None)
     metrics.stream_length = int(length)
     if info is None:
         metrics.stream_pending = 0

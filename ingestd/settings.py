@@ -276,6 +276,12 @@ def load_settings(
     return settings.check()
 
 
+def read_secret(name: str, environ: Mapping[str, str] | None = None) -> str | None:
+    """A secret from the environment, kept out of Settings so that it is never logged with it."""
+    value = (os.environ if environ is None else environ).get(name)
+    return value or None
+
+
 _PASSWORD_IN_URL = re.compile(
     r"(?P<head>[a-z][a-z0-9+.-]*://[^:/@\s]*:)(?P<pw>[^@\s]*)(?P<at>@)", re.I
 )
