@@ -14,11 +14,14 @@ from collections.abc import Awaitable, Callable
 from typing import Final
 
 import orjson
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import generate_latest
 from prometheus_client.registry import CollectorRegistry
 
 log = logging.getLogger("ingestd.endpoints")
 
+# The classic text format, which every Prometheus version parses (the client library's own
+# server answers with it too when the scraper asks for nothing newer).
+METRICS_CONTENT_TYPE: Final = "text/plain; version=0.0.4; charset=utf-8"
 MAX_REQUEST_BYTES: Final = 8192  # request line plus headers; a scraper sends a few hundred
 REQUEST_TIMEOUT_S: Final = 5.0
 _REASONS: Final = {
@@ -109,7 +112,7 @@ class OpsServer:
 
     async def _route(self, path: str) -> tuple[int, bytes, str]:
         if path == "/metrics":
-            return 200, generate_latest(self._registry), CONTENT_TYPE_LATEST
+            return 200, generate_latest(self._registry), METRICS_CONTENT_TYPE
         if path == "/healthz":
             ok, reason = self._healthy()
             return (200 if ok else 503), (reason + "\n").encode(), "text/plain; charset=utf-8"

@@ -8,10 +8,13 @@ a TEMP table) and malformed payloads (dead letters).
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import datetime as dt
 import itertools
 from typing import Any
 
+from ingestd import Service
 from ingestd.events import utc_iso
 from ingestd.simulate import Simulator
 
@@ -27,8 +30,28 @@ def _at(seconds: float) -> str:
     return utc_iso(START + dt.timedelta(seconds=seconds))
 
 
-def mixed_events(simulated: int = 600) -> list[dict[str, Any]]:
-    """Valid events, in the order to send them (one is repeated on purpose)."""
+@dataclasses.dataclass(frozen=True)
+class Feed:
+    """``bulk`` may go in any order and at once; ``ordered`` one by one, after it."""
+
+    bulk: list[dict[str, Any]]
+    ordered: list[dict[str, Any]]
+
+    @property
+    def events(self) -> list[dict[str, Any]]:
+        """Everything sent, the repeated event twice."""
+        return [*self.bulk, *self.ordered]
+
+
+async def submit_all(service: Service, feed: Feed) -> None:
+    """The bulk concurrently, then the ordered events each after the previous one committed."""
+    await asyncio.gather(*(service.submit(ev) for ev in feed.bulk))
+    for ev in feed.ordered:
+        await service.submit(ev)
+
+
+def mixed_feed(simulated: int = 600) -> Feed:
+    """A simulated feed plus the hand-made events above (one is repeated on purpose)."""
     sim = Simulator(seed=21, symbols=("BTC", "ETH"), start=START)
     events = list(itertools.islice(sim.events(), simulated))
     late_key, early_key = "mix_pos_late_open", "mix_pos_in_order"
@@ -87,4 +110,4 @@ def mixed_events(simulated: int = 600) -> list[dict[str, Any]]:
         },
     ]  # fmt: skip
     # The same FX event once more, later: the staging merge (TEMP table, ON CONFLICT) lands it once.
-    return [*events, *hand_made, hand_made[-1]]
+    return Feed(events, [*hand_made, hand_made[-1]])

@@ -17,7 +17,7 @@ import pytest
 from ingestd import Service, errors, load_settings
 from ingestd.roles import READER_GROUP, WRITER_GROUP, Login, apply_roles, scram_verifier
 from tests.ledger import Expected, assert_landed_exactly_once
-from tests.mixed_feed import MALFORMED, mixed_events
+from tests.mixed_feed import MALFORMED, mixed_feed, submit_all
 from tests.private_servers import PrivatePostgres
 
 pytestmark = [pytest.mark.pg, pytest.mark.redis]
@@ -102,11 +102,12 @@ async def test_writer_runs_ingestd_and_can_do_nothing_else(
             "pipeline.batch_max_age_ms": 20,
         },
     )
-    sent = mixed_events(200)
+    feed = mixed_feed(300)
+    sent = feed.events
     async with Service(settings, stream_intake=False) as service:
-        # One event at a time: the repeated one meets its stored copy (the staging merge path).
-        for ev in sent:
-            await service.submit(ev)
+        # The ordered part one by one: the close before its open is parked, the repeated event
+        # meets its stored copy (the staging merge through a TEMP table).
+        await submit_all(service, feed)
         for payload in MALFORMED:
             with pytest.raises(errors.InvalidEvent):
                 await service.submit(payload)
