@@ -101,6 +101,10 @@ def mixed_feed(simulated: int = 600) -> Feed:
             "position_key": early_key, **close, "timestamp_close": _at(5),
         },
         {
+            "type": "position_open", "event_id": "mix-po-3", "producer": "paper",
+            "position_key": "mix_pos_stays_open", **entry, "timestamp_open": _at(5.5),
+        },
+        {
             "type": "heartbeat", "event_id": "mix-hb-1", "producer": "paper",
             "component": "paper", "timestamp": _at(6),
         },
