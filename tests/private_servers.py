@@ -231,6 +231,16 @@ class PrivateRedis:
                 self.process.wait(timeout=10)
 
 
+def redis_version() -> tuple[int, ...]:
+    """The version of the local ``redis-server``."""
+    server = shutil.which("redis-server")
+    if server is None:
+        pytest.skip("redis-server is not installed")
+    out = subprocess.run([server, "--version"], capture_output=True, text=True, check=True).stdout
+    version = out.split("v=", 1)[1].split()[0]
+    return tuple(int(part) for part in version.split("."))
+
+
 def start_redis(base: Path, certs: Certs, users: dict[str, list[str]]) -> PrivateRedis:
     """``redis-server`` with TLS only, the default user off, and ``users`` (name -> ACL rules)."""
     server = shutil.which("redis-server")
@@ -250,8 +260,8 @@ def start_redis(base: Path, certs: Certs, users: dict[str, list[str]]) -> Privat
         "--tls-ca-cert-file", str(certs.ca), "--tls-auth-clients", "no",
         "--save", "", "--appendonly", "no", "--dir", str(home), *acl,
     ]  # fmt: skip
-    log = (home / "server.log").open("wb")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    with (home / "server.log").open("wb") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     private = PrivateRedis(port, certs, proc, admin_password)
     deadline = time.monotonic() + 10
     while True:
