@@ -68,7 +68,10 @@ async def connect_with_retry(settings: Settings, deadline_s: float) -> asyncpg.P
                     f"cannot reach PostgreSQL at {redact(settings.storage.postgres.dsn)}: {exc}"
                 ) from exc
             log.warning(
-                "PostgreSQL not reachable yet (%s); retrying", exc, extra={"action": "db_wait"}
+                "PostgreSQL at %s not reachable yet (%s); retrying",
+                redact(settings.storage.postgres.dsn),
+                exc,
+                extra={"action": "db_wait"},
             )
             await asyncio.sleep(delay)
             delay = min(delay * 2, 5.0)

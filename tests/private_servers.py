@@ -19,6 +19,7 @@ import tempfile
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
+from typing import Any
 from urllib.parse import quote
 
 import asyncpg
@@ -26,6 +27,7 @@ import pytest
 import redis
 
 from ingestd import migrations
+from tests.deploy_files import compose_variables, redis_acl_users
 
 
 def free_port() -> int:
@@ -346,3 +348,50 @@ async def private_database(
     await private_pg.create_database(name)
     yield private_pg, name
     await private_pg.drop_database(name)
+
+
+# The compose Redis: its ACL users exactly as compose.yaml defines them, test passwords filled in.
+COMPOSE_PASSWORDS = {name: f"test-{name.lower()}" for name in compose_variables()}
+
+
+def ingestd_url(server: PrivateRedis) -> str:
+    """``rediss://`` as compose's ``ingestd`` user."""
+    return server.url("ingestd", COMPOSE_PASSWORDS["REDIS_INGESTD_PASSWORD"])
+
+
+def producer_url(server: PrivateRedis) -> str:
+    """``rediss://`` as compose's ``producer`` user."""
+    return server.url("producer", COMPOSE_PASSWORDS["REDIS_PRODUCER_PASSWORD"])
+
+
+@pytest.fixture(scope="session")
+def compose_redis_server(private_base: Path, certs: Certs) -> Iterator[PrivateRedis]:
+    """A TLS-only Redis with compose's ACL users (default off, ingestd, producer)."""
+    users = {k: v for k, v in redis_acl_users(COMPOSE_PASSWORDS).items() if k != "default"}
+    if redis_version() < (7, 2):
+        # CLIENT SETINFO (which redis-py sends on connect, ignoring errors) came in Redis 7.2, the
+        # version compose pins; an older server knows neither the rule nor the command.
+        users = {k: [r for r in v if r != "+client|setinfo"] for k, v in users.items()}
+    server = start_redis(private_base, certs, users)
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def compose_redis(compose_redis_server: PrivateRedis) -> Iterator[PrivateRedis]:
+    """The compose Redis, emptied, with an empty ACL log (denied commands are logged there)."""
+    admin = compose_redis_server.admin()
+    admin.flushall()
+    admin.acl_log_reset()
+    yield compose_redis_server
+    admin.close()
+
+
+def acl_denials(server: PrivateRedis) -> list[dict[str, Any]]:
+    """Commands the ACL refused since the last reset."""
+    admin = server.admin()
+    try:
+        entries: list[dict[str, Any]] = admin.acl_log()
+    finally:
+        admin.close()
+    return entries

@@ -1,7 +1,7 @@
 """TLS to PostgreSQL and Redis, verified against a private CA, and the compose Redis ACL users.
 
 The Redis here is started with exactly the ``--user`` rules of compose.yaml (test passwords
-filled in), so a command ingestd needs but the ACL forgets fails this test.
+filled in; tests/private_servers.py), so a command ingestd needs but the ACL forgets fails here.
 """
 
 from __future__ import annotations
@@ -9,9 +9,6 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import ssl
-from collections.abc import Iterator
-from pathlib import Path
-from typing import Any
 
 import asyncpg
 import pytest
@@ -22,49 +19,17 @@ from ingestd.health import check_health
 from ingestd.metrics import Metrics
 from ingestd.probes import sample_stream
 from ingestd.settings import Settings
-from tests.deploy_files import compose_variables, redis_acl_users
 from tests.mixed_feed import mixed_feed
 from tests.private_servers import (
-    Certs,
+    COMPOSE_PASSWORDS,
     PrivatePostgres,
     PrivateRedis,
-    redis_version,
-    start_redis,
+    acl_denials,
+    ingestd_url,
+    producer_url,
 )
 
 pytestmark = [pytest.mark.pg, pytest.mark.redis]
-
-PASSWORDS = {name: f"test-{name.lower()}" for name in compose_variables()}
-
-
-@pytest.fixture(scope="module")
-def acl_redis(private_base: Path, certs: Certs) -> Iterator[PrivateRedis]:
-    """A TLS-only Redis with compose's ACL users (default off, ingestd, producer)."""
-    users = {k: v for k, v in redis_acl_users(PASSWORDS).items() if k != "default"}
-    if redis_version() < (7, 2):
-        # CLIENT SETINFO (which redis-py sends on connect, ignoring errors) came in Redis 7.2, the
-        # version compose pins; an older server does not know the rule, nor the command.
-        users = {k: [r for r in v if r != "+client|setinfo"] for k, v in users.items()}
-    server = start_redis(private_base, certs, users)
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def clean_acl_redis(acl_redis: PrivateRedis) -> Iterator[PrivateRedis]:
-    admin = acl_redis.admin()
-    admin.flushall()
-    admin.acl_log_reset()
-    yield acl_redis
-    admin.close()
-
-
-def ingestd_url(server: PrivateRedis) -> str:
-    return server.url("ingestd", PASSWORDS["REDIS_INGESTD_PASSWORD"])
-
-
-def producer_url(server: PrivateRedis) -> str:
-    return server.url("producer", PASSWORDS["REDIS_PRODUCER_PASSWORD"])
 
 
 async def test_postgres_tls_modes(production_pg: PrivatePostgres) -> None:
@@ -92,36 +57,27 @@ async def test_postgres_tls_modes(production_pg: PrivatePostgres) -> None:
         await asyncpg.connect(plain.split("&sslrootcert")[0])
 
 
-async def test_redis_tls_is_verified(clean_acl_redis: PrivateRedis) -> None:
+async def test_redis_tls_is_verified(compose_redis: PrivateRedis) -> None:
     import redis.asyncio as aioredis
 
-    good = aioredis.Redis.from_url(ingestd_url(clean_acl_redis))
+    good = aioredis.Redis.from_url(ingestd_url(compose_redis))
     assert await good.ping()
     await good.aclose()
-    wrong_ca = clean_acl_redis.url(
-        "ingestd", PASSWORDS["REDIS_INGESTD_PASSWORD"], ca=clean_acl_redis.certs.other_ca
+    wrong_ca = compose_redis.url(
+        "ingestd", COMPOSE_PASSWORDS["REDIS_INGESTD_PASSWORD"], ca=compose_redis.certs.other_ca
     )
     bad = aioredis.Redis.from_url(wrong_ca, socket_timeout=3)
     with pytest.raises(redis.exceptions.ConnectionError, match="CERTIFICATE_VERIFY_FAILED"):
         await bad.ping()
     await bad.aclose()
-    wrong_pw = aioredis.Redis.from_url(clean_acl_redis.url("ingestd", "wrong"))
+    wrong_pw = aioredis.Redis.from_url(compose_redis.url("ingestd", "wrong"))
     with pytest.raises(redis.exceptions.AuthenticationError):
         await wrong_pw.ping()
     await wrong_pw.aclose()
 
 
-def _acl_denials(server: PrivateRedis) -> list[dict[str, Any]]:
-    admin = server.admin()
-    try:
-        entries: list[dict[str, Any]] = admin.acl_log()  # type: ignore[assignment]
-    finally:
-        admin.close()
-    return entries
-
-
 async def test_ingestd_works_within_the_compose_acl(
-    clean_acl_redis: PrivateRedis, db_dsn: str, db: asyncpg.Connection
+    compose_redis: PrivateRedis, db_dsn: str, db: asyncpg.Connection
 ) -> None:
     """Stream intake, mirror, health, sampling, claiming, trimming over rediss:// as ingestd."""
     settings: Settings = load_settings(
@@ -129,7 +85,7 @@ async def test_ingestd_works_within_the_compose_acl(
         environ={},
         overrides={
             "storage.postgres.dsn": db_dsn,
-            "storage.redis.url": ingestd_url(clean_acl_redis),
+            "storage.redis.url": ingestd_url(compose_redis),
             "stream.consumer": "acl-test",
             "stream.block_ms": 200,
             "stream.claim_idle_ms": 0,
@@ -138,7 +94,7 @@ async def test_ingestd_works_within_the_compose_acl(
         },
     )
     feed = mixed_feed(500)
-    publisher = AsyncPublisher.from_url(producer_url(clean_acl_redis), stream=settings.stream.key)
+    publisher = AsyncPublisher.from_url(producer_url(compose_redis), stream=settings.stream.key)
     now = dt.datetime.now(dt.UTC).isoformat()
     heartbeat = {"type": "heartbeat", "producer": "collector", "component": "collector"}
     try:
@@ -171,20 +127,20 @@ async def test_ingestd_works_within_the_compose_acl(
     assert await db.fetchval("SELECT count(*) FROM spreads") == sum(
         1 for e in feed.bulk if e["type"] == "spread"
     )
-    admin = clean_acl_redis.admin()
+    admin = compose_redis.admin()
     try:
         assert admin.get("spreads:BTC:last") is not None
         assert admin.get("fx:usdkrw") is not None
     finally:
         admin.close()
-    assert _acl_denials(clean_acl_redis) == []
+    assert acl_denials(compose_redis) == []
 
 
-def test_the_acl_users_may_do_nothing_else(clean_acl_redis: PrivateRedis) -> None:
-    ingestd = redis.Redis.from_url(ingestd_url(clean_acl_redis))
-    producer = redis.Redis.from_url(producer_url(clean_acl_redis))
+def test_the_acl_users_may_do_nothing_else(compose_redis: PrivateRedis) -> None:
+    ingestd = redis.Redis.from_url(ingestd_url(compose_redis))
+    producer = redis.Redis.from_url(producer_url(compose_redis))
     try:
-        for command in (
+        denied_to_ingestd: list[tuple[str, ...]] = [
             ("FLUSHALL",),
             ("KEYS", "*"),
             ("CONFIG", "GET", "*"),
@@ -192,20 +148,22 @@ def test_the_acl_users_may_do_nothing_else(clean_acl_redis: PrivateRedis) -> Non
             ("SET", "elsewhere", "x"),
             ("SHUTDOWN",),
             ("ACL", "LIST"),
-        ):
+        ]
+        for command in denied_to_ingestd:
             with pytest.raises(redis.exceptions.NoPermissionError):
-                ingestd.execute_command(*command)
+                ingestd.execute_command(*command)  # type: ignore[no-untyped-call]
         producer.xadd("ingestd:events", {"event": "{}"})
-        for command in (
+        denied_to_producer: list[tuple[str, ...]] = [
             ("XREADGROUP", "GROUP", "g", "c", "STREAMS", "ingestd:events", ">"),
             ("XRANGE", "ingestd:events", "-", "+"),
             ("XADD", "other-stream", "*", "event", "{}"),
             ("GET", "fx:usdkrw"),
             ("SET", "health:ingestd", "forged"),
             ("XTRIM", "ingestd:events", "MAXLEN", "0"),
-        ):
+        ]
+        for command in denied_to_producer:
             with pytest.raises(redis.exceptions.NoPermissionError):
-                producer.execute_command(*command)
+                producer.execute_command(*command)  # type: ignore[no-untyped-call]
     finally:
         ingestd.close()
         producer.close()
