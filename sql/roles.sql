@@ -12,7 +12,14 @@
 --   ingestd_reader  NOLOGIN group for dashboards: SELECT on ingestd's tables and views, only.
 
 DO $$
+DECLARE
+    -- The role that ran the migrations (it owns the ledger) keeps its access explicitly.
+    schema_owner name := (SELECT tableowner FROM pg_tables
+                          WHERE schemaname = 'public' AND tablename = 'ingestd_migrations');
 BEGIN
+    IF schema_owner IS NULL THEN
+        RAISE EXCEPTION 'ingestd roles: run `ingestd migrate` first (no ingestd_migrations)';
+    END IF;
     -- A DBA may create the two groups beforehand; then the owner needs no CREATEROLE.
     IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'ingestd_writer') THEN
         CREATE ROLE ingestd_writer NOLOGIN;
@@ -21,11 +28,16 @@ BEGIN
         CREATE ROLE ingestd_reader NOLOGIN;
     END IF;
     -- PUBLIC may connect to (and create temp tables in) every new database by default; here
-    -- only the owner and the two groups may.
+    -- only the owners and the two groups may.
+    EXECUTE format('GRANT CONNECT, TEMPORARY ON DATABASE %I TO %I',
+                   current_database(), schema_owner);
     EXECUTE format('REVOKE CONNECT, TEMPORARY ON DATABASE %I FROM PUBLIC', current_database());
     EXECUTE format('GRANT CONNECT, TEMPORARY ON DATABASE %I TO ingestd_writer',
                    current_database());
     EXECUTE format('GRANT CONNECT ON DATABASE %I TO ingestd_reader', current_database());
+    -- Tables that later migrations create (as schema_owner) are readable by the reader.
+    EXECUTE format('ALTER DEFAULT PRIVILEGES FOR ROLE %I IN SCHEMA public '
+                   'GRANT SELECT ON TABLES TO ingestd_reader', schema_owner);
 END
 $$;
 
@@ -50,10 +62,9 @@ GRANT SELECT ON ingestd_migrations TO ingestd_writer;
 -- BIGSERIAL ids: nextval() needs USAGE on the sequences.
 GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO ingestd_writer;
 
--- The reader: every table and view in the schema, now and those later migrations add (default
--- privileges of the role running this file, the owner).
+-- The reader: every table and view in the schema (and, by the default privileges above, those
+-- later migrations add).
 GRANT SELECT ON ALL TABLES IN SCHEMA public TO ingestd_reader;
-ALTER DEFAULT PRIVILEGES IN SCHEMA public GRANT SELECT ON TABLES TO ingestd_reader;
 
 -- Maintenance (refreshing materialized views, retention on plain PostgreSQL) runs through
 -- SECURITY DEFINER functions named ingestd_*, owned by the owner: the writer may EXECUTE them,

@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator
 import asyncpg
 import pytest
 
-from ingestd import Service, errors, load_settings
+from ingestd import Service, errors, load_settings, migrations
 from ingestd.roles import READER_GROUP, WRITER_GROUP, Login, apply_roles, scram_verifier
 from tests.ledger import Expected, assert_landed_exactly_once
 from tests.mixed_feed import MALFORMED, mixed_feed, submit_all
@@ -298,4 +298,53 @@ async def test_roles_command(private_database: tuple[PrivatePostgres, str]) -> N
         await cluster.drop_database(name)
         admin = await asyncpg.connect(cluster.admin_dsn())
         await admin.execute(f'DROP ROLE IF EXISTS "{login}"')
+        await admin.close()
+
+
+async def test_an_owner_without_createrole_applies_the_grants(private_pg: PrivatePostgres) -> None:
+    """The DBA creates the owner, the groups and the login; the owner migrates and grants."""
+    cluster = private_pg
+    tag = os.urandom(4).hex()
+    name, owner_role, login = f"ingestd_own_{tag}", f"own_{tag}", f"app_{tag}"
+    admin = await asyncpg.connect(cluster.admin_dsn())
+    try:
+        await admin.execute(f"CREATE ROLE {owner_role} LOGIN NOCREATEROLE")
+        await admin.execute(f"CREATE ROLE {login} LOGIN")
+        for role, password in ((owner_role, "owner-pw"), (login, "login-pw")):
+            await admin.execute(f"ALTER ROLE {role} PASSWORD '{scram_verifier(password)}'")
+        for group in (WRITER_GROUP, READER_GROUP):
+            exists = await admin.fetchval("SELECT 1 FROM pg_roles WHERE rolname = $1", group)
+            if not exists:
+                await admin.execute(f"CREATE ROLE {group} NOLOGIN")
+        await admin.execute(f"GRANT {WRITER_GROUP} TO {login}")
+        # Migration 0002 reads shared_preload_libraries, which only superusers and members of
+        # pg_read_all_settings may.
+        await admin.execute(f"GRANT pg_read_all_settings TO {owner_role}")
+        await admin.execute(f"CREATE DATABASE {name} OWNER {owner_role}")
+        if cluster.timescale:  # creating the extension is the DBA's part too
+            dba = await asyncpg.connect(cluster.admin_dsn(name))
+            await dba.execute("CREATE EXTENSION IF NOT EXISTS timescaledb")
+            await dba.close()
+
+        owner = await _connect(cluster, owner_role, "owner-pw", name)
+        try:
+            await migrations.migrate(owner)
+            await apply_roles(owner)
+            with pytest.raises(asyncpg.InsufficientPrivilegeError):
+                await apply_roles(owner, [Login("someone_new", WRITER_GROUP, "pw")])
+        finally:
+            await owner.close()
+        # The owner keeps its access once PUBLIC lost CONNECT; the login can write.
+        await (await _connect(cluster, owner_role, "owner-pw", name)).close()
+        app = await _connect(cluster, login, "login-pw", name)
+        try:
+            await app.execute(INSERT_FX)
+            with pytest.raises(asyncpg.InsufficientPrivilegeError):
+                await app.execute("DELETE FROM fx_rates")
+        finally:
+            await app.close()
+    finally:
+        await admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        await admin.execute(f"DROP ROLE IF EXISTS {login}")
+        await admin.execute(f"DROP ROLE IF EXISTS {owner_role}")
         await admin.close()
