@@ -96,6 +96,7 @@ class Service:
         self._collector = MetricsCollector(self.metrics, healthy=self.healthy)
         self.registry = create_registry(self._collector)
         self.ops: OpsServer | None = None
+        self._stopping = False
 
     async def __aenter__(self) -> Service:
         await self.start()
@@ -191,13 +192,20 @@ class Service:
             ) from exc
 
     def health_report(self) -> tuple[bool, str]:
-        """``/healthz``: (alive, one-line reason)."""
-        if self.healthy():
-            return True, "ok"
+        """``/healthz``: (alive, one-line reason); alive means events still get committed."""
         if self.pipeline is None:
             return False, "unhealthy: not started"
-        since = self.pipeline.metrics.flush_failing_since or time.monotonic()
-        return False, f"unhealthy: batches failing to commit for {time.monotonic() - since:.0f}s"
+        if not self.pipeline.batching:
+            return False, "unhealthy: the batching loop has stopped"
+        stream = self._stream_task
+        if stream is not None and stream.done() and not self._stopping:
+            return False, "unhealthy: stream intake has stopped"
+        since = self.pipeline.metrics.flush_failing_since
+        if since is not None:
+            failing = time.monotonic() - since
+            if failing >= 2 * self.settings.pipeline.flush_timeout_s:
+                return False, f"unhealthy: batches failing to commit for {failing:.0f}s"
+        return True, "ok"
 
     async def ready(self) -> tuple[bool, dict[str, str]]:
         """``/readyz``: database and Redis reachable, schema current, intake open."""
@@ -205,13 +213,8 @@ class Service:
         return await probes.readiness(self.pool, self.redis, accepting=accepting)
 
     def healthy(self) -> bool:
-        """False while batches have been failing for longer than twice the flush timeout."""
-        if self.pipeline is None:
-            return False
-        since = self.pipeline.metrics.flush_failing_since
-        return (
-            since is None or time.monotonic() - since < 2 * self.settings.pipeline.flush_timeout_s
-        )
+        """False once events no longer get committed (see ``health_report``)."""
+        return self.health_report()[0]
 
     async def _heartbeat_loop(self) -> None:
         assert self.mirror is not None
@@ -239,6 +242,7 @@ class Service:
 
     async def stop(self, grace_s: float | None = None) -> bool:
         """Staged shutdown: stop intake, drain within the grace period, cancel; True if clean."""
+        self._stopping = True
         grace = self.settings.shutdown.grace_s if grace_s is None else grace_s
         clean = True
         t0 = time.monotonic()
@@ -247,9 +251,16 @@ class Service:
         if self._stream_task is not None:
             try:
                 async with asyncio.timeout(self.settings.stream.block_ms / 1000 + 2):
-                    await self._stream_task
+                    # gather: an intake that already died must not keep the rest from draining
+                    (ended,) = await asyncio.gather(self._stream_task, return_exceptions=True)
             except TimeoutError:
                 await cancel_quietly(self._stream_task)
+            else:
+                if isinstance(ended, BaseException):
+                    clean = False
+                    log.error(
+                        "stream intake had stopped: %r", ended, extra={"action": "intake_failed"}
+                    )
         if self.pipeline is not None:
             try:
                 async with asyncio.timeout(max(0.1, grace - (time.monotonic() - t0))):
@@ -262,6 +273,11 @@ class Service:
                     grace,
                     extra={"action": "drain_timeout"},
                 )
+                await self.pipeline.abort()
+            except Exception as exc:  # noqa: BLE001 - the batching loop had died of a bug
+                # Nothing it held was acknowledged: the stream redelivers it after a restart.
+                clean = False
+                log.error("drain failed: %r", exc, extra={"action": "drain_failed"})
                 await self.pipeline.abort()
         if self.stream is not None:
             with contextlib.suppress(redis.exceptions.RedisError, OSError):

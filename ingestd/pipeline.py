@@ -79,6 +79,12 @@ class Pipeline:
         """False once draining has begun."""
         return not self._closing
 
+    @property
+    def batching(self) -> bool:
+        """False if the batching loop has ended although nobody asked it to (it crashed)."""
+        task = self._loop_task
+        return task is None or not task.done() or self._closing
+
     async def put(self, items: Sequence[Item]) -> None:
         """Queue items, waiting while the queue is full (backpressure)."""
         if self._closing:

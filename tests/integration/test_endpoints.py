@@ -7,6 +7,7 @@ import collections
 import datetime as dt
 import socket
 from collections.abc import AsyncIterator
+from typing import Any, cast
 
 import asyncpg
 import orjson
@@ -16,6 +17,7 @@ import redis.asyncio as aioredis
 from prometheus_client import generate_latest
 
 from ingestd import Service, errors
+from ingestd.batching import Item
 from ingestd.events import utc_iso
 from ingestd.metrics import Metrics
 from ingestd.probes import sample_stream
@@ -219,3 +221,51 @@ async def test_stream_sample_reads_pending_lag_and_length(
         assert (m.stream_pending, m.stream_lag, m.stream_length) == (2, 3, 5)
     finally:
         await client.aclose()
+
+
+class _PoisonEvent:
+    """Not an ingestd Event: the batching loop fails on it as on any unexpected bug."""
+
+    type = "spread"
+
+    @property
+    def spec(self) -> Any:
+        raise RuntimeError("injected failure in the batching loop")
+
+
+async def test_healthz_fails_when_the_batching_loop_dies(ops_settings: Settings) -> None:
+    svc = Service(ops_settings, stream_intake=False)
+    await svc.start()
+    try:
+        port = svc.settings.metrics_port
+        assert (await get(port, "/healthz")).status == 200
+        assert svc.pipeline is not None
+        poison = Item(cast(Any, _PoisonEvent()), None, cast(Any, None), None, None, 0.0)
+        await svc.pipeline.put([poison])
+        for _ in range(100):
+            resp = await get(port, "/healthz")
+            if resp.status == 503:
+                break
+            await asyncio.sleep(0.02)
+        assert (resp.status, resp.text) == (503, "unhealthy: the batching loop has stopped\n")
+        assert (await scrape(port))[("ingestd_healthy", ())] == 0
+    finally:
+        assert await svc.stop() is False  # not clean, but it does stop
+
+
+async def test_healthz_fails_when_stream_intake_ends(ops_settings: Settings) -> None:
+    svc = Service(ops_settings)
+    await svc.start()
+    try:
+        port = svc.settings.metrics_port
+        assert (await get(port, "/healthz")).status == 200
+        assert svc.stream is not None
+        svc.stream.stop()  # intake ends while the service goes on: nothing would be read any more
+        for _ in range(200):
+            resp = await get(port, "/healthz")
+            if resp.status == 503:
+                break
+            await asyncio.sleep(0.02)
+        assert (resp.status, resp.text) == (503, "unhealthy: stream intake has stopped\n")
+    finally:
+        assert await svc.stop() is True
