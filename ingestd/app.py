@@ -26,9 +26,11 @@ import redis.exceptions
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 
-from ingestd import errors, failpoints, migrations
+from ingestd import errors, failpoints, migrations, probes
 from ingestd.db import create_pool
+from ingestd.endpoints import OpsServer
 from ingestd.maintenance import Maintenance
+from ingestd.metrics import Metrics, MetricsCollector, create_registry
 from ingestd.pipeline import Pipeline, cancel_quietly
 from ingestd.redis_packing import use_hiredis_packing
 from ingestd.settings import Settings, redact
@@ -64,13 +66,21 @@ async def connect_with_retry(settings: Settings, deadline_s: float) -> asyncpg.P
     while True:
         try:
             return await create_pool(settings.storage.postgres)
+        except (ValueError, asyncpg.ClientConfigurationError) as exc:
+            # A malformed DSN does not get better by waiting.
+            raise errors.ConfigError(
+                f"invalid database URL {redact(settings.storage.postgres.dsn)}: {exc}"
+            ) from exc
         except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
             if time.monotonic() + delay > end:
                 raise errors.SinkUnavailable(
                     f"cannot reach PostgreSQL at {redact(settings.storage.postgres.dsn)}: {exc}"
                 ) from exc
             log.warning(
-                "PostgreSQL not reachable yet (%s); retrying", exc, extra={"action": "db_wait"}
+                "PostgreSQL at %s not reachable yet (%s); retrying",
+                redact(settings.storage.postgres.dsn),
+                exc,
+                extra={"action": "db_wait"},
             )
             await asyncio.sleep(delay)
             delay = min(delay * 2, 5.0)
@@ -95,6 +105,11 @@ class Service:
         self._spool_source: SpoolSource | None = None
         self._spool_task: asyncio.Task[None] | None = None
         self.maintenance: Maintenance | None = None
+        self.metrics = Metrics()
+        self._collector = MetricsCollector(self.metrics, healthy=self.healthy)
+        self.registry = create_registry(self._collector)
+        self.ops: OpsServer | None = None
+        self._stopping = False
 
     async def __aenter__(self) -> Service:
         await self.start()
@@ -129,7 +144,7 @@ class Service:
             health_ttl_s=s.mirror.health_ttl_s,
         )
         sink = PostgresSink(self.pool, acquire_timeout_s=s.storage.postgres.acquire_timeout_s)
-        self.pipeline = Pipeline(sink, self.mirror, s.pipeline)
+        self.pipeline = Pipeline(sink, self.mirror, s.pipeline, metrics=self.metrics)
         self.pipeline.start()
         if s.spool.directory:
             self.spool = Spool(
@@ -178,6 +193,7 @@ class Service:
             self._tasks.append(
                 asyncio.create_task(self.maintenance.run(), name="ingestd-maintenance")
             )
+        await self._start_ops()
         log.info(
             "ingestd started: database %s, redis %s, stream %s, consumer %s",
             redact(s.storage.postgres.dsn),
@@ -199,14 +215,60 @@ class Service:
             raise errors.ShuttingDown("the service is not running")
         return await self._submitter.submit_many(batch)
 
-    def healthy(self) -> bool:
-        """False while batches have been failing for longer than twice the flush timeout."""
-        if self.pipeline is None:
-            return False
-        since = self.pipeline.metrics.flush_failing_since
-        return (
-            since is None or time.monotonic() - since < 2 * self.settings.pipeline.flush_timeout_s
+    async def _start_ops(self) -> None:
+        """Export the metrics and, with a port configured, serve /metrics, /healthz, /readyz."""
+        assert self.pipeline is not None and self.redis is not None
+        self._collector.queue = self.pipeline.queue
+        self._collector.mirror = self.mirror
+        self._collector.stream = self.stream
+        self._collector.spool = self.spool
+        if not self.settings.metrics_port:
+            return
+        if self.stream is not None:
+            sampler = probes.sample_stream_forever(
+                self.redis, self.stream.key, self.stream.group, self.metrics
+            )
+            self._tasks.append(asyncio.create_task(sampler, name="ingestd-stream-sample"))
+        self.ops = OpsServer(
+            self.registry,
+            healthy=self.health_report,
+            ready=self.ready,
+            host=self.settings.metrics_host,
+            port=self.settings.metrics_port,
         )
+        try:
+            await self.ops.start()
+        except OSError as exc:
+            await self.stop(grace_s=1)
+            raise errors.ConfigError(
+                f"cannot serve metrics on {self.settings.metrics_host}:"
+                f"{self.settings.metrics_port}: {exc.strerror or exc}"
+            ) from exc
+
+    def health_report(self) -> tuple[bool, str]:
+        """``/healthz``: (alive, one-line reason); alive means events still get committed."""
+        if self.pipeline is None:
+            return False, "unhealthy: not started"
+        if not self.pipeline.batching:
+            return False, "unhealthy: the batching loop has stopped"
+        stream = self._stream_task
+        if stream is not None and stream.done() and not self._stopping:
+            return False, "unhealthy: stream intake has stopped"
+        since = self.pipeline.metrics.flush_failing_since
+        if since is not None:
+            failing = time.monotonic() - since
+            if failing >= 2 * self.settings.pipeline.flush_timeout_s:
+                return False, f"unhealthy: batches failing to commit for {failing:.0f}s"
+        return True, "ok"
+
+    async def ready(self) -> tuple[bool, dict[str, str]]:
+        """``/readyz``: database and Redis reachable, schema current, intake open."""
+        accepting = self.pipeline is not None and self.pipeline.accepting
+        return await probes.readiness(self.pool, self.redis, accepting=accepting)
+
+    def healthy(self) -> bool:
+        """False once events no longer get committed (see ``health_report``)."""
+        return self.health_report()[0]
 
     async def _heartbeat_loop(self) -> None:
         assert self.mirror is not None
@@ -238,6 +300,7 @@ class Service:
 
     async def stop(self, grace_s: float | None = None) -> bool:
         """Staged shutdown: stop intake, drain within the grace period, cancel; True if clean."""
+        self._stopping = True
         grace = self.settings.shutdown.grace_s if grace_s is None else grace_s
         clean = True
         t0 = time.monotonic()
@@ -246,9 +309,16 @@ class Service:
         if self._stream_task is not None:
             try:
                 async with asyncio.timeout(self.settings.stream.block_ms / 1000 + 2):
-                    await self._stream_task
+                    # gather: an intake that already died must not keep the rest from draining
+                    (ended,) = await asyncio.gather(self._stream_task, return_exceptions=True)
             except TimeoutError:
                 await cancel_quietly(self._stream_task)
+            else:
+                if isinstance(ended, BaseException):
+                    clean = False
+                    log.error(
+                        "stream intake had stopped: %r", ended, extra={"action": "intake_failed"}
+                    )
         if self._spool_source is not None:
             # What is still on the spool stays there, durable, for the next start.
             self._spool_source.stop()
@@ -266,6 +336,11 @@ class Service:
                     extra={"action": "drain_timeout"},
                 )
                 await self.pipeline.abort()
+            except Exception as exc:  # noqa: BLE001 - the batching loop had died of a bug
+                # Nothing it held was acknowledged: the stream redelivers it after a restart.
+                clean = False
+                log.error("drain failed: %r", exc, extra={"action": "drain_failed"})
+                await self.pipeline.abort()
         if self.stream is not None:
             with contextlib.suppress(redis.exceptions.RedisError, OSError):
                 await self.stream.finish()
@@ -275,6 +350,8 @@ class Service:
             await self.spool.close()
         if self.mirror is not None:
             await self.mirror.flush()
+        if self.ops is not None:
+            await self.ops.close()
         for client in (self.redis, self._mirror_redis):
             if client is not None:
                 await client.aclose()

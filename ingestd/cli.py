@@ -38,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--consumer", help="stable consumer name (default: $INGESTD_CONSUMER or host)")
     p.add_argument("--metrics-port", type=int, help="Prometheus port (default 9464; 0 disables)")
+    p.add_argument("--metrics-host", help="address of the metrics endpoint (default 127.0.0.1)")
     p.add_argument("--stream", help="stream key (default ingestd:events)")
 
     p = sub.add_parser("migrate", help="apply pending sql/ migrations")
@@ -46,6 +47,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--create-database",
         action="store_true",
         help="create the database named in the DSN if it does not exist",
+    )
+
+    p = sub.add_parser(
+        "roles", help="create the writer/reader roles and apply their grants (sql/roles.sql)"
+    )
+    _common(p)
+    p.add_argument(
+        "--writer-login",
+        help="login role for `ingestd run`, password from $INGESTD_WRITER_PASSWORD",
+    )
+    p.add_argument(
+        "--reader-login",
+        help="login role for dashboards, password from $INGESTD_READER_PASSWORD",
     )
 
     p = sub.add_parser("health", help="exit 0 if heartbeats are fresh (container HEALTHCHECK)")
@@ -131,6 +145,7 @@ def _settings(args: argparse.Namespace) -> Settings:
         "log_level": getattr(args, "log_level", None),
         "stream.consumer": getattr(args, "consumer", None),
         "metrics_port": getattr(args, "metrics_port", None),
+        "metrics_host": getattr(args, "metrics_host", None),
         "stream.key": getattr(args, "stream", None),
     }
     return load_settings(args.config, overrides=overrides)
@@ -173,7 +188,7 @@ async def _cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
     try:
         conn = await _connect(dsn, create=args.create_database)
     except (OSError, asyncpg.PostgresError) as exc:
-        print(f"ingestd migrate: cannot connect to {redact(dsn)}: {exc}", file=sys.stderr)
+        print(redact(f"ingestd migrate: cannot connect to {dsn}: {exc}"), file=sys.stderr)
         return 2
     try:
         applied = await migrations.migrate(conn)
@@ -219,6 +234,38 @@ async def _create_database(dsn: str) -> None:
             print(f"created database {name}")
     finally:
         await probe.close()
+
+
+async def _cmd_roles(settings: Settings, args: argparse.Namespace) -> int:
+    from ingestd.roles import READER_GROUP, WRITER_GROUP, Login, apply_roles
+    from ingestd.settings import read_secret
+
+    dsn = settings.storage.postgres.dsn
+    try:
+        logins = [
+            Login(name, group, read_secret(env))
+            for name, group, env in (
+                (args.writer_login, WRITER_GROUP, "INGESTD_WRITER_PASSWORD"),
+                (args.reader_login, READER_GROUP, "INGESTD_READER_PASSWORD"),
+            )
+            if name
+        ]
+        conn = await _connect(dsn, create=False)
+    except errors.ConfigError as exc:
+        print(f"ingestd roles: {exc}", file=sys.stderr)
+        return 2
+    except (OSError, asyncpg.PostgresError) as exc:
+        print(redact(f"ingestd roles: cannot connect to {dsn}: {exc}"), file=sys.stderr)
+        return 2
+    try:
+        for line in await apply_roles(conn, logins):
+            print(line)
+    except (errors.IngestdError, asyncpg.PostgresError) as exc:
+        print(redact(f"ingestd roles: {exc}"), file=sys.stderr)
+        return 2
+    finally:
+        await conn.close()
+    return 0
 
 
 async def _cmd_health(settings: Settings, args: argparse.Namespace) -> int:
@@ -362,6 +409,7 @@ _COMMANDS = {
     "run": _cmd_run,
     "migrate": _cmd_migrate,
     "health": _cmd_health,
+    "roles": _cmd_roles,
     "simulate": _cmd_simulate,
     "bench": _cmd_bench,
     "stats": _cmd_stats,

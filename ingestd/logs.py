@@ -5,11 +5,13 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import sys
+import types
 
 import orjson
 
 from ingestd.settings import redact
 
+log = logging.getLogger("ingestd")
 _STANDARD = set(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
 
 
@@ -18,12 +20,16 @@ class _Redacting(logging.Formatter):
         return redact(super().format(record))
 
 
+# The event name of a line that did not set one (e.g. from asyncpg or redis-py themselves).
+DEFAULT_ACTION = "log"
+
+
 class PlainFormatter(_Redacting):
-    """``time level logger action=... message``."""
+    """``time level logger action=... message``; every line has an action."""
 
     def format(self, record: logging.LogRecord) -> str:
-        action = getattr(record, "action", None)
-        record.action_part = f" action={action}" if action else ""
+        action = getattr(record, "action", None) or DEFAULT_ACTION
+        record.action_part = f" action={action}"
         return super().format(record)
 
 
@@ -35,7 +41,7 @@ class JsonFormatter(logging.Formatter):
             "ts": dt.datetime.fromtimestamp(record.created, dt.UTC).isoformat(),
             "level": record.levelname.lower(),
             "logger": record.name,
-            "action": getattr(record, "action", None) or "log",
+            "action": getattr(record, "action", None) or DEFAULT_ACTION,
             "msg": redact(record.getMessage()),
         }
         for key, value in record.__dict__.items():
@@ -58,3 +64,15 @@ def configure(level: str = "INFO", fmt: str = "plain") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    # An exception nobody caught is logged like any other line, so it is redacted as well (its
+    # text may hold a DSN); the default hook would print it raw.
+    sys.excepthook = _log_uncaught
+
+
+def _log_uncaught(
+    kind: type[BaseException], exc: BaseException, tb: types.TracebackType | None
+) -> None:
+    if issubclass(kind, KeyboardInterrupt):
+        sys.__excepthook__(kind, exc, tb)
+        return
+    log.critical("uncaught exception: %s", exc, exc_info=(kind, exc, tb), extra={"action": "crash"})

@@ -1,25 +1,353 @@
-"""In-process counters and gauges that the pipeline keeps (exported by the operations layer)."""
+"""Every metric ingestd exports: plain counters on the hot path, Prometheus text at scrape time.
+
+The pipeline and the sources bump plain ints and ``Counter``s (no locks, no label lookups per
+event) and fill the histograms once per batch. A ``MetricsCollector`` turns them into Prometheus
+families when ``/metrics`` is scraped, registered in a per-Service ``CollectorRegistry`` (not the
+global one), so several Services in one process never collide. Every name starts with
+``ingestd_`` and is defined in this module only.
+"""
 
 from __future__ import annotations
 
+import bisect
 import collections
 import dataclasses
+import platform
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from importlib import metadata
+from typing import TYPE_CHECKING, Final, Protocol
+
+from prometheus_client import ProcessCollector
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector, CollectorRegistry
+
+if TYPE_CHECKING:
+    from ingestd.batching import BatchOutcome, Item
+
+PREFIX: Final = "ingestd_"
+# Seconds: from 5 ms (a quick flush) to a minute (a database outage being ridden out).
+LATENCY_BUCKETS: Final = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+# Events per batch: batch_max_rows is 5,000 per table by default, several tables can share one.
+BATCH_EVENTS_BUCKETS: Final = (1, 10, 50, 100, 250, 500, 1000, 2000, 5000, 10000, 20000)
+# Dead letters are labelled with the event type only when it is a known one: a label value never
+# comes from input (unbounded cardinality), so anything that did not parse is "invalid".
+INVALID_TYPE: Final = "invalid"
+
+
+class BulkHistogram:
+    """A cumulative histogram that takes a whole batch of observations in one call."""
+
+    __slots__ = ("bounds", "count", "counts", "sum")
+
+    def __init__(self, bounds: Sequence[float]) -> None:
+        if list(bounds) != sorted(set(bounds)):
+            raise ValueError("histogram bounds must be strictly increasing")
+        self.bounds: tuple[float, ...] = tuple(bounds)
+        self.counts = [0] * (len(self.bounds) + 1)  # per bucket, the last one is +Inf
+        self.sum = 0.0
+        self.count = 0
+
+    def observe(self, value: float) -> None:
+        """One observation."""
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1
+        self.sum += value
+        self.count += 1
+
+    def observe_ages(self, now: float, started: list[float]) -> None:
+        """Observe ``now - t`` for every ``t`` in ``started`` (sorted here, in place).
+
+        Costs one sort (the items of a batch arrive nearly in order, so it is linear) and one
+        bisection per bucket, instead of one histogram update per event.
+        """
+        if not started:
+            return
+        started.sort()
+        n = len(started)
+        below = n  # items whose age is <= the previous (larger) bound
+        counts = self.counts
+        # An age is <= b exactly when the start is >= now - b: walk the bounds from the largest.
+        for i in range(len(self.bounds) - 1, -1, -1):
+            within = n - bisect.bisect_left(started, now - self.bounds[i])
+            counts[i + 1] += below - within
+            below = within
+        counts[0] += below
+        self.sum += now * n - sum(started)
+        self.count += n
+
+    def cumulative(self) -> list[tuple[str, float]]:
+        """``(le, cumulative count)`` pairs, ending with ``+Inf``, as Prometheus wants them."""
+        out: list[tuple[str, float]] = []
+        running = 0
+        for bound, n in zip(self.bounds, self.counts, strict=False):
+            running += n
+            out.append((_go_float(bound), float(running)))
+        out.append(("+Inf", float(running + self.counts[-1])))
+        return out
 
 
 @dataclasses.dataclass(slots=True)
 class Metrics:
-    """Counters since start; names match the Prometheus metrics (``ingestd_`` prefix)."""
+    """Counters since start; each field is exported under the name in its comment."""
 
+    # ingestd_events_received_total{type}: queued by a source (``invalid`` when not parsed)
     events_received: collections.Counter[str] = dataclasses.field(
         default_factory=collections.Counter
     )
+    # ingestd_rows_written_total{table}: rows inserted (duplicates excluded)
     rows_written: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)
-    dead_letters: int = 0
-    duplicates: int = 0
-    batches: int = 0
-    flush_retries: int = 0
-    acks: int = 0
-    spooled: int = 0
-    spool_rejections: int = 0
+    dead_letters: int = 0  # total rows added to dead_letters (by type below)
+    duplicates: int = 0  # ingestd_duplicates_total
+    batches: int = 0  # ingestd_batches_total
+    flush_retries: int = 0  # ingestd_flush_retries_total
+    acks: int = 0  # ingestd_stream_acks_total
+    spooled: int = 0  # ingestd_spooled_events_total
+    spool_rejections: int = 0  # ingestd_spool_rejections_total
     last_commit_monotonic: float | None = None
     flush_failing_since: float | None = None
+    # ingestd_events_written_total{type}: committed (a duplicate of a stored event included)
+    events_written: collections.Counter[str] = dataclasses.field(
+        default_factory=collections.Counter
+    )
+    # ingestd_events_dead_lettered_total{type}
+    events_dead_lettered: collections.Counter[str] = dataclasses.field(
+        default_factory=collections.Counter
+    )
+    # ingestd_batch_events, ingestd_flush_duration_seconds, ingestd_commit_latency_seconds
+    batch_events: BulkHistogram = dataclasses.field(
+        default_factory=lambda: BulkHistogram(BATCH_EVENTS_BUCKETS)
+    )
+    flush_seconds: BulkHistogram = dataclasses.field(
+        default_factory=lambda: BulkHistogram(LATENCY_BUCKETS)
+    )
+    commit_latency_seconds: BulkHistogram = dataclasses.field(
+        default_factory=lambda: BulkHistogram(LATENCY_BUCKETS)
+    )
+    # Sampled from XINFO GROUPS / XLEN every few seconds (None until the first sample).
+    stream_pending: int | None = None  # ingestd_stream_pending
+    stream_lag: int | None = None  # ingestd_stream_lag
+    stream_length: int | None = None  # ingestd_stream_length
+    stream_sample_errors: int = 0  # ingestd_stream_sample_errors_total
+
+    def observe_batch(self, items: Sequence[Item], outcome: BatchOutcome, flush_s: float) -> None:
+        """Per committed batch: events by type, dead letters by type, the three histograms."""
+        now = time.monotonic()
+        self.batch_events.observe(len(items))
+        self.flush_seconds.observe(flush_s)
+        rejected = outcome.rejected
+        if rejected or outcome.dead_letters:
+            for it in items:
+                ev = it.event
+                if ev is None:
+                    self.events_dead_lettered[INVALID_TYPE] += 1
+                elif id(it) in rejected:
+                    self.events_dead_lettered[ev.type] += 1
+                else:
+                    self.events_written[ev.type] += 1
+        else:
+            self.events_written.update([it.event.type for it in items if it.event is not None])
+        self.commit_latency_seconds.observe_ages(now, [it.enqueued_at for it in items])
+
+
+class _SpoolStats(Protocol):
+    @property
+    def size_bytes(self) -> int: ...
+
+    @property
+    def pending_records(self) -> int: ...
+
+    broken: str | None
+
+
+class _Sized(Protocol):
+    def __len__(self) -> int: ...
+
+    @property
+    def max_items(self) -> int:
+        """The queue's bound."""
+
+
+class _MirrorStats(Protocol):
+    errors: int
+
+    @property
+    def pending(self) -> int:
+        """Keys waiting to be written."""
+
+
+class _StreamStats(Protocol):
+    redelivered: int
+    claimed: int
+
+
+class MetricsCollector(Collector):
+    """Reads a Service's counters and gauges at scrape time."""
+
+    def __init__(
+        self,
+        metrics: Metrics,
+        *,
+        version: str | None = None,
+        queue: _Sized | None = None,
+        mirror: _MirrorStats | None = None,
+        stream: _StreamStats | None = None,
+        spool: _SpoolStats | None = None,
+        healthy: Callable[[], bool] | None = None,
+    ) -> None:
+        self.metrics = metrics
+        self.version = version or package_version()
+        self.queue = queue
+        self.mirror = mirror
+        self.stream = stream
+        self.spool = spool
+        self.healthy = healthy
+
+    def collect(self) -> Iterator[Metric]:
+        """Every ingestd family, built from the current values."""
+        m = self.metrics
+        info = GaugeMetricFamily(
+            PREFIX + "build_info", "ingestd version and Python", labels=["version", "python"]
+        )
+        info.add_metric([self.version, platform.python_version()], 1.0)
+        yield info
+        yield _labelled(
+            "events_received", "Events queued by a source, by type", "type", m.events_received
+        )
+        yield _labelled(
+            "events_written",
+            "Events committed, by type (a redelivered duplicate counts here and in duplicates)",
+            "type",
+            m.events_written,
+        )
+        yield _labelled(
+            "events_dead_lettered",
+            "Events stored in dead_letters, by type (invalid: did not parse)",
+            "type",
+            m.events_dead_lettered,
+        )
+        yield _labelled("rows_written", "Rows inserted, by table", "table", m.rows_written)
+        yield _counter("duplicates", "Events that were already stored", m.duplicates)
+        yield _counter("batches", "Batches committed", m.batches)
+        yield _counter("flush_retries", "Batch commits retried after a failure", m.flush_retries)
+        yield _counter("stream_acks", "Stream entries acknowledged (XACK)", m.acks)
+        yield _histogram("batch_events", "Events per committed batch", m.batch_events)
+        yield _histogram(
+            "flush_duration_seconds",
+            "Time to commit one batch (the successful attempt)",
+            m.flush_seconds,
+        )
+        yield _histogram(
+            "commit_latency_seconds",
+            "From an event's arrival at ingestd to the commit of its batch",
+            m.commit_latency_seconds,
+        )
+        yield _gauge(
+            "stream_pending",
+            "Entries delivered to the consumer group and not acknowledged (sampled)",
+            m.stream_pending,
+        )
+        yield _gauge(
+            "stream_lag",
+            "Entries in the stream not yet delivered to the group (sampled)",
+            m.stream_lag,
+        )
+        yield _gauge("stream_length", "Entries in the stream (sampled)", m.stream_length)
+        yield _counter(
+            "stream_sample_errors", "Failed samples of the stream's state", m.stream_sample_errors
+        )
+        spool = self.spool
+        yield _gauge(
+            "spool_bytes", "Bytes held in the local spool", 0 if spool is None else spool.size_bytes
+        )
+        yield _gauge(
+            "spool_pending_records",
+            "Spooled events not yet committed",
+            0 if spool is None else spool.pending_records,
+        )
+        yield _gauge(
+            "spool_broken",
+            "1 once the spool refuses appends for good (an fsync failed)",
+            0 if spool is None or spool.broken is None else 1,
+        )
+        yield _counter("spooled_events", "In-process events accepted onto the spool", m.spooled)
+        yield _counter(
+            "spool_rejections",
+            "In-process events the spool refused (full or broken): they waited in memory",
+            m.spool_rejections,
+        )
+        if self.queue is not None:
+            yield _gauge("queue_depth", "Events waiting in the intake queue", len(self.queue))
+            yield _gauge("queue_capacity", "Bound of the intake queue", self.queue.max_items)
+        if self.mirror is not None:
+            yield _counter("mirror_errors", "Failed writes to the Redis mirror", self.mirror.errors)
+            yield _gauge(
+                "mirror_pending_keys", "Mirror keys waiting for Redis", self.mirror.pending
+            )
+        if self.stream is not None:
+            yield _counter(
+                "stream_redelivered",
+                "Own pending entries re-read at start (after a crash)",
+                self.stream.redelivered,
+            )
+            yield _counter(
+                "stream_claimed", "Idle entries claimed from other consumers", self.stream.claimed
+            )
+        if self.healthy is not None:
+            yield _gauge(
+                "healthy", "1 unless batches have been failing for too long", int(self.healthy())
+            )
+
+
+def _go_float(bound: float) -> str:
+    # Prometheus' own spelling of a bucket bound (``1.0``, ``0.005``), as the client library uses.
+    return repr(float(bound))
+
+
+def _counter(name: str, doc: str, value: float) -> CounterMetricFamily:
+    return CounterMetricFamily(PREFIX + name, doc, value=value)
+
+
+def _gauge(name: str, doc: str, value: float | None) -> GaugeMetricFamily:
+    family = GaugeMetricFamily(PREFIX + name, doc)
+    if value is not None:
+        family.add_metric([], float(value))
+    return family
+
+
+def _labelled(
+    name: str, doc: str, label: str, values: collections.Counter[str]
+) -> CounterMetricFamily:
+    family = CounterMetricFamily(PREFIX + name, doc, labels=[label])
+    for key, n in sorted(values.items()):
+        family.add_metric([key], n)
+    return family
+
+
+def _histogram(name: str, doc: str, h: BulkHistogram) -> HistogramMetricFamily:
+    return HistogramMetricFamily(PREFIX + name, doc, buckets=h.cumulative(), sum_value=h.sum)
+
+
+def package_version() -> str:
+    """The installed ingestd's version (``unknown`` when run from a bare source tree)."""
+    try:
+        return metadata.version("ingestd")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def create_registry(collector: MetricsCollector) -> CollectorRegistry:
+    """A registry of its own with ingestd's families and the process's (CPU, memory, fds)."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(collector)
+    ProcessCollector(namespace=PREFIX.rstrip("_"), registry=registry)
+    return registry
+
+
+def names(families: Iterable[Metric]) -> set[str]:
+    """Sample names a scrape of these families contains (for tests and the dashboard check)."""
+    return {sample.name for family in families for sample in family.samples}

@@ -73,6 +73,12 @@ class Pipeline:
         """False once draining has begun."""
         return not self._closing
 
+    @property
+    def batching(self) -> bool:
+        """False if the batching loop has ended although nobody asked it to (it crashed)."""
+        task = self._loop_task
+        return task is None or not task.done() or self._closing
+
     async def put(self, items: Sequence[Item]) -> None:
         """Queue items, waiting while the queue is full (backpressure)."""
         if self._closing:
@@ -177,6 +183,7 @@ class Pipeline:
             m.dead_letters += outcome.dead_letters
             for table, n in outcome.inserted.items():
                 m.rows_written[table] += n
+            m.observe_batch(items, outcome, time.monotonic() - started)
             if attempt:
                 log.info(
                     "batch committed after %d retries", attempt, extra={"action": "flush_recovered"}

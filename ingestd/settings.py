@@ -1,7 +1,8 @@
 """The frozen settings object: built once from YAML, the environment and CLI flags.
 
 Nothing else in ingestd reads the environment. Precedence: defaults < YAML file < environment
-(``DATABASE_URL``, ``REDIS_URL``, ``INGESTD_CONSUMER``, ``INGESTD_METRICS_PORT``) < CLI flags.
+(``DATABASE_URL``, ``REDIS_URL``, ``INGESTD_CONSUMER``, ``INGESTD_METRICS_PORT``,
+``INGESTD_METRICS_HOST``) < CLI flags.
 """
 
 from __future__ import annotations
@@ -167,6 +168,7 @@ class Settings:
     retention: RetentionSettings = RetentionSettings()
     maintenance: MaintenanceSettings = MaintenanceSettings()
     metrics_port: int = 9464
+    metrics_host: str = "127.0.0.1"  # the container image sets 0.0.0.0
     log_format: str = "plain"
     log_level: str = "INFO"
     # Crash points for the fault suite and the soak (ingestd.failpoints); empty in production.
@@ -199,6 +201,8 @@ class Settings:
             )
         if self.stream.block_ms / 1000 >= self.storage.redis.socket_timeout_s:
             raise ConfigError("stream.block_ms must be shorter than storage.redis.socket_timeout_s")
+        if not 0 <= self.metrics_port <= 65535:
+            raise ConfigError(f"metrics_port must be 0 (off) or 1-65535, got {self.metrics_port}")
         if self.log_format not in {"plain", "json"}:
             raise ConfigError("log_format must be 'plain' or 'json'")
         if self.storage.backend not in {"postgres", "csv", "dual"}:
@@ -338,6 +342,8 @@ def load_settings(
         from_env["failpoints"] = env["INGESTD_FAILPOINTS"]
     if env.get("INGESTD_METRICS_PORT"):
         from_env["metrics_port"] = _coerce(env["INGESTD_METRICS_PORT"], int, "INGESTD_METRICS_PORT")
+    if env.get("INGESTD_METRICS_HOST"):
+        from_env["metrics_host"] = env["INGESTD_METRICS_HOST"]
     settings = settings.replace(**from_env)
     if overrides:
         settings = settings.replace(**{k: v for k, v in overrides.items() if v is not None})
@@ -352,6 +358,12 @@ def build_section(cls: type[T], data: Mapping[str, Any], path: str) -> T:
 def settings_from_mapping(data: Mapping[str, Any]) -> Settings:
     """Settings from an already loaded config mapping (no environment, no file), checked."""
     return _build(Settings, data, "").check()
+
+
+def read_secret(name: str, environ: Mapping[str, str] | None = None) -> str | None:
+    """A secret from the environment, kept out of Settings so that it is never logged with it."""
+    value = (os.environ if environ is None else environ).get(name)
+    return value or None
 
 
 _PASSWORD_IN_URL = re.compile(

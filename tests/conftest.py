@@ -25,6 +25,9 @@ import redis
 from ingestd import migrations
 from ingestd.settings import Settings, load_settings
 
+# Throwaway TLS/ACL servers of our own for the security tests (tests/private_servers.py).
+pytest_plugins = ["tests.private_servers"]
+
 DEFAULT_PG = "postgresql://postgres@127.0.0.1:5432/postgres"
 DEFAULT_TIMESCALE = "postgresql://postgres@127.0.0.1:5433/postgres"
 DEFAULT_REDIS = "redis://127.0.0.1:6379/15"

@@ -259,6 +259,24 @@ async def test_health_command_follows_the_heartbeat(
     missing = run_cli(settings, "health", "--component", "collector")
     assert missing.returncode == 1
     assert "collector: no heartbeat" in missing.stderr
+    # A collector's heartbeat through the stream makes that component healthy too.
+    heartbeat = {
+        "type": "heartbeat",
+        "event_id": "hb-e2e-1",
+        "producer": "collector",
+        "component": "collector",
+        "timestamp": utc_iso(dt.datetime.now(dt.UTC)),
+    }
+    rclient.xadd("ingestd:events", {"event": json.dumps(heartbeat)})
+    deadline = time.monotonic() + 10
+    while rclient.get("health:collector") is None and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    both = run_cli(settings, "health", "--component", "collector")
+    assert both.returncode == 0, both.stderr
+    assert "collector" in both.stdout
+    paper = run_cli(settings, "health", "--component", "collector", "--component", "paper")
+    assert paper.returncode == 1
+    assert paper.stderr.strip() == "unhealthy: paper: no heartbeat"
     daemon.signal(signal.SIGTERM)
     assert daemon.wait(timeout=30) == 0
     stale = utc_iso(dt.datetime.now(dt.UTC) - dt.timedelta(seconds=60))

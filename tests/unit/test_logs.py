@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import ast
 import datetime as dt
 import json
 import logging
+import re
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -104,9 +107,9 @@ def test_plain_formatter_includes_action() -> None:
 
 
 def test_plain_formatter_without_action() -> None:
+    # A line from a library (asyncpg, redis-py) still carries an event name.
     out = logs.PlainFormatter(PLAIN_FMT).format(record("hello"))
-    assert "action=" not in out
-    assert out.endswith(" INFO ingestd.pipeline hello")
+    assert out.endswith(" INFO ingestd.pipeline action=log hello")
 
 
 def test_plain_formatter_redacts() -> None:
@@ -136,3 +139,60 @@ def test_configure_installs_one_handler(
     assert len(restore_root.handlers) == 1
     assert isinstance(restore_root.handlers[0].formatter, cls)
     assert restore_root.level == logging.DEBUG
+
+
+def test_uncaught_exceptions_are_logged_redacted(
+    restore_root: logging.Logger, capsys: pytest.CaptureFixture[str]
+) -> None:
+    hook = sys.excepthook
+    try:
+        logs.configure("info", "json")
+        try:
+            raise RuntimeError("boom at postgresql://u:hunter2@db/x")
+        except RuntimeError as exc:
+            sys.excepthook(type(exc), exc, exc.__traceback__)
+    finally:
+        sys.excepthook = hook
+    err = capsys.readouterr().err
+    assert "hunter2" not in err
+    doc = json.loads(err.strip().splitlines()[-1])
+    assert doc["action"] == "crash"
+    assert doc["level"] == "critical"
+    assert "postgresql://u:***@db/x" in doc["msg"]
+    assert "RuntimeError" in doc["exc"]
+
+
+LOG_METHODS = {"debug", "info", "warning", "error", "exception", "critical", "log"}
+
+
+def _log_calls() -> Iterator[tuple[str, int, ast.Call]]:
+    root = Path(logs.__file__).parent
+    for path in sorted(root.rglob("*.py")):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            if (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Attribute)
+                and node.func.attr in LOG_METHODS
+                and isinstance(node.func.value, ast.Name)
+                and node.func.value.id in {"log", "logger"}
+            ):
+                yield path.name, node.lineno, node
+
+
+def test_every_log_call_in_ingestd_names_its_event() -> None:
+    """Every line ingestd logs has a stable ``action``: a constant, snake_case, in ``extra``."""
+    calls = list(_log_calls())
+    assert len(calls) > 20
+    actions: set[str] = set()
+    for name, line, call in calls:
+        extra = next((k.value for k in call.keywords if k.arg == "extra"), None)
+        assert isinstance(extra, ast.Dict), f"{name}:{line}: no extra={{'action': ...}}"
+        keys = [k.value for k in extra.keys if isinstance(k, ast.Constant)]
+        assert "action" in keys, f"{name}:{line}: extra without an action"
+        value = extra.values[keys.index("action")]
+        assert isinstance(value, ast.Constant), f"{name}:{line}: action must be a constant"
+        assert isinstance(value.value, str), f"{name}:{line}"
+        assert re.fullmatch(r"[a-z][a-z0-9_]*", value.value), f"{name}:{line}"
+        actions.add(value.value)
+    assert {"started", "stopped", "dead_letter", "flush_retry", "crash"} <= actions

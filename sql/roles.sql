@@ -1,0 +1,86 @@
+-- ingestd's database roles: least privilege for the daemon and for dashboards.
+--
+-- Applied by `ingestd roles` (idempotent; run it after every `ingestd migrate`, as compose does)
+-- as the role that owns ingestd's tables. This is not a numbered migration: roles belong to the
+-- whole cluster, creating them needs CREATEROLE, and the grants must be re-applied whenever a
+-- migration adds a table. No password is in this file: `ingestd roles` creates the login roles
+-- and sets their passwords from the environment (see README, Security).
+--
+--   ingestd_writer  NOLOGIN group for `ingestd run`: reads and appends its own tables, updates
+--                   only what ingestd updates, deletes only parked position closes, runs the
+--                   maintenance functions named ingestd_*; no DDL, no TRUNCATE, nothing else.
+--   ingestd_reader  NOLOGIN group for dashboards: SELECT on ingestd's tables and views, only.
+
+DO $$
+DECLARE
+    -- The role that ran the migrations (it owns the ledger) keeps its access explicitly.
+    schema_owner name := (SELECT tableowner FROM pg_tables
+                          WHERE schemaname = 'public' AND tablename = 'ingestd_migrations');
+BEGIN
+    IF schema_owner IS NULL THEN
+        RAISE EXCEPTION 'ingestd roles: run `ingestd migrate` first (no ingestd_migrations)';
+    END IF;
+    -- A DBA may create the two groups beforehand; then the owner needs no CREATEROLE.
+    IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'ingestd_writer') THEN
+        CREATE ROLE ingestd_writer NOLOGIN;
+    END IF;
+    IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'ingestd_reader') THEN
+        CREATE ROLE ingestd_reader NOLOGIN;
+    END IF;
+    -- PUBLIC may connect to (and create temp tables in) every new database by default; here
+    -- only the owners and the two groups may.
+    EXECUTE format('GRANT CONNECT, TEMPORARY ON DATABASE %I TO %I',
+                   current_database(), schema_owner);
+    EXECUTE format('REVOKE CONNECT, TEMPORARY ON DATABASE %I FROM PUBLIC', current_database());
+    EXECUTE format('GRANT CONNECT, TEMPORARY ON DATABASE %I TO ingestd_writer',
+                   current_database());
+    EXECUTE format('GRANT CONNECT ON DATABASE %I TO ingestd_reader', current_database());
+    -- Tables that later migrations create (as schema_owner) are readable by the reader.
+    EXECUTE format('ALTER DEFAULT PRIVILEGES FOR ROLE %I IN SCHEMA public '
+                   'GRANT SELECT ON TABLES TO ingestd_reader', schema_owner);
+END
+$$;
+
+-- Nobody but the owner creates objects in the schema (PostgreSQL 15's default, made explicit for
+-- databases created by older versions).
+REVOKE CREATE ON SCHEMA public FROM PUBLIC;
+GRANT USAGE ON SCHEMA public TO ingestd_writer, ingestd_reader;
+
+-- Start from nothing, so that a grant removed from this file is removed from the database too.
+REVOKE ALL ON ALL TABLES IN SCHEMA public FROM ingestd_writer, ingestd_reader;
+REVOKE ALL ON ALL SEQUENCES IN SCHEMA public FROM ingestd_writer, ingestd_reader;
+
+-- The writer: exactly the statements in ingestd/sinks/postgres.py and ingestd/migrations.py.
+-- COPY needs INSERT; the staging merge reads the table's shape (SELECT) into a TEMP table.
+GRANT SELECT, INSERT ON spreads, fx_rates, dead_letters TO ingestd_writer;
+-- orders/trades: position_id is linked by UPDATE once the position exists.
+GRANT SELECT, INSERT, UPDATE ON orders, trades, positions TO ingestd_writer;
+-- A parked close is deleted when its open lands (the only DELETE ingestd issues).
+GRANT SELECT, INSERT, UPDATE, DELETE ON position_closes_pending TO ingestd_writer;
+-- `ingestd run` refuses a schema that is behind: it reads the ledger, never writes it.
+GRANT SELECT ON ingestd_migrations TO ingestd_writer;
+-- BIGSERIAL ids: nextval() needs USAGE on the sequences.
+GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO ingestd_writer;
+
+-- The reader: every table and view in the schema (and, by the default privileges above, those
+-- later migrations add).
+GRANT SELECT ON ALL TABLES IN SCHEMA public TO ingestd_reader;
+
+-- Maintenance (refreshing materialized views, retention on plain PostgreSQL) runs through
+-- SECURITY DEFINER functions named ingestd_*, owned by the owner: the writer may EXECUTE them,
+-- and nobody else (functions are executable by PUBLIC by default). So the writer never needs
+-- DELETE on the time-series tables, nor ownership of a view.
+DO $$
+DECLARE
+    routine regprocedure;
+BEGIN
+    FOR routine IN
+        SELECT p.oid::regprocedure
+        FROM pg_proc AS p JOIN pg_namespace AS n ON n.oid = p.pronamespace
+        WHERE n.nspname = 'public' AND p.proname LIKE 'ingestd\_%' AND p.prokind IN ('f', 'p')
+    LOOP
+        EXECUTE format('REVOKE ALL ON ROUTINE %s FROM PUBLIC', routine);
+        EXECUTE format('GRANT EXECUTE ON ROUTINE %s TO ingestd_writer', routine);
+    END LOOP;
+END
+$$;

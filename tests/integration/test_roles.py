@@ -1,0 +1,350 @@
+"""Least privilege: what the writer and reader roles may do, and what they may not.
+
+On clusters of our own (roles are cluster-wide, and password authentication must be real), over
+TLS; the plain one and, where TimescaleDB is installed, the TimescaleDB one.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+
+import asyncpg
+import pytest
+
+from ingestd import Service, errors, load_settings, migrations
+from ingestd.roles import READER_GROUP, WRITER_GROUP, Login, apply_roles, scram_verifier
+from tests.ledger import Expected, assert_landed_exactly_once
+from tests.mixed_feed import MALFORMED, mixed_feed, submit_all
+from tests.private_servers import PrivatePostgres
+
+pytestmark = [pytest.mark.pg, pytest.mark.redis]
+
+WRITER_PW = "writer-" + os.urandom(6).hex()
+READER_PW = "reader-pässwörd-" + os.urandom(4).hex()  # non-ASCII: SASLprep must match the server
+
+
+@pytest.fixture
+async def roles_db(
+    private_database: tuple[PrivatePostgres, str],
+) -> AsyncIterator[tuple[PrivatePostgres, str, asyncpg.Connection]]:
+    """A migrated database with the roles applied and two logins; yields an owner connection."""
+    cluster, name = private_database
+    owner = await asyncpg.connect(cluster.admin_dsn(name))
+    suffix = name[-10:]
+    await apply_roles(
+        owner,
+        [
+            Login(f"w_{suffix}", WRITER_GROUP, WRITER_PW),
+            Login(f"r_{suffix}", READER_GROUP, READER_PW),
+        ],
+    )
+    yield cluster, name, owner
+    for login in (f"w_{suffix}", f"r_{suffix}"):
+        await owner.execute(f'DROP OWNED BY "{login}"')
+    await owner.close()
+    await cluster.drop_database(name)
+    admin = await asyncpg.connect(cluster.admin_dsn())
+    try:
+        for login in (f"w_{suffix}", f"r_{suffix}"):
+            await admin.execute(f'DROP ROLE IF EXISTS "{login}"')
+    finally:
+        await admin.close()
+
+
+def _logins(name: str) -> tuple[str, str]:
+    return f"w_{name[-10:]}", f"r_{name[-10:]}"
+
+
+async def _connect(
+    cluster: PrivatePostgres, user: str, password: str, db: str
+) -> asyncpg.Connection:
+    return await asyncpg.connect(cluster.tls_dsn(user, password, db), timeout=10)
+
+
+WRITER_DENIED = [
+    "DROP TABLE spreads",
+    "TRUNCATE spreads",
+    "DELETE FROM spreads",
+    "DELETE FROM positions",
+    "DELETE FROM dead_letters",
+    "UPDATE spreads SET symbol = 'X'",
+    "UPDATE dead_letters SET error = 'x'",
+    "ALTER TABLE spreads ADD COLUMN x int",
+    "CREATE TABLE public.intruder (x int)",
+    "CREATE FUNCTION public.intruder() RETURNS int LANGUAGE sql AS 'SELECT 1'",
+    "CREATE SCHEMA intruder",
+    "INSERT INTO ingestd_migrations (version, name, checksum) VALUES (99, 'x', 'x')",
+    "UPDATE ingestd_migrations SET name = 'x'",
+    "DELETE FROM ingestd_migrations",
+    "SELECT * FROM pg_authid",
+    "SELECT * FROM secret.vault",
+    "SET ROLE postgres",
+]
+
+
+async def test_writer_runs_ingestd_and_can_do_nothing_else(
+    roles_db: tuple[PrivatePostgres, str, asyncpg.Connection], redis_url: str
+) -> None:
+    cluster, name, owner = roles_db
+    writer, _ = _logins(name)
+    await owner.execute("CREATE SCHEMA secret; CREATE TABLE secret.vault (x text)")
+    await owner.execute("INSERT INTO secret.vault VALUES ('owner only')")
+    settings = load_settings(
+        None,
+        environ={},
+        overrides={
+            "storage.postgres.dsn": cluster.tls_dsn(writer, WRITER_PW, name),
+            "storage.redis.url": redis_url,
+            "metrics_port": 0,
+            "pipeline.batch_max_age_ms": 20,
+        },
+    )
+    feed = mixed_feed(300)
+    sent = feed.events
+    async with Service(settings, stream_intake=False) as service:
+        # The ordered part one by one: the close before its open is parked, the repeated event
+        # meets its stored copy (the staging merge through a TEMP table).
+        await submit_all(service, feed)
+        for payload in MALFORMED:
+            with pytest.raises(errors.InvalidEvent):
+                await service.submit(payload)
+        assert service.metrics.flush_retries == 0
+        assert service.metrics.duplicates == 1
+    await assert_landed_exactly_once(owner, Expected.of(sent))
+    assert await owner.fetchval("SELECT count(*) FROM dead_letters") == len(MALFORMED)
+    assert await owner.fetchval("SELECT count(*) FROM position_closes_pending") == 0
+    assert await owner.fetchval("SELECT count(*) FROM orders WHERE position_id IS NULL") == 0
+
+    conn = await _connect(cluster, writer, WRITER_PW, name)
+    try:
+        assert await conn.fetchval("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()")
+        for statement in WRITER_DENIED:
+            with pytest.raises(asyncpg.InsufficientPrivilegeError):
+                await conn.execute(statement)
+        assert await conn.fetchval("SHOW idle_in_transaction_session_timeout") == "1min"
+    finally:
+        await conn.close()
+    assert (
+        await owner.fetchval("SELECT count(*) FROM spreads") == Expected.of(sent).counts["spreads"]
+    )
+
+
+INSERT_FX = (
+    "INSERT INTO fx_rates (event_id, pair, rate, timestamp) VALUES ('x', 'USDKRW', 1, now())"
+)
+READER_DENIED = [
+    INSERT_FX,
+    "UPDATE positions SET status = 'CLOSED'",
+    "DELETE FROM spreads",
+    "TRUNCATE dead_letters",
+    "DROP TABLE spreads",
+    "CREATE TEMP TABLE scratch (x int)",
+    "CREATE TABLE public.intruder (x int)",
+    "SELECT nextval('spreads_id_seq')",
+]
+
+
+async def test_reader_reads_every_table_and_writes_nothing(
+    roles_db: tuple[PrivatePostgres, str, asyncpg.Connection],
+) -> None:
+    cluster, name, owner = roles_db
+    _, reader = _logins(name)
+    # A table a later migration adds (created by the owner) is readable through default
+    # privileges, without re-running `ingestd roles`.
+    await owner.execute("CREATE TABLE later_table (x int); INSERT INTO later_table VALUES (1)")
+    conn = await _connect(cluster, reader, READER_PW, name)
+    try:
+        tables = await owner.fetch(
+            "SELECT tablename FROM pg_tables WHERE schemaname = 'public' ORDER BY 1"
+        )
+        assert len(tables) >= 8
+        for row in tables:
+            await conn.fetchval(f'SELECT count(*) FROM "{row["tablename"]}"')
+        assert await conn.fetchval("SELECT x FROM later_table") == 1
+        assert await conn.fetchval("SHOW default_transaction_read_only") == "on"
+        assert await conn.fetchval("SHOW statement_timeout") == "30s"
+        # Read-only is a session default; privileges hold even with it switched off.
+        await conn.execute("SET default_transaction_read_only = off")
+        for statement in READER_DENIED:
+            with pytest.raises(asyncpg.InsufficientPrivilegeError):
+                await conn.execute(statement)
+    finally:
+        await conn.close()
+
+
+async def test_ingestd_functions_are_executable_by_the_writer_only(
+    roles_db: tuple[PrivatePostgres, str, asyncpg.Connection],
+) -> None:
+    cluster, name, owner = roles_db
+    writer, reader = _logins(name)
+    # What the maintenance issue adds: a SECURITY DEFINER function named ingestd_*.
+    await owner.execute(
+        """
+        CREATE FUNCTION ingestd_delete_spreads_before(cutoff timestamptz) RETURNS bigint
+        LANGUAGE sql SECURITY DEFINER SET search_path = public, pg_temp AS $$
+            WITH gone AS (DELETE FROM spreads WHERE "timestamp" < cutoff RETURNING 1)
+            SELECT count(*) FROM gone
+        $$;
+        INSERT INTO spreads (event_id, symbol, upbit_price, binance_price, binance_price_krw,
+                             spread_pct, net_spread_pct, "timestamp")
+        VALUES ('old-1', 'BTC', 1, 1, 1, 1, 1, '2020-01-01T00:00:00Z');
+        CREATE FUNCTION other_function() RETURNS int LANGUAGE sql AS 'SELECT 1';
+        """
+    )
+    await apply_roles(owner)  # re-applied after the migration that added the function
+    w = await _connect(cluster, writer, WRITER_PW, name)
+    r = await _connect(cluster, reader, READER_PW, name)
+    try:
+        with pytest.raises(asyncpg.InsufficientPrivilegeError):
+            await r.fetchval("SELECT ingestd_delete_spreads_before(now())")
+        with pytest.raises(asyncpg.InsufficientPrivilegeError):
+            await w.execute("DELETE FROM spreads")
+        assert await w.fetchval("SELECT ingestd_delete_spreads_before(now())") == 1
+        # Functions not named ingestd_* keep PostgreSQL's default (EXECUTE for PUBLIC).
+        assert await r.fetchval("SELECT other_function()") == 1
+    finally:
+        await w.close()
+        await r.close()
+
+
+async def test_passwords_are_stored_as_scram_verifiers_and_checked(
+    roles_db: tuple[PrivatePostgres, str, asyncpg.Connection],
+) -> None:
+    cluster, name, owner = roles_db
+    writer, reader = _logins(name)
+    stored = await owner.fetchval("SELECT rolpassword FROM pg_authid WHERE rolname = $1", writer)
+    assert stored.startswith("SCRAM-SHA-256$4096:")
+    assert WRITER_PW not in stored
+    with pytest.raises(asyncpg.InvalidPasswordError):
+        await _connect(cluster, writer, WRITER_PW + "x", name)
+    with pytest.raises(asyncpg.InvalidPasswordError):
+        await _connect(cluster, reader, READER_PW.replace("ä", "a"), name)
+    # A new password replaces the old one; re-running without a password keeps it.
+    await apply_roles(owner, [Login(writer, WRITER_GROUP, "second-pw")])
+    await apply_roles(owner, [Login(writer, WRITER_GROUP)])
+    conn = await _connect(cluster, writer, "second-pw", name)
+    await conn.close()
+    with pytest.raises(asyncpg.InvalidPasswordError):
+        await _connect(cluster, writer, WRITER_PW, name)
+
+
+async def test_a_login_belongs_to_one_group(
+    roles_db: tuple[PrivatePostgres, str, asyncpg.Connection],
+) -> None:
+    cluster, name, owner = roles_db
+    writer, _ = _logins(name)
+    await apply_roles(owner, [Login(writer, READER_GROUP)])
+    conn = await _connect(cluster, writer, WRITER_PW, name)
+    try:
+        assert await conn.fetchval("SHOW default_transaction_read_only") == "on"
+        # The writer's own setting went with its group.
+        assert await conn.fetchval("SHOW idle_in_transaction_session_timeout") == "0"
+        await conn.execute("SET default_transaction_read_only = off")
+        with pytest.raises(asyncpg.InsufficientPrivilegeError):
+            await conn.execute(INSERT_FX)
+    finally:
+        await conn.close()
+
+
+async def test_a_privileged_role_is_refused_as_login(
+    roles_db: tuple[PrivatePostgres, str, asyncpg.Connection],
+) -> None:
+    _, _, owner = roles_db
+    with pytest.raises(errors.ConfigError, match="least-privilege"):
+        await apply_roles(owner, [Login("postgres", WRITER_GROUP, "x")])
+    with pytest.raises(errors.ConfigError, match="give it a password"):
+        await apply_roles(owner, [Login("nobody_yet", WRITER_GROUP)])
+    with pytest.raises(errors.ConfigError, match="not a group name"):
+        Login(WRITER_GROUP, WRITER_GROUP, "x")
+
+
+def test_scram_verifier_format() -> None:
+    v = scram_verifier("pencil", salt=b"\x00" * 16)
+    algorithm, rest = v.split("$", 1)
+    assert algorithm == "SCRAM-SHA-256"
+    iterations_salt, keys = rest.split("$")
+    assert iterations_salt == "4096:AAAAAAAAAAAAAAAAAAAAAA=="
+    stored, server = keys.split(":")
+    assert len(stored) == len(server) == 44  # base64 of 32 bytes
+    assert scram_verifier("pencil", salt=b"\x00" * 16) == v
+    assert scram_verifier("pencil") != scram_verifier("pencil")  # random salt
+
+
+async def test_roles_command(private_database: tuple[PrivatePostgres, str]) -> None:
+    cluster, name = private_database
+    login = f"cli_{name[-10:]}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("INGESTD_")}
+    env["DATABASE_URL"] = cluster.admin_dsn(name)
+    cmd = [sys.executable, "-m", "ingestd.cli", "roles", "--writer-login", login]
+    missing = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60, check=False)
+    assert missing.returncode == 2
+    assert "give it a password" in missing.stderr
+    env["INGESTD_WRITER_PASSWORD"] = "cli-" + WRITER_PW
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60, check=False)
+    try:
+        assert done.returncode == 0, done.stderr
+        assert f"{login} (ingestd_writer): created, password set" in done.stdout
+        assert "cli-" + WRITER_PW not in done.stdout + done.stderr
+        conn = await _connect(cluster, login, "cli-" + WRITER_PW, name)
+        await conn.execute(INSERT_FX)
+        await conn.close()
+    finally:
+        owner = await asyncpg.connect(cluster.admin_dsn(name))
+        await owner.execute(f'DROP OWNED BY "{login}"')
+        await owner.close()
+        await cluster.drop_database(name)
+        admin = await asyncpg.connect(cluster.admin_dsn())
+        await admin.execute(f'DROP ROLE IF EXISTS "{login}"')
+        await admin.close()
+
+
+async def test_an_owner_without_createrole_applies_the_grants(private_pg: PrivatePostgres) -> None:
+    """The DBA creates the owner, the groups and the login; the owner migrates and grants."""
+    cluster = private_pg
+    tag = os.urandom(4).hex()
+    name, owner_role, login = f"ingestd_own_{tag}", f"own_{tag}", f"app_{tag}"
+    admin = await asyncpg.connect(cluster.admin_dsn())
+    try:
+        await admin.execute(f"CREATE ROLE {owner_role} LOGIN NOCREATEROLE")
+        await admin.execute(f"CREATE ROLE {login} LOGIN")
+        for role, password in ((owner_role, "owner-pw"), (login, "login-pw")):
+            await admin.execute(f"ALTER ROLE {role} PASSWORD '{scram_verifier(password)}'")
+        for group in (WRITER_GROUP, READER_GROUP):
+            exists = await admin.fetchval("SELECT 1 FROM pg_roles WHERE rolname = $1", group)
+            if not exists:
+                await admin.execute(f"CREATE ROLE {group} NOLOGIN")
+        await admin.execute(f"GRANT {WRITER_GROUP} TO {login}")
+        # Migration 0002 reads shared_preload_libraries, which only superusers and members of
+        # pg_read_all_settings may.
+        await admin.execute(f"GRANT pg_read_all_settings TO {owner_role}")
+        await admin.execute(f"CREATE DATABASE {name} OWNER {owner_role}")
+        if cluster.timescale:  # creating the extension is the DBA's part too
+            dba = await asyncpg.connect(cluster.admin_dsn(name))
+            await dba.execute("CREATE EXTENSION IF NOT EXISTS timescaledb")
+            await dba.close()
+
+        owner = await _connect(cluster, owner_role, "owner-pw", name)
+        try:
+            await migrations.migrate(owner)
+            await apply_roles(owner)
+            with pytest.raises(asyncpg.InsufficientPrivilegeError):
+                await apply_roles(owner, [Login("someone_new", WRITER_GROUP, "pw")])
+        finally:
+            await owner.close()
+        # The owner keeps its access once PUBLIC lost CONNECT; the login can write.
+        await (await _connect(cluster, owner_role, "owner-pw", name)).close()
+        app = await _connect(cluster, login, "login-pw", name)
+        try:
+            await app.execute(INSERT_FX)
+            with pytest.raises(asyncpg.InsufficientPrivilegeError):
+                await app.execute("DELETE FROM fx_rates")
+        finally:
+            await app.close()
+    finally:
+        await admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        await admin.execute(f"DROP ROLE IF EXISTS {login}")
+        await admin.execute(f"DROP ROLE IF EXISTS {owner_role}")
+        await admin.close()
