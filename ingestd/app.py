@@ -14,6 +14,7 @@ import gc
 import logging
 import os
 import signal
+import ssl
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -44,6 +45,10 @@ from ingestd.spool import Spool
 log = logging.getLogger("ingestd.app")
 
 
+# How long the final XACKs after the drain may take before they are left to redelivery.
+FINAL_ACK_TIMEOUT_S: Final = 5.0
+
+
 def create_redis(url: str, *, socket_timeout_s: float) -> aioredis.Redis:
     """A redis-py client with explicit timeouts and retries (``from_url`` sets none)."""
     client = aioredis.Redis.from_url(
@@ -70,6 +75,11 @@ async def connect_with_retry(settings: Settings, deadline_s: float) -> asyncpg.P
             # A malformed DSN does not get better by waiting.
             raise errors.ConfigError(
                 f"invalid database URL {redact(settings.storage.postgres.dsn)}: {exc}"
+            ) from exc
+        except ssl.SSLCertVerificationError as exc:
+            # A certificate that does not verify is a configuration problem, not an outage.
+            raise errors.ConfigError(
+                f"TLS verification failed for {redact(settings.storage.postgres.dsn)}: {exc}"
             ) from exc
         except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
             if time.monotonic() + delay > end:
@@ -342,8 +352,11 @@ class Service:
                 log.error("drain failed: %r", exc, extra={"action": "drain_failed"})
                 await self.pipeline.abort()
         if self.stream is not None:
-            with contextlib.suppress(redis.exceptions.RedisError, OSError):
-                await self.stream.finish()
+            # Bounded: with Redis hung the last XACKs are given up (the entries are redelivered
+            # and land once) rather than holding up the exit.
+            with contextlib.suppress(redis.exceptions.RedisError, OSError, TimeoutError):
+                async with asyncio.timeout(FINAL_ACK_TIMEOUT_S):
+                    await self.stream.finish()
         for task in self._tasks:
             await cancel_quietly(task)
         if self.spool is not None:
@@ -408,8 +421,21 @@ async def run_daemon(settings: Settings) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal, sig)
     service = Service(settings)
+    # A signal while starting (e.g. waiting for PostgreSQL) ends the start too: nothing has been
+    # read yet, so there is nothing to drain.
+    starting = asyncio.create_task(service.start(), name="ingestd-start")
+    stopping = asyncio.create_task(stop.wait(), name="ingestd-stop-signal")
+    await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    if not starting.done():
+        starting.cancel()
+        with contextlib.suppress(asyncio.CancelledError, errors.IngestdError):
+            await starting
+        await service.stop(grace_s=1)
+        log.info("stopped before the start completed", extra={"action": "stopped"})
+        return 0
+    stopping.cancel()
     try:
-        await service.start()
+        starting.result()
     except errors.IngestdError as exc:
         log.error("%s", exc, extra={"action": "start_failed"})
         return 2

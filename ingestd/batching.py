@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
+import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Protocol
@@ -30,6 +31,10 @@ class Acknowledger(Protocol):
         """A key that makes a redelivered poison item land in ``dead_letters`` once."""
 
 
+# What an in-process event given as a mapping (no raw payload) counts for in the byte bounds.
+ESTIMATED_EVENT_BYTES = 400
+
+
 @dataclasses.dataclass(slots=True, eq=False)
 class Item:
     """One unit of work: a valid event or a dead letter, with how to acknowledge it."""
@@ -40,6 +45,16 @@ class Item:
     token: Any
     raw: bytes | str | None
     enqueued_at: float
+
+    @property
+    def size(self) -> int:
+        """Bytes this item stands for, for the byte bounds (its raw payload, else an estimate)."""
+        raw = self.raw
+        if raw is not None:
+            return len(raw)
+        if self.dead_letter is not None:
+            return len(self.dead_letter.payload)
+        return ESTIMATED_EVENT_BYTES
 
     @property
     def route(self) -> str:
@@ -71,11 +86,14 @@ class BatchOutcome:
 
 
 class IntakeQueue:
-    """Bounded FIFO; ``put_many`` waits while the queue holds ``max_items`` or more."""
+    """Bounded FIFO; ``put_many`` waits while the queue holds ``max_items`` items or more, or
+    ``max_bytes`` of payload (so that large events cannot multiply memory by the count bound)."""
 
-    def __init__(self, max_items: int) -> None:
+    def __init__(self, max_items: int, max_bytes: int | None = None) -> None:
         self._items: collections.deque[Item] = collections.deque()
         self._max = max_items
+        self._max_bytes = max_bytes if max_bytes is not None else sys.maxsize
+        self._bytes = 0
         self._room = asyncio.Event()
         self._room.set()
         self._arrived = asyncio.Event()
@@ -84,9 +102,14 @@ class IntakeQueue:
         return len(self._items)
 
     @property
+    def bytes(self) -> int:
+        """Payload bytes queued."""
+        return self._bytes
+
+    @property
     def full(self) -> bool:
         """True while a producer would wait."""
-        return len(self._items) >= self._max
+        return len(self._items) >= self._max or self._bytes >= self._max_bytes
 
     @property
     def max_items(self) -> int:
@@ -95,10 +118,12 @@ class IntakeQueue:
 
     async def put_many(self, items: Iterable[Item]) -> None:
         """Append items once there is room; a chunk may overshoot the bound by its own size."""
-        while len(self._items) >= self._max:
+        while self.full:
             self._room.clear()
             await self._room.wait()
-        self._items.extend(items)
+        chunk = list(items)
+        self._bytes += sum(item.size for item in chunk)
+        self._items.extend(chunk)
         self._arrived.set()
 
     def take(self, limit: int) -> list[Item]:
@@ -106,7 +131,8 @@ class IntakeQueue:
         n = min(limit, len(self._items))
         popleft = self._items.popleft
         taken = [popleft() for _ in range(n)]
-        if len(self._items) < self._max:
+        self._bytes -= sum(item.size for item in taken)
+        if not self.full:
             self._room.set()
         if not self._items:
             self._arrived.clear()
@@ -132,12 +158,19 @@ class Batcher:
     """Collects items; due when one lane reaches ``max_rows`` or the oldest item ``max_age_s``."""
 
     def __init__(
-        self, max_rows: int, max_age_s: float, clock: Callable[[], float] = time.monotonic
+        self,
+        max_rows: int,
+        max_age_s: float,
+        clock: Callable[[], float] = time.monotonic,
+        *,
+        max_bytes: int | None = None,
     ) -> None:
         if max_rows < 1 or max_age_s < 0:
             raise ValueError("max_rows must be >= 1 and max_age_s >= 0")
         self.max_rows = max_rows
         self.max_age_s = max_age_s
+        self.max_bytes = max_bytes if max_bytes is not None else sys.maxsize
+        self._bytes = 0
         self._clock = clock
         self._items: list[Item] = []
         self._lanes: collections.Counter[str] = collections.Counter()
@@ -154,7 +187,8 @@ class Batcher:
         self._items.append(item)
         lane = item.route
         self._lanes[lane] += 1
-        if self._lanes[lane] >= self.max_rows:
+        self._bytes += item.size
+        if self._lanes[lane] >= self.max_rows or self._bytes >= self.max_bytes:
             self._full = True
 
     @property
@@ -178,6 +212,7 @@ class Batcher:
         """Hand over the batch and start a new one."""
         items, self._items = self._items, []
         self._lanes.clear()
+        self._bytes = 0
         self._started = None
         self._full = False
         return items

@@ -9,6 +9,7 @@ import itertools
 import logging
 import sys
 import time
+import urllib.parse
 from collections.abc import Sequence
 from typing import Any
 
@@ -190,6 +191,9 @@ async def _cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
     except (OSError, asyncpg.PostgresError) as exc:
         print(redact(f"ingestd migrate: cannot connect to {dsn}: {exc}"), file=sys.stderr)
         return 2
+    except errors.ConfigError as exc:
+        print(redact(f"ingestd migrate: {exc}"), file=sys.stderr)
+        return 2
     try:
         applied = await migrations.migrate(conn)
         timescale = await migrations.timescaledb_enabled(conn)
@@ -221,12 +225,22 @@ async def _connect(dsn: str, *, create: bool, deadline_s: float = 30.0) -> async
             await asyncio.sleep(0.5)
 
 
+def _database_name(dsn: str) -> str:
+    """The database a DSN names: its path, or a ``dbname``/``database`` query parameter."""
+    parts = urllib.parse.urlsplit(dsn)
+    query = urllib.parse.parse_qs(parts.query)
+    for key in ("dbname", "database"):
+        if query.get(key):
+            return query[key][-1]
+    return urllib.parse.unquote(parts.path.lstrip("/"))
+
+
 async def _create_database(dsn: str) -> None:
+    name = _database_name(dsn)
+    if not name or not name.replace("_", "").isalnum():
+        raise errors.ConfigError(f"refusing to create database with name {name!r}")
     probe = await asyncpg.connect(dsn, database="postgres", timeout=5)
     try:
-        name = dsn.rsplit("/", 1)[-1].split("?", 1)[0]
-        if not name.replace("_", "").isalnum():
-            raise errors.ConfigError(f"refusing to create database with name {name!r}")
         exists = await probe.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", name)
         if not exists:
             # An identifier cannot be a bind parameter; the name was checked to be [A-Za-z0-9_].

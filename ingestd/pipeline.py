@@ -47,11 +47,15 @@ class Pipeline:
         rng: random.Random | None = None,
     ) -> None:
         self.settings = settings
-        self.queue = IntakeQueue(settings.queue_max_events)
+        self.queue = IntakeQueue(settings.queue_max_events, settings.queue_max_bytes)
         self.metrics = metrics or Metrics()
         self._sink = sink
         self._mirror = mirror
-        self._batcher = Batcher(settings.batch_max_rows, settings.batch_max_age_ms / 1000)
+        self._batcher = Batcher(
+            settings.batch_max_rows,
+            settings.batch_max_age_ms / 1000,
+            max_bytes=settings.batch_max_bytes,
+        )
         self._slots = asyncio.Semaphore(settings.writers)
         self._writers: set[asyncio.Task[None]] = set()
         self._loop_task: asyncio.Task[None] | None = None
@@ -203,16 +207,26 @@ def count_by_type(items: Sequence[Item]) -> Mapping[str, int]:
     return collections.Counter(i.event.type if i.event else "invalid" for i in items)
 
 
-async def cancel_quietly(task: asyncio.Task[Any] | None) -> None:
+async def cancel_quietly(task: asyncio.Task[Any] | None, *, timeout_s: float = 5.0) -> None:
     """Cancel a background task and wait for it; an error it ends with is logged, not raised.
 
     Shutdown must go on whatever a task was doing: cancelled inside ``pool.acquire()``, asyncpg
-    may raise from the connection reset instead of ``CancelledError``.
+    may raise from the connection reset instead of ``CancelledError``, and a redis-py read can
+    swallow a cancellation; so the wait is bounded and a task that will not end is left behind.
     """
     if task is None:
         return
     task.cancel()
     try:
+        done, _ = await asyncio.wait({task}, timeout=timeout_s)
+        if not done:
+            log.warning(
+                "background task %s did not end %.0fs after its cancellation; left behind",
+                task.get_name(),
+                timeout_s,
+                extra={"action": "task_stuck"},
+            )
+            return
         await task
     except asyncio.CancelledError:
         current = asyncio.current_task()

@@ -93,8 +93,10 @@ class PipelineSettings:
     """Queue, batching and writers."""
 
     queue_max_events: int = 20_000
+    queue_max_bytes: int = 64 * 1024 * 1024  # payload bytes in the queue (a chunk may overshoot)
     batch_max_rows: int = 5_000
     batch_max_age_ms: int = 200
+    batch_max_bytes: int = 4 * 1024 * 1024  # a batch is also cut at this many payload bytes
     writers: int = 2
     flush_timeout_s: float = 30.0
     max_event_bytes: int = 1_048_576
@@ -194,6 +196,8 @@ class Settings:
             )
         if p.writers < 1:
             raise ConfigError("pipeline.writers must be >= 1")
+        if p.queue_max_bytes < 1 or p.batch_max_bytes < 1:
+            raise ConfigError("pipeline.queue_max_bytes and pipeline.batch_max_bytes must be >= 1")
         if self.storage.postgres.pool_max_size < p.writers + 1:
             raise ConfigError(
                 "storage.postgres.pool_max_size must exceed pipeline.writers "

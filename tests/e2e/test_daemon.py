@@ -7,6 +7,7 @@ import datetime as dt
 import hashlib
 import json
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -308,3 +309,18 @@ async def test_sigterm_drains_and_exits_zero(
     second.signal(signal.SIGTERM)
     assert second.wait(timeout=20) == 0, second.log
     await assert_landed_exactly_once(db, exp)
+
+
+async def test_sigterm_while_waiting_for_the_database_at_start_exits_at_once(
+    settings: Settings, start_daemon: StartDaemon
+) -> None:
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    port = closed.getsockname()[1]
+    closed.close()  # nothing listens there: ingestd waits for PostgreSQL to come up
+    nowhere = settings.replace(**{"storage.postgres.dsn": f"postgresql://u@127.0.0.1:{port}/db"})
+    daemon = start_daemon(nowhere)
+    await daemon.wait_for_log("action=db_wait")
+    daemon.signal(signal.SIGTERM)
+    assert daemon.wait(timeout=15) == 0, daemon.log
+    assert "stopped before the start completed" in daemon.log

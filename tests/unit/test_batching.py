@@ -357,3 +357,47 @@ async def test_wake_releases_a_waiter_without_items() -> None:
         await asyncio.wait_for(asyncio.shield(waiter), timeout=0.05)
     q.wake()
     assert await asyncio.wait_for(waiter, timeout=1) is False
+
+
+# --- byte bounds ------------------------------------------------------------------------------
+
+
+def sized(n_bytes: int) -> Item:
+    """A spread item whose raw payload is padded to ``n_bytes`` (JSON allows the whitespace)."""
+    it = item("spread")
+    assert it.raw is not None and isinstance(it.raw, bytes)
+    it.raw = it.raw + b" " * (n_bytes - len(it.raw))
+    return it
+
+
+def test_item_size_is_its_payload_or_an_estimate() -> None:
+    assert sized(5_000).size == 5_000
+    assert dead_item().size == len("not json")
+    no_raw = item("fx_rate")
+    no_raw.raw = None
+    assert no_raw.size > 0
+
+
+def test_batcher_is_full_at_max_bytes_before_max_rows() -> None:
+    b = Batcher(1_000, 10.0, clock=lambda: 0.0, max_bytes=10_000)
+    for _ in range(3):
+        b.add(sized(3_000))
+    assert not b.full
+    b.add(sized(3_000))
+    assert b.full and len(b) == 4
+    b.take()
+    assert not b.full
+    b.add(sized(100))
+    assert not b.full  # the byte count starts again with the next batch
+
+
+async def test_queue_waits_at_max_bytes_although_few_items() -> None:
+    q = IntakeQueue(1_000, max_bytes=20_000)
+    await q.put_many([sized(10_000), sized(10_000)])
+    assert q.full and q.bytes == 20_000
+    waiting = asyncio.create_task(q.put_many([sized(10_000)]))
+    await asyncio.sleep(0.01)
+    assert not waiting.done()  # two items, but 20 kB: producers wait
+    q.take(1)
+    await asyncio.wait_for(waiting, 1)
+    assert q.bytes == 20_000 and len(q) == 2

@@ -359,3 +359,19 @@ def test_redact_keyvalue_password_with_spaces_around_equals() -> None:
 def test_default_urls_are_constants() -> None:
     assert Settings().storage.postgres.dsn == s.DEFAULT_DATABASE_URL
     assert Settings().storage.redis.url == s.DEFAULT_REDIS_URL
+
+
+@pytest.mark.parametrize(
+    ("dsn", "name"),
+    [
+        ("postgresql://u:p@h:5432/ingestd", "ingestd"),
+        ("postgresql://u@h/ingestd?sslmode=require", "ingestd"),
+        ("postgresql:///ingestd?host=/var/run/postgresql", "ingestd"),
+        ("postgresql://u@h/?dbname=other", "other"),
+        ("postgresql://u@h/my%5Fdb", "my_db"),
+    ],
+)
+def test_migrate_finds_the_database_name_in_a_dsn(dsn: str, name: str) -> None:
+    from ingestd.cli import _database_name
+
+    assert _database_name(dsn) == name
