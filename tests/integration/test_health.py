@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -144,7 +145,8 @@ def test_health_command_exit_codes(
     assert fresh.stdout.startswith("healthy: ingestd")
     stale = run_health(settings, "--component", "collector", config=config)
     assert stale.returncode == 1
-    assert "collector: last heartbeat 25." in stale.stderr
+    # 25 s old when written, a little older by the time the command reads it
+    assert re.search(r"collector: last heartbeat 2[5-9]\.[0-9]s ago \(> 10s\)", stale.stderr)
     assert stale.stderr.count("\n") == 1
     assert (
         run_health(
