@@ -78,6 +78,7 @@ class _Segment:
     size: int = 0  # durable bytes (fsync'd)
     records: int = 0  # durable records
     read_offset: int = 0
+    read_records: int = 0  # records handed to the replay
     committed: int = 0
     sealed: bool = False
 
@@ -103,7 +104,9 @@ def scan(data: bytes) -> tuple[list[tuple[int, bytes]], int]:
     while pos + HEADER.size <= end:
         length, crc = HEADER.unpack_from(data, pos)
         start = pos + HEADER.size
-        if length > MAX_RECORD_BYTES or start + length > end:
+        # A record is never empty: zeros where records should be (a hole in a file, a page the
+        # disk never wrote) would otherwise pass as empty records, since crc32(b"") == 0.
+        if length == 0 or length > MAX_RECORD_BYTES or start + length > end:
             break
         payload = data[start : start + length]
         if zlib.crc32(payload) != crc:
@@ -136,6 +139,7 @@ class Spool:
         self.broken: str | None = None
         self.appended = 0
         self.replayed = 0
+        self.corrupt_records = 0
 
     # --- state -------------------------------------------------------------------------------
 
@@ -196,7 +200,7 @@ class Spool:
                 _Segment(seq, path, size=valid, records=len(records), sealed=True)
             )
         # New appends go to a fresh segment: recovered ones are only read from now on.
-        self._new_segment_sync()
+        self._add_segment(*self._create_segment_file(self._next_seq()))
 
     def _cut_tail(self, path: Path, data: bytes, valid: int, *, torn_tail: bool) -> None:
         if torn_tail:
@@ -225,8 +229,11 @@ class Spool:
         finally:
             os.close(fd)
 
-    def _new_segment_sync(self) -> None:
-        seq = self._segments[-1].seq + 1 if self._segments else 1
+    def _next_seq(self) -> int:
+        return self._segments[-1].seq + 1 if self._segments else 1
+
+    def _create_segment_file(self, seq: int) -> tuple[int, int, Path]:
+        """Create and open a segment file; only system calls, so it may run in a thread."""
         path = self.directory / _segment_name(seq)
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
         dir_fd = os.open(self.directory, os.O_RDONLY)
@@ -234,6 +241,10 @@ class Spool:
             os.fsync(dir_fd)  # the new file's name is durable before records are
         finally:
             os.close(dir_fd)
+        return seq, fd, path
+
+    def _add_segment(self, seq: int, fd: int, path: Path) -> None:
+        """Make a created segment the active one (in the event loop's thread only)."""
         if self._fd is not None:
             os.close(self._fd)
             self._segments[-1].sealed = True
@@ -290,7 +301,10 @@ class Spool:
         data = b"".join(encode_record(p) for p, _ in batch)
         try:
             if self._segments[-1].size >= self.segment_bytes:
-                await asyncio.to_thread(self._new_segment_sync)
+                # The file is made in a thread; the bookkeeping stays here, in the loop, where
+                # the replay also changes the segment list.
+                created = await asyncio.to_thread(self._create_segment_file, self._next_seq())
+                self._add_segment(*created)
             seg = self._segments[-1]
             await asyncio.to_thread(self._write_sync, seg.size, data)
         except SpoolError as exc:
@@ -365,21 +379,30 @@ class Spool:
                     data = await asyncio.to_thread(_pread, seg.path, start, need)
                     records, _ = scan(data)
             if not records:
-                # Durable bytes that no longer pass their checksum: the disk changed them.
+                # Durable bytes that no longer pass their checksum: the disk changed them after
+                # they were fsync'd. They cannot be replayed; they are kept aside, not dropped.
+                aside = seg.path.with_suffix(f".{start}.corrupt")
+                await asyncio.to_thread(_copy_range, seg.path, start, seg.size - start, aside)
+                skipped = seg.records - seg.read_records
                 log.error(
-                    "spool %s: bytes at offset %d fail their checksum since open; the rest of "
-                    "the segment is skipped",
+                    "spool %s: %d records after offset %d fail their checksum since they were "
+                    "written; kept in %s, not replayed",
                     seg.path.name,
+                    skipped,
                     start,
+                    aside.name,
                     extra={"action": "spool_corrupt"},
                 )
+                self.corrupt_records += skipped
                 seg.read_offset = seg.size
-                seg.committed = seg.records
+                seg.read_records = seg.records
+                seg.committed += skipped  # what was handed out before still counts on its own
                 self._collect()
                 continue
             records = records[:limit]
             last_offset, last_payload = records[-1]
             seg.read_offset = start + last_offset + HEADER.size + len(last_payload)
+            seg.read_records += len(records)
             self.replayed += len(records)
             return [SpoolRecord(seg.seq, start + off, payload) for off, payload in records]
         return []
@@ -418,12 +441,16 @@ class Spool:
         except OSError as exc:
             log.warning("spool truncate failed: %s", exc, extra={"action": "spool_truncate"})
             return
-        seg.size = seg.records = seg.read_offset = seg.committed = 0
+        seg.size = seg.records = seg.read_offset = seg.read_records = seg.committed = 0
 
     def _truncate_sync(self) -> None:
         assert self._fd is not None
         os.ftruncate(self._fd, 0)
         os.fsync(self._fd)
+
+
+def _copy_range(source: Path, offset: int, length: int, target: Path) -> None:
+    target.write_bytes(_pread(source, offset, length))
 
 
 def _pread(path: Path, offset: int, length: int) -> bytes:

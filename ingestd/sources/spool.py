@@ -9,6 +9,7 @@ record replayed twice (a crash between commit and the spool's bookkeeping) lands
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import time
 from collections.abc import Sequence
@@ -41,9 +42,13 @@ class SpoolSource:
         self._stopping = asyncio.Event()
 
     def dead_letter_key(self, token: Any) -> str | None:
-        """A replayed record that the database refuses is recorded once, by its place."""
+        """A replayed record that the database refuses is recorded once, by its content.
+
+        Not by its place: the active segment is truncated and reused once replayed, so one
+        offset holds different records over time.
+        """
         record: SpoolRecord = token
-        return f"spool:{record.segment}:{record.offset}"
+        return f"spool:{hashlib.sha256(record.payload).hexdigest()}"
 
     async def acknowledge(self, items: Sequence[Item], outcome: BatchOutcome) -> None:
         """The batch committed: these records are done."""
@@ -65,22 +70,43 @@ class SpoolSource:
         return Item(ev, None, self, record, record.payload, now)
 
     async def run(self) -> None:
-        """Replay until ``stop()``: whatever is spooled, as fast as the queue takes it."""
+        """Replay until ``stop()``: whatever is spooled, as fast as the queue takes it.
+
+        A failure (the spool's disk, a bug) is logged and retried with backoff: if the replay
+        stopped, every in-process event would go on being spooled and none replayed.
+        """
+        failures = 0
         while not self._stopping.is_set():
-            # While batches fail (the database is down) the records are safer on disk than in
-            # memory: replay resumes once a commit succeeds again.
-            if self._pipeline.queue.full or self._pipeline.failing or not self._spool.unread:
-                await asyncio.sleep(IDLE_POLL_S)
-                continue
-            records = await self._spool.read_batch(self._read_count)
-            if not records:
-                await asyncio.sleep(IDLE_POLL_S)
-                continue
-            now = time.monotonic()
             try:
-                await self._pipeline.put([self._item(r, now) for r in records])
+                replayed = await self._replay_once()
             except errors.ShuttingDown:
                 return
+            except Exception as exc:  # noqa: BLE001 - logged, retried; the records stay on disk
+                failures += 1
+                log.error(
+                    "spool replay failed (attempt %d): %s: %s",
+                    failures,
+                    type(exc).__name__,
+                    exc,
+                    extra={"action": "spool_replay_failed"},
+                )
+                await asyncio.sleep(min(5.0, IDLE_POLL_S * 2**failures))
+                continue
+            failures = 0
+            if not replayed:
+                await asyncio.sleep(IDLE_POLL_S)
+
+    async def _replay_once(self) -> bool:
+        # While batches fail (the database is down) the records are safer on disk than in
+        # memory: replay resumes once a commit succeeds again.
+        if self._pipeline.queue.full or self._pipeline.failing or not self._spool.unread:
+            return False
+        records = await self._spool.read_batch(self._read_count)
+        if not records:
+            return False
+        now = time.monotonic()
+        await self._pipeline.put([self._item(r, now) for r in records])
+        return True
 
     def stop(self) -> None:
         """Stop replaying; what was handed out is drained, the rest waits for the next start."""

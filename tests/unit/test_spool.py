@@ -38,6 +38,10 @@ async def drain(s: Spool, limit: int = 1000) -> list[bytes]:
         s.committed(batch)
 
 
+def corrupt_files(directory: Path) -> list[Path]:
+    return sorted(directory.glob("*.corrupt"))
+
+
 def segments(directory: Path) -> list[Path]:
     return sorted(directory.glob("spool-*.log"))
 
@@ -215,3 +219,69 @@ def test_full_disk_is_a_clear_refusal_and_never_a_torn_record(tmp_path: Path) ->
     # Every acknowledged append is there after a reopen, and nothing else: no torn record.
     assert report["recovered"] == report["ok"]
     assert report["first"] == ["000000", "000001", "000002"]
+
+
+def test_zeros_are_not_records() -> None:
+    # A hole in a file (zeros) must not pass as empty records: crc32(b"") == 0.
+    records, valid = scan(b"\x00" * 20 + encode_record(b"real"))
+    assert records == [] and valid == 0
+
+
+async def test_rotation_while_the_replay_commits_loses_no_segment(tmp_path: Path) -> None:
+    # Appends rotate segments (a file made in a thread) while the replay commits and removes
+    # segments in the loop: every appended record is replayed exactly once.
+    s = await opened(tmp_path, segment_bytes=1024)
+    appended = [b"rec-%05d" % i + b"." * 50 for i in range(3000)]
+    replayed: list[bytes] = []
+
+    async def produce() -> None:
+        for i in range(0, len(appended), 25):
+            await asyncio.gather(*(s.append(p) for p in appended[i : i + 25]))
+
+    async def replay() -> None:
+        while len(replayed) < len(appended):
+            batch = await s.read_batch(40)
+            if not batch:
+                await asyncio.sleep(0)
+                continue
+            replayed.extend(r.payload for r in batch)
+            s.committed(batch)
+
+    await asyncio.wait_for(asyncio.gather(produce(), replay()), timeout=60)
+    assert replayed == appended
+    assert s.pending_records == 0
+    await s.close()
+    again = await opened(tmp_path, segment_bytes=1024)
+    assert again.pending_records == 0  # nothing left behind, nothing replayed twice
+    await again.close()
+
+
+async def test_bytes_damaged_after_open_are_set_aside_and_the_rest_replayed(
+    tmp_path: Path,
+) -> None:
+    s = await opened(tmp_path, segment_bytes=1024)
+    for i in range(60):
+        await s.append(b"x%03d" % i + b"-" * 40)
+    first = segments(tmp_path)[0]
+    await s.close()
+    again = await opened(tmp_path, segment_bytes=1024)
+    data = bytearray(first.read_bytes())
+    data[HEADER.size] ^= 0xFF  # the first record's payload, damaged after it was recovered
+    first.write_bytes(bytes(data))
+    replayed = await drain(again)
+    assert again.corrupt_records > 0
+    assert len(replayed) == 60 - again.corrupt_records
+    assert corrupt_files(tmp_path)  # kept, not dropped
+    assert again.pending_records == 0
+    await again.close()
+
+
+def test_spool_dead_letter_keys_follow_the_content_not_the_place() -> None:
+    from ingestd.sources.spool import SpoolSource
+    from ingestd.spool import SpoolRecord
+
+    key = SpoolSource.dead_letter_key
+    same_place_a = SpoolRecord(1, 0, b'{"type": "a"}')
+    same_place_b = SpoolRecord(1, 0, b'{"type": "b"}')
+    assert key(None, same_place_a) != key(None, same_place_b)  # type: ignore[arg-type]
+    assert key(None, same_place_a) == key(None, SpoolRecord(7, 99, b'{"type": "a"}'))  # type: ignore[arg-type]
