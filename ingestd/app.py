@@ -120,6 +120,7 @@ class Service:
         self.registry = create_registry(self._collector)
         self.ops: OpsServer | None = None
         self._stopping = False
+        self._stopped = False
 
     async def __aenter__(self) -> Service:
         await self.start()
@@ -134,7 +135,17 @@ class Service:
         await self.stop()
 
     async def start(self, *, connect_deadline_s: float = 60.0) -> None:
-        """Connect, check the schema, and start intake."""
+        """Connect, check the schema, and start intake; on failure, release what was taken."""
+        try:
+            await self._start(connect_deadline_s)
+        except BaseException:
+            # __aexit__ does not run when __aenter__ fails: close the pool, the batcher, the
+            # spool's lock here (a cancelled start included).
+            with contextlib.suppress(Exception):
+                await self.stop(grace_s=1)
+            raise
+
+    async def _start(self, connect_deadline_s: float) -> None:
         s = self.settings
         failpoints.arm(s.failpoints)
         self.pool = await connect_with_retry(s, connect_deadline_s)
@@ -264,6 +275,9 @@ class Service:
         stream = self._stream_task
         if stream is not None and stream.done() and not self._stopping:
             return False, "unhealthy: stream intake has stopped"
+        replay = self._spool_task
+        if replay is not None and replay.done() and not self._stopping:
+            return False, "unhealthy: the spool replay has stopped"
         since = self.pipeline.metrics.flush_failing_since
         if since is not None:
             failing = time.monotonic() - since
@@ -310,6 +324,9 @@ class Service:
 
     async def stop(self, grace_s: float | None = None) -> bool:
         """Staged shutdown: stop intake, drain within the grace period, cancel; True if clean."""
+        if self._stopped:
+            return True
+        self._stopped = True
         self._stopping = True
         grace = self.settings.shutdown.grace_s if grace_s is None else grace_s
         clean = True
@@ -351,6 +368,18 @@ class Service:
                 clean = False
                 log.error("drain failed: %r", exc, extra={"action": "drain_failed"})
                 await self.pipeline.abort()
+        if self._submitter is not None:
+            # Whatever was not committed by now never will be by this process: say so.
+            left = self._submitter.fail_pending(
+                errors.ShuttingDown("ingestd stopped before the event was committed")
+            )
+            if left:
+                clean = False
+                log.error(
+                    "%d in-process events were not committed before the stop",
+                    left,
+                    extra={"action": "submit_abandoned"},
+                )
         if self.stream is not None:
             # Bounded: with Redis hung the last XACKs are given up (the entries are redelivered
             # and land once) rather than holding up the exit.

@@ -15,7 +15,7 @@ import collections
 import logging
 import random
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
 from ingestd import errors, failpoints
@@ -61,11 +61,28 @@ class Pipeline:
         self._loop_task: asyncio.Task[None] | None = None
         self._closing = False
         self._rng = rng or random.Random()  # noqa: S311 - jitter, not security
+        self._on_failure: list[Callable[[BaseException], None]] = []
 
     def start(self) -> None:
         """Start the batching loop."""
         if self._loop_task is None:
             self._loop_task = asyncio.create_task(self._run(), name="ingestd-batcher")
+            self._loop_task.add_done_callback(self._loop_ended)
+
+    def on_failure(self, callback: Callable[[BaseException], None]) -> None:
+        """Call ``callback`` if the batching loop dies: its waiters must not wait forever."""
+        self._on_failure.append(callback)
+
+    def _loop_ended(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled() or task.exception() is None:
+            return
+        exc = task.exception()
+        assert exc is not None
+        log.critical(
+            "the batching loop died: %s: %s", type(exc).__name__, exc, extra={"action": "crash"}
+        )
+        for callback in self._on_failure:
+            callback(exc)
 
     @property
     def failing(self) -> bool:
@@ -99,7 +116,17 @@ class Pipeline:
         if self._loop_task is not None:
             await self._loop_task
         while self._writers:
-            await asyncio.gather(*list(self._writers), return_exceptions=True)
+            results = await asyncio.gather(*list(self._writers), return_exceptions=True)
+            for result in results:
+                if isinstance(result, BaseException) and not isinstance(
+                    result, asyncio.CancelledError
+                ):
+                    log.error(
+                        "a writer failed while draining: %s: %s",
+                        type(result).__name__,
+                        result,
+                        extra={"action": "writer_failed"},
+                    )
 
     async def abort(self) -> None:
         """Cancel everything now; uncommitted work is simply not acknowledged."""

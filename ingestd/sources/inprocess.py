@@ -60,6 +60,23 @@ class InProcessSource:
         self._spool = spool
         self._spill_after_s = spill_after_s
         self._spool_failing = False
+        # Every caller's future until it is resolved: if the pipeline dies or is aborted they
+        # are failed, rather than left waiting forever (a background failure fails its waiters).
+        self._waiting: set[asyncio.Future[Outcome]] = set()
+        pipeline.on_failure(self._pipeline_failed)
+
+    def _pipeline_failed(self, exc: BaseException) -> None:
+        self.fail_pending(errors.SinkUnavailable(f"ingestd's batching loop failed: {exc}"))
+
+    def fail_pending(self, exc: Exception) -> int:
+        """Fail every caller still waiting (after an abort or a crash); how many there were."""
+        failed = 0
+        for fut in list(self._waiting):
+            if not fut.done():
+                fut.set_exception(exc)
+                failed += 1
+        self._waiting.clear()
+        return failed
 
     def dead_letter_key(self, token: Any) -> str | None:
         """In-process events are never redelivered by a broker: no key needed."""
@@ -79,8 +96,11 @@ class InProcessSource:
         now = time.monotonic()
         items: list[Item] = []
         rejected: dict[int, errors.InvalidEvent] = {}
+        waiting = self._waiting
         for event in batch:
             fut: asyncio.Future[Outcome] = loop.create_future()
+            waiting.add(fut)
+            fut.add_done_callback(waiting.discard)
             raw = event if isinstance(event, bytes | str) else None
             try:
                 parsed = (

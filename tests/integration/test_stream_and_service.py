@@ -14,7 +14,7 @@ import pytest
 import redis
 
 from ingestd import Outcome, Service
-from ingestd.errors import InvalidEvent
+from ingestd.errors import InvalidEvent, SchemaBehind, ShuttingDown
 from ingestd.events import utc_iso
 from ingestd.settings import Settings
 
@@ -182,3 +182,45 @@ async def test_backpressure_bounds_the_queue(settings: Settings, db: asyncpg.Con
         await lock.close()
         await asyncio.gather(*tasks)
     assert await db.fetchval("SELECT count(*) FROM fx_rates") == 1000
+
+
+async def test_submit_callers_are_failed_not_left_waiting_when_the_drain_times_out(
+    settings: Settings,
+) -> None:
+    # The database refuses to take the batch in time (a table lock), and the grace period
+    # ends: the callers hear ShuttingDown instead of waiting forever.
+    service = Service(settings.replace(**{"pipeline.flush_timeout_s": 1.0}), stream_intake=False)
+    await service.start()
+    locker = await asyncpg.connect(settings.storage.postgres.dsn)
+    try:
+        tx = locker.transaction()
+        await tx.start()
+        await locker.execute("LOCK TABLE fx_rates IN ACCESS EXCLUSIVE MODE")
+        waiting = asyncio.create_task(service.submit(fx(900)))
+        await asyncio.sleep(0.5)
+        assert not waiting.done()
+        assert await service.stop(grace_s=1.0) is False
+        with pytest.raises(ShuttingDown):
+            await asyncio.wait_for(waiting, timeout=5)
+        await tx.rollback()
+    finally:
+        await locker.close()
+
+
+async def test_a_failed_start_releases_its_connections(settings: Settings, pg_server: Any) -> None:
+    admin = await asyncpg.connect(pg_server.admin_dsn)
+    name = f"ingestd_test_behind_{id(settings) % 100000}"
+    await admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+    await admin.execute(f"CREATE DATABASE {name}")
+    try:
+        dsn = settings.storage.postgres.dsn.rsplit("/", 1)[0] + f"/{name}"
+        service = Service(settings.replace(**{"storage.postgres.dsn": dsn}))
+        with pytest.raises(SchemaBehind, match="ingestd migrate"):
+            await service.start()
+        left = await admin.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = $1", name
+        )
+        assert left == 0  # the pool was closed although __aexit__ never ran
+    finally:
+        await admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        await admin.close()
