@@ -24,30 +24,52 @@ from ingestd.events import Event, utc_iso
 
 log = logging.getLogger("ingestd.sinks.mirror")
 
-VERSIONS_KEY: Final = "ingestd:mirror:versions"
+# Each mirror key's version (event time in microseconds; for open counts the id of the
+# transaction that counted) lives in a key of its own beside it, with the same TTL: when a value
+# expires its version goes with it, so an event dated in the future (a skewed clock) holds a key
+# for one TTL at most instead of locking it for good.
+VERSION_KEY_PREFIX: Final = "ingestd:mirror:version:"
 
-# KEYS[1] = versions hash; KEYS[2..] = mirror keys. ARGV = value, ttl_ms, version per mirror key.
+# KEYS = version key, mirror key, for each write; ARGV = value, ttl_ms, version for each write.
 # ">=" so that rewriting the same event refreshes its TTL (catch-up, duplicate delivery).
 _SET_IF_NEWER: Final = """
 local written = 0
-for i = 2, #KEYS do
-    local j = (i - 2) * 3
+for i = 1, #KEYS, 2 do
+    local j = (i - 1) / 2 * 3
     local version = tonumber(ARGV[j + 3])
-    local current = redis.call('HGET', KEYS[1], KEYS[i])
-    -- A key never written has no version: any event time (also before 1970) is newer.
+    local current = redis.call('GET', KEYS[i])
+    -- A key never written (or expired) has no version: any event time is newer.
     if (not current) or version >= tonumber(current) then
         local ttl = tonumber(ARGV[j + 2])
         if ttl > 0 then
-            redis.call('SET', KEYS[i], ARGV[j + 1], 'PX', ttl)
+            redis.call('SET', KEYS[i + 1], ARGV[j + 1], 'PX', ttl)
+            redis.call('SET', KEYS[i], ARGV[j + 3], 'PX', ttl)
         else
-            redis.call('SET', KEYS[i], ARGV[j + 1])
+            redis.call('SET', KEYS[i + 1], ARGV[j + 1])
+            redis.call('SET', KEYS[i], ARGV[j + 3])
         end
-        redis.call('HSET', KEYS[1], KEYS[i], ARGV[j + 3])
         written = written + 1
     end
 end
 return written
 """
+
+
+def version_key(prefix: str, key: str) -> str:
+    """The key holding the version of mirror key ``key`` (which already carries ``prefix``)."""
+    return prefix + VERSION_KEY_PREFIX + key[len(prefix) :]
+
+
+def script_call(
+    prefix: str, writes: Iterable[tuple[str, str, int, int]]
+) -> tuple[list[str], list[str | int]]:
+    """KEYS and ARGV of the set-if-newer script for (key, value, ttl_ms, version) writes."""
+    keys: list[str] = []
+    args: list[str | int] = []
+    for key, value, ttl_ms, version in writes:
+        keys.extend((version_key(prefix, key), key))
+        args.extend((value, ttl_ms, version))
+    return keys, args
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -180,11 +202,9 @@ class RedisMirror:
             return True
         pending = self._pending
         self._pending = {}
-        keys: list[str] = [self.prefix + VERSIONS_KEY]
-        args: list[str | int] = []
-        for key, w in pending.items():
-            keys.append(key)
-            args.extend((w.value, w.ttl_ms, w.version))
+        keys, args = script_call(
+            self.prefix, ((key, w.value, w.ttl_ms, w.version) for key, w in pending.items())
+        )
         try:
             await self._script(keys=keys, args=args)
         except (redis.exceptions.RedisError, OSError) as exc:
@@ -209,5 +229,5 @@ class RedisMirror:
 
     async def read_versions(self, names: Sequence[str]) -> list[int | None]:
         """Versions stored for mirror keys (for tests and diagnostics)."""
-        raw = await self._client.hmget(self.prefix + VERSIONS_KEY, [self.prefix + n for n in names])
+        raw = await self._client.mget([version_key(self.prefix, self.prefix + n) for n in names])
         return [None if r is None else int(r) for r in raw]

@@ -5,9 +5,9 @@
     rate = redis_cache.get_fx_rate("USDKRW")            # Decimal("1350.0")
 
 Keys, values and TTLs are exactly those ingestd's mirror writes, and the writes go through the
-mirror's own Lua script and versions hash (``ingestd:mirror:versions``): the version is the value's
-event time (the producer's ``timestamp``, else now), so a direct write and ingestd's mirror never
-fight and the newest value by event time wins whoever writes it. ``AsyncRedisCacheStorage`` is the
+mirror's own Lua script and version keys (``ingestd:mirror:version:<key>``, with the value's
+TTL): the version is the value's event time (the producer's ``timestamp``, else now), so a direct
+write and ingestd's mirror never fight and the newest value by event time wins whoever writes it. ``AsyncRedisCacheStorage`` is the
 asyncio twin; both share ``CacheKeys``, which holds all key, encoding and validation logic.
 """
 
@@ -31,7 +31,7 @@ from ingestd import events, tables
 from ingestd.app import create_redis
 from ingestd.errors import InvalidEvent
 from ingestd.settings import RedisSettings, Settings, build_section
-from ingestd.sinks.mirror import SET_IF_NEWER, VERSIONS_KEY, spread_snapshot, version_micros
+from ingestd.sinks.mirror import SET_IF_NEWER, script_call, spread_snapshot, version_micros
 from ingestd.storage.models import SpreadOpportunity, wire_value
 
 D = decimal.Decimal
@@ -103,7 +103,6 @@ class CacheKeys:
         health_ttl_s: float = DEFAULT_HEALTH_TTL_S,
     ) -> None:
         self.prefix = prefix
-        self.versions_key = prefix + VERSIONS_KEY
         self.fx_ttl_s = fx_ttl_s
         self.spread_ttl_s = spread_ttl_s
         self.health_ttl_s = health_ttl_s
@@ -219,7 +218,7 @@ class CacheKeys:
 
     def script_call(self, write: CacheWrite) -> tuple[list[str], list[str | int]]:
         """KEYS and ARGV of the mirror's set-if-newer script for one write."""
-        return [self.versions_key, write.key], [write.value, write.ttl_ms, write.version]
+        return script_call(self.prefix, [(write.key, write.value, write.ttl_ms, write.version)])
 
     # --- reads --------------------------------------------------------------------------------
 

@@ -21,7 +21,7 @@ from ingestd.app import create_redis
 from ingestd.batching import BatchOutcome, Item
 from ingestd.db import create_pool
 from ingestd.settings import load_settings
-from ingestd.sinks.mirror import VERSIONS_KEY, RedisMirror
+from ingestd.sinks.mirror import VERSION_KEY_PREFIX, RedisMirror
 from ingestd.sinks.postgres import PostgresSink, fetch_all_open_counts
 
 pytestmark = pytest.mark.redis
@@ -301,8 +301,8 @@ async def test_key_prefix_applies_to_every_key(redis_url: str, client: aioredis.
             "health:collector",
             "health:ingestd",
             "positions:BTC:open_count",
-            VERSIONS_KEY,
         )
+        for k in (k, VERSION_KEY_PREFIX + k)  # each key and, beside it, its version
     )
     assert a.key("fx:usdkrw") == "replA:fx:usdkrw"
     # Another prefix is another namespace: its versions do not block it.
@@ -492,3 +492,20 @@ async def test_event_time_before_1970_is_mirrored(
     mirror.stage_events([ev], BatchOutcome())
     assert await mirror.flush()
     assert await get(client, "health:collector") == "1969-12-31T23:59:59.000000Z"
+
+
+async def test_an_event_dated_in_the_future_holds_its_key_for_one_ttl_only(
+    client: aioredis.Redis,
+) -> None:
+    mirror = RedisMirror(client, spread_ttl_s=0.3)
+    mirror.stage_events([item(spread("future", "2099-01-01T00:00:00Z"))], BatchOutcome())
+    assert await mirror.flush()
+    mirror.stage_events([item(spread("now", "2026-12-01T00:00:00Z"))], BatchOutcome())
+    assert await mirror.flush()
+    snap = orjson.loads(await get(client, "spreads:BTC:last") or "{}")
+    assert snap["event_id"] == "future"  # newest by event time, while it lives
+    await asyncio.sleep(0.5)  # its TTL passes: the value and its version expire together
+    mirror.stage_events([item(spread("later", "2026-12-01T00:00:01Z"))], BatchOutcome())
+    assert await mirror.flush()
+    snap = orjson.loads(await get(client, "spreads:BTC:last") or "{}")
+    assert snap["event_id"] == "later"

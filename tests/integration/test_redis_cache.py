@@ -18,7 +18,7 @@ from ingestd.batching import BatchOutcome, Item
 from ingestd.errors import ConfigError, InvalidEvent
 from ingestd.health import check_health
 from ingestd.settings import Settings, load_settings
-from ingestd.sinks.mirror import VERSIONS_KEY, RedisMirror
+from ingestd.sinks.mirror import VERSION_KEY_PREFIX, RedisMirror
 from ingestd.storage import AsyncRedisCacheStorage, RedisCacheStorage
 from tests.samples import at, spread
 
@@ -85,10 +85,10 @@ async def test_full_snapshot_is_byte_for_byte_what_ingestds_mirror_writes(
     finally:
         await client.aclose()
     by_mirror = rclient.get("spreads:BTC:last")
-    rclient.delete("spreads:BTC:last", VERSIONS_KEY)
+    rclient.delete("spreads:BTC:last", VERSION_KEY_PREFIX + "spreads:BTC:last")
     assert cache.set_spread_snapshot("BTC", event)
     assert rclient.get("spreads:BTC:last") == by_mirror
-    rclient.delete("spreads:BTC:last", VERSIONS_KEY)
+    rclient.delete("spreads:BTC:last", VERSION_KEY_PREFIX + "spreads:BTC:last")
     assert cache.set_spread_snapshot("BTC", spread(3))  # the model itself: same, without the id
     from_model = orjson.loads(rclient.get("spreads:BTC:last") or b"")
     assert from_model == {**orjson.loads(by_mirror or b""), "event_id": None, "producer": None}
@@ -128,7 +128,8 @@ def test_key_prefix_and_config_typos(redis_url: str, rclient: redis.Redis) -> No
     with RedisCacheStorage({"url": redis_url, "key_prefix": "arb:"}) as cache:
         cache.set_fx_rate("EURKRW", D("1500.25"))
         assert rclient.get("arb:fx:eurkrw") == b"1500.25"
-        assert rclient.hexists(f"arb:{VERSIONS_KEY}", "arb:fx:eurkrw")
+        assert rclient.exists(f"arb:{VERSION_KEY_PREFIX}fx:eurkrw")
+        assert 0 < rclient.pttl(f"arb:{VERSION_KEY_PREFIX}fx:eurkrw") <= 3000  # the value's TTL
     with pytest.raises(ConfigError, match=r"storage\.redis\.urll"):
         RedisCacheStorage({"urll": redis_url})
 
