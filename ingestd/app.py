@@ -27,7 +27,7 @@ import redis.exceptions
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 
-from ingestd import errors, failpoints, migrations, probes
+from ingestd import errors, failpoints, keys, migrations, probes
 from ingestd.db import create_pool
 from ingestd.endpoints import OpsServer
 from ingestd.maintenance import Maintenance
@@ -298,7 +298,13 @@ class Service:
         assert self.mirror is not None
         while True:
             if self.healthy():
-                self.mirror.stage_heartbeat("ingestd", dt.datetime.now(dt.UTC))
+                now = dt.datetime.now(dt.UTC)
+                # health:ingestd (DESIGN §5: any replica alive) and this replica's own, which
+                # its container's health check reads.
+                self.mirror.stage_heartbeat(keys.INGESTD_COMPONENT, now)
+                self.mirror.stage_heartbeat(
+                    keys.replica_component(self.settings.consumer_name), now
+                )
             await self.mirror.flush()
             await asyncio.sleep(self.settings.mirror.heartbeat_interval_s)
 

@@ -72,6 +72,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="also require this component's heartbeat (collector, paper, live)",
     )
     p.add_argument("--max-age", type=float, default=10.0, help="seconds (default 10)")
+    p.add_argument(
+        "--consumer",
+        help="the replica whose heartbeat to check (default: $INGESTD_CONSUMER or the host name)",
+    )
+    p.add_argument(
+        "--any-replica",
+        action="store_true",
+        help="accept the heartbeat of any replica (health:ingestd) instead of this one's",
+    )
 
     p = sub.add_parser("simulate", help="publish a realistic collector/paper feed to the stream")
     _common(p)
@@ -283,9 +292,17 @@ async def _cmd_roles(settings: Settings, args: argparse.Namespace) -> int:
 
 
 async def _cmd_health(settings: Settings, args: argparse.Namespace) -> int:
+    from ingestd import keys
     from ingestd.health import check_health
 
-    ok, message = await check_health(settings, ["ingestd", *args.component], args.max_age)
+    # A container checks its own replica: health:ingestd is refreshed by every replica, so it
+    # would stay fresh while this one is stuck.
+    own = (
+        keys.INGESTD_COMPONENT
+        if args.any_replica
+        else keys.replica_component(settings.consumer_name)
+    )
+    ok, message = await check_health(settings, [own, *args.component], args.max_age)
     print(message, file=sys.stdout if ok else sys.stderr)
     return 0 if ok else 1
 

@@ -19,7 +19,7 @@ from typing import Any, Final
 
 import msgspec
 
-from ingestd import tables
+from ingestd import keys, tables
 from ingestd.errors import InvalidEvent
 
 log = logging.getLogger("ingestd.events")
@@ -516,6 +516,10 @@ def parse_event(obj: object, *, default_event_id: str | None = None) -> Event:
             if key not in allowed:
                 raise InvalidEvent(f"unknown field for a {etype} event", field=str(key)[:60])
     values, moment = validator.fields(obj.get)
+    if etype == "heartbeat" and keys.is_reserved_component(str(values["component"])):
+        raise InvalidEvent(
+            "is reserved: ingestd writes its own heartbeats (health:ingestd)", field="component"
+        )
     return Event(etype, event_id, producer, moment, values, validator.spec.table)
 
 

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 
 import redis.exceptions
 
+from ingestd import keys
 from ingestd.app import create_redis
 from ingestd.settings import Settings, redact
 
@@ -31,9 +32,9 @@ async def check_health(
     client = create_redis(settings.storage.redis.url, socket_timeout_s=2.0)
     prefix = settings.storage.redis.key_prefix
     try:
-        values = await client.mget([f"{prefix}health:{c}" for c in components])
+        values = await client.mget([prefix + keys.health(c) for c in components])
     except (redis.exceptions.RedisError, OSError) as exc:
-        return False, f"unhealthy: cannot read Redis at {redact(settings.storage.redis.url)}: {exc}"
+        return False, redact(f"unhealthy: cannot read Redis at {settings.storage.redis.url}: {exc}")
     finally:
         await client.aclose()
     now = dt.datetime.now(dt.UTC)

@@ -19,6 +19,7 @@ import orjson
 import redis.asyncio as aioredis
 import redis.exceptions
 
+from ingestd import keys
 from ingestd.batching import BatchOutcome, Item
 from ingestd.events import Event, utc_iso
 
@@ -149,11 +150,11 @@ class RedisMirror:
                 continue
             etype = ev.type
             if etype == "spread":
-                key = f"spreads:{ev.values['symbol']}:last"
+                key = keys.spread(str(ev.values["symbol"]))
             elif etype == "fx_rate":
-                key = f"fx:{str(ev.values['pair']).lower()}"
+                key = keys.fx(str(ev.values["pair"]))
             elif etype == "heartbeat":
-                key = f"health:{ev.values['component']}"
+                key = keys.health(str(ev.values["component"]))
             else:
                 continue
             current = newest.get(key)
@@ -172,18 +173,16 @@ class RedisMirror:
                 self._stage(key, utc_iso(ev.time), self._health_ttl_ms, version)
         if outcome.open_counts_version is not None:
             for symbol, n in outcome.open_counts.items():
-                self._stage(
-                    f"positions:{symbol}:open_count", str(n), 0, outcome.open_counts_version
-                )
+                self._stage(keys.open_count(symbol), str(n), 0, outcome.open_counts_version)
 
     def stage_open_counts(self, counts: dict[str, int], version: int) -> None:
         """Stage a full reconciliation of open counts read from the database."""
         for symbol, n in counts.items():
-            self._stage(f"positions:{symbol}:open_count", str(n), 0, version)
+            self._stage(keys.open_count(symbol), str(n), 0, version)
 
     def stage_heartbeat(self, component: str, moment: dt.datetime) -> None:
         """Stage ``health:{component}`` (ingestd's own heartbeat uses the time it writes it)."""
-        self._stage(f"health:{component}", utc_iso(moment), self._health_ttl_ms, _micros(moment))
+        self._stage(keys.health(component), utc_iso(moment), self._health_ttl_ms, _micros(moment))
 
     def _stage(self, name: str, value: str, ttl_ms: int, version: int) -> None:
         key = self.prefix + name

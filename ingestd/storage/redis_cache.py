@@ -7,8 +7,9 @@
 Keys, values and TTLs are exactly those ingestd's mirror writes, and the writes go through the
 mirror's own Lua script and version keys (``ingestd:mirror:version:<key>``, with the value's
 TTL): the version is the value's event time (the producer's ``timestamp``, else now), so a direct
-write and ingestd's mirror never fight and the newest value by event time wins whoever writes it. ``AsyncRedisCacheStorage`` is the
-asyncio twin; both share ``CacheKeys``, which holds all key, encoding and validation logic.
+write and ingestd's mirror never fight and the newest value by event time wins whoever writes
+it. ``AsyncRedisCacheStorage`` is the asyncio twin; both share ``CacheKeys``, which holds all
+key, encoding and validation logic.
 """
 
 from __future__ import annotations

@@ -281,10 +281,13 @@ async def test_health_command_follows_the_heartbeat(
     daemon.signal(signal.SIGTERM)
     assert daemon.wait(timeout=30) == 0
     stale = utc_iso(dt.datetime.now(dt.UTC) - dt.timedelta(seconds=60))
-    rclient.set("health:ingestd", stale, ex=10)
+    rclient.set("health:ingestd:e2e-1", stale, ex=10)  # this replica's own heartbeat
+    rclient.set("health:ingestd", utc_iso(dt.datetime.now(dt.UTC)), ex=10)  # another's
     old = run_cli(settings, "health")
     assert old.returncode == 1
     assert "last heartbeat 60" in old.stderr
+    # Another replica's fresh heartbeat does not make this one healthy, unless asked.
+    assert run_cli(settings, "health", "--any-replica").returncode == 0
 
 
 async def test_sigterm_drains_and_exits_zero(

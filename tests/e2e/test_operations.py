@@ -214,7 +214,12 @@ async def test_least_privilege_deployment_over_tls_ingests_a_mixed_feed(
         await publisher.aclose()
         await raw_producer.aclose()
 
-    health_env = {**clean_env(), "REDIS_URL": ingestd_url(compose_redis)}
+    # As the container's HEALTHCHECK: the same consumer name as the daemon (start_daemon's).
+    health_env = {
+        **clean_env(),
+        "REDIS_URL": ingestd_url(compose_redis),
+        "INGESTD_CONSUMER": "e2e-1",
+    }
     health = cli(health_env, "health")
     assert health.returncode == 0, health.stderr
     owner = await asyncpg.connect(cluster.admin_dsn(name))

@@ -118,6 +118,7 @@ def run_health(
     """The real command, as the container HEALTHCHECK runs it."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("INGESTD_")}
     env["REDIS_URL"] = settings.storage.redis.url
+    env["INGESTD_CONSUMER"] = "desk1-a"  # the replica whose container runs the check
     if config is not None:
         env["INGESTD_CONFIG"] = str(config)
     return subprocess.run(
@@ -137,8 +138,11 @@ def test_health_command_exit_codes(
     config.write_text('storage:\n  redis:\n    key_prefix: "desk1:"\n', encoding="utf-8")
     missing = run_health(settings, config=config)
     assert missing.returncode == 1
-    assert missing.stderr == "unhealthy: ingestd: no heartbeat\n"
-    beat(rclient, "ingestd", 1, prefix="desk1:")
+    assert missing.stderr == "unhealthy: ingestd:desk1-a: no heartbeat\n"
+    beat(rclient, "ingestd", 1, prefix="desk1:")  # some other replica is alive...
+    assert run_health(settings, config=config).returncode == 1  # ...which is not this one
+    assert run_health(settings, "--any-replica", config=config).returncode == 0
+    beat(rclient, "ingestd:desk1-a", 1, prefix="desk1:")
     beat(rclient, "collector", 25, prefix="desk1:")
     fresh = run_health(settings, config=config)
     assert fresh.returncode == 0, fresh.stderr

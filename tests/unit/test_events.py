@@ -1077,3 +1077,10 @@ def test_a_bug_in_validation_becomes_a_dead_letter_reason_not_a_crash(
         events.decode_event(b'{"type": "heartbeat"}', max_bytes=1000)
     with pytest.raises(InvalidEvent, match="internal error"):
         events.normalize({"type": "heartbeat"})
+
+
+@pytest.mark.parametrize("component", ["ingestd", "ingestd:replica-1"])
+def test_producers_cannot_send_ingestds_own_heartbeat(component: str) -> None:
+    err = reject_obj(with_("heartbeat", component=component))
+    assert err.field == "component" and "reserved" in err.reason
+    assert decode(with_("heartbeat", component="ingestd-like")).values["component"]
