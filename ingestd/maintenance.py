@@ -8,7 +8,7 @@ Four tasks, each on its own interval (``maintenance:`` settings):
   transaction per batch (``ingestd_delete_expired``);
 - ``refresh_aggregates``: refreshes the aggregates that are plain materialized views
   (``daily_pnl_summary`` on both flavours, ``hourly_spread_avg`` on plain PostgreSQL;
-  ``ingestd_refresh_aggregates``); the continuous aggregate is refreshed by its own policy;
+  ``ingestd_refresh_aggregate``); the continuous aggregate is refreshed by its own policy;
 - ``metrics_keys``: writes ``metrics:daily_pnl:{YYYY-MM-DD}`` and
   ``metrics:hourly_spread:{YYYY-MM-DD-HH}`` (DESIGN §5) from the two aggregates, TTL 1 day.
 
@@ -52,6 +52,9 @@ TASKS: Final = (TASK_POLICIES, TASK_RETENTION, TASK_REFRESH, TASK_METRICS)
 # "ingestd maintenance" in the advisory-lock space, one key per task (migrations use 0x1D6E57D).
 _LOCK_BASE: Final = 0x1D6E600
 _LOCK_IDS: Final = {task: _LOCK_BASE + i for i, task in enumerate(TASKS)}
+
+# Refreshed in this order, each in its own transaction (migration 0005).
+AGGREGATE_VIEWS: Final = ("daily_pnl_summary", "hourly_spread_avg")
 
 METRICS_TTL_S: Final = 86_400  # DESIGN §5: 1 day
 DAILY_PNL_KEY: Final = "metrics:daily_pnl:{day}"
@@ -372,13 +375,26 @@ class Maintenance:
         return RoundResult(TASK_RETENTION, ran=True, detail=detail)
 
     async def refresh_aggregates(self, force: bool = False) -> RoundResult:
-        """Refresh the aggregates that are plain materialized views (CONCURRENTLY)."""
+        """Refresh the aggregates that are plain materialized views (CONCURRENTLY).
+
+        Each view in a transaction of its own, daily_pnl_summary first: a slow recompute of
+        hourly_spread_avg (plain PostgreSQL) must not roll back the daily refresh with it.
+        """
         timeout = self.settings.statement_timeout_s
-        async with self._pool.acquire(timeout=self._acquire_timeout_s) as conn, conn.transaction():
-            if not await self._claim(conn, TASK_REFRESH, self.settings.refresh_interval_s, force):
-                return RoundResult(TASK_REFRESH, ran=False)
-            await self._set_timeout(conn)
-            refreshed = await conn.fetchval("SELECT ingestd_refresh_aggregates()", timeout=timeout)
+        async with self._pool.acquire(timeout=self._acquire_timeout_s) as conn:
+            async with conn.transaction():
+                if not await self._claim(
+                    conn, TASK_REFRESH, self.settings.refresh_interval_s, force
+                ):
+                    return RoundResult(TASK_REFRESH, ran=False)
+            refreshed: list[str] = []
+            for view in AGGREGATE_VIEWS:
+                async with conn.transaction():
+                    await self._set_timeout(conn)
+                    if await conn.fetchval(
+                        "SELECT ingestd_refresh_aggregate($1)", view, timeout=timeout
+                    ):
+                        refreshed.append(view)
             detail = "refreshed " + ", ".join(refreshed) if refreshed else "nothing to refresh"
             await conn.execute(_SQL_SUCCEEDED, TASK_REFRESH, detail)
         return RoundResult(TASK_REFRESH, ran=True, detail=detail)

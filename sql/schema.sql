@@ -549,3 +549,43 @@ CREATE TABLE csv_import_checkpoints (
     tail_sha256 CHAR(64) NOT NULL,
     updated_at TIMESTAMPTZ NOT NULL DEFAULT CURRENT_TIMESTAMP
 );
+
+-- ================================================================================================
+-- One aggregate refreshed per call (migration 0005)
+-- ================================================================================================
+
+-- Each view in a transaction of its own, daily first: the full recompute of hourly_spread_avg on
+-- plain PostgreSQL must not take the daily_pnl_summary refresh down with it.
+CREATE OR REPLACE FUNCTION ingestd_refresh_aggregate(view_name TEXT) RETURNS BOOLEAN
+LANGUAGE plpgsql SECURITY DEFINER
+AS $fn$
+DECLARE
+    populated BOOLEAN;
+BEGIN
+    -- Identifiers only from this list: the argument is never pasted into SQL unchecked.
+    IF view_name NOT IN ('daily_pnl_summary', 'hourly_spread_avg') THEN
+        RAISE EXCEPTION 'ingestd_refresh_aggregate: % is not one of ingestd''s aggregates',
+            view_name USING ERRCODE = '22023';
+    END IF;
+    SELECT c.relispopulated INTO populated
+    FROM pg_class c
+    WHERE c.oid = to_regclass(view_name) AND c.relkind = 'm';
+    IF populated IS NULL THEN
+        RETURN FALSE;  -- not a plain materialized view (a continuous aggregate refreshes itself)
+    END IF;
+    IF populated THEN
+        EXECUTE format('REFRESH MATERIALIZED VIEW CONCURRENTLY %I', view_name);
+    ELSE
+        EXECUTE format('REFRESH MATERIALIZED VIEW %I', view_name);  -- CONCURRENTLY needs data
+    END IF;
+    RETURN TRUE;
+END
+$fn$;
+
+DO $$
+BEGIN
+    EXECUTE format('ALTER FUNCTION ingestd_refresh_aggregate(text) '
+                   'SET search_path = pg_catalog, %I, pg_temp', current_schema());
+    REVOKE ALL ON FUNCTION ingestd_refresh_aggregate(text) FROM PUBLIC;
+END
+$$;

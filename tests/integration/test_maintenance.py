@@ -36,6 +36,7 @@ pytestmark = [pytest.mark.pg, pytest.mark.redis]
 UTC = dt.UTC
 FUNCTIONS = (
     "ingestd_refresh_aggregates()",
+    "ingestd_refresh_aggregate(text)",
     "ingestd_delete_expired(text, interval, integer)",
     "ingestd_set_retention(text, interval)",
 )
@@ -443,3 +444,32 @@ async def test_redelivery_into_a_compressed_chunk_is_deduplicated_and_late_data_
     )
     assert again.inserted == {"spreads": 0} and again.duplicates == 1
     assert await conn.fetchval("SELECT count(*) FROM spreads WHERE event_id = 'late-1'") == 1
+
+
+async def test_refresh_one_aggregate_refuses_any_other_name(db: asyncpg.Connection) -> None:
+    assert await db.fetchval("SELECT ingestd_refresh_aggregate('daily_pnl_summary')") is True
+    with pytest.raises(asyncpg.InvalidParameterValueError, match="not one of ingestd"):
+        await db.fetchval("SELECT ingestd_refresh_aggregate('positions; DROP TABLE spreads')")
+
+
+@PLAIN_ONLY
+async def test_a_stuck_hourly_refresh_does_not_roll_back_the_daily_one(
+    dsn: str, conn: asyncpg.Connection, pool: asyncpg.Pool, aredis: Any
+) -> None:
+    await PostgresSink(pool).write(
+        closed_position("p1", "BTC", "5.00", "0.0100", iso(dt.datetime.now(UTC)))
+    )
+    m = Maintenance(
+        pool,
+        aredis,
+        settings=MaintenanceSettings(statement_timeout_s=1.0),
+        retention=RetentionSettings(),
+    )
+    # spreads is locked: hourly_spread_avg cannot be recomputed and its refresh times out.
+    async with conn.transaction():
+        await conn.execute("LOCK TABLE spreads IN ACCESS EXCLUSIVE MODE")
+        assert await m.run_task(TASK_REFRESH, force=True) is None  # the round failed...
+    row = await task_row(conn, TASK_REFRESH)
+    assert row["last_status"] == "failed"
+    # ...but the daily summary, refreshed first in a transaction of its own, is there.
+    assert await conn.fetchval("SELECT sum(trade_count) FROM daily_pnl_summary") == 1

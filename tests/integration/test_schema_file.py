@@ -212,7 +212,9 @@ async def test_migrations_and_schema_file_build_the_same_database(
     assert relations["daily_pnl_summary"] == "m"
     assert relations["hourly_spread_avg"] == ("v" if kind == "timescale" else "m")
     assert any("timezone=utc" in str(r[0]).lower() for r in a["database_settings"])
-    assert len([f for f in a["functions"] if str(f[0]).startswith("ingestd_")]) == 3
+    assert (
+        len([f for f in a["functions"] if str(f[0]).startswith("ingestd_")]) == 4
+    )  # 0003: refresh all, delete expired, set retention; 0005: refresh one
     if kind == "timescale":
         assert len(a["hypertables"]) == 4 and len(a["jobs"]) == 6
 
