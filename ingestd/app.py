@@ -47,6 +47,8 @@ log = logging.getLogger("ingestd.app")
 
 # How long the final XACKs after the drain may take before they are left to redelivery.
 FINAL_ACK_TIMEOUT_S: Final = 5.0
+# How long the spool may take to finish its last append and close.
+SPOOL_CLOSE_TIMEOUT_S: Final = 5.0
 
 
 def create_redis(url: str, *, socket_timeout_s: float) -> aioredis.Redis:
@@ -392,10 +394,16 @@ class Service:
             with contextlib.suppress(redis.exceptions.RedisError, OSError, TimeoutError):
                 async with asyncio.timeout(FINAL_ACK_TIMEOUT_S):
                     await self.stream.finish()
-        for task in self._tasks:
-            await cancel_quietly(task)
+        # Together, not one after the other: each may take its whole deadline.
+        await asyncio.gather(*(cancel_quietly(task) for task in self._tasks))
         if self.spool is not None:
-            await self.spool.close()
+            try:
+                async with asyncio.timeout(SPOOL_CLOSE_TIMEOUT_S):
+                    await self.spool.close()
+            except TimeoutError:
+                # A hung disk: what was fsync'd stays for the next start; the rest was never
+                # acknowledged (its callers are still waiting in memory or were failed above).
+                log.error("the spool did not close in time", extra={"action": "spool_stuck"})
         if self.mirror is not None:
             await self.mirror.flush()
         if self.ops is not None:

@@ -11,9 +11,9 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import decimal
+import hashlib
 import logging
 import re
-import uuid
 from collections.abc import Callable, Mapping
 from typing import Any, Final
 
@@ -500,7 +500,7 @@ def parse_event(obj: object, *, default_event_id: str | None = None) -> Event:
         )
     event_id = obj.get("event_id")
     if event_id is None:
-        event_id = default_event_id if default_event_id is not None else f"local:{uuid.uuid4().hex}"
+        event_id = default_event_id  # None: derived from the content below
     elif not (
         type(event_id) is str and 0 < len(event_id) <= _EVENT_ID_LEN and "\x00" not in event_id
     ):
@@ -520,7 +520,21 @@ def parse_event(obj: object, *, default_event_id: str | None = None) -> Event:
         raise InvalidEvent(
             "is reserved: ingestd writes its own heartbeats (health:ingestd)", field="component"
         )
+    if event_id is None:
+        event_id = content_event_id(etype, producer, values)
     return Event(etype, event_id, producer, moment, values, validator.spec.table)
+
+
+def content_event_id(etype: str, producer: str | None, values: Mapping[str, str | None]) -> str:
+    """An id for an event that came without one and without a stream entry: its content.
+
+    The same event submitted again (a producer's retry after its own timeout) gets the same id
+    and so lands once; a random id would make every retry a new row.
+    """
+    canon = "\x1f".join(
+        [etype, producer or "", *(f"{k}={'' if v is None else v}" for k, v in values.items())]
+    )
+    return "local:" + hashlib.sha256(canon.encode("utf-8", "surrogatepass")).hexdigest()[:40]
 
 
 def to_wire(ev: Event) -> dict[str, Any]:

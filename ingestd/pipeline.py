@@ -132,9 +132,7 @@ class Pipeline:
         """Cancel everything now; uncommitted work is simply not acknowledged."""
         self._closing = True
         tasks = [t for t in (self._loop_task, *self._writers) if t is not None]
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.gather(*(cancel_quietly(t) for t in tasks))
 
     async def _run(self) -> None:
         batcher = self._batcher
@@ -234,7 +232,13 @@ def count_by_type(items: Sequence[Item]) -> Mapping[str, int]:
     return collections.Counter(i.event.type if i.event else "invalid" for i in items)
 
 
-async def cancel_quietly(task: asyncio.Task[Any] | None, *, timeout_s: float = 5.0) -> None:
+# How long a cancelled background task may take to end before it is left behind.
+TASK_CANCEL_TIMEOUT_S = 5.0
+
+
+async def cancel_quietly(
+    task: asyncio.Task[Any] | None, *, timeout_s: float = TASK_CANCEL_TIMEOUT_S
+) -> None:
     """Cancel a background task and wait for it; an error it ends with is logged, not raised.
 
     Shutdown must go on whatever a task was doing: cancelled inside ``pool.acquire()``, asyncpg

@@ -18,6 +18,8 @@ import asyncpg
 import pytest
 
 from ingestd import Service, errors, load_settings, metrics
+from ingestd.app import FINAL_ACK_TIMEOUT_S, SPOOL_CLOSE_TIMEOUT_S
+from ingestd.pipeline import TASK_CANCEL_TIMEOUT_S
 from ingestd.roles import READER_GROUP, Login, apply_roles
 from ingestd.settings import Settings
 from tests.deploy_files import (
@@ -153,7 +155,10 @@ def test_stop_grace_period_outlasts_the_whole_shutdown() -> None:
     redis_attempts = 3  # app.create_redis: Retry(..., 2) = one try and two retries
     budget = (
         s.shutdown.grace_s  # stop intake + drain (Service.stop counts the stream's stop in it)
-        + s.storage.redis.socket_timeout_s * redis_attempts + 2  # final XACK, backoff capped
+        + TASK_CANCEL_TIMEOUT_S  # the pipeline's abort, when the drain ran out of time
+        + FINAL_ACK_TIMEOUT_S  # the final XACKs
+        + TASK_CANCEL_TIMEOUT_S  # background tasks, cancelled together
+        + SPOOL_CLOSE_TIMEOUT_S  # the spool's last append
         + s.storage.redis.mirror_socket_timeout_s * redis_attempts + 2  # final mirror flush
         + 2  # the operations endpoint's close
         + 5  # the pool's graceful close, then terminate()
