@@ -167,7 +167,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = _settings(args)
     except errors.ConfigError as exc:
-        print(f"ingestd: configuration error: {exc}", file=sys.stderr)
+        print(redact(f"ingestd: configuration error: {exc}"), file=sys.stderr)
         return 2
     logs.configure(settings.log_level, settings.log_format)
     handler = _COMMANDS[args.command]
@@ -207,7 +207,7 @@ async def _cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
         applied = await migrations.migrate(conn)
         timescale = await migrations.timescaledb_enabled(conn)
     except errors.IngestdError as exc:
-        print(f"ingestd migrate: {exc}", file=sys.stderr)
+        print(redact(f"ingestd migrate: {exc}"), file=sys.stderr)
         return 2
     finally:
         await conn.close()
@@ -275,7 +275,7 @@ async def _cmd_roles(settings: Settings, args: argparse.Namespace) -> int:
         ]
         conn = await _connect(dsn, create=False)
     except errors.ConfigError as exc:
-        print(f"ingestd roles: {exc}", file=sys.stderr)
+        print(redact(f"ingestd roles: {exc}"), file=sys.stderr)
         return 2
     except (OSError, asyncpg.PostgresError) as exc:
         print(redact(f"ingestd roles: cannot connect to {dsn}: {exc}"), file=sys.stderr)
@@ -369,7 +369,7 @@ async def _cmd_stats(settings: Settings, args: argparse.Namespace) -> int:
     try:
         conn = await asyncpg.connect(dsn, timeout=settings.storage.postgres.connect_timeout_s)
     except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
-        print(f"ingestd stats: cannot connect to {redact(dsn)}: {exc}", file=sys.stderr)
+        print(redact(f"ingestd stats: cannot connect to {dsn}: {exc}"), file=sys.stderr)
         return 2
     try:
         report = await collect_database(conn, exact=args.exact, top=args.top)
