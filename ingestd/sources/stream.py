@@ -80,17 +80,23 @@ class StreamSource:
     async def _flush_acks(self) -> None:
         if not self._unacked:
             return
-        ids = list(self._unacked)
+        # Taken before the first await: a writer and the read loop may both flush, and each id
+        # must be sent (and counted) by one of them only.
+        batch, self._unacked = self._unacked, set()
+        ids = list(batch)
+        acked = 0
         try:
             for start in range(0, len(ids), 1000):
                 chunk = ids[start : start + 1000]
-                await self._client.xack(self.key, self.group, *chunk)
+                acked += int(await self._client.xack(self.key, self.group, *chunk))
         except (redis.exceptions.RedisError, OSError) as exc:
+            # All of them again later (an id already acknowledged is acknowledged once).
+            self._unacked |= batch
+            self._pipeline.metrics.acks += acked
             log.warning("XACK failed, will retry: %s", exc, extra={"action": "ack_retry"})
             return
-        self._unacked.difference_update(ids)
         self._in_flight.difference_update(ids)
-        self._pipeline.metrics.acks += len(ids)
+        self._pipeline.metrics.acks += acked
 
     # --- reading -----------------------------------------------------------------------------
 
