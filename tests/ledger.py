@@ -82,3 +82,17 @@ async def assert_landed_exactly_once(conn: asyncpg.Connection, exp: Expected) ->
     assert pnl == exp.pnl_krw
     parked = await conn.fetchval("SELECT count(*) FROM position_closes_pending")
     assert parked == len(exp.positions_closed - exp.positions_open)
+
+
+async def wait_until_landed_exactly_once(dsn: str, exp: Expected, timeout: float = 120.0) -> None:
+    """Wait until every table holds what was sent, then judge: exactly once, no dead letters."""
+    from tests.feeds import wait_for_rows  # feeds imports the e2e helpers; ledger stays light
+
+    for table in ("spreads", "fx_rates", "orders", "trades"):
+        await wait_for_rows(dsn, table, exp.counts[table], timeout=timeout)
+    conn = await asyncpg.connect(dsn)
+    try:
+        await assert_landed_exactly_once(conn, exp)
+        assert await conn.fetchval("SELECT count(*) FROM dead_letters") == 0
+    finally:
+        await conn.close()

@@ -19,14 +19,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 import pytest
 
 from ingestd import Outcome, Service
 from ingestd.settings import Settings
 from tests.faults.conftest import FaultServers
-from tests.feeds import simulated, wait_for_rows
-from tests.ledger import Expected, assert_landed_exactly_once
+from tests.feeds import simulated
+from tests.ledger import Expected, wait_until_landed_exactly_once
 
 pytestmark = [pytest.mark.faults, pytest.mark.pg, pytest.mark.redis]
 
@@ -58,18 +57,6 @@ async def watch_queue(service: Service, peak: list[int]) -> None:
     while True:
         peak[0] = max(peak[0], len(service.pipeline.queue))
         await asyncio.sleep(0.005)
-
-
-async def landed(settings: Settings, exp: Expected) -> None:
-    dsn = settings.storage.postgres.dsn
-    for table in ("spreads", "fx_rates", "orders", "trades"):
-        await wait_for_rows(dsn, table, exp.counts[table], timeout=120)
-    conn = await asyncpg.connect(dsn)
-    try:
-        await assert_landed_exactly_once(conn, exp)
-        assert await conn.fetchval("SELECT count(*) FROM dead_letters") == 0
-    finally:
-        await conn.close()
 
 
 async def wait_until(predicate: Any, timeout: float = 60.0) -> None:
@@ -107,7 +94,7 @@ async def test_long_outage_spills_to_the_spool_and_replays_exactly_once(
         assert len(list(spool_dir.glob("spool-*.log"))) > 2  # spread over several segments
         assert peak[0] <= 2_000 + 50  # the in-memory bound held (a chunk may overshoot it)
         await asyncio.to_thread(fault_servers.pg.start)
-        await landed(settings, exp)
+        await wait_until_landed_exactly_once(settings.storage.postgres.dsn, exp)
         await wait_until(lambda: service.spool is not None and service.spool.pending_records == 0)
         watcher.cancel()
         assert peak[0] <= 2_000 + 500  # the replay, too, goes through the bounded queue
@@ -146,7 +133,7 @@ async def test_spool_full_falls_back_to_backpressure_and_loses_nothing(
         outcomes = await asyncio.wait_for(producing, timeout=120)
         assert sum(outcomes.values()) == len(sent)
         assert outcomes[Outcome.SPOOLED] > 0 and outcomes[Outcome.COMMITTED] > 0
-        await landed(settings, exp)
+        await wait_until_landed_exactly_once(settings.storage.postgres.dsn, exp)
         await wait_until(lambda: service.spool is not None and service.spool.pending_records == 0)
 
 
@@ -232,7 +219,9 @@ async def test_spooled_backlog_survives_sigkill_and_lands_exactly_once(
     )
     assert replay.returncode == 0, replay.stderr
     assert json.loads(replay.stdout)["replayed"] >= report["spooled"]
-    await landed(fault_settings, Expected.of(simulated(8_000, seed=33)))
+    await wait_until_landed_exactly_once(
+        fault_settings.storage.postgres.dsn, Expected.of(simulated(8_000, seed=33))
+    )
 
 
 async def test_without_a_spool_an_outage_is_backpressure_with_bounded_memory(
@@ -259,4 +248,4 @@ async def test_without_a_spool_an_outage_is_backpressure_with_bounded_memory(
         watcher.cancel()
         assert outcomes == {Outcome.COMMITTED: len(sent)}
         assert peak[0] <= 1_000 + 50
-    await landed(settings, exp)
+    await wait_until_landed_exactly_once(settings.storage.postgres.dsn, exp)

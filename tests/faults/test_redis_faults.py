@@ -14,7 +14,6 @@ import signal
 import time
 from collections.abc import Callable
 
-import asyncpg
 import pytest
 import redis
 
@@ -24,7 +23,7 @@ from ingestd.settings import Settings
 from tests.e2e.conftest import Daemon
 from tests.faults.conftest import FAULT_CONFIG, FaultServers
 from tests.feeds import pending, publish_from_other_process, simulated, wait_for_rows
-from tests.ledger import Expected, assert_landed_exactly_once
+from tests.ledger import Expected, wait_until_landed_exactly_once
 
 pytestmark = [pytest.mark.faults, pytest.mark.pg, pytest.mark.redis]
 
@@ -34,18 +33,6 @@ StartDaemon = Callable[..., Daemon]
 def felt_redis_fault(log: str) -> bool:
     """Whichever client call met the fault first (a read, an XACK, the mirror), it was seen."""
     return any(f"action={a}" in log for a in ("stream_read_failed", "ack_retry", "mirror_failed"))
-
-
-async def judge(settings: Settings, exp: Expected) -> None:
-    dsn = settings.storage.postgres.dsn
-    for table in ("spreads", "fx_rates", "orders", "trades"):
-        await wait_for_rows(dsn, table, exp.counts[table], timeout=120)
-    conn = await asyncpg.connect(dsn)
-    try:
-        await assert_landed_exactly_once(conn, exp)
-        assert await conn.fetchval("SELECT count(*) FROM dead_letters") == 0
-    finally:
-        await conn.close()
 
 
 async def wait_for_key(client: redis.Redis, key: str, want: bytes, timeout: float = 20) -> None:
@@ -95,7 +82,9 @@ async def test_redis_down_database_writes_go_on_and_the_mirror_catches_up(
         # The stream intake is back too: an entry published now lands (judged below).
         late = {**fresh[0], "event_id": "after-restart", "rate": "1400.5"}
         client.xadd("ingestd:events", {"event": json.dumps(late)})
-        await judge(settings, Expected.of([*feed, late]))
+        await wait_until_landed_exactly_once(
+            settings.storage.postgres.dsn, Expected.of([*feed, late])
+        )
         # An older event arriving later did not replace the newest value.
         assert client.get("fx:usdkrw") == fresh[-1]["rate"].encode()
 
@@ -113,7 +102,7 @@ async def test_redis_restarted_mid_stream_the_consumer_resumes_without_loss(
     assert felt_redis_fault(daemon.log)
     daemon.signal(signal.SIGTERM)
     assert await asyncio.to_thread(daemon.wait, 30) == 0, daemon.log
-    await judge(fault_settings, Expected.of(first))
+    await wait_until_landed_exactly_once(fault_settings.storage.postgres.dsn, Expected.of(first))
     assert pending(redis.Redis.from_url(fault_settings.storage.redis.url)) == 0
 
 
@@ -134,7 +123,7 @@ async def test_redis_crash_restores_the_pending_list_and_redelivery_lands_once(
     await wait_for_rows(dsn, "spreads", exp.counts["spreads"])
     daemon.signal(signal.SIGTERM)
     assert await asyncio.to_thread(daemon.wait, 30) == 0, daemon.log
-    await judge(fault_settings, exp)
+    await wait_until_landed_exactly_once(fault_settings.storage.postgres.dsn, exp)
 
 
 async def test_hung_redis_is_waited_out_and_nothing_is_lost(
@@ -155,6 +144,6 @@ async def test_hung_redis_is_waited_out_and_nothing_is_lost(
     await wait_for_rows(dsn, "spreads", exp.counts["spreads"])
     daemon.signal(signal.SIGTERM)
     assert await asyncio.to_thread(daemon.wait, 30) == 0, daemon.log
-    await judge(fault_settings, exp)
+    await wait_until_landed_exactly_once(fault_settings.storage.postgres.dsn, exp)
     assert felt_redis_fault(daemon.log)  # the hang was felt, and ridden out
     assert pending(redis.Redis.from_url(fault_settings.storage.redis.url)) == 0

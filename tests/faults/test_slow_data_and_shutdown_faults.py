@@ -27,9 +27,9 @@ from ingestd.settings import Settings
 from ingestd.simulate import Simulator
 from tests.e2e.conftest import Daemon
 from tests.faults.conftest import FAULT_CONFIG, FaultServers
-from tests.faults.test_inprocess_faults import landed, produce, wait_until, watch_queue
+from tests.faults.test_inprocess_faults import produce, wait_until, watch_queue
 from tests.feeds import START, pending, publish_from_other_process, simulated, wait_for_rows
-from tests.ledger import Expected, assert_landed_exactly_once
+from tests.ledger import Expected, assert_landed_exactly_once, wait_until_landed_exactly_once
 
 pytestmark = [pytest.mark.faults, pytest.mark.pg, pytest.mark.redis]
 
@@ -66,7 +66,7 @@ async def test_slow_database_lock_gives_backpressure_and_loses_nothing(
             assert retries_while_locked > 0  # the timeouts happened, and became retries
     finally:
         await locker.close()
-    await landed(settings, exp)
+    await wait_until_landed_exactly_once(settings.storage.postgres.dsn, exp)
 
 
 async def test_hung_database_every_flush_fails_within_its_deadline_then_recovers(
@@ -91,7 +91,7 @@ async def test_hung_database_every_flush_fails_within_its_deadline_then_recovers
             fault_servers.pg.thaw()
         outcomes = await asyncio.wait_for(producing, timeout=120)
         assert outcomes == {Outcome.COMMITTED: len(sent) - 2_000}
-    await landed(settings, exp)
+    await wait_until_landed_exactly_once(settings.storage.postgres.dsn, exp)
 
 
 def over_limit(event: dict[str, Any], limit: Decimal) -> bool:
