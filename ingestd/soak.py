@@ -112,17 +112,33 @@ class Replica:
         self.env = {**env, "INGESTD_CONSUMER": name}
         self.proc: subprocess.Popen[bytes] | None = None
         self.starts = 0
+        self._log_offset = 0
 
     def start(self) -> None:
         """Start (or restart) the replica, appending to its log."""
         self.starts += 1
-        with (self.base / f"{self.name}.log").open("ab") as log_file:
+        path = self.base / f"{self.name}.log"
+        self._log_offset = path.stat().st_size if path.exists() else 0
+        with path.open("ab") as log_file:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "ingestd.cli", "run"],
                 env=self.env,
                 stdout=log_file,
                 stderr=subprocess.STDOUT,
             )
+
+    async def wait_started(self, timeout_s: float = 60.0) -> None:
+        """Until this start's ``action=started`` line (a SIGTERM before it would kill it)."""
+        path = self.base / f"{self.name}.log"
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            data = await asyncio.to_thread(path.read_bytes)
+            if b"action=started" in data[self._log_offset :]:
+                return
+            if self.proc is not None and self.proc.poll() is not None:
+                raise RuntimeError(f"replica {self.name} exited ({self.proc.returncode})")
+            await asyncio.sleep(0.1)
+        raise RuntimeError(f"replica {self.name} did not start within {timeout_s:.0f}s")
 
     def kill(self) -> None:
         """SIGKILL, as an OOM killer or a lost node would."""
@@ -198,6 +214,8 @@ class Soak:
         ]
         for r in self.replicas:
             r.start()
+        for r in self.replicas:
+            await r.wait_started()
 
     # --- the producer --------------------------------------------------------------------
 
@@ -263,6 +281,7 @@ class Soak:
         # Dead for longer than claim_idle_ms: the others claim its entries before it is back.
         await asyncio.sleep(CLAIM_IDLE_S + 3 * CLAIM_INTERVAL_S)
         victim.start()
+        await victim.wait_started()
 
     async def _terminate_backends(self) -> None:
         conn = await asyncpg.connect(self.dsn)
