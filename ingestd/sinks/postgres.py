@@ -118,6 +118,68 @@ WHERE p.position_key = parked.position_key
 RETURNING p.symbol
 """
 
+# --- the same, set-based: one statement for all the batch's opens, one for its closes ----------
+
+
+def _unnest(names: Sequence[str]) -> tuple[str, str]:
+    """``unnest($1::text[], ...) AS u(a, ...)`` and its select list, cast to the columns' types."""
+    arrays = ", ".join(f"${i}::text[]" for i in range(1, len(names) + 1))
+    select = ", ".join(f"u.{n}{_CAST.get(n, '').replace('::text', '')}" for n in names)
+    return f"unnest({arrays}) AS u({', '.join(names)})", select
+
+
+_OPEN_FROM, _OPEN_SELECT = _unnest(_OPEN_COLS)
+_SQL_OPEN_MANY: Final = f"""
+INSERT INTO positions ({", ".join(_OPEN_COLS)})
+SELECT {_OPEN_SELECT} FROM {_OPEN_FROM}
+ON CONFLICT (position_key) DO UPDATE SET
+    {", ".join(f"{c} = EXCLUDED.{c}" for c in _ENTRY)},
+    producer = COALESCE(positions.producer, EXCLUDED.producer),
+    open_event_id = EXCLUDED.open_event_id,
+    updated_at = CURRENT_TIMESTAMP
+RETURNING symbol
+"""
+
+_CLOSE_COLS: Final = ["position_key", *_EXIT, "close_event_id"]
+_CLOSE_FROM, _ = _unnest(_CLOSE_COLS)
+_SQL_CLOSE_MANY: Final = f"""
+UPDATE positions AS p SET
+    {", ".join(f"{c} = u.{c}{_CAST.get(c, '').replace('::text', '')}" for c in _EXIT)},
+    status = 'CLOSED',
+    close_event_id = u.close_event_id,
+    updated_at = CURRENT_TIMESTAMP
+FROM {_CLOSE_FROM}
+WHERE p.position_key = u.position_key
+RETURNING p.position_key, p.symbol
+"""
+
+_CLOSED_FROM, _CLOSED_SELECT = _unnest(_CLOSED_COLS)
+_SQL_INSERT_CLOSED_MANY: Final = f"""
+INSERT INTO positions ({", ".join(_CLOSED_COLS)}, status)
+SELECT {_CLOSED_SELECT}, 'CLOSED' FROM {_CLOSED_FROM}
+RETURNING symbol
+"""
+
+_PARK_FROM, _PARK_SELECT = _unnest(_PARK_COLS)
+_SQL_PARK_MANY: Final = f"""
+INSERT INTO position_closes_pending ({", ".join(_PARK_COLS)})
+SELECT {_PARK_SELECT} FROM {_PARK_FROM}
+ON CONFLICT (position_key) DO UPDATE SET
+    {", ".join(f"{c} = EXCLUDED.{c}" for c in ["event_id", "producer", *_EXIT])},
+    received_at = CURRENT_TIMESTAMP
+"""
+
+
+def _has_entry(ev: Event) -> bool:
+    """True when a close repeats every entry column (it can stand as the whole row)."""
+    return all(ev.values.get(c) is not None for c in _ENTRY)
+
+
+def _columns(rows: Sequence[Sequence[str | None]]) -> list[list[str | None]]:
+    """Rows of values to one list per column (the unnest arrays)."""
+    return [list(col) for col in zip(*rows, strict=True)]
+
+
 _SQL_LINK: Final = {
     name: f"""
 UPDATE {name} AS t SET position_id = p.id
@@ -130,7 +192,8 @@ WHERE t.position_id IS NULL AND t.position_key IS NOT NULL
 
 SQL_OPEN_COUNTS: Final = """
 SELECT s.symbol,
-       (SELECT count(*) FROM positions WHERE symbol = s.symbol AND status = 'OPEN')::int AS n
+       (SELECT count(*) FROM positions WHERE symbol = s.symbol AND status = 'OPEN')::int AS n,
+       pg_current_xact_id()::text::bigint AS version
 FROM unnest($1::text[]) AS s(symbol)
 """
 
@@ -256,12 +319,16 @@ class PostgresSink:
             conn.transaction(),
         ):
             failpoints.hit("before_copy")
-            if needs_lock:
-                await conn.execute("SELECT pg_advisory_xact_lock($1)", POSITIONS_LOCK_ID)
             for name, rows in by_table.items():
                 await self._insert(
                     conn, tables.APPEND_TABLES_BY_NAME[name], rows, outcome, merge=False
                 )
+            # The lock is taken only now, after the COPYs, so that two writers' COPYs overlap
+            # and only positions and linking take turns. Linking stays right in either order:
+            # under the lock each statement sees every position and order committed before it,
+            # and whichever of an order and its position commits second links the pair.
+            if needs_lock:
+                await conn.execute("SELECT pg_advisory_xact_lock($1)", POSITIONS_LOCK_ID)
             touched: set[str] = set()
             keys: set[str] = set()
             if opens or closes:
@@ -283,9 +350,7 @@ class PostgresSink:
             if touched:
                 rows_ = await conn.fetch(SQL_OPEN_COUNTS, sorted(touched))
                 outcome.open_counts = {r["symbol"]: r["n"] for r in rows_}
-                outcome.open_counts_version = await conn.fetchval(
-                    "SELECT pg_current_xact_id()::text::bigint"
-                )
+                outcome.open_counts_version = rows_[0]["version"] if rows_ else None
             failpoints.hit("before_commit")
         failpoints.hit("after_commit")
         return outcome
@@ -359,6 +424,86 @@ class PostgresSink:
         touched: set[str],
         keys: set[str],
     ) -> None:
+        """All the batch's opens and closes in a few set-based statements; one by one (each in
+        a savepoint, so that a bad one alone is rejected) only when the database refuses data.
+        """
+        bulk_touched: set[str] = set()
+        bulk_keys: set[str] = set()
+        try:
+            async with conn.transaction():
+                await self._positions_bulk(conn, opens, closes, bulk_touched, bulk_keys)
+        except asyncpg.PostgresError as exc:
+            if not errors.is_data_error(exc):
+                raise
+            await self._positions_by_row(conn, opens, closes, outcome, touched, keys)
+            return
+        touched |= bulk_touched
+        keys |= bulk_keys
+
+    async def _positions_bulk(
+        self,
+        conn: Connection,
+        opens: Sequence[tuple[Item, Event]],
+        closes: Sequence[tuple[Item, Event]],
+        touched: set[str],
+        keys: set[str],
+    ) -> None:
+        # The last event per key wins, as it would applied one after the other; and one
+        # statement cannot update a row twice (ON CONFLICT DO UPDATE refuses to).
+        last_open = {str(ev.values["position_key"]): ev for _, ev in opens}
+        if last_open:
+            rows = [
+                [k, ev.producer, *(ev.values[c] for c in _ENTRY), ev.event_id]
+                for k, ev in last_open.items()
+            ]
+            touched.update(r["symbol"] for r in await conn.fetch(_SQL_OPEN_MANY, *_columns(rows)))
+            keys.update(last_open)
+            for r in await conn.fetch(_SQL_UNPARK, sorted(keys)):
+                touched.add(r["symbol"])
+        last_close = {str(ev.values["position_key"]): ev for _, ev in closes}
+        if not last_close:
+            return
+        keys.update(last_close)
+        rows = [[k, *(ev.values[c] for c in _EXIT), ev.event_id] for k, ev in last_close.items()]
+        found = {
+            r["position_key"]: r["symbol"]
+            for r in await conn.fetch(_SQL_CLOSE_MANY, *_columns(rows))
+        }
+        touched.update(found.values())
+        missing = [(k, ev) for k, ev in last_close.items() if k not in found]
+        # Before its open: a close that repeats the entry columns is the whole row already...
+        whole = [(k, ev) for k, ev in missing if _has_entry(ev)]
+        if whole:
+            rows = [
+                [
+                    k,
+                    ev.producer,
+                    *(ev.values[c] for c in _ENTRY),
+                    *(ev.values[c] for c in _EXIT),
+                    None,
+                    ev.event_id,
+                ]
+                for k, ev in whole
+            ]
+            inserted = await conn.fetch(_SQL_INSERT_CLOSED_MANY, *_columns(rows))
+            touched.update(r["symbol"] for r in inserted)
+        # ...the others wait for it.
+        wait = [
+            (k, ev) for k, ev in missing if not all(ev.values.get(c) is not None for c in _ENTRY)
+        ]
+        if wait:
+            rows = [[k, ev.event_id, ev.producer, *(ev.values[c] for c in _EXIT)] for k, ev in wait]
+            await conn.execute(_SQL_PARK_MANY, *_columns(rows))
+
+    async def _positions_by_row(
+        self,
+        conn: Connection,
+        opens: Sequence[tuple[Item, Event]],
+        closes: Sequence[tuple[Item, Event]],
+        outcome: BatchOutcome,
+        touched: set[str],
+        keys: set[str],
+    ) -> None:
         for item, ev in opens:
             v = ev.values
             args = [v["position_key"], ev.producer, *(v[c] for c in _ENTRY), ev.event_id]
@@ -378,7 +523,7 @@ class PostgresSink:
                 conn, _SQL_CLOSE, [key, *(v[c] for c in _EXIT), ev.event_id], item, outcome
             )
             if symbol is None and id(item) not in outcome.rejected:
-                if all(v.get(c) is not None for c in _ENTRY):
+                if _has_entry(ev):
                     # The close repeats the entry columns: the whole row can be written now.
                     args = [
                         key,

@@ -982,3 +982,53 @@ async def test_overlong_dead_letter_key_does_not_fail_the_batch(
     )
     assert again.dead_letters == 1
     assert await conn.fetchval("SELECT count(DISTINCT dedup_key) FROM dead_letters") == 2
+
+
+# --- positions, set-based, and the row-by-row fallback -----------------------------------------
+
+
+async def test_many_opens_and_closes_in_one_batch_land_like_one_by_one(
+    sink: PostgresSink, conn: asyncpg.Connection
+) -> None:
+    batch = [
+        item(pos_open("k1")),
+        item(pos_close("k1")),  # open and close in one batch
+        item(pos_close("k2", with_entry=True)),  # a close before its open, whole
+        item(pos_close("k3")),  # a close before its open, parked
+        item(pos_open("k4", eid="open-k4-a")),
+        item(pos_open("k4", eid="open-k4-b")),  # the same key twice: the last one wins
+        *(item(pos_open(f"m{i}", symbol="ETH")) for i in range(50)),
+    ]
+    outcome = await sink.write(batch)
+    assert outcome.rejected == {}
+    rows = {
+        r["position_key"]: r
+        for r in await conn.fetch("SELECT position_key, status, open_event_id FROM positions")
+    }
+    assert rows["k1"]["status"] == "CLOSED" and rows["k2"]["status"] == "CLOSED"
+    assert "k3" not in rows
+    assert rows["k4"]["open_event_id"] == "open-k4-b"
+    assert sum(1 for k in rows if k.startswith("m")) == 50
+    assert await conn.fetchval("SELECT count(*) FROM position_closes_pending") == 1
+    assert outcome.open_counts == {"BTC": 1, "ETH": 50}  # k4 open; k1, k2 closed
+    # The open of the parked close arrives later: it is applied then.
+    await sink.write([item(pos_open("k3"))])
+    assert await conn.fetchval("SELECT status FROM positions WHERE position_key = 'k3'") == (
+        "CLOSED"
+    )
+    assert await conn.fetchval("SELECT count(*) FROM position_closes_pending") == 0
+
+
+async def test_a_position_the_database_refuses_costs_only_itself(
+    sink: PostgresSink, conn: asyncpg.Connection
+) -> None:
+    bad = tampered(pos_open("bad"), symbol="ABCDEFGHIJK")  # VARCHAR(10): refused by the database
+    good = [item(pos_open(f"g{i}")) for i in range(5)]
+    outcome = await sink.write([*good[:2], bad, *good[2:], item(pos_close("g0"))])
+    assert set(outcome.rejected) == {id(bad)}  # the set-based statement failed: row by row
+    keys = {r["position_key"] for r in await conn.fetch("SELECT position_key FROM positions")}
+    assert keys == {f"g{i}" for i in range(5)}
+    assert await conn.fetchval("SELECT status FROM positions WHERE position_key = 'g0'") == (
+        "CLOSED"
+    )
+    assert await conn.fetchval("SELECT count(*) FROM dead_letters") == 1
