@@ -146,6 +146,17 @@ def test_settings_carry_the_mirror_ttls(redis_url: str, rclient: redis.Redis) ->
     assert 25_000 < rclient.pttl("spreads:ETH:last") <= 30_000
 
 
+def test_a_float_with_an_exponent_is_written_as_its_exact_decimal(
+    cache: RedisCacheStorage, rclient: redis.Redis
+) -> None:
+    assert cache.set_fx_rate("USDKRW", 1e-05)  # repr "1e-05"
+    assert rclient.get("fx:usdkrw") == b"0.00001"
+    assert cache.get_fx_rate("USDKRW") == D("0.00001")
+    assert cache.set_spread_snapshot("BTC", {"spread_pct": 5e-05, "net_spread_pct": 1.5e1})
+    stored = orjson.loads(rclient.get("spreads:BTC:last") or b"")
+    assert (stored["spread_pct"], stored["net_spread_pct"]) == ("0.0001", "15.0")
+
+
 @pytest.mark.parametrize(
     ("call", "field"),
     [
