@@ -33,11 +33,10 @@ from typing import Any, Final, TextIO
 
 import asyncpg
 
-from ingestd import csv_format, errors, events, migrations
+from ingestd import commands, csv_format, errors, events
 from ingestd.batching import BatchOutcome, Item
-from ingestd.db import create_pool
 from ingestd.deadletters import make_dead_letter
-from ingestd.settings import Settings, redact
+from ingestd.settings import Settings
 from ingestd.sinks.postgres import PostgresSink
 from ingestd.storage.outbox import Backoff
 from ingestd.textui import Progress, ProgressMode, format_table
@@ -449,15 +448,8 @@ async def run_import(
     if not directory.is_dir():  # noqa: ASYNC240 - a one-shot command; nothing else runs
         print(f"ingestd import-csv: {directory} is not a directory", file=err)
         return 2
-    dsn = settings.storage.postgres.dsn
-    try:
-        pool = await create_pool(settings.storage.postgres, min_size=1)
-    except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
-        print(f"ingestd import-csv: cannot connect to {redact(dsn)}: {exc}", file=err)
-        return 2
-    try:
-        async with pool.acquire() as conn:
-            await migrations.check_current(conn)
+
+    async def body(pool: asyncpg.Pool) -> int:
         importer = CsvImporter(
             pool,
             progress=Progress(err, mode=progress_mode),
@@ -470,17 +462,13 @@ async def run_import(
             acquire_timeout_s=settings.storage.postgres.acquire_timeout_s,
         )
         report = await importer.import_directory(directory)
-    except errors.IngestdError as exc:
-        print(f"ingestd import-csv: {exc}", file=err)
-        return 2
-    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
-        print(
-            f"ingestd import-csv: stopped: {type(exc).__name__}: {redact(str(exc))}; "
-            "run the same command again to resume",
-            file=err,
-        )
-        return 2
-    finally:
-        await pool.close()
-    print(report.summary(), file=out)
-    return 0 if report.clean else 1
+        print(report.summary(), file=out)
+        return 0 if report.clean else 1
+
+    return await commands.run_with_database(
+        "import-csv",
+        settings,
+        body,
+        err=err,
+        stopped_hint="; run the same command again to resume",
+    )

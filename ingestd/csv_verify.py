@@ -31,13 +31,16 @@ from typing import Any, Final, TextIO
 
 import asyncpg
 
-from ingestd import csv_format, errors, events, migrations, tables
+from ingestd import commands, csv_format, errors, events, tables
 from ingestd.csv_import import converter_for, event_of, source_name
 from ingestd.db import Connection
-from ingestd.settings import Settings, redact
+from ingestd.settings import Settings
 from ingestd.textui import format_table
 
 _COPY_ROWS: Final = 5000
+# The comparison of a multi-GB file runs statements of minutes; the connection's command timeout
+# (10 s) bounds the small ones. Both end the command when the server hangs.
+COMPARE_TIMEOUT_S: Final = 600.0
 _ENTRY: Final = tuple(name for name, _ in tables.POSITION_ENTRY_COLUMNS)
 _EXIT: Final = tuple(name for name, _ in tables.POSITION_EXIT_COLUMNS)
 
@@ -145,10 +148,18 @@ class TableCheck:
 class CsvVerifier:
     """Compares the files of a directory with the database over one connection."""
 
-    def __init__(self, conn: Connection, *, id_prefix: str = "", show: int = 5) -> None:
+    def __init__(
+        self,
+        conn: Connection,
+        *,
+        id_prefix: str = "",
+        show: int = 5,
+        timeout_s: float = COMPARE_TIMEOUT_S,
+    ) -> None:
         self._conn = conn
         self._id_prefix = id_prefix
         self._show = show
+        self._timeout_s = timeout_s
 
     async def verify_directory(self, directory: Path) -> list[TableCheck]:
         """Check every file of the layout that is in ``directory``."""
@@ -187,7 +198,9 @@ class CsvVerifier:
     async def _dead_letter_lines(self, source: str) -> dict[int, str]:
         prefix = csv_format.dead_letter_key(source, 0)[:-1]  # "csv:<source>:"
         rows = await self._conn.fetch(
-            "SELECT dedup_key, error FROM dead_letters WHERE starts_with(dedup_key, $1)", prefix
+            "SELECT dedup_key, error FROM dead_letters WHERE starts_with(dedup_key, $1)",
+            prefix,
+            timeout=self._timeout_s,
         )
         lines: dict[int, str] = {}
         for r in rows:
@@ -240,9 +253,10 @@ class CsvVerifier:
         if pending:
             await self._copy(shape, buf)
         await self._conn.execute(
-            f"CREATE INDEX ON {shape.temp} ({', '.join(_q(k) for k in shape.key)})"
+            f"CREATE INDEX ON {shape.temp} ({', '.join(_q(k) for k in shape.key)})",
+            timeout=self._timeout_s,
         )
-        await self._conn.execute(f"ANALYZE {shape.temp}")
+        await self._conn.execute(f"ANALYZE {shape.temp}", timeout=self._timeout_s)
 
     @staticmethod
     def _row(shape: _Shape, ev: events.Event, line: int) -> list[str]:
@@ -274,14 +288,15 @@ class CsvVerifier:
 
     async def _compare(self, shape: _Shape, check: TableCheck) -> None:
         conn = self._conn
+        t = self._timeout_s
         csv_side, db_side = shape.csv_side(), shape.db_side()
         sums = ", ".join(f"sum({_q(c)})" for c in shape.numeric)
-        counts = await conn.fetchrow(f"SELECT count(*), {sums} FROM ({csv_side}) AS s")
-        dbrow = await conn.fetchrow(f"SELECT count(*), {sums} FROM ({db_side}) AS d")
+        counts = await conn.fetchrow(f"SELECT count(*), {sums} FROM ({csv_side}) AS s", timeout=t)
+        dbrow = await conn.fetchrow(f"SELECT count(*), {sums} FROM ({db_side}) AS d", timeout=t)
         assert counts is not None and dbrow is not None
         check.csv_rows, check.db_rows = counts[0], dbrow[0]
         check.csv_duplicates = (
-            await conn.fetchval(f"SELECT count(*) FROM {shape.temp}") - check.csv_rows
+            await conn.fetchval(f"SELECT count(*) FROM {shape.temp}", timeout=t) - check.csv_rows
             if shape.table.name != "positions"
             else 0
         )
@@ -293,9 +308,9 @@ class CsvVerifier:
             f"FROM ({csv_side}) AS s WHERE NOT EXISTS "
             f"(SELECT 1 FROM ({db_side}) AS d WHERE {shape.join_on('d', 's')})"
         )
-        check.missing_in_db = await conn.fetchval(f"SELECT count(*) {missing_db}")
+        check.missing_in_db = await conn.fetchval(f"SELECT count(*) {missing_db}", timeout=t)
         for r in await conn.fetch(
-            f"SELECT s.line, {keys} {missing_db} ORDER BY s.line LIMIT {int(self._show)}"
+            f"SELECT s.line, {keys} {missing_db} ORDER BY s.line LIMIT {int(self._show)}", timeout=t
         ):
             check.examples.append(
                 f"{check.source}:{r['line']}: not in the database ({_key_text(shape, r)})"
@@ -305,8 +320,10 @@ class CsvVerifier:
             f"FROM ({db_side}) AS d WHERE NOT EXISTS "
             f"(SELECT 1 FROM ({csv_side}) AS s WHERE {shape.join_on('s', 'd')})"
         )
-        check.missing_in_csv = await conn.fetchval(f"SELECT count(*) {missing_csv}")
-        for r in await conn.fetch(f"SELECT {dkeys} {missing_csv} LIMIT {int(self._show)}"):
+        check.missing_in_csv = await conn.fetchval(f"SELECT count(*) {missing_csv}", timeout=t)
+        for r in await conn.fetch(
+            f"SELECT {dkeys} {missing_csv} LIMIT {int(self._show)}", timeout=t
+        ):
             check.examples.append(
                 f"{check.source}: in the database, not in the file ({_key_text(shape, r)})"
             )
@@ -318,22 +335,24 @@ class CsvVerifier:
             f"FROM ({csv_side}) AS s JOIN ({db_side}) AS d ON {shape.join_on('s', 'd')} "
             f"WHERE {differs}"
         )
-        check.differing = await conn.fetchval(f"SELECT count(*) {joined}")
+        check.differing = await conn.fetchval(f"SELECT count(*) {joined}", timeout=t)
         for r in await conn.fetch(
             f"SELECT s.line, {keys}, array_remove(ARRAY[{names}], NULL) AS cols {joined} "
-            f"ORDER BY s.line LIMIT {int(self._show)}"
+            f"ORDER BY s.line LIMIT {int(self._show)}",
+            timeout=t,
         ):
             check.examples.append(
                 f"{check.source}:{r['line']}: differs in {', '.join(r['cols'])} "
                 f"({_key_text(shape, r)})"
             )
         if shape.table.name != "positions":
-            t = _q(shape.time_column)
+            tc = _q(shape.time_column)
             check.other_db_rows = await conn.fetchval(
                 f"SELECT count(*) FROM {shape.table.name} AS t "
-                f"WHERE t.{t} BETWEEN (SELECT min({t}) FROM {shape.temp}) "
-                f"AND (SELECT max({t}) FROM {shape.temp}) "
-                f"AND NOT EXISTS (SELECT 1 FROM {shape.temp} AS v WHERE v.event_id = t.event_id)"
+                f"WHERE t.{tc} BETWEEN (SELECT min({tc}) FROM {shape.temp}) "
+                f"AND (SELECT max({tc}) FROM {shape.temp}) "
+                f"AND NOT EXISTS (SELECT 1 FROM {shape.temp} AS v WHERE v.event_id = t.event_id)",
+                timeout=t,
             )
 
 
@@ -428,23 +447,17 @@ async def run_verify(
     if not directory.is_dir():  # noqa: ASYNC240 - a one-shot command; nothing else runs
         print(f"ingestd verify-csv: {directory} is not a directory", file=err)
         return 2
-    dsn = settings.storage.postgres.dsn
-    try:
-        conn = await asyncpg.connect(dsn, timeout=settings.storage.postgres.connect_timeout_s)
-    except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
-        print(f"ingestd verify-csv: cannot connect to {redact(dsn)}: {exc}", file=err)
-        return 2
-    try:
-        await migrations.check_current(conn)
-        checks = await CsvVerifier(conn, id_prefix=id_prefix, show=show).verify_directory(directory)
-    except errors.IngestdError as exc:
-        print(f"ingestd verify-csv: {exc}", file=err)
-        return 2
-    finally:
-        await conn.close()
-    print(render(checks), file=out)
-    present = [c for c in checks if c.status != "absent"]
-    if not present:
-        print(f"ingestd verify-csv: no CSV files of the layout in {directory}", file=err)
-        return 1
-    return 0 if all(c.ok or c.status == "empty" for c in present) else 1
+
+    async def body(pool: asyncpg.Pool) -> int:
+        # One connection throughout: the temporary tables live in its session.
+        async with pool.acquire() as conn:
+            verifier = CsvVerifier(conn, id_prefix=id_prefix, show=show)
+            checks = await verifier.verify_directory(directory)
+        print(render(checks), file=out)
+        present = [c for c in checks if c.status != "absent"]
+        if not present:
+            print(f"ingestd verify-csv: no CSV files of the layout in {directory}", file=err)
+            return 1
+        return 0 if all(c.ok or c.status == "empty" for c in present) else 1
+
+    return await commands.run_with_database("verify-csv", settings, body, err=err)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
+import os
 import shutil
 from decimal import Decimal as D
 from pathlib import Path
@@ -326,3 +328,58 @@ async def test_import_with_id_prefix_and_default_producer(
     assert (await counts(db))["spreads"] == 6
     out = io.StringIO()
     assert await run_verify(settings, tmp_path, id_prefix="host-a", out=out) == 0, out.getvalue()
+
+
+# --- failures of the commands themselves: one redacted line, exit 2, bounded -------------------
+
+
+async def test_a_database_error_is_one_line_and_exit_2_not_a_traceback(
+    settings: Settings, db: asyncpg.Connection, db_dsn: str, tmp_path: Path
+) -> None:
+    write_csv(tmp_path / "spreads.csv", SPREAD_HEADER, spread_rows(5))
+    name = db_dsn.rsplit("/", 1)[1].split("?", maxsplit=1)[0]
+    await db.execute(f"ALTER DATABASE \"{name}\" SET lock_timeout = '200ms'")
+    async with db.transaction():  # a session that holds the tables the commands read first
+        await db.execute("LOCK TABLE dead_letters, csv_import_checkpoints IN ACCESS EXCLUSIVE MODE")
+        code, report = await verified(settings, tmp_path)
+        assert code == 2, report
+        assert report.count("\n") == 1, report  # one line
+        assert "ingestd verify-csv: stopped: LockNotAvailableError: " in report
+        code, _, err = await imported(settings, tmp_path)
+        assert code == 2, err
+        assert "ingestd import-csv: stopped: LockNotAvailableError: " in err
+        assert err.rstrip().endswith("run the same command again to resume")
+    assert (await counts(db))["spreads"] == 0
+
+
+async def test_verify_csv_is_bounded_by_the_command_timeout(
+    settings: Settings, db: asyncpg.Connection, tmp_path: Path
+) -> None:
+    write_csv(tmp_path / "spreads.csv", SPREAD_HEADER, spread_rows(5))
+    quick = settings.replace(**{"storage.postgres.command_timeout_s": 1.0})
+    async with db.transaction():  # a hung lock: nothing on the server ends the wait by itself
+        await db.execute("LOCK TABLE spreads IN ACCESS EXCLUSIVE MODE")
+        async with asyncio.timeout(30):
+            code, report = await verified(quick, tmp_path)
+    assert code == 2, report
+    assert "ingestd verify-csv: stopped: TimeoutError" in report
+
+
+@pytest.mark.parametrize("command", ["import-csv", "verify-csv"])
+async def test_a_password_in_a_driver_error_is_redacted(
+    settings: Settings, tmp_path: Path, command: str
+) -> None:
+    # An unencoded '#' in the password: asyncpg's DSN parser reports the part before it.
+    secret = "S3cr3t-" + os.urandom(4).hex()
+    broken = settings.replace(
+        **{"storage.postgres.dsn": f"postgresql://owner:{secret}#x@127.0.0.1:5432/ingestd"}
+    )
+    write_csv(tmp_path / "spreads.csv", SPREAD_HEADER, spread_rows(1))
+    if command == "import-csv":
+        code, _, text = await imported(broken, tmp_path)
+    else:
+        code, text = await verified(broken, tmp_path)
+    assert code == 2
+    assert f"ingestd {command}: cannot connect to postgresql://owner:***" in text, text
+    assert "ValueError: invalid literal for int()" in text
+    assert secret not in text
