@@ -211,12 +211,21 @@ class CsvVerifier:
 
     async def _create_temp(self, shape: _Shape) -> None:
         cols = ", ".join(_q(c) for c in shape.loaded)
-        await self._conn.execute(f"DROP TABLE IF EXISTS {shape.temp}")
-        # The layout's columns all exist in the table: the temp table gets their exact types, so
-        # COPY rounds the file's values as the import's COPY did.
-        await self._conn.execute(
-            f"CREATE TEMP TABLE {shape.temp} AS SELECT {cols} FROM {shape.table.name} WITH NO DATA"
-        )
+        try:
+            await self._conn.execute(f"DROP TABLE IF EXISTS {shape.temp}")
+            # The layout's columns all exist in the table: the temp table gets their exact types,
+            # so COPY rounds the file's values as the import's COPY did.
+            await self._conn.execute(
+                f"CREATE TEMP TABLE {shape.temp} AS "
+                f"SELECT {cols} FROM {shape.table.name} WITH NO DATA"
+            )
+        except (asyncpg.InsufficientPrivilegeError, asyncpg.ReadOnlySQLTransactionError) as exc:
+            # The dashboards' reader: read-only sessions, and no TEMPORARY on the database.
+            raise commands.CommandRefused(
+                "verify-csv needs TEMPORARY on the database (it loads each file into a temporary "
+                "table): run it as the writer login (ingestd_writer) or the owner, not as the "
+                f"read-only reader ({type(exc).__name__}: {exc})"
+            ) from exc
         await self._conn.execute(f"ALTER TABLE {shape.temp} ADD COLUMN line BIGINT NOT NULL")
 
     async def _load(

@@ -430,7 +430,9 @@ async def test_writer_runs_import_csv_and_verify_csv(
     roles_db: tuple[PrivatePostgres, str, asyncpg.Connection], tmp_path: Path
 ) -> None:
     cluster, name, owner = roles_db
-    writer, _ = _logins(name)
+    writer, reader = _logins(name)
+    if cluster.timescale:  # the sample rows are older than 90 days: keep the scheduler off them
+        await owner.execute("SELECT remove_retention_policy('spreads', if_exists => true)")
     write_csv(tmp_path / "spreads.csv", SPREAD_HEADER, spread_rows(40))
     pos = "pos_w,BTC,upbit_short_binance_long,0.01,1,1,1,,,,,,OPEN,2025-11-15T03:40:15Z,"
     write_csv(tmp_path / "positions.csv", POSITION_HEADER, [pos])
@@ -465,3 +467,10 @@ async def test_writer_runs_import_csv_and_verify_csv(
     verify = cli("verify-csv", str(tmp_path))
     assert verify.returncode == 0, verify.stdout + verify.stderr
     assert "MISMATCH" not in verify.stdout
+    # The dashboards' reader may not create temporary tables: a clear refusal, not a traceback.
+    env["DATABASE_URL"] = cluster.tls_dsn(reader, "unused", name).replace(":unused@", "@")
+    refused = cli("verify-csv", str(tmp_path), PGPASSWORD=READER_PW)
+    assert refused.returncode == 2, refused.stdout + refused.stderr
+    assert "Traceback" not in refused.stderr
+    assert "verify-csv needs TEMPORARY on the database" in refused.stderr
+    assert READER_PW not in refused.stderr
