@@ -14,8 +14,10 @@ violation, poison rows isolated by halving, positions upserted, dead letters —
   and of the 64 KiB before the offset. The next run seeks there when both digests still match
   (the file was at most appended to); otherwise it reads the file from the start. The checkpoint
   is written after the batch's commit, not in its transaction: a crash in between re-imports one
-  batch, which its keys make a no-op. A last line without a line end (a file still being written)
-  is imported, but the checkpoint stays before it, so it is read again next time.
+  batch, which its keys make a no-op. A last record without a line end (a file still being
+  written) is never imported: a half-flushed row can still validate, and the complete row, with
+  the same key, would then be skipped as already there. It is reported, the checkpoint stays
+  before it, the next run imports it once it ends with a line end, and the exit code is 2.
 """
 
 from __future__ import annotations
@@ -47,6 +49,10 @@ DEFAULT_BATCH_ROWS: Final = 5000
 FINGERPRINT_BYTES: Final = 64 * 1024
 # Let a batch's COPY round trips progress while the next batch is parsed.
 _YIELD_EVERY_ROWS: Final = 256
+
+INCOMPLETE_LAST_LINE: Final = (
+    "incomplete last line: not imported; it will be imported once it ends with a line end"
+)
 
 _SQL_LOAD_CHECKPOINT: Final = """
 SELECT byte_offset, line, rows, head_sha256, tail_sha256
@@ -127,13 +133,14 @@ class FileResult:
 
     table: str
     source: str
-    status: str = "imported"  # imported, up to date, empty, absent, refused, failed
+    status: str = "imported"  # imported, incomplete, up to date, empty, absent, refused, failed
     rows: int = 0
     inserted: int = 0
     present: int = 0
     bad: int = 0
     rejected: int = 0
     resumed_at_line: int | None = None
+    incomplete_line: int | None = None  # a last record without its line end, left for next time
     bytes_read: int = 0
     elapsed_s: float = 0.0
     message: str = ""
@@ -149,6 +156,11 @@ class ImportReport:
     """Every file's result."""
 
     files: list[FileResult]
+
+    @property
+    def complete(self) -> bool:
+        """False when a file's last record has no line end yet (run the import again later)."""
+        return all(f.incomplete_line is None for f in self.files)
 
     @property
     def clean(self) -> bool:
@@ -308,12 +320,18 @@ class CsvImporter:
         writing: asyncio.Task[None] | None = None
         offset = start.byte_offset
         for rec in records:
+            if not rec.terminated:
+                # The file ends inside this record: a producer is still writing it. A half-flushed
+                # row may still validate ("2.9836" cut to "2.98") and would then be permanent,
+                # since the complete row has the same key. Leave it, and the checkpoint before it.
+                result.incomplete_line = rec.line
+                self._say(f"{converter.source}:{rec.line}: {INCOMPLETE_LAST_LINE}")
+                break
             rows += 1
             result.rows += 1
             offset = rec.end_offset
             batch.append(self._item(converter, rec, source, result))
-            if rec.terminated:
-                safe = Checkpoint(rec.end_offset, rec.end_line, rows, "", "")
+            safe = Checkpoint(rec.end_offset, rec.end_line, rows, "", "")
             if len(batch) >= self._batch_rows:
                 if writing is not None:
                     await writing
@@ -324,12 +342,14 @@ class CsvImporter:
                 await asyncio.sleep(0)
         if writing is not None:
             await writing
-        if reader.terminated:
+        if reader.terminated and result.incomplete_line is None:
             # Blank lines after the last record: the file is read to its (line-ended) end.
             safe = Checkpoint(reader.offset, reader.line, rows, "", "")
         if batch or safe.byte_offset > start.byte_offset:
             await self._commit(converter, batch, fd, safe, result)
         result.bytes_read = reader.offset
+        if result.incomplete_line is not None:
+            result.status = "incomplete"
         progress.finish(reader.offset, result.rows)
 
     def _item(
@@ -442,7 +462,8 @@ async def run_import(
     err: TextIO | None = None,
 ) -> int:
     """``ingestd import-csv``: 0 when every row landed, 1 when rows or files were rejected, 2 when
-    the import could not run (it resumes where it stopped when run again)."""
+    the work is not complete: the import could not run or stopped, or a file's last line has no
+    line end yet (running it again resumes where it stopped)."""
     out = sys.stdout if out is None else out
     err = sys.stderr if err is None else err
     if not directory.is_dir():  # noqa: ASYNC240 - a one-shot command; nothing else runs
@@ -463,6 +484,8 @@ async def run_import(
         )
         report = await importer.import_directory(directory)
         print(report.summary(), file=out)
+        if not report.complete:
+            return 2  # not yet complete work: the next run imports the rest
         return 0 if report.clean else 1
 
     return await commands.run_with_database(

@@ -12,7 +12,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from ingestd.csv_import import run_import
+from ingestd.csv_import import INCOMPLETE_LAST_LINE, run_import
 from ingestd.csv_verify import run_verify
 from ingestd.settings import Settings
 from tests.samples import POSITION_HEADER, SPREAD_HEADER, spread_rows, write_csv
@@ -47,10 +47,12 @@ async def verified(settings: Settings, directory: Path) -> tuple[int, str]:
     return code, out.getvalue() + err.getvalue()
 
 
+TABLES = ("spreads", "fx_rates", "orders", "trades", "positions", "dead_letters")
+
+
 async def counts(db: asyncpg.Connection) -> dict[str, int]:
     """Rows per table."""
-    names = ["spreads", "fx_rates", "orders", "trades", "positions", "dead_letters"]
-    return {n: int(await db.fetchval(f"SELECT count(*) FROM {n}")) for n in names}
+    return {n: int(await db.fetchval(f"SELECT count(*) FROM {n}")) for n in TABLES}
 
 
 def real_world_directory(path: Path) -> Path:
@@ -228,12 +230,66 @@ async def test_last_line_without_line_end_is_read_again_next_time(
     rows = spread_rows(3)
     path = tmp_path / "spreads.csv"
     path.write_text("\n".join([SPREAD_HEADER, *rows[:2], rows[2][:20]]), encoding="utf-8")
-    code, _, err = await imported(settings, tmp_path)  # the producer is still writing it
-    assert code == 1 and "spreads.csv:4:" in err
+    code, summary, err = await imported(settings, tmp_path)  # the producer is still writing it
+    assert code == 2, err  # not complete yet: run it again
+    assert f"spreads.csv:4: {INCOMPLETE_LAST_LINE}" in err
+    assert "incomplete" in summary
+    assert await counts(db) == {**dict.fromkeys(TABLES, 0), "spreads": 2}  # no dead letter
     path.write_text("\n".join([SPREAD_HEADER, *rows]) + "\n", encoding="utf-8")
     code, _, err = await imported(settings, tmp_path)
     assert code == 0 and "resuming at line 4" in err
     assert (await counts(db))["spreads"] == 3
+
+
+async def test_a_half_flushed_last_row_that_still_validates_is_never_imported(
+    settings: Settings, db: asyncpg.Connection, tmp_path: Path
+) -> None:
+    # Columns in another order, so that a number ends the row: "2.9836" cut to "2.98" is valid.
+    header = (
+        "symbol,upbit_price,binance_price,binance_price_krw,spread_pct,is_opportunity,"
+        "timestamp,net_spread_pct"
+    )
+    rows = [
+        f"BTC,14012345{i}.12,98012.12345678,135800000.55,3.1836,true,2025-11-15T03:40:1{i}Z,2.9836"
+        for i in range(3)
+    ]
+    path = tmp_path / "spreads.csv"
+    path.write_text("\n".join([header, *rows[:2], rows[2][:-2]]), encoding="utf-8")
+    code, _, err = await imported(settings, tmp_path)
+    assert code == 2 and f"spreads.csv:4: {INCOMPLETE_LAST_LINE}" in err
+    assert (await counts(db))["spreads"] == 2
+    code, report = await verified(settings, tmp_path)  # consistent: not compared, noted
+    assert code == 0, report
+    assert "spreads.csv:4: incomplete last line: not compared" in report
+    with path.open("a", encoding="utf-8") as f:  # the producer finishes the row
+        f.write("36\n")
+    code, _, err = await imported(settings, tmp_path)
+    assert code == 0, err
+    stored = await db.fetch("SELECT net_spread_pct FROM spreads ORDER BY timestamp")
+    assert [r[0] for r in stored] == [D("2.9836")] * 3
+    code, report = await verified(settings, tmp_path)
+    assert code == 0 and "incomplete" not in report, report
+
+
+async def test_an_open_quoted_field_at_the_end_is_an_incomplete_record(
+    settings: Settings, db: asyncpg.Connection, tmp_path: Path
+) -> None:
+    path = tmp_path / "fx_rates.csv"
+    # The line ends, but inside a quoted field: the record goes on in the next write.
+    path.write_text(
+        f'{FX_HEADER}\nUSDKRW,1385.5,upbit,2025-11-15T03:40:15Z\nUSDKRW,1385.6,"api, v2\n',
+        encoding="utf-8",
+    )
+    code, _, err = await imported(settings, tmp_path)
+    assert code == 2 and f"fx_rates.csv:3: {INCOMPLETE_LAST_LINE}" in err
+    assert (await counts(db))["fx_rates"] == 1 and (await counts(db))["dead_letters"] == 0
+    with path.open("a", encoding="utf-8") as f:
+        f.write('fallback",2025-11-15T03:40:16Z\n')
+    code, _, err = await imported(settings, tmp_path)
+    assert code == 0, err
+    assert (
+        await db.fetchval("SELECT source FROM fx_rates WHERE rate = 1385.6") == "api, v2\nfallback"
+    )
 
 
 async def test_rows_the_database_rejects_are_isolated_and_listed_apart(
