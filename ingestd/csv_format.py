@@ -215,6 +215,11 @@ class RowConverter:
         self._id_fits = len(self._id_prefix) + 20 <= tables.EVENT_ID.length
         self._close_time = index.get("timestamp_close")
 
+    @property
+    def has_event_id_column(self) -> bool:
+        """True when the file names its rows' ids; else they are derived from file and line."""
+        return self._event_id is not None
+
     def event(self, fields: Sequence[str], line: int) -> events.Event:
         """Validate one row (named by its first line); raise InvalidEvent naming the field."""
         if len(fields) != self._width:

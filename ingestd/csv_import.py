@@ -12,7 +12,9 @@ violation, poison rows isolated by halving, positions upserted, dead letters —
 * **Resumable.** After each committed batch, ``csv_import_checkpoints`` records the byte offset
   after the batch's last complete record, its line number, and SHA-256s of the file's first 64 KiB
   and of the 64 KiB before the offset. The next run seeks there when both digests still match
-  (the file was at most appended to); otherwise it reads the file from the start. The checkpoint
+  (the file was at most appended to); otherwise it reads the file from the start, except that a
+  file whose start differs (replaced, not appended to) and that has no ``event_id`` column is
+  refused: its derived ids would be the old file's (pass ``--id-prefix``). The checkpoint
   is written after the batch's commit, not in its transaction: a crash in between re-imports one
   batch, which its keys make a no-op. A last record without a line end (a file still being
   written) is never imported: a half-flushed row can still validate, and the complete row, with
@@ -37,6 +39,7 @@ import asyncpg
 
 from ingestd import commands, csv_format, errors, events
 from ingestd.batching import BatchOutcome, Item
+from ingestd.db import Connection
 from ingestd.deadletters import make_dead_letter
 from ingestd.settings import Settings
 from ingestd.sinks.postgres import PostgresSink
@@ -125,6 +128,50 @@ def fingerprint(fd: int, offset: int) -> tuple[str, str]:
     start = max(0, offset - FINGERPRINT_BYTES)
     tail = os.pread(fd, offset - start, start)
     return hashlib.sha256(head).hexdigest(), hashlib.sha256(tail).hexdigest()
+
+
+async def load_checkpoint(db: asyncpg.Pool | Connection, source: str) -> Checkpoint | None:
+    """The checkpoint recorded for ``source``, if any."""
+    row = await db.fetchrow(_SQL_LOAD_CHECKPOINT, source)
+    if row is None:
+        return None
+    return Checkpoint(
+        row["byte_offset"],
+        row["line"],
+        row["rows"],
+        row["head_sha256"].strip(),
+        row["tail_sha256"].strip(),
+    )
+
+
+class CsvFileReplaced(csv_format.CsvLayoutError):
+    """A file replaced since its import, without event_id column: its derived ids would collide."""
+
+
+def replaced_reason(saved: Checkpoint, fd: int, size: int) -> str | None:
+    """Why the file is not the one ``saved`` was recorded for (its start differs), else None."""
+    head_bytes = min(FINGERPRINT_BYTES, saved.byte_offset)
+    if size < head_bytes:
+        # Not provably the same file: a shorter file with another start would collide as well.
+        return f"it is shorter ({size:,} bytes) than the {head_bytes:,} bytes fingerprinted before"
+    if hashlib.sha256(os.pread(fd, head_bytes, 0)).hexdigest() != saved.head_sha256:
+        return f"its first {head_bytes:,} bytes differ from those of the file imported before"
+    return None
+
+
+def replaced_file_refusal(source: str, reason: str) -> str:
+    """The refusal of a replaced file whose rows have no event_id (their ids would collide)."""
+    quoted = source.replace("'", "''")
+    return (
+        f"{source}: refused: this is not the file imported before under this name ({reason}). "
+        f"It has no event_id column, so its rows' ids (csv:{source}:<line>) and dead-letter keys "
+        "would be those of the old file's rows: a row would be skipped as already there, or a "
+        "bad row not recorded. Import it with a distinct --id-prefix (for example --id-prefix "
+        "rotated-1, and verify-csv with the same), or, if the rows imported from the old file "
+        "were removed from the database, delete its checkpoint first (as the owner: DELETE FROM "
+        f"csv_import_checkpoints WHERE source = '{quoted}'). If it is the same file edited "
+        "rather than replaced, `ingestd verify-csv` shows what differs from the rows imported"
+    )
 
 
 @dataclasses.dataclass(slots=True)
@@ -256,7 +303,13 @@ class CsvImporter:
                 self._say(f"import-csv: {exc}")
                 return result
             start = Checkpoint(header.end_offset, header.end_line, 0, "", "")
-            saved = await self._checkpoint(source, f.fileno(), size, header.end_offset)
+            try:
+                saved = await self._checkpoint(converter, f.fileno(), size, header.end_offset)
+            except CsvFileReplaced as exc:
+                result.status = "refused"
+                result.message = str(exc)
+                self._say(f"import-csv: {exc}")
+                return result
             if saved is not None:
                 start = saved
                 if saved.byte_offset >= size:
@@ -276,28 +329,38 @@ class CsvImporter:
         return result
 
     async def _checkpoint(
-        self, source: str, fd: int, size: int, header_end: int
+        self, converter: csv_format.RowConverter, fd: int, size: int, header_end: int
     ) -> Checkpoint | None:
+        """Where to resume (None: from the start); CsvFileReplaced for a replaced file."""
+        source = converter.source
+        saved = await load_checkpoint(self._pool, source)
+        if saved is None:
+            return None
+        # Checked also with --no-resume: the checkpoint records which file this source was.
+        replaced = replaced_reason(saved, fd, size)
+        if replaced is not None:
+            if not converter.has_event_id_column:
+                raise CsvFileReplaced(replaced_file_refusal(source, replaced))
+            self._say(
+                f"import-csv: {source} is not the file imported before under this name "
+                f"({replaced}): reading it from the start. Rows whose event_id is already in the "
+                "database are not added again, and a bad row is not recorded again where the old "
+                f"file's row at its line is already a dead letter (csv:{source}:<line>); pass "
+                "--id-prefix to keep the two files apart"
+            )
+            return None
         if not self._resume:
             return None
-        row = await self._pool.fetchrow(_SQL_LOAD_CHECKPOINT, source)
-        if row is None:
-            return None
-        saved = Checkpoint(
-            row["byte_offset"],
-            row["line"],
-            row["rows"],
-            row["head_sha256"].strip(),
-            row["tail_sha256"].strip(),
-        )
         if header_end <= saved.byte_offset <= size and fingerprint(fd, saved.byte_offset) == (
             saved.head_sha256,
             saved.tail_sha256,
         ):
             return saved
         self._say(
-            f"import-csv: {source} changed since its last import (not only appended to): "
-            "reading it from the start (rows already imported are not added again)"
+            f"import-csv: {source} changed since its last import (its start is the same, but it "
+            "was not only appended to): reading it from the start. A row whose key (event_id, "
+            f"else csv:{source}:<line>, and time) is already in the database is not added again, "
+            "even if its other values were edited: `ingestd verify-csv` shows what differs"
         )
         return None
 

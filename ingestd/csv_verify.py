@@ -25,6 +25,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io
+import os
 import sys
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
@@ -33,7 +34,13 @@ from typing import Any, Final, TextIO
 import asyncpg
 
 from ingestd import commands, csv_format, errors, events, tables
-from ingestd.csv_import import converter_for, event_of, source_name
+from ingestd.csv_import import (
+    converter_for,
+    event_of,
+    load_checkpoint,
+    replaced_reason,
+    source_name,
+)
 from ingestd.db import Connection
 from ingestd.settings import Settings
 from ingestd.textui import format_table
@@ -192,10 +199,28 @@ class CsvVerifier:
                 check.status = "refused"
                 check.message = str(exc)
                 return check
+            replaced = await self._replaced(converter, f.fileno())
+            if replaced is not None:
+                # Still compared (an edited file's differences are worth seeing), but import-csv
+                # refuses this file: its derived ids would name the old file's rows.
+                check.message = (
+                    f"this file's start differs from the file import-csv imported under this name "
+                    f"({replaced}): import-csv refuses it. If it replaced that file, import and "
+                    "verify it with a distinct --id-prefix; the comparison above is with the old "
+                    "file's rows"
+                )
             await self._create_temp(shape)
             await self._load(shape, converter, records, rejected, check)
         await self._compare(shape, check)
         return check
+
+    async def _replaced(self, converter: csv_format.RowConverter, fd: int) -> str | None:
+        if converter.has_event_id_column:
+            return None
+        saved = await load_checkpoint(self._conn, converter.source)
+        if saved is None:
+            return None
+        return replaced_reason(saved, fd, os.fstat(fd).st_size)
 
     async def _dead_letter_lines(self, source: str) -> dict[int, str]:
         prefix = csv_format.dead_letter_key(source, 0)[:-1]  # "csv:<source>:"

@@ -213,15 +213,74 @@ async def test_appended_rows_are_the_only_ones_added(
     assert (await verified(settings, first))[0] == 0
 
 
-async def test_rewritten_file_is_read_from_the_start(
+async def test_a_replaced_file_without_event_ids_is_refused_not_imported_under_old_ids(
     settings: Settings, db: asyncpg.Connection, tmp_path: Path
 ) -> None:
     path = write_csv(tmp_path / "spreads.csv", SPREAD_HEADER, spread_rows(100))
     assert (await imported(settings, tmp_path))[0] == 0
-    write_csv(path, SPREAD_HEADER, spread_rows(100, start=100))  # replaced, not appended
+    # Replaced, not appended to: the same times, corrected prices, and a bad row at line 7. Under
+    # the old ids (csv:spreads.csv:<line>) every row would be "already there".
+    rows = [r.replace(",98012.12345678,", ",98012.12345679,") for r in spread_rows(100)]
+    rows[5] = rows[5].replace(",3.1836,", ",3.18x6,")
+    write_csv(path, SPREAD_HEADER, rows)
+    for resume in (True, False):
+        code, summary, err = await imported(settings, tmp_path, resume=resume)
+        assert code == 1, err
+        assert "spreads.csv: refused: this is not the file imported before under this name" in err
+        assert "bytes differ from those of the file imported before" in err
+        assert "distinct --id-prefix" in err
+        assert "rows already imported are not added again" not in err
+        assert "refused" in summary
+    assert await counts(db) == {**dict.fromkeys(TABLES, 0), "spreads": 100}
+    code, report = await verified(settings, tmp_path)
+    assert code == 1 and "import-csv refuses it. If it replaced that file" in report
+    # With a prefix of its own it is another source: every row lands, the bad one is recorded.
+    code, _, err = await imported(settings, tmp_path, id_prefix="rotated-1")
+    assert code == 1 and "rotated-1/spreads.csv:7: spread_pct" in err
+    assert (await counts(db))["spreads"] == 199
+    corrected = "SELECT count(*) FROM spreads WHERE binance_price = 98012.12345679"
+    assert await db.fetchval(corrected) == 99
+    assert await db.fetchval("SELECT dedup_key FROM dead_letters") == "csv:rotated-1/spreads.csv:7"
+    out = io.StringIO()
+    assert await run_verify(settings, tmp_path, id_prefix="rotated-1", out=out) == 0, out
+    # A shorter file cannot be shown to be the same one: refused as well.
+    write_csv(path, SPREAD_HEADER, spread_rows(5, start=500))
     code, _, err = await imported(settings, tmp_path)
-    assert code == 0 and "changed since its last import" in err
-    assert (await counts(db))["spreads"] == 200
+    assert code == 1 and "(it is shorter (" in err and "distinct --id-prefix" in err
+    assert (await counts(db))["spreads"] == 199
+
+
+async def test_a_replaced_file_with_event_ids_is_read_from_the_start(
+    settings: Settings, db: asyncpg.Connection, tmp_path: Path
+) -> None:
+    header = SPREAD_HEADER + ",event_id"
+    path = write_csv(
+        tmp_path / "spreads.csv", header, [f"{r},a-{i}" for i, r in enumerate(spread_rows(10))]
+    )
+    assert (await imported(settings, tmp_path))[0] == 0
+    write_csv(path, header, [f"{r},b-{i}" for i, r in enumerate(spread_rows(10, start=10))])
+    code, _, err = await imported(settings, tmp_path)
+    assert code == 0, err
+    assert "is not the file imported before under this name" in err
+    assert "Rows whose event_id is already in the database are not added again" in err
+    assert (await counts(db))["spreads"] == 20
+
+
+async def test_an_edited_file_with_the_same_start_is_read_again_honestly(
+    settings: Settings, db: asyncpg.Connection, tmp_path: Path
+) -> None:
+    rows = spread_rows(3000)  # more than the 64 KiB head
+    path = write_csv(tmp_path / "spreads.csv", SPREAD_HEADER, rows)
+    assert (await imported(settings, tmp_path))[0] == 0
+    rows[2500] = rows[2500].replace(",3.1836,", ",3.1837,")
+    write_csv(path, SPREAD_HEADER, rows)
+    code, _, err = await imported(settings, tmp_path)
+    assert code == 0, err
+    assert "changed since its last import (its start is the same" in err
+    assert "even if its other values were edited" in err
+    assert (await counts(db))["spreads"] == 3000
+    code, report = await verified(settings, tmp_path)
+    assert code == 1 and "spreads.csv:2502: differs in spread_pct" in report
 
 
 async def test_last_line_without_line_end_is_read_again_next_time(
