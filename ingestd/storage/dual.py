@@ -80,12 +80,17 @@ class DualStorage(LogMethods):
         self.db.flush(timeout)
 
     def close(self, timeout: float = 10.0) -> None:
-        """Close both; unpublished events are logged (the CSV files hold them), not raised."""
-        self.csv.close()
+        """Close both; unpublished events are logged (the CSV files hold them), not raised.
+
+        A CSV failure (CsvWriteFailed) is raised, after the database side is closed too.
+        """
         try:
-            self.db.close(timeout)
-        except errors.SinkUnavailable as exc:
-            _unsent_warning(self.csv.directory, exc)
+            self.csv.close()
+        finally:
+            try:
+                self.db.close(timeout)
+            except errors.SinkUnavailable as exc:
+                _unsent_warning(self.csv.directory, exc)
 
 
 class AsyncDualStorage(AsyncLogMethods):
@@ -128,9 +133,14 @@ class AsyncDualStorage(AsyncLogMethods):
         await self.db.flush()
 
     async def aclose(self, grace_s: float = 10.0) -> None:
-        """Close both; unpublished events are logged (the CSV files hold them), not raised."""
-        self.csv.close()
+        """Close both; unpublished events are logged (the CSV files hold them), not raised.
+
+        A CSV failure (CsvWriteFailed) is raised, after the database side is closed too.
+        """
         try:
-            await self.db.aclose(grace_s)
-        except errors.SinkUnavailable as exc:
-            _unsent_warning(self.csv.directory, exc)
+            self.csv.close()
+        finally:
+            try:
+                await self.db.aclose(grace_s)
+            except errors.SinkUnavailable as exc:
+                _unsent_warning(self.csv.directory, exc)
