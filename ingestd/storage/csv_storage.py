@@ -22,6 +22,7 @@ the torn row is bad (``import-csv`` reports it), never the next one.
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import errno
 import io
@@ -233,6 +234,15 @@ class CsvStorage(LogMethods):
     ) -> None:
         self.close()
 
+    @property
+    def fsyncs_every_row(self) -> bool:
+        """True when each ``log_*`` call fsyncs its row (``fsync_interval_s=0``)."""
+        return self._fsync_interval_s <= 0
+
+    def is_open(self, event_type: str) -> bool:
+        """True when the file of this event type is open (its next row is a ``write`` only)."""
+        return csv_format.TABLE_OF_EVENT.get(event_type) in self._files
+
     def path(self, table: str) -> Path:
         """The file of a table (``spreads`` -> ``DIR/spreads.csv``)."""
         return self.directory / csv_format.CSV_TABLES_BY_NAME[table].file_name
@@ -317,8 +327,17 @@ class CsvStorage(LogMethods):
             raise failure
 
 
+async def emit_off_the_loop(storage: CsvStorage, event: dict[str, Any]) -> str:
+    """``storage._emit`` for asyncio code: inline when it is one ``write(2)``, in a thread when
+    it fsyncs (every row with ``fsync_interval_s=0``; a new file's directory entry), so that no
+    fsync blocks the event loop."""
+    if storage.fsyncs_every_row or not storage.is_open(str(event.get("type"))):
+        return await asyncio.to_thread(storage._emit, event)
+    return storage._emit(event)
+
+
 class AsyncCsvStorage(AsyncLogMethods):
-    """``CsvStorage`` for asyncio code: a row is one ``write(2)``; fsync runs on a timer thread."""
+    """``CsvStorage`` for asyncio code: a row is one ``write(2)``; every fsync runs in a thread."""
 
     def __init__(self, csv_storage: CsvStorage) -> None:
         self.csv = csv_storage
@@ -336,12 +355,12 @@ class AsyncCsvStorage(AsyncLogMethods):
         await self.aclose()
 
     async def _emit(self, event: dict[str, Any]) -> str:
-        return self.csv._emit(event)
+        return await emit_off_the_loop(self.csv, event)
 
     async def flush(self) -> None:
-        """fsync every file written to."""
-        self.csv.flush()
+        """fsync every file written to (in a thread: the event loop goes on meanwhile)."""
+        await asyncio.to_thread(self.csv.flush)
 
     async def aclose(self) -> None:
-        """fsync and close every file."""
-        self.csv.close()
+        """fsync and close every file (in a thread)."""
+        await asyncio.to_thread(self.csv.close)

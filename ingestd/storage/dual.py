@@ -18,13 +18,14 @@ error is raised to the caller.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from types import TracebackType
 from typing import Any
 
 from ingestd import errors
 from ingestd.storage.base import AsyncLogMethods, EventBuilder, LogMethods
-from ingestd.storage.csv_storage import CsvStorage
+from ingestd.storage.csv_storage import CsvStorage, emit_off_the_loop
 from ingestd.storage.postgres import AsyncPostgresStorage, PostgresStorage
 
 log = logging.getLogger("ingestd.storage.dual")
@@ -121,15 +122,16 @@ class AsyncDualStorage(AsyncLogMethods):
 
     async def _emit(self, event: dict[str, Any]) -> str:
         try:
-            self.csv._emit(event)
+            await emit_off_the_loop(self.csv, event)
         except BaseException:
             await self.db._emit(event)
             raise
         return await self.db._emit(event)
 
     async def flush(self) -> None:
-        """fsync the CSV files, then wait for the stream (bound it with ``asyncio.timeout``)."""
-        self.csv.flush()
+        """fsync the CSV files (in a thread), then wait for the stream (bound it with
+        ``asyncio.timeout``)."""
+        await asyncio.to_thread(self.csv.flush)
         await self.db.flush()
 
     async def aclose(self, grace_s: float = 10.0) -> None:
@@ -138,7 +140,7 @@ class AsyncDualStorage(AsyncLogMethods):
         A CSV failure (CsvWriteFailed) is raised, after the database side is closed too.
         """
         try:
-            self.csv.close()
+            await asyncio.to_thread(self.csv.close)
         finally:
             try:
                 await self.db.aclose(grace_s)

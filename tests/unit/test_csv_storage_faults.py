@@ -4,6 +4,7 @@ fatal for its file and is raised by the next call, never lost on the timer threa
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
@@ -12,15 +13,26 @@ import sys
 import textwrap
 import threading
 import time
+from collections.abc import Awaitable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
+import redis.asyncio as aioredis
 
 from ingestd import csv_format, errors
-from ingestd.storage import CsvStorage, DualStorage, PostgresStorage
+from ingestd.storage import (
+    AsyncCsvStorage,
+    AsyncDualStorage,
+    AsyncPostgresStorage,
+    CsvStorage,
+    DualStorage,
+    PostgresStorage,
+)
 from ingestd.storage import csv_storage as csv_storage_mod
 from ingestd.storage.csv_storage import CsvWriteFailed
+from ingestd.storage.postgres import StreamTransport
 from tests.samples import fx_rate, spread
 
 # Fills a 64 KiB tmpfs with spreads.csv rows, then reports what the file holds.
@@ -176,3 +188,75 @@ def test_dual_close_raises_the_csv_failure_after_closing_the_database_side(
     assert db.sent == 2 and db.pending == 0  # flushed and closed all the same
     with pytest.raises(errors.ShuttingDown):
         db.log_fx_rate(fx_rate(1))
+
+
+# --- asyncio: an fsync never blocks the event loop ------------------------------------------------
+
+
+class SlowFsync:
+    """``os.fsync`` that blocks until released: whoever calls it waits, and it says whether it
+    was released (True) or gave up waiting (False: nobody could release it meanwhile)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.entered = threading.Event()
+        self.release = threading.Event()
+        self.released: list[bool] = []
+        real = os.fsync
+
+        def slow(fd: int) -> None:
+            self.entered.set()
+            self.released.append(self.release.wait(5))
+            real(fd)
+
+        monkeypatch.setattr(os, "fsync", slow)
+
+
+async def _loop_goes_on_during(slow: SlowFsync, call: Awaitable[Any], log_more: Any) -> None:
+    task = asyncio.ensure_future(call)
+    # Reached only if the event loop runs while the fsync blocks (in another thread).
+    assert await asyncio.to_thread(slow.entered.wait, 10)
+    await log_more()  # a row is logged meanwhile, on the loop
+    slow.release.set()
+    await task
+    assert slow.released and all(slow.released), "the fsync blocked the event loop"
+
+
+async def test_async_csv_flush_and_close_fsync_off_the_event_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    storage = AsyncCsvStorage(CsvStorage(tmp_path, fsync_interval_s=3600))
+    await storage.log_spread(spread(0))
+    slow = SlowFsync(monkeypatch)
+    await _loop_goes_on_during(slow, storage.flush(), lambda: storage.log_spread(spread(1)))
+    slow.entered.clear()
+    slow.release.clear()
+    await _loop_goes_on_during(slow, storage.aclose(), lambda: asyncio.sleep(0))
+    assert (tmp_path / "spreads.csv").read_text(encoding="utf-8").count("\n") == 3
+
+
+async def test_async_csv_fsync_of_every_row_runs_off_the_event_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    storage = AsyncCsvStorage(CsvStorage(tmp_path, fsync_interval_s=0))
+    await storage.log_spread(spread(0))  # the file exists: its creation is not measured
+    slow = SlowFsync(monkeypatch)
+    await _loop_goes_on_during(slow, storage.log_spread(spread(1)), lambda: asyncio.sleep(0))
+    slow.release.set()
+    await storage.aclose()
+
+
+@pytest.mark.redis
+async def test_async_dual_flush_and_close_fsync_off_the_event_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, redis_url: str
+) -> None:
+    db = AsyncPostgresStorage(
+        StreamTransport(aioredis.Redis.from_url(redis_url), "ingestd:events", owns_client=True)
+    )
+    storage = AsyncDualStorage(CsvStorage(tmp_path, fsync_interval_s=3600), db)
+    await storage.log_spread(spread(0))
+    slow = SlowFsync(monkeypatch)
+    await _loop_goes_on_during(slow, storage.flush(), lambda: storage.log_spread(spread(1)))
+    slow.entered.clear()
+    slow.release.clear()
+    await _loop_goes_on_during(slow, storage.aclose(), lambda: asyncio.sleep(0))
+    assert db.sent == 2
