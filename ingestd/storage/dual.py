@@ -8,7 +8,8 @@ producer:
   holds them and the publisher retries; when the stream answers again, they are published, in
   order, and the database catches up by itself;
 * a longer outage, or a producer that stops or crashes while the stream is down: the oldest events
-  are dropped from memory (logged once, with the first dropped id, and counted in ``dropped``). The
+  are dropped from memory (logged once per outage, with its first dropped id, and counted in
+  ``dropped``). The
   CSV files hold every one of them with the same ``event_id``, so ``ingestd import-csv DIR`` lands
   exactly the missing rows: the import is idempotent and what did reach the database adds nothing.
 

@@ -51,13 +51,14 @@ _RETRIABLE = (redis.exceptions.RedisError, OSError, errors.IngestdError)
 
 
 class _Health:
-    """Logs the first failure of an outage, its recovery, and drops (once per outage)."""
+    """Logs the first failure of an outage, its recovery, and drops: once per outage, that is once
+    until publishing works again and the outbox has room; the next drops are logged again."""
 
     def __init__(self, target: str) -> None:
         self.target = target
         self.failing_since: float | None = None
         self.last_error: str | None = None
-        self._drops_logged = 0
+        self._drops_logged = False
 
     def failed(self, exc: BaseException, pending: int) -> None:
         self.last_error = f"{type(exc).__name__}: {exc}"
@@ -71,28 +72,36 @@ class _Health:
                 extra={"action": "storage_publish_failed"},
             )
 
-    def recovered(self) -> None:
+    def recovered(self, outbox: Outbox) -> None:
+        """After a chunk was published."""
         if self.failing_since is not None:
+            dropped = outbox.recent_drops
             log.info(
-                "publishing to %s again after %.1fs",
+                "publishing to %s again after %.1fs%s",
                 self.target,
                 time.monotonic() - self.failing_since,
+                f" ({dropped} event(s) dropped from memory meanwhile)" if dropped else "",
                 extra={"action": "storage_publish_recovered"},
             )
             self.failing_since = None
             self.last_error = None
+        if self._drops_logged and not outbox.full:
+            # The outage is over (drops may start before a publish has even failed): the next
+            # drops are another outage's, and are logged again.
+            outbox.reset_recent_drops()
+            self._drops_logged = False
 
     def dropped(self, outbox: Outbox) -> None:
-        if outbox.dropped and not self._drops_logged:
+        if outbox.recent_drops and not self._drops_logged:
             log.warning(
                 "outbox full (%d events) while %s is unreachable: dropping the oldest from memory "
                 "(first %s); the CSV files hold them: run `ingestd import-csv DIR` to catch up",
                 outbox.max_events,
                 self.target,
-                outbox.first_dropped,
+                outbox.first_recent_drop,
                 extra={"action": "storage_outbox_dropped"},
             )
-            self._drops_logged = outbox.dropped
+            self._drops_logged = True
 
     def unavailable(self, unsent: int) -> errors.SinkUnavailable:
         return errors.SinkUnavailable(
@@ -282,7 +291,7 @@ class PostgresStorage(LogMethods):
             backoff.reset()
             with self._cond:
                 self._outbox.settle(batch)
-                self._health.recovered()
+                self._health.recovered(self._outbox)
                 self._cond.notify_all()
 
     def _send(self, batch: Sequence[Pending]) -> None:
@@ -534,5 +543,5 @@ class AsyncPostgresStorage(AsyncLogMethods):
             backoff.reset()
             async with cond:
                 self._outbox.settle(batch)
-                self._health.recovered()
+                self._health.recovered(self._outbox)
                 cond.notify_all()

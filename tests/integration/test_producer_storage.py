@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import logging
 import os
 import shutil
 import socket
@@ -23,7 +24,7 @@ from ingestd import Service, csv_format
 from ingestd.csv_import import run_import
 from ingestd.csv_verify import run_verify
 from ingestd.errors import ConfigError, SinkUnavailable
-from ingestd.settings import Settings
+from ingestd.settings import RedisSettings, Settings
 from ingestd.storage import (
     AsyncCsvStorage,
     AsyncDualStorage,
@@ -416,3 +417,33 @@ def test_rows_are_written_while_an_fsync_is_in_progress(
     flusher.join(10)
     storage.close()
     assert (tmp_path / "spreads.csv").read_text(encoding="utf-8").count("\n") == 3
+
+
+def test_drops_are_logged_once_per_outage_and_again_after_a_recovery(
+    own_redis: OwnRedis, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="ingestd.storage.postgres")
+    storage = PostgresStorage(
+        sync_client(RedisSettings(url=own_redis.url), timeout_s=0.5),
+        producer="paper",
+        max_buffer_events=10,
+        overflow="drop_oldest",
+        owns_client=True,
+    )
+
+    def drop_lines() -> list[str]:
+        return [r.getMessage() for r in caplog.records if r.action == "storage_outbox_dropped"]  # type: ignore[attr-defined]
+
+    try:
+        for outage in (1, 2):
+            own_redis.stop()
+            for i in range(40):
+                storage.log_fx_rate(fx_rate(outage * 100 + i))
+            assert len(drop_lines()) == outage, drop_lines()  # once in this outage, not per drop
+            own_redis.start()
+            storage.flush(20)  # the outage ends: published again
+        first, second = drop_lines()
+        assert "(first paper-" in first and "(first paper-" in second
+        assert first.split("(first ")[1] != second.split("(first ")[1]  # this outage's first drop
+    finally:
+        storage.close()
