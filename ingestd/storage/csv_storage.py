@@ -47,6 +47,24 @@ class CsvWriteFailed(IngestdError):
     """A CSV row could not be written (disk full, I/O error), or an fsync of its file failed."""
 
 
+def check_header(path: Path, table: csv_format.CsvTable) -> bool:
+    """CsvLayoutError unless ``path`` is absent, empty or has CsvStorage's header for ``table``;
+    True when the file ends with a torn row (no line end)."""
+    if not path.exists() or path.stat().st_size == 0:
+        return False
+    with path.open("rb") as f:
+        first = next(csv_format.read_records(f), None)
+        header = tuple(h.strip() for h in first.fields or ()) if first else ()
+        if header != table.columns:
+            raise csv_format.CsvLayoutError(
+                f"{path} has the header {','.join(header)!r}, but CsvStorage writes "
+                f"{','.join(table.columns)!r}: import it (`ingestd import-csv`) and move "
+                "it aside, or log to another directory"
+            )
+        f.seek(-1, os.SEEK_END)
+        return f.read(1) != b"\n"
+
+
 class CsvFile:
     """One append-only CSV file of the layout, opened for appending (header written if new)."""
 
@@ -59,26 +77,14 @@ class CsvFile:
         self._written = 1  # the header, or the directory entry of a new file
         self._synced = 0
         self._fsync_error: OSError | None = None
-        self._needs_line_end = False
         created = not path.exists()
-        if not created and path.stat().st_size > 0:
-            with path.open("rb") as f:
-                first = next(csv_format.read_records(f), None)
-                header = tuple(h.strip() for h in first.fields or ()) if first else ()
-                if header != table.columns:
-                    raise csv_format.CsvLayoutError(
-                        f"{path} has the header {','.join(header)!r}, but CsvStorage writes "
-                        f"{','.join(table.columns)!r}: import it (`ingestd import-csv`) and move "
-                        "it aside, or log to another directory"
-                    )
-                f.seek(-1, os.SEEK_END)
-                if f.read(1) != b"\n":
-                    log.warning(
-                        "%s ends with a torn row; it stays a bad row of its own",
-                        path,
-                        extra={"action": "csv_torn_row"},
-                    )
-                    self._needs_line_end = True
+        self._needs_line_end = check_header(path, table)
+        if self._needs_line_end:
+            log.warning(
+                "%s ends with a torn row; it stays a bad row of its own",
+                path,
+                extra={"action": "csv_torn_row"},
+            )
         self._f = path.open("ab", buffering=0)
         self._buf = io.StringIO()
         self._writer = csv.writer(self._buf, lineterminator="\n")
@@ -203,6 +209,9 @@ class CsvStorage(LogMethods):
     ) -> None:
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
+        # A file with another header is refused now, not at the first row a producer logs.
+        for table in csv_format.CSV_TABLES:
+            check_header(self.directory / table.file_name, table)
         self._events = EventBuilder(producer, id_prefix)
         self._fsync_interval_s = fsync_interval_s
         self._files: dict[str, CsvFile] = {}

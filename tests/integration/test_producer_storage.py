@@ -447,3 +447,27 @@ def test_drops_are_logged_once_per_outage_and_again_after_a_recovery(
         assert first.split("(first ")[1] != second.split("(first ")[1]  # this outage's first drop
     finally:
         storage.close()
+
+
+async def test_a_foreign_header_is_refused_when_the_storage_is_made_before_any_redis_client(
+    settings: Settings, tmp_path: Path
+) -> None:
+    (tmp_path / "spreads.csv").write_text("symbol,price\nBTC,1\n", encoding="utf-8")
+    with pytest.raises(csv_format.CsvLayoutError, match="has the header"):
+        CsvStorage(tmp_path)  # at once, not at the first row logged
+    # The CSV side is checked before a Redis client is made: a URL that no client accepts is
+    # never looked at, so nothing is left to close.
+    dual = settings.replace(
+        **{
+            "storage.backend": "dual",
+            "storage.csv.dir": str(tmp_path),
+            "storage.redis.url": "redis://127.0.0.1:not-a-port/0",
+        }
+    )
+    with pytest.raises(csv_format.CsvLayoutError, match="has the header"):
+        create_storage(dual)
+    with pytest.raises(csv_format.CsvLayoutError, match="has the header"):
+        create_async_storage(dual)
+    (tmp_path / "spreads.csv").unlink()
+    with pytest.raises(ValueError, match=r"[Pp]ort"):
+        create_storage(dual)  # the CSV side is fine now; the URL is refused, the CSV side closed
