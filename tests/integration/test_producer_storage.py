@@ -10,6 +10,8 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
+import textwrap
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -471,3 +473,59 @@ async def test_a_foreign_header_is_refused_when_the_storage_is_made_before_any_r
     (tmp_path / "spreads.csv").unlink()
     with pytest.raises(ValueError, match=r"[Pp]ort"):
         create_storage(dual)  # the CSV side is fine now; the URL is refused, the CSV side closed
+
+
+# A producer that logs and ends without close(): its publisher thread is a daemon thread.
+EXIT_WITHOUT_CLOSE = textwrap.dedent(
+    """
+    import logging, sys
+    from ingestd.settings import RedisSettings
+    from ingestd.storage import PostgresStorage
+    from ingestd.storage.redis_cache import sync_client
+    from tests.samples import fx_rate
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    url, stream, n, exit_timeout = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+    bound = {} if exit_timeout == "default" else {"exit_timeout_s": float(exit_timeout)}
+    storage = PostgresStorage(
+        sync_client(RedisSettings(url=url), timeout_s=0.5), stream=stream, producer="paper",
+        **bound,
+    )
+    for i in range(n):
+        storage.log_fx_rate(fx_rate(i))
+    print("logged", flush=True)
+    """
+)
+
+
+def _exit_without_close(tmp_path: Path, url: str, n: int, exit_timeout_s: str) -> str:
+    script = tmp_path / "producer.py"
+    script.write_text(EXIT_WITHOUT_CLOSE)
+    done = subprocess.run(
+        [sys.executable, str(script), url, "test:exit-stream", str(n), exit_timeout_s],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])},
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "logged"
+    return done.stderr
+
+
+def test_a_producer_exiting_without_close_still_publishes_its_outbox(
+    tmp_path: Path, redis_url: str, rclient: redis.Redis
+) -> None:
+    log = _exit_without_close(tmp_path, redis_url, 3000, "default")
+    assert rclient.xlen("test:exit-stream") == 3000, log
+    assert "exiting without PostgresStorage.close(): publishing" in log
+
+
+def test_a_producer_exiting_while_redis_is_down_says_what_it_could_not_publish(
+    tmp_path: Path,
+) -> None:
+    log = _exit_without_close(tmp_path, f"redis://127.0.0.1:{_free_port()}/0", 50, "1")
+    assert "exiting without PostgresStorage.close(): publishing 50 pending event(s)" in log
+    assert "closing with 50 unpublished event(s)" in log
+    assert "Traceback" not in log
