@@ -142,13 +142,14 @@ def test_the_producer_acl_covers_every_key_the_cache_writes() -> None:
     writes = [
         keys.fx("USDKRW", "1350.0", None, None),
         keys.spread("BTC", {"spread_pct": "0.8"}, None),
-        keys.heartbeat("collector", None, None),
+        *(keys.heartbeat(component, None, None) for component in ("collector", "paper", "live")),
     ]
     touched = {k for w in writes for k in keys.script_call(w)[0]}
     assert touched >= {"fx:usdkrw", "spreads:BTC:last", "health:collector"}
     for key in touched:
         assert any(fnmatch.fnmatchcase(key, p) for p in patterns), (key, patterns)
-    assert not any(fnmatch.fnmatchcase("ingestd:events", p) for p in patterns)
+    for foreign in ("ingestd:events", "health:ingestd", "positions:BTC:open_count"):
+        assert not any(fnmatch.fnmatchcase(foreign, p) for p in patterns), foreign
     assert {"+evalsha", "+script|load", "+get"} <= set(tokens)
     assert "+xadd" in rules and "~ingestd:events" in rules
 

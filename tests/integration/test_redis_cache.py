@@ -247,6 +247,7 @@ async def test_the_producer_acl_user_may_make_every_seed_call_and_nothing_else(
                 lambda: raw.set("ingestd:events", "x"),  # overwrite the stream
                 lambda: raw.xadd("fx:usdkrw", {"event": "x"}),
                 lambda: raw.get("positions:BTC:open_count"),
+                lambda: raw.set("health:ingestd", "forged"),  # the container health check's key
                 lambda: raw.delete("fx:usdkrw"),
                 lambda: raw.xreadgroup("ingestd", "c", {"ingestd:events": ">"}),
                 raw.flushall,
