@@ -215,6 +215,11 @@ class RowConverter:
         self._id_fits = len(self._id_prefix) + 20 <= tables.EVENT_ID.length
         self._close_time = index.get("timestamp_close")
 
+    @property
+    def has_event_id_column(self) -> bool:
+        """True when the file names its rows' ids; else they are derived from file and line."""
+        return self._event_id is not None
+
     def event(self, fields: Sequence[str], line: int) -> events.Event:
         """Validate one row (named by its first line); raise InvalidEvent naming the field."""
         if len(fields) != self._width:
@@ -286,7 +291,7 @@ class Record:
     end_offset: int
     end_line: int  # physical lines read up to end_offset
     error: str | None
-    terminated: bool
+    terminated: bool  # False: the file ends inside this record (no line end yet, or in quotes)
 
 
 class _Lines:
@@ -299,6 +304,7 @@ class _Lines:
         self.raw: list[str] = []
         self.bad_utf8 = False
         self.terminated = True
+        self.eof = False
         self._first = offset == 0
 
     def __iter__(self) -> _Lines:
@@ -307,6 +313,7 @@ class _Lines:
     def __next__(self) -> str:
         b = self._readline()
         if not b:
+            self.eof = True
             raise StopIteration
         self.offset += len(b)
         self.line += 1
@@ -328,8 +335,10 @@ class RecordReader:
     """The records of a CSV file from byte ``offset`` (after ``line`` lines); blank lines skipped.
 
     ``f`` must be positioned at ``offset``. A record with broken quoting or invalid UTF-8 comes
-    back with ``error`` set, and reading goes on with the next line. After iterating, ``offset``,
-    ``line`` and ``terminated`` describe the end of what was read (blank lines included).
+    back with ``error`` set, and reading goes on with the next line. The file's last record comes
+    back with ``terminated`` False when the file ends inside it (no line end yet, or inside a
+    quoted field): a producer may still be writing it. After iterating, ``offset``, ``line`` and
+    ``terminated`` describe the end of what was read (blank lines included).
     """
 
     def __init__(self, f: IO[bytes], *, offset: int = 0, line: int = 0) -> None:
@@ -364,7 +373,9 @@ class RecordReader:
             except csv.Error as exc:
                 text = "".join(lines.raw)
                 reason = f"malformed CSV: {exc}"
-                yield Record(start, None, text, lines.offset, lines.line, reason, lines.terminated)
+                # A quoted field still open at the end of the file: the record has not ended yet.
+                ended = lines.terminated and not lines.eof
+                yield Record(start, None, text, lines.offset, lines.line, reason, ended)
                 continue
             if not fields:
                 continue

@@ -12,10 +12,14 @@ violation, poison rows isolated by halving, positions upserted, dead letters —
 * **Resumable.** After each committed batch, ``csv_import_checkpoints`` records the byte offset
   after the batch's last complete record, its line number, and SHA-256s of the file's first 64 KiB
   and of the 64 KiB before the offset. The next run seeks there when both digests still match
-  (the file was at most appended to); otherwise it reads the file from the start. The checkpoint
+  (the file was at most appended to); otherwise it reads the file from the start, except that a
+  file whose start differs (replaced, not appended to) and that has no ``event_id`` column is
+  refused: its derived ids would be the old file's (pass ``--id-prefix``). The checkpoint
   is written after the batch's commit, not in its transaction: a crash in between re-imports one
-  batch, which its keys make a no-op. A last line without a line end (a file still being written)
-  is imported, but the checkpoint stays before it, so it is read again next time.
+  batch, which its keys make a no-op. A last record without a line end (a file still being
+  written) is never imported: a half-flushed row can still validate, and the complete row, with
+  the same key, would then be skipped as already there. It is reported, the checkpoint stays
+  before it, the next run imports it once it ends with a line end, and the exit code is 2.
 """
 
 from __future__ import annotations
@@ -33,11 +37,11 @@ from typing import Any, Final, TextIO
 
 import asyncpg
 
-from ingestd import csv_format, errors, events, migrations
+from ingestd import commands, csv_format, errors, events
 from ingestd.batching import BatchOutcome, Item
-from ingestd.db import create_pool
+from ingestd.db import Connection
 from ingestd.deadletters import make_dead_letter
-from ingestd.settings import Settings, redact
+from ingestd.settings import Settings
 from ingestd.sinks.postgres import PostgresSink
 from ingestd.storage.outbox import Backoff
 from ingestd.textui import Progress, ProgressMode, format_table
@@ -48,6 +52,10 @@ DEFAULT_BATCH_ROWS: Final = 5000
 FINGERPRINT_BYTES: Final = 64 * 1024
 # Let a batch's COPY round trips progress while the next batch is parsed.
 _YIELD_EVERY_ROWS: Final = 256
+
+INCOMPLETE_LAST_LINE: Final = (
+    "incomplete last line: not imported; it will be imported once it ends with a line end"
+)
 
 _SQL_LOAD_CHECKPOINT: Final = """
 SELECT byte_offset, line, rows, head_sha256, tail_sha256
@@ -122,19 +130,64 @@ def fingerprint(fd: int, offset: int) -> tuple[str, str]:
     return hashlib.sha256(head).hexdigest(), hashlib.sha256(tail).hexdigest()
 
 
+async def load_checkpoint(db: asyncpg.Pool | Connection, source: str) -> Checkpoint | None:
+    """The checkpoint recorded for ``source``, if any."""
+    row = await db.fetchrow(_SQL_LOAD_CHECKPOINT, source)
+    if row is None:
+        return None
+    return Checkpoint(
+        row["byte_offset"],
+        row["line"],
+        row["rows"],
+        row["head_sha256"].strip(),
+        row["tail_sha256"].strip(),
+    )
+
+
+class CsvFileReplaced(csv_format.CsvLayoutError):
+    """A file replaced since its import, without event_id column: its derived ids would collide."""
+
+
+def replaced_reason(saved: Checkpoint, fd: int, size: int) -> str | None:
+    """Why the file is not the one ``saved`` was recorded for (its start differs), else None."""
+    head_bytes = min(FINGERPRINT_BYTES, saved.byte_offset)
+    if size < head_bytes:
+        # Not provably the same file: a shorter file with another start would collide as well.
+        return f"it is shorter ({size:,} bytes) than the {head_bytes:,} bytes fingerprinted before"
+    if hashlib.sha256(os.pread(fd, head_bytes, 0)).hexdigest() != saved.head_sha256:
+        return f"its first {head_bytes:,} bytes differ from those of the file imported before"
+    return None
+
+
+def replaced_file_refusal(source: str, reason: str) -> str:
+    """The refusal of a replaced file whose rows have no event_id (their ids would collide)."""
+    quoted = source.replace("'", "''")
+    return (
+        f"{source}: refused: this is not the file imported before under this name ({reason}). "
+        f"It has no event_id column, so its rows' ids (csv:{source}:<line>) and dead-letter keys "
+        "would be those of the old file's rows: a row would be skipped as already there, or a "
+        "bad row not recorded. Import it with a distinct --id-prefix (for example --id-prefix "
+        "rotated-1, and verify-csv with the same), or, if the rows imported from the old file "
+        "were removed from the database, delete its checkpoint first (as the owner: DELETE FROM "
+        f"csv_import_checkpoints WHERE source = '{quoted}'). If it is the same file edited "
+        "rather than replaced, `ingestd verify-csv` shows what differs from the rows imported"
+    )
+
+
 @dataclasses.dataclass(slots=True)
 class FileResult:
     """What importing one file did in this run."""
 
     table: str
     source: str
-    status: str = "imported"  # imported, up to date, empty, absent, refused, failed
+    status: str = "imported"  # imported, incomplete, up to date, empty, absent, refused, failed
     rows: int = 0
     inserted: int = 0
     present: int = 0
     bad: int = 0
     rejected: int = 0
     resumed_at_line: int | None = None
+    incomplete_line: int | None = None  # a last record without its line end, left for next time
     bytes_read: int = 0
     elapsed_s: float = 0.0
     message: str = ""
@@ -150,6 +203,11 @@ class ImportReport:
     """Every file's result."""
 
     files: list[FileResult]
+
+    @property
+    def complete(self) -> bool:
+        """False when a file's last record has no line end yet (run the import again later)."""
+        return all(f.incomplete_line is None for f in self.files)
 
     @property
     def clean(self) -> bool:
@@ -245,7 +303,13 @@ class CsvImporter:
                 self._say(f"import-csv: {exc}")
                 return result
             start = Checkpoint(header.end_offset, header.end_line, 0, "", "")
-            saved = await self._checkpoint(source, f.fileno(), size, header.end_offset)
+            try:
+                saved = await self._checkpoint(converter, f.fileno(), size, header.end_offset)
+            except CsvFileReplaced as exc:
+                result.status = "refused"
+                result.message = str(exc)
+                self._say(f"import-csv: {exc}")
+                return result
             if saved is not None:
                 start = saved
                 if saved.byte_offset >= size:
@@ -265,28 +329,38 @@ class CsvImporter:
         return result
 
     async def _checkpoint(
-        self, source: str, fd: int, size: int, header_end: int
+        self, converter: csv_format.RowConverter, fd: int, size: int, header_end: int
     ) -> Checkpoint | None:
+        """Where to resume (None: from the start); CsvFileReplaced for a replaced file."""
+        source = converter.source
+        saved = await load_checkpoint(self._pool, source)
+        if saved is None:
+            return None
+        # Checked also with --no-resume: the checkpoint records which file this source was.
+        replaced = replaced_reason(saved, fd, size)
+        if replaced is not None:
+            if not converter.has_event_id_column:
+                raise CsvFileReplaced(replaced_file_refusal(source, replaced))
+            self._say(
+                f"import-csv: {source} is not the file imported before under this name "
+                f"({replaced}): reading it from the start. Rows whose event_id is already in the "
+                "database are not added again, and a bad row is not recorded again where the old "
+                f"file's row at its line is already a dead letter (csv:{source}:<line>); pass "
+                "--id-prefix to keep the two files apart"
+            )
+            return None
         if not self._resume:
             return None
-        row = await self._pool.fetchrow(_SQL_LOAD_CHECKPOINT, source)
-        if row is None:
-            return None
-        saved = Checkpoint(
-            row["byte_offset"],
-            row["line"],
-            row["rows"],
-            row["head_sha256"].strip(),
-            row["tail_sha256"].strip(),
-        )
         if header_end <= saved.byte_offset <= size and fingerprint(fd, saved.byte_offset) == (
             saved.head_sha256,
             saved.tail_sha256,
         ):
             return saved
         self._say(
-            f"import-csv: {source} changed since its last import (not only appended to): "
-            "reading it from the start (rows already imported are not added again)"
+            f"import-csv: {source} changed since its last import (its start is the same, but it "
+            "was not only appended to): reading it from the start. A row whose key (event_id, "
+            f"else csv:{source}:<line>, and time) is already in the database is not added again, "
+            "even if its other values were edited: `ingestd verify-csv` shows what differs"
         )
         return None
 
@@ -309,12 +383,18 @@ class CsvImporter:
         writing: asyncio.Task[None] | None = None
         offset = start.byte_offset
         for rec in records:
+            if not rec.terminated:
+                # The file ends inside this record: a producer is still writing it. A half-flushed
+                # row may still validate ("2.9836" cut to "2.98") and would then be permanent,
+                # since the complete row has the same key. Leave it, and the checkpoint before it.
+                result.incomplete_line = rec.line
+                self._say(f"{converter.source}:{rec.line}: {INCOMPLETE_LAST_LINE}")
+                break
             rows += 1
             result.rows += 1
             offset = rec.end_offset
             batch.append(self._item(converter, rec, source, result))
-            if rec.terminated:
-                safe = Checkpoint(rec.end_offset, rec.end_line, rows, "", "")
+            safe = Checkpoint(rec.end_offset, rec.end_line, rows, "", "")
             if len(batch) >= self._batch_rows:
                 if writing is not None:
                     await writing
@@ -325,12 +405,14 @@ class CsvImporter:
                 await asyncio.sleep(0)
         if writing is not None:
             await writing
-        if reader.terminated:
+        if reader.terminated and result.incomplete_line is None:
             # Blank lines after the last record: the file is read to its (line-ended) end.
             safe = Checkpoint(reader.offset, reader.line, rows, "", "")
         if batch or safe.byte_offset > start.byte_offset:
             await self._commit(converter, batch, fd, safe, result)
         result.bytes_read = reader.offset
+        if result.incomplete_line is not None:
+            result.status = "incomplete"
         progress.finish(reader.offset, result.rows)
 
     def _item(
@@ -443,21 +525,15 @@ async def run_import(
     err: TextIO | None = None,
 ) -> int:
     """``ingestd import-csv``: 0 when every row landed, 1 when rows or files were rejected, 2 when
-    the import could not run (it resumes where it stopped when run again)."""
+    the work is not complete: the import could not run or stopped, or a file's last line has no
+    line end yet (running it again resumes where it stopped)."""
     out = sys.stdout if out is None else out
     err = sys.stderr if err is None else err
     if not directory.is_dir():  # noqa: ASYNC240 - a one-shot command; nothing else runs
         print(f"ingestd import-csv: {directory} is not a directory", file=err)
         return 2
-    dsn = settings.storage.postgres.dsn
-    try:
-        pool = await create_pool(settings.storage.postgres, min_size=1)
-    except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
-        print(f"ingestd import-csv: cannot connect to {redact(dsn)}: {exc}", file=err)
-        return 2
-    try:
-        async with pool.acquire() as conn:
-            await migrations.check_current(conn)
+
+    async def body(pool: asyncpg.Pool) -> int:
         importer = CsvImporter(
             pool,
             progress=Progress(err, mode=progress_mode),
@@ -470,17 +546,15 @@ async def run_import(
             acquire_timeout_s=settings.storage.postgres.acquire_timeout_s,
         )
         report = await importer.import_directory(directory)
-    except errors.IngestdError as exc:
-        print(f"ingestd import-csv: {exc}", file=err)
-        return 2
-    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
-        print(
-            f"ingestd import-csv: stopped: {type(exc).__name__}: {redact(str(exc))}; "
-            "run the same command again to resume",
-            file=err,
-        )
-        return 2
-    finally:
-        await pool.close()
-    print(report.summary(), file=out)
-    return 0 if report.clean else 1
+        print(report.summary(), file=out)
+        if not report.complete:
+            return 2  # not yet complete work: the next run imports the rest
+        return 0 if report.clean else 1
+
+    return await commands.run_with_database(
+        "import-csv",
+        settings,
+        body,
+        err=err,
+        stopped_hint="; run the same command again to resume",
+    )

@@ -14,9 +14,10 @@ span that it does not name are counted as information, not as a mismatch.
 
 Rows that the import rejected (in ``dead_letters`` under ``csv:<file>:<line>``) are listed apart
 and left out of the comparison (DESIGN §6); a bad row that is *not* in ``dead_letters`` is a
-mismatch (the import has not seen it). The file's rows are loaded into a temporary table with COPY
-(constant client memory) and compared in SQL, where the column types round exactly as the import's
-did.
+mismatch (the import has not seen it). A last record without its line end is left out and noted,
+as import-csv leaves it for its next run. The file's rows are loaded into a temporary table with
+COPY (constant client memory) and compared in SQL, where the column types round exactly as the
+import's did.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io
+import os
 import sys
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
@@ -31,13 +33,22 @@ from typing import Any, Final, TextIO
 
 import asyncpg
 
-from ingestd import csv_format, errors, events, migrations, tables
-from ingestd.csv_import import converter_for, event_of, source_name
+from ingestd import commands, csv_format, errors, events, tables
+from ingestd.csv_import import (
+    converter_for,
+    event_of,
+    load_checkpoint,
+    replaced_reason,
+    source_name,
+)
 from ingestd.db import Connection
-from ingestd.settings import Settings, redact
+from ingestd.settings import Settings
 from ingestd.textui import format_table
 
 _COPY_ROWS: Final = 5000
+# The comparison of a multi-GB file runs statements of minutes; the connection's command timeout
+# (10 s) bounds the small ones. Both end the command when the server hangs.
+COMPARE_TIMEOUT_S: Final = 600.0
 _ENTRY: Final = tuple(name for name, _ in tables.POSITION_ENTRY_COLUMNS)
 _EXIT: Final = tuple(name for name, _ in tables.POSITION_EXIT_COLUMNS)
 
@@ -127,6 +138,7 @@ class TableCheck:
     unrecorded_bad: list[str] = dataclasses.field(default_factory=list)  # not in dead_letters
     rejected_count: int = 0
     unrecorded_count: int = 0
+    incomplete_line: int | None = None  # a last record without its line end: not compared
     message: str = ""
 
     @property
@@ -145,10 +157,18 @@ class TableCheck:
 class CsvVerifier:
     """Compares the files of a directory with the database over one connection."""
 
-    def __init__(self, conn: Connection, *, id_prefix: str = "", show: int = 5) -> None:
+    def __init__(
+        self,
+        conn: Connection,
+        *,
+        id_prefix: str = "",
+        show: int = 5,
+        timeout_s: float = COMPARE_TIMEOUT_S,
+    ) -> None:
         self._conn = conn
         self._id_prefix = id_prefix
         self._show = show
+        self._timeout_s = timeout_s
 
     async def verify_directory(self, directory: Path) -> list[TableCheck]:
         """Check every file of the layout that is in ``directory``."""
@@ -179,15 +199,35 @@ class CsvVerifier:
                 check.status = "refused"
                 check.message = str(exc)
                 return check
+            replaced = await self._replaced(converter, f.fileno())
+            if replaced is not None:
+                # Still compared (an edited file's differences are worth seeing), but import-csv
+                # refuses this file: its derived ids would name the old file's rows.
+                check.message = (
+                    f"this file's start differs from the file import-csv imported under this name "
+                    f"({replaced}): import-csv refuses it. If it replaced that file, import and "
+                    "verify it with a distinct --id-prefix; the comparison above is with the old "
+                    "file's rows"
+                )
             await self._create_temp(shape)
             await self._load(shape, converter, records, rejected, check)
         await self._compare(shape, check)
         return check
 
+    async def _replaced(self, converter: csv_format.RowConverter, fd: int) -> str | None:
+        if converter.has_event_id_column:
+            return None
+        saved = await load_checkpoint(self._conn, converter.source)
+        if saved is None:
+            return None
+        return replaced_reason(saved, fd, os.fstat(fd).st_size)
+
     async def _dead_letter_lines(self, source: str) -> dict[int, str]:
         prefix = csv_format.dead_letter_key(source, 0)[:-1]  # "csv:<source>:"
         rows = await self._conn.fetch(
-            "SELECT dedup_key, error FROM dead_letters WHERE starts_with(dedup_key, $1)", prefix
+            "SELECT dedup_key, error FROM dead_letters WHERE starts_with(dedup_key, $1)",
+            prefix,
+            timeout=self._timeout_s,
         )
         lines: dict[int, str] = {}
         for r in rows:
@@ -198,12 +238,21 @@ class CsvVerifier:
 
     async def _create_temp(self, shape: _Shape) -> None:
         cols = ", ".join(_q(c) for c in shape.loaded)
-        await self._conn.execute(f"DROP TABLE IF EXISTS {shape.temp}")
-        # The layout's columns all exist in the table: the temp table gets their exact types, so
-        # COPY rounds the file's values as the import's COPY did.
-        await self._conn.execute(
-            f"CREATE TEMP TABLE {shape.temp} AS SELECT {cols} FROM {shape.table.name} WITH NO DATA"
-        )
+        try:
+            await self._conn.execute(f"DROP TABLE IF EXISTS {shape.temp}")
+            # The layout's columns all exist in the table: the temp table gets their exact types,
+            # so COPY rounds the file's values as the import's COPY did.
+            await self._conn.execute(
+                f"CREATE TEMP TABLE {shape.temp} AS "
+                f"SELECT {cols} FROM {shape.table.name} WITH NO DATA"
+            )
+        except (asyncpg.InsufficientPrivilegeError, asyncpg.ReadOnlySQLTransactionError) as exc:
+            # The dashboards' reader: read-only sessions, and no TEMPORARY on the database.
+            raise commands.CommandRefused(
+                "verify-csv needs TEMPORARY on the database (it loads each file into a temporary "
+                "table): run it as the writer login (ingestd_writer) or the owner, not as the "
+                f"read-only reader ({type(exc).__name__}: {exc})"
+            ) from exc
         await self._conn.execute(f"ALTER TABLE {shape.temp} ADD COLUMN line BIGINT NOT NULL")
 
     async def _load(
@@ -218,6 +267,10 @@ class CsvVerifier:
         writer = csv.writer(buf, lineterminator="\n")
         pending = 0
         for rec in records:
+            if not rec.terminated:
+                # As import-csv does: a last record without its line end is not there yet.
+                check.incomplete_line = rec.line
+                break
             if rec.line in rejected:
                 check.rejected_count += 1
                 if len(check.rejected) < self._show:
@@ -240,9 +293,10 @@ class CsvVerifier:
         if pending:
             await self._copy(shape, buf)
         await self._conn.execute(
-            f"CREATE INDEX ON {shape.temp} ({', '.join(_q(k) for k in shape.key)})"
+            f"CREATE INDEX ON {shape.temp} ({', '.join(_q(k) for k in shape.key)})",
+            timeout=self._timeout_s,
         )
-        await self._conn.execute(f"ANALYZE {shape.temp}")
+        await self._conn.execute(f"ANALYZE {shape.temp}", timeout=self._timeout_s)
 
     @staticmethod
     def _row(shape: _Shape, ev: events.Event, line: int) -> list[str]:
@@ -274,14 +328,15 @@ class CsvVerifier:
 
     async def _compare(self, shape: _Shape, check: TableCheck) -> None:
         conn = self._conn
+        t = self._timeout_s
         csv_side, db_side = shape.csv_side(), shape.db_side()
         sums = ", ".join(f"sum({_q(c)})" for c in shape.numeric)
-        counts = await conn.fetchrow(f"SELECT count(*), {sums} FROM ({csv_side}) AS s")
-        dbrow = await conn.fetchrow(f"SELECT count(*), {sums} FROM ({db_side}) AS d")
+        counts = await conn.fetchrow(f"SELECT count(*), {sums} FROM ({csv_side}) AS s", timeout=t)
+        dbrow = await conn.fetchrow(f"SELECT count(*), {sums} FROM ({db_side}) AS d", timeout=t)
         assert counts is not None and dbrow is not None
         check.csv_rows, check.db_rows = counts[0], dbrow[0]
         check.csv_duplicates = (
-            await conn.fetchval(f"SELECT count(*) FROM {shape.temp}") - check.csv_rows
+            await conn.fetchval(f"SELECT count(*) FROM {shape.temp}", timeout=t) - check.csv_rows
             if shape.table.name != "positions"
             else 0
         )
@@ -293,9 +348,9 @@ class CsvVerifier:
             f"FROM ({csv_side}) AS s WHERE NOT EXISTS "
             f"(SELECT 1 FROM ({db_side}) AS d WHERE {shape.join_on('d', 's')})"
         )
-        check.missing_in_db = await conn.fetchval(f"SELECT count(*) {missing_db}")
+        check.missing_in_db = await conn.fetchval(f"SELECT count(*) {missing_db}", timeout=t)
         for r in await conn.fetch(
-            f"SELECT s.line, {keys} {missing_db} ORDER BY s.line LIMIT {int(self._show)}"
+            f"SELECT s.line, {keys} {missing_db} ORDER BY s.line LIMIT {int(self._show)}", timeout=t
         ):
             check.examples.append(
                 f"{check.source}:{r['line']}: not in the database ({_key_text(shape, r)})"
@@ -305,8 +360,10 @@ class CsvVerifier:
             f"FROM ({db_side}) AS d WHERE NOT EXISTS "
             f"(SELECT 1 FROM ({csv_side}) AS s WHERE {shape.join_on('s', 'd')})"
         )
-        check.missing_in_csv = await conn.fetchval(f"SELECT count(*) {missing_csv}")
-        for r in await conn.fetch(f"SELECT {dkeys} {missing_csv} LIMIT {int(self._show)}"):
+        check.missing_in_csv = await conn.fetchval(f"SELECT count(*) {missing_csv}", timeout=t)
+        for r in await conn.fetch(
+            f"SELECT {dkeys} {missing_csv} LIMIT {int(self._show)}", timeout=t
+        ):
             check.examples.append(
                 f"{check.source}: in the database, not in the file ({_key_text(shape, r)})"
             )
@@ -318,22 +375,24 @@ class CsvVerifier:
             f"FROM ({csv_side}) AS s JOIN ({db_side}) AS d ON {shape.join_on('s', 'd')} "
             f"WHERE {differs}"
         )
-        check.differing = await conn.fetchval(f"SELECT count(*) {joined}")
+        check.differing = await conn.fetchval(f"SELECT count(*) {joined}", timeout=t)
         for r in await conn.fetch(
             f"SELECT s.line, {keys}, array_remove(ARRAY[{names}], NULL) AS cols {joined} "
-            f"ORDER BY s.line LIMIT {int(self._show)}"
+            f"ORDER BY s.line LIMIT {int(self._show)}",
+            timeout=t,
         ):
             check.examples.append(
                 f"{check.source}:{r['line']}: differs in {', '.join(r['cols'])} "
                 f"({_key_text(shape, r)})"
             )
         if shape.table.name != "positions":
-            t = _q(shape.time_column)
+            tc = _q(shape.time_column)
             check.other_db_rows = await conn.fetchval(
                 f"SELECT count(*) FROM {shape.table.name} AS t "
-                f"WHERE t.{t} BETWEEN (SELECT min({t}) FROM {shape.temp}) "
-                f"AND (SELECT max({t}) FROM {shape.temp}) "
-                f"AND NOT EXISTS (SELECT 1 FROM {shape.temp} AS v WHERE v.event_id = t.event_id)"
+                f"WHERE t.{tc} BETWEEN (SELECT min({tc}) FROM {shape.temp}) "
+                f"AND (SELECT max({tc}) FROM {shape.temp}) "
+                f"AND NOT EXISTS (SELECT 1 FROM {shape.temp} AS v WHERE v.event_id = t.event_id)",
+                timeout=t,
             )
 
 
@@ -406,6 +465,12 @@ def render(checks: Sequence[TableCheck]) -> str:
         for c in checks
         if c.csv_duplicates
     ]
+    info += [
+        f"{c.source}:{c.incomplete_line}: incomplete last line: not compared "
+        "(import-csv imports it once it ends with a line end)"
+        for c in checks
+        if c.incomplete_line is not None
+    ]
     if info:
         out.append("")
         out += info
@@ -428,23 +493,17 @@ async def run_verify(
     if not directory.is_dir():  # noqa: ASYNC240 - a one-shot command; nothing else runs
         print(f"ingestd verify-csv: {directory} is not a directory", file=err)
         return 2
-    dsn = settings.storage.postgres.dsn
-    try:
-        conn = await asyncpg.connect(dsn, timeout=settings.storage.postgres.connect_timeout_s)
-    except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
-        print(f"ingestd verify-csv: cannot connect to {redact(dsn)}: {exc}", file=err)
-        return 2
-    try:
-        await migrations.check_current(conn)
-        checks = await CsvVerifier(conn, id_prefix=id_prefix, show=show).verify_directory(directory)
-    except errors.IngestdError as exc:
-        print(f"ingestd verify-csv: {exc}", file=err)
-        return 2
-    finally:
-        await conn.close()
-    print(render(checks), file=out)
-    present = [c for c in checks if c.status != "absent"]
-    if not present:
-        print(f"ingestd verify-csv: no CSV files of the layout in {directory}", file=err)
-        return 1
-    return 0 if all(c.ok or c.status == "empty" for c in present) else 1
+
+    async def body(pool: asyncpg.Pool) -> int:
+        # One connection throughout: the temporary tables live in its session.
+        async with pool.acquire() as conn:
+            verifier = CsvVerifier(conn, id_prefix=id_prefix, show=show)
+            checks = await verifier.verify_directory(directory)
+        print(render(checks), file=out)
+        present = [c for c in checks if c.status != "absent"]
+        if not present:
+            print(f"ingestd verify-csv: no CSV files of the layout in {directory}", file=err)
+            return 1
+        return 0 if all(c.ok or c.status == "empty" for c in present) else 1
+
+    return await commands.run_with_database("verify-csv", settings, body, err=err)

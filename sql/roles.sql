@@ -6,9 +6,10 @@
 -- migration adds a table. No password is in this file: `ingestd roles` creates the login roles
 -- and sets their passwords from the environment (see README, Security).
 --
---   ingestd_writer  NOLOGIN group for `ingestd run`: reads and appends its own tables, updates
---                   only what ingestd updates, deletes only parked position closes, runs the
---                   maintenance functions named ingestd_*; no DDL, no TRUNCATE, nothing else.
+--   ingestd_writer  NOLOGIN group for `ingestd run` (maintenance included), `import-csv` and
+--                   `verify-csv`: reads and appends its own tables, updates only what ingestd
+--                   updates, deletes only parked position closes, runs the maintenance
+--                   functions named ingestd_*; no DDL, no TRUNCATE, nothing else.
 --   ingestd_reader  NOLOGIN group for dashboards: SELECT on ingestd's tables and views, only.
 
 DO $$
@@ -59,6 +60,14 @@ GRANT SELECT, INSERT, UPDATE ON orders, trades, positions TO ingestd_writer;
 GRANT SELECT, INSERT, UPDATE, DELETE ON position_closes_pending TO ingestd_writer;
 -- `ingestd run` refuses a schema that is behind: it reads the ledger, never writes it.
 GRANT SELECT ON ingestd_migrations TO ingestd_writer;
+-- Maintenance (ingestd/maintenance.py, part of `ingestd run`): a replica claims a task's round
+-- with INSERT ... ON CONFLICT DO UPDATE on its row and records the outcome with UPDATE (a failure
+-- with INSERT ... ON CONFLICT); it reads the two aggregates to write the metrics:* Redis keys.
+-- Refreshing and deleting go through the ingestd_* functions below, never through these grants.
+GRANT SELECT, INSERT, UPDATE ON ingestd_maintenance TO ingestd_writer;
+GRANT SELECT ON daily_pnl_summary, hourly_spread_avg TO ingestd_writer;
+-- `ingestd import-csv` (run as the writer) records how far it got in each file.
+GRANT SELECT, INSERT, UPDATE ON csv_import_checkpoints TO ingestd_writer;
 -- BIGSERIAL ids: nextval() needs USAGE on the sequences.
 GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO ingestd_writer;
 

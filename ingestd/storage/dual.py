@@ -8,7 +8,8 @@ producer:
   holds them and the publisher retries; when the stream answers again, they are published, in
   order, and the database catches up by itself;
 * a longer outage, or a producer that stops or crashes while the stream is down: the oldest events
-  are dropped from memory (logged once, with the first dropped id, and counted in ``dropped``). The
+  are dropped from memory (logged once per outage, with its first dropped id, and counted in
+  ``dropped``). The
   CSV files hold every one of them with the same ``event_id``, so ``ingestd import-csv DIR`` lands
   exactly the missing rows: the import is idempotent and what did reach the database adds nothing.
 
@@ -18,13 +19,14 @@ error is raised to the caller.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from types import TracebackType
 from typing import Any
 
 from ingestd import errors
 from ingestd.storage.base import AsyncLogMethods, EventBuilder, LogMethods
-from ingestd.storage.csv_storage import CsvStorage
+from ingestd.storage.csv_storage import CsvStorage, emit_off_the_loop
 from ingestd.storage.postgres import AsyncPostgresStorage, PostgresStorage
 
 log = logging.getLogger("ingestd.storage.dual")
@@ -80,12 +82,17 @@ class DualStorage(LogMethods):
         self.db.flush(timeout)
 
     def close(self, timeout: float = 10.0) -> None:
-        """Close both; unpublished events are logged (the CSV files hold them), not raised."""
-        self.csv.close()
+        """Close both; unpublished events are logged (the CSV files hold them), not raised.
+
+        A CSV failure (CsvWriteFailed) is raised, after the database side is closed too.
+        """
         try:
-            self.db.close(timeout)
-        except errors.SinkUnavailable as exc:
-            _unsent_warning(self.csv.directory, exc)
+            self.csv.close()
+        finally:
+            try:
+                self.db.close(timeout)
+            except errors.SinkUnavailable as exc:
+                _unsent_warning(self.csv.directory, exc)
 
 
 class AsyncDualStorage(AsyncLogMethods):
@@ -116,21 +123,27 @@ class AsyncDualStorage(AsyncLogMethods):
 
     async def _emit(self, event: dict[str, Any]) -> str:
         try:
-            self.csv._emit(event)
+            await emit_off_the_loop(self.csv, event)
         except BaseException:
             await self.db._emit(event)
             raise
         return await self.db._emit(event)
 
     async def flush(self) -> None:
-        """fsync the CSV files, then wait for the stream (bound it with ``asyncio.timeout``)."""
-        self.csv.flush()
+        """fsync the CSV files (in a thread), then wait for the stream (bound it with
+        ``asyncio.timeout``)."""
+        await asyncio.to_thread(self.csv.flush)
         await self.db.flush()
 
     async def aclose(self, grace_s: float = 10.0) -> None:
-        """Close both; unpublished events are logged (the CSV files hold them), not raised."""
-        self.csv.close()
+        """Close both; unpublished events are logged (the CSV files hold them), not raised.
+
+        A CSV failure (CsvWriteFailed) is raised, after the database side is closed too.
+        """
         try:
-            await self.db.aclose(grace_s)
-        except errors.SinkUnavailable as exc:
-            _unsent_warning(self.csv.directory, exc)
+            await asyncio.to_thread(self.csv.close)
+        finally:
+            try:
+                await self.db.aclose(grace_s)
+            except errors.SinkUnavailable as exc:
+                _unsent_warning(self.csv.directory, exc)

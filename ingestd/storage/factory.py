@@ -52,21 +52,29 @@ def create_storage(
 ) -> Storage:
     """The synchronous storage for ``storage.backend`` (default config: ``load_settings()``)."""
     storage, stream = _resolve(config)
-    if storage.backend == "csv":
-        return _csv(storage, producer, csv_dir)
+    # The CSV side first: when its directory or a file's header is refused, no Redis client has
+    # been made yet (nothing to close).
+    csv_side = _csv(storage, producer, csv_dir) if storage.backend in {"csv", "dual"} else None
+    if csv_side is not None and storage.backend == "csv":
+        return csv_side
     r = storage.redis
     overflow: Overflow = "drop_oldest" if storage.backend == "dual" else "block"
-    db = PostgresStorage(
-        sync_client(r, timeout_s=r.socket_timeout_s),
-        stream=stream,
-        producer=producer,
-        max_buffer_events=storage.buffer_max_events,
-        overflow=overflow,
-        owns_client=True,
-    )
-    if storage.backend == "postgres":
+    try:
+        db = PostgresStorage(
+            sync_client(r, timeout_s=r.socket_timeout_s),
+            stream=stream,
+            producer=producer,
+            max_buffer_events=storage.buffer_max_events,
+            overflow=overflow,
+            owns_client=True,
+        )
+    except BaseException:
+        if csv_side is not None:
+            csv_side.close()
+        raise
+    if csv_side is None:
         return db
-    return DualStorage(_csv(storage, producer, csv_dir), db, producer=producer)
+    return DualStorage(csv_side, db, producer=producer)
 
 
 def create_async_storage(
@@ -78,27 +86,34 @@ def create_async_storage(
 ) -> AsyncStorage:
     """The asyncio storage for ``storage.backend``; given ``service``, in-process, not via Redis."""
     storage, stream = _resolve(config)
-    if storage.backend == "csv":
-        return AsyncCsvStorage(_csv(storage, producer, csv_dir))
+    # The CSV side first, as in create_storage: a refused directory leaves no client behind.
+    csv_side = _csv(storage, producer, csv_dir) if storage.backend in {"csv", "dual"} else None
+    if csv_side is not None and storage.backend == "csv":
+        return AsyncCsvStorage(csv_side)
     overflow: Overflow = "drop_oldest" if storage.backend == "dual" else "block"
-    if service is not None:
-        db = AsyncPostgresStorage.in_process(
-            service,
-            producer=producer,
-            max_buffer_events=storage.buffer_max_events,
-            overflow=overflow,
-        )
-    else:
-        r = storage.redis
-        transport = StreamTransport(
-            create_redis(r.url, socket_timeout_s=r.socket_timeout_s), stream, owns_client=True
-        )
-        db = AsyncPostgresStorage(
-            transport,
-            producer=producer,
-            max_buffer_events=storage.buffer_max_events,
-            overflow=overflow,
-        )
-    if storage.backend == "postgres":
+    try:
+        if service is not None:
+            db = AsyncPostgresStorage.in_process(
+                service,
+                producer=producer,
+                max_buffer_events=storage.buffer_max_events,
+                overflow=overflow,
+            )
+        else:
+            r = storage.redis
+            transport = StreamTransport(
+                create_redis(r.url, socket_timeout_s=r.socket_timeout_s), stream, owns_client=True
+            )
+            db = AsyncPostgresStorage(
+                transport,
+                producer=producer,
+                max_buffer_events=storage.buffer_max_events,
+                overflow=overflow,
+            )
+    except BaseException:
+        if csv_side is not None:
+            csv_side.close()
+        raise
+    if csv_side is None:
         return db
-    return AsyncDualStorage(_csv(storage, producer, csv_dir), db, producer=producer)
+    return AsyncDualStorage(csv_side, db, producer=producer)

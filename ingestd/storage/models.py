@@ -5,7 +5,7 @@ Each is a frozen dataclass named by the seed's columns, with exact ``Decimal`` a
 the wire format: a bad value raises ``InvalidEvent`` naming the field, and every value is kept as
 the database will store it (rounded to its column's scale), so that a model, its CSV row and its
 database row agree digit for digit. A ``float`` is read through its shortest ``repr`` (``1350.0``
-stays ``1350.0``), never through its binary value.
+stays ``1350.0``, ``5e-05`` is ``0.00005``), never through its binary value.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import decimal
+import math
 from collections.abc import Mapping
 from typing import Any, ClassVar, Self
 
@@ -30,7 +31,11 @@ def wire_value(value: object) -> object:
         # Text, not the Decimal: a value within the column's scale then keeps its exact digits.
         return format(value, "f") if value.is_finite() else str(value)
     if isinstance(value, float):
-        return repr(value)
+        if not math.isfinite(value):
+            return value  # events.numeric_text refuses NaN and infinities, naming the field
+        # The shortest repr is the number its author wrote; repr may use an exponent (5e-05,
+        # 1e-08, 1e+16), which the wire's decimal text has not: write it out, digit for digit.
+        return format(D(repr(value)), "f")
     if isinstance(value, int):
         return str(value)
     if isinstance(value, dt.datetime):

@@ -43,6 +43,9 @@ class Outbox:
         self.dropped = 0
         self.first_dropped: str | None = None
         self.last_dropped: str | None = None
+        # Drops since the last reset_recent_drops() (an outage's drops, for its log line).
+        self.recent_drops = 0
+        self.first_recent_drop: str | None = None
 
     def __len__(self) -> int:
         return len(self._items)
@@ -73,6 +76,16 @@ class Outbox:
         if self.first_dropped is None:
             self.first_dropped = item.event_id
         self.last_dropped = item.event_id
+        self.recent_drops += 1
+        if self.first_recent_drop is None:
+            self.first_recent_drop = item.event_id
+
+    def reset_recent_drops(self) -> int:
+        """Start counting drops anew (after an outage); returns how many there were."""
+        n = self.recent_drops
+        self.recent_drops = 0
+        self.first_recent_drop = None
+        return n
 
     def take(self, limit: int) -> list[Pending]:
         """Remove and return up to ``limit`` of the oldest events (to be sent)."""

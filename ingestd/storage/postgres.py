@@ -12,17 +12,21 @@ jittered backoff; a retried chunk may land twice in the stream, and its event id
 When the outbox is full, ``overflow="block"`` (the default) makes ``log_*`` wait: backpressure, no
 loss. Dual write uses ``overflow="drop_oldest"``, because its CSV files hold every event already
 (see ``ingestd.storage.dual``). ``flush()`` returns once everything logged before it is in the
-stream (in-process: committed); ``close()`` flushes first.
+stream (in-process: committed); ``close()`` flushes first. A synchronous storage still open when
+the interpreter exits is closed by an ``atexit`` handler, bounded by ``exit_timeout_s``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
+import functools
 import logging
 import threading
 import time
-from collections.abc import Sequence
+import weakref
+from collections.abc import Callable, Sequence
 from types import TracebackType
 from typing import Any, Protocol
 
@@ -45,19 +49,22 @@ DEFAULT_MAX_BUFFER_EVENTS = 100_000
 DEFAULT_CHUNK_EVENTS = 1000
 DEFAULT_LINGER_S = 0.05
 DEFAULT_CLOSE_TIMEOUT_S = 10.0
+# A process that exits without close() still publishes what it logged, for at most this long.
+DEFAULT_EXIT_TIMEOUT_S = 5.0
 
 # What a failed publish can raise: the stream or in-process service is unreachable for now.
 _RETRIABLE = (redis.exceptions.RedisError, OSError, errors.IngestdError)
 
 
 class _Health:
-    """Logs the first failure of an outage, its recovery, and drops (once per outage)."""
+    """Logs the first failure of an outage, its recovery, and drops: once per outage, that is once
+    until publishing works again and the outbox has room; the next drops are logged again."""
 
     def __init__(self, target: str) -> None:
         self.target = target
         self.failing_since: float | None = None
         self.last_error: str | None = None
-        self._drops_logged = 0
+        self._drops_logged = False
 
     def failed(self, exc: BaseException, pending: int) -> None:
         self.last_error = f"{type(exc).__name__}: {exc}"
@@ -71,28 +78,36 @@ class _Health:
                 extra={"action": "storage_publish_failed"},
             )
 
-    def recovered(self) -> None:
+    def recovered(self, outbox: Outbox) -> None:
+        """After a chunk was published."""
         if self.failing_since is not None:
+            dropped = outbox.recent_drops
             log.info(
-                "publishing to %s again after %.1fs",
+                "publishing to %s again after %.1fs%s",
                 self.target,
                 time.monotonic() - self.failing_since,
+                f" ({dropped} event(s) dropped from memory meanwhile)" if dropped else "",
                 extra={"action": "storage_publish_recovered"},
             )
             self.failing_since = None
             self.last_error = None
+        if self._drops_logged and not outbox.full:
+            # The outage is over (drops may start before a publish has even failed): the next
+            # drops are another outage's, and are logged again.
+            outbox.reset_recent_drops()
+            self._drops_logged = False
 
     def dropped(self, outbox: Outbox) -> None:
-        if outbox.dropped and not self._drops_logged:
+        if outbox.recent_drops and not self._drops_logged:
             log.warning(
                 "outbox full (%d events) while %s is unreachable: dropping the oldest from memory "
                 "(first %s); the CSV files hold them: run `ingestd import-csv DIR` to catch up",
                 outbox.max_events,
                 self.target,
-                outbox.first_dropped,
+                outbox.first_recent_drop,
                 extra={"action": "storage_outbox_dropped"},
             )
-            self._drops_logged = outbox.dropped
+            self._drops_logged = True
 
     def unavailable(self, unsent: int) -> errors.SinkUnavailable:
         return errors.SinkUnavailable(
@@ -121,9 +136,12 @@ class PostgresStorage(LogMethods):
         linger_s: float = DEFAULT_LINGER_S,
         overflow: Overflow = "block",
         owns_client: bool = False,
+        exit_timeout_s: float = DEFAULT_EXIT_TIMEOUT_S,
     ) -> None:
         _validate(chunk_events, linger_s)
         self._client = client
+        self._exit_timeout_s = exit_timeout_s
+        self._at_exit: Callable[[], None] | None = None
         self.stream = stream
         self._events = EventBuilder(producer, id_prefix)
         self._outbox = Outbox(max_buffer_events, overflow=overflow)
@@ -189,10 +207,14 @@ class PostgresStorage(LogMethods):
             if self._closing:
                 raise errors.ShuttingDown("this PostgresStorage is closed")
             if self._thread is None:
+                # A daemon thread, so that a forgotten close() never keeps the process alive; the
+                # exit handler publishes what is left, for at most exit_timeout_s.
                 self._thread = threading.Thread(
                     target=self._run, name="ingestd-storage-publisher", daemon=True
                 )
                 self._thread.start()
+                self._at_exit = functools.partial(_close_at_exit, weakref.ref(self))
+                atexit.register(self._at_exit)
             while self._outbox.overflow == "block" and self._outbox.full:
                 self._cond.wait()  # backpressure: the publisher makes room
             was_empty = not len(self._outbox)
@@ -225,6 +247,9 @@ class PostgresStorage(LogMethods):
         """Flush (up to ``timeout``), stop the publisher; SinkUnavailable if events remain."""
         if self._closed:
             return
+        if self._at_exit is not None:
+            atexit.unregister(self._at_exit)
+            self._at_exit = None
         failure: errors.SinkUnavailable | None = None
         try:
             if self._thread is not None:
@@ -282,7 +307,7 @@ class PostgresStorage(LogMethods):
             backoff.reset()
             with self._cond:
                 self._outbox.settle(batch)
-                self._health.recovered()
+                self._health.recovered(self._outbox)
                 self._cond.notify_all()
 
     def _send(self, batch: Sequence[Pending]) -> None:
@@ -291,6 +316,23 @@ class PostgresStorage(LogMethods):
             pipe.xadd(self.stream, {"event": item.payload})
         self.round_trips += 1
         pipe.execute()
+
+
+def _close_at_exit(ref: weakref.ref[PostgresStorage]) -> None:
+    """At interpreter exit: close a storage its owner did not close (bounded; logged if late)."""
+    storage = ref()
+    if storage is None or storage._closed:
+        return
+    if storage.pending:
+        log.warning(
+            "exiting without PostgresStorage.close(): publishing %d pending event(s) for up to "
+            "%.0fs",
+            storage.pending,
+            storage._exit_timeout_s,
+            extra={"action": "storage_exit_flush"},
+        )
+    with contextlib.suppress(errors.SinkUnavailable):  # close() logged what stayed unsent
+        storage.close(storage._exit_timeout_s)
 
 
 class _Transport(Protocol):
@@ -534,5 +576,5 @@ class AsyncPostgresStorage(AsyncLogMethods):
             backoff.reset()
             async with cond:
                 self._outbox.settle(batch)
-                self._health.recovered()
+                self._health.recovered(self._outbox)
                 cond.notify_all()

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
+import os
 import shutil
 from decimal import Decimal as D
 from pathlib import Path
@@ -10,7 +12,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from ingestd.csv_import import run_import
+from ingestd.csv_import import INCOMPLETE_LAST_LINE, run_import
 from ingestd.csv_verify import run_verify
 from ingestd.settings import Settings
 from tests.samples import POSITION_HEADER, SPREAD_HEADER, spread_rows, write_csv
@@ -45,10 +47,12 @@ async def verified(settings: Settings, directory: Path) -> tuple[int, str]:
     return code, out.getvalue() + err.getvalue()
 
 
+TABLES = ("spreads", "fx_rates", "orders", "trades", "positions", "dead_letters")
+
+
 async def counts(db: asyncpg.Connection) -> dict[str, int]:
     """Rows per table."""
-    names = ["spreads", "fx_rates", "orders", "trades", "positions", "dead_letters"]
-    return {n: int(await db.fetchval(f"SELECT count(*) FROM {n}")) for n in names}
+    return {n: int(await db.fetchval(f"SELECT count(*) FROM {n}")) for n in TABLES}
 
 
 def real_world_directory(path: Path) -> Path:
@@ -209,15 +213,74 @@ async def test_appended_rows_are_the_only_ones_added(
     assert (await verified(settings, first))[0] == 0
 
 
-async def test_rewritten_file_is_read_from_the_start(
+async def test_a_replaced_file_without_event_ids_is_refused_not_imported_under_old_ids(
     settings: Settings, db: asyncpg.Connection, tmp_path: Path
 ) -> None:
     path = write_csv(tmp_path / "spreads.csv", SPREAD_HEADER, spread_rows(100))
     assert (await imported(settings, tmp_path))[0] == 0
-    write_csv(path, SPREAD_HEADER, spread_rows(100, start=100))  # replaced, not appended
+    # Replaced, not appended to: the same times, corrected prices, and a bad row at line 7. Under
+    # the old ids (csv:spreads.csv:<line>) every row would be "already there".
+    rows = [r.replace(",98012.12345678,", ",98012.12345679,") for r in spread_rows(100)]
+    rows[5] = rows[5].replace(",3.1836,", ",3.18x6,")
+    write_csv(path, SPREAD_HEADER, rows)
+    for resume in (True, False):
+        code, summary, err = await imported(settings, tmp_path, resume=resume)
+        assert code == 1, err
+        assert "spreads.csv: refused: this is not the file imported before under this name" in err
+        assert "bytes differ from those of the file imported before" in err
+        assert "distinct --id-prefix" in err
+        assert "rows already imported are not added again" not in err
+        assert "refused" in summary
+    assert await counts(db) == {**dict.fromkeys(TABLES, 0), "spreads": 100}
+    code, report = await verified(settings, tmp_path)
+    assert code == 1 and "import-csv refuses it. If it replaced that file" in report
+    # With a prefix of its own it is another source: every row lands, the bad one is recorded.
+    code, _, err = await imported(settings, tmp_path, id_prefix="rotated-1")
+    assert code == 1 and "rotated-1/spreads.csv:7: spread_pct" in err
+    assert (await counts(db))["spreads"] == 199
+    corrected = "SELECT count(*) FROM spreads WHERE binance_price = 98012.12345679"
+    assert await db.fetchval(corrected) == 99
+    assert await db.fetchval("SELECT dedup_key FROM dead_letters") == "csv:rotated-1/spreads.csv:7"
+    out = io.StringIO()
+    assert await run_verify(settings, tmp_path, id_prefix="rotated-1", out=out) == 0, out
+    # A shorter file cannot be shown to be the same one: refused as well.
+    write_csv(path, SPREAD_HEADER, spread_rows(5, start=500))
     code, _, err = await imported(settings, tmp_path)
-    assert code == 0 and "changed since its last import" in err
-    assert (await counts(db))["spreads"] == 200
+    assert code == 1 and "(it is shorter (" in err and "distinct --id-prefix" in err
+    assert (await counts(db))["spreads"] == 199
+
+
+async def test_a_replaced_file_with_event_ids_is_read_from_the_start(
+    settings: Settings, db: asyncpg.Connection, tmp_path: Path
+) -> None:
+    header = SPREAD_HEADER + ",event_id"
+    path = write_csv(
+        tmp_path / "spreads.csv", header, [f"{r},a-{i}" for i, r in enumerate(spread_rows(10))]
+    )
+    assert (await imported(settings, tmp_path))[0] == 0
+    write_csv(path, header, [f"{r},b-{i}" for i, r in enumerate(spread_rows(10, start=10))])
+    code, _, err = await imported(settings, tmp_path)
+    assert code == 0, err
+    assert "is not the file imported before under this name" in err
+    assert "Rows whose event_id is already in the database are not added again" in err
+    assert (await counts(db))["spreads"] == 20
+
+
+async def test_an_edited_file_with_the_same_start_is_read_again_honestly(
+    settings: Settings, db: asyncpg.Connection, tmp_path: Path
+) -> None:
+    rows = spread_rows(3000)  # more than the 64 KiB head
+    path = write_csv(tmp_path / "spreads.csv", SPREAD_HEADER, rows)
+    assert (await imported(settings, tmp_path))[0] == 0
+    rows[2500] = rows[2500].replace(",3.1836,", ",3.1837,")
+    write_csv(path, SPREAD_HEADER, rows)
+    code, _, err = await imported(settings, tmp_path)
+    assert code == 0, err
+    assert "changed since its last import (its start is the same" in err
+    assert "even if its other values were edited" in err
+    assert (await counts(db))["spreads"] == 3000
+    code, report = await verified(settings, tmp_path)
+    assert code == 1 and "spreads.csv:2502: differs in spread_pct" in report
 
 
 async def test_last_line_without_line_end_is_read_again_next_time(
@@ -226,12 +289,66 @@ async def test_last_line_without_line_end_is_read_again_next_time(
     rows = spread_rows(3)
     path = tmp_path / "spreads.csv"
     path.write_text("\n".join([SPREAD_HEADER, *rows[:2], rows[2][:20]]), encoding="utf-8")
-    code, _, err = await imported(settings, tmp_path)  # the producer is still writing it
-    assert code == 1 and "spreads.csv:4:" in err
+    code, summary, err = await imported(settings, tmp_path)  # the producer is still writing it
+    assert code == 2, err  # not complete yet: run it again
+    assert f"spreads.csv:4: {INCOMPLETE_LAST_LINE}" in err
+    assert "incomplete" in summary
+    assert await counts(db) == {**dict.fromkeys(TABLES, 0), "spreads": 2}  # no dead letter
     path.write_text("\n".join([SPREAD_HEADER, *rows]) + "\n", encoding="utf-8")
     code, _, err = await imported(settings, tmp_path)
     assert code == 0 and "resuming at line 4" in err
     assert (await counts(db))["spreads"] == 3
+
+
+async def test_a_half_flushed_last_row_that_still_validates_is_never_imported(
+    settings: Settings, db: asyncpg.Connection, tmp_path: Path
+) -> None:
+    # Columns in another order, so that a number ends the row: "2.9836" cut to "2.98" is valid.
+    header = (
+        "symbol,upbit_price,binance_price,binance_price_krw,spread_pct,is_opportunity,"
+        "timestamp,net_spread_pct"
+    )
+    rows = [
+        f"BTC,14012345{i}.12,98012.12345678,135800000.55,3.1836,true,2025-11-15T03:40:1{i}Z,2.9836"
+        for i in range(3)
+    ]
+    path = tmp_path / "spreads.csv"
+    path.write_text("\n".join([header, *rows[:2], rows[2][:-2]]), encoding="utf-8")
+    code, _, err = await imported(settings, tmp_path)
+    assert code == 2 and f"spreads.csv:4: {INCOMPLETE_LAST_LINE}" in err
+    assert (await counts(db))["spreads"] == 2
+    code, report = await verified(settings, tmp_path)  # consistent: not compared, noted
+    assert code == 0, report
+    assert "spreads.csv:4: incomplete last line: not compared" in report
+    with path.open("a", encoding="utf-8") as f:  # the producer finishes the row
+        f.write("36\n")
+    code, _, err = await imported(settings, tmp_path)
+    assert code == 0, err
+    stored = await db.fetch("SELECT net_spread_pct FROM spreads ORDER BY timestamp")
+    assert [r[0] for r in stored] == [D("2.9836")] * 3
+    code, report = await verified(settings, tmp_path)
+    assert code == 0 and "incomplete" not in report, report
+
+
+async def test_an_open_quoted_field_at_the_end_is_an_incomplete_record(
+    settings: Settings, db: asyncpg.Connection, tmp_path: Path
+) -> None:
+    path = tmp_path / "fx_rates.csv"
+    # The line ends, but inside a quoted field: the record goes on in the next write.
+    path.write_text(
+        f'{FX_HEADER}\nUSDKRW,1385.5,upbit,2025-11-15T03:40:15Z\nUSDKRW,1385.6,"api, v2\n',
+        encoding="utf-8",
+    )
+    code, _, err = await imported(settings, tmp_path)
+    assert code == 2 and f"fx_rates.csv:3: {INCOMPLETE_LAST_LINE}" in err
+    assert (await counts(db))["fx_rates"] == 1 and (await counts(db))["dead_letters"] == 0
+    with path.open("a", encoding="utf-8") as f:
+        f.write('fallback",2025-11-15T03:40:16Z\n')
+    code, _, err = await imported(settings, tmp_path)
+    assert code == 0, err
+    assert (
+        await db.fetchval("SELECT source FROM fx_rates WHERE rate = 1385.6") == "api, v2\nfallback"
+    )
 
 
 async def test_rows_the_database_rejects_are_isolated_and_listed_apart(
@@ -326,3 +443,58 @@ async def test_import_with_id_prefix_and_default_producer(
     assert (await counts(db))["spreads"] == 6
     out = io.StringIO()
     assert await run_verify(settings, tmp_path, id_prefix="host-a", out=out) == 0, out.getvalue()
+
+
+# --- failures of the commands themselves: one redacted line, exit 2, bounded -------------------
+
+
+async def test_a_database_error_is_one_line_and_exit_2_not_a_traceback(
+    settings: Settings, db: asyncpg.Connection, db_dsn: str, tmp_path: Path
+) -> None:
+    write_csv(tmp_path / "spreads.csv", SPREAD_HEADER, spread_rows(5))
+    name = db_dsn.rsplit("/", 1)[1].split("?", maxsplit=1)[0]
+    await db.execute(f"ALTER DATABASE \"{name}\" SET lock_timeout = '200ms'")
+    async with db.transaction():  # a session that holds the tables the commands read first
+        await db.execute("LOCK TABLE dead_letters, csv_import_checkpoints IN ACCESS EXCLUSIVE MODE")
+        code, report = await verified(settings, tmp_path)
+        assert code == 2, report
+        assert report.count("\n") == 1, report  # one line
+        assert "ingestd verify-csv: stopped: LockNotAvailableError: " in report
+        code, _, err = await imported(settings, tmp_path)
+        assert code == 2, err
+        assert "ingestd import-csv: stopped: LockNotAvailableError: " in err
+        assert err.rstrip().endswith("run the same command again to resume")
+    assert (await counts(db))["spreads"] == 0
+
+
+async def test_verify_csv_is_bounded_by_the_command_timeout(
+    settings: Settings, db: asyncpg.Connection, tmp_path: Path
+) -> None:
+    write_csv(tmp_path / "spreads.csv", SPREAD_HEADER, spread_rows(5))
+    quick = settings.replace(**{"storage.postgres.command_timeout_s": 1.0})
+    async with db.transaction():  # a hung lock: nothing on the server ends the wait by itself
+        await db.execute("LOCK TABLE spreads IN ACCESS EXCLUSIVE MODE")
+        async with asyncio.timeout(30):
+            code, report = await verified(quick, tmp_path)
+    assert code == 2, report
+    assert "ingestd verify-csv: stopped: TimeoutError" in report
+
+
+@pytest.mark.parametrize("command", ["import-csv", "verify-csv"])
+async def test_a_password_in_a_driver_error_is_redacted(
+    settings: Settings, tmp_path: Path, command: str
+) -> None:
+    # An unencoded '#' in the password: asyncpg's DSN parser reports the part before it.
+    secret = "S3cr3t-" + os.urandom(4).hex()
+    broken = settings.replace(
+        **{"storage.postgres.dsn": f"postgresql://owner:{secret}#x@127.0.0.1:5432/ingestd"}
+    )
+    write_csv(tmp_path / "spreads.csv", SPREAD_HEADER, spread_rows(1))
+    if command == "import-csv":
+        code, _, text = await imported(broken, tmp_path)
+    else:
+        code, text = await verified(broken, tmp_path)
+    assert code == 2
+    assert f"ingestd {command}: cannot connect to postgresql://owner:***" in text, text
+    assert "ValueError: invalid literal for int()" in text
+    assert secret not in text

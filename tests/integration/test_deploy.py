@@ -8,6 +8,7 @@ the dashboard runs, as the read-only role Grafana uses, against a migrated datab
 from __future__ import annotations
 
 import datetime as dt
+import fnmatch
 import json
 import re
 from collections.abc import AsyncIterator
@@ -22,6 +23,7 @@ from ingestd.app import FINAL_ACK_TIMEOUT_S, SPOOL_CLOSE_TIMEOUT_S
 from ingestd.pipeline import TASK_CANCEL_TIMEOUT_S
 from ingestd.roles import READER_GROUP, Login, apply_roles
 from ingestd.settings import Settings
+from ingestd.storage import CacheKeys
 from tests.deploy_files import (
     GRAFANA,
     PROMETHEUS,
@@ -32,6 +34,7 @@ from tests.deploy_files import (
     dockerfile_stages,
     interpolate,
     panels,
+    redis_acl_users,
     yaml_file,
 )
 from tests.mixed_feed import MALFORMED, mixed_feed, submit_all
@@ -128,6 +131,29 @@ def test_redis_users_match_their_clients() -> None:
         assert url.username in command
         rules = command[command.index(url.username) :]
         assert f">{url.password}" in rules[:3], url.username
+
+
+def test_the_producer_acl_covers_every_key_the_cache_writes() -> None:
+    """compose.yaml's selector patterns and the keys RedisCacheStorage's script touches agree."""
+    rules = redis_acl_users(dict.fromkeys(compose_variables(), "x"))["producer"]
+    selectors = [r for r in rules if r.startswith("(")]
+    assert len(selectors) == 1
+    tokens = selectors[0].strip("()").split()
+    patterns = [t[1:] for t in tokens if t.startswith("~")]
+    keys = CacheKeys()
+    writes = [
+        keys.fx("USDKRW", "1350.0", None, None),
+        keys.spread("BTC", {"spread_pct": "0.8"}, None),
+        *(keys.heartbeat(component, None, None) for component in ("collector", "paper", "live")),
+    ]
+    touched = {k for w in writes for k in keys.script_call(w)[0]}
+    assert touched >= {"fx:usdkrw", "spreads:BTC:last", "health:collector"}
+    for key in touched:
+        assert any(fnmatch.fnmatchcase(key, p) for p in patterns), (key, patterns)
+    for foreign in ("ingestd:events", "health:ingestd", "positions:BTC:open_count"):
+        assert not any(fnmatch.fnmatchcase(foreign, p) for p in patterns), foreign
+    assert {"+evalsha", "+script|load", "+get"} <= set(tokens)
+    assert "+xadd" in rules and "~ingestd:events" in rules
 
 
 def test_no_password_is_written_in_any_file() -> None:

@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import io
+import logging
 import os
 import shutil
 import socket
 import subprocess
+import sys
+import textwrap
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -23,7 +26,7 @@ from ingestd import Service, csv_format
 from ingestd.csv_import import run_import
 from ingestd.csv_verify import run_verify
 from ingestd.errors import ConfigError, SinkUnavailable
-from ingestd.settings import Settings
+from ingestd.settings import RedisSettings, Settings
 from ingestd.storage import (
     AsyncCsvStorage,
     AsyncDualStorage,
@@ -416,3 +419,113 @@ def test_rows_are_written_while_an_fsync_is_in_progress(
     flusher.join(10)
     storage.close()
     assert (tmp_path / "spreads.csv").read_text(encoding="utf-8").count("\n") == 3
+
+
+def test_drops_are_logged_once_per_outage_and_again_after_a_recovery(
+    own_redis: OwnRedis, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="ingestd.storage.postgres")
+    storage = PostgresStorage(
+        sync_client(RedisSettings(url=own_redis.url), timeout_s=0.5),
+        producer="paper",
+        max_buffer_events=10,
+        overflow="drop_oldest",
+        owns_client=True,
+    )
+
+    def drop_lines() -> list[str]:
+        return [r.getMessage() for r in caplog.records if r.action == "storage_outbox_dropped"]  # type: ignore[attr-defined]
+
+    try:
+        for outage in (1, 2):
+            own_redis.stop()
+            for i in range(40):
+                storage.log_fx_rate(fx_rate(outage * 100 + i))
+            assert len(drop_lines()) == outage, drop_lines()  # once in this outage, not per drop
+            own_redis.start()
+            storage.flush(20)  # the outage ends: published again
+        first, second = drop_lines()
+        assert "(first paper-" in first and "(first paper-" in second
+        assert first.split("(first ")[1] != second.split("(first ")[1]  # this outage's first drop
+    finally:
+        storage.close()
+
+
+async def test_a_foreign_header_is_refused_when_the_storage_is_made_before_any_redis_client(
+    settings: Settings, tmp_path: Path
+) -> None:
+    (tmp_path / "spreads.csv").write_text("symbol,price\nBTC,1\n", encoding="utf-8")
+    with pytest.raises(csv_format.CsvLayoutError, match="has the header"):
+        CsvStorage(tmp_path)  # at once, not at the first row logged
+    # The CSV side is checked before a Redis client is made: a URL that no client accepts is
+    # never looked at, so nothing is left to close.
+    dual = settings.replace(
+        **{
+            "storage.backend": "dual",
+            "storage.csv.dir": str(tmp_path),
+            "storage.redis.url": "redis://127.0.0.1:not-a-port/0",
+        }
+    )
+    with pytest.raises(csv_format.CsvLayoutError, match="has the header"):
+        create_storage(dual)
+    with pytest.raises(csv_format.CsvLayoutError, match="has the header"):
+        create_async_storage(dual)
+    (tmp_path / "spreads.csv").unlink()
+    with pytest.raises(ValueError, match=r"[Pp]ort"):
+        create_storage(dual)  # the CSV side is fine now; the URL is refused, the CSV side closed
+
+
+# A producer that logs and ends without close(): its publisher thread is a daemon thread.
+EXIT_WITHOUT_CLOSE = textwrap.dedent(
+    """
+    import logging, sys
+    from ingestd.settings import RedisSettings
+    from ingestd.storage import PostgresStorage
+    from ingestd.storage.redis_cache import sync_client
+    from tests.samples import fx_rate
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    url, stream, n, exit_timeout = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+    bound = {} if exit_timeout == "default" else {"exit_timeout_s": float(exit_timeout)}
+    storage = PostgresStorage(
+        sync_client(RedisSettings(url=url), timeout_s=0.5), stream=stream, producer="paper",
+        **bound,
+    )
+    for i in range(n):
+        storage.log_fx_rate(fx_rate(i))
+    print("logged", flush=True)
+    """
+)
+
+
+def _exit_without_close(tmp_path: Path, url: str, n: int, exit_timeout_s: str) -> str:
+    script = tmp_path / "producer.py"
+    script.write_text(EXIT_WITHOUT_CLOSE)
+    done = subprocess.run(
+        [sys.executable, str(script), url, "test:exit-stream", str(n), exit_timeout_s],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])},
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "logged"
+    return done.stderr
+
+
+def test_a_producer_exiting_without_close_still_publishes_its_outbox(
+    tmp_path: Path, redis_url: str, rclient: redis.Redis
+) -> None:
+    log = _exit_without_close(tmp_path, redis_url, 3000, "default")
+    assert rclient.xlen("test:exit-stream") == 3000, log
+    assert "exiting without PostgresStorage.close(): publishing" in log
+
+
+def test_a_producer_exiting_while_redis_is_down_says_what_it_could_not_publish(
+    tmp_path: Path,
+) -> None:
+    log = _exit_without_close(tmp_path, f"redis://127.0.0.1:{_free_port()}/0", 50, "1")
+    assert "exiting without PostgresStorage.close(): publishing 50 pending event(s)" in log
+    assert "closing with 50 unpublished event(s)" in log
+    assert "Traceback" not in log

@@ -12,7 +12,7 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 
-from ingestd import events
+from ingestd import Publisher, events
 from ingestd.app import create_redis
 from ingestd.batching import BatchOutcome, Item
 from ingestd.errors import ConfigError, InvalidEvent
@@ -20,7 +20,8 @@ from ingestd.health import check_health
 from ingestd.settings import Settings, load_settings
 from ingestd.sinks.mirror import VERSION_KEY_PREFIX, RedisMirror
 from ingestd.storage import AsyncRedisCacheStorage, RedisCacheStorage
-from tests.samples import at, spread
+from tests.private_servers import PrivateRedis, acl_denials, producer_url
+from tests.samples import at, fx_rate, spread
 
 pytestmark = pytest.mark.redis
 
@@ -147,6 +148,17 @@ def test_settings_carry_the_mirror_ttls(redis_url: str, rclient: redis.Redis) ->
     assert 25_000 < rclient.pttl("spreads:ETH:last") <= 30_000
 
 
+def test_a_float_with_an_exponent_is_written_as_its_exact_decimal(
+    cache: RedisCacheStorage, rclient: redis.Redis
+) -> None:
+    assert cache.set_fx_rate("USDKRW", 1e-05)  # repr "1e-05"
+    assert rclient.get("fx:usdkrw") == b"0.00001"
+    assert cache.get_fx_rate("USDKRW") == D("0.00001")
+    assert cache.set_spread_snapshot("BTC", {"spread_pct": 5e-05, "net_spread_pct": 1.5e1})
+    stored = orjson.loads(rclient.get("spreads:BTC:last") or b"")
+    assert (stored["spread_pct"], stored["net_spread_pct"]) == ("0.0001", "15.0")
+
+
 @pytest.mark.parametrize(
     ("call", "field"),
     [
@@ -194,3 +206,57 @@ async def test_async_twin_accepts_a_client(redis_url: str) -> None:
     await cache.aclose()  # not its client: still open
     assert await client.ping()
     await client.aclose()
+
+
+# --- under compose's ACL user `producer`, over TLS ----------------------------------------------
+
+
+async def test_the_producer_acl_user_may_make_every_seed_call_and_nothing_else(
+    compose_redis: PrivateRedis,
+) -> None:
+    url = producer_url(compose_redis)
+    admin = compose_redis.admin()
+    try:
+        with RedisCacheStorage({"url": url}) as cache:
+            assert cache.set_fx_rate("USDKRW", 1350.0, ttl=3)
+            assert cache.get_fx_rate("USDKRW") == D("1350.0")
+            assert not cache.set_fx_rate("USDKRW", 1, timestamp=at(0))  # older: version read
+            admin.script_flush()  # a restarted Redis: NOSCRIPT, then SCRIPT LOAD and EVALSHA
+            assert cache.set_spread_snapshot("BTC", {"spread_pct": 0.8, "net_spread_pct": 0.5})
+            assert cache.set_spread_snapshot("ETH", spread(0, symbol="ETH"))
+            snapshot = cache.get_spread_snapshot("BTC")
+            assert snapshot is not None and snapshot["spread_pct"] == D("0.8")
+            for component in ("collector", "paper", "live"):
+                assert cache.set_health_heartbeat(component)
+            assert cache.get_health_heartbeat("collector") is not None
+            assert cache.get_fx_rate("EURKRW") is None
+        async with AsyncRedisCacheStorage({"url": url}) as acache:
+            assert await acache.set_fx_rate("EURKRW", "1500.5")
+            assert await acache.get_fx_rate("EURKRW") == D("1500.5")
+            assert await acache.set_health_heartbeat("paper")
+        # The same URL publishes events (one storage.redis section for both, as in the seed).
+        publisher = Publisher.from_url(url, stream="ingestd:events")
+        publisher.publish(fx_rate(0).to_event(event_id="acl-1", producer="collector"))
+        publisher.close()
+        assert acl_denials(compose_redis) == []
+        assert admin.get("fx:usdkrw") == b"1350.0" and admin.xlen("ingestd:events") == 1
+
+        # What it may not do: the commands reach only their own keys.
+        raw = redis.Redis.from_url(url, socket_timeout=5)
+        try:
+            for refused in (
+                lambda: raw.set("ingestd:events", "x"),  # overwrite the stream
+                lambda: raw.xadd("fx:usdkrw", {"event": "x"}),
+                lambda: raw.get("positions:BTC:open_count"),
+                lambda: raw.set("health:ingestd", "forged"),  # the container health check's key
+                lambda: raw.delete("fx:usdkrw"),
+                lambda: raw.xreadgroup("ingestd", "c", {"ingestd:events": ">"}),
+                raw.flushall,
+            ):
+                with pytest.raises(redis.exceptions.NoPermissionError):
+                    refused()
+        finally:
+            raw.close()
+        assert admin.type("ingestd:events") == b"stream"
+    finally:
+        admin.close()

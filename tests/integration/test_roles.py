@@ -6,19 +6,27 @@ TLS; the plain one and, where TimescaleDB is installed, the TimescaleDB one.
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 import subprocess
 import sys
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import asyncpg
+import orjson
 import pytest
 
 from ingestd import Service, errors, load_settings, migrations
+from ingestd.app import create_redis
+from ingestd.db import create_pool
+from ingestd.maintenance import TASKS, Maintenance
 from ingestd.roles import READER_GROUP, WRITER_GROUP, Login, apply_roles, scram_verifier
+from ingestd.settings import MaintenanceSettings, PostgresSettings, RetentionSettings
 from tests.ledger import Expected, assert_landed_exactly_once
 from tests.mixed_feed import MALFORMED, mixed_feed, submit_all
 from tests.private_servers import PrivatePostgres
+from tests.samples import POSITION_HEADER, SPREAD_HEADER, spread_rows, write_csv
 
 pytestmark = [pytest.mark.pg, pytest.mark.redis]
 
@@ -348,3 +356,121 @@ async def test_an_owner_without_createrole_applies_the_grants(private_pg: Privat
         await admin.execute(f"DROP ROLE IF EXISTS {login}")
         await admin.execute(f"DROP ROLE IF EXISTS {owner_role}")
         await admin.close()
+
+
+# --- maintenance and the CSV commands as the writer ----------------------------------------------
+
+
+async def _seed_for_maintenance(owner: asyncpg.Connection) -> dt.datetime:
+    """Rows the four maintenance tasks act on: today's spreads and closed position, and rows past
+    their retention (deleted on plain PostgreSQL). Returns the time of the new rows."""
+    now = dt.datetime.now(dt.UTC).replace(microsecond=0)
+    old = now - dt.timedelta(days=400)
+    for eid, ts in (("fresh-1", now), ("fresh-2", now - dt.timedelta(seconds=1)), ("old-1", old)):
+        await owner.execute(
+            "INSERT INTO spreads (event_id, symbol, upbit_price, binance_price, binance_price_krw,"
+            " spread_pct, net_spread_pct, timestamp) VALUES ($1, 'BTC', 1, 1, 1, 3.5, 2.5, $2)",
+            eid,
+            ts,
+        )
+    await owner.execute(
+        "INSERT INTO fx_rates (event_id, pair, rate, timestamp) VALUES ('old-fx', 'USDKRW', 1, $1)",
+        old,
+    )
+    await owner.execute(
+        "INSERT INTO positions (position_key, symbol, direction, size, entry_upbit_price,"
+        " entry_binance_price, entry_spread_pct, exit_upbit_price, exit_binance_price,"
+        " exit_spread_pct, pnl_krw, pnl_pct, status, timestamp_open, timestamp_close)"
+        " VALUES ('pos_m', 'BTC', 'upbit_short_binance_long', 0.01, 1, 1, 1, 1, 1, 1,"
+        " 12345.67, 0.88, 'CLOSED', $1, $1)",
+        now,
+    )
+    return now
+
+
+async def test_writer_runs_every_maintenance_task(
+    roles_db: tuple[PrivatePostgres, str, asyncpg.Connection], redis_url: str
+) -> None:
+    cluster, name, owner = roles_db
+    writer, _ = _logins(name)
+    now = await _seed_for_maintenance(owner)
+    pool = await create_pool(PostgresSettings(dsn=cluster.tls_dsn(writer, WRITER_PW, name)))
+    client = create_redis(redis_url, socket_timeout_s=2)
+    try:
+        m = Maintenance(pool, client, settings=MaintenanceSettings(), retention=RetentionSettings())
+        results = await m.run_all()
+        assert m.failures == 0
+        assert [r.task if r else None for r in results] == list(TASKS)
+        assert all(r is not None and r.ran for r in results), results
+        # A second round, claimed by UPDATE on the rows the first one inserted.
+        assert all(r is not None and r.ran for r in await m.run_all()), "second round"
+        assert m.failures == 0
+        day = now.date().isoformat()
+        hour = now.strftime("%Y-%m-%d-%H")
+        daily = await client.get(f"metrics:daily_pnl:{day}")
+        hourly = await client.get(f"metrics:hourly_spread:{hour}")
+    finally:
+        await client.aclose()
+        await pool.close()
+    rounds = await owner.fetch("SELECT task, last_status, runs, failures FROM ingestd_maintenance")
+    outcomes = {r["task"]: (r["last_status"], r["runs"], r["failures"]) for r in rounds}
+    assert outcomes == dict.fromkeys(TASKS, ("success", 2, 0))
+    assert daily is not None and orjson.loads(daily)["total_pnl_krw"] == "12345.67"
+    assert hourly is not None and orjson.loads(hourly)["symbols"]["BTC"]["max_spread_pct"] in (
+        "3.5",
+        "3.5000",
+        "3.50000000000000000000",
+    )
+    if not cluster.timescale:  # plain PostgreSQL: retention deleted the expired rows
+        assert await owner.fetchval("SELECT count(*) FROM spreads") == 2
+        assert await owner.fetchval("SELECT count(*) FROM fx_rates") == 0
+
+
+async def test_writer_runs_import_csv_and_verify_csv(
+    roles_db: tuple[PrivatePostgres, str, asyncpg.Connection], tmp_path: Path
+) -> None:
+    cluster, name, owner = roles_db
+    writer, reader = _logins(name)
+    if cluster.timescale:  # the sample rows are older than 90 days: keep the scheduler off them
+        await owner.execute("SELECT remove_retention_policy('spreads', if_exists => true)")
+    write_csv(tmp_path / "spreads.csv", SPREAD_HEADER, spread_rows(40))
+    pos = "pos_w,BTC,upbit_short_binance_long,0.01,1,1,1,,,,,,OPEN,2025-11-15T03:40:15Z,"
+    write_csv(tmp_path / "positions.csv", POSITION_HEADER, [pos])
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("INGESTD_", "PG"))}
+    env["DATABASE_URL"] = cluster.tls_dsn(writer, "unused", name).replace(":unused@", "@")
+    env["PGPASSWORD"] = WRITER_PW  # as compose passes the writer's password
+
+    def cli(*args: str, **extra: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "ingestd.cli", *args],
+            env={**env, **extra},
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+
+    first = cli("import-csv", str(tmp_path), "--batch-rows", "16", "--progress", "off")
+    assert first.returncode == 0, first.stderr
+    with (tmp_path / "spreads.csv").open("a", encoding="utf-8") as f:
+        f.write("\n".join(spread_rows(5, start=40)) + "\n")
+    # The checkpoint is read (SELECT) and moved on (INSERT ... ON CONFLICT DO UPDATE).
+    second = cli("import-csv", str(tmp_path), "--progress", "off")
+    assert second.returncode == 0, second.stderr
+    assert "resuming at line 42" in second.stderr
+    assert await owner.fetchval("SELECT count(*) FROM spreads") == 45
+    assert await owner.fetchval("SELECT count(*) FROM positions") == 1
+    checkpoint = await owner.fetchval(
+        "SELECT line FROM csv_import_checkpoints WHERE source = 'spreads.csv'"
+    )
+    assert checkpoint == 46
+    verify = cli("verify-csv", str(tmp_path))
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+    assert "MISMATCH" not in verify.stdout
+    # The dashboards' reader may not create temporary tables: a clear refusal, not a traceback.
+    env["DATABASE_URL"] = cluster.tls_dsn(reader, "unused", name).replace(":unused@", "@")
+    refused = cli("verify-csv", str(tmp_path), PGPASSWORD=READER_PW)
+    assert refused.returncode == 2, refused.stdout + refused.stderr
+    assert "Traceback" not in refused.stderr
+    assert "verify-csv needs TEMPORARY on the database" in refused.stderr
+    assert READER_PW not in refused.stderr

@@ -153,12 +153,16 @@ def test_the_acl_users_may_do_nothing_else(compose_redis: PrivateRedis) -> None:
             with pytest.raises(redis.exceptions.NoPermissionError):
                 ingestd.execute_command(*command)  # type: ignore[no-untyped-call]
         producer.xadd("ingestd:events", {"event": "{}"})
+        # It may read and write the RedisCacheStorage keys (GET fx:usdkrw), and nothing else.
         denied_to_producer: list[tuple[str, ...]] = [
             ("XREADGROUP", "GROUP", "g", "c", "STREAMS", "ingestd:events", ">"),
             ("XRANGE", "ingestd:events", "-", "+"),
             ("XADD", "other-stream", "*", "event", "{}"),
-            ("GET", "fx:usdkrw"),
+            ("XADD", "fx:usdkrw", "*", "event", "{}"),
+            ("SET", "ingestd:events", "x"),
+            ("GET", "positions:BTC:open_count"),
             ("SET", "health:ingestd", "forged"),
+            ("GET", "health:ingestd"),
             ("XTRIM", "ingestd:events", "MAXLEN", "0"),
         ]
         for command in denied_to_producer:

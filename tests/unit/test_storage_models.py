@@ -130,3 +130,28 @@ def test_times_keep_their_offset_and_compare_as_instants() -> None:
     assert o.to_event()["timestamp"].endswith("+09:00")
     assert OrderLeg.from_event(o.to_event()).timestamp == at(0)
     assert Trade.from_event(trade(3).to_event()).timestamp.utcoffset() == dt.timedelta(0)
+
+
+@pytest.mark.parametrize(
+    ("value", "stored"),
+    [
+        (5e-05, D("0.00005")),  # repr "5e-05": an exponent, read exactly
+        (1e-8, D("0.00000001")),
+        (1.5e3, D("1500.0")),
+        (1350.0, D("1350.0")),
+        (-5e-05, D("-0.00005")),
+    ],
+)
+def test_a_float_with_an_exponent_is_read_exactly_as_its_repr(value: float, stored: D) -> None:
+    leg = dataclasses.replace(order(0), qty=value)  # type: ignore[arg-type]
+    assert leg.qty == stored
+    assert leg.to_event()["qty"] == format(stored, "f")
+    rate = FxRate(pair="USDKRW", rate=value, timestamp=T0)  # type: ignore[arg-type]
+    assert rate.rate == stored
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_a_float_nan_or_infinity_is_refused_naming_the_field(value: float) -> None:
+    with pytest.raises(InvalidEvent, match="not a finite number") as excinfo:
+        dataclasses.replace(order(0), qty=value)  # type: ignore[arg-type]
+    assert excinfo.value.field == "qty"
