@@ -63,8 +63,12 @@ class Outbox:
     def add(self, item: Pending) -> None:
         """Append; under ``drop_oldest`` a full buffer first drops its oldest queued event."""
         self._trim(self.max_events - 1)
-        self._items.append(item)
         self.added += 1
+        if self.overflow == "drop_oldest" and len(self) + self.in_flight >= self.max_events:
+            # Everything held is the chunk in flight: the new event is the oldest queued one.
+            self._drop(item)
+            return
+        self._items.append(item)
 
     def _trim(self, limit: int) -> None:
         # Only queued events can be dropped; the chunk in flight is the publisher's.

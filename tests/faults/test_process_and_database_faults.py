@@ -115,7 +115,9 @@ async def test_database_down_keeps_entries_pending_and_memory_bounded(
     client = stream_client(fault_settings)
     # While the database is down ingestd reads only what its bounded queue holds: the rest
     # stays in the stream (its pending list and backlog are the buffer), not in memory.
-    bound = 4_000 + 2_000 + 3 * 1_000  # queue + one read's overshoot + batcher and 2 writers
+    # The queue, one read's overshoot, and three batches (the batcher's and two writers'), each
+    # of at most batch_max_rows per table: spreads fill theirs while fx_rates and others add more.
+    bound = 4_000 + 2_000 + 3 * 2 * 1_000
     peak = 0
     for _ in range(30):
         peak = max(peak, pending(client))
