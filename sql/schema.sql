@@ -589,3 +589,10 @@ BEGIN
     REVOKE ALL ON FUNCTION ingestd_refresh_aggregate(text) FROM PUBLIC;
 END
 $$;
+
+-- ================================================================================================
+-- Versions of the open-count mirror writes (migration 0006)
+-- ================================================================================================
+
+-- Taken under the positions advisory lock, so that its values follow the order of the counts.
+CREATE SEQUENCE ingestd_open_count_version AS BIGINT;

@@ -1,8 +1,9 @@
 """The Redis mirror (DESIGN §5): latest values and heartbeats, written after each commit.
 
 Values are coalesced per key within a flush and written by one Lua call that keeps, per key, the
-version (event time in microseconds; for open counts the writing transaction's id) it last wrote:
-an older event arriving later never replaces a newer one, across writers and replicas. Redis is a
+version it last wrote (event time in microseconds; for open counts a number drawn under the
+positions lock): an older event arriving later never replaces a newer one, across writers and
+replicas. Redis is a
 cache: when it is down the database path goes on, the newest pending value per key is kept, and it
 is written when Redis answers again.
 """
@@ -25,8 +26,8 @@ from ingestd.events import Event, utc_iso
 
 log = logging.getLogger("ingestd.sinks.mirror")
 
-# Each mirror key's version (event time in microseconds; for open counts the id of the
-# transaction that counted) lives in a key of its own beside it, with the same TTL: when a value
+# Each mirror key's version (event time in microseconds; for open counts a number drawn under
+# the positions lock, see sinks/postgres.py) lives in a key of its own beside it, with the same TTL: when a value
 # expires its version goes with it, so an event dated in the future (a skewed clock) holds a key
 # for one TTL at most instead of locking it for good.
 VERSION_KEY_PREFIX: Final = "ingestd:mirror:version:"

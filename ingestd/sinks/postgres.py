@@ -190,10 +190,13 @@ WHERE t.position_id IS NULL AND t.position_key IS NOT NULL
     for name in ("orders", "trades")
 }
 
+# The version of open-count mirror writes: drawn under the positions lock, so that a later
+# count always has a higher one (migration 0006 says why not the transaction id).
+_SQL_COUNT_VERSION: Final = "SELECT nextval('ingestd_open_count_version')"
+
 SQL_OPEN_COUNTS: Final = """
 SELECT s.symbol,
-       (SELECT count(*) FROM positions WHERE symbol = s.symbol AND status = 'OPEN')::int AS n,
-       pg_current_xact_id()::text::bigint AS version
+       (SELECT count(*) FROM positions WHERE symbol = s.symbol AND status = 'OPEN')::int AS n
 FROM unnest($1::text[]) AS s(symbol)
 """
 
@@ -350,7 +353,7 @@ class PostgresSink:
             if touched:
                 rows_ = await conn.fetch(SQL_OPEN_COUNTS, sorted(touched))
                 outcome.open_counts = {r["symbol"]: r["n"] for r in rows_}
-                outcome.open_counts_version = rows_[0]["version"] if rows_ else None
+                outcome.open_counts_version = await conn.fetchval(_SQL_COUNT_VERSION)
             failpoints.hit("before_commit")
         failpoints.hit("after_commit")
         return outcome
@@ -598,5 +601,5 @@ async def fetch_all_open_counts(conn: Connection) -> tuple[dict[str, int], int]:
     async with conn.transaction():
         await conn.execute("SELECT pg_advisory_xact_lock($1)", POSITIONS_LOCK_ID)
         rows = await conn.fetch(SQL_ALL_OPEN_COUNTS)
-        version = await conn.fetchval("SELECT pg_current_xact_id()::text::bigint")
+        version = await conn.fetchval(_SQL_COUNT_VERSION)
     return {r["symbol"]: r["n"] for r in rows}, int(version)

@@ -1032,3 +1032,27 @@ async def test_a_position_the_database_refuses_costs_only_itself(
         "CLOSED"
     )
     assert await conn.fetchval("SELECT count(*) FROM dead_letters") == 1
+
+
+async def test_open_count_versions_follow_the_order_of_the_counts(
+    sink: PostgresSink, conn: asyncpg.Connection, dsn: str
+) -> None:
+    # Writer A starts first (its transaction id is assigned by its spreads COPY), is held up in
+    # its fx_rates COPY, and counts after writer B: A's count is the newer one and its version
+    # must say so, or the mirror would keep B's older count (1 open where the database has 0).
+    await sink.write([item(pos_open("p"))])
+    locker = await asyncpg.connect(dsn)
+    tx = locker.transaction()
+    await tx.start()
+    await locker.execute("LOCK TABLE fx_rates IN ACCESS EXCLUSIVE MODE")
+    a = asyncio.create_task(
+        sink.write([item(spread("a-s")), item(fx("a-f")), item(pos_close("p"))])
+    )
+    await asyncio.sleep(0.3)  # A holds its transaction id and waits for fx_rates
+    b = await sink.write([item(pos_open("q"))])  # B counts: BTC has 2 open
+    await tx.rollback()
+    await locker.close()
+    a_out = await a  # A counts after B: BTC has 1 open (p closed)
+    assert b.open_counts == {"BTC": 2} and a_out.open_counts == {"BTC": 1}
+    assert b.open_counts_version is not None and a_out.open_counts_version is not None
+    assert a_out.open_counts_version > b.open_counts_version
