@@ -27,9 +27,9 @@ from ingestd.events import Event, utc_iso
 log = logging.getLogger("ingestd.sinks.mirror")
 
 # Each mirror key's version (event time in microseconds; for open counts a number drawn under
-# the positions lock, see sinks/postgres.py) lives in a key of its own beside it, with the same TTL: when a value
-# expires its version goes with it, so an event dated in the future (a skewed clock) holds a key
-# for one TTL at most instead of locking it for good.
+# the positions lock, see sinks/postgres.py) lives in a key of its own beside it, with the same
+# TTL: when a value expires its version goes with it, so an event dated in the future (a skewed
+# clock) holds a key for one TTL at most instead of locking it for good.
 VERSION_KEY_PREFIX: Final = "ingestd:mirror:version:"
 
 # KEYS = version key, mirror key, for each write; ARGV = value, ttl_ms, version for each write.
