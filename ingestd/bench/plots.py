@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import importlib.util
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,9 @@ def _pyplot() -> Any:
 
     matplotlib.use("Agg")  # files only: no display, no GUI toolkit
     import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    # Its font-cache and unit-conversion notices are not the bench's output.
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)
 
     return plt
 
@@ -106,6 +110,10 @@ def latency_vs_load(plt: Any, report: Report, path: Path) -> str | None:
         ax.axhline(P99_TARGET_MS, color="red", ls=":", lw=1)
         ax.set_xscale("log")
         ax.set_yscale("log")
+        loads = sorted({x.target_rate for x in report.latency})
+        ax.set_xticks(loads, [f"{x:,.0f}" for x in loads])
+        ax.xaxis.set_minor_locator(plt.NullLocator())
+        ax.yaxis.set_major_formatter(plt.FuncFormatter(lambda v, _: f"{v:g}"))
         ax.set_title(f"p{pct}")
         ax.set_xlabel("paced load, events/s")
         ax.grid(alpha=0.3, which="both")
@@ -127,7 +135,8 @@ def scaling(plt: Any, report: Report, path: Path) -> str | None:
     ):
         if runs:
             xs = [p.details[key] for p in runs]
-            ax.bar([str(x) for x in xs], [p.rate for p in runs], color="tab:blue")
+            ax.bar(range(len(xs)), [p.rate for p in runs], color="tab:blue")
+            ax.set_xticks(range(len(xs)), [str(x) for x in xs])
             if ceiling is not None:
                 ax.axhline(ceiling.rate, color="black", ls="--", lw=1, label="raw writer (A)")
                 for i, p in enumerate(runs):

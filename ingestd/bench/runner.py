@@ -281,8 +281,10 @@ class Bench:
             raise BenchFailed(f"{label}: {pending} entries still pending after stop")
         await verify(self.db, label, workload.expected)
         result.verified = True
-        if run.fill_s is not None and isinstance(result, PhaseResult):
-            result.details["producer_fill_seconds"] = run.fill_s
+        if isinstance(result, PhaseResult):
+            result.details["pending_after_stop"] = pending
+            if run.fill_s is not None:
+                result.details["producer_fill_seconds"] = run.fill_s
         await self.redis.delete(run.key)
         await asyncio.to_thread(run.jsonl.unlink, missing_ok=True)
         return result
