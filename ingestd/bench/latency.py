@@ -15,12 +15,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Final
 
+import redis.asyncio as aioredis
+
 from ingestd.app import Service
 from ingestd.batching import BatchOutcome, Item
 from ingestd.bench.producer import Producer
 from ingestd.bench.results import LatencyResult
-from ingestd.bench.scratch import BenchFailed, parse_entry_id
-from ingestd.bench.throughput import wait_acked
+from ingestd.bench.scratch import BenchFailed, last_entry_id, parse_entry_id, wait_group_done
 from ingestd.bench.workload import Workload
 from ingestd.settings import Settings
 from ingestd.sources.inprocess import Outcome
@@ -102,6 +103,7 @@ class AckProbe:
 
 async def paced_stream(
     settings: Settings,
+    client: aioredis.Redis,
     workload: Workload,
     jsonl: Path,
     rate: float,
@@ -126,7 +128,15 @@ async def paced_stream(
         if int(sent_text) != n:
             raise BenchFailed(f"{label}: the producer sent {sent_text} events, expected {n}")
         paced_s = float(seconds_text)
-        await wait_acked(service, n, STREAM_SLACK_S, label)
+        last = await last_entry_id(client, settings.stream.key)
+        await wait_group_done(
+            client,
+            settings.stream.key,
+            settings.stream.group,
+            last,
+            deadline_s=STREAM_SLACK_S,
+            label=label,
+        )
     finally:
         await service.stop()
     p = settings.pipeline

@@ -373,6 +373,7 @@ class Bench:
                 "stream",
                 "ingestd via Redis Stream (separate producer)",
                 run.settings,
+                self.redis,
                 spreads,
                 self.deadline(o.events),
             )
@@ -429,6 +430,7 @@ class Bench:
                 "mix_stream",
                 "ingestd via Redis Stream (separate producer)",
                 run.settings,
+                self.redis,
                 mix,
                 self.deadline(len(mix.events)),
             )
@@ -474,7 +476,9 @@ class Bench:
             w = mix_all.prefix(max(1, int(load * o.latency_seconds)))
             label = f"stream latency {load:,.0f}/s"
             run = await self.open_stream(label, w, fill=False)
-            result = await latency.paced_stream(run.settings, w, run.jsonl, load, label=label)
+            result = await latency.paced_stream(
+                run.settings, self.redis, w, run.jsonl, load, label=label
+            )
             self.report.stream_latency.append(await self.close_stream(label, w, run, result))
 
     async def _replicas(self, workload: Workload) -> None:

@@ -3,9 +3,11 @@ that every phase's result is exactly right, so that a fast wrong phase cannot pa
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import re
+import time
 import urllib.parse
 from typing import Final
 
@@ -182,3 +184,28 @@ async def group_done(client: aioredis.Redis, key: str, group: str, last: tuple[i
             assert delivered is not None
             return int(g["pending"]) == 0 and parse_entry_id(delivered) >= last
     return False
+
+
+async def wait_group_done(
+    client: aioredis.Redis,
+    key: str,
+    group: str,
+    last: tuple[int, int],
+    *,
+    deadline_s: float,
+    label: str,
+    poll_s: float = 0.005,
+) -> None:
+    """Wait until ``group`` has every entry up to ``last`` delivered and acknowledged.
+
+    Redis's own group state is the signal (ingestd acknowledges an entry only after its commit),
+    not a counter of the service under test.
+    """
+    end = time.monotonic() + deadline_s
+    while not await group_done(client, key, group, last):
+        if time.monotonic() >= end:
+            pending = await stream_pending(client, key, group)
+            raise BenchFailed(
+                f"{label}: entries not all acknowledged after {deadline_s:.0f}s ({pending} pending)"
+            )
+        await asyncio.sleep(poll_s)

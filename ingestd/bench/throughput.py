@@ -11,17 +11,17 @@ import asyncio
 import collections
 import logging
 import re
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Final
 
 import asyncpg
+import redis.asyncio as aioredis
 
 from ingestd import tables
 from ingestd.app import Service
 from ingestd.bench.results import PhaseResult, Stopwatch
-from ingestd.bench.scratch import BenchFailed
+from ingestd.bench.scratch import BenchFailed, last_entry_id, wait_group_done
 from ingestd.bench.workload import (
     POSITION_CLOSE_COLUMNS,
     POSITION_OPEN_COLUMNS,
@@ -36,7 +36,6 @@ log = logging.getLogger("ingestd.bench")
 
 COPY_BATCH_ROWS: Final = 5_000
 MULTIROW_ROWS: Final = 1_000  # 10 columns: 10,000 bind parameters, under PostgreSQL's 32,767
-ACK_POLL_S: Final = 0.005
 SUBMIT_MANY_CHUNK: Final = 1_000
 
 _SPREAD_COLUMNS: Final = tables.SPREADS.column_names
@@ -323,30 +322,30 @@ async def submit_many(
     )
 
 
-async def wait_acked(service: Service, n: int, deadline_s: float, label: str) -> None:
-    """Return when ``n`` stream entries are acknowledged (each one after its commit)."""
-    assert service.pipeline is not None
-    metrics = service.pipeline.metrics
-    end = time.monotonic() + deadline_s
-    while metrics.acks < n:
-        if time.monotonic() >= end:
-            raise BenchFailed(
-                f"{label}: only {metrics.acks} of {n} entries acknowledged after {deadline_s:.0f}s"
-            )
-        await asyncio.sleep(ACK_POLL_S)
-
-
 async def stream(
-    key: str, label: str, settings: Settings, workload: Workload, deadline_s: float
+    key: str,
+    label: str,
+    settings: Settings,
+    client: aioredis.Redis,
+    workload: Workload,
+    deadline_s: float,
 ) -> PhaseResult:
     """(c) ingestd reading the pre-filled scratch stream: from start of intake to the last ack."""
     n = len(workload.events)
+    last = await last_entry_id(client, settings.stream.key)
     service = Service(settings, stream_intake=True)
     watch = Stopwatch()
     await service.start()
     try:
         watch.start()
-        await wait_acked(service, n, deadline_s, label)
+        await wait_group_done(
+            client,
+            settings.stream.key,
+            settings.stream.group,
+            last,
+            deadline_s=deadline_s,
+            label=label,
+        )
         watch.stop()
         details = {
             **_pipeline_details(service),
