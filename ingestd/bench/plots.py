@@ -51,13 +51,13 @@ def _save(plt: Any, fig: Any, path: Path, report: Report) -> str:
 
 
 def throughput_vs_batch_size(plt: Any, report: Report, path: Path) -> str | None:
-    """events/s of in-process submit (mix) against batch_max_rows, with the raw-writer line."""
+    """events/s of stream -> DB (mix) against batch_max_rows, with the raw-writer line."""
     runs = report.batch_sweep
     if not runs:
         return None
     fig, ax = plt.subplots(figsize=(7, 4.2))
     sizes = [p.details["batch_max_rows"] for p in runs]
-    ax.plot(sizes, [p.rate for p in runs], "o-", label="ingestd submit (mix)")
+    ax.plot(sizes, [p.rate for p in runs], "o-", label="ingestd via the stream (mix)")
     ceiling = report.mix_ceiling
     if ceiling is not None:
         ax.axhline(ceiling.rate, color="black", ls="--", lw=1, label="raw writer (A), same run")

@@ -170,17 +170,26 @@ def _fmt_ms(x: float) -> str:
     return "-" if math.isnan(x) else f"{1000 * x:.0f}"
 
 
+def _per_100k(seconds: float | None, events: int) -> str:
+    return "-" if seconds is None or events <= 0 else f"{seconds * 100_000 / events:.2f}"
+
+
 def _phase_line(tag: str, p: PhaseResult, ratio: float | None) -> str:
-    cpu = "" if p.cpu_s is None else f"{p.cpu_s:7.2f}"
+    split = p.cpu_split or {}
+    cpu = "".join(
+        f"{_per_100k(split.get(k), p.events):>7}" for k in ("process_s", "postgresql_s", "redis_s")
+    )
     ok = "ok" if p.verified else "NOT VERIFIED"
     return (
-        f"  ({tag:<2}) {p.label:<48} {_fmt_ratio(ratio)}  {p.rate:>10,.0f} {p.events:>10,} "
-        f"{p.seconds:>8.2f} {cpu:>7}  {ok}"
+        f"  ({tag:<2}) {p.label:<48} {_fmt_ratio(ratio)}  {p.rate:>10,.0f} {p.events:>9,} "
+        f"{p.seconds:>7.2f} {cpu}  {ok}"
     )
 
 
 _HEAD: Final = (
-    f"  {'':<53} {'ratio':>5}  {'events/s':>10} {'events':>10} {'seconds':>8} {'cpu s':>7}"
+    f"  {'':<53} {'ratio':>5}  {'events/s':>10} {'events':>9} {'seconds':>7}"
+    "  CPU s per 100k events\n"
+    f"  {'':<53} {'':>5}  {'':>10} {'':>9} {'':>7} {'bench':>7}{'PG':>7}{'Redis':>7}"
 )
 
 
@@ -326,8 +335,8 @@ def _scaling_lines(r: Report) -> list[str]:
     if r.batch_sweep or r.writer_sweep:
         lines += [
             "",
-            f"Scaling, in-process submit of the mix ({r.options['scaling_events']:,} events; "
-            "ratio to (A))",
+            f"Scaling, ingestd via the stream, mix ({r.options['scaling_events']:,} events "
+            "pre-filled; ratio to (A))",
         ]
         lines += _sweep_lines(r, "batch_max_rows", r.batch_sweep, "batch_max_rows")
         lines += _sweep_lines(r, "writers", r.writer_sweep, "writers")

@@ -7,7 +7,10 @@ import math
 import resource
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ingestd.bench.cpu import CpuSplit
 
 
 @dataclasses.dataclass(slots=True)
@@ -20,6 +23,7 @@ class PhaseResult:
     seconds: float
     rows: int = 0
     cpu_s: float | None = None  # this process's CPU time during the run (in-process phases)
+    cpu_split: dict[str, Any] | None = None  # this process / PostgreSQL backends / Redis
     details: dict[str, Any] = dataclasses.field(default_factory=dict)
     verified: bool = False
 
@@ -37,6 +41,7 @@ class PhaseResult:
             "seconds": self.seconds,
             "events_per_s": self.rate,
             "cpu_s": self.cpu_s,
+            "cpu_split_s": self.cpu_split,
             "verified": self.verified,
             **self.details,
         }
@@ -90,13 +95,28 @@ def percentile(ordered: Sequence[float], p: float) -> float:
 
 
 class Stopwatch:
-    """Wall time and this process's CPU time of one run."""
+    """Wall time and this process's CPU time of one run (and, given a split, where CPU went)."""
 
-    def __init__(self) -> None:
+    def __init__(self, split: CpuSplit | None = None) -> None:
         self._t0 = 0.0
         self._cpu0 = 0.0
         self.seconds = 0.0
         self.cpu_s = 0.0
+        self._split = split
+        self.cpu_split: dict[str, Any] | None = None
+
+    async def begin(self) -> None:
+        """Take the CPU split's readings, then start timing."""
+        if self._split is not None:
+            await self._split.begin()
+        self.start()
+
+    async def end(self) -> float:
+        """Stop timing, then read the CPU split; return the wall seconds."""
+        seconds = self.stop()
+        if self._split is not None:
+            self.cpu_split = await self._split.end()
+        return seconds
 
     @staticmethod
     def _cpu() -> float:

@@ -32,6 +32,7 @@ import redis.asyncio as aioredis
 from ingestd import migrations
 from ingestd.app import create_redis
 from ingestd.bench import latency, plots, scaling, throughput
+from ingestd.bench.cpu import CpuSplit
 from ingestd.bench.memory import memory_run
 from ingestd.bench.producer import fill_stream
 from ingestd.bench.report import Report, format_table
@@ -208,6 +209,7 @@ class Bench:
         self.workdir.chmod(0o755)
         self.redis: aioredis.Redis = create_redis(settings.storage.redis.url, socket_timeout_s=30.0)
         self.conn: asyncpg.Connection | None = None
+        self.cpu: CpuSplit | None = None
         self.report = Report(machine={}, settings=self._settings_json(), options=options.to_json())
         self._streams = 0
 
@@ -332,17 +334,24 @@ class Bench:
         o = self.options
         ph = self.report.phases
         db = self.db
+        cpu = self.cpu
         outstanding, callers = self._outstanding()
         if "copy" in selected:
             ph["copy"] = await self.measured(
-                "(a)", spreads.expected, throughput.binary_copy(db, spreads), ingestd=False
+                "(a)",
+                spreads.expected,
+                throughput.binary_copy(db, spreads, split=cpu),
+                ingestd=False,
             )
         if "server-copy" in selected:
             csv_path = self.workdir / "spreads.csv"
             await asyncio.to_thread(write_spreads_csv, csv_path, spreads.events)
             csv_path.chmod(0o644)
             ph["server_copy"] = await self.measured(
-                "(a2)", spreads.expected, throughput.file_copy(db, spreads, csv_path), ingestd=False
+                "(a2)",
+                spreads.expected,
+                throughput.file_copy(db, spreads, csv_path, split=cpu),
+                ingestd=False,
             )
         if "submit" in selected:
             ph["submit"] = await self.measured(
@@ -354,6 +363,7 @@ class Bench:
                     self.settings,
                     spreads,
                     outstanding,
+                    split=cpu,
                 ),
             )
             ph["submit_many"] = await self.measured(
@@ -365,6 +375,7 @@ class Bench:
                     self.settings,
                     spreads,
                     callers,
+                    split=cpu,
                 ),
             )
         if "stream" in selected:
@@ -376,28 +387,42 @@ class Bench:
                 self.redis,
                 spreads,
                 self.deadline(o.events),
+                split=cpu,
             )
             ph["stream"] = await self.close_stream("(c)", spreads, run, result)
         if "baselines" in selected:
             sample = spreads.prefix(min(o.naive_rows, o.events))
             ph["insert"] = await self.measured(
-                "(d)", sample.expected, throughput.insert_per_row(db, sample), ingestd=False
+                "(d)",
+                sample.expected,
+                throughput.insert_per_row(db, sample, split=cpu),
+                ingestd=False,
             )
             ph["insert"].label = f"one INSERT per row, autocommit ({len(sample.events):,} sample)"
             ph["executemany"] = await self.measured(
-                "(e)", spreads.expected, throughput.executemany(db, spreads), ingestd=False
+                "(e)",
+                spreads.expected,
+                throughput.executemany(db, spreads, split=cpu),
+                ingestd=False,
             )
             ph["multirow"] = await self.measured(
-                "(f)", spreads.expected, throughput.multirow_insert(db, spreads), ingestd=False
+                "(f)",
+                spreads.expected,
+                throughput.multirow_insert(db, spreads, split=cpu),
+                ingestd=False,
             )
 
     async def _mix(self, mix: Workload, selected: set[str]) -> None:
         ph = self.report.phases
+        cpu = self.cpu
         outstanding, callers = self._outstanding()
         if "mix-copy" in selected:
             batches = raw_batches(mix.events, throughput.COPY_BATCH_ROWS)
             ph["mix_copy"] = await self.measured(
-                "(A)", mix.expected, throughput.mix_ceiling(self.db, batches), ingestd=False
+                "(A)",
+                mix.expected,
+                throughput.mix_ceiling(self.db, batches, split=cpu),
+                ingestd=False,
             )
             # Per event of the mix, heartbeats included (a raw writer has nothing to do for them).
             ph["mix_copy"].events = len(mix.events)
@@ -411,6 +436,7 @@ class Bench:
                     self.settings,
                     mix,
                     outstanding,
+                    split=cpu,
                 ),
             )
             ph["mix_submit_many"] = await self.measured(
@@ -422,6 +448,7 @@ class Bench:
                     self.settings,
                     mix,
                     callers,
+                    split=cpu,
                 ),
             )
         if "mix-stream" in selected:
@@ -433,11 +460,14 @@ class Bench:
                 self.redis,
                 mix,
                 self.deadline(len(mix.events)),
+                split=cpu,
             )
             ph["mix_stream"] = await self.close_stream("(C)", mix, run, result)
 
     async def _sweeps(self, sweep: Workload, selected: set[str]) -> None:
+        """Batch size and writers, through the stream: one pre-filled stream, a group per run."""
         o = self.options
+        cpu = self.cpu
         variants: list[tuple[list[PhaseResult], str, Settings]] = []
         if "batch-size" in selected:
             for rows in o.batch_sizes:
@@ -447,13 +477,31 @@ class Bench:
             for writers in o.writers:
                 s = scaling.with_writers(self.settings, writers)
                 variants.append((self.report.writer_sweep, f"writers {writers}", s))
-        for out, label, s in variants:
-            n_out = scaling.outstanding_for(s, MIN_OUTSTANDING_SUBMITS)
-            out.append(
-                await self.measured(
-                    label, sweep.expected, throughput.submit("sweep", label, s, sweep, n_out)
-                )
+        n = len(sweep.events)
+        key = self.stream_key("sweep")
+        jsonl = self.workdir / "sweep.jsonl"
+        await asyncio.to_thread(write_jsonl, jsonl, sweep.events)
+        await fill_stream("sweep", self.settings.storage.redis.url, key, jsonl, self.deadline(n))
+        # Every group exists from the start at id 0, so no run's trim can remove the entries
+        # that a later run's group has still to read.
+        groups = [f"{self.group}-sweep-{i}" for i in range(len(variants))]
+        for group in groups:
+            await self.redis.xgroup_create(key, group, id="0")
+        for (out, label, s), group in zip(variants, groups, strict=True):
+            run_settings = s.replace(**{"stream.key": key, "stream.group": group}).check()
+            result = await self.measured(
+                label,
+                sweep.expected,
+                throughput.stream(
+                    "sweep", label, run_settings, self.redis, sweep, self.deadline(n), split=cpu
+                ),
             )
+            pending = await stream_pending(self.redis, key, group)
+            if pending:
+                raise BenchFailed(f"{label}: {pending} entries still pending after stop")
+            result.details["pending_after_stop"] = pending
+            out.append(result)
+        await self.redis.delete(key)
 
     async def _latency(self, mix_all: Workload) -> None:
         o = self.options
@@ -471,15 +519,30 @@ class Bench:
                 )
 
     async def _stream_latency(self, mix_all: Workload) -> None:
+        """XADD -> commit at each load: with the configured settings, and with the grid setting
+        that had the lowest p99 submit->commit at 5k/s (when the latency phase found one)."""
         o = self.options
-        for load in o.stream_loads:
-            w = mix_all.prefix(max(1, int(load * o.latency_seconds)))
-            label = f"stream latency {load:,.0f}/s"
-            run = await self.open_stream(label, w, fill=False)
-            result = await latency.paced_stream(
-                run.settings, self.redis, w, run.jsonl, load, label=label
+        variants = [self.settings]
+        winners = sorted(self.report.p99_winners(), key=lambda r: r.percentile(99))
+        if winners:
+            best = winners[0].settings
+            tuned = scaling.with_batch_rows(self.settings, best["batch_max_rows"]).replace(
+                **{"pipeline.batch_max_age_ms": best["batch_max_age_ms"]}
             )
-            self.report.stream_latency.append(await self.close_stream(label, w, run, result))
+            if tuned.pipeline != self.settings.pipeline:
+                variants.append(tuned)
+        for s in variants:
+            p = s.pipeline
+            for load in o.stream_loads:
+                w = mix_all.prefix(max(1, int(load * o.latency_seconds)))
+                label = (
+                    f"stream latency {load:,.0f}/s rows {p.batch_max_rows} age {p.batch_max_age_ms}"
+                )
+                run = await self.open_stream(label, w, fill=False, settings=s)
+                result = await latency.paced_stream(
+                    run.settings, self.redis, w, run.jsonl, load, label=label
+                )
+                self.report.stream_latency.append(await self.close_stream(label, w, run, result))
 
     async def _replicas(self, workload: Workload) -> None:
         o = self.options
@@ -545,6 +608,7 @@ class Bench:
         self.conn = await asyncpg.connect(self.dsn, timeout=10)
         await migrations.migrate(self.conn)
         self.report.machine = await machine_info(self.conn, self.redis)
+        self.cpu = CpuSplit(self.conn, self.redis)
 
     async def close(self) -> None:
         """Remove every scratch resource (also after a failure)."""

@@ -20,6 +20,7 @@ import redis.asyncio as aioredis
 
 from ingestd import tables
 from ingestd.app import Service
+from ingestd.bench.cpu import CpuSplit
 from ingestd.bench.results import PhaseResult, Stopwatch
 from ingestd.bench.scratch import BenchFailed, last_entry_id, wait_group_done
 from ingestd.bench.workload import (
@@ -77,25 +78,30 @@ def _batches(rows: Sequence[tuple[Any, ...]], size: int) -> list[Sequence[tuple[
 # --- ceilings ----------------------------------------------------------------------------------
 
 
-async def binary_copy(conn: asyncpg.Connection, workload: Workload) -> PhaseResult:
+async def binary_copy(
+    conn: asyncpg.Connection, workload: Workload, *, split: CpuSplit | None = None
+) -> PhaseResult:
     """(a) asyncpg binary COPY of pre-built spread rows, batches of 5,000, one connection."""
     batches = _batches(_spread_rows(workload), COPY_BATCH_ROWS)
-    watch = Stopwatch()
-    watch.start()
+    watch = Stopwatch(split)
+    await watch.begin()
     for batch in batches:
         await conn.copy_records_to_table("spreads", records=batch, columns=_SPREAD_COLUMNS)
-    watch.stop()
+    await watch.end()
     return PhaseResult(
         "copy",
         "raw binary COPY, pre-built rows",
         len(workload.events),
         watch.seconds,
+        cpu_split=watch.cpu_split,
         rows=len(workload.events),
         details={"batch_rows": COPY_BATCH_ROWS, "connections": 1},
     )
 
 
-async def file_copy(conn: asyncpg.Connection, workload: Workload, csv_path: Path) -> PhaseResult:
+async def file_copy(
+    conn: asyncpg.Connection, workload: Workload, csv_path: Path, *, split: CpuSplit | None = None
+) -> PhaseResult:
     """(a2) ``COPY spreads FROM 'file'`` on the server; where not permitted, from the client."""
     columns = ", ".join(_SPREAD_COLUMNS)
     path = str(csv_path)
@@ -103,8 +109,8 @@ async def file_copy(conn: asyncpg.Connection, workload: Workload, csv_path: Path
         raise BenchFailed(f"(a2): unexpected characters in the CSV path {path!r}")
     label = "server-side COPY FROM a CSV file"
     fallback: str | None = None
-    watch = Stopwatch()
-    watch.start()
+    watch = Stopwatch(split)
+    await watch.begin()
     try:
         # COPY FROM a file cannot take its path as a bind parameter; the path is our own.
         await conn.execute(f"COPY spreads ({columns}) FROM '{path}' WITH (FORMAT csv)")
@@ -115,30 +121,33 @@ async def file_copy(conn: asyncpg.Connection, workload: Workload, csv_path: Path
             fallback,
             extra={"action": "bench"},
         )
-        watch.start()
+        await watch.begin()
         await conn.copy_to_table(
             "spreads", source=csv_path, columns=list(_SPREAD_COLUMNS), format="csv"
         )
         label = "client COPY of the CSV file (server-side not permitted)"
-    watch.stop()
+    await watch.end()
     return PhaseResult(
         "server_copy",
         label,
         len(workload.events),
         watch.seconds,
+        cpu_split=watch.cpu_split,
         rows=len(workload.events),
         details={"server_side": fallback is None, "fallback_reason": fallback, "statements": 1},
     )
 
 
-async def mix_ceiling(conn: asyncpg.Connection, batches: Sequence[RawBatch]) -> PhaseResult:
+async def mix_ceiling(
+    conn: asyncpg.Connection, batches: Sequence[RawBatch], *, split: CpuSplit | None = None
+) -> PhaseResult:
     """(A) What a raw writer does for the mix, per batch of 5,000 events, one transaction each:
     a binary COPY of pre-built rows per append-only table, then one ``executemany`` upsert of
     the opened positions and one ``executemany`` update of the closed ones."""
     events = 0
     rows = 0
-    watch = Stopwatch()
-    watch.start()
+    watch = Stopwatch(split)
+    await watch.begin()
     for batch in batches:
         async with conn.transaction():
             for name, records in batch.rows.items():
@@ -151,13 +160,14 @@ async def mix_ceiling(conn: asyncpg.Connection, batches: Sequence[RawBatch]) -> 
             if batch.closes:
                 await conn.executemany(SQL_RAW_CLOSE, batch.closes)
             rows += len(batch.opens)
-    watch.stop()
+    await watch.end()
     events = sum(len(b.opens) + len(b.closes) + sum(map(len, b.rows.values())) for b in batches)
     return PhaseResult(
         "mix_copy",
         "raw writer: binary COPY + position upserts",
         events,
         watch.seconds,
+        cpu_split=watch.cpu_split,
         rows=rows,
         details={"batch_events": COPY_BATCH_ROWS, "connections": 1},
     )
@@ -166,32 +176,42 @@ async def mix_ceiling(conn: asyncpg.Connection, batches: Sequence[RawBatch]) -> 
 # --- baselines ---------------------------------------------------------------------------------
 
 
-async def insert_per_row(conn: asyncpg.Connection, workload: Workload) -> PhaseResult:
+async def insert_per_row(
+    conn: asyncpg.Connection, workload: Workload, *, split: CpuSplit | None = None
+) -> PhaseResult:
     """(d) One autocommitted ``INSERT`` per row, with bind parameters (on a sample)."""
     rows = _spread_rows(workload)
-    watch = Stopwatch()
-    watch.start()
+    watch = Stopwatch(split)
+    await watch.begin()
     for row in rows:
         await conn.execute(SQL_INSERT_SPREAD, *row)
-    watch.stop()
+    await watch.end()
     return PhaseResult(
-        "insert", "one INSERT per row, autocommit", len(rows), watch.seconds, rows=len(rows)
+        "insert",
+        "one INSERT per row, autocommit",
+        len(rows),
+        watch.seconds,
+        rows=len(rows),
+        cpu_split=watch.cpu_split,
     )
 
 
-async def executemany(conn: asyncpg.Connection, workload: Workload) -> PhaseResult:
+async def executemany(
+    conn: asyncpg.Connection, workload: Workload, *, split: CpuSplit | None = None
+) -> PhaseResult:
     """(e) ``executemany`` of the ``INSERT``, 5,000 rows per call (each call is atomic)."""
     rows = _spread_rows(workload)
-    watch = Stopwatch()
-    watch.start()
+    watch = Stopwatch(split)
+    await watch.begin()
     for batch in _batches(rows, COPY_BATCH_ROWS):
         await conn.executemany(SQL_INSERT_SPREAD, batch)
-    watch.stop()
+    await watch.end()
     return PhaseResult(
         "executemany",
         "executemany INSERT, 5,000 per call",
         len(rows),
         watch.seconds,
+        cpu_split=watch.cpu_split,
         rows=len(rows),
         details={"batch_rows": COPY_BATCH_ROWS},
     )
@@ -205,20 +225,23 @@ def _multirow_sql(n: int) -> str:
     return f"INSERT INTO spreads ({', '.join(_SPREAD_COLUMNS)}) VALUES {', '.join(groups)}"
 
 
-async def multirow_insert(conn: asyncpg.Connection, workload: Workload) -> PhaseResult:
+async def multirow_insert(
+    conn: asyncpg.Connection, workload: Workload, *, split: CpuSplit | None = None
+) -> PhaseResult:
     """(f) Multi-row ``INSERT ... VALUES (...), (...)`` of 1,000 rows, bind parameters."""
     rows = _spread_rows(workload)
     statements = {n: _multirow_sql(n) for n in {len(b) for b in _batches(rows, MULTIROW_ROWS)}}
-    watch = Stopwatch()
-    watch.start()
+    watch = Stopwatch(split)
+    await watch.begin()
     for batch in _batches(rows, MULTIROW_ROWS):
         await conn.execute(statements[len(batch)], *(v for row in batch for v in row))
-    watch.stop()
+    await watch.end()
     return PhaseResult(
         "multirow",
         "multi-row INSERT, 1,000 rows each",
         len(rows),
         watch.seconds,
+        cpu_split=watch.cpu_split,
         rows=len(rows),
         details={"rows_per_statement": MULTIROW_ROWS},
     )
@@ -243,14 +266,20 @@ def _pipeline_details(service: Service) -> dict[str, Any]:
 
 
 async def submit(
-    key: str, label: str, settings: Settings, workload: Workload, outstanding: int
+    key: str,
+    label: str,
+    settings: Settings,
+    workload: Workload,
+    outstanding: int,
+    *,
+    split: CpuSplit | None = None,
 ) -> PhaseResult:
     """(b) ``await service.submit(event)`` from ``outstanding`` callers at a time."""
     events = workload.events
     service = Service(settings, stream_intake=False)
     await service.start()
     outcomes: collections.Counter[Outcome] = collections.Counter()
-    watch = Stopwatch()
+    watch = Stopwatch(split)
     try:
         feed = iter(events)
 
@@ -259,11 +288,11 @@ async def submit(
             for ev in feed:
                 outcomes[await service.submit(ev)] += 1
 
-        watch.start()
+        await watch.begin()
         async with asyncio.TaskGroup() as tg:
             for _ in range(min(outstanding, len(events))):
                 tg.create_task(caller())
-        watch.stop()
+        await watch.end()
         details = {**_pipeline_details(service), "outstanding_submits": outstanding}
     finally:
         await service.stop()
@@ -274,6 +303,7 @@ async def submit(
         label,
         len(events),
         watch.seconds,
+        cpu_split=watch.cpu_split,
         rows=workload.expected.rows,
         cpu_s=watch.cpu_s,
         details=details,
@@ -281,7 +311,13 @@ async def submit(
 
 
 async def submit_many(
-    key: str, label: str, settings: Settings, workload: Workload, callers: int
+    key: str,
+    label: str,
+    settings: Settings,
+    workload: Workload,
+    callers: int,
+    *,
+    split: CpuSplit | None = None,
 ) -> PhaseResult:
     """(b') ``await service.submit_many(chunk)`` of 1,000 events from ``callers`` at a time."""
     events = workload.events
@@ -289,7 +325,7 @@ async def submit_many(
     service = Service(settings, stream_intake=False)
     await service.start()
     outcomes: collections.Counter[Outcome] = collections.Counter()
-    watch = Stopwatch()
+    watch = Stopwatch(split)
     try:
         feed = iter(chunks)
 
@@ -297,11 +333,11 @@ async def submit_many(
             for chunk in feed:
                 outcomes.update(await service.submit_many(chunk))
 
-        watch.start()
+        await watch.begin()
         async with asyncio.TaskGroup() as tg:
             for _ in range(min(callers, len(chunks))):
                 tg.create_task(caller())
-        watch.stop()
+        await watch.end()
         details = {
             **_pipeline_details(service),
             "chunk": SUBMIT_MANY_CHUNK,
@@ -316,6 +352,7 @@ async def submit_many(
         label,
         len(events),
         watch.seconds,
+        cpu_split=watch.cpu_split,
         rows=workload.expected.rows,
         cpu_s=watch.cpu_s,
         details=details,
@@ -329,15 +366,17 @@ async def stream(
     client: aioredis.Redis,
     workload: Workload,
     deadline_s: float,
+    *,
+    split: CpuSplit | None = None,
 ) -> PhaseResult:
     """(c) ingestd reading the pre-filled scratch stream: from start of intake to the last ack."""
     n = len(workload.events)
     last = await last_entry_id(client, settings.stream.key)
     service = Service(settings, stream_intake=True)
-    watch = Stopwatch()
+    watch = Stopwatch(split)
     await service.start()
     try:
-        watch.start()
+        await watch.begin()
         await wait_group_done(
             client,
             settings.stream.key,
@@ -346,7 +385,7 @@ async def stream(
             deadline_s=deadline_s,
             label=label,
         )
-        watch.stop()
+        await watch.end()
         details = {
             **_pipeline_details(service),
             "read_count": settings.stream.read_count,
@@ -359,6 +398,7 @@ async def stream(
         label,
         n,
         watch.seconds,
+        cpu_split=watch.cpu_split,
         rows=workload.expected.rows,
         cpu_s=watch.cpu_s,
         details=details,
