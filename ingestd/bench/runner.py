@@ -718,6 +718,9 @@ async def run_bench(settings: Settings, options: Options) -> int:
     except BenchFailed as exc:
         print(f"ingestd bench: FAILED: {exc}", file=sys.stderr)
         return 1
+    except (OSError, asyncpg.PostgresError, redis.exceptions.RedisError) as exc:
+        print(f"ingestd bench: cannot run: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 2
     finally:
         await bench.close()
     report.machine["load_average"]["after"] = load_average()
