@@ -194,7 +194,7 @@ async def wait_group_done(
     *,
     deadline_s: float,
     label: str,
-    poll_s: float = 0.005,
+    poll_s: float = 0.01,
 ) -> None:
     """Wait until ``group`` has every entry up to ``last`` delivered and acknowledged.
 
