@@ -99,6 +99,8 @@ class Producer:
     def __init__(self, proc: asyncio.subprocess.Process, label: str) -> None:
         self.proc = proc
         self.label = label
+        self._t0 = time.perf_counter()
+        self.elapsed_s = 0.0  # from start to exit, once finished
 
     @classmethod
     async def start(cls, label: str, url: str, *argv: str) -> Producer:
@@ -128,6 +130,7 @@ class Producer:
             raise BenchFailed(
                 f"{self.label}: the producer process did not finish in {timeout_s:.0f}s"
             ) from None
+        self.elapsed_s = time.perf_counter() - self._t0
         if self.proc.returncode != 0:
             tail = err.decode(errors="replace").strip()[-2000:]
             raise BenchFailed(f"{self.label}: the producer exited {self.proc.returncode}: {tail}")

@@ -102,6 +102,7 @@ class Report:
             for r in self.latency
             if r.target_rate == P99_TARGET_RATE
             and r.sustained
+            and r.kept_up
             and 1000 * r.percentile(99) < P99_TARGET_MS
         ]
 
@@ -276,7 +277,7 @@ def _latency_lines(r: Report) -> list[str]:
         lines += [
             "",
             "Latency submit -> commit, open-loop paced load: p50 / p95 / p99 ms "
-            "(* = pacer fell short of the rate)",
+            "(* pacer fell short of the rate, ! commits fell behind it: saturated)",
             f"  {'batch_max_rows':>14} {'age_ms':>6}  "
             + "".join(f"{f'{x:,.0f}/s':>20}" for x in loads),
         ]
@@ -295,7 +296,8 @@ def _latency_lines(r: Report) -> list[str]:
                     continue
                 x = hit[0]
                 text = "/".join(_fmt_ms(x.percentile(p)) for p in (50, 95, 99))
-                cells.append(f"{text + ('' if x.sustained else '*'):>20}")
+                mark = ("" if x.sustained else "*") + ("" if x.kept_up else "!")
+                cells.append(f"{text + mark:>20}")
             lines.append(f"  {rows:>14} {age:>6}  " + "".join(cells))
         winners = r.p99_winners()
         if any(x.target_rate == P99_TARGET_RATE for x in r.latency):
@@ -311,7 +313,8 @@ def _latency_lines(r: Report) -> list[str]:
         lines += ["", "Latency XADD -> commit through the stream (producer process, paced): ms"]
         for x in r.stream_latency:
             lines.append(
-                f"  {x.target_rate:>8,.0f}/s (achieved {x.achieved_rate:,.0f}/s): "
+                f"  {x.target_rate:>8,.0f}/s (sent {x.achieved_rate:,.0f}/s, "
+                f"committed {x.completed_rate:,.0f}/s): "
                 + "  ".join(f"p{p} {_fmt_ms(x.percentile(p))}" for p in (50, 95, 99))
                 + f"  max {_fmt_ms(max(x.latencies_s) if x.latencies_s else math.nan)}"
                 + f"  (batch_max_rows {x.settings['batch_max_rows']}, "

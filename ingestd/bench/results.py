@@ -58,6 +58,8 @@ class LatencyResult:
     latencies_s: list[float]
     settings: dict[str, Any] = dataclasses.field(default_factory=dict)
     verified: bool = False
+    # Events over the time from the first submit (XADD) to the last commit.
+    completed_rate: float = math.nan
 
     def percentile(self, p: float) -> float:
         """The ``p``-th percentile (nearest rank), seconds."""
@@ -68,6 +70,11 @@ class LatencyResult:
         """True when the paced producer kept within 5 % of its target rate."""
         return self.achieved_rate >= 0.95 * self.target_rate
 
+    @property
+    def kept_up(self) -> bool:
+        """True when the service committed within 5 % of the target rate (not saturated)."""
+        return self.completed_rate >= 0.95 * self.target_rate
+
     def to_json(self) -> dict[str, Any]:
         """The JSON form (milliseconds)."""
         ordered = sorted(self.latencies_s)
@@ -76,6 +83,8 @@ class LatencyResult:
             "target_rate": self.target_rate,
             "achieved_rate": self.achieved_rate,
             "sustained": self.sustained,
+            "completed_rate": self.completed_rate,
+            "kept_up": self.kept_up,
             "events": len(ordered),
             "p50_ms": 1000 * percentile(ordered, 50),
             "p95_ms": 1000 * percentile(ordered, 95),

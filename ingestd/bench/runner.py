@@ -101,7 +101,7 @@ class Options:
 
     events: int = 100_000
     naive_rows: int = 3_000
-    scaling_events: int = 50_000
+    scaling_events: int = 100_000
     replica_events: int = 100_000
     memory_events: int = 1_000_000
     latency_seconds: float = 3.0

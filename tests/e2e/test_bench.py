@@ -124,6 +124,7 @@ def test_quick_bench_runs_every_phase_verified_and_writes_table_json_plots(
         assert run["verified"] is True
         assert run["events"] > 0
         assert 0 < run["p50_ms"] <= run["p95_ms"] <= run["p99_ms"] <= run["max_ms"]
+        assert run["achieved_rate"] > 0 and run["completed_rate"] > 0
     assert len(lat["stream_xadd_to_commit"]) == 1
 
     memory = report["memory"]
