@@ -105,6 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--skip", action="append", default=[], help="phases or groups to leave out")
     p.add_argument("--quick", action="store_true", help="small sizes: a CI-sized check")
+    p.add_argument(
+        "--repeat", type=int, help="rounds of the throughput phases; medians shown (default 1)"
+    )
     p.add_argument("--scaling-events", type=int, help="events per sweep run (default 50000)")
     p.add_argument("--replica-events", type=int, help="events per replica run (default 100000)")
     p.add_argument("--memory-events", type=int, help="events of the memory run (default 1000000)")

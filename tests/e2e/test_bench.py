@@ -158,18 +158,30 @@ def test_quick_bench_runs_every_phase_verified_and_writes_table_json_plots(
 @pytest.mark.e2e
 @pytest.mark.pg
 @pytest.mark.redis
-def test_only_reruns_a_part_with_its_ceiling(
+def test_only_reruns_a_part_with_its_ceiling_and_repeat_keeps_every_round(
     pg_server: PgServer, redis_url: str, tmp_path: Path
 ) -> None:
     out = tmp_path / "part.json"
     done, _ = _bench(
-        pg_server, redis_url, tmp_path, "--quick", "--only", "mix-submit", "--json", str(out)
+        pg_server,
+        redis_url,
+        tmp_path,
+        "--quick",
+        "--only",
+        "mix-submit",
+        "--repeat",
+        "2",
+        "--json",
+        str(out),
     )
     assert done.returncode == 0, done.stdout + done.stderr
     report = json.loads(out.read_text())
     # The ratio needs its ceiling from the same run, so --only brings it along.
     assert set(report["phases"]) == {"mix_copy", "mix_submit", "mix_submit_many"}
     assert report["phases"]["mix_submit"]["ratio_to_ceiling"] is not None
+    # Two rounds, each with its own ceiling run: every round's rate is kept, the median shown.
+    for phase in report["phases"].values():
+        assert len(phase["rounds_events_per_s"]) == 2 and phase["verified"] is True
     assert report["latency"]["submit_to_commit"] == [] and report["memory"] is None
 
 
