@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,11 @@ MISSING: str = (
 
 def available() -> bool:
     """True when matplotlib can be imported."""
-    return importlib.util.find_spec("matplotlib") is not None
+    try:
+        import matplotlib  # noqa: F401, PLC0415 - only whether it imports
+    except ImportError:
+        return False
+    return True
 
 
 def _pyplot() -> Any:

@@ -24,11 +24,17 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 def _bench(
-    pg_server: PgServer, redis_url: str, tmp_path: Path, *args: str
+    pg_server: PgServer,
+    redis_url: str,
+    tmp_path: Path,
+    *args: str,
+    pythonpath: str | None = None,
 ) -> tuple[subprocess.CompletedProcess[str], str]:
     database = f"ingestd_bench_test_{uuid.uuid4().hex[:10]}"
     env = {k: v for k, v in os.environ.items() if not k.startswith("INGESTD_")}
     env.update(DATABASE_URL=pg_server.admin_dsn, REDIS_URL=redis_url, INGESTD_METRICS_PORT="0")
+    if pythonpath is not None:
+        env["PYTHONPATH"] = pythonpath
     done = subprocess.run(
         [sys.executable, "-m", "ingestd.cli", "bench", "--scratch-database", database, *args],
         env=env,
@@ -183,6 +189,40 @@ def test_only_reruns_a_part_with_its_ceiling_and_repeat_keeps_every_round(
     for phase in report["phases"].values():
         assert len(phase["rounds_events_per_s"]) == 2 and phase["verified"] is True
     assert report["latency"]["submit_to_commit"] == [] and report["memory"] is None
+
+
+@pytest.mark.e2e
+@pytest.mark.pg
+@pytest.mark.redis
+def test_without_matplotlib_the_bench_says_so_and_still_reports(
+    pg_server: PgServer, redis_url: str, tmp_path: Path
+) -> None:
+    # A matplotlib that cannot be imported, first on the path: as on a machine without the extra.
+    shadow = tmp_path / "shadow" / "matplotlib"
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text("raise ImportError('matplotlib hidden by the test')\n")
+    out = tmp_path / "copy.json"
+    plots_dir = tmp_path / "plots"
+    done, _ = _bench(
+        pg_server,
+        redis_url,
+        tmp_path,
+        "--quick",
+        "--only",
+        "copy",
+        "--json",
+        str(out),
+        "--plots",
+        str(plots_dir),
+        pythonpath=str(shadow.parent),
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "matplotlib is not installed, so no PNGs were written" in done.stderr
+    assert "pip install 'ingestd[bench]'" in done.stdout
+    report = json.loads(out.read_text())
+    assert report["plots"] == [] and "matplotlib" in report["plots_note"]
+    assert set(report["phases"]) == {"copy"} and report["verified"] is True
+    assert not plots_dir.exists() or list(plots_dir.iterdir()) == []
 
 
 def _database_exists(pg_server: PgServer, name: str) -> bool:
