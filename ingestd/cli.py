@@ -108,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--repeat", type=int, help="rounds of the throughput phases; medians shown (default 1)"
     )
-    p.add_argument("--scaling-events", type=int, help="events per sweep run (default 50000)")
+    p.add_argument("--scaling-events", type=int, help="events per sweep run (default 100000)")
     p.add_argument("--replica-events", type=int, help="events per replica run (default 100000)")
     p.add_argument("--memory-events", type=int, help="events of the memory run (default 1000000)")
     p.add_argument("--latency-seconds", type=float, help="seconds per paced run (default 3)")
@@ -336,14 +336,14 @@ async def _cmd_bench(settings: Settings, args: argparse.Namespace) -> int:
             json_path=args.json_path,
             keep=args.keep,
         )
-    from ingestd.bench import runner
+    from ingestd.bench import options, runner
 
     try:
-        options = runner.options_from_args(args)
+        chosen = options.options_from_args(args)
     except (errors.ConfigError, ValueError) as exc:
         print(f"ingestd bench: {exc}", file=sys.stderr)
         return 2
-    return await runner.run_bench(settings, options)
+    return await runner.run_bench(settings, chosen)
 
 
 async def _cmd_import_csv(settings: Settings, args: argparse.Namespace) -> int:

@@ -3,6 +3,8 @@
 Modules: ``workload`` (the events, their COPY rows and expected contents), ``scratch`` (scratch
 database and keys, verification), ``producer`` (the separate producer process), ``throughput``
 (ceilings, baselines, ingestd at full speed), ``latency`` (paced loads), ``scaling`` (batch size,
-writers, replicas), ``memory`` (peak RSS), ``report`` and ``plots`` (output), ``runner`` (the
-command). See the README's Performance section for what each phase does.
+writers, replicas), ``replicas`` (``ingestd run`` subprocesses), ``memory`` (peak RSS), ``cpu``
+(where CPU time went), ``machine`` (what it ran on), ``report`` and ``plots`` (output),
+``options`` (phases and sizes) and ``runner`` (the command). The README's Performance section
+says what each phase does.
 """

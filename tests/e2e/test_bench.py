@@ -14,7 +14,7 @@ import asyncpg
 import pytest
 import redis
 
-from ingestd.bench import runner, throughput
+from ingestd.bench import options, throughput
 from ingestd.bench.scratch import BenchFailed, reset_tables, verify
 from ingestd.bench.workload import make_mix, make_spreads, raw_batches
 from ingestd.errors import ConfigError
@@ -266,12 +266,12 @@ async def test_verify_fails_on_a_wrong_sum_a_missing_row_and_an_unlinked_order(
 
 
 def test_phase_selection_groups_skip_and_ceilings() -> None:
-    assert runner.select_phases([], []) == runner.PHASES
-    assert runner.select_phases(["mix-stream"], []) == ("mix-copy", "mix-stream")
-    assert runner.select_phases(["scaling"], ["replicas"]) == ("mix-copy", "batch-size", "writers")
-    assert "memory" not in runner.select_phases([], ["memory", "latency"])
+    assert options.select_phases([], []) == options.PHASES
+    assert options.select_phases(["mix-stream"], []) == ("mix-copy", "mix-stream")
+    assert options.select_phases(["scaling"], ["replicas"]) == ("mix-copy", "batch-size", "writers")
+    assert "memory" not in options.select_phases([], ["memory", "latency"])
     with pytest.raises(ConfigError, match="unknown bench phase 'nope'"):
-        runner.select_phases(["nope"], [])
-    assert runner.parse_grid("1000x25, 5000x200") == ((1000, 25), (5000, 200))
+        options.select_phases(["nope"], [])
+    assert options.parse_grid("1000x25, 5000x200") == ((1000, 25), (5000, 200))
     with pytest.raises(ConfigError, match="ROWSxAGE_MS"):
-        runner.parse_grid("1000")
+        options.parse_grid("1000")
