@@ -124,10 +124,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--id-prefix", default="", help="as given to import-csv")
     p.add_argument("--show", type=int, default=5, help="how many differing keys to list")
 
-    p = sub.add_parser("bench", help="throughput benchmark against raw COPY (see README)")
+    p = sub.add_parser("bench", help="throughput, latency, scaling, memory vs raw COPY (README)")
     _common(p)
-    p.add_argument("--events", type=int, default=100_000)
+    p.add_argument("--events", type=int, help="events per throughput phase (default 100000)")
     p.add_argument("--json", dest="json_path", help="also write the results as JSON here")
+    p.add_argument("--plots", dest="plots_dir", help="write PNG plots here (needs matplotlib)")
+    p.add_argument(
+        "--only", action="append", default=[], help="phases or groups to run (comma-separated)"
+    )
+    p.add_argument("--skip", action="append", default=[], help="phases or groups to leave out")
+    p.add_argument("--quick", action="store_true", help="small sizes: a CI-sized check")
+    p.add_argument(
+        "--repeat", type=int, help="rounds of the throughput phases; medians shown (default 1)"
+    )
+    p.add_argument("--scaling-events", type=int, help="events per sweep run (default 100000)")
+    p.add_argument("--replica-events", type=int, help="events per replica run (default 100000)")
+    p.add_argument("--memory-events", type=int, help="events of the memory run (default 1000000)")
+    p.add_argument("--latency-seconds", type=float, help="seconds per paced run (default 3)")
+    p.add_argument("--latency-loads", help="paced loads, events/s (default 1000,5000,20000)")
+    p.add_argument(
+        "--latency-grid", help="batch_max_rows x batch_max_age_ms (default 1000x25,...,5000x200)"
+    )
+    p.add_argument("--stream-latency-loads", help="paced stream loads (default 1000,5000)")
+    p.add_argument("--batch-sizes", help="batch_max_rows sweep (default 500,...,10000)")
+    p.add_argument("--writer-counts", help="writers sweep (default 1,2,3)")
+    p.add_argument("--replica-counts", help="ingestd run replicas (default 1,2,3)")
     p.add_argument(
         "--scratch-database",
         default="ingestd_bench",
@@ -402,14 +423,14 @@ async def _cmd_bench(settings: Settings, args: argparse.Namespace) -> int:
             json_path=args.json_path,
             keep=args.keep,
         )
-    from ingestd.bench import run_bench
+    from ingestd.bench import options, runner
 
-    return await run_bench(
-        settings,
-        events=args.events,
-        json_path=args.json_path,
-        scratch_database=args.scratch_database,
-    )
+    try:
+        chosen = options.options_from_args(args)
+    except (errors.ConfigError, ValueError) as exc:
+        print(f"ingestd bench: {exc}", file=sys.stderr)
+        return 2
+    return await runner.run_bench(settings, chosen)
 
 
 async def _cmd_import_csv(settings: Settings, args: argparse.Namespace) -> int:
