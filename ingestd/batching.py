@@ -45,16 +45,22 @@ class Item:
     token: Any
     raw: bytes | str | None
     enqueued_at: float
+    _size: int = dataclasses.field(default=-1, repr=False)
 
     @property
     def size(self) -> int:
         """Bytes this item stands for, for the byte bounds (its raw payload, else an estimate)."""
-        raw = self.raw
-        if raw is not None:
-            return len(raw)
-        if self.dead_letter is not None:
-            return len(self.dead_letter.payload)
-        return ESTIMATED_EVENT_BYTES
+        size = self._size
+        if size < 0:  # the queue, its take and the batcher all ask: worked out once
+            raw = self.raw
+            if raw is not None:
+                size = len(raw)
+            elif self.dead_letter is not None:
+                size = len(self.dead_letter.payload)
+            else:
+                size = ESTIMATED_EVENT_BYTES
+            self._size = size
+        return size
 
     @property
     def route(self) -> str:
