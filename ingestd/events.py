@@ -194,10 +194,11 @@ _RFC3339: Final = re.compile(
 )
 
 
-_RFC3339_COMMON: Final = re.compile(
+RFC3339_COMMON_PATTERN: Final = (
     r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(?:\.[0-9]{1,6})?"
     r"(?:Z|[+-][0-9]{2}:[0-9]{2})\Z"
-).match
+)
+_RFC3339_COMMON: Final = re.compile(RFC3339_COMMON_PATTERN).match
 
 
 def numeric_text(value: object, kind: tables.Numeric, field: str) -> str:
@@ -262,6 +263,18 @@ def _out_of_range(shown: str, kind: tables.Numeric, field: str) -> InvalidEvent:
     )
 
 
+def common_time(value: str, field: str) -> tuple[str, dt.datetime]:
+    """``time_value`` of a string already known to have the usual RFC 3339 shape (``T``, at most
+    microseconds, ``Z`` or ``+hh:mm``, see ``RFC3339_COMMON_PATTERN``): parsed in C in one call."""
+    try:
+        parsed = dt.datetime.fromisoformat(value)
+    except ValueError as exc:
+        raise InvalidEvent(f"{value[:40]!r} is not a valid time: {exc}", field=field) from None
+    if value[0] == "0" or value.startswith("9999"):
+        _check_utc_range(parsed, value, field)
+    return (value[:-1] + "+00:00" if value[-1] == "Z" else value), parsed
+
+
 def time_value(value: object, field: str) -> tuple[str, dt.datetime]:
     """PostgreSQL-ready text and the aware datetime of an RFC 3339 time with an offset."""
     if isinstance(value, dt.datetime):
@@ -276,14 +289,7 @@ def time_value(value: object, field: str) -> tuple[str, dt.datetime]:
     if type(value) is not str:
         raise InvalidEvent("expected an RFC 3339 time string", field=field)
     if _RFC3339_COMMON(value) is not None:
-        # The usual shape (T, at most microseconds, Z or +hh:mm): parsed in C in one call.
-        try:
-            parsed = dt.datetime.fromisoformat(value)
-        except ValueError as exc:
-            raise InvalidEvent(f"{value[:40]!r} is not a valid time: {exc}", field=field) from None
-        if value[0] == "0" or value.startswith("9999"):
-            _check_utc_range(parsed, value, field)
-        return (value[:-1] + "+00:00" if value[-1] == "Z" else value), parsed
+        return common_time(value, field)
     m = _RFC3339.match(value)
     if m is None:
         if len(value) >= 19 and _RFC3339.match(value + "Z"):
@@ -385,11 +391,15 @@ def utc_iso(moment: dt.datetime) -> str:
 # per-field check functions, and the intake is CPU-bound in exactly this code (PERFORMANCE.md).
 
 
-def _fits_pattern(kind: tables.Numeric) -> Callable[[str], object]:
+def fits_pattern(kind: tables.Numeric) -> str:
     """A pattern for decimal text that fits NUMERIC(p, s) as written (no rounding needed)."""
     int_digits = kind.precision - kind.scale
     frac = rf"(?:\.[0-9]{{1,{kind.scale}}})?" if kind.scale else ""
-    return re.compile(rf"-?0*[0-9]{{1,{int_digits}}}{frac}\Z").match
+    return rf"-?0*[0-9]{{1,{int_digits}}}{frac}\Z"
+
+
+def _fits_pattern(kind: tables.Numeric) -> Callable[[str], object]:
+    return re.compile(fits_pattern(kind)).match
 
 
 def _field_source(f: Field, spec: EventType, n: int) -> list[str]:
@@ -561,6 +571,11 @@ def decode_event(
     if size > max_bytes:
         raise InvalidEvent(f"event is {size} bytes, larger than max_event_bytes={max_bytes}")
     try:
+        # Most events have the usual shape and take the typed decoder (ingestd.fastpath); the
+        # rest, and every error, take the general path, which is the definition of the rules.
+        event = fastpath.decode(payload, default_event_id)
+        if event is not None:
+            return event
         return parse_event(decode_json(payload), default_event_id=default_event_id)
     except InvalidEvent:
         raise
@@ -591,3 +606,7 @@ def normalize(obj: Mapping[str, Any]) -> Event:
         raise
     except Exception as exc:
         raise _internal_error(exc) from exc
+
+
+# Imported last: the fast path is built from the definitions above.
+from ingestd import fastpath  # noqa: E402
