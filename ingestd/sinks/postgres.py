@@ -1,16 +1,19 @@
 """The database sink: one batch, one transaction.
 
 Append-only tables are written with a CSV COPY of the validated decimal/time text (the cheapest
-exact path, PERFORMANCE.md). A unique violation means a redelivered event met its earlier copy:
-the table's rows are then merged through a staging table with ``ON CONFLICT DO NOTHING``. A row
-that PostgreSQL rejects for its data is isolated by halving inside savepoints, so only it becomes a
-dead letter and the rest of the batch commits. ``positions`` is a plain mutable table written with
-upserts under a transaction-scoped advisory lock, so that open and close of one position end as
-one row whatever the order and batching of their arrival, across writers and replicas.
+exact path, PERFORMANCE.md), first optimistically: every statement straight in the transaction.
+If the database refuses anything, the batch is written again carefully, in savepoints: a unique
+violation means a redelivered event met its earlier copy, and the table's rows are then merged
+through a staging table with ``ON CONFLICT DO NOTHING``; a row that PostgreSQL rejects for its
+data is isolated by halving, so only it becomes a dead letter and the rest of the batch commits.
+``positions`` is a plain mutable table written with upserts under a transaction-scoped advisory
+lock, so that open and close of one position end as one row whatever the order and batching of
+their arrival, across writers and replicas.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -177,24 +180,35 @@ def _columns(rows: Sequence[Sequence[str | None]]) -> list[list[str | None]]:
     return [list(col) for col in zip(*rows, strict=True)]
 
 
-_SQL_LINK: Final = {
-    name: f"""
-UPDATE {name} AS t SET position_id = p.id
-FROM positions AS p
-WHERE t.position_id IS NULL AND t.position_key IS NOT NULL
-  AND t.position_key = p.position_key AND t.position_key = ANY($1::text[])
+_LINKED_TABLES: Final = frozenset({"orders", "trades"})
+# Orders and trades that name a position get its id once it exists: both tables, one statement.
+_SQL_LINK_BOTH: Final = """
+WITH linked_orders AS (
+    UPDATE orders AS t SET position_id = p.id
+    FROM positions AS p
+    WHERE t.position_id IS NULL AND t.position_key IS NOT NULL
+      AND t.position_key = p.position_key AND t.position_key = ANY($1::text[])
+    RETURNING 1
+), linked_trades AS (
+    UPDATE trades AS t SET position_id = p.id
+    FROM positions AS p
+    WHERE t.position_id IS NULL AND t.position_key IS NOT NULL
+      AND t.position_key = p.position_key AND t.position_key = ANY($1::text[])
+    RETURNING 1
+)
+SELECT (SELECT count(*) FROM linked_orders) + (SELECT count(*) FROM linked_trades)
 """
-    for name in ("orders", "trades")
-}
 
 # The version of open-count mirror writes: drawn under the positions lock, so that a later
 # count always has a higher one (migration 0006 says why not the transaction id).
 _SQL_COUNT_VERSION: Final = "SELECT nextval('ingestd_open_count_version')"
 
 SQL_OPEN_COUNTS: Final = """
+WITH v AS (SELECT nextval('ingestd_open_count_version') AS version)
 SELECT s.symbol,
-       (SELECT count(*) FROM positions WHERE symbol = s.symbol AND status = 'OPEN')::int AS n
-FROM unnest($1::text[]) AS s(symbol)
+       (SELECT count(*) FROM positions WHERE symbol = s.symbol AND status = 'OPEN')::int AS n,
+       v.version
+FROM unnest($1::text[]) AS s(symbol), v
 """
 
 SQL_ALL_OPEN_COUNTS: Final = """
@@ -292,22 +306,29 @@ def describe_pg_error(exc: BaseException) -> str:
     return " ".join(parts)
 
 
-class PostgresSink:
-    """Writes batches into PostgreSQL/TimescaleDB through an asyncpg pool."""
+@dataclasses.dataclass(slots=True)
+class _Batch:
+    """A batch sorted for writing: rows per table (each event once), positions, dead letters."""
 
-    def __init__(self, pool: asyncpg.Pool, *, acquire_timeout_s: float = 5.0) -> None:
-        self._pool = pool
-        self._acquire_timeout_s = acquire_timeout_s
+    items: Sequence[Item]
+    by_table: dict[str, list[tuple[Item, Event]]]
+    opens: list[tuple[Item, Event]]
+    closes: list[tuple[Item, Event]]
+    dead: list[DeadLetter]
+    linked_keys: set[str]
+    needs_lock: bool
+    duplicates: int
 
-    async def write(self, items: Sequence[Item]) -> BatchOutcome:
-        """Commit every item of the batch in one transaction, or raise and commit nothing."""
-        outcome = BatchOutcome()
+    @classmethod
+    def of(cls, items: Sequence[Item]) -> _Batch:
+        """Sort the items; the same event twice in one batch lands once."""
         by_table: dict[str, list[tuple[Item, Event]]] = {}
         seen: dict[str, set[tuple[str, Any]]] = {}
         opens: list[tuple[Item, Event]] = []
         closes: list[tuple[Item, Event]] = []
         dead: list[DeadLetter] = []
-        needs_lock = False
+        linked: set[str] = set()
+        duplicates = 0
         for item in items:
             ev = item.event
             if ev is None:
@@ -323,47 +344,80 @@ class PostgresSink:
                     seen[name] = set()
                 key = (ev.event_id, ev.time)
                 in_batch = seen[name]
-                if key in in_batch:  # the same event twice in one batch lands once
-                    outcome.duplicates += 1
+                if key in in_batch:
+                    duplicates += 1
                     continue
                 in_batch.add(key)
                 rows.append((item, ev))
-                if name in _SQL_LINK and ev.values.get("position_key") is not None:
-                    needs_lock = True
+                if name in _LINKED_TABLES:
+                    position_key = ev.values.get("position_key")
+                    if position_key is not None:
+                        linked.add(position_key)
             elif ev.type == "position_open":
                 opens.append((item, ev))
-                needs_lock = True
             elif ev.type == "position_close":
                 closes.append((item, ev))
-                needs_lock = True
+        needs_lock = bool(opens or closes or linked)
+        return cls(items, by_table, opens, closes, dead, linked, needs_lock, duplicates)
 
+
+class PostgresSink:
+    """Writes batches into PostgreSQL/TimescaleDB through an asyncpg pool."""
+
+    def __init__(self, pool: asyncpg.Pool, *, acquire_timeout_s: float = 5.0) -> None:
+        self._pool = pool
+        self._acquire_timeout_s = acquire_timeout_s
+
+    async def write(self, items: Sequence[Item]) -> BatchOutcome:
+        """Commit every item of the batch in one transaction, or raise and commit nothing.
+
+        First optimistically: every COPY and statement straight in the transaction, about ten
+        round trips for a batch. Should the database refuse anything (a redelivered event's
+        unique key, a row it rejects), that transaction is rolled back whole and the batch is
+        written again carefully: each table in a savepoint, the staging merge for duplicates,
+        halving to isolate bad rows, positions row by row.
+        """
+        batch = _Batch.of(items)
+        try:
+            return await self._attempt(batch, careful=False)
+        except asyncpg.PostgresError as exc:
+            if not (errors.is_unique_violation(exc) or errors.is_data_error(exc)):
+                raise
+        return await self._attempt(batch, careful=True)
+
+    async def _attempt(self, batch: _Batch, *, careful: bool) -> BatchOutcome:
+        outcome = BatchOutcome(duplicates=batch.duplicates)
+        dead = list(batch.dead)
         conn: Connection
         async with (
             self._pool.acquire(timeout=self._acquire_timeout_s) as conn,
             conn.transaction(),
         ):
             failpoints.hit("before_copy")
-            for name, rows in by_table.items():
-                await self._insert(
-                    conn, tables.APPEND_TABLES_BY_NAME[name], rows, outcome, merge=False
-                )
+            for name, rows in batch.by_table.items():
+                table = tables.APPEND_TABLES_BY_NAME[name]
+                if careful:
+                    await self._insert(conn, table, rows, outcome, merge=False)
+                else:
+                    await self._copy(conn, table.name, table, [ev for _, ev in rows])
+                    outcome.inserted[name] = len(rows)
             # The lock is taken only now, after the COPYs, so that two writers' COPYs overlap
             # and only positions and linking take turns. Linking stays right in either order:
             # under the lock each statement sees every position and order committed before it,
             # and whichever of an order and its position commits second links the pair.
-            if needs_lock:
+            if batch.needs_lock:
                 await conn.execute("SELECT pg_advisory_xact_lock($1)", POSITIONS_LOCK_ID)
             touched: set[str] = set()
             keys: set[str] = set()
-            if opens or closes:
-                await self._positions(conn, opens, closes, outcome, touched, keys)
-            for name, rows in by_table.items():
-                if name in _SQL_LINK:
-                    keys.update(k for _, ev in rows if (k := ev.values.get("position_key")))
+            if batch.opens or batch.closes:
+                if careful:
+                    await self._positions(conn, batch.opens, batch.closes, outcome, touched, keys)
+                else:
+                    await self._positions_bulk(conn, batch.opens, batch.closes, touched, keys)
+            keys |= batch.linked_keys
             if keys:
-                for sql in _SQL_LINK.values():
-                    await conn.execute(sql, sorted(keys))
-            for item in items:
+                await conn.execute(_SQL_LINK_BOTH, sorted(keys))
+            for item in batch.items:
                 reason = outcome.rejected.get(id(item))
                 if reason is not None and item.event is not None:
                     field = outcome.rejected_fields.get(id(item))
@@ -374,7 +428,7 @@ class PostgresSink:
             if touched:
                 rows_ = await conn.fetch(SQL_OPEN_COUNTS, sorted(touched))
                 outcome.open_counts = {r["symbol"]: r["n"] for r in rows_}
-                outcome.open_counts_version = await conn.fetchval(_SQL_COUNT_VERSION)
+                outcome.open_counts_version = rows_[0]["version"] if rows_ else None
             failpoints.hit("before_commit")
         failpoints.hit("after_commit")
         return outcome
