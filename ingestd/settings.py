@@ -95,7 +95,7 @@ class PipelineSettings:
     queue_max_events: int = 20_000
     queue_max_bytes: int = 64 * 1024 * 1024  # payload bytes in the queue (a chunk may overshoot)
     batch_max_rows: int = 5_000
-    batch_max_age_ms: int = 200
+    batch_max_age_ms: int = 100
     batch_max_bytes: int = 4 * 1024 * 1024  # a batch is also cut at this many payload bytes
     writers: int = 2
     flush_timeout_s: float = 30.0

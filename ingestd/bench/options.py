@@ -48,7 +48,7 @@ class Options:
     memory_events: int = 1_000_000
     latency_seconds: float = 3.0
     loads: tuple[float, ...] = (1_000.0, 5_000.0, 20_000.0)
-    grid: tuple[tuple[int, int], ...] = ((1_000, 25), (1_000, 100), (5_000, 50), (5_000, 200))
+    grid: tuple[tuple[int, int], ...] = ((1_000, 25), (5_000, 50), (5_000, 100), (5_000, 200))
     stream_loads: tuple[float, ...] = (1_000.0, 5_000.0)
     batch_sizes: tuple[int, ...] = (500, 1_000, 2_000, 5_000, 10_000)
     writers: tuple[int, ...] = (1, 2, 3)
