@@ -27,7 +27,7 @@ class Acknowledger(Protocol):
     async def acknowledge(self, items: Sequence[Item], outcome: BatchOutcome) -> None:
         """Called once per committed batch with this source's items."""
 
-    def dead_letter_key(self, token: Any) -> str | None:
+    def dead_letter_key(self, item: Item) -> str | None:
         """A key that makes a redelivered poison item land in ``dead_letters`` once."""
 
 

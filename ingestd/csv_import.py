@@ -33,7 +33,7 @@ import sys
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Final, TextIO
+from typing import Final, TextIO
 
 import asyncpg
 
@@ -103,9 +103,9 @@ class CsvRowSource:
     def __init__(self, source: str) -> None:
         self.source = source
 
-    def dead_letter_key(self, token: Any) -> str | None:
+    def dead_letter_key(self, item: Item) -> str | None:
         """``csv:<file>:<line>``: a re-import records a rejected row once."""
-        return csv_format.dead_letter_key(self.source, int(token))
+        return csv_format.dead_letter_key(self.source, int(item.token))
 
     async def acknowledge(self, items: Sequence[Item], outcome: BatchOutcome) -> None:
         """Nothing to acknowledge: progress is the checkpoint."""

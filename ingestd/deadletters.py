@@ -48,6 +48,17 @@ def bounded_key(key: str, limit: int = DEDUP_KEY_CHARS) -> str:
     return f"{key[: limit - len(digest) - 1]}~{digest}"
 
 
+def content_key(wire: bytes) -> str:
+    """The dead-letter key of an event by its content: its wire form's SHA-256.
+
+    For the events that no broker numbers (spooled, submitted in-process): one event that is
+    committed from memory and replayed from the spool as well meets one key, so a database that
+    refuses it records it once. The ``spool:`` prefix is the key's first home and stays, so that
+    rows already written keep matching.
+    """
+    return f"spool:{hashlib.sha256(wire).hexdigest()}"
+
+
 def make_dead_letter(
     raw: bytes | str,
     error: str,

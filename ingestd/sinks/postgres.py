@@ -645,7 +645,7 @@ class PostgresSink:
             reason,
             source=item.source.name,
             field=field,
-            dedup_key=item.source.dead_letter_key(item.token),
+            dedup_key=item.source.dead_letter_key(item),
             event_type=ev.type,
             event_id=ev.event_id,
             producer=ev.producer,

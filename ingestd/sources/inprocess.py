@@ -24,7 +24,7 @@ import orjson
 
 from ingestd import errors, events
 from ingestd.batching import BatchOutcome, Item
-from ingestd.deadletters import DeadLetter, make_dead_letter
+from ingestd.deadletters import DeadLetter, content_key, make_dead_letter
 from ingestd.pipeline import Pipeline
 from ingestd.spool import Spool, SpoolError
 
@@ -78,9 +78,13 @@ class InProcessSource:
         self._waiting.clear()
         return failed
 
-    def dead_letter_key(self, token: Any) -> str | None:
-        """In-process events are never redelivered by a broker: no key needed."""
-        return None
+    def dead_letter_key(self, item: Item) -> str | None:
+        """By content, as the spool keys its records (its wire form is what would be spooled).
+
+        A submitted event that waited past ``spill_after_s`` is in memory and in the spool at
+        once; should the database refuse it, both copies meet this one key.
+        """
+        return None if item.event is None else content_key(_wire(item))
 
     async def submit(self, event: EventInput) -> Outcome:
         """Accept one event: COMMITTED, SPOOLED, or InvalidEvent (after it is a dead letter)."""

@@ -9,15 +9,13 @@ record replayed twice (a crash between commit and the spool's bookkeeping) lands
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import time
 from collections.abc import Sequence
-from typing import Any
 
 from ingestd import errors, events
 from ingestd.batching import BatchOutcome, Item
-from ingestd.deadletters import make_dead_letter
+from ingestd.deadletters import content_key, make_dead_letter
 from ingestd.pipeline import Pipeline
 from ingestd.spool import Spool, SpoolRecord
 
@@ -41,14 +39,15 @@ class SpoolSource:
         self._read_count = read_count
         self._stopping = asyncio.Event()
 
-    def dead_letter_key(self, token: Any) -> str | None:
+    def dead_letter_key(self, item: Item) -> str | None:
         """A replayed record that the database refuses is recorded once, by its content.
 
         Not by its place: the active segment is truncated and reused once replayed, so one
-        offset holds different records over time.
+        offset holds different records over time. The in-process source keys its events the
+        same way, so an event both committed from memory and replayed is one dead letter.
         """
-        record: SpoolRecord = token
-        return f"spool:{hashlib.sha256(record.payload).hexdigest()}"
+        record: SpoolRecord = item.token
+        return content_key(record.payload)
 
     async def acknowledge(self, items: Sequence[Item], outcome: BatchOutcome) -> None:
         """The batch committed: these records are done."""
@@ -64,7 +63,7 @@ class SpoolSource:
                 f"spooled event no longer valid: {exc}",
                 source=self.name,
                 field=exc.field,
-                dedup_key=self.dead_letter_key(record),
+                dedup_key=content_key(record.payload),
             )
             return Item(None, dl, self, record, record.payload, now)
         return Item(ev, None, self, record, record.payload, now)

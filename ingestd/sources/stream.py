@@ -67,9 +67,12 @@ class StreamSource:
 
     # --- acknowledgements --------------------------------------------------------------------
 
-    def dead_letter_key(self, token: Any) -> str | None:
+    def dead_letter_key(self, item: Item) -> str | None:
         """Dead letters of stream entries are keyed by the entry id: recorded once."""
-        return f"stream:{self.key}:{_s(token)}"
+        return self._entry_key(item.token)
+
+    def _entry_key(self, entry_id: bytes) -> str:
+        return f"stream:{self.key}:{_s(entry_id)}"
 
     async def acknowledge(self, items: Sequence[Item], outcome: BatchOutcome) -> None:
         """XACK the committed entries (rejected ones are in dead_letters, so they are done too)."""
@@ -134,7 +137,7 @@ class StreamSource:
                 else "stream entry has no 'event' field"
             )
             dl = make_dead_letter(
-                raw, reason, source=self.name, dedup_key=self.dead_letter_key(entry_id)
+                raw, reason, source=self.name, dedup_key=self._entry_key(entry_id)
             )
             return Item(None, dl, self, entry_id, raw, now)
         try:
@@ -150,7 +153,7 @@ class StreamSource:
                 str(exc),
                 source=self.name,
                 field=exc.field,
-                dedup_key=self.dead_letter_key(entry_id),
+                dedup_key=self._entry_key(entry_id),
             )
             return Item(None, dl, self, entry_id, payload, now)
         return Item(ev, None, self, entry_id, payload, now)

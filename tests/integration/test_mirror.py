@@ -37,7 +37,7 @@ class Source:
     async def acknowledge(self, items: Sequence[Item], outcome: BatchOutcome) -> None:
         """Nothing to acknowledge here."""
 
-    def dead_letter_key(self, token: Any) -> str | None:
+    def dead_letter_key(self, item: Item) -> str | None:
         """No redeliveries in these tests."""
         return None
 

@@ -44,9 +44,9 @@ class Source:
         """Record the acknowledged batch."""
         self.acked.append((items, outcome))
 
-    def dead_letter_key(self, token: Any) -> str | None:
+    def dead_letter_key(self, item: Item) -> str | None:
         """Keyed like stream entries when a token is given."""
-        return None if token is None else f"{self.name}:{token}"
+        return None if item.token is None else f"{self.name}:{item.token}"
 
 
 SRC = Source()

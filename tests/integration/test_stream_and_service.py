@@ -157,6 +157,40 @@ async def test_submit_waits_for_commit_and_rejects_bad_input(
     assert rclient.exists(STREAM) == 0  # the stream intake was off
 
 
+async def test_event_in_memory_and_in_the_spool_is_one_dead_letter_when_refused(
+    settings: Settings, db: asyncpg.Connection, tmp_path: Any
+) -> None:
+    # An event that waits past spill_after_s is spooled while its in-memory copy goes on
+    # retrying. If the database then refuses it for its data, both copies are rejected: they
+    # must meet one dead-letter key, or the one bad event would be recorded twice.
+    spilling = settings.replace(
+        **{
+            "stream.enabled": False,
+            "spool.directory": str(tmp_path / "spool"),
+            "spool.spill_after_s": 0.2,
+        }
+    )
+    await db.execute("ALTER TABLE fx_rates ADD CONSTRAINT rate_below_2000 CHECK (rate < 2000)")
+    async with Service(spilling) as service:
+        assert service.spool is not None
+        lock = await asyncpg.connect(spilling.storage.postgres.dsn)
+        tx = lock.transaction()
+        await tx.start()
+        await lock.execute("LOCK TABLE fx_rates IN ACCESS EXCLUSIVE MODE")
+        outcomes = await service.submit_many([fx(1, rate="2500"), fx(2)])
+        assert outcomes == [Outcome.SPOOLED, Outcome.SPOOLED]  # the lock outlasted spill_after_s
+        await tx.rollback()
+        await lock.close()
+        deadline = time.monotonic() + 20
+        while service.spool.pending_records and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert service.spool.pending_records == 0  # replayed: both copies went through
+    assert await db.fetchval("SELECT count(*) FROM fx_rates") == 1
+    rows = await db.fetch("SELECT event_id, error FROM dead_letters")
+    assert [r["event_id"] for r in rows] == ["fx-1"]
+    assert "rate_below_2000" in rows[0]["error"]
+
+
 async def test_backpressure_bounds_the_queue(settings: Settings, db: asyncpg.Connection) -> None:
     small = settings.replace(
         **{

@@ -40,8 +40,8 @@ class FakeSource:
     async def acknowledge(self, items: Sequence[Item], outcome: BatchOutcome) -> None:
         self.acked.append(list(items))
 
-    def dead_letter_key(self, token: Any) -> str | None:
-        return f"fake:{token}"
+    def dead_letter_key(self, item: Item) -> str | None:
+        return f"fake:{item.token}"
 
 
 SOURCE = FakeSource()

@@ -82,7 +82,7 @@ class _Source:
     async def acknowledge(self, items: Any, outcome: Any) -> None:
         """Nothing to acknowledge."""
 
-    def dead_letter_key(self, token: Any) -> str | None:
+    def dead_letter_key(self, item: Item) -> str | None:
         return None
 
 

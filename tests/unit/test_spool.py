@@ -277,11 +277,15 @@ async def test_bytes_damaged_after_open_are_set_aside_and_the_rest_replayed(
 
 
 def test_spool_dead_letter_keys_follow_the_content_not_the_place() -> None:
+    from ingestd.batching import Item
     from ingestd.sources.spool import SpoolSource
     from ingestd.spool import SpoolRecord
 
-    key = SpoolSource.dead_letter_key
+    def key(record: SpoolRecord) -> str | None:
+        item = Item(None, None, None, record, record.payload, 0.0)  # type: ignore[arg-type]
+        return SpoolSource.dead_letter_key(None, item)  # type: ignore[arg-type]
+
     same_place_a = SpoolRecord(1, 0, b'{"type": "a"}')
     same_place_b = SpoolRecord(1, 0, b'{"type": "b"}')
-    assert key(None, same_place_a) != key(None, same_place_b)  # type: ignore[arg-type]
-    assert key(None, same_place_a) == key(None, SpoolRecord(7, 99, b'{"type": "a"}'))  # type: ignore[arg-type]
+    assert key(same_place_a) != key(same_place_b)
+    assert key(same_place_a) == key(SpoolRecord(7, 99, b'{"type": "a"}'))
