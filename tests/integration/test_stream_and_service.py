@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import json
 import time
+from collections.abc import AsyncIterator
 from decimal import Decimal
 from typing import Any
 
@@ -47,6 +49,18 @@ async def count(conn: asyncpg.Connection, table: str, want: int, timeout: float 
             return n
         await asyncio.sleep(0.05)
     return n
+
+
+@contextlib.asynccontextmanager
+async def table_locked(dsn: str, table: str) -> AsyncIterator[None]:
+    """Hold an ACCESS EXCLUSIVE lock on ``table`` from another connection until the block ends."""
+    lock = await asyncpg.connect(dsn)
+    try:
+        async with lock.transaction():
+            await lock.execute(f"LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE")
+            yield
+    finally:
+        await lock.close()
 
 
 def xadd_all(client: redis.Redis, events: list[dict[str, Any]]) -> list[bytes]:
@@ -173,14 +187,10 @@ async def test_event_in_memory_and_in_the_spool_is_one_dead_letter_when_refused(
     await db.execute("ALTER TABLE fx_rates ADD CONSTRAINT rate_below_2000 CHECK (rate < 2000)")
     async with Service(spilling) as service:
         assert service.spool is not None
-        lock = await asyncpg.connect(spilling.storage.postgres.dsn)
-        tx = lock.transaction()
-        await tx.start()
-        await lock.execute("LOCK TABLE fx_rates IN ACCESS EXCLUSIVE MODE")
-        outcomes = await service.submit_many([fx(1, rate="2500"), fx(2)])
-        assert outcomes == [Outcome.SPOOLED, Outcome.SPOOLED]  # the lock outlasted spill_after_s
-        await tx.rollback()
-        await lock.close()
+        async with table_locked(spilling.storage.postgres.dsn, "fx_rates"):
+            outcomes = await service.submit_many([fx(1, rate="2500"), fx(2)])
+            # The lock outlasted spill_after_s: both are spooled, and still in memory too.
+            assert outcomes == [Outcome.SPOOLED, Outcome.SPOOLED]
         deadline = time.monotonic() + 20
         while service.spool.pending_records and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
@@ -202,18 +212,13 @@ async def test_backpressure_bounds_the_queue(settings: Settings, db: asyncpg.Con
     )
     async with Service(small) as service:
         assert service.pipeline is not None
-        lock = await asyncpg.connect(small.storage.postgres.dsn)
-        tx = lock.transaction()
-        await tx.start()
-        await lock.execute("LOCK TABLE fx_rates IN ACCESS EXCLUSIVE MODE")
-        tasks = [asyncio.create_task(service.submit(fx(i))) for i in range(1000)]
-        await asyncio.sleep(1.0)
-        # The writer is stuck behind the lock: the queue stays within its bound (plus at most
-        # one batch in flight), and the remaining producers wait instead of piling up memory.
-        assert len(service.pipeline.queue) <= 100
-        assert sum(t.done() for t in tasks) == 0
-        await tx.rollback()
-        await lock.close()
+        async with table_locked(small.storage.postgres.dsn, "fx_rates"):
+            tasks = [asyncio.create_task(service.submit(fx(i))) for i in range(1000)]
+            await asyncio.sleep(1.0)
+            # The writer is stuck behind the lock: the queue stays within its bound (plus at
+            # most one batch in flight), and the remaining producers wait instead of piling up.
+            assert len(service.pipeline.queue) <= 100
+            assert sum(t.done() for t in tasks) == 0
         await asyncio.gather(*tasks)
     assert await db.fetchval("SELECT count(*) FROM fx_rates") == 1000
 
