@@ -181,22 +181,19 @@ def _columns(rows: Sequence[Sequence[str | None]]) -> list[list[str | None]]:
 
 
 _LINKED_TABLES: Final = frozenset({"orders", "trades"})
-# Orders and trades that name a position get its id once it exists: both tables, one statement.
+# Orders and trades that name a position get its id once it exists: both tables, one statement
+# (a data-modifying WITH runs to completion whether or not the outer query reads it).
 _SQL_LINK_BOTH: Final = """
-WITH linked_orders AS (
+WITH link_orders AS (
     UPDATE orders AS t SET position_id = p.id
     FROM positions AS p
     WHERE t.position_id IS NULL AND t.position_key IS NOT NULL
       AND t.position_key = p.position_key AND t.position_key = ANY($1::text[])
-    RETURNING 1
-), linked_trades AS (
-    UPDATE trades AS t SET position_id = p.id
-    FROM positions AS p
-    WHERE t.position_id IS NULL AND t.position_key IS NOT NULL
-      AND t.position_key = p.position_key AND t.position_key = ANY($1::text[])
-    RETURNING 1
 )
-SELECT (SELECT count(*) FROM linked_orders) + (SELECT count(*) FROM linked_trades)
+UPDATE trades AS t SET position_id = p.id
+FROM positions AS p
+WHERE t.position_id IS NULL AND t.position_key IS NOT NULL
+  AND t.position_key = p.position_key AND t.position_key = ANY($1::text[])
 """
 
 # The version of open-count mirror writes: drawn under the positions lock, so that a later
