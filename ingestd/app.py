@@ -36,7 +36,7 @@ from ingestd.pipeline import Pipeline, cancel_quietly
 from ingestd.redis_packing import use_hiredis_packing
 from ingestd.settings import Settings, redact
 from ingestd.sinks.mirror import RedisMirror
-from ingestd.sinks.postgres import PostgresSink, fetch_all_open_counts
+from ingestd.sinks.postgres import PostgresSink, fetch_all_open_counts, sweep_parked_closes
 from ingestd.sources.inprocess import EventInput, InProcessSource, Outcome
 from ingestd.sources.spool import SpoolSource
 from ingestd.sources.stream import StreamSource
@@ -318,6 +318,12 @@ class Service:
                     timeout=self.settings.storage.postgres.acquire_timeout_s
                 ) as conn:
                     counts, version = await fetch_all_open_counts(conn)
+                    parked = await sweep_parked_closes(
+                        conn, max_age_s=self.settings.pipeline.parked_close_max_age_s
+                    )
+                self.metrics.observe_parked_closes(
+                    parked.waiting, parked.oldest_age_s, parked.dead_lettered
+                )
                 self.mirror.stage_open_counts(counts, version)
                 await self.mirror.flush()
             except Exception as exc:  # noqa: BLE001 - the next round retries; never die silently

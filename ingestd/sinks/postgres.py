@@ -163,7 +163,9 @@ RETURNING position_key, event_id, producer, received_at,
     )::text AS payload
 """
 _SQL_PARKED_SUMMARY: Final = """
-SELECT count(*)::int AS waiting, min(received_at) AS oldest FROM position_closes_pending
+SELECT count(*)::int AS waiting, min(received_at) AS oldest,
+       extract(epoch FROM CURRENT_TIMESTAMP - min(received_at))::float8 AS oldest_age_s
+FROM position_closes_pending
 """
 PARKED_CLOSE_SOURCE: Final = "parked_closes"
 
@@ -768,6 +770,50 @@ def _dl_args(d: DeadLetter) -> tuple[Any, ...]:
         d.payload,
         d.payload_bytes,
         d.payload_sha256,
+    )
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ParkedCloses:
+    """Closes waiting for their open, after a sweep."""
+
+    waiting: int
+    oldest_received_at: dt.datetime | None
+    oldest_age_s: float | None
+    dead_lettered: int  # by this sweep: past the age, "close without open"
+
+
+async def sweep_parked_closes(conn: Connection, *, max_age_s: float) -> ParkedCloses:
+    """Move the closes parked longer than ``max_age_s`` to ``dead_letters``; count the rest.
+
+    Under the positions lock, so that an open being written meanwhile either finds its close
+    still parked (and applies it) or finds it gone (and the position stays open); and so that
+    replicas sweeping at once dead-letter each close once. A close parked, expired, and then
+    redelivered and expired again is the same dead letter (its key names position and event).
+    """
+    async with conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock($1)", POSITIONS_LOCK_ID)
+        expired = await conn.fetch(_SQL_EXPIRE_PARKED, float(max_age_s))
+        if expired:
+            dead = [
+                make_dead_letter(
+                    r["payload"],
+                    f"close without open: position {r['position_key']} was closed by event "
+                    f"{r['event_id']}, and its open did not arrive within {max_age_s:g} s "
+                    f"(parked since {_utc(r['received_at'])})",
+                    source=PARKED_CLOSE_SOURCE,
+                    dedup_key=f"{PARKED_CLOSE_SOURCE}:{r['position_key']}:{r['event_id']}",
+                    event_type="position_close",
+                    event_id=r["event_id"],
+                    producer=r["producer"],
+                )
+                for r in expired
+            ]
+            await conn.executemany(_SQL_DEAD_LETTER, [_dl_args(d) for d in dead])
+        summary = await conn.fetchrow(_SQL_PARKED_SUMMARY)
+    assert summary is not None
+    return ParkedCloses(
+        summary["waiting"], summary["oldest"], summary["oldest_age_s"], len(expired)
     )
 
 

@@ -21,7 +21,7 @@ from ingestd.batching import BatchOutcome, Item
 from ingestd.deadletters import PAYLOAD_PREFIX_CHARS, make_dead_letter
 from ingestd.errors import InvalidEvent
 from ingestd.settings import load_settings
-from ingestd.sinks.postgres import PostgresSink, fetch_all_open_counts
+from ingestd.sinks.postgres import PostgresSink, fetch_all_open_counts, sweep_parked_closes
 
 pytestmark = pytest.mark.pg
 
@@ -1312,3 +1312,64 @@ async def test_a_redelivered_conflict_is_one_dead_letter(
         assert len(outcome.rejected) == 1
     assert await conn.fetchval("SELECT count(*) FROM dead_letters") == 1
     assert await conn.fetchval("SELECT rate FROM fx_rates") == D("1385.12345678")
+
+
+# --- closes whose open never comes -------------------------------------------------------------
+
+
+async def age_parked(conn: asyncpg.Connection, key: str, seconds: float) -> None:
+    """Make the parked close of ``key`` look ``seconds`` old."""
+    await conn.execute(
+        "UPDATE position_closes_pending SET received_at = now() - make_interval(secs => $2)"
+        " WHERE position_key = $1",
+        key,
+        seconds,
+    )
+
+
+async def test_a_parked_close_past_its_age_becomes_a_dead_letter(
+    sink: PostgresSink, pool: asyncpg.Pool, conn: asyncpg.Connection
+) -> None:
+    await sink.write([item(pos_close("old", eid="close-old")), item(pos_close("young"))])
+    await age_parked(conn, "old", 2 * 86_400)
+    await age_parked(conn, "young", 3_600)
+    async with pool.acquire() as c:
+        swept = await sweep_parked_closes(c, max_age_s=86_400)
+    assert (swept.waiting, swept.dead_lettered) == (1, 1)
+    assert swept.oldest_received_at is not None
+    assert await conn.fetchval("SELECT position_key FROM position_closes_pending") == "young"
+    dl = await conn.fetchrow("SELECT * FROM dead_letters")
+    assert dl is not None
+    assert (dl["event_id"], dl["event_type"], dl["producer"]) == (
+        "close-old",
+        "position_close",
+        "paper",
+    )
+    assert dl["error"].startswith(
+        "close without open: position old was closed by event close-old, and its open did not"
+        " arrive within 86400 s"
+    )
+    # The payload is the close as it was parked, a valid event that can be sent again.
+    again = events.decode_event(dl["payload"].encode(), max_bytes=MAX_BYTES)
+    assert again.type == "position_close" and again.event_id == "close-old"
+    for name, value in EXIT.items():
+        if name != "timestamp_close":
+            assert D(str(again.values[name])) == D(value), name
+    assert again.time.isoformat() == "2025-11-15T04:00:00+00:00"
+
+    # Nothing else is old enough; the same close parked and expired again is one dead letter.
+    async with pool.acquire() as c:
+        assert (await sweep_parked_closes(c, max_age_s=86_400)).dead_lettered == 0
+    await sink.write([item(pos_close("old", eid="close-old"))])
+    await age_parked(conn, "old", 2 * 86_400)
+    async with pool.acquire() as c:
+        swept = await sweep_parked_closes(c, max_age_s=86_400)
+    assert swept.dead_lettered == 1
+    assert await conn.fetchval("SELECT count(*) FROM dead_letters") == 1
+    # Should the open come after all, the position is simply open; the young close still waits.
+    await sink.write([item(pos_open("old")), item(pos_open("young"))])
+    assert (await position(conn, "old"))["status"] == "OPEN"
+    assert_closed_with_exit(await position(conn, "young"))
+    async with pool.acquire() as c:
+        swept = await sweep_parked_closes(c, max_age_s=86_400)
+    assert (swept.waiting, swept.dead_lettered, swept.oldest_received_at) == (0, 0, None)
