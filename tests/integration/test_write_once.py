@@ -23,6 +23,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ingestd import db as ingestd_db
+from ingestd import stats
 from ingestd.app import Service
 from ingestd.batching import Item
 from ingestd.settings import Settings, load_settings
@@ -340,3 +341,22 @@ async def test_the_daemon_dead_letters_a_close_parked_past_its_age(
     assert (row["event_id"], row["source"]) == ("close-lost", "parked_closes")
     assert row["error"].startswith("close without open: position lost was closed by event")
     assert await db.fetchval("SELECT count(*) FROM position_closes_pending") == 0
+
+
+async def test_stats_shows_the_parked_closes(
+    sink_pool: asyncpg.Pool, db: asyncpg.Connection
+) -> None:
+    sink = PostgresSink(sink_pool)
+    await sink.write([item(pos_close("w1")), item(pos_close("w2")), item(pos_open("w2"))])
+    await sink.write([item(pos_close("w3"))])
+    await db.execute(
+        "UPDATE position_closes_pending SET received_at = now() - interval '3 days'"
+        " WHERE position_key = 'w3'"
+    )
+    report = await stats.collect_database(db, parked_close_max_age_s=86_400)
+    parked = report["parked_closes"]
+    assert (parked["waiting"], parked["past_max_age"], parked["max_age_s"]) == (2, 1, 86_400)
+    assert parked["oldest_age_s"] >= 3 * 86_400
+    text = stats.render(report)
+    assert "parked closes (position_close waiting for its open): 2 waiting, 1 past" in text
+    assert orjson.loads(stats.to_json(report))["parked_closes"]["waiting"] == 2
