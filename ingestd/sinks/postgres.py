@@ -4,11 +4,13 @@ Append-only tables are written with a CSV COPY of the validated decimal/time tex
 exact path, PERFORMANCE.md), first optimistically: every statement straight in the transaction.
 If the database refuses anything, the batch is written again carefully, in savepoints: a unique
 violation means a redelivered event met its earlier copy, and the table's rows are then merged
-through a staging table with ``ON CONFLICT DO NOTHING``; a row that PostgreSQL rejects for its
+through a staging table with ``ON CONFLICT DO NOTHING`` (a staged row whose stored copy has other
+content is a conflict: a dead letter, the stored row stays); a row that PostgreSQL rejects for its
 data is isolated by halving, so only it becomes a dead letter and the rest of the batch commits.
-``positions`` is a plain mutable table written with upserts under a transaction-scoped advisory
-lock, so that open and close of one position end as one row whatever the order and batching of
-their arrival, across writers and replicas.
+``positions`` is a plain mutable table, written once per open and once per close under a
+transaction-scoped advisory lock: the first open and the first close of a position that commit
+stand (later ones with other event ids are conflicts), so that they end as one row whatever the
+order and batching of their arrival, across writers and replicas.
 """
 
 from __future__ import annotations
