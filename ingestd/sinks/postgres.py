@@ -19,7 +19,7 @@ import dataclasses
 import datetime as dt
 import logging
 import re
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Sequence
 from typing import Any, Final
 
 import asyncpg
@@ -193,22 +193,23 @@ def _first_per_key(events: Sequence[tuple[Item, Event]]) -> dict[str, Event]:
 def _settle_positions(
     events: Sequence[tuple[Item, Event]],
     first: dict[str, Event],
-    taken: dict[str, str],
+    written: Collection[str],
     standing: dict[str, tuple[str, bool]],
     verb: str,
     outcome: BatchOutcome,
 ) -> None:
     """Each open (or close) of the batch against its position's standing one, after the step.
 
-    The event that took the row is written; another with the standing event id is a redelivery
-    (a duplicate, nothing changed); one with another id is a conflict and becomes a dead letter.
+    The first event of a key in ``written`` was written by this step; another with the standing
+    event id is a redelivery (a duplicate, nothing changed); one with another id is a conflict
+    and becomes a dead letter.
     ``standing`` maps a key to (event id, whether that close is parked waiting for its open).
     """
     for item, ev in events:
         key = str(ev.values["position_key"])
         event_id, parked = standing[key]
         if ev.event_id == event_id:
-            if not (key in taken and first[key] is ev):
+            if not (key in written and first[key] is ev):
                 outcome.duplicates += 1
             continue
         reason = f"conflict: position {key} already {verb} by event {event_id}"
@@ -638,9 +639,9 @@ class PostgresSink:
     ) -> None:
         """Opens, then closes, write-once: in batch order the first of a position stands.
 
-        Costs one statement for the opens (two with parked closes to apply) and one for the
-        closes while every event finds its row free; the standing events of the others are
-        looked up (one statement) only when some do not.
+        Costs two statements for the opens (take the rows, apply parked closes) and one for
+        the closes while every event finds its row free, as before write-once; the standing
+        events are looked up (one more statement) only when some do not.
         """
         if opens:
             first_open = _first_per_key(opens)
@@ -662,7 +663,7 @@ class PostgresSink:
             if taken:
                 for r in await conn.fetch(_SQL_UNPARK, sorted(taken)):
                     touched.add(r["symbol"])
-            _settle_positions(opens, first_open, taken, standing, "opened", outcome)
+            _settle_positions(opens, first_open, taken.keys(), standing, "opened", outcome)
         if not closes:
             return
         first_close = _first_per_key(closes)
@@ -674,6 +675,7 @@ class PostgresSink:
         }
         touched.update(taken.values())
         standing = {k: (first_close[k].event_id, False) for k in taken}
+        written = set(taken)
         others = [k for k in first_close if k not in taken]
         whole: list[tuple[str, Event]] = []
         wait: list[tuple[str, Event]] = []
@@ -702,14 +704,14 @@ class PostgresSink:
             inserted = await conn.fetch(_SQL_INSERT_CLOSED_MANY, *_columns(rows))
             touched.update(r["symbol"] for r in inserted)
             standing.update((k, (ev.event_id, False)) for k, ev in whole)
-            taken.update((k, "") for k, _ in whole)
+            written.update(k for k, _ in whole)
         # ...the others wait for it.
         if wait:
             rows = [[k, ev.event_id, ev.producer, *(ev.values[c] for c in _EXIT)] for k, ev in wait]
             await conn.execute(_SQL_PARK_MANY, *_columns(rows))
             standing.update((k, (ev.event_id, True)) for k, ev in wait)
-            taken.update((k, "") for k, _ in wait)
-        _settle_positions(closes, first_close, taken, standing, "closed", outcome)
+            written.update(k for k, _ in wait)
+        _settle_positions(closes, first_close, written, standing, "closed", outcome)
 
     async def _positions_by_row(
         self,
