@@ -1171,9 +1171,29 @@ async def test_in_one_batch_the_first_open_and_the_first_close_stand(
         id(second_open): "conflict: position p5 already opened by event o-1",
         id(second_close): "conflict: position p5 already closed by event c-1",
     }
+    assert outcome.duplicates == 1  # the close redelivered within the batch
     row = await position(conn, "p5")
     assert_closed_with_exit(row)
     assert (row["open_event_id"], row["close_event_id"], row["size"]) == ("o-1", "c-1", D("0.01"))
+
+
+async def test_conflicts_are_found_on_the_row_by_row_path_too(
+    sink: PostgresSink, conn: asyncpg.Connection
+) -> None:
+    await sink.write([item(pos_open("r1", eid="o-r1")), item(pos_close("r1", eid="c-r1"))])
+    bad = tampered(pos_open("r2"), symbol="ABCDEFGHIJK")  # sends the batch row by row
+    late_open = item({**pos_open("r1", eid="o-r1-late"), "size": "4"})
+    late_close = item(close_b("r1", "c-r1-late"))
+    outcome = await sink.write([bad, late_open, late_close, item(pos_open("r3"))])
+    assert set(outcome.rejected) == {id(bad), id(late_open), id(late_close)}
+    assert outcome.rejected[id(late_open)] == "conflict: position r1 already opened by event o-r1"
+    assert outcome.rejected[id(late_close)] == "conflict: position r1 already closed by event c-r1"
+    assert "character varying(10)" in outcome.rejected[id(bad)]
+    row = await position(conn, "r1")
+    assert_closed_with_exit(row)
+    assert (row["open_event_id"], row["size"]) == ("o-r1", D(ENTRY["size"]))
+    assert (await position(conn, "r3"))["status"] == "OPEN"
+    assert await conn.fetchval("SELECT count(*) FROM dead_letters") == 3
 
 
 async def test_a_parked_close_stands_against_later_closes(
