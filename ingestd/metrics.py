@@ -141,8 +141,9 @@ class Metrics:
         """A sweep of the parked closes: the gauges, and those it moved to dead_letters."""
         self.parked_closes = waiting
         self.parked_close_oldest_age_s = oldest_age_s
-        self.dead_letters += expired
-        self.events_dead_lettered["position_close"] += expired
+        if expired:  # (a Counter entry of 0 would be exported as a type that had some)
+            self.dead_letters += expired
+            self.events_dead_lettered["position_close"] += expired
 
     def observe_batch(self, items: Sequence[Item], outcome: BatchOutcome, flush_s: float) -> None:
         """Per committed batch: events by type, dead letters by type, the three histograms."""
