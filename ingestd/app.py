@@ -36,7 +36,7 @@ from ingestd.pipeline import Pipeline, cancel_quietly
 from ingestd.redis_packing import use_hiredis_packing
 from ingestd.settings import Settings, redact
 from ingestd.sinks.mirror import RedisMirror
-from ingestd.sinks.postgres import PostgresSink, fetch_all_open_counts
+from ingestd.sinks.postgres import PostgresSink, fetch_all_open_counts, sweep_parked_closes
 from ingestd.sources.inprocess import EventInput, InProcessSource, Outcome
 from ingestd.sources.spool import SpoolSource
 from ingestd.sources.stream import StreamSource
@@ -328,7 +328,38 @@ class Service:
                     exc,
                     extra={"action": "reconcile_failed"},
                 )
+            await self._sweep_parked_closes()
             await asyncio.sleep(self.settings.mirror.open_count_reconcile_s)
+
+    async def _sweep_parked_closes(self) -> None:
+        """Count the closes waiting for their open; those past the age become dead letters."""
+        assert self.pool is not None
+        try:
+            async with self.pool.acquire(
+                timeout=self.settings.storage.postgres.acquire_timeout_s
+            ) as conn:
+                parked = await sweep_parked_closes(
+                    conn, max_age_s=self.settings.pipeline.parked_close_max_age_s
+                )
+        except Exception as exc:  # noqa: BLE001 - the next round retries; never die silently
+            log.log(
+                logging.WARNING if errors.is_retriable(exc) else logging.ERROR,
+                "sweeping the parked position closes failed: %s: %s",
+                type(exc).__name__,
+                exc,
+                extra={"action": "parked_close_sweep_failed"},
+            )
+            return
+        self.metrics.observe_parked_closes(
+            parked.waiting, parked.oldest_age_s, parked.dead_lettered
+        )
+        if parked.dead_lettered:
+            log.warning(
+                "%d position close(s) waited longer than %g s for their open: now dead letters",
+                parked.dead_lettered,
+                self.settings.pipeline.parked_close_max_age_s,
+                extra={"action": "parked_closes_dead_lettered"},
+            )
 
     async def stop(self, grace_s: float | None = None) -> bool:
         """Staged shutdown: stop intake, drain within the grace period, cancel; True if clean."""

@@ -393,7 +393,12 @@ async def _cmd_stats(settings: Settings, args: argparse.Namespace) -> int:
         print(redact(f"ingestd stats: cannot connect to {dsn}: {exc}"), file=sys.stderr)
         return 2
     try:
-        report = await collect_database(conn, exact=args.exact, top=args.top)
+        report = await collect_database(
+            conn,
+            exact=args.exact,
+            top=args.top,
+            parked_close_max_age_s=settings.pipeline.parked_close_max_age_s,
+        )
     finally:
         await conn.close()
     client = create_redis(

@@ -359,8 +359,9 @@ class CsvImporter:
         self._say(
             f"import-csv: {source} changed since its last import (its start is the same, but it "
             "was not only appended to): reading it from the start. A row whose key (event_id, "
-            f"else csv:{source}:<line>, and time) is already in the database is not added again, "
-            "even if its other values were edited: `ingestd verify-csv` shows what differs"
+            f"else csv:{source}:<line>, and time) is already in the database is not added again; "
+            "one whose other values were edited is a conflict (a dead letter), and `ingestd "
+            "verify-csv` shows what differs"
         )
         return None
 

@@ -133,6 +133,17 @@ class Metrics:
     stream_lag: int | None = None  # ingestd_stream_lag
     stream_length: int | None = None  # ingestd_stream_length
     stream_sample_errors: int = 0  # ingestd_stream_sample_errors_total
+    # Sampled by the open-count reconciliation: closes parked waiting for their open.
+    parked_closes: int | None = None  # ingestd_parked_closes
+    parked_close_oldest_age_s: float | None = None  # ingestd_parked_close_oldest_age_seconds
+
+    def observe_parked_closes(self, waiting: int, oldest_age_s: float | None, expired: int) -> None:
+        """A sweep of the parked closes: the gauges, and those it moved to dead_letters."""
+        self.parked_closes = waiting
+        self.parked_close_oldest_age_s = oldest_age_s
+        if expired:  # (a Counter entry of 0 would be exported as a type that had some)
+            self.dead_letters += expired
+            self.events_dead_lettered["position_close"] += expired
 
     def observe_batch(self, items: Sequence[Item], outcome: BatchOutcome, flush_s: float) -> None:
         """Per committed batch: events by type, dead letters by type, the three histograms."""
@@ -259,6 +270,16 @@ class MetricsCollector(Collector):
         yield _gauge("stream_length", "Entries in the stream (sampled)", m.stream_length)
         yield _counter(
             "stream_sample_errors", "Failed samples of the stream's state", m.stream_sample_errors
+        )
+        yield _gauge(
+            "parked_closes",
+            "Position closes waiting for their open (sampled; past the age: dead letters)",
+            m.parked_closes,
+        )
+        yield _gauge(
+            "parked_close_oldest_age_seconds",
+            "How long the oldest parked close has waited for its open (sampled)",
+            m.parked_close_oldest_age_s,
         )
         spool = self.spool
         yield _gauge(

@@ -102,6 +102,8 @@ class PipelineSettings:
     max_event_bytes: int = 1_048_576
     backoff_base_s: float = 0.25
     backoff_cap_s: float = 15.0
+    # A position_close whose open has not arrived waits this long, then is a dead letter.
+    parked_close_max_age_s: float = 86_400.0
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

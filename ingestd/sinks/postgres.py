@@ -4,19 +4,22 @@ Append-only tables are written with a CSV COPY of the validated decimal/time tex
 exact path, PERFORMANCE.md), first optimistically: every statement straight in the transaction.
 If the database refuses anything, the batch is written again carefully, in savepoints: a unique
 violation means a redelivered event met its earlier copy, and the table's rows are then merged
-through a staging table with ``ON CONFLICT DO NOTHING``; a row that PostgreSQL rejects for its
+through a staging table with ``ON CONFLICT DO NOTHING`` (a staged row whose stored copy has other
+content is a conflict: a dead letter, the stored row stays); a row that PostgreSQL rejects for its
 data is isolated by halving, so only it becomes a dead letter and the rest of the batch commits.
-``positions`` is a plain mutable table written with upserts under a transaction-scoped advisory
-lock, so that open and close of one position end as one row whatever the order and batching of
-their arrival, across writers and replicas.
+``positions`` is a plain mutable table, written once per open and once per close under a
+transaction-scoped advisory lock: the first open and the first close of a position that commit
+stand (later ones with other event ids are conflicts), so that they end as one row whatever the
+order and batching of their arrival, across writers and replicas.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 import logging
 import re
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Sequence
 from typing import Any, Final
 
 import asyncpg
@@ -51,56 +54,39 @@ _CAST = {
 }
 
 
-def _params(names: Sequence[str], start: int = 1) -> str:
-    return ", ".join(f"${i}{_CAST.get(n, '')}" for i, n in enumerate(names, start))
+# --- positions: set-based, one statement per step for all the batch's opens or closes ----------
+#
+# Write-once: the first open and the first close of a position that commit stand; a later one
+# with another event id changes nothing and is a conflict (a dead letter naming the standing
+# event). Every step runs under the positions lock, so "first committed" is the lock's order.
+
+
+def _unnest(names: Sequence[str]) -> tuple[str, str]:
+    """``unnest($1::text[], ...) AS u(a, ...)`` and its select list, cast to the columns' types."""
+    arrays = ", ".join(f"${i}::text[]" for i in range(1, len(names) + 1))
+    select = ", ".join(f"u.{n}{_CAST.get(n, '').replace('::text', '')}" for n in names)
+    return f"unnest({arrays}) AS u({', '.join(names)})", select
 
 
 _OPEN_COLS: Final = ["position_key", "producer", *_ENTRY, "open_event_id"]
-_SQL_OPEN: Final = f"""
+_OPEN_FROM, _OPEN_SELECT = _unnest(_OPEN_COLS)
+# An open takes a row no open has taken yet: a new one, or one a close that repeats the entry
+# columns created before it (the open's entry columns and producer then replace the close's, so
+# that the row ends the same in either order). A row an open already holds is left alone.
+_SQL_OPEN_MANY: Final = f"""
 INSERT INTO positions ({", ".join(_OPEN_COLS)})
-VALUES ({_params(_OPEN_COLS)})
+SELECT {_OPEN_SELECT} FROM {_OPEN_FROM}
 ON CONFLICT (position_key) DO UPDATE SET
     {", ".join(f"{c} = EXCLUDED.{c}" for c in _ENTRY)},
-    producer = COALESCE(positions.producer, EXCLUDED.producer),
+    producer = EXCLUDED.producer,
     open_event_id = EXCLUDED.open_event_id,
     updated_at = CURRENT_TIMESTAMP
-RETURNING symbol
+WHERE positions.open_event_id IS NULL
+RETURNING position_key, symbol
 """
 
-_SQL_CLOSE: Final = f"""
-UPDATE positions SET
-    {", ".join(f"{c} = ${i}{_CAST.get(c, '')}" for i, c in enumerate(_EXIT, 2))},
-    status = 'CLOSED',
-    close_event_id = ${len(_EXIT) + 2},
-    updated_at = CURRENT_TIMESTAMP
-WHERE position_key = $1
-RETURNING symbol
-"""
-
-_CLOSED_COLS: Final = [
-    "position_key",
-    "producer",
-    *_ENTRY,
-    *_EXIT,
-    "open_event_id",
-    "close_event_id",
-]
-_SQL_INSERT_CLOSED: Final = f"""
-INSERT INTO positions ({", ".join(_CLOSED_COLS)}, status)
-VALUES ({_params(_CLOSED_COLS)}, 'CLOSED')
-RETURNING symbol
-"""
-
-_PARK_COLS: Final = ["position_key", "event_id", "producer", *_EXIT]
-_SQL_PARK: Final = f"""
-INSERT INTO position_closes_pending ({", ".join(_PARK_COLS)})
-VALUES ({_params(_PARK_COLS)})
-ON CONFLICT (position_key) DO UPDATE SET
-    {", ".join(f"{c} = EXCLUDED.{c}" for c in ["event_id", "producer", *_EXIT])},
-    received_at = CURRENT_TIMESTAMP
-"""
-
-# Apply the parked closes of positions that now exist, and remove them.
+# Apply the parked closes of positions that now exist, and remove them. A position has at most
+# one standing close, in positions.close_event_id or here, never both.
 _SQL_UNPARK: Final = f"""
 WITH parked AS (
     DELETE FROM position_closes_pending AS c
@@ -118,30 +104,10 @@ WHERE p.position_key = parked.position_key
 RETURNING p.symbol
 """
 
-# --- the same, set-based: one statement for all the batch's opens, one for its closes ----------
-
-
-def _unnest(names: Sequence[str]) -> tuple[str, str]:
-    """``unnest($1::text[], ...) AS u(a, ...)`` and its select list, cast to the columns' types."""
-    arrays = ", ".join(f"${i}::text[]" for i in range(1, len(names) + 1))
-    select = ", ".join(f"u.{n}{_CAST.get(n, '').replace('::text', '')}" for n in names)
-    return f"unnest({arrays}) AS u({', '.join(names)})", select
-
-
-_OPEN_FROM, _OPEN_SELECT = _unnest(_OPEN_COLS)
-_SQL_OPEN_MANY: Final = f"""
-INSERT INTO positions ({", ".join(_OPEN_COLS)})
-SELECT {_OPEN_SELECT} FROM {_OPEN_FROM}
-ON CONFLICT (position_key) DO UPDATE SET
-    {", ".join(f"{c} = EXCLUDED.{c}" for c in _ENTRY)},
-    producer = COALESCE(positions.producer, EXCLUDED.producer),
-    open_event_id = EXCLUDED.open_event_id,
-    updated_at = CURRENT_TIMESTAMP
-RETURNING symbol
-"""
-
 _CLOSE_COLS: Final = ["position_key", *_EXIT, "close_event_id"]
 _CLOSE_FROM, _ = _unnest(_CLOSE_COLS)
+# A close takes a row no close has taken yet; a position that does not exist yet is looked up
+# next (_SQL_STANDING).
 _SQL_CLOSE_MANY: Final = f"""
 UPDATE positions AS p SET
     {", ".join(f"{c} = u.{c}{_CAST.get(c, '').replace('::text', '')}" for c in _EXIT)},
@@ -149,10 +115,26 @@ UPDATE positions AS p SET
     close_event_id = u.close_event_id,
     updated_at = CURRENT_TIMESTAMP
 FROM {_CLOSE_FROM}
-WHERE p.position_key = u.position_key
+WHERE p.position_key = u.position_key AND p.close_event_id IS NULL
 RETURNING p.position_key, p.symbol
 """
 
+# The standing open and close of positions an open or close did not take.
+_SQL_STANDING: Final = """
+SELECT k.position_key, p.open_event_id, p.close_event_id, c.event_id AS parked_event_id
+FROM unnest($1::text[]) AS k(position_key)
+LEFT JOIN positions AS p ON p.position_key = k.position_key
+LEFT JOIN position_closes_pending AS c ON c.position_key = k.position_key
+"""
+
+_CLOSED_COLS: Final = [
+    "position_key",
+    "producer",
+    *_ENTRY,
+    *_EXIT,
+    "open_event_id",
+    "close_event_id",
+]
 _CLOSED_FROM, _CLOSED_SELECT = _unnest(_CLOSED_COLS)
 _SQL_INSERT_CLOSED_MANY: Final = f"""
 INSERT INTO positions ({", ".join(_CLOSED_COLS)}, status)
@@ -160,14 +142,34 @@ SELECT {_CLOSED_SELECT}, 'CLOSED' FROM {_CLOSED_FROM}
 RETURNING symbol
 """
 
+_PARK_COLS: Final = ["position_key", "event_id", "producer", *_EXIT]
 _PARK_FROM, _PARK_SELECT = _unnest(_PARK_COLS)
+# No ON CONFLICT: only a close of a position with no standing close is parked (under the lock),
+# so a conflict here would be a broken invariant, which must fail loudly rather than be skipped.
 _SQL_PARK_MANY: Final = f"""
 INSERT INTO position_closes_pending ({", ".join(_PARK_COLS)})
 SELECT {_PARK_SELECT} FROM {_PARK_FROM}
-ON CONFLICT (position_key) DO UPDATE SET
-    {", ".join(f"{c} = EXCLUDED.{c}" for c in ["event_id", "producer", *_EXIT])},
-    received_at = CURRENT_TIMESTAMP
 """
+
+# A close whose open never came: past the configured age it leaves the parking table for
+# dead_letters, as the close event it was (numbers as exact JSON numbers, times with offsets).
+_SQL_EXPIRE_PARKED: Final = """
+DELETE FROM position_closes_pending
+WHERE received_at < CURRENT_TIMESTAMP - make_interval(secs => $1)
+RETURNING position_key, event_id, producer, received_at,
+    json_build_object(
+        'type', 'position_close', 'event_id', event_id, 'producer', producer,
+        'position_key', position_key, 'exit_upbit_price', exit_upbit_price,
+        'exit_binance_price', exit_binance_price, 'exit_spread_pct', exit_spread_pct,
+        'pnl_krw', pnl_krw, 'pnl_pct', pnl_pct, 'timestamp_close', timestamp_close
+    )::text AS payload
+"""
+_SQL_PARKED_SUMMARY: Final = """
+SELECT count(*)::int AS waiting, min(received_at) AS oldest,
+       extract(epoch FROM CURRENT_TIMESTAMP - min(received_at))::float8 AS oldest_age_s
+FROM position_closes_pending
+"""
+PARKED_CLOSE_SOURCE: Final = "parked_closes"
 
 
 def _has_entry(ev: Event) -> bool:
@@ -178,6 +180,57 @@ def _has_entry(ev: Event) -> bool:
 def _columns(rows: Sequence[Sequence[str | None]]) -> list[list[str | None]]:
     """Rows of values to one list per column (the unnest arrays)."""
     return [list(col) for col in zip(*rows, strict=True)]
+
+
+def _first_per_key(events: Sequence[tuple[Item, Event]]) -> dict[str, Event]:
+    """The first event of each position in batch order: the one that stands if any of them."""
+    first: dict[str, Event] = {}
+    for _, ev in events:
+        first.setdefault(str(ev.values["position_key"]), ev)
+    return first
+
+
+def _settle_positions(
+    events: Sequence[tuple[Item, Event]],
+    first: dict[str, Event],
+    written: Collection[str],
+    standing: dict[str, tuple[str, bool]],
+    verb: str,
+    outcome: BatchOutcome,
+) -> None:
+    """Each open (or close) of the batch against its position's standing one, after the step.
+
+    The first event of a key in ``written`` was written by this step; another with the standing
+    event id is a redelivery (a duplicate, nothing changed); one with another id is a conflict
+    and becomes a dead letter.
+    ``standing`` maps a key to (event id, whether that close is parked waiting for its open).
+    """
+    for item, ev in events:
+        key = str(ev.values["position_key"])
+        event_id, parked = standing[key]
+        if ev.event_id == event_id:
+            if not (key in written and first[key] is ev):
+                outcome.duplicates += 1
+            continue
+        reason = f"conflict: position {key} already {verb} by event {event_id}"
+        outcome.reject(item, reason + (" (its open has not arrived)" if parked else ""))
+
+
+@dataclasses.dataclass(slots=True)
+class _PositionsStep:
+    """What a positions step did inside a savepoint; counted only once the savepoint holds."""
+
+    outcome: BatchOutcome = dataclasses.field(default_factory=BatchOutcome)
+    touched: set[str] = dataclasses.field(default_factory=set)
+    keys: set[str] = dataclasses.field(default_factory=set)
+
+    def settle(self, outcome: BatchOutcome, touched: set[str], keys: set[str]) -> None:
+        """Add this step's results to the batch's."""
+        outcome.duplicates += self.outcome.duplicates
+        outcome.rejected.update(self.outcome.rejected)
+        outcome.rejected_fields.update(self.outcome.rejected_fields)
+        touched |= self.touched
+        keys |= self.keys
 
 
 _LINKED_TABLES: Final = frozenset({"orders", "trades"})
@@ -269,6 +322,51 @@ def _compile_encoder(table: tables.Table) -> Callable[[Sequence[Event]], bytes]:
 _ENCODERS: Final = {t.name: _compile_encoder(t) for t in tables.APPEND_TABLES}
 
 
+def _sql_type(kind: tables.ColumnType) -> str:
+    if isinstance(kind, tables.Numeric):
+        return f"NUMERIC({kind.precision}, {kind.scale})"
+    if isinstance(kind, tables.Varchar):
+        return f"VARCHAR({kind.length})"
+    return "BOOLEAN" if isinstance(kind, tables.Boolean) else "TIMESTAMPTZ"
+
+
+# The merge's staging tables: the table's columns with its types (so values are stored, rounded
+# and compared exactly as in the table), and each row's position in the COPY.
+_MERGE_STAGE: Final = {t.name: f"ingestd_merge_{t.name}" for t in tables.APPEND_TABLES}
+_SQL_CREATE_STAGE: Final = {
+    t.name: f"CREATE TEMP TABLE IF NOT EXISTS {_MERGE_STAGE[t.name]} ("
+    "ingestd_ordinal BIGINT GENERATED ALWAYS AS IDENTITY, "
+    + ", ".join(f"{name} {_sql_type(kind)}" for name, kind in t.columns)
+    + ") ON COMMIT DELETE ROWS"
+    for t in tables.APPEND_TABLES
+}
+
+
+def _conflicts_sql(table: tables.Table) -> str:
+    """Staged rows whose stored row (same event id and time) has other content, and where."""
+    content = [n for n in table.column_names if n not in ("event_id", table.time_column)]
+    differs = ", ".join(f"CASE WHEN s.{c} IS DISTINCT FROM t.{c} THEN '{c}' END" for c in content)
+    return (
+        f"SELECT s.ingestd_ordinal, t.{table.time_column} AS stored_time,"
+        f" array_remove(ARRAY[{differs}], NULL) AS differs"
+        f" FROM {_MERGE_STAGE[table.name]} AS s JOIN {table.name} AS t"
+        f" ON t.event_id = s.event_id AND t.{table.time_column} = s.{table.time_column}"
+        f" WHERE ({', '.join(f's.{c}' for c in content)})"
+        f" IS DISTINCT FROM ({', '.join(f't.{c}' for c in content)})"
+        " ORDER BY s.ingestd_ordinal"
+    )
+
+
+_SQL_CONFLICTS: Final = {t.name: _conflicts_sql(t) for t in tables.APPEND_TABLES}
+
+
+def _utc(moment: dt.datetime) -> str:
+    """An instant as RFC 3339 UTC with milliseconds, or microseconds when it has them."""
+    utc = moment.astimezone(dt.UTC)
+    spec = "microseconds" if utc.microsecond % 1000 else "milliseconds"
+    return utc.isoformat(timespec=spec).replace("+00:00", "Z")
+
+
 # COPY names the offending column only in the error context: 'COPY spreads, line 1, column x: ..'
 _COPY_CONTEXT_COLUMN: Final = re.compile(
     r"\bCOPY [^,]+, line [0-9]+, column ([A-Za-z_][A-Za-z0-9_]*)"
@@ -314,18 +412,20 @@ class _Batch:
     dead: list[DeadLetter]
     linked_keys: set[str]
     needs_lock: bool
-    duplicates: int
 
     @classmethod
     def of(cls, items: Sequence[Item]) -> _Batch:
-        """Sort the items; the same event twice in one batch lands once."""
+        """Sort the items.
+
+        The same event twice in one batch is not dropped here: its second copy meets the first
+        in the unique index and goes through the merge, which tells a redelivery (a duplicate)
+        from a conflict (same event id and time, other content) by comparing them as stored.
+        """
         by_table: dict[str, list[tuple[Item, Event]]] = {}
-        seen: dict[str, set[tuple[str, Any]]] = {}
         opens: list[tuple[Item, Event]] = []
         closes: list[tuple[Item, Event]] = []
         dead: list[DeadLetter] = []
         linked: set[str] = set()
-        duplicates = 0
         for item in items:
             ev = item.event
             if ev is None:
@@ -338,13 +438,6 @@ class _Batch:
                 rows = by_table.get(name)
                 if rows is None:
                     rows = by_table[name] = []
-                    seen[name] = set()
-                key = (ev.event_id, ev.time)
-                in_batch = seen[name]
-                if key in in_batch:
-                    duplicates += 1
-                    continue
-                in_batch.add(key)
                 rows.append((item, ev))
                 if name in _LINKED_TABLES:
                     position_key = ev.values.get("position_key")
@@ -355,7 +448,7 @@ class _Batch:
             elif ev.type == "position_close":
                 closes.append((item, ev))
         needs_lock = bool(opens or closes or linked)
-        return cls(items, by_table, opens, closes, dead, linked, needs_lock, duplicates)
+        return cls(items, by_table, opens, closes, dead, linked, needs_lock)
 
 
 class PostgresSink:
@@ -383,7 +476,7 @@ class PostgresSink:
         return await self._attempt(batch, careful=True)
 
     async def _attempt(self, batch: _Batch, *, careful: bool) -> BatchOutcome:
-        outcome = BatchOutcome(duplicates=batch.duplicates)
+        outcome = BatchOutcome()
         dead = list(batch.dead)
         conn: Connection
         async with (
@@ -410,7 +503,9 @@ class PostgresSink:
                 if careful:
                     await self._positions(conn, batch.opens, batch.closes, outcome, touched, keys)
                 else:
-                    await self._positions_bulk(conn, batch.opens, batch.closes, touched, keys)
+                    await self._positions_bulk(
+                        conn, batch.opens, batch.closes, touched, keys, outcome
+                    )
             keys |= batch.linked_keys
             if keys:
                 await conn.execute(_SQL_LINK_BOTH, sorted(keys))
@@ -439,10 +534,11 @@ class PostgresSink:
         *,
         merge: bool,
     ) -> None:
+        conflicts: list[tuple[Item, str, str]] = []
         try:
             async with conn.transaction():  # a savepoint: a failure leaves the batch usable
                 if merge:
-                    inserted = await self._merge(conn, table, [ev for _, ev in rows])
+                    inserted, conflicts = await self._merge(conn, table, rows)
                 else:
                     await self._copy(conn, table.name, table, [ev for _, ev in rows])
                     inserted = len(rows)
@@ -462,7 +558,9 @@ class PostgresSink:
             await self._insert(conn, table, rows[mid:], outcome, merge=merge)
             return
         outcome.inserted[table.name] = outcome.inserted.get(table.name, 0) + inserted
-        outcome.duplicates += len(rows) - inserted
+        outcome.duplicates += len(rows) - inserted - len(conflicts)
+        for conflicting, reason, columns in conflicts:
+            outcome.reject(conflicting, reason, columns)
 
     async def _copy(
         self, conn: Connection, target: str, table: tables.Table, events: Sequence[Event]
@@ -475,20 +573,35 @@ class PostgresSink:
             target, source=_once(data), columns=list(table.column_names), format="csv"
         )
 
-    async def _merge(self, conn: Connection, table: tables.Table, events: Sequence[Event]) -> int:
-        stage = f"ingestd_stage_{table.name}"
+    async def _merge(
+        self, conn: Connection, table: tables.Table, rows: Sequence[tuple[Item, Event]]
+    ) -> tuple[int, list[tuple[Item, str, str]]]:
+        """Insert the rows not stored yet; (rows inserted, conflicts: item, reason, columns).
+
+        Every row whose (event id, time) is stored already, by an earlier batch or earlier in
+        this one, is compared with the stored row as stored (decimals at the column's scale,
+        times as instants): the same content is a redelivery, other content a conflict.
+        """
+        stage = _MERGE_STAGE[table.name]
+        await conn.execute(_SQL_CREATE_STAGE[table.name])
+        # RESTART IDENTITY: the stage's ordinals are then the rows' positions in this COPY.
+        await conn.execute(f"TRUNCATE {stage} RESTART IDENTITY")
+        await self._copy(conn, stage, table, [ev for _, ev in rows])
         cols = ", ".join(table.column_names)
-        await conn.execute(
-            f"CREATE TEMP TABLE IF NOT EXISTS {stage} ON COMMIT DELETE ROWS AS "
-            f"SELECT {cols} FROM {table.name} WITH NO DATA"
-        )
-        await conn.execute(f"TRUNCATE {stage}")
-        await self._copy(conn, stage, table, events)
         status = await conn.execute(
             f"INSERT INTO {table.name} ({cols}) SELECT {cols} FROM {stage} "
-            f"ON CONFLICT (event_id, {table.time_column}) DO NOTHING"
+            f"ORDER BY ingestd_ordinal ON CONFLICT (event_id, {table.time_column}) DO NOTHING"
         )
-        return int(status.rsplit(" ", 1)[1])
+        conflicts = []
+        for r in await conn.fetch(_SQL_CONFLICTS[table.name]):
+            item, ev = rows[r["ingestd_ordinal"] - 1]
+            differs = ", ".join(r["differs"])
+            reason = (
+                f"conflict: {table.name} already holds event {ev.event_id} at "
+                f"{_utc(r['stored_time'])} with other content (differs in: {differs})"
+            )
+            conflicts.append((item, reason, differs))
+        return int(status.rsplit(" ", 1)[1]), conflicts
 
     async def _positions(
         self,
@@ -502,18 +615,18 @@ class PostgresSink:
         """All the batch's opens and closes in a few set-based statements; one by one (each in
         a savepoint, so that a bad one alone is rejected) only when the database refuses data.
         """
-        bulk_touched: set[str] = set()
-        bulk_keys: set[str] = set()
+        bulk = _PositionsStep()
         try:
             async with conn.transaction():
-                await self._positions_bulk(conn, opens, closes, bulk_touched, bulk_keys)
+                await self._positions_bulk(
+                    conn, opens, closes, bulk.touched, bulk.keys, bulk.outcome
+                )
         except asyncpg.PostgresError as exc:
             if not errors.is_data_error(exc):
                 raise
             await self._positions_by_row(conn, opens, closes, outcome, touched, keys)
             return
-        touched |= bulk_touched
-        keys |= bulk_keys
+        bulk.settle(outcome, touched, keys)
 
     async def _positions_bulk(
         self,
@@ -522,32 +635,60 @@ class PostgresSink:
         closes: Sequence[tuple[Item, Event]],
         touched: set[str],
         keys: set[str],
+        outcome: BatchOutcome,
     ) -> None:
-        # The last event per key wins, as it would applied one after the other; and one
-        # statement cannot update a row twice (ON CONFLICT DO UPDATE refuses to).
-        last_open = {str(ev.values["position_key"]): ev for _, ev in opens}
-        if last_open:
+        """Opens, then closes, write-once: in batch order the first of a position stands.
+
+        Costs two statements for the opens (take the rows, apply parked closes) and one for
+        the closes while every event finds its row free, as before write-once; the standing
+        events are looked up (one more statement) only when some do not.
+        """
+        if opens:
+            first_open = _first_per_key(opens)
             rows = [
                 [k, ev.producer, *(ev.values[c] for c in _ENTRY), ev.event_id]
-                for k, ev in last_open.items()
+                for k, ev in first_open.items()
             ]
-            touched.update(r["symbol"] for r in await conn.fetch(_SQL_OPEN_MANY, *_columns(rows)))
-            keys.update(last_open)
-            for r in await conn.fetch(_SQL_UNPARK, sorted(keys)):
-                touched.add(r["symbol"])
-        last_close = {str(ev.values["position_key"]): ev for _, ev in closes}
-        if not last_close:
+            taken = {
+                r["position_key"]: r["symbol"]
+                for r in await conn.fetch(_SQL_OPEN_MANY, *_columns(rows))
+            }
+            touched.update(taken.values())
+            keys.update(first_open)
+            standing = {k: (first_open[k].event_id, False) for k in taken}
+            others = [k for k in first_open if k not in taken]
+            if others:
+                for r in await conn.fetch(_SQL_STANDING, others):
+                    standing[r["position_key"]] = (r["open_event_id"], False)
+            if taken:
+                for r in await conn.fetch(_SQL_UNPARK, sorted(taken)):
+                    touched.add(r["symbol"])
+            _settle_positions(opens, first_open, taken.keys(), standing, "opened", outcome)
+        if not closes:
             return
-        keys.update(last_close)
-        rows = [[k, *(ev.values[c] for c in _EXIT), ev.event_id] for k, ev in last_close.items()]
-        found = {
+        first_close = _first_per_key(closes)
+        keys.update(first_close)
+        rows = [[k, *(ev.values[c] for c in _EXIT), ev.event_id] for k, ev in first_close.items()]
+        taken = {
             r["position_key"]: r["symbol"]
             for r in await conn.fetch(_SQL_CLOSE_MANY, *_columns(rows))
         }
-        touched.update(found.values())
-        missing = [(k, ev) for k, ev in last_close.items() if k not in found]
+        touched.update(taken.values())
+        standing = {k: (first_close[k].event_id, False) for k in taken}
+        written = set(taken)
+        others = [k for k in first_close if k not in taken]
+        whole: list[tuple[str, Event]] = []
+        wait: list[tuple[str, Event]] = []
+        for r in await conn.fetch(_SQL_STANDING, others) if others else []:
+            k = r["position_key"]
+            if r["close_event_id"] is not None:
+                standing[k] = (r["close_event_id"], False)
+            elif r["parked_event_id"] is not None:
+                standing[k] = (r["parked_event_id"], True)
+            else:  # the position does not exist yet: this close is its first
+                ev = first_close[k]
+                (whole if _has_entry(ev) else wait).append((k, ev))
         # Before its open: a close that repeats the entry columns is the whole row already...
-        whole = [(k, ev) for k, ev in missing if _has_entry(ev)]
         if whole:
             rows = [
                 [
@@ -562,13 +703,15 @@ class PostgresSink:
             ]
             inserted = await conn.fetch(_SQL_INSERT_CLOSED_MANY, *_columns(rows))
             touched.update(r["symbol"] for r in inserted)
+            standing.update((k, (ev.event_id, False)) for k, ev in whole)
+            written.update(k for k, _ in whole)
         # ...the others wait for it.
-        wait = [
-            (k, ev) for k, ev in missing if not all(ev.values.get(c) is not None for c in _ENTRY)
-        ]
         if wait:
             rows = [[k, ev.event_id, ev.producer, *(ev.values[c] for c in _EXIT)] for k, ev in wait]
             await conn.execute(_SQL_PARK_MANY, *_columns(rows))
+            standing.update((k, (ev.event_id, True)) for k, ev in wait)
+            written.update(k for k, _ in wait)
+        _settle_positions(closes, first_close, written, standing, "closed", outcome)
 
     async def _positions_by_row(
         self,
@@ -579,60 +722,26 @@ class PostgresSink:
         touched: set[str],
         keys: set[str],
     ) -> None:
-        for item, ev in opens:
-            v = ev.values
-            args = [v["position_key"], ev.producer, *(v[c] for c in _ENTRY), ev.event_id]
-            symbol = await self._one(conn, _SQL_OPEN, args, item, outcome)
-            if symbol is not None:
-                touched.add(symbol)
-                keys.add(str(v["position_key"]))
-        if opens:
-            for r in await conn.fetch(_SQL_UNPARK, sorted(keys)):
-                touched.add(r["symbol"])
-        for item, ev in closes:
-            v = ev.values
-            key = v["position_key"]
-            assert key is not None
-            keys.add(key)
-            symbol = await self._one(
-                conn, _SQL_CLOSE, [key, *(v[c] for c in _EXIT), ev.event_id], item, outcome
-            )
-            if symbol is None and id(item) not in outcome.rejected:
-                if _has_entry(ev):
-                    # The close repeats the entry columns: the whole row can be written now.
-                    args = [
-                        key,
-                        ev.producer,
-                        *(v[c] for c in _ENTRY),
-                        *(v[c] for c in _EXIT),
-                        None,
-                        ev.event_id,
-                    ]
-                    symbol = await self._one(conn, _SQL_INSERT_CLOSED, args, item, outcome)
-                else:
-                    args = [key, ev.event_id, ev.producer, *(v[c] for c in _EXIT)]
-                    await self._one(conn, _SQL_PARK, args, item, outcome)
-            if symbol is not None:
-                touched.add(symbol)
-
-    async def _one(
-        self,
-        conn: Connection,
-        sql: str,
-        args: Sequence[Any],
-        item: Item,
-        outcome: BatchOutcome,
-    ) -> str | None:
-        """Run one position statement in a savepoint; a data error rejects only this event."""
-        try:
-            async with conn.transaction():
-                row = await conn.fetchrow(sql, *args)
-        except asyncpg.PostgresError as exc:
-            if not errors.is_data_error(exc):
-                raise
-            outcome.reject(item, describe_pg_error(exc), rejected_column(exc))
-            return None
-        return None if row is None else str(row[0])
+        """The same, one event at a time in batch order, each in a savepoint of its own."""
+        for item, ev in [*opens, *closes]:
+            one = [(item, ev)]
+            step = _PositionsStep()
+            try:
+                async with conn.transaction():
+                    await self._positions_bulk(
+                        conn,
+                        one if ev.type == "position_open" else (),
+                        one if ev.type == "position_close" else (),
+                        step.touched,
+                        step.keys,
+                        step.outcome,
+                    )
+            except asyncpg.PostgresError as exc:
+                if not errors.is_data_error(exc):
+                    raise
+                outcome.reject(item, describe_pg_error(exc), rejected_column(exc))
+                continue
+            step.settle(outcome, touched, keys)
 
     @staticmethod
     def _rejected(item: Item, ev: Event, reason: str, field: str | None) -> DeadLetter:
@@ -665,6 +774,50 @@ def _dl_args(d: DeadLetter) -> tuple[Any, ...]:
         d.payload,
         d.payload_bytes,
         d.payload_sha256,
+    )
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ParkedCloses:
+    """Closes waiting for their open, after a sweep."""
+
+    waiting: int
+    oldest_received_at: dt.datetime | None
+    oldest_age_s: float | None
+    dead_lettered: int  # by this sweep: past the age, "close without open"
+
+
+async def sweep_parked_closes(conn: Connection, *, max_age_s: float) -> ParkedCloses:
+    """Move the closes parked longer than ``max_age_s`` to ``dead_letters``; count the rest.
+
+    Under the positions lock, so that an open being written meanwhile either finds its close
+    still parked (and applies it) or finds it gone (and the position stays open); and so that
+    replicas sweeping at once dead-letter each close once. A close parked, expired, and then
+    redelivered and expired again is the same dead letter (its key names position and event).
+    """
+    async with conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock($1)", POSITIONS_LOCK_ID)
+        expired = await conn.fetch(_SQL_EXPIRE_PARKED, float(max_age_s))
+        if expired:
+            dead = [
+                make_dead_letter(
+                    r["payload"],
+                    f"close without open: position {r['position_key']} was closed by event "
+                    f"{r['event_id']}, and its open did not arrive within {max_age_s:g} s "
+                    f"(parked since {_utc(r['received_at'])})",
+                    source=PARKED_CLOSE_SOURCE,
+                    dedup_key=f"{PARKED_CLOSE_SOURCE}:{r['position_key']}:{r['event_id']}",
+                    event_type="position_close",
+                    event_id=r["event_id"],
+                    producer=r["producer"],
+                )
+                for r in expired
+            ]
+            await conn.executemany(_SQL_DEAD_LETTER, [_dl_args(d) for d in dead])
+        summary = await conn.fetchrow(_SQL_PARKED_SUMMARY)
+    assert summary is not None
+    return ParkedCloses(
+        summary["waiting"], summary["oldest"], summary["oldest_age_s"], len(expired)
     )
 
 

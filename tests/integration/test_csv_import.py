@@ -275,12 +275,15 @@ async def test_an_edited_file_with_the_same_start_is_read_again_honestly(
     rows[2500] = rows[2500].replace(",3.1836,", ",3.1837,")
     write_csv(path, SPREAD_HEADER, rows)
     code, _, err = await imported(settings, tmp_path)
-    assert code == 0, err
+    assert code == 1, err  # the edited row is a conflict: the stored row stays
     assert "changed since its last import (its start is the same" in err
-    assert "even if its other values were edited" in err
+    assert "one whose other values were edited is a conflict" in err
+    assert "spreads.csv:2502: conflict: spreads already holds event csv:spreads.csv:2502" in err
     assert (await counts(db))["spreads"] == 3000
+    assert await db.fetchval("SELECT dedup_key FROM dead_letters") == "csv:spreads.csv:2502"
     code, report = await verified(settings, tmp_path)
-    assert code == 1 and "spreads.csv:2502: differs in spread_pct" in report
+    # verify-csv lists the conflict with the rows in dead_letters, apart from mismatches.
+    assert code == 0 and "spreads.csv:2502: conflict: spreads already holds event" in report
 
 
 async def test_last_line_without_line_end_is_read_again_next_time(

@@ -16,12 +16,12 @@ import orjson
 import pytest
 
 from ingestd import db as ingestd_db
-from ingestd import events, migrations
+from ingestd import events, migrations, tables
 from ingestd.batching import BatchOutcome, Item
 from ingestd.deadletters import PAYLOAD_PREFIX_CHARS, make_dead_letter
 from ingestd.errors import InvalidEvent
 from ingestd.settings import load_settings
-from ingestd.sinks.postgres import PostgresSink, fetch_all_open_counts
+from ingestd.sinks.postgres import PostgresSink, fetch_all_open_counts, sweep_parked_closes
 
 pytestmark = pytest.mark.pg
 
@@ -771,7 +771,8 @@ async def test_open_redelivered_after_close_stays_closed(
     await sink.write([item(pos_open("pos_004"))])
     await sink.write([item(pos_close("pos_004"))])
     outcome = await sink.write([item(pos_open("pos_004"))])
-    assert outcome.open_counts == {"BTC": 0}
+    assert outcome.open_counts == {}  # a redelivery changes nothing, so counts nothing
+    assert outcome.duplicates == 1
     assert_closed_with_exit(await position(conn, "pos_004"))
     # And the close redelivered changes nothing either.
     await sink.write([item(pos_close("pos_004"))])
@@ -933,7 +934,9 @@ async def test_producer_absent_and_event_time_precision(
     obj = spread("p1", ts="2025-11-15T03:40:15.1234565Z")
     del obj["producer"]
     it = item(obj)
-    dup = item(spread("p1", ts="2025-11-15T03:40:15.123457Z"))  # the same instant, rounded
+    dup_obj = spread("p1", ts="2025-11-15T03:40:15.123457Z")  # the same instant, rounded
+    del dup_obj["producer"]  # (a producer where the stored row has none would be a conflict)
+    dup = item(dup_obj)
     outcome = await sink.write([it, item(fx("p2", ts="2025-11-15t03:40:15.999999999z"))])
     assert outcome.rejected == {}
     row = await conn.fetchrow("SELECT producer, timestamp FROM spreads")
@@ -996,18 +999,20 @@ async def test_many_opens_and_closes_in_one_batch_land_like_one_by_one(
         item(pos_close("k2", with_entry=True)),  # a close before its open, whole
         item(pos_close("k3")),  # a close before its open, parked
         item(pos_open("k4", eid="open-k4-a")),
-        item(pos_open("k4", eid="open-k4-b")),  # the same key twice: the last one wins
+        item(pos_open("k4", eid="open-k4-b")),  # the same key twice: the first one stands
         *(item(pos_open(f"m{i}", symbol="ETH")) for i in range(50)),
     ]
     outcome = await sink.write(batch)
-    assert outcome.rejected == {}
+    assert outcome.rejected == {
+        id(batch[5]): "conflict: position k4 already opened by event open-k4-a"
+    }
     rows = {
         r["position_key"]: r
         for r in await conn.fetch("SELECT position_key, status, open_event_id FROM positions")
     }
     assert rows["k1"]["status"] == "CLOSED" and rows["k2"]["status"] == "CLOSED"
     assert "k3" not in rows
-    assert rows["k4"]["open_event_id"] == "open-k4-b"
+    assert rows["k4"]["open_event_id"] == "open-k4-a"
     assert sum(1 for k in rows if k.startswith("m")) == 50
     assert await conn.fetchval("SELECT count(*) FROM position_closes_pending") == 1
     assert outcome.open_counts == {"BTC": 1, "ETH": 50}  # k4 open; k1, k2 closed
@@ -1056,3 +1061,334 @@ async def test_open_count_versions_follow_the_order_of_the_counts(
     assert b.open_counts == {"BTC": 2} and a_out.open_counts == {"BTC": 1}
     assert b.open_counts_version is not None and a_out.open_counts_version is not None
     assert a_out.open_counts_version > b.open_counts_version
+
+
+# --- write-once positions: the first open and the first close that commit stand ----------------
+
+EXIT_B = {
+    "exit_upbit_price": "120000000.00",
+    "exit_binance_price": "90000.5",
+    "exit_spread_pct": "-1.0000",
+    "pnl_krw": "-99999.99",
+    "pnl_pct": "-7.5000",
+    "timestamp_close": "2025-11-15T05:00:00Z",
+}
+
+
+def close_b(key: str, eid: str, *, with_entry: bool = False) -> dict[str, Any]:
+    """A close of ``key`` with other exit values than EXIT (another event)."""
+    return {**pos_close(key, eid=eid, with_entry=with_entry), **EXIT_B}
+
+
+def keyed(obj: dict[str, Any]) -> Item:
+    """An Item whose dead letter is keyed by its content, as the in-process source keys it."""
+    return item(obj, token=hashlib.sha256(orjson.dumps(obj)).hexdigest())
+
+
+async def dead_letter_reasons(conn: asyncpg.Connection) -> dict[str, list[str]]:
+    """The dead letters' reasons by event id."""
+    out: dict[str, list[str]] = {}
+    for r in await conn.fetch("SELECT event_id, error FROM dead_letters ORDER BY id"):
+        out.setdefault(r["event_id"], []).append(r["error"])
+    return out
+
+
+async def test_a_second_close_with_another_event_id_is_a_dead_lettered_conflict(
+    sink: PostgresSink, conn: asyncpg.Connection
+) -> None:
+    await sink.write([item(pos_open("p1"))])
+    await sink.write([keyed(pos_close("p1", eid="close-7"))])
+    later = keyed(close_b("p1", "close-8"))
+    outcome = await sink.write([later])
+    assert set(outcome.rejected) == {id(later)}
+    assert outcome.rejected[id(later)] == "conflict: position p1 already closed by event close-7"
+    assert outcome.open_counts == {}  # nothing changed
+    row = await position(conn, "p1")
+    assert_closed_with_exit(row)
+    assert row["close_event_id"] == "close-7"
+    assert await dead_letter_reasons(conn) == {
+        "close-8": ["conflict: position p1 already closed by event close-7"]
+    }
+    # Redelivered, the older close changes nothing; the conflicting one is still one dead letter.
+    again = await sink.write(
+        [keyed(pos_close("p1", eid="close-7")), keyed(close_b("p1", "close-8"))]
+    )
+    assert len(again.rejected) == 1
+    row = await position(conn, "p1")
+    assert_closed_with_exit(row)
+    assert row["close_event_id"] == "close-7"
+    assert await conn.fetchval("SELECT count(*) FROM dead_letters") == 1
+
+
+async def test_redelivering_the_older_close_does_not_flip_the_row_back(
+    sink: PostgresSink, conn: asyncpg.Connection
+) -> None:
+    await sink.write([item(pos_open("p2"))])
+    await sink.write([item(close_b("p2", "close-b"))])
+    await sink.write([item(pos_close("p2", eid="close-a"))])  # a conflict
+    before = await position(conn, "p2")
+    await sink.write([item(close_b("p2", "close-b"))])  # the standing close, redelivered
+    await sink.write([item(pos_close("p2", eid="close-a"))])  # the conflict, redelivered
+    after = await position(conn, "p2")
+    assert after == before
+    assert after["close_event_id"] == "close-b"
+    assert after["pnl_krw"] == D(EXIT_B["pnl_krw"])
+
+
+async def test_an_open_with_another_event_id_after_the_close_changes_nothing(
+    sink: PostgresSink, conn: asyncpg.Connection
+) -> None:
+    await sink.write([item(pos_open("p3", eid="open-3"))])
+    await sink.write([item(pos_close("p3"))])
+    before = await position(conn, "p3")
+    other = {**pos_open("p3", "ETH", eid="open-4"), "size": "5", "producer": "live"}
+    late = item(other)
+    outcome = await sink.write([late])
+    assert outcome.rejected == {id(late): "conflict: position p3 already opened by event open-3"}
+    after = await position(conn, "p3")
+    assert after == before
+    assert after["size"] == D(ENTRY["size"]) and after["symbol"] == "BTC"
+    assert await dead_letter_reasons(conn) == {
+        "open-4": ["conflict: position p3 already opened by event open-3"]
+    }
+    # Before the close, too: a second open never rewrites the entry columns.
+    await sink.write([item(pos_open("p4", eid="open-a"))])
+    await sink.write([item({**pos_open("p4", eid="open-b"), "size": "7"})])
+    row = await position(conn, "p4")
+    assert (row["open_event_id"], row["size"], row["status"]) == ("open-a", D("0.01"), "OPEN")
+
+
+async def test_in_one_batch_the_first_open_and_the_first_close_stand(
+    sink: PostgresSink, conn: asyncpg.Connection
+) -> None:
+    first_open = item(pos_open("p5", eid="o-1"))
+    second_open = item({**pos_open("p5", eid="o-2"), "size": "3"})
+    first_close = item(pos_close("p5", eid="c-1"))
+    second_close = item(close_b("p5", "c-2"))
+    redelivered = item(pos_close("p5", eid="c-1"))
+    outcome = await sink.write([first_close, first_open, second_close, second_open, redelivered])
+    assert outcome.rejected == {
+        id(second_open): "conflict: position p5 already opened by event o-1",
+        id(second_close): "conflict: position p5 already closed by event c-1",
+    }
+    assert outcome.duplicates == 1  # the close redelivered within the batch
+    row = await position(conn, "p5")
+    assert_closed_with_exit(row)
+    assert (row["open_event_id"], row["close_event_id"], row["size"]) == ("o-1", "c-1", D("0.01"))
+
+
+async def test_conflicts_are_found_on_the_row_by_row_path_too(
+    sink: PostgresSink, conn: asyncpg.Connection
+) -> None:
+    await sink.write([item(pos_open("r1", eid="o-r1")), item(pos_close("r1", eid="c-r1"))])
+    bad = tampered(pos_open("r2"), symbol="ABCDEFGHIJK")  # sends the batch row by row
+    late_open = item({**pos_open("r1", eid="o-r1-late"), "size": "4"})
+    late_close = item(close_b("r1", "c-r1-late"))
+    outcome = await sink.write([bad, late_open, late_close, item(pos_open("r3"))])
+    assert set(outcome.rejected) == {id(bad), id(late_open), id(late_close)}
+    assert outcome.rejected[id(late_open)] == "conflict: position r1 already opened by event o-r1"
+    assert outcome.rejected[id(late_close)] == "conflict: position r1 already closed by event c-r1"
+    assert "character varying(10)" in outcome.rejected[id(bad)]
+    row = await position(conn, "r1")
+    assert_closed_with_exit(row)
+    assert (row["open_event_id"], row["size"]) == ("o-r1", D(ENTRY["size"]))
+    assert (await position(conn, "r3"))["status"] == "OPEN"
+    assert await conn.fetchval("SELECT count(*) FROM dead_letters") == 3
+
+
+async def test_a_parked_close_stands_against_later_closes(
+    sink: PostgresSink, conn: asyncpg.Connection
+) -> None:
+    await sink.write([item(pos_close("p6", eid="c-parked"))])
+    plain = item(close_b("p6", "c-plain"))
+    whole = item(close_b("p6", "c-whole", with_entry=True))  # would insert the whole row
+    outcome = await sink.write([plain])
+    outcome2 = await sink.write([whole])
+    reason = "conflict: position p6 already closed by event c-parked (its open has not arrived)"
+    assert outcome.rejected == {id(plain): reason}
+    assert outcome2.rejected == {id(whole): reason}
+    assert await conn.fetchval("SELECT count(*) FROM positions") == 0
+    assert await conn.fetchval("SELECT event_id FROM position_closes_pending") == "c-parked"
+    await sink.write([item(pos_open("p6"))])
+    row = await position(conn, "p6")
+    assert_closed_with_exit(row)
+    assert row["close_event_id"] == "c-parked"
+
+
+async def test_close_before_open_ends_as_the_same_row_as_open_then_close(
+    sink: PostgresSink, conn: asyncpg.Connection
+) -> None:
+    # The close repeats entry columns that differ from the open's (and comes from another
+    # producer): the open's entry columns and producer stand, whichever lands first.
+    def events_of(key: str) -> tuple[dict[str, Any], dict[str, Any]]:
+        opened = pos_open(key, eid=f"o-{key}")
+        closed = {
+            **pos_close(key, "ETH", with_entry=True, eid=f"c-{key}"),
+            "size": "9",
+            "producer": "live",
+        }
+        return opened, closed
+
+    o, c = events_of("ab")
+    await sink.write([item(o)])
+    await sink.write([item(c)])
+    o, c = events_of("ba")
+    await sink.write([item(c)])
+    await sink.write([item(o)])
+    columns = [*(n for n, _ in tables.POSITION_ENTRY_COLUMNS), "producer", "status"]
+    columns += [n for n, _ in tables.POSITION_EXIT_COLUMNS]
+    ab, ba = (await position(conn, "ab")), (await position(conn, "ba"))
+    assert {c: ab[c] for c in columns} == {c: ba[c] for c in columns}
+    assert (ba["symbol"], ba["size"], ba["producer"]) == ("BTC", D("0.01"), "paper")
+    assert (ba["open_event_id"], ba["close_event_id"]) == ("o-ba", "c-ba")
+
+
+# --- conflicting duplicates on the append-only tables ------------------------------------------
+
+
+async def test_same_event_id_and_time_with_other_content_is_a_dead_lettered_conflict(
+    sink: PostgresSink, conn: asyncpg.Connection
+) -> None:
+    stored = [
+        item(spread("s1")),
+        item(fx("f1")),
+        item(order("o1", "pos_x")),
+        item(trade("t1", None)),
+    ]
+    await sink.write(stored)
+    before = {
+        t: [tuple(r) for r in await conn.fetch(f"SELECT * FROM {t} ORDER BY id")]
+        for t in ("spreads", "fx_rates", "orders", "trades")
+    }
+    changed = [
+        item(spread("s1", upbit_price="140123456.13")),
+        item(fx("f1", rate="1385.12345679")),
+        item({**order("o1", "pos_x"), "venue": "binance"}),
+        item({**trade("t1", None), "pnl_krw": "1"}),  # NULL stored: differs
+    ]
+    outcome = await sink.write([*changed, item(spread("s-new", ts="2025-11-15T03:40:16Z"))])
+    assert outcome.inserted == {"spreads": 1, "fx_rates": 0, "orders": 0, "trades": 0}
+    assert outcome.duplicates == 0
+    assert set(outcome.rejected) == {id(it) for it in changed}
+    assert outcome.rejected[id(changed[0])] == (
+        "conflict: spreads already holds event s1 at 2025-11-15T03:40:15.123Z with other"
+        " content (differs in: upbit_price)"
+    )
+    assert outcome.rejected[id(changed[2])].endswith("(differs in: venue)")
+    assert outcome.rejected[id(changed[3])].endswith("(differs in: pnl_krw)")
+    for t, rows_before in before.items():  # the stored rows stay as they were
+        now_rows = await conn.fetch(f"SELECT * FROM {t} WHERE event_id <> 's-new' ORDER BY id")
+        assert [tuple(r) for r in now_rows] == rows_before
+    dl = await conn.fetch("SELECT event_id, event_type, field, error FROM dead_letters ORDER BY id")
+    assert [(r["event_id"], r["event_type"]) for r in dl] == [
+        ("s1", "spread"),
+        ("f1", "fx_rate"),
+        ("o1", "order"),
+        ("t1", "trade"),
+    ]
+    assert all(r["error"].startswith("conflict: ") for r in dl)
+    assert [r["field"] for r in dl] == ["upbit_price", "rate", "venue", "pnl_krw"]
+
+
+async def test_a_redelivery_equal_as_stored_is_a_duplicate_not_a_conflict(
+    sink: PostgresSink, conn: asyncpg.Connection
+) -> None:
+    await sink.write([item(spread("s1")), item(fx("f1"))])
+    # Other spellings of the same stored values: digits beyond the column's scale that round to
+    # it, trailing zeros, an exponent, and the event time at another offset.
+    same = [
+        item(spread("s1", "BTC", "2025-11-15T12:40:15.123+09:00", upbit_price="140123456.1249")),
+        item(wire({k: v for k, v in fx("f1").items() if k != "rate"}, rate="13851234567.8E-7")),
+        item(spread("s1", spread_pct="3.18360")),
+    ]
+    outcome = await sink.write(same)
+    assert outcome.rejected == {}
+    assert outcome.duplicates == 3
+    assert await conn.fetchval("SELECT count(*) FROM dead_letters") == 0
+
+
+async def test_a_conflicting_duplicate_in_one_batch_is_a_conflict(
+    sink: PostgresSink, conn: asyncpg.Connection
+) -> None:
+    first = item(spread("d1"))
+    same = item(spread("d1", "BTC", "2025-11-15T12:40:15.123+09:00"))
+    other = item(spread("d1", symbol="ETH"))
+    outcome = await sink.write([first, same, other, item(spread("d2"))])
+    assert outcome.inserted == {"spreads": 2}
+    assert outcome.duplicates == 1
+    assert set(outcome.rejected) == {id(other)}
+    assert "differs in: symbol" in outcome.rejected[id(other)]
+    assert await conn.fetchval("SELECT symbol FROM spreads WHERE event_id = 'd1'") == "BTC"
+    assert await conn.fetchval("SELECT count(*) FROM dead_letters") == 1
+
+
+async def test_a_redelivered_conflict_is_one_dead_letter(
+    sink: PostgresSink, conn: asyncpg.Connection
+) -> None:
+    await sink.write([item(fx("f1"))])
+    for _ in range(3):
+        outcome = await sink.write([keyed(fx("f1", rate="2"))])
+        assert len(outcome.rejected) == 1
+    assert await conn.fetchval("SELECT count(*) FROM dead_letters") == 1
+    assert await conn.fetchval("SELECT rate FROM fx_rates") == D("1385.12345678")
+
+
+# --- closes whose open never comes -------------------------------------------------------------
+
+
+async def age_parked(conn: asyncpg.Connection, key: str, seconds: float) -> None:
+    """Make the parked close of ``key`` look ``seconds`` old."""
+    await conn.execute(
+        "UPDATE position_closes_pending SET received_at = now() - make_interval(secs => $2)"
+        " WHERE position_key = $1",
+        key,
+        seconds,
+    )
+
+
+async def test_a_parked_close_past_its_age_becomes_a_dead_letter(
+    sink: PostgresSink, pool: asyncpg.Pool, conn: asyncpg.Connection
+) -> None:
+    await sink.write([item(pos_close("old", eid="close-old")), item(pos_close("young"))])
+    await age_parked(conn, "old", 2 * 86_400)
+    await age_parked(conn, "young", 3_600)
+    async with pool.acquire() as c:
+        swept = await sweep_parked_closes(c, max_age_s=86_400)
+    assert (swept.waiting, swept.dead_lettered) == (1, 1)
+    assert swept.oldest_received_at is not None
+    assert await conn.fetchval("SELECT position_key FROM position_closes_pending") == "young"
+    dl = await conn.fetchrow("SELECT * FROM dead_letters")
+    assert dl is not None
+    assert (dl["event_id"], dl["event_type"], dl["producer"]) == (
+        "close-old",
+        "position_close",
+        "paper",
+    )
+    assert dl["error"].startswith(
+        "close without open: position old was closed by event close-old, and its open did not"
+        " arrive within 86400 s"
+    )
+    # The payload is the close as it was parked, a valid event that can be sent again.
+    again = events.decode_event(dl["payload"].encode(), max_bytes=MAX_BYTES)
+    assert again.type == "position_close" and again.event_id == "close-old"
+    for name, value in EXIT.items():
+        if name != "timestamp_close":
+            assert D(str(again.values[name])) == D(value), name
+    assert again.time.isoformat() == "2025-11-15T04:00:00+00:00"
+
+    # Nothing else is old enough; the same close parked and expired again is one dead letter.
+    async with pool.acquire() as c:
+        assert (await sweep_parked_closes(c, max_age_s=86_400)).dead_lettered == 0
+    await sink.write([item(pos_close("old", eid="close-old"))])
+    await age_parked(conn, "old", 2 * 86_400)
+    async with pool.acquire() as c:
+        swept = await sweep_parked_closes(c, max_age_s=86_400)
+    assert swept.dead_lettered == 1
+    assert await conn.fetchval("SELECT count(*) FROM dead_letters") == 1
+    # Should the open come after all, the position is simply open; the young close still waits.
+    await sink.write([item(pos_open("old")), item(pos_open("young"))])
+    assert (await position(conn, "old"))["status"] == "OPEN"
+    assert_closed_with_exit(await position(conn, "young"))
+    async with pool.acquire() as c:
+        swept = await sweep_parked_closes(c, max_age_s=86_400)
+    assert (swept.waiting, swept.dead_lettered, swept.oldest_received_at) == (0, 0, None)
