@@ -276,6 +276,7 @@ class Service:
     def _start_database_tasks(self, pool: asyncpg.Pool) -> None:
         """The tasks that need the database: open-count reconciliation, maintenance."""
         s = self.settings
+        assert self.redis is not None
         self._tasks.append(asyncio.create_task(self._reconcile_loop(), name="ingestd-reconcile"))
         if s.maintenance.enabled:
             self.maintenance = Maintenance(

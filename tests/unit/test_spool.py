@@ -412,7 +412,7 @@ async def test_an_fsync_that_finds_the_disk_full_is_a_temporary_refusal(
             raise failures.pop()
         real_fsync(fd)
 
-    monkeypatch.setattr(spool_mod.os, "fsync", fsync_full_once)
+    monkeypatch.setattr(os, "fsync", fsync_full_once)
     with pytest.raises(SpoolFull, match="No space left on device"):
         await s.append(b"refused")
     assert s.broken is None
