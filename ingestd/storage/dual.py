@@ -16,7 +16,7 @@ producer:
 The event's ``event_id`` is fixed before either side writes. If one side fails (the CSV row cannot
 be written: disk full; or the database side is closed), the other side still gets the event, and
 the error says exactly what was and was not written, naming the event id: ``CsvWriteFailed``
-("not written to CSV: ...; published to the stream as event_id X"), with ``event_id`` and
+("not written to CSV: ...; published to stream ingestd:events as event_id X"), with ``event_id`` and
 ``published`` on it. A producer's natural retry, the same ``log_*`` call again (with an equal
 model), is recognised: it reuses that event id and writes only the side that is missing, so the
 CSV row appears and the database gets the event once, whatever the number of retries. Equality
@@ -173,22 +173,26 @@ class DualStorage(LogMethods):
     def _emit(self, event: dict[str, Any]) -> str:
         key, state = _begin(self._incomplete, event)
         csv_error = db_error = None
-        if not state.in_csv:
-            try:
-                self.csv._emit(event)
-                state.in_csv = True
-            except Exception as exc:  # noqa: BLE001 - the other side still gets the event
-                csv_error = exc
-        if not state.published:
-            try:
-                self.db._emit(event)
-                state.published = True
-            except Exception as exc:  # noqa: BLE001 - reported below, with what was written
-                db_error = exc
+        try:
+            if not state.in_csv:
+                try:
+                    self.csv._emit(event)
+                    state.in_csv = True
+                except Exception as exc:  # noqa: BLE001 - the other side still gets the event
+                    csv_error = exc
+            if not state.published:
+                try:
+                    self.db._emit(event)
+                    state.published = True
+                except Exception as exc:  # noqa: BLE001 - reported below, with what was written
+                    db_error = exc
+        finally:
+            # One side has it and the other has not (also when interrupted, a cancellation
+            # included): remembered, so that the retry completes it under the same id.
+            if state.in_csv != state.published:
+                self._incomplete.keep(key, state)
         if csv_error is None and db_error is None:
             return state.event_id
-        if state.in_csv or state.published:
-            self._incomplete.keep(key, state)
         failure = _outcome(state, csv_error, db_error, self.db.target)
         if failure is csv_error or failure is db_error:
             raise failure
@@ -243,22 +247,26 @@ class AsyncDualStorage(AsyncLogMethods):
     async def _emit(self, event: dict[str, Any]) -> str:
         key, state = _begin(self._incomplete, event)
         csv_error = db_error = None
-        if not state.in_csv:
-            try:
-                await emit_off_the_loop(self.csv, event)
-                state.in_csv = True
-            except Exception as exc:  # noqa: BLE001 - the other side still gets the event
-                csv_error = exc
-        if not state.published:
-            try:
-                await self.db._emit(event)
-                state.published = True
-            except Exception as exc:  # noqa: BLE001 - reported below, with what was written
-                db_error = exc
+        try:
+            if not state.in_csv:
+                try:
+                    await emit_off_the_loop(self.csv, event)
+                    state.in_csv = True
+                except Exception as exc:  # noqa: BLE001 - the other side still gets the event
+                    csv_error = exc
+            if not state.published:
+                try:
+                    await self.db._emit(event)
+                    state.published = True
+                except Exception as exc:  # noqa: BLE001 - reported below, with what was written
+                    db_error = exc
+        finally:
+            # One side has it and the other has not (also when interrupted, a cancellation
+            # included): remembered, so that the retry completes it under the same id.
+            if state.in_csv != state.published:
+                self._incomplete.keep(key, state)
         if csv_error is None and db_error is None:
             return state.event_id
-        if state.in_csv or state.published:
-            self._incomplete.keep(key, state)
         failure = _outcome(state, csv_error, db_error, self.db.target)
         if failure is csv_error or failure is db_error:
             raise failure
