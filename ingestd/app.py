@@ -215,6 +215,11 @@ class Service:
             sink = PostgresSink(self.pool, acquire_timeout_s=s.storage.postgres.acquire_timeout_s)
         else:
             sink = self._deferred_sink = DatabaseWhenConnected()
+            # No commit can succeed before the database has answered: counted as failing from
+            # now (what the pipeline records after a failed batch), so that submitted events go
+            # to the spool at once rather than wait spill_after_s in memory, the replay leaves
+            # the backlog on disk, and health shows the database is not taking writes.
+            self.metrics.flush_failing_since = time.monotonic()
         self.redis = create_redis(
             s.storage.redis.url, socket_timeout_s=s.storage.redis.socket_timeout_s
         )
@@ -330,6 +335,9 @@ class Service:
             self.pool = pool
             self.database_error = None
             sink.sink = PostgresSink(pool, acquire_timeout_s=s.storage.postgres.acquire_timeout_s)
+            # Commits can succeed from now: the replay starts without waiting for a batch's next
+            # retry (a batch that still fails marks it failing again).
+            self.metrics.flush_failing_since = None
             if not self._stopping:
                 self._start_database_tasks(pool)
             log.info(

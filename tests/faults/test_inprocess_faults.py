@@ -173,6 +173,27 @@ async def test_a_producer_started_during_an_outage_spools_at_once_and_replays_wh
         assert service.pool is not None  # connected in the background once it answered
 
 
+async def test_before_the_database_ever_answered_events_go_to_the_spool_at_once(
+    fault_settings: Settings, fault_servers: FaultServers, tmp_path: Path
+) -> None:
+    # An event is held in memory for spill_after_s only where a commit may come soon; before the
+    # database has ever answered none can, so every event goes to the spool at once (with an
+    # hour's spill_after_s here, waiting in memory would hold the producer for an hour).
+    settings = fault_settings.replace(
+        **{"spool.directory": str(tmp_path / "spool"), "spool.spill_after_s": 3600.0}
+    )
+    sent = simulated(300, seed=37)
+    await asyncio.to_thread(fault_servers.pg.stop, "fast")
+    async with Service(settings, stream_intake=False) as service:
+        assert service.spool is not None and service.pipeline is not None
+        outcomes = await asyncio.wait_for(service.submit_many(sent), timeout=60)
+        assert outcomes == [Outcome.SPOOLED] * len(sent)
+        assert len(service.pipeline.queue) == 0  # nothing waits in memory meanwhile
+        await asyncio.to_thread(fault_servers.pg.start)
+        await wait_until_landed_exactly_once(settings.storage.postgres.dsn, Expected.of(sent))
+        await wait_until(lambda: service.spool is not None and service.spool.pending_records == 0)
+
+
 async def test_a_schema_behind_found_after_a_deferred_start_keeps_events_spooled(
     fault_settings: Settings, fault_servers: FaultServers, tmp_path: Path
 ) -> None:
