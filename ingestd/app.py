@@ -16,7 +16,7 @@ import os
 import signal
 import ssl
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Final
@@ -28,11 +28,12 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 
 from ingestd import errors, failpoints, keys, migrations, probes
+from ingestd.batching import BatchOutcome, Item
 from ingestd.db import create_pool
 from ingestd.endpoints import OpsServer
 from ingestd.maintenance import Maintenance
 from ingestd.metrics import Metrics, MetricsCollector, create_registry
-from ingestd.pipeline import Pipeline, cancel_quietly
+from ingestd.pipeline import Pipeline, Sink, cancel_quietly
 from ingestd.redis_packing import use_hiredis_packing
 from ingestd.settings import Settings, redact
 from ingestd.sinks.mirror import RedisMirror
@@ -66,23 +67,29 @@ def create_redis(url: str, *, socket_timeout_s: float) -> aioredis.Redis:
     return client
 
 
+async def connect_once(settings: Settings) -> asyncpg.Pool:
+    """One attempt at the pool; ConfigError where waiting cannot help (malformed DSN, TLS)."""
+    try:
+        return await create_pool(settings.storage.postgres)
+    except (ValueError, asyncpg.ClientConfigurationError) as exc:
+        # A malformed DSN does not get better by waiting.
+        raise errors.ConfigError(
+            f"invalid database URL {redact(settings.storage.postgres.dsn)}: {exc}"
+        ) from exc
+    except ssl.SSLCertVerificationError as exc:
+        # A certificate that does not verify is a configuration problem, not an outage.
+        raise errors.ConfigError(
+            f"TLS verification failed for {redact(settings.storage.postgres.dsn)}: {exc}"
+        ) from exc
+
+
 async def connect_with_retry(settings: Settings, deadline_s: float) -> asyncpg.Pool:
     """Wait for PostgreSQL (compose starts it alongside ingestd) up to ``deadline_s``."""
     end = time.monotonic() + deadline_s
     delay = 0.2
     while True:
         try:
-            return await create_pool(settings.storage.postgres)
-        except (ValueError, asyncpg.ClientConfigurationError) as exc:
-            # A malformed DSN does not get better by waiting.
-            raise errors.ConfigError(
-                f"invalid database URL {redact(settings.storage.postgres.dsn)}: {exc}"
-            ) from exc
-        except ssl.SSLCertVerificationError as exc:
-            # A certificate that does not verify is a configuration problem, not an outage.
-            raise errors.ConfigError(
-                f"TLS verification failed for {redact(settings.storage.postgres.dsn)}: {exc}"
-            ) from exc
+            return await connect_once(settings)
         except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
             if time.monotonic() + delay > end:
                 raise errors.SinkUnavailable(
@@ -96,6 +103,31 @@ async def connect_with_retry(settings: Settings, deadline_s: float) -> asyncpg.P
             )
             await asyncio.sleep(delay)
             delay = min(delay * 2, 5.0)
+
+
+# A start that does not wait for the database tries it at these intervals (doubling) meanwhile.
+BACKGROUND_CONNECT_FIRST_S: Final = 0.2
+BACKGROUND_CONNECT_CAP_S: Final = 5.0
+
+
+class DatabaseWhenConnected:
+    """The pipeline's sink for a start that does not wait for the database.
+
+    Until the pool is connected and the schema found current, every write fails as unavailable,
+    so the pipeline treats the time before as an outage: in-process events spill to the spool
+    and batches are retried. From then on it writes through the ``PostgresSink``.
+    """
+
+    def __init__(self) -> None:
+        self.sink: PostgresSink | None = None
+        self.waiting_for = "PostgreSQL has not answered yet"
+
+    async def write(self, items: Sequence[Item]) -> BatchOutcome:
+        """Write through the database sink, or fail as unavailable while there is none."""
+        sink = self.sink
+        if sink is None:
+            raise errors.SinkUnavailable(f"not connected to the database: {self.waiting_for}")
+        return await sink.write(items)
 
 
 class Service:
@@ -116,6 +148,10 @@ class Service:
         self.spool: Spool | None = None
         self._spool_source: SpoolSource | None = None
         self._spool_task: asyncio.Task[None] | None = None
+        # A start that did not wait for the database: its sink, and why it is not connected yet
+        # (None once connected; the reason when the database answered but cannot be written).
+        self._deferred_sink: DatabaseWhenConnected | None = None
+        self.database_error: str | None = None
         self.maintenance: Maintenance | None = None
         self.metrics = Metrics()
         self._collector = MetricsCollector(self.metrics, healthy=self.healthy)
@@ -136,10 +172,20 @@ class Service:
     ) -> None:
         await self.stop()
 
-    async def start(self, *, connect_deadline_s: float = 60.0) -> None:
-        """Connect, check the schema, and start intake; on failure, release what was taken."""
+    async def start(
+        self, *, connect_deadline_s: float = 60.0, wait_for_database: bool | None = None
+    ) -> None:
+        """Open the spool, connect, check the schema, and start intake; on failure, release.
+
+        With a spool and without stream intake (an in-process producer), the start does not
+        wait for the database (``wait_for_database`` defaults to that): ``submit()`` works at
+        once, spilling to the spool while the database is unreachable, and the database is
+        connected (and its schema checked) in the background; the spooled events, including
+        those of an earlier run, are replayed once it answers. Otherwise the start waits up to
+        ``connect_deadline_s`` and raises if the database is unreachable or its schema behind.
+        """
         try:
-            await self._start(connect_deadline_s)
+            await self._start(connect_deadline_s, wait_for_database)
         except BaseException:
             # __aexit__ does not run when __aenter__ fails: close the pool, the batcher, the
             # spool's lock here (a cancelled start included).
@@ -147,12 +193,33 @@ class Service:
                 await self.stop(grace_s=1)
             raise
 
-    async def _start(self, connect_deadline_s: float) -> None:
+    async def _start(self, connect_deadline_s: float, wait_for_database: bool | None) -> None:
         s = self.settings
         failpoints.arm(s.failpoints)
-        self.pool = await connect_with_retry(s, connect_deadline_s)
-        async with self.pool.acquire() as conn:
-            await migrations.check_current(conn)
+        if s.spool.directory:
+            # Before any contact with the database: the spool is what a producer has while the
+            # database is unreachable, and it may hold an earlier run's backlog.
+            self.spool = Spool(
+                Path(s.spool.directory),
+                max_bytes=s.spool.max_bytes,
+                segment_bytes=s.spool.segment_bytes,
+            )
+            await self.spool.open()
+        if wait_for_database is None:
+            wait_for_database = self.spool is None or self._stream_intake
+        sink: Sink
+        if wait_for_database:
+            self.pool = await connect_with_retry(s, connect_deadline_s)
+            async with self.pool.acquire() as conn:
+                await migrations.check_current(conn)
+            sink = PostgresSink(self.pool, acquire_timeout_s=s.storage.postgres.acquire_timeout_s)
+        else:
+            sink = self._deferred_sink = DatabaseWhenConnected()
+            # No commit can succeed before the database has answered: counted as failing from
+            # now (what the pipeline records after a failed batch), so that submitted events go
+            # to the spool at once rather than wait spill_after_s in memory, the replay leaves
+            # the backlog on disk, and health shows the database is not taking writes.
+            self.metrics.flush_failing_since = time.monotonic()
         self.redis = create_redis(
             s.storage.redis.url, socket_timeout_s=s.storage.redis.socket_timeout_s
         )
@@ -166,16 +233,9 @@ class Service:
             spread_ttl_s=s.mirror.spread_ttl_s,
             health_ttl_s=s.mirror.health_ttl_s,
         )
-        sink = PostgresSink(self.pool, acquire_timeout_s=s.storage.postgres.acquire_timeout_s)
         self.pipeline = Pipeline(sink, self.mirror, s.pipeline, metrics=self.metrics)
         self.pipeline.start()
-        if s.spool.directory:
-            self.spool = Spool(
-                Path(s.spool.directory),
-                max_bytes=s.spool.max_bytes,
-                segment_bytes=s.spool.segment_bytes,
-            )
-            await self.spool.open()
+        if self.spool is not None:
             self._spool_source = SpoolSource(
                 self.spool,
                 self.pipeline,
@@ -200,13 +260,32 @@ class Service:
                 max_event_bytes=s.pipeline.max_event_bytes,
             )
             self._stream_task = asyncio.create_task(self.stream.run(), name="ingestd-stream")
-        self._tasks = [
-            asyncio.create_task(self._heartbeat_loop(), name="ingestd-heartbeat"),
-            asyncio.create_task(self._reconcile_loop(), name="ingestd-reconcile"),
-        ]
+        self._tasks = [asyncio.create_task(self._heartbeat_loop(), name="ingestd-heartbeat")]
+        if self.pool is not None:
+            self._start_database_tasks(self.pool)
+        else:
+            self._tasks.append(
+                asyncio.create_task(self._connect_in_background(), name="ingestd-db-connect")
+            )
+        await self._start_ops()
+        log.info(
+            "ingestd started: database %s%s, redis %s, stream %s, consumer %s",
+            redact(s.storage.postgres.dsn),
+            "" if self.pool is not None else " (connecting in the background; spooling)",
+            redact(s.storage.redis.url),
+            s.stream.key if self._stream_intake else "off",
+            s.consumer_name,
+            extra={"action": "started"},
+        )
+
+    def _start_database_tasks(self, pool: asyncpg.Pool) -> None:
+        """The tasks that need the database: open-count reconciliation, maintenance."""
+        s = self.settings
+        assert self.redis is not None
+        self._tasks.append(asyncio.create_task(self._reconcile_loop(), name="ingestd-reconcile"))
         if s.maintenance.enabled:
             self.maintenance = Maintenance(
-                self.pool,
+                pool,
                 self.redis,
                 settings=s.maintenance,
                 retention=s.retention,
@@ -216,15 +295,69 @@ class Service:
             self._tasks.append(
                 asyncio.create_task(self.maintenance.run(), name="ingestd-maintenance")
             )
-        await self._start_ops()
-        log.info(
-            "ingestd started: database %s, redis %s, stream %s, consumer %s",
-            redact(s.storage.postgres.dsn),
-            redact(s.storage.redis.url),
-            s.stream.key if self._stream_intake else "off",
-            s.consumer_name,
-            extra={"action": "started"},
-        )
+
+    async def _connect_in_background(self) -> None:
+        """Connect and check the schema until both succeed; then writes go to the database.
+
+        Until then the pipeline's batches fail as unavailable (and are retried) and in-process
+        events wait on the spool. A database that answers with a schema that is behind (or a
+        configuration it refuses) is not written to: the reason is logged as an error and kept
+        in ``database_error``, and the check is repeated, so that ``ingestd migrate`` (or a
+        renewed certificate) lets the spooled events land without a restart.
+        """
+        s = self.settings
+        sink = self._deferred_sink
+        assert sink is not None
+        dsn = redact(s.storage.postgres.dsn)
+        delay = BACKGROUND_CONNECT_FIRST_S
+        last_reason = ""
+        while True:
+            try:
+                pool = await self._connect_and_check()
+            except Exception as exc:  # noqa: BLE001 - every failure is retried; none is lost
+                refused = isinstance(exc, errors.IngestdError)  # config, schema: not an outage
+                reason = str(exc) if refused else f"{type(exc).__name__}: {exc}"
+                sink.waiting_for = reason
+                self.database_error = reason if refused else None
+                if reason != last_reason:
+                    log.log(
+                        logging.ERROR if refused else logging.WARNING,
+                        "PostgreSQL at %s not usable yet (%s); in-process events wait on the "
+                        "spool, retrying",
+                        dsn,
+                        reason,
+                        extra={"action": "db_wait"},
+                    )
+                    last_reason = reason
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, BACKGROUND_CONNECT_CAP_S)
+                continue
+            self.pool = pool
+            self.database_error = None
+            sink.sink = PostgresSink(pool, acquire_timeout_s=s.storage.postgres.acquire_timeout_s)
+            # Commits can succeed from now: the replay starts without waiting for a batch's next
+            # retry (a batch that still fails marks it failing again).
+            self.metrics.flush_failing_since = None
+            if not self._stopping:
+                self._start_database_tasks(pool)
+            log.info(
+                "connected to PostgreSQL at %s: spooled events are replayed",
+                dsn,
+                extra={"action": "db_connected"},
+            )
+            return
+
+    async def _connect_and_check(self) -> asyncpg.Pool:
+        pool = await connect_once(self.settings)
+        try:
+            async with pool.acquire(
+                timeout=self.settings.storage.postgres.acquire_timeout_s
+            ) as conn:
+                await migrations.check_current(conn)
+        except BaseException:
+            pool.terminate()
+            raise
+        return pool
 
     async def submit(self, event: EventInput) -> Outcome:
         """Accept one event in-process: once committed, or spooled (see InProcessSource)."""
@@ -497,7 +630,8 @@ async def run_daemon(settings: Settings) -> int:
     service = Service(settings)
     # A signal while starting (e.g. waiting for PostgreSQL) ends the start too: nothing has been
     # read yet, so there is nothing to drain.
-    starting = asyncio.create_task(service.start(), name="ingestd-start")
+    # The daemon refuses a database it cannot use (unreachable, schema behind) at the start.
+    starting = asyncio.create_task(service.start(wait_for_database=True), name="ingestd-start")
     stopping = asyncio.create_task(stop.wait(), name="ingestd-stop-signal")
     await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
     if not starting.done():

@@ -8,10 +8,20 @@ disk. Records are replayed in order; a segment is removed (the active one trunca
 record in it has been committed to the database.
 
 At open, a torn tail (a record cut short by a crash, or whose checksum fails) is cut off at the
-last valid record. A failed write (disk full, file too large) is undone with ``ftruncate`` and
-reported; nothing half-written stays. A failed ``fsync`` is fatal for the spool (RELIABILITY.md:
-after it, what is on disk is unknown): it takes no more appends, but still replays what was
-durable before.
+last valid record. Open creates no file: the segment that takes new appends is made by the first
+append, so a spool whose disk is full still opens and replays its backlog (which frees space).
+
+A full disk (``ENOSPC``, ``EDQUOT``, ``EFBIG``) is a temporary refusal (``SpoolFull``) wherever it
+is met, and the spool takes appends again once space is freed:
+
+* creating a segment file: nothing was written; a file left half-made is removed;
+* writing: the partial write is undone with ``ftruncate``; nothing half-written stays;
+* ``fsync``: what the failed fsync covered is unknown, so the segment is cut back to its last
+  durable size, fsync'd again and sealed (it is only read from now on); new appends go to a new
+  segment. If that cut cannot be made durable, the spool is broken (below).
+
+Any other failed ``fsync`` is fatal for the spool (RELIABILITY.md: after it, what is on disk is
+unknown): it takes no more appends, but still replays what was durable before.
 
 All state lives in the event loop's thread; file I/O runs in worker threads.
 """
@@ -21,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import errno
 import fcntl
 import logging
 import os
@@ -44,6 +55,8 @@ LOCK_FILE: Final = "spool.lock"
 READ_CHUNK_BYTES: Final = 4 * 1024 * 1024
 # After a failed write, wait this long before trying the disk again (each try costs a syscall).
 WRITE_RETRY_S: Final = 1.0
+# The errors of a disk (or a quota, or a file size limit) that is full for now.
+DISK_FULL_ERRNOS: Final = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 
 
 class SpoolError(IngestdError):
@@ -60,6 +73,10 @@ class SpoolBroken(SpoolError):
     """An fsync failed, or the directory is unusable: the spool takes no more appends."""
 
     retriable = False
+
+
+class _SegmentCutBack(SpoolFull):
+    """An fsync found the disk full and the active segment was cut back: seal it."""
 
 
 @dataclasses.dataclass(slots=True, eq=False)
@@ -120,13 +137,19 @@ class Spool:
     """An append-only, checksummed, fsync'd local spool with in-order replay."""
 
     def __init__(
-        self, directory: Path, *, max_bytes: int, segment_bytes: int = 16 * 1024 * 1024
+        self,
+        directory: Path,
+        *,
+        max_bytes: int,
+        segment_bytes: int = 16 * 1024 * 1024,
+        full_retry_s: float = WRITE_RETRY_S,
     ) -> None:
         if segment_bytes < 1024 or max_bytes < segment_bytes:
             raise ValueError("need segment_bytes >= 1024 and max_bytes >= segment_bytes")
         self.directory = directory
         self.max_bytes = max_bytes
         self.segment_bytes = segment_bytes
+        self.full_retry_s = full_retry_s
         self._segments: list[_Segment] = []
         self._fd: int | None = None  # the active (last) segment, open for writing
         self._lock_fd: int | None = None
@@ -199,8 +222,8 @@ class Spool:
             self._segments.append(
                 _Segment(seq, path, size=valid, records=len(records), sealed=True)
             )
-        # New appends go to a fresh segment: recovered ones are only read from now on.
-        self._add_segment(*self._create_segment_file(self._next_seq()))
+        # New appends go to a fresh segment, made by the first append (not here: a full disk
+        # must not keep the backlog from being replayed). Recovered ones are only read now.
 
     def _cut_tail(self, path: Path, data: bytes, valid: int, *, torn_tail: bool) -> None:
         if torn_tail:
@@ -236,20 +259,33 @@ class Spool:
         """Create and open a segment file; only system calls, so it may run in a thread."""
         path = self.directory / _segment_name(seq)
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
-        dir_fd = os.open(self.directory, os.O_RDONLY)
         try:
-            os.fsync(dir_fd)  # the new file's name is durable before records are
-        finally:
-            os.close(dir_fd)
+            dir_fd = os.open(self.directory, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)  # the new file's name is durable before records are
+            finally:
+                os.close(dir_fd)
+        except BaseException:
+            # Not made: no half-made file stays (the next try makes it again, same name).
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                path.unlink()
+            raise
         return seq, fd, path
 
     def _add_segment(self, seq: int, fd: int, path: Path) -> None:
         """Make a created segment the active one (in the event loop's thread only)."""
-        if self._fd is not None:
-            os.close(self._fd)
-            self._segments[-1].sealed = True
+        self._seal_active()
         self._fd = fd
         self._segments.append(_Segment(seq, path))
+
+    def _seal_active(self) -> None:
+        """Close the active segment: from now on it is only read (and removed once done)."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+            self._segments[-1].sealed = True
+            self._collect()
 
     async def close(self) -> None:
         """Finish pending appends, then release the files (records stay for the next start)."""
@@ -300,26 +336,18 @@ class Spool:
         batch, self._waiting = self._waiting, []
         data = b"".join(encode_record(p) for p, _ in batch)
         try:
-            if self._segments[-1].size >= self.segment_bytes:
-                # The file is made in a thread; the bookkeeping stays here, in the loop, where
-                # the replay also changes the segment list.
-                created = await asyncio.to_thread(self._create_segment_file, self._next_seq())
-                self._add_segment(*created)
+            if self._fd is None or self._segments[-1].size >= self.segment_bytes:
+                await self._new_segment()
             seg = self._segments[-1]
             await asyncio.to_thread(self._write_sync, seg.size, data)
         except SpoolError as exc:
             self._reserved -= len(data)
+            if isinstance(exc, _SegmentCutBack):
+                self._seal_active()
+            refusal = SpoolBroken if isinstance(exc, SpoolBroken) else SpoolFull
             for _, fut in batch:
                 if not fut.done():
-                    fut.set_exception(type(exc)(str(exc)))
-            return
-        except OSError as exc:  # creating a segment failed: the directory is unusable
-            self._reserved -= len(data)
-            self.broken = f"cannot create a spool segment in {self.directory}: {exc}"
-            log.error("%s", self.broken, extra={"action": "spool_broken"})
-            for _, fut in batch:
-                if not fut.done():
-                    fut.set_exception(SpoolBroken(self.broken))
+                    fut.set_exception(refusal(str(exc)))
             return
         # Reserved until now, so that appends meanwhile see this batch against max_bytes.
         self._reserved -= len(data)
@@ -329,6 +357,29 @@ class Spool:
         for _, fut in batch:
             if not fut.done():
                 fut.set_result(None)
+
+    async def _new_segment(self) -> None:
+        """Make the next segment the active one; SpoolFull (for now) if it cannot be made.
+
+        Nothing has been written when this fails, so the spool's state is intact: a full disk
+        (no space, no inode left) or a directory not writable for now is a temporary refusal,
+        tried again after ``full_retry_s``. The file is made in a thread; the bookkeeping stays
+        here, in the loop, where the replay also changes the segment list.
+        """
+        try:
+            created = await asyncio.to_thread(self._create_segment_file, self._next_seq())
+        except OSError as exc:
+            self._retry_at = time.monotonic() + self.full_retry_s
+            log.warning(
+                "cannot create a spool segment in %s, nothing kept: %s",
+                self.directory,
+                exc,
+                extra={"action": "spool_full"},
+            )
+            raise SpoolFull(
+                f"cannot create a spool segment in {self.directory}: {exc.strerror or exc}"
+            ) from exc
+        self._add_segment(*created)
 
     def _write_sync(self, at: int, data: bytes) -> None:
         assert self._fd is not None
@@ -346,7 +397,7 @@ class Spool:
                 self.broken = f"spool write failed ({exc}) and could not be undone ({undo})"
                 log.error("%s", self.broken, extra={"action": "spool_broken"})
                 raise SpoolBroken(self.broken) from exc
-            self._retry_at = time.monotonic() + WRITE_RETRY_S
+            self._retry_at = time.monotonic() + self.full_retry_s
             log.warning(
                 "spool write of %d bytes failed, nothing kept: %s",
                 len(data),
@@ -357,9 +408,39 @@ class Spool:
         try:
             os.fsync(fd)
         except OSError as exc:
+            if exc.errno in DISK_FULL_ERRNOS and self._cut_back(fd, at):
+                self._retry_at = time.monotonic() + self.full_retry_s
+                log.warning(
+                    "spool fsync of %d bytes found the disk full, nothing kept; the segment "
+                    "was cut back to its last durable record and sealed: %s",
+                    len(data),
+                    exc,
+                    extra={"action": "spool_full"},
+                )
+                raise _SegmentCutBack(f"spool fsync failed: {exc.strerror or exc}") from exc
             self.broken = f"spool fsync failed ({exc}): the spool is no longer trusted"
             log.error("%s", self.broken, extra={"action": "spool_broken"})
             raise SpoolBroken(self.broken) from exc
+
+    @staticmethod
+    def _cut_back(fd: int, at: int) -> bool:
+        """After an fsync that found the disk full: drop what it covered, durably.
+
+        Everything before ``at`` was fsync'd earlier and is on disk; what was written after it
+        may or may not be. Cutting the file at ``at`` and fsyncing that (a size change, no data
+        to write) leaves it in a known state; the segment is then sealed, never written again.
+        """
+        try:
+            os.ftruncate(fd, at)
+            os.fsync(fd)
+        except OSError as undo:
+            log.error(
+                "spool: cutting a segment back after a failed fsync failed too: %s",
+                undo,
+                extra={"action": "spool_broken"},
+            )
+            return False
+        return True
 
     # --- replaying ---------------------------------------------------------------------------
 

@@ -38,7 +38,7 @@ async def paced_submit(
     latencies: list[float] = []
     outcomes: collections.Counter[Outcome] = collections.Counter()
     service = Service(settings, stream_intake=False)
-    await service.start()
+    await service.start(wait_for_database=True)
 
     async def one(ev: dict[str, Any]) -> None:
         t0 = time.perf_counter()
@@ -115,7 +115,7 @@ async def paced_stream(
     """A producer process XADDs at ``rate``; ingestd reads; latency is XADD -> commit."""
     n = len(workload.events)
     service = Service(settings, stream_intake=True)
-    await service.start()
+    await service.start(wait_for_database=True)
     try:
         probe = AckProbe(service)
         t0 = time.perf_counter()

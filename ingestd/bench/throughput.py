@@ -277,7 +277,7 @@ async def submit(
     """(b) ``await service.submit(event)`` from ``outstanding`` callers at a time."""
     events = workload.events
     service = Service(settings, stream_intake=False)
-    await service.start()
+    await service.start(wait_for_database=True)
     outcomes: collections.Counter[Outcome] = collections.Counter()
     watch = Stopwatch(split)
     try:
@@ -323,7 +323,7 @@ async def submit_many(
     events = workload.events
     chunks = [events[i : i + SUBMIT_MANY_CHUNK] for i in range(0, len(events), SUBMIT_MANY_CHUNK)]
     service = Service(settings, stream_intake=False)
-    await service.start()
+    await service.start(wait_for_database=True)
     outcomes: collections.Counter[Outcome] = collections.Counter()
     watch = Stopwatch(split)
     try:
@@ -374,7 +374,7 @@ async def stream(
     last = await last_entry_id(client, settings.stream.key)
     service = Service(settings, stream_intake=True)
     watch = Stopwatch(split)
-    await service.start()
+    await service.start(wait_for_database=True)
     try:
         await watch.begin()
         await wait_group_done(

@@ -44,7 +44,14 @@ DEFAULT_FSYNC_INTERVAL_S = 1.0
 
 
 class CsvWriteFailed(IngestdError):
-    """A CSV row could not be written (disk full, I/O error), or an fsync of its file failed."""
+    """A CSV row could not be written (disk full, I/O error), or an fsync of its file failed.
+
+    Raised by a dual write (``DualStorage``), it names the event: ``event_id`` is the id the
+    event was given, and ``published`` says whether it went to the database side all the same.
+    """
+
+    event_id: str | None = None
+    published: bool = False
 
 
 def check_header(path: Path, table: csv_format.CsvTable) -> bool:

@@ -198,6 +198,11 @@ class PostgresStorage(LogMethods):
         """Events published."""
         return self._outbox.sent
 
+    @property
+    def target(self) -> str:
+        """Where events are published, for messages (``stream ingestd:events``)."""
+        return self._health.target
+
     # --- producing --------------------------------------------------------------------------------
 
     def _emit(self, event: dict[str, Any]) -> str:
@@ -463,6 +468,11 @@ class AsyncPostgresStorage(AsyncLogMethods):
     def sent(self) -> int:
         """Events published."""
         return self._outbox.sent
+
+    @property
+    def target(self) -> str:
+        """Where events are published, for messages (``stream ingestd:events``)."""
+        return self._health.target
 
     def _condition(self) -> asyncio.Condition:
         if self._cond is None:

@@ -19,9 +19,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import pytest
 
-from ingestd import Outcome, Service
+from ingestd import Outcome, Service, migrations
 from ingestd.settings import Settings
 from tests.faults.conftest import FaultServers
 from tests.feeds import simulated
@@ -135,6 +136,106 @@ async def test_spool_full_falls_back_to_backpressure_and_loses_nothing(
         assert outcomes[Outcome.SPOOLED] > 0 and outcomes[Outcome.COMMITTED] > 0
         await wait_until_landed_exactly_once(settings.storage.postgres.dsn, exp)
         await wait_until(lambda: service.spool is not None and service.spool.pending_records == 0)
+
+
+async def test_a_producer_started_during_an_outage_spools_at_once_and_replays_when_it_ends(
+    fault_settings: Settings, fault_servers: FaultServers, tmp_path: Path
+) -> None:
+    # The database is down before the producer starts, and stays down across a restart of it:
+    # the spool takes every event from the first moment, and the backlog of the earlier run is
+    # found and kept; when the database answers, all of it lands, exactly once.
+    spool_dir = tmp_path / "spool"
+    settings = fault_settings.replace(
+        **{
+            "spool.directory": str(spool_dir),
+            "spool.spill_after_s": 0.3,
+            "pipeline.queue_max_events": 1_000,
+            "pipeline.batch_max_rows": 250,
+            "shutdown.grace_s": 2.0,
+        }
+    )
+    sent = simulated(3_000, seed=35)
+    first, second = sent[:1_500], sent[1_500:]
+    await asyncio.to_thread(fault_servers.pg.stop, "fast")
+    async with Service(settings, stream_intake=False) as service:
+        assert service.spool is not None and service.pool is None  # started without it
+        outcomes = await produce(service, first)
+        assert outcomes == {Outcome.SPOOLED: len(first)}
+        assert service.spool.pending_records == len(first)
+    async with Service(settings, stream_intake=False) as service:
+        assert service.spool is not None
+        assert service.spool.pending_records == len(first)  # the earlier run's backlog
+        outcomes = await produce(service, second)
+        assert outcomes == {Outcome.SPOOLED: len(second)}
+        await asyncio.to_thread(fault_servers.pg.start)
+        await wait_until_landed_exactly_once(settings.storage.postgres.dsn, Expected.of(sent))
+        await wait_until(lambda: service.spool is not None and service.spool.pending_records == 0)
+        assert service.pool is not None  # connected in the background once it answered
+
+
+async def test_before_the_database_ever_answered_events_go_to_the_spool_at_once(
+    fault_settings: Settings, fault_servers: FaultServers, tmp_path: Path
+) -> None:
+    # An event is held in memory for spill_after_s only where a commit may come soon; before the
+    # database has ever answered none can, so every event goes to the spool at once (with an
+    # hour's spill_after_s here, waiting in memory would hold the producer for an hour).
+    settings = fault_settings.replace(
+        **{"spool.directory": str(tmp_path / "spool"), "spool.spill_after_s": 3600.0}
+    )
+    sent = simulated(300, seed=37)
+    await asyncio.to_thread(fault_servers.pg.stop, "fast")
+    async with Service(settings, stream_intake=False) as service:
+        assert service.spool is not None and service.pipeline is not None
+        outcomes = await asyncio.wait_for(service.submit_many(sent), timeout=60)
+        assert outcomes == [Outcome.SPOOLED] * len(sent)
+        assert len(service.pipeline.queue) == 0  # nothing waits in memory meanwhile
+        await asyncio.to_thread(fault_servers.pg.start)
+        await wait_until_landed_exactly_once(settings.storage.postgres.dsn, Expected.of(sent))
+        await wait_until(lambda: service.spool is not None and service.spool.pending_records == 0)
+
+
+async def test_a_schema_behind_found_after_a_deferred_start_keeps_events_spooled(
+    fault_settings: Settings, fault_servers: FaultServers, tmp_path: Path
+) -> None:
+    # A start that does not wait for the database cannot refuse a schema that is behind at
+    # once: it finds it when the database answers, says so, and writes nothing until the
+    # schema is current; the events wait on the spool meanwhile, and then land once.
+    settings = fault_settings.replace(
+        **{"spool.directory": str(tmp_path / "spool"), "spool.spill_after_s": 0.3}
+    )
+    dsn = settings.storage.postgres.dsn
+    conn = await asyncpg.connect(dsn)
+    try:
+        # The newest migration's record taken away: the schema looks one migration behind.
+        latest = await conn.fetchrow(
+            f"DELETE FROM {migrations.LEDGER_TABLE} WHERE version = "
+            f"(SELECT max(version) FROM {migrations.LEDGER_TABLE}) RETURNING *"
+        )
+    finally:
+        await conn.close()
+    assert latest is not None
+    sent = simulated(400, seed=36)
+    async with Service(settings, stream_intake=False) as service:
+        assert service.spool is not None
+        outcomes = await produce(service, sent)
+        assert outcomes == {Outcome.SPOOLED: len(sent)}
+        await wait_until(lambda: service.database_error is not None)
+        assert "ingestd migrate" in str(service.database_error)
+        assert service.pool is None and service.spool.pending_records == len(sent)
+        conn = await asyncpg.connect(dsn)
+        try:
+            assert await conn.fetchval("SELECT count(*) FROM spreads") == 0
+            # The operator migrates (the schema objects are there: only the record was gone).
+            await conn.execute(
+                f"INSERT INTO {migrations.LEDGER_TABLE} (version, name, checksum, applied_at) "
+                "VALUES ($1, $2, $3, $4)",
+                *latest.values(),
+            )
+        finally:
+            await conn.close()
+        await wait_until_landed_exactly_once(dsn, Expected.of(sent))
+        await wait_until(lambda: service.spool is not None and service.spool.pending_records == 0)
+        assert service.database_error is None
 
 
 # A producer process that spools a backlog while the database is down and is then SIGKILLed:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 import logging
 import os
 import shutil
@@ -41,6 +42,16 @@ from ingestd.storage.redis_cache import sync_client
 from tests.samples import closed, fx_rate, order, position, spread, trade
 
 pytestmark = [pytest.mark.pg, pytest.mark.redis]
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def settings(settings: Settings) -> Settings:
+    """The shared settings without maintenance: the samples are dated 2025-11-15, older than the
+    retention of spreads and fx_rates, so the retention round that a Service runs at its start
+    would delete them as they land (the tests here are about delivery, not retention)."""
+    return settings.replace(**{"maintenance.enabled": False})
 
 
 async def wait_count(conn: asyncpg.Connection, sql: str, want: int, timeout: float = 30) -> int:
@@ -332,7 +343,20 @@ async def test_dual_write_longer_outage_catches_up_by_reimport(
     own_redis.start()
     async with Service(settings):
         await asyncio.to_thread(storage.flush, 20)
-        assert await wait_count(db, "SELECT count(*) FROM fx_rates", 20) == 20
+        assert storage.db.sent == 50
+        # Which 50 were kept depends on whether the publisher held a chunk in flight when Redis
+        # went down (a chunk in flight is never dropped): wait until ingestd has taken all 50.
+        client = redis.Redis.from_url(own_redis.url)
+        try:
+            end = time.monotonic() + 30
+            while not any(
+                g["entries-read"] == 50 and g["pending"] == 0
+                for g in client.xinfo_groups(settings.stream.key)
+            ):
+                assert time.monotonic() < end, "ingestd did not take the published events"
+                await asyncio.sleep(0.05)
+        finally:
+            client.close()
         assert int(await db.fetchval("SELECT count(*) FROM spreads")) < 300
         storage.close()
         out = io.StringIO()
@@ -529,3 +553,108 @@ def test_a_producer_exiting_while_redis_is_down_says_what_it_could_not_publish(
     assert "exiting without PostgresStorage.close(): publishing 50 pending event(s)" in log
     assert "closing with 50 unpublished event(s)" in log
     assert "Traceback" not in log
+
+
+# A producer whose CSV file cannot grow (a file size limit, RLIMIT_FSIZE: EFBIG from write(2),
+# the same refusal as a full disk) for one call, which it then repeats, as a producer naturally
+# does after an error. It reports what it was told.
+CSV_FAILS_ONCE = textwrap.dedent(
+    """
+    import asyncio, json, resource, signal, sys
+    from pathlib import Path
+    import redis
+    from ingestd.app import create_redis
+    from ingestd.storage import (
+        AsyncDualStorage, AsyncPostgresStorage, CsvStorage, DualStorage, PostgresStorage)
+    from ingestd.storage.csv_storage import CsvWriteFailed
+    from ingestd.storage.postgres import StreamTransport
+    from tests.samples import spread
+
+    directory, url, stream, mode = Path(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG
+    _, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+
+    def limit_to_the_file():
+        size = (directory / "spreads.csv").stat().st_size
+        resource.setrlimit(resource.RLIMIT_FSIZE, (size, hard))
+
+    def lift_the_limit():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (hard, hard))
+
+    def report(ids, exc, retried_id):
+        print(json.dumps({"ids": ids, "error": str(exc), "error_event_id": exc.event_id,
+                          "published": exc.published, "retried_id": retried_id}))
+
+    def sync():
+        db = PostgresStorage(redis.Redis.from_url(url), stream=stream, owns_client=True)
+        storage = DualStorage(CsvStorage(directory, producer="paper"), db, producer="paper")
+        ids = [storage.log_spread(spread(i)) for i in range(10)]
+        limit_to_the_file()
+        try:
+            storage.log_spread(spread(10))
+        except CsvWriteFailed as exc:
+            failure = exc
+        lift_the_limit()
+        retried_id = storage.log_spread(spread(10))  # the same call again
+        ids.append(storage.log_spread(spread(11)))
+        storage.close()
+        report(ids, failure, retried_id)
+
+    async def asynchronous():
+        transport = StreamTransport(create_redis(url, socket_timeout_s=2), stream, owns_client=True)
+        db = AsyncPostgresStorage(transport, producer="paper")
+        storage = AsyncDualStorage(CsvStorage(directory, producer="paper"), db, producer="paper")
+        ids = [await storage.log_spread(spread(i)) for i in range(10)]
+        limit_to_the_file()
+        try:
+            await storage.log_spread(spread(10))
+        except CsvWriteFailed as exc:
+            failure = exc
+        lift_the_limit()
+        retried_id = await storage.log_spread(spread(10))
+        ids.append(await storage.log_spread(spread(11)))
+        await storage.aclose()
+        report(ids, failure, retried_id)
+
+    sync() if mode == "sync" else asyncio.run(asynchronous())
+    """
+)
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+async def test_a_dual_write_repeated_after_a_csv_failure_lands_once_and_agrees_with_the_csv(
+    settings: Settings, db: asyncpg.Connection, tmp_path: Path, mode: str
+) -> None:
+    script = tmp_path / "producer.py"
+    script.write_text(CSV_FAILS_ONCE)
+    directory = tmp_path / "csv"
+    args = [str(script), str(directory), settings.storage.redis.url, settings.stream.key, mode]
+    done = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+    )
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    event_id = report["error_event_id"]
+    # The error says what was written and what was not, naming the event.
+    assert report["published"] is True
+    assert f"published to stream {settings.stream.key} as event_id {event_id}" in report["error"]
+    assert "not written to CSV" in report["error"]
+    # The repeated call reused the event's id: its CSV row now exists, and the database has it once.
+    assert report["retried_id"] == event_id
+    async with Service(settings):
+        assert await wait_count(db, "SELECT count(*) FROM spreads", 12) == 12
+        await asyncio.sleep(0.3)  # a duplicate would have landed along with the rest
+        assert await db.fetchval("SELECT count(*) FROM spreads") == 12
+        ids = {r["event_id"] for r in await db.fetch("SELECT event_id FROM spreads")}
+        assert ids == {*report["ids"], event_id}
+        out = io.StringIO()
+        assert await run_verify(settings, directory, out=out) == 0, out.getvalue()
+    with (directory / "spreads.csv").open("rb") as f:
+        rows = list(csv_format.read_records(f))[1:]
+    assert len(rows) == 12 and all(r.error is None for r in rows)

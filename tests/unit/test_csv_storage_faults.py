@@ -190,6 +190,29 @@ def test_dual_close_raises_the_csv_failure_after_closing_the_database_side(
         db.log_fx_rate(fx_rate(1))
 
 
+@pytest.mark.redis
+def test_a_dual_write_whose_database_side_fails_is_completed_by_a_retry_without_a_second_row(
+    tmp_path: Path, redis_url: str
+) -> None:
+    db = PostgresStorage(redis.Redis.from_url(redis_url), owns_client=True)
+    storage = DualStorage(CsvStorage(tmp_path, fsync_interval_s=0), db)
+    first = storage.log_spread(spread(0))
+    db.close()  # the database side now refuses
+    for _ in range(2):  # the producer retries the same call
+        with pytest.raises(errors.ShuttingDown) as failure:
+            storage.log_spread(spread(1))
+        notes = " ".join(getattr(failure.value, "__notes__", []))
+        assert "written to CSV as event_id" in notes and "not published" in notes
+    storage.csv.close()
+    with (tmp_path / "spreads.csv").open("rb") as f:
+        rows = list(csv_format.read_records(f))[1:]
+    # The CSV row was written once, under one id, whatever the number of retries.
+    assert len(rows) == 2
+    column = csv_format.CSV_TABLES_BY_NAME["spreads"].columns.index("event_id")
+    ids = [r.fields[column] if r.fields else None for r in rows]
+    assert ids[0] == first and ids[1] != first
+
+
 # --- asyncio: an fsync never blocks the event loop ------------------------------------------------
 
 

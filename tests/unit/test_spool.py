@@ -289,3 +289,136 @@ def test_spool_dead_letter_keys_follow_the_content_not_the_place() -> None:
     same_place_b = SpoolRecord(1, 0, b'{"type": "b"}')
     assert key(same_place_a) != key(same_place_b)
     assert key(same_place_a) == key(SpoolRecord(7, 99, b'{"type": "a"}'))
+
+
+# The disk fills up at each point a record passes, and is then freed: the spool refuses
+# (SpoolFull, temporary) and takes appends again, losing and tearing nothing. A tmpfs with few
+# inodes fails the creation of a segment file (ENOSPC from open(2)); a small tmpfs fails the
+# write itself. The "filler" file stands for whatever else filled the disk; removing it frees it.
+RECOVERY_SCRIPT = textwrap.dedent(
+    """
+    import asyncio, json, os, sys
+    from pathlib import Path
+    from ingestd.spool import Spool, SpoolError, SpoolFull
+
+    def make(directory):
+        return Spool(directory, max_bytes=1 << 30, segment_bytes=SEGMENT, full_retry_s=0)
+
+    async def fill(s, start):
+        ok, refused = 0, None
+        while refused is None:
+            try:
+                await s.append(b"%06d" % (start + ok) + b"z" * 300)
+                ok += 1
+            except SpoolError as exc:
+                refused = exc
+        return ok, refused
+
+    async def main(mnt, mode):
+        directory = mnt / "spool"
+        s = make(directory)
+        await s.open()
+        ok, refused = await fill(s, 0)
+        report = {"ok": ok, "kind": type(refused).__name__, "refused": str(refused)}
+        try:
+            await s.append(b"%06d" % ok + b"z" * 300)
+            report["again"] = "accepted"
+        except SpoolError as exc:
+            report["again"] = type(exc).__name__
+        await s.close()
+        # A restart while the disk is still full: the backlog is there and replayable.
+        s = make(directory)
+        report["recovered_while_full"] = await s.open()
+        first = await s.read_batch(2)
+        report["first"] = [r.payload[:6].decode() for r in first]
+        (mnt / "filler").unlink()  # space is freed
+        more, _ = await fill(s, ok)
+        report["more"] = more
+        await s.close()
+        again = make(directory)
+        report["recovered"] = await again.open()
+        payloads = []
+        while batch := await again.read_batch(1000):
+            payloads += [r.payload[:6].decode() for r in batch]
+            again.committed(batch)
+        report["in_order"] = payloads == ["%06d" % i for i in range(ok + more)]
+        await again.close()
+        print(json.dumps(report))
+
+    asyncio.run(main(Path(sys.argv[1]), sys.argv[2]))
+    """
+)
+
+
+@pytest.mark.skipif(shutil.which("unshare") is None, reason="needs unshare(1)")
+@pytest.mark.parametrize(
+    ("mode", "mount_options", "segment_bytes", "filler_bytes"),
+    [
+        # root, filler, spool dir, lock file and three segments: the 4th segment cannot be made
+        ("segment_creation", "size=512k,nr_inodes=7", 4096, 0),
+        ("write", "size=64k", 1 << 20, 32 * 1024),
+    ],
+)
+def test_a_full_disk_is_a_temporary_refusal_recovered_once_space_is_freed(
+    tmp_path: Path, mode: str, mount_options: str, segment_bytes: int, filler_bytes: int
+) -> None:
+    mnt = tmp_path / "tiny"
+    mnt.mkdir()
+    script = tmp_path / "fill.py"
+    script.write_text(RECOVERY_SCRIPT.replace("SEGMENT", str(segment_bytes)))
+    shell = (
+        f"mount -t tmpfs -o {mount_options} ingestd-spool-test {mnt} && "
+        f"head -c {filler_bytes} /dev/zero > {mnt}/filler && "
+        f"exec {sys.executable} {script} {mnt} {mode}"
+    )
+    done = subprocess.run(
+        ["unshare", "-m", "sh", "-c", shell],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env={**os.environ, "PYTHONPATH": str(Path(spool_mod.__file__).parents[1])},
+    )
+    if done.returncode != 0 and "mount" in done.stderr and "permission" in done.stderr.lower():
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["ok"] > 10  # records went in before the disk was full...
+    assert report["kind"] == "SpoolFull", report  # ...then a clean, temporary refusal
+    assert "No space left on device" in report["refused"]
+    assert report["again"] == "SpoolFull"  # still full: refused again, not broken
+    assert report["recovered_while_full"] == report["ok"]
+    assert report["first"] == ["000000", "000001"]
+    assert report["more"] > 10  # space freed: appends are taken again
+    assert report["recovered"] == report["ok"] + report["more"]
+    assert report["in_order"] is True  # every acknowledged record, once, in order
+
+
+async def test_an_fsync_that_finds_the_disk_full_is_a_temporary_refusal(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # fsync(2) can report ENOSPC (thin provisioning, NFS, quotas): no tmpfs does, so the spool's
+    # fsync is made to fail once. The refused batch must not be replayed, the records before it
+    # must be, and the next append goes on in a fresh segment.
+    s = Spool(tmp_path, max_bytes=1 << 20, segment_bytes=4096, full_retry_s=0)
+    await s.open()
+    await s.append(b"before-1")
+    await s.append(b"before-2")
+    real_fsync = os.fsync
+    failures = [OSError(28, "No space left on device")]
+
+    def fsync_full_once(fd: int) -> None:
+        if failures and os.fstat(fd).st_size > 0 and not os.path.isdir(f"/proc/self/fd/{fd}"):
+            raise failures.pop()
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync_full_once)
+    with pytest.raises(SpoolFull, match="No space left on device"):
+        await s.append(b"refused")
+    assert s.broken is None
+    await s.append(b"after")
+    monkeypatch.undo()
+    await s.close()
+    again = await opened(tmp_path)
+    assert await drain(again) == [b"before-1", b"before-2", b"after"]
+    await again.close()
