@@ -8,6 +8,7 @@ Nothing else in ingestd reads the environment. Precedence: defaults < YAML file 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 import socket
@@ -188,6 +189,17 @@ class Settings:
 
     def check(self) -> Settings:
         """Raise ConfigError on values that cannot work; return self."""
+        _check_numbers(self, "")
+        pg, mirror = self.storage.postgres, self.mirror
+        if pg.pool_min_size > pg.pool_max_size:
+            raise ConfigError("storage.postgres.pool_min_size must be <= pool_max_size")
+        if mirror.heartbeat_interval_s >= mirror.health_ttl_s:
+            # Otherwise health:ingestd expires between two beats and a healthy replica looks dead.
+            raise ConfigError(
+                "mirror.heartbeat_interval_s must be shorter than mirror.health_ttl_s"
+            )
+        if self.pipeline.backoff_base_s > self.pipeline.backoff_cap_s:
+            raise ConfigError("pipeline.backoff_base_s must be <= pipeline.backoff_cap_s")
         p = self.pipeline
         if p.batch_max_rows < 1 or p.queue_max_events < p.batch_max_rows:
             raise ConfigError(
@@ -218,8 +230,12 @@ class Settings:
         for name in ("spreads_days", "fx_rates_days", "orders_days"):
             if getattr(r, name) < 0:
                 raise ConfigError(f"retention.{name} must be >= 0 (0 keeps rows forever)")
-        if r.delete_batch_rows < 1:
-            raise ConfigError("retention.delete_batch_rows must be >= 1")
+            if getattr(r, name) > MAX_RETENTION_DAYS:
+                raise ConfigError(
+                    f"retention.{name} must be at most {MAX_RETENTION_DAYS} (0 keeps rows forever)"
+                )
+        if not 1 <= r.delete_batch_rows <= MAX_SQL_INT:
+            raise ConfigError(f"retention.delete_batch_rows must be 1-{MAX_SQL_INT}")
         for name in (
             "refresh_interval_s",
             "metrics_interval_s",
@@ -232,6 +248,44 @@ class Settings:
         if m.metrics_days < 1 or m.metrics_hours < 1:
             raise ConfigError("maintenance.metrics_days and metrics_hours must be >= 1")
         return self
+
+
+# Durations (names ending in _s or _ms) and TTLs must be > 0, except these, where 0 means "off"
+# or "every time" (and any a later field declares by defaulting to 0).
+ZERO_ALLOWED_DURATIONS = frozenset({"storage.csv.fsync_interval_s", "stream.trim_interval_s"})
+MAX_DURATION_S = 366 * 86_400.0  # a year: longer is a typo, and overflows some timers
+MAX_INT = 2**53  # beyond any sensible count or size, still exact as a float
+MAX_SQL_INT = 2**31 - 1  # what reaches PostgreSQL as an INTEGER
+MAX_RETENTION_DAYS = 36_500  # a century; 0 keeps rows forever
+
+
+def _is_duration(name: str) -> bool:
+    return name.endswith(("_s", "_ms")) or "ttl" in name
+
+
+def _check_numbers(obj: Any, path: str) -> None:
+    """Every number finite and in bounds; every duration and TTL positive (see above)."""
+    for field in dataclasses.fields(obj):
+        value = getattr(obj, field.name)
+        where = f"{path}.{field.name}" if path else field.name
+        if dataclasses.is_dataclass(value):
+            _check_numbers(value, where)
+            continue
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            continue
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{where} must be a finite number, got {value}")
+        if value < 0:
+            raise ConfigError(f"{where} must not be negative, got {value}")
+        if isinstance(value, int) and value > MAX_INT:
+            raise ConfigError(f"{where} must be at most {MAX_INT}, got {value}")
+        if _is_duration(field.name):
+            seconds = value / 1000 if field.name.endswith("_ms") else value
+            zero_allowed = where in ZERO_ALLOWED_DURATIONS or field.default == 0
+            if value == 0 and not zero_allowed:
+                raise ConfigError(f"{where} must be > 0, got {value}")
+            if seconds > MAX_DURATION_S:
+                raise ConfigError(f"{where} must be at most a year, got {value}")
 
 
 T = TypeVar("T")
@@ -252,6 +306,30 @@ def expand_env(text: str, environ: Mapping[str, str]) -> str:
         raise ConfigError(f"config refers to ${{{name}}} but it is not set in the environment")
 
     return _VAR.sub(sub, text)
+
+
+def _parse_yaml(text: str, path: str | os.PathLike[str]) -> Any:
+    """The parsed file; a syntax error names the place, never quotes the text (secrets)."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = exc.problem or exc.context or "invalid YAML"
+        raise ConfigError(f"config file {path}: YAML syntax error{where}: {problem}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path}: not valid YAML ({type(exc).__name__})") from None
+
+
+def expand_values(data: Any, environ: Mapping[str, str]) -> Any:
+    """``expand_env`` applied to every string value of parsed YAML (keys are left as written)."""
+    if isinstance(data, str):
+        return expand_env(data, environ)
+    if isinstance(data, Mapping):
+        return {key: expand_values(value, environ) for key, value in data.items()}
+    if isinstance(data, list):
+        return [expand_values(value, environ) for value in data]
+    return data
 
 
 def _build(cls: type[T], data: Mapping[str, Any], path: str) -> T:
@@ -290,9 +368,14 @@ def _coerce(value: Any, kind: type, where: str) -> Any:
                 pass
     elif kind is float and not isinstance(value, bool):
         try:
-            return float(value)
+            number = float(value)
         except (TypeError, ValueError):
             pass
+        else:
+            # NaN compares false with every bound, so a NaN deadline would never expire.
+            if math.isfinite(number):
+                return number
+            raise ConfigError(f"config key {where!r} must be a finite number, got {value!r}")
     elif kind is str:
         if value is None:
             return ""
@@ -330,10 +413,12 @@ def load_settings(
             text = Path(path).read_text(encoding="utf-8")
         except OSError as exc:
             raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
-        loaded = yaml.safe_load(expand_env(text, env))
+        loaded = _parse_yaml(text, path)
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"config file {path} must hold a mapping at the top level")
-        data = loaded or {}
+        # Expanded after parsing, in string values only: a value may hold '#', quotes or ': ',
+        # and a ${VAR} in a comment is never looked at.
+        data = expand_values(loaded or {}, env)
     settings = _build(Settings, data, "")
     from_env: dict[str, Any] = {}
     if env.get("DATABASE_URL"):
