@@ -12,6 +12,7 @@ import math
 import os
 import re
 import socket
+import urllib.parse
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TypeVar
@@ -190,6 +191,8 @@ class Settings:
     def check(self) -> Settings:
         """Raise ConfigError on values that cannot work; return self."""
         _check_numbers(self, "")
+        _check_url("storage.postgres.dsn (DATABASE_URL)", self.storage.postgres.dsn, _PG_SCHEMES)
+        _check_url("storage.redis.url (REDIS_URL)", self.storage.redis.url, _REDIS_SCHEMES)
         pg, mirror = self.storage.postgres, self.mirror
         if pg.pool_min_size > pg.pool_max_size:
             raise ConfigError("storage.postgres.pool_min_size must be <= pool_max_size")
@@ -257,6 +260,30 @@ MAX_DURATION_S = 366 * 86_400.0  # a year: longer is a typo, and overflows some 
 MAX_INT = 2**53  # beyond any sensible count or size, still exact as a float
 MAX_SQL_INT = 2**31 - 1  # what reaches PostgreSQL as an INTEGER
 MAX_RETENTION_DAYS = 36_500  # a century; 0 keeps rows forever
+
+
+_PG_SCHEMES = frozenset({"postgres", "postgresql"})
+_REDIS_SCHEMES = frozenset({"redis", "rediss", "unix"})
+
+
+def _check_url(what: str, url: str, schemes: frozenset[str]) -> None:
+    """A URL the drivers can parse; the message never repeats it (it may hold a password)."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number
+    except ValueError as exc:
+        # The drivers' own parse errors quote the URL's parts, the password among them.
+        reason = "its port is not a number" if "port" in str(exc).lower() else "it cannot be parsed"
+        raise ConfigError(
+            f"{what} is not a valid URL: {reason} (percent-encode '@', '#', '/', '?' and ':' "
+            "in a password: %40 %23 %2F %3F %3A)"
+        ) from None
+    if parts.scheme not in schemes:
+        raise ConfigError(f"{what} must start with one of {', '.join(sorted(schemes))}://")
+    if parts.fragment or "#" in url:
+        raise ConfigError(
+            f"{what} holds a '#', which ends a URL: percent-encode it (%23) in a password"
+        )
 
 
 def _is_duration(name: str) -> bool:
