@@ -256,6 +256,7 @@ class Settings:
 # Durations (names ending in _s or _ms) and TTLs must be > 0, except these, where 0 means "off"
 # or "every time" (and any a later field declares by defaulting to 0).
 ZERO_ALLOWED_DURATIONS = frozenset({"storage.csv.fsync_interval_s", "stream.trim_interval_s"})
+MIN_TTL_S = 0.001
 MAX_DURATION_S = 366 * 86_400.0  # a year: longer is a typo, and overflows some timers
 MAX_INT = 2**53  # beyond any sensible count or size, still exact as a float
 MAX_SQL_INT = 2**31 - 1  # what reaches PostgreSQL as an INTEGER
@@ -311,6 +312,9 @@ def _check_numbers(obj: Any, path: str) -> None:
             zero_allowed = where in ZERO_ALLOWED_DURATIONS or field.default == 0
             if value == 0 and not zero_allowed:
                 raise ConfigError(f"{where} must be > 0, got {value}")
+            if "ttl" in field.name and 0 < seconds < MIN_TTL_S:
+                # Redis expiries are whole milliseconds: a shorter TTL is 0, which SET refuses.
+                raise ConfigError(f"{where} must be at least {MIN_TTL_S} s, got {value}")
             if seconds > MAX_DURATION_S:
                 raise ConfigError(f"{where} must be at most a year, got {value}")
 

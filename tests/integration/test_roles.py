@@ -316,6 +316,29 @@ async def test_no_function_the_groups_may_execute_can_erase_history(
     assert await _retention_policies(owner) == policies
 
 
+async def test_every_migration_revokes_public_execute_on_its_functions(
+    db: asyncpg.Connection,
+) -> None:
+    # Between `ingestd migrate` and `ingestd roles` (and wherever roles.sql is never run), what
+    # PUBLIC may execute of ingestd's own is what the migrations left: only time_bucket.
+    rows = await db.fetch(
+        """
+        SELECT p.oid::regprocedure::text AS fn
+        FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+        WHERE n.nspname = 'public'
+          AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_proc'::regclass
+                          AND d.objid = p.oid AND d.deptype = 'e')
+          AND EXISTS (SELECT 1 FROM aclexplode(coalesce(p.proacl, acldefault('f', p.proowner)))
+                      AS a WHERE a.grantee = 0 AND a.privilege_type = 'EXECUTE')
+        """
+    )
+    assert {r["fn"] for r in rows} <= {"time_bucket(interval,timestamp with time zone)"}
+    assert (
+        await db.fetchval("SELECT count(*) FROM pg_proc WHERE proname LIKE 'ingestd\\_%'")
+        == len(OWNER_ONLY_FUNCTIONS) + 1
+    )
+
+
 async def test_a_function_a_later_migration_adds_is_nobodys_until_listed(
     roles_db: tuple[PrivatePostgres, str, asyncpg.Connection],
 ) -> None:

@@ -400,10 +400,15 @@ def test_an_expanded_value_is_taken_whole(tmp_path: Path, value: str, quoting: s
     assert load_settings(path, environ={"V": value}).storage.redis.key_prefix == value
 
 
-def test_an_expanded_dsn_keeps_its_hash(tmp_path: Path) -> None:
+def test_an_expanded_dsn_is_not_truncated_at_its_hash(tmp_path: Path) -> None:
+    # Expanded into the text, " #ss@db..." became a comment and the DSN silently lost its host.
+    # Taken whole, the '#' (which ends a URL) is refused, saying how to write it.
     path = write(tmp_path, "storage:\n  postgres:\n    dsn: ${DSN}\n")
-    dsn = "postgresql://u:pa #ss@db:5432/ingestd"
-    assert load_settings(path, environ={"DSN": dsn}).storage.postgres.dsn == dsn
+    with pytest.raises(ConfigError, match="percent-encode") as caught:
+        load_settings(path, environ={"DSN": "postgresql://u:pa #ss@db:5432/ingestd"})
+    assert "pa #ss" not in str(caught.value)
+    encoded = "postgresql://u:pa%20%23ss@db:5432/ingestd"
+    assert load_settings(path, environ={"DSN": encoded}).storage.postgres.dsn == encoded
 
 
 def test_an_expanded_number_is_still_validated(tmp_path: Path) -> None:
