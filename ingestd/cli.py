@@ -503,6 +503,15 @@ async def _cmd_stats(settings: Settings, args: argparse.Namespace) -> int:
         sys.stdout.buffer.write(to_json(report) + b"\n")
     else:
         sys.stdout.write(render(report))
+    redis_part = report["redis"]
+    if isinstance(redis_part, dict) and "error" in redis_part:
+        # The database part is still worth printing; the exit code says the report is partial.
+        url = settings.storage.redis.url
+        print(
+            secret_free(f"ingestd stats: cannot read Redis at {url}: {redis_part['error']}", url),
+            file=sys.stderr,
+        )
+        return 2
     return 0
 
 

@@ -172,3 +172,12 @@ async def test_migrate_on_a_read_only_database_is_one_line(
     done = cli(["migrate"], tmp_path, DATABASE_URL=read_only_database)
     line = assert_one_clean_line(done, PASSWORD)
     assert "read-only" in line
+
+
+async def test_stats_with_an_unreachable_redis_is_one_line(db_dsn: str, tmp_path: Path) -> None:
+    env = _secret_env(tmp_path)
+    env["DATABASE_URL"] = db_dsn
+    done = cli(["stats"], tmp_path, **env)
+    # The database part is printed; the exit code and the line say the Redis part is missing.
+    assert "cannot read Redis" in assert_one_clean_line(done, REDIS_PASSWORD)
+    assert "spreads" in done.stdout
