@@ -217,6 +217,12 @@ TIME_SERIES = ("spreads", "fx_rates", "orders", "trades")
 
 async def _seed_expired_rows(owner: asyncpg.Connection) -> dict[str, int]:
     """A row 400 days old in each time-series table; returns the row counts."""
+    if await owner.fetchval("SELECT count(*) FROM pg_extension WHERE extname = 'timescaledb'"):
+        # The owner's own policies would drop them; keep the scheduler off during the test.
+        await owner.execute(
+            "SELECT alter_job(job_id, scheduled => false) FROM timescaledb_information.jobs"
+            " WHERE proc_name = 'policy_retention'"
+        )
     old = dt.datetime.now(dt.UTC) - dt.timedelta(days=400)
     await owner.execute(
         "INSERT INTO spreads (event_id, symbol, upbit_price, binance_price, binance_price_krw,"
@@ -297,18 +303,25 @@ async def test_no_function_the_groups_may_execute_can_erase_history(
             with pytest.raises(asyncpg.InsufficientPrivilegeError):
                 await conn.fetchval("SELECT ingestd_refresh_aggregates()")
         if cluster.timescale:  # the extension's own ways to drop data check ownership
-            for statement in (
-                "SELECT drop_chunks('spreads', older_than => now())",
-                "SELECT remove_retention_policy('spreads')",
-                "SELECT add_retention_policy('trades', drop_after => INTERVAL '1 second')",
-                "SELECT alter_job(job_id, config => jsonb_set(config, '{drop_after}', "
-                "'\"1 second\"')) FROM timescaledb_information.jobs "
-                "WHERE proc_name = 'policy_retention'",
-                "SELECT delete_job(job_id) FROM timescaledb_information.jobs "
-                "WHERE proc_name = 'policy_retention'",
+            job = await owner.fetchval(
+                "SELECT job_id FROM timescaledb_information.jobs"
+                " WHERE proc_name = 'policy_retention' AND hypertable_name = 'spreads'"
+            )
+            config = await owner.fetchval(
+                "SELECT config FROM timescaledb_information.jobs WHERE job_id = $1", job
+            )
+            shorter = orjson.dumps({**orjson.loads(config), "drop_after": "1 second"}).decode()
+            for statement, args in (
+                ("SELECT drop_chunks('spreads', older_than => now())", ()),
+                ("SELECT remove_retention_policy('spreads')", ()),
+                ("SELECT add_retention_policy('trades', drop_after => INTERVAL '1 second')", ()),
+                ("SELECT alter_job($1, config => $2::jsonb)", (job, shorter)),
+                ("SELECT alter_job($1, scheduled => false)", (job,)),
+                ("SELECT delete_job($1)", (job,)),
+                ("CALL run_job($1)", (job,)),
             ):
                 with pytest.raises(asyncpg.PostgresError):
-                    await w.execute(statement)
+                    await w.execute(statement, *args)
     finally:
         await w.close()
         await r.close()
