@@ -6,9 +6,13 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
+import os
+import subprocess
+import sys
 import uuid
 from collections.abc import AsyncIterator
 from decimal import Decimal
+from pathlib import Path
 from typing import Any, Protocol
 
 import asyncpg
@@ -493,3 +497,32 @@ async def test_a_stuck_hourly_refresh_does_not_roll_back_the_daily_one(
     assert row["last_status"] == "failed"
     # ...but the daily summary, refreshed first in a transaction of its own, is there.
     assert await conn.fetchval("SELECT sum(trade_count) FROM daily_pnl_summary") == 1
+
+
+@TIMESCALE_ONLY
+async def test_migrate_as_the_owner_sets_the_configured_retention_policies(
+    dsn: str, conn: asyncpg.Connection, tmp_path: Path
+) -> None:
+    config = tmp_path / "ingestd.yml"
+    config.write_text("retention:\n  spreads_days: 30\n  orders_days: 0\n", encoding="utf-8")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("INGESTD_", "PG"))}
+    env.update(DATABASE_URL=dsn, INGESTD_CONFIG=str(config))
+    done = subprocess.run(
+        [sys.executable, "-m", "ingestd.cli", "migrate"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "spreads (30 days): changed" in done.stdout
+    assert "orders (kept forever): removed" in done.stdout
+    policies = {
+        r["hypertable_name"]: r["keep"]
+        for r in await conn.fetch(
+            "SELECT hypertable_name, config->>'drop_after' AS keep"
+            " FROM timescaledb_information.jobs WHERE proc_name = 'policy_retention'"
+        )
+    }
+    assert policies == {"spreads": "30 days", "fx_rates": "180 days"}
