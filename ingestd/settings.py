@@ -191,6 +191,10 @@ class Settings:
     def check(self) -> Settings:
         """Raise ConfigError on values that cannot work; return self."""
         _check_numbers(self, "")
+        for where, (low, high) in INT_BOUNDS.items():
+            value = _get_dotted(self, where)
+            if not low <= value <= high:
+                raise ConfigError(f"{where} must be {low}-{high}, got {value}")
         _check_url("storage.postgres.dsn (DATABASE_URL)", self.storage.postgres.dsn, _PG_SCHEMES)
         _check_url("storage.redis.url (REDIS_URL)", self.storage.redis.url, _REDIS_SCHEMES)
         pg, mirror = self.storage.postgres, self.mirror
@@ -224,6 +228,8 @@ class Settings:
             raise ConfigError(f"metrics_port must be 0 (off) or 1-65535, got {self.metrics_port}")
         if self.log_format not in {"plain", "json"}:
             raise ConfigError("log_format must be 'plain' or 'json'")
+        if self.log_level.upper() not in _LOG_LEVELS:
+            raise ConfigError(f"log_level must be one of {', '.join(_LOG_LEVELS)}")
         if self.storage.backend not in {"postgres", "csv", "dual"}:
             raise ConfigError("storage.backend must be one of csv, postgres, dual")
         failpoints.parse(self.failpoints)
@@ -285,6 +291,27 @@ def _check_url(what: str, url: str, schemes: frozenset[str]) -> None:
         raise ConfigError(
             f"{what} holds a '#', which ends a URL: percent-encode it (%23) in a password"
         )
+
+
+_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+# Counts with a natural range (the generic rule only keeps integers >= 0 and below MAX_INT).
+INT_BOUNDS: dict[str, tuple[int, int]] = {
+    "storage.postgres.pool_min_size": (0, 1000),
+    "storage.postgres.pool_max_size": (1, 1000),
+    "storage.buffer_max_events": (1, 100_000_000),
+    "stream.read_count": (1, 100_000),
+    "pipeline.writers": (1, 64),
+    "pipeline.batch_max_rows": (1, 1_000_000),
+    "pipeline.max_event_bytes": (1, 512 * 1024 * 1024),  # Redis's own limit on a value
+    "maintenance.metrics_days": (1, 366),
+    "maintenance.metrics_hours": (1, 24 * 366),
+}
+
+
+def _get_dotted(obj: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj
 
 
 def _is_duration(name: str) -> bool:

@@ -181,3 +181,8 @@ async def test_stats_with_an_unreachable_redis_is_one_line(db_dsn: str, tmp_path
     # The database part is printed; the exit code and the line say the Redis part is missing.
     assert "cannot read Redis" in assert_one_clean_line(done, REDIS_PASSWORD)
     assert "spreads" in done.stdout
+
+
+def test_an_unknown_log_level_is_one_line(tmp_path: Path) -> None:
+    done = cli(["health", "--log-level", "LOUD"], tmp_path, **_secret_env(tmp_path))
+    assert "log_level" in assert_one_clean_line(done, PASSWORD, REDIS_PASSWORD)

@@ -505,3 +505,19 @@ def test_zero_keeps_its_meaning_where_it_means_off() -> None:
 def test_numbers_out_of_bounds_are_refused(name: str, value: int | float) -> None:
     with pytest.raises(ConfigError, match=name.rsplit(".", 1)[-1]):
         Settings().replace(**{name: value}).check()
+
+
+@pytest.mark.parametrize(("name", "bounds"), list(s.INT_BOUNDS.items()))
+def test_counts_stay_in_their_range(name: str, bounds: tuple[int, int]) -> None:
+    low, high = bounds
+    for bad in (low - 1, high + 1):
+        if bad < 0:
+            continue
+        with pytest.raises(ConfigError, match=name.rsplit(".", 1)[-1]):
+            Settings().replace(**{name: bad}).check()
+
+
+def test_an_unknown_log_level_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="log_level"):
+        load_settings(write(tmp_path, "log_level: LOUD\n"), environ={})
+    assert load_settings(write(tmp_path, "log_level: debug\n"), environ={}).log_level == "debug"
