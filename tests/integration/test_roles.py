@@ -215,14 +215,18 @@ WHERE has_function_privilege($1, p.oid, 'EXECUTE') AND has_schema_privilege($1, 
 TIME_SERIES = ("spreads", "fx_rates", "orders", "trades")
 
 
-async def _seed_expired_rows(owner: asyncpg.Connection) -> dict[str, int]:
-    """A row 400 days old in each time-series table; returns the row counts."""
+async def _pause_retention_jobs(owner: asyncpg.Connection) -> None:
+    """TimescaleDB: the owner's policies would drop old seeded rows mid-test; keep them idle."""
     if await owner.fetchval("SELECT count(*) FROM pg_extension WHERE extname = 'timescaledb'"):
-        # The owner's own policies would drop them; keep the scheduler off during the test.
         await owner.execute(
             "SELECT alter_job(job_id, scheduled => false) FROM timescaledb_information.jobs"
             " WHERE proc_name = 'policy_retention'"
         )
+
+
+async def _seed_expired_rows(owner: asyncpg.Connection) -> dict[str, int]:
+    """A row 400 days old in each time-series table; returns the row counts."""
+    await _pause_retention_jobs(owner)
     old = dt.datetime.now(dt.UTC) - dt.timedelta(days=400)
     await owner.execute(
         "INSERT INTO spreads (event_id, symbol, upbit_price, binance_price, binance_price_krw,"
@@ -560,6 +564,7 @@ async def test_writer_runs_its_maintenance_and_retention_is_the_owners(
 ) -> None:
     cluster, name, owner = roles_db
     writer, _ = _logins(name)
+    await _pause_retention_jobs(owner)
     now = await _seed_for_maintenance(owner)
     pool = await create_pool(PostgresSettings(dsn=cluster.tls_dsn(writer, WRITER_PW, name)))
     client = create_redis(redis_url, socket_timeout_s=2)
