@@ -3,6 +3,12 @@
 Nothing else in ingestd reads the environment. Precedence: defaults < YAML file < environment
 (``DATABASE_URL``, ``REDIS_URL``, ``INGESTD_CONSUMER``, ``INGESTD_METRICS_PORT``,
 ``INGESTD_METRICS_HOST``) < CLI flags.
+
+Configuration is input: the YAML file is parsed first and ``${VAR}`` expanded in its string values
+afterwards (so a value may hold ``#`` or quotes, and a comment is never expanded); ``check()``
+refuses NaN and infinity, negative numbers, zero durations and TTLs (where 0 does not mean "off"),
+counts outside their range and URLs the drivers cannot parse. Every refusal is a ConfigError whose
+message names the key and never quotes a secret.
 """
 
 from __future__ import annotations
