@@ -324,8 +324,11 @@ async def test_no_function_the_groups_may_execute_can_erase_history(
                 ("SELECT delete_job($1)", (job,)),
                 ("CALL run_job($1)", (job,)),
             ):
-                with pytest.raises(asyncpg.PostgresError):
-                    await w.execute(statement, *args)
+                # The reader's sessions are read-only by default; its privileges hold without.
+                await r.execute("SET default_transaction_read_only = off")
+                for conn in (w, r):
+                    with pytest.raises(asyncpg.PostgresError):
+                        await conn.execute(statement, *args)
     finally:
         await w.close()
         await r.close()
