@@ -9,14 +9,17 @@ import itertools
 import logging
 import sys
 import time
+import traceback
 import urllib.parse
 from collections.abc import Sequence
 from typing import Any
 
 import asyncpg
 import orjson
+import redis.exceptions
 
 from ingestd import errors, logs, migrations
+from ingestd.commands import describe, secret_free
 from ingestd.settings import Settings, load_settings, redact
 
 log = logging.getLogger("ingestd.cli")
@@ -62,6 +65,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--reader-login",
         help="login role for dashboards, password from $INGESTD_READER_PASSWORD",
     )
+
+    p = sub.add_parser(
+        "retention",
+        help="as the owner: apply the retention: settings (policies, or delete expired rows)",
+    )
+    _common(p)
 
     p = sub.add_parser("health", help="exit 0 if heartbeats are fresh (container HEALTHCHECK)")
     _common(p)
@@ -182,6 +191,27 @@ def _settings(args: argparse.Namespace) -> Settings:
     return load_settings(args.config, overrides=overrides)
 
 
+# What a command meets when the configuration points at something unreachable or unusable: one
+# line and exit 2, whichever command it is. Anything else is a bug and keeps its traceback
+# (redacted too).
+_CONNECTION_ERRORS = (
+    OSError,
+    TimeoutError,
+    ValueError,
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    redis.exceptions.RedisError,
+    errors.IngestdError,
+)
+
+
+def _secret_free(text: str, settings: Settings | None) -> str:
+    if settings is None:
+        return redact(text)
+    text = secret_free(text, settings.storage.postgres.dsn)
+    return secret_free(text, settings.storage.redis.url)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the console script."""
     args = build_parser().parse_args(argv)
@@ -196,6 +226,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _run_async(handler(settings, args))
     except KeyboardInterrupt:
         return 130
+    except _CONNECTION_ERRORS as exc:
+        print(_secret_free(f"ingestd {args.command}: {describe(exc)}", settings), file=sys.stderr)
+        return 2
+    except Exception:  # noqa: BLE001 - a bug: its traceback is printed, redacted
+        text = "".join(traceback.format_exc())
+        print(_secret_free(text, settings), file=sys.stderr, end="")
+        return 1
 
 
 def _run_async(coro: Any) -> int:
@@ -216,20 +253,33 @@ async def _cmd_run(settings: Settings, args: argparse.Namespace) -> int:
 
 async def _cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
     dsn = settings.storage.postgres.dsn
+
+    def fail(text: str) -> int:
+        print(secret_free(f"ingestd migrate: {text}", dsn), file=sys.stderr)
+        return 2
+
     try:
         conn = await _connect(dsn, create=args.create_database)
-    except (OSError, asyncpg.PostgresError) as exc:
-        print(redact(f"ingestd migrate: cannot connect to {dsn}: {exc}"), file=sys.stderr)
-        return 2
+    except (
+        OSError,
+        TimeoutError,
+        ValueError,
+        asyncpg.PostgresError,
+        asyncpg.InterfaceError,
+    ) as exc:
+        return fail(f"cannot connect to {dsn}: {describe(exc)}")
     except errors.ConfigError as exc:
-        print(redact(f"ingestd migrate: {exc}"), file=sys.stderr)
-        return 2
+        return fail(str(exc))
     try:
         applied = await migrations.migrate(conn)
         timescale = await migrations.timescaledb_enabled(conn)
+        policies = await _retention_policies_as_owner(settings, conn)
     except errors.IngestdError as exc:
-        print(redact(f"ingestd migrate: {exc}"), file=sys.stderr)
-        return 2
+        return fail(str(exc))
+    except asyncpg.ReadOnlySQLTransactionError as exc:
+        return fail(f"the database is read-only (a standby, or read-only sessions): {exc}")
+    except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        return fail(f"stopped: {describe(exc)}")
     finally:
         await conn.close()
     flavour = "TimescaleDB" if timescale else "plain PostgreSQL (timescaledb not available)"
@@ -237,7 +287,51 @@ async def _cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
         print(f"applied {len(applied)} migration(s): {', '.join(applied)} [{flavour}]")
     else:
         print(f"schema is current [{flavour}]")
+    if policies:
+        print(f"retention policies: {policies}")
     return 0
+
+
+async def _retention_policies_as_owner(settings: Settings, conn: asyncpg.Connection) -> str:
+    """TimescaleDB: the retention policies set to the ``retention:`` settings, if the owner."""
+    from ingestd.maintenance import may_run_retention, reconcile_retention_policies
+
+    if not await migrations.timescaledb_enabled(conn) or not await may_run_retention(conn):
+        return ""
+    async with conn.transaction():
+        # Replicas migrate at once: one at a time, so the second finds the policies unchanged.
+        await conn.execute("SELECT pg_advisory_xact_lock($1)", migrations.MIGRATION_LOCK_ID)
+        return await reconcile_retention_policies(
+            conn, settings.retention, statement_timeout_s=settings.maintenance.statement_timeout_s
+        )
+
+
+async def _cmd_retention(settings: Settings, args: argparse.Namespace) -> int:
+    from ingestd.commands import run_with_database
+    from ingestd.maintenance import Maintenance, may_run_retention
+
+    async def body(pool: asyncpg.Pool) -> int:
+        async with pool.acquire() as conn:
+            if not await may_run_retention(conn):
+                raise errors.ConfigError(
+                    "retention runs as the owner of the tables (the role that ran "
+                    "`ingestd migrate`); this role is not it"
+                )
+        maintenance = Maintenance(
+            pool, None, settings=settings.maintenance, retention=settings.retention
+        )
+        # Called directly, not through run_task: a failure is this command's one error line.
+        for result in (
+            await maintenance.reconcile_policies(force=True),
+            await maintenance.delete_expired(force=True),
+        ):
+            if result.ran:
+                print(f"{result.task}: {result.detail}")
+            else:
+                print(f"{result.task}: skipped, another replica is doing this round")
+        return 0
+
+    return await run_with_database("retention", settings, body, err=sys.stderr)
 
 
 async def _connect(dsn: str, *, create: bool, deadline_s: float = 30.0) -> asyncpg.Connection:
@@ -325,7 +419,12 @@ async def _cmd_health(settings: Settings, args: argparse.Namespace) -> int:
     )
     ok, message = await check_health(settings, [own, *args.component], args.max_age)
     print(message, file=sys.stdout if ok else sys.stderr)
+    if not ok and message.startswith(_HEALTH_UNREACHABLE):
+        return 2  # a connection error, as in every command: not a verdict on the heartbeats
     return 0 if ok else 1
+
+
+_HEALTH_UNREACHABLE = "unhealthy: cannot read Redis"
 
 
 async def _cmd_simulate(settings: Settings, args: argparse.Namespace) -> int:
@@ -389,8 +488,11 @@ async def _cmd_stats(settings: Settings, args: argparse.Namespace) -> int:
     dsn = settings.storage.postgres.dsn
     try:
         conn = await asyncpg.connect(dsn, timeout=settings.storage.postgres.connect_timeout_s)
-    except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
-        print(redact(f"ingestd stats: cannot connect to {dsn}: {exc}"), file=sys.stderr)
+    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+        print(
+            secret_free(f"ingestd stats: cannot connect to {dsn}: {describe(exc)}", dsn),
+            file=sys.stderr,
+        )
         return 2
     try:
         report = await collect_database(
@@ -412,6 +514,15 @@ async def _cmd_stats(settings: Settings, args: argparse.Namespace) -> int:
         sys.stdout.buffer.write(to_json(report) + b"\n")
     else:
         sys.stdout.write(render(report))
+    redis_part = report["redis"]
+    if isinstance(redis_part, dict) and "error" in redis_part:
+        # The database part is still worth printing; the exit code says the report is partial.
+        url = settings.storage.redis.url
+        print(
+            secret_free(f"ingestd stats: cannot read Redis at {url}: {redis_part['error']}", url),
+            file=sys.stderr,
+        )
+        return 2
     return 0
 
 
@@ -467,6 +578,7 @@ _COMMANDS = {
     "migrate": _cmd_migrate,
     "health": _cmd_health,
     "roles": _cmd_roles,
+    "retention": _cmd_retention,
     "simulate": _cmd_simulate,
     "bench": _cmd_bench,
     "stats": _cmd_stats,

@@ -14,10 +14,13 @@ Four tasks, each on its own interval (``maintenance:`` settings):
 
 Several replicas may run this: a replica claims a task's round in ``ingestd_maintenance`` under
 ``pg_try_advisory_xact_lock`` (never waiting), and only when the last round started at least an
-interval ago, so one replica does each round and the others skip it. Work that needs ownership
-goes through the SECURITY DEFINER functions of migration 0003, because ingestd may run as a role
-with DML only. A failed round is logged with ``action=maintenance_failed``, recorded, and retried
-next round; it never stops the service.
+interval ago, so one replica does each round and the others skip it. Refreshing a view needs its
+ownership and goes through the SECURITY DEFINER ``ingestd_refresh_aggregate``, because ingestd
+usually runs as the writer role, with DML only. Retention is the owner's alone (migration 0007):
+the two retention tasks run only where the session's role owns the time-series tables (``ingestd
+retention``, or ``ingestd run`` as the owner) and are skipped, said once in the log, elsewhere; the
+periods always come from the ``retention:`` settings. A failed round is logged with
+``action=maintenance_failed``, recorded, and retried next round; it never stops the service.
 """
 
 from __future__ import annotations
@@ -86,6 +89,15 @@ INSERT INTO ingestd_maintenance AS m (task, last_finished_at, last_status, last_
 VALUES ($1, clock_timestamp(), 'failed', $2, 1)
 ON CONFLICT (task) DO UPDATE SET last_finished_at = clock_timestamp(), last_status = 'failed',
     last_error = $2, failures = m.failures + 1
+"""
+
+# Retention needs the rights of the owner of every table it trims (DELETE; TimescaleDB checks
+# ownership of the hypertable before it changes a policy): membership in the owning role counts.
+SQL_OWNS_RETENTION_TABLES: Final = """
+SELECT count(*) = cardinality($1::text[])
+       AND bool_and(pg_has_role(current_user, c.relowner, 'USAGE'))
+FROM pg_class c
+WHERE c.oid = ANY (ARRAY(SELECT to_regclass(t) FROM unnest($1::text[]) AS t))
 """
 
 SQL_HYPERTABLES: Final = """
@@ -197,13 +209,48 @@ def hourly_spread_documents(rows: list[asyncpg.Record], refreshed_at: str) -> di
     }
 
 
+async def may_run_retention(conn: Connection) -> bool:
+    """True when this session's role owns (or is a member of the owner of) the retention tables."""
+    return bool(await conn.fetchval(SQL_OWNS_RETENTION_TABLES, list(RETENTION_TABLES)))
+
+
+def retention_days(retention: RetentionSettings) -> dict[str, int]:
+    """Configured retention per table in days (0: keep forever)."""
+    r = retention
+    return {"spreads": r.spreads_days, "fx_rates": r.fx_rates_days, "orders": r.orders_days}
+
+
+async def reconcile_retention_policies(
+    conn: Connection, retention: RetentionSettings, *, statement_timeout_s: float
+) -> str:
+    """TimescaleDB: each retention policy set to the settings (as the owner); returns a summary."""
+    outcomes: list[str] = []
+    for table, days in retention_days(retention).items():
+        keep = dt.timedelta(days=days) if days > 0 else None
+        outcome = await conn.fetchval(
+            "SELECT ingestd_set_retention($1, $2)", table, keep, timeout=statement_timeout_s
+        )
+        if outcome != "plain":
+            kept = f"{days} days" if days else "kept forever"
+            outcomes.append(f"{table} ({kept}): {outcome}")
+        if outcome in {"added", "changed", "removed"}:
+            log.info(
+                "retention policy of %s %s (%s days)",
+                table,
+                outcome,
+                days or "forever",
+                extra={"action": "retention_policy_set", "table": table},
+            )
+    return "; ".join(outcomes) if outcomes else "no hypertables"
+
+
 class Maintenance:
     """Runs the maintenance tasks on their intervals until cancelled."""
 
     def __init__(
         self,
         pool: asyncpg.Pool,
-        redis_client: aioredis.Redis,
+        redis_client: aioredis.Redis | None,
         *,
         settings: MaintenanceSettings,
         retention: RetentionSettings,
@@ -225,11 +272,11 @@ class Maintenance:
             TASK_METRICS: (self.write_metrics_keys, settings.metrics_interval_s),
         }
         self.failures = 0
+        self._said_not_owner = False
 
     def retention_days(self) -> dict[str, int]:
         """Configured retention per table in days (0: keep forever)."""
-        r = self.retention
-        return {"spreads": r.spreads_days, "fx_rates": r.fx_rates_days, "orders": r.orders_days}
+        return retention_days(self.retention)
 
     async def run(self) -> None:
         """Every task at start, then each on its interval; returns only when cancelled."""
@@ -307,31 +354,31 @@ class Maintenance:
             f"{int(self.settings.statement_timeout_s * 1000)}ms",
         )
 
+    async def _not_the_owner(self, conn: Connection, task: str) -> RoundResult | None:
+        """A skipped round when this role may not run retention (said once), else None."""
+        if await may_run_retention(conn):
+            return None
+        if not self._said_not_owner:
+            self._said_not_owner = True
+            log.info(
+                "retention is left to the owner of the tables: this role is not it "
+                "(run `ingestd retention` as the owner)",
+                extra={"action": "retention_not_owner"},
+            )
+        return RoundResult(task, ran=False, detail="not the owner")
+
     async def reconcile_policies(self, force: bool = False) -> RoundResult:
         """TimescaleDB: make each retention policy match the ``retention:`` settings."""
         timeout = self.settings.statement_timeout_s
         async with self._pool.acquire(timeout=self._acquire_timeout_s) as conn, conn.transaction():
+            if (skipped := await self._not_the_owner(conn, TASK_POLICIES)) is not None:
+                return skipped
             if not await self._claim(conn, TASK_POLICIES, self.settings.policy_interval_s, force):
                 return RoundResult(TASK_POLICIES, ran=False)
             await self._set_timeout(conn)
-            outcomes: list[str] = []
-            for table, days in self.retention_days().items():
-                keep = dt.timedelta(days=days) if days > 0 else None
-                outcome = await conn.fetchval(
-                    "SELECT ingestd_set_retention($1, $2)", table, keep, timeout=timeout
-                )
-                if outcome != "plain":
-                    kept = f"{days} days" if days else "kept forever"
-                    outcomes.append(f"{table} ({kept}): {outcome}")
-                if outcome in {"added", "changed", "removed"}:
-                    log.info(
-                        "retention policy of %s %s (%s days)",
-                        table,
-                        outcome,
-                        days or "forever",
-                        extra={"action": "retention_policy_set", "table": table},
-                    )
-            detail = "; ".join(outcomes) if outcomes else "no hypertables"
+            detail = await reconcile_retention_policies(
+                conn, self.retention, statement_timeout_s=timeout
+            )
             await conn.execute(_SQL_SUCCEEDED, TASK_POLICIES, detail)
         return RoundResult(TASK_POLICIES, ran=True, detail=detail)
 
@@ -339,6 +386,8 @@ class Maintenance:
         """Plain PostgreSQL: delete rows past their retention, a bounded batch per transaction."""
         timeout = self.settings.statement_timeout_s
         async with self._pool.acquire(timeout=self._acquire_timeout_s) as conn:
+            if (skipped := await self._not_the_owner(conn, TASK_RETENTION)) is not None:
+                return skipped
             async with conn.transaction():
                 if not await self._claim(
                     conn, TASK_RETENTION, self.settings.retention_interval_s, force
@@ -421,6 +470,8 @@ class Maintenance:
             stamp = utc_iso(now)
             docs = {**daily_pnl_documents(daily, stamp), **hourly_spread_documents(hourly, stamp)}
             if docs:
+                if self._redis is None:
+                    raise RuntimeError("metrics_keys needs a Redis client")
                 pipe = self._redis.pipeline(transaction=False)
                 for name, value in docs.items():
                     pipe.set(self.prefix + name, value, ex=METRICS_TTL_S)

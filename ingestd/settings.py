@@ -3,14 +3,22 @@
 Nothing else in ingestd reads the environment. Precedence: defaults < YAML file < environment
 (``DATABASE_URL``, ``REDIS_URL``, ``INGESTD_CONSUMER``, ``INGESTD_METRICS_PORT``,
 ``INGESTD_METRICS_HOST``) < CLI flags.
+
+Configuration is input: the YAML file is parsed first and ``${VAR}`` expanded in its string values
+afterwards (so a value may hold ``#`` or quotes, and a comment is never expanded); ``check()``
+refuses NaN and infinity, negative numbers, zero durations and TTLs (where 0 does not mean "off"),
+counts outside their range and URLs the drivers cannot parse. Every refusal is a ConfigError whose
+message names the key and never quotes a secret.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 import socket
+import urllib.parse
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TypeVar
@@ -190,6 +198,23 @@ class Settings:
 
     def check(self) -> Settings:
         """Raise ConfigError on values that cannot work; return self."""
+        _check_numbers(self, "")
+        for where, (low, high) in INT_BOUNDS.items():
+            value = _get_dotted(self, where)
+            if not low <= value <= high:
+                raise ConfigError(f"{where} must be {low}-{high}, got {value}")
+        _check_url("storage.postgres.dsn (DATABASE_URL)", self.storage.postgres.dsn, _PG_SCHEMES)
+        _check_url("storage.redis.url (REDIS_URL)", self.storage.redis.url, _REDIS_SCHEMES)
+        pg, mirror = self.storage.postgres, self.mirror
+        if pg.pool_min_size > pg.pool_max_size:
+            raise ConfigError("storage.postgres.pool_min_size must be <= pool_max_size")
+        if mirror.heartbeat_interval_s >= mirror.health_ttl_s:
+            # Otherwise health:ingestd expires between two beats and a healthy replica looks dead.
+            raise ConfigError(
+                "mirror.heartbeat_interval_s must be shorter than mirror.health_ttl_s"
+            )
+        if self.pipeline.backoff_base_s > self.pipeline.backoff_cap_s:
+            raise ConfigError("pipeline.backoff_base_s must be <= pipeline.backoff_cap_s")
         p = self.pipeline
         if p.batch_max_rows < 1 or p.queue_max_events < p.batch_max_rows:
             raise ConfigError(
@@ -211,6 +236,8 @@ class Settings:
             raise ConfigError(f"metrics_port must be 0 (off) or 1-65535, got {self.metrics_port}")
         if self.log_format not in {"plain", "json"}:
             raise ConfigError("log_format must be 'plain' or 'json'")
+        if self.log_level.upper() not in _LOG_LEVELS:
+            raise ConfigError(f"log_level must be one of {', '.join(_LOG_LEVELS)}")
         if self.storage.backend not in {"postgres", "csv", "dual"}:
             raise ConfigError("storage.backend must be one of csv, postgres, dual")
         failpoints.parse(self.failpoints)
@@ -220,8 +247,12 @@ class Settings:
         for name in ("spreads_days", "fx_rates_days", "orders_days"):
             if getattr(r, name) < 0:
                 raise ConfigError(f"retention.{name} must be >= 0 (0 keeps rows forever)")
-        if r.delete_batch_rows < 1:
-            raise ConfigError("retention.delete_batch_rows must be >= 1")
+            if getattr(r, name) > MAX_RETENTION_DAYS:
+                raise ConfigError(
+                    f"retention.{name} must be at most {MAX_RETENTION_DAYS} (0 keeps rows forever)"
+                )
+        if not 1 <= r.delete_batch_rows <= MAX_SQL_INT:
+            raise ConfigError(f"retention.delete_batch_rows must be 1-{MAX_SQL_INT}")
         for name in (
             "refresh_interval_s",
             "metrics_interval_s",
@@ -234,6 +265,93 @@ class Settings:
         if m.metrics_days < 1 or m.metrics_hours < 1:
             raise ConfigError("maintenance.metrics_days and metrics_hours must be >= 1")
         return self
+
+
+# Durations (names ending in _s or _ms) and TTLs must be > 0, except these, where 0 means "off"
+# or "every time" (and any a later field declares by defaulting to 0).
+ZERO_ALLOWED_DURATIONS = frozenset({"storage.csv.fsync_interval_s", "stream.trim_interval_s"})
+MIN_TTL_S = 0.001
+MAX_DURATION_S = 366 * 86_400.0  # a year: longer is a typo, and overflows some timers
+MAX_INT = 2**53  # beyond any sensible count or size, still exact as a float
+MAX_SQL_INT = 2**31 - 1  # what reaches PostgreSQL as an INTEGER
+MAX_RETENTION_DAYS = 36_500  # a century; 0 keeps rows forever
+
+
+_PG_SCHEMES = frozenset({"postgres", "postgresql"})
+_REDIS_SCHEMES = frozenset({"redis", "rediss", "unix"})
+
+
+def _check_url(what: str, url: str, schemes: frozenset[str]) -> None:
+    """A URL the drivers can parse; the message never repeats it (it may hold a password)."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number
+    except ValueError as exc:
+        # The drivers' own parse errors quote the URL's parts, the password among them.
+        reason = "its port is not a number" if "port" in str(exc).lower() else "it cannot be parsed"
+        raise ConfigError(
+            f"{what} is not a valid URL: {reason} (percent-encode '@', '#', '/', '?' and ':' "
+            "in a password: %40 %23 %2F %3F %3A)"
+        ) from None
+    if parts.scheme not in schemes:
+        raise ConfigError(f"{what} must start with one of {', '.join(sorted(schemes))}://")
+    if parts.fragment or "#" in url:
+        raise ConfigError(
+            f"{what} holds a '#', which ends a URL: percent-encode it (%23) in a password"
+        )
+
+
+_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+# Counts with a natural range (the generic rule only keeps integers >= 0 and below MAX_INT).
+INT_BOUNDS: dict[str, tuple[int, int]] = {
+    "storage.postgres.pool_min_size": (0, 1000),
+    "storage.postgres.pool_max_size": (1, 1000),
+    "storage.buffer_max_events": (1, 100_000_000),
+    "stream.read_count": (1, 100_000),
+    "pipeline.writers": (1, 64),
+    "pipeline.batch_max_rows": (1, 1_000_000),
+    "pipeline.max_event_bytes": (1, 512 * 1024 * 1024),  # Redis's own limit on a value
+    "maintenance.metrics_days": (1, 366),
+    "maintenance.metrics_hours": (1, 24 * 366),
+}
+
+
+def _get_dotted(obj: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _is_duration(name: str) -> bool:
+    return name.endswith(("_s", "_ms")) or "ttl" in name
+
+
+def _check_numbers(obj: Any, path: str) -> None:
+    """Every number finite and in bounds; every duration and TTL positive (see above)."""
+    for field in dataclasses.fields(obj):
+        value = getattr(obj, field.name)
+        where = f"{path}.{field.name}" if path else field.name
+        if dataclasses.is_dataclass(value):
+            _check_numbers(value, where)
+            continue
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            continue
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{where} must be a finite number, got {value}")
+        if value < 0:
+            raise ConfigError(f"{where} must not be negative, got {value}")
+        if isinstance(value, int) and value > MAX_INT:
+            raise ConfigError(f"{where} must be at most {MAX_INT}, got {value}")
+        if _is_duration(field.name):
+            seconds = value / 1000 if field.name.endswith("_ms") else value
+            zero_allowed = where in ZERO_ALLOWED_DURATIONS or field.default == 0
+            if value == 0 and not zero_allowed:
+                raise ConfigError(f"{where} must be > 0, got {value}")
+            if "ttl" in field.name and 0 < seconds < MIN_TTL_S:
+                # Redis expiries are whole milliseconds: a shorter TTL is 0, which SET refuses.
+                raise ConfigError(f"{where} must be at least {MIN_TTL_S} s, got {value}")
+            if seconds > MAX_DURATION_S:
+                raise ConfigError(f"{where} must be at most a year, got {value}")
 
 
 T = TypeVar("T")
@@ -254,6 +372,30 @@ def expand_env(text: str, environ: Mapping[str, str]) -> str:
         raise ConfigError(f"config refers to ${{{name}}} but it is not set in the environment")
 
     return _VAR.sub(sub, text)
+
+
+def _parse_yaml(text: str, path: str | os.PathLike[str]) -> Any:
+    """The parsed file; a syntax error names the place, never quotes the text (secrets)."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = exc.problem or exc.context or "invalid YAML"
+        raise ConfigError(f"config file {path}: YAML syntax error{where}: {problem}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path}: not valid YAML ({type(exc).__name__})") from None
+
+
+def expand_values(data: Any, environ: Mapping[str, str]) -> Any:
+    """``expand_env`` applied to every string value of parsed YAML (keys are left as written)."""
+    if isinstance(data, str):
+        return expand_env(data, environ)
+    if isinstance(data, Mapping):
+        return {key: expand_values(value, environ) for key, value in data.items()}
+    if isinstance(data, list):
+        return [expand_values(value, environ) for value in data]
+    return data
 
 
 def _build(cls: type[T], data: Mapping[str, Any], path: str) -> T:
@@ -292,9 +434,14 @@ def _coerce(value: Any, kind: type, where: str) -> Any:
                 pass
     elif kind is float and not isinstance(value, bool):
         try:
-            return float(value)
+            number = float(value)
         except (TypeError, ValueError):
             pass
+        else:
+            # NaN compares false with every bound, so a NaN deadline would never expire.
+            if math.isfinite(number):
+                return number
+            raise ConfigError(f"config key {where!r} must be a finite number, got {value!r}")
     elif kind is str:
         if value is None:
             return ""
@@ -332,10 +479,12 @@ def load_settings(
             text = Path(path).read_text(encoding="utf-8")
         except OSError as exc:
             raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
-        loaded = yaml.safe_load(expand_env(text, env))
+        loaded = _parse_yaml(text, path)
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"config file {path} must hold a mapping at the top level")
-        data = loaded or {}
+        # Expanded after parsing, in string values only: a value may hold '#', quotes or ': ',
+        # and a ${VAR} in a comment is never looked at.
+        data = expand_values(loaded or {}, env)
     settings = _build(Settings, data, "")
     from_env: dict[str, Any] = {}
     if env.get("DATABASE_URL"):

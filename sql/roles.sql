@@ -6,10 +6,11 @@
 -- migration adds a table. No password is in this file: `ingestd roles` creates the login roles
 -- and sets their passwords from the environment (see README, Security).
 --
---   ingestd_writer  NOLOGIN group for `ingestd run` (maintenance included), `import-csv` and
+--   ingestd_writer  NOLOGIN group for `ingestd run` (its refreshes and metrics keys), `import-csv` and
 --                   `verify-csv`: reads and appends its own tables, updates only what ingestd
---                   updates, deletes only parked position closes, runs the maintenance
---                   functions named ingestd_*; no DDL, no TRUNCATE, nothing else.
+--                   updates, deletes only parked position closes, refreshes the two
+--                   materialized views through ingestd_refresh_aggregate(); no DDL, no
+--                   TRUNCATE, no retention (the owner's), nothing else.
 --   ingestd_reader  NOLOGIN group for dashboards: SELECT on ingestd's tables and views, only.
 
 DO $$
@@ -63,7 +64,7 @@ GRANT SELECT ON ingestd_migrations TO ingestd_writer;
 -- Maintenance (ingestd/maintenance.py, part of `ingestd run`): a replica claims a task's round
 -- with INSERT ... ON CONFLICT DO UPDATE on its row and records the outcome with UPDATE (a failure
 -- with INSERT ... ON CONFLICT); it reads the two aggregates to write the metrics:* Redis keys.
--- Refreshing and deleting go through the ingestd_* functions below, never through these grants.
+-- Refreshing goes through ingestd_refresh_aggregate() below; retention is the owner's.
 GRANT SELECT, INSERT, UPDATE ON ingestd_maintenance TO ingestd_writer;
 GRANT SELECT ON daily_pnl_summary, hourly_spread_avg TO ingestd_writer;
 -- `ingestd import-csv` (run as the writer) records how far it got in each file.
@@ -75,10 +76,19 @@ GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO ingestd_writer;
 -- later migrations add).
 GRANT SELECT ON ALL TABLES IN SCHEMA public TO ingestd_reader;
 
--- Maintenance (refreshing materialized views, retention on plain PostgreSQL) runs through
--- SECURITY DEFINER functions named ingestd_*, owned by the owner: the writer may EXECUTE them,
--- and nobody else (functions are executable by PUBLIC by default). So the writer never needs
--- DELETE on the time-series tables, nor ownership of a view.
+-- Functions. PostgreSQL lets PUBLIC execute every new function, and a SECURITY DEFINER function
+-- runs with its owner's rights: a function a group may execute is a privilege as wide as its body.
+-- So start from nothing: no function of ingestd's schema is executable by PUBLIC or the groups
+-- (an extension's functions are left alone: those that drop data, like TimescaleDB's drop_chunks
+-- and policy functions, check that the caller owns the table). Then grant exactly this list, each
+-- unable to remove a row or shorten retention:
+--   ingestd_refresh_aggregate(text)  writer: recomputes one of the two materialized views from
+--                                    the tables (REFRESH needs ownership of the view)
+--   time_bucket(interval, timestamptz)  writer and reader, plain PostgreSQL only: the seed's
+--                                    queries; IMMUTABLE SQL, runs with the caller's rights
+-- Retention (ingestd_delete_expired, ingestd_set_retention) is the owner's alone: those functions
+-- run with the caller's rights and are executable by nobody else (migration 0007).
+-- tests/integration/test_roles.py enumerates what each group may execute against this list.
 DO $$
 DECLARE
     routine regprocedure;
@@ -86,10 +96,24 @@ BEGIN
     FOR routine IN
         SELECT p.oid::regprocedure
         FROM pg_proc AS p JOIN pg_namespace AS n ON n.oid = p.pronamespace
-        WHERE n.nspname = 'public' AND p.proname LIKE 'ingestd\_%' AND p.prokind IN ('f', 'p')
+        WHERE n.nspname = 'public' AND p.prokind IN ('f', 'p')
+          AND NOT EXISTS (SELECT 1 FROM pg_depend AS d
+                          WHERE d.classid = 'pg_proc'::regclass AND d.objid = p.oid
+                            AND d.deptype = 'e')
     LOOP
-        EXECUTE format('REVOKE ALL ON ROUTINE %s FROM PUBLIC', routine);
-        EXECUTE format('GRANT EXECUTE ON ROUTINE %s TO ingestd_writer', routine);
+        EXECUTE format('REVOKE ALL ON ROUTINE %s FROM PUBLIC, ingestd_writer, ingestd_reader',
+                       routine);
     END LOOP;
+    GRANT EXECUTE ON FUNCTION ingestd_refresh_aggregate(text) TO ingestd_writer;
+    -- On TimescaleDB time_bucket is the extension's (PUBLIC may execute it).
+    IF EXISTS (SELECT 1 FROM pg_proc AS p JOIN pg_namespace AS n ON n.oid = p.pronamespace
+               WHERE n.nspname = 'public' AND p.oid = to_regprocedure(
+                         'public.time_bucket(interval, timestamptz)')
+                 AND NOT EXISTS (SELECT 1 FROM pg_depend AS d
+                                 WHERE d.classid = 'pg_proc'::regclass AND d.objid = p.oid
+                                   AND d.deptype = 'e')) THEN
+        GRANT EXECUTE ON FUNCTION time_bucket(interval, timestamptz)
+            TO ingestd_writer, ingestd_reader;
+    END IF;
 END
 $$;

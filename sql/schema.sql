@@ -426,20 +426,20 @@ BEGIN
 END
 $fn$;
 
--- Plain-PostgreSQL retention: deletes at most max_rows rows of table_name older than keep, oldest
--- first (through the timestamp index), and returns how many. ingestd calls it in a loop, one
--- transaction per call, so no statement holds locks or WAL for long. Hypertables are refused:
--- there retention is drop_chunks by the policy (and a ctid is not unique across chunks).
+-- Retention (as migration 0007 left them): plain-PostgreSQL deletes of at most max_rows expired
+-- rows per call, oldest first, and TimescaleDB policy reconciliation. Both run with the rights of
+-- their caller (SECURITY INVOKER) and only the owner may execute them: retention is the owner's,
+-- with the periods of its configuration. Hypertables are refused by the delete (retention there is
+-- drop_chunks by the policy, and a ctid is not unique across chunks).
 CREATE OR REPLACE FUNCTION ingestd_delete_expired(table_name TEXT, keep INTERVAL, max_rows INTEGER)
 RETURNS BIGINT
-LANGUAGE plpgsql SECURITY DEFINER
-SET search_path = pg_catalog, public, pg_temp
+LANGUAGE plpgsql SECURITY INVOKER
 AS $fn$
 DECLARE
     deleted BIGINT;
 BEGIN
-    IF table_name IS NULL OR table_name NOT IN ('spreads', 'fx_rates', 'orders', 'trades') THEN
-        RAISE EXCEPTION 'ingestd_delete_expired: % is not a time-series table', table_name
+    IF table_name IS NULL OR table_name NOT IN ('spreads', 'fx_rates', 'orders') THEN
+        RAISE EXCEPTION 'ingestd_delete_expired: % has no retention', table_name
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
     IF keep IS NULL OR keep <= INTERVAL '0' OR max_rows IS NULL OR max_rows < 1 THEN
@@ -465,21 +465,17 @@ BEGIN
 END
 $fn$;
 
--- TimescaleDB retention reconciliation: makes table_name's retention policy drop chunks older
--- than keep (NULL: no policy). Returns 'unchanged', 'added', 'changed', 'removed', or 'plain' when
--- the table is not a hypertable (ingestd then deletes expired rows itself).
 CREATE OR REPLACE FUNCTION ingestd_set_retention(table_name TEXT, keep INTERVAL)
 RETURNS TEXT
-LANGUAGE plpgsql SECURITY DEFINER
-SET search_path = pg_catalog, public, pg_temp
+LANGUAGE plpgsql SECURITY INVOKER
 AS $fn$
 DECLARE
     rel REGCLASS;
     job INTEGER;
     current_keep INTERVAL;
 BEGIN
-    IF table_name IS NULL OR table_name NOT IN ('spreads', 'fx_rates', 'orders', 'trades') THEN
-        RAISE EXCEPTION 'ingestd_set_retention: % is not a time-series table', table_name
+    IF table_name IS NULL OR table_name NOT IN ('spreads', 'fx_rates', 'orders') THEN
+        RAISE EXCEPTION 'ingestd_set_retention: % has no retention', table_name
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
     IF keep IS NOT NULL AND keep <= INTERVAL '0' THEN
@@ -495,6 +491,7 @@ BEGIN
         WHERE format('%I.%I', hypertable_schema, hypertable_name)::regclass = rel) THEN
         RETURN 'plain';
     END IF;
+    -- TimescaleDB checks that the caller owns the hypertable before it adds or removes a policy.
     SELECT j.job_id, (j.config ->> 'drop_after')::INTERVAL INTO job, current_keep
     FROM timescaledb_information.jobs j
     WHERE j.proc_name = 'policy_retention'
@@ -517,8 +514,9 @@ BEGIN
 END
 $fn$;
 
--- The functions run as their owner: only the schema ingestd lives in (and pg_catalog first,
--- pg_temp last) is searched, and nobody may call them until granted (least privilege).
+-- Only the schema ingestd lives in (and pg_catalog first, pg_temp last) is searched, and nobody
+-- may call the functions until granted (least privilege; sql/roles.sql grants the writer
+-- ingestd_refresh_aggregate only).
 DO $$
 DECLARE
     fn TEXT;

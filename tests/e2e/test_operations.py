@@ -349,11 +349,12 @@ async def test_failing_commands_print_no_password(pg_server: Any) -> None:
     assert roles.returncode == 2
     _assert_clean(roles.stdout + roles.stderr)
     health = cli(env, "health")
-    assert health.returncode == 1
+    assert health.returncode == 2  # Redis unreachable: a connection error, as in every command
     _assert_clean(health.stdout + health.stderr)
     bad_port = {**env, "DATABASE_URL": f"postgresql://owner:{SECRET}@127.0.0.1:notaport/x"}
     run = cli(bad_port, "run", "--metrics-port", "0")
     assert run.returncode == 2, run.stderr
-    assert "action=start_failed" in run.stderr
-    assert "invalid database URL" in run.stderr
-    _assert_clean(run.stdout + run.stderr)
+    # Refused with the configuration, before anything starts.
+    assert "configuration error" in run.stderr and "not a valid URL" in run.stderr
+    # A URL that does not parse cannot be masked reliably, so the line does not repeat it.
+    _assert_clean(run.stdout + run.stderr, masked=False)

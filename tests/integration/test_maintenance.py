@@ -6,9 +6,13 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
+import os
+import subprocess
+import sys
 import uuid
 from collections.abc import AsyncIterator
 from decimal import Decimal
+from pathlib import Path
 from typing import Any, Protocol
 
 import asyncpg
@@ -354,45 +358,69 @@ async def test_a_round_without_a_database_fails_cleanly(dsn: str, aredis: Any) -
 # --- least privilege ----------------------------------------------------------------------------
 
 
-async def test_a_dml_only_role_runs_maintenance_through_the_functions(
+async def test_a_dml_only_role_refreshes_but_cannot_run_retention_even_if_granted(
     server: tuple[str, Server], dsn: str, conn: asyncpg.Connection, aredis: Any
 ) -> None:
     kind, srv = server
     role = f"ingestd_writer_{uuid.uuid4().hex[:8]}"
     await conn.execute(f"CREATE ROLE {role} LOGIN")
+    if kind == "timescale":  # the owner's own policy would drop the old row mid-test
+        await conn.execute(
+            "SELECT alter_job(job_id, scheduled => false) FROM timescaledb_information.jobs"
+            " WHERE proc_name = 'policy_retention'"
+        )
+    old = dt.datetime.now(UTC) - dt.timedelta(days=400)
+    await conn.execute(
+        "INSERT INTO spreads (event_id, symbol, upbit_price, binance_price, binance_price_krw,"
+        " spread_pct, net_spread_pct, timestamp) VALUES ('old', 'BTC', 1, 1, 1, 1, 1, $1)",
+        old,
+    )
     try:
         db = dsn.rsplit("/", 1)[1]
         await conn.execute(f"GRANT CONNECT ON DATABASE {db} TO {role}")
         await conn.execute(f"GRANT USAGE ON SCHEMA public TO {role}")
-        await conn.execute(
-            f"GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO {role}"
-        )
+        await conn.execute(f"GRANT SELECT, INSERT, UPDATE ON ALL TABLES IN SCHEMA public TO {role}")
         writer_dsn = with_db(srv.admin_dsn, db, user=role)
         writer = await asyncpg.connect(writer_dsn)
         try:
-            # Not the owner: REFRESH and policy changes are refused directly...
+            # Not the owner: REFRESH is refused directly, and the functions until granted.
             with pytest.raises(asyncpg.InsufficientPrivilegeError):
                 await writer.execute("REFRESH MATERIALIZED VIEW daily_pnl_summary")
-            # ...and the functions too until granted (REVOKE ... FROM PUBLIC in 0003).
             with pytest.raises(asyncpg.InsufficientPrivilegeError):
-                await writer.fetchval("SELECT ingestd_refresh_aggregates()")
+                await writer.fetchval("SELECT ingestd_refresh_aggregate('daily_pnl_summary')")
         finally:
             await writer.close()
+        # A careless grant of every function: the retention ones run with the caller's rights
+        # (migration 0007), so a role that may not DELETE or own the table still cannot.
         for fn in FUNCTIONS:
             await conn.execute(f"GRANT EXECUTE ON FUNCTION {fn} TO {role}")
+        writer = await asyncpg.connect(writer_dsn)
+        try:
+            if kind == "postgres":
+                with pytest.raises(asyncpg.InsufficientPrivilegeError):
+                    await writer.fetchval("SELECT ingestd_delete_expired('spreads', '1 day', 10)")
+            else:
+                with pytest.raises(asyncpg.PostgresError):
+                    await writer.fetchval("SELECT ingestd_set_retention('spreads', '1 day')")
+        finally:
+            await writer.close()
         p = await make_pool(writer_dsn)
         try:
             m = maintenance(p, aredis, spreads_days=45)
-            results = await m.run_all()
-            assert all(r is not None and r.ran for r in results), results
-            if kind == "timescale":
-                keep = await conn.fetchval(
-                    "SELECT config->>'drop_after' FROM timescaledb_information.jobs"
-                    " WHERE proc_name = 'policy_retention' AND hypertable_name = 'spreads'"
-                )
-                assert keep == "45 days"
+            results = {r.task: r for r in await m.run_all() if r is not None}
+            assert m.failures == 0
+            assert results[TASK_REFRESH].ran and results[TASK_METRICS].ran
+            for task in (TASK_POLICIES, TASK_RETENTION):
+                assert not results[task].ran and results[task].detail == "not the owner"
         finally:
             await p.close()
+        assert await conn.fetchval("SELECT count(*) FROM spreads") == 1
+        if kind == "timescale":
+            keep = await conn.fetchval(
+                "SELECT config->>'drop_after' FROM timescaledb_information.jobs"
+                " WHERE proc_name = 'policy_retention' AND hypertable_name = 'spreads'"
+            )
+            assert keep == "90 days"
     finally:
         await conn.execute(f"DROP OWNED BY {role}")
         await conn.execute(f"DROP ROLE {role}")
@@ -405,7 +433,8 @@ async def test_functions_run_with_a_fixed_search_path(conn: asyncpg.Connection, 
     )
     assert {r["fn"] for r in rows} == {f.replace(", ", ",") for f in FUNCTIONS}
     for r in rows:
-        assert r["prosecdef"], r["fn"]
+        # Only the refreshes need the owner's rights; retention runs as its caller (0007).
+        assert r["prosecdef"] == ("refresh" in r["fn"]), r["fn"]
         assert r["proconfig"] == ["search_path=pg_catalog, public, pg_temp"], r["fn"]
 
 
@@ -473,3 +502,32 @@ async def test_a_stuck_hourly_refresh_does_not_roll_back_the_daily_one(
     assert row["last_status"] == "failed"
     # ...but the daily summary, refreshed first in a transaction of its own, is there.
     assert await conn.fetchval("SELECT sum(trade_count) FROM daily_pnl_summary") == 1
+
+
+@TIMESCALE_ONLY
+async def test_migrate_as_the_owner_sets_the_configured_retention_policies(
+    dsn: str, conn: asyncpg.Connection, tmp_path: Path
+) -> None:
+    config = tmp_path / "ingestd.yml"
+    config.write_text("retention:\n  spreads_days: 30\n  orders_days: 0\n", encoding="utf-8")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("INGESTD_", "PG"))}
+    env.update(DATABASE_URL=dsn, INGESTD_CONFIG=str(config))
+    done = subprocess.run(
+        [sys.executable, "-m", "ingestd.cli", "migrate"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "spreads (30 days): changed" in done.stdout
+    assert "orders (kept forever): removed" in done.stdout
+    policies = {
+        r["hypertable_name"]: r["keep"]
+        for r in await conn.fetch(
+            "SELECT hypertable_name, config->>'drop_after' AS keep"
+            " FROM timescaledb_information.jobs WHERE proc_name = 'policy_retention'"
+        )
+    }
+    assert policies == {"spreads": "30 days", "fx_rates": "180 days"}

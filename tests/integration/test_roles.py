@@ -20,7 +20,7 @@ import pytest
 from ingestd import Service, errors, load_settings, migrations
 from ingestd.app import create_redis
 from ingestd.db import create_pool
-from ingestd.maintenance import TASKS, Maintenance
+from ingestd.maintenance import TASK_POLICIES, TASK_RETENTION, TASKS, Maintenance
 from ingestd.roles import READER_GROUP, WRITER_GROUP, Login, apply_roles, scram_verifier
 from ingestd.settings import MaintenanceSettings, PostgresSettings, RetentionSettings
 from tests.ledger import Expected, assert_landed_exactly_once
@@ -183,12 +183,188 @@ async def test_reader_reads_every_table_and_writes_nothing(
         await conn.close()
 
 
-async def test_ingestd_functions_are_executable_by_the_writer_only(
+# Every function of ingestd's own (not PostgreSQL's, not an extension's) that a group may execute,
+# and why calling it cannot remove a row or shorten retention. Anything else a group may execute
+# fails test_no_function_the_groups_may_execute_can_erase_history.
+GROUP_FUNCTIONS: dict[str, tuple[set[str], str]] = {
+    "ingestd_refresh_aggregate(text)": (
+        {WRITER_GROUP},
+        "recomputes daily_pnl_summary or hourly_spread_avg from the tables: writes only the "
+        "materialized view, reads the tables, refuses any other name",
+    ),
+    "time_bucket(interval,timestamp with time zone)": (
+        {WRITER_GROUP, READER_GROUP},
+        "plain PostgreSQL only (TimescaleDB brings its own): IMMUTABLE SQL over date_bin(), "
+        "runs with the caller's rights and touches no table",
+    ),
+}
+# Retention and the other owner-only functions: executable by no group (nor PUBLIC).
+OWNER_ONLY_FUNCTIONS = (
+    "ingestd_delete_expired(text,interval,integer)",
+    "ingestd_set_retention(text,interval)",
+    "ingestd_refresh_aggregates()",
+)
+# What a role may execute: the privilege (its own, its groups' or PUBLIC's) and USAGE on the schema.
+EXECUTABLE_SQL = """
+SELECT p.oid::regprocedure::text AS fn, n.nspname AS schema, p.prosecdef AS definer,
+       EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_proc'::regclass
+               AND d.objid = p.oid AND d.deptype = 'e') AS extension_member
+FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+WHERE has_function_privilege($1, p.oid, 'EXECUTE') AND has_schema_privilege($1, n.oid, 'USAGE')
+"""
+TIME_SERIES = ("spreads", "fx_rates", "orders", "trades")
+
+
+async def _pause_retention_jobs(owner: asyncpg.Connection) -> None:
+    """TimescaleDB: the owner's policies would drop old seeded rows mid-test; keep them idle."""
+    if await owner.fetchval("SELECT count(*) FROM pg_extension WHERE extname = 'timescaledb'"):
+        await owner.execute(
+            "SELECT alter_job(job_id, scheduled => false) FROM timescaledb_information.jobs"
+            " WHERE proc_name = 'policy_retention'"
+        )
+
+
+async def _seed_expired_rows(owner: asyncpg.Connection) -> dict[str, int]:
+    """A row 400 days old in each time-series table; returns the row counts."""
+    await _pause_retention_jobs(owner)
+    old = dt.datetime.now(dt.UTC) - dt.timedelta(days=400)
+    await owner.execute(
+        "INSERT INTO spreads (event_id, symbol, upbit_price, binance_price, binance_price_krw,"
+        " spread_pct, net_spread_pct, timestamp) VALUES ('old-s', 'BTC', 1, 1, 1, 1, 1, $1)",
+        old,
+    )
+    await owner.execute(
+        "INSERT INTO fx_rates (event_id, pair, rate, timestamp) VALUES ('old-fx', 'USDKRW', 1, $1)",
+        old,
+    )
+    await owner.execute(
+        "INSERT INTO orders (event_id, position_key, symbol, venue, side, qty, price_theoretical,"
+        " leg_id, timestamp) VALUES ('old-o', 'pos_x', 'BTC', 'upbit', 'SELL', 1, 1, 'l0', $1)",
+        old,
+    )
+    await owner.execute(
+        "INSERT INTO trades (event_id, position_key, symbol, direction, size, side, timestamp)"
+        " VALUES ('old-t', 'pos_x', 'BTC', 'upbit_short_binance_long', 1, 'OPEN', $1)",
+        old,
+    )
+    return await _counts(owner)
+
+
+async def _counts(owner: asyncpg.Connection) -> dict[str, int]:
+    return {t: await owner.fetchval(f"SELECT count(*) FROM {t}") for t in TIME_SERIES}
+
+
+async def _retention_policies(owner: asyncpg.Connection) -> dict[str, str]:
+    if not await owner.fetchval("SELECT count(*) FROM pg_extension WHERE extname = 'timescaledb'"):
+        return {}
+    rows = await owner.fetch(
+        "SELECT hypertable_name, config->>'drop_after' AS keep FROM timescaledb_information.jobs"
+        " WHERE proc_name = 'policy_retention'"
+    )
+    return {r["hypertable_name"]: r["keep"] for r in rows}
+
+
+async def test_no_function_the_groups_may_execute_can_erase_history(
     roles_db: tuple[PrivatePostgres, str, asyncpg.Connection],
 ) -> None:
     cluster, name, owner = roles_db
     writer, reader = _logins(name)
-    # What the maintenance issue adds: a SECURITY DEFINER function named ingestd_*.
+    before = await _seed_expired_rows(owner)
+    policies = await _retention_policies(owner)
+    for login, group in ((writer, WRITER_GROUP), (reader, READER_GROUP)):
+        rows = await owner.fetch(EXECUTABLE_SQL, login)
+        # PostgreSQL's own functions run with the caller's rights (none is SECURITY DEFINER), so
+        # they can do no more than the role itself, which may not DELETE or TRUNCATE (the DENIED
+        # lists). Extension functions that drop data check ownership themselves (below).
+        builtin = [r for r in rows if r["schema"] in ("pg_catalog", "information_schema")]
+        assert len(builtin) > 1000 and not [r["fn"] for r in builtin if r["definer"]]
+        own = {
+            r["fn"]
+            for r in rows
+            if r["schema"] not in ("pg_catalog", "information_schema") and not r["extension_member"]
+        }
+        allowed = {fn for fn, (groups, _) in GROUP_FUNCTIONS.items() if group in groups}
+        assert own <= allowed, f"{group} may execute functions nobody justified: {own - allowed}"
+        if not cluster.timescale:
+            assert own == allowed
+    w = await _connect(cluster, writer, WRITER_PW, name)
+    r = await _connect(cluster, reader, READER_PW, name)
+    try:
+        # What the groups may call, called as they would: nothing disappears.
+        assert await w.fetchval("SELECT ingestd_refresh_aggregate('daily_pnl_summary')") is True
+        await w.fetchval("SELECT ingestd_refresh_aggregate('hourly_spread_avg')")
+        for conn in (w, r):
+            await conn.fetchval("SELECT time_bucket('1 hour', now())")
+        # The retention functions, with the shortest period there is, are refused to both.
+        for conn in (w, r):
+            for table in TIME_SERIES:
+                with pytest.raises(asyncpg.InsufficientPrivilegeError):
+                    await conn.fetchval(
+                        "SELECT ingestd_delete_expired($1, '1 microsecond', 1000000)", table
+                    )
+                with pytest.raises(asyncpg.InsufficientPrivilegeError):
+                    await conn.fetchval("SELECT ingestd_set_retention($1, '1 microsecond')", table)
+            with pytest.raises(asyncpg.InsufficientPrivilegeError):
+                await conn.fetchval("SELECT ingestd_refresh_aggregates()")
+        if cluster.timescale:  # the extension's own ways to drop data check ownership
+            job = await owner.fetchval(
+                "SELECT job_id FROM timescaledb_information.jobs"
+                " WHERE proc_name = 'policy_retention' AND hypertable_name = 'spreads'"
+            )
+            config = await owner.fetchval(
+                "SELECT config FROM timescaledb_information.jobs WHERE job_id = $1", job
+            )
+            shorter = orjson.dumps({**orjson.loads(config), "drop_after": "1 second"}).decode()
+            for statement, args in (
+                ("SELECT drop_chunks('spreads', older_than => now())", ()),
+                ("SELECT remove_retention_policy('spreads')", ()),
+                ("SELECT add_retention_policy('trades', drop_after => INTERVAL '1 second')", ()),
+                ("SELECT alter_job($1, config => $2::jsonb)", (job, shorter)),
+                ("SELECT alter_job($1, scheduled => false)", (job,)),
+                ("SELECT delete_job($1)", (job,)),
+                ("CALL run_job($1)", (job,)),
+            ):
+                # The reader's sessions are read-only by default; its privileges hold without.
+                await r.execute("SET default_transaction_read_only = off")
+                for conn in (w, r):
+                    with pytest.raises(asyncpg.PostgresError):
+                        await conn.execute(statement, *args)
+    finally:
+        await w.close()
+        await r.close()
+    assert await _counts(owner) == before
+    assert await _retention_policies(owner) == policies
+
+
+async def test_every_migration_revokes_public_execute_on_its_functions(
+    db: asyncpg.Connection,
+) -> None:
+    # Between `ingestd migrate` and `ingestd roles` (and wherever roles.sql is never run), what
+    # PUBLIC may execute of ingestd's own is what the migrations left: only time_bucket.
+    rows = await db.fetch(
+        """
+        SELECT p.oid::regprocedure::text AS fn
+        FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+        WHERE n.nspname = 'public'
+          AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_proc'::regclass
+                          AND d.objid = p.oid AND d.deptype = 'e')
+          AND EXISTS (SELECT 1 FROM aclexplode(coalesce(p.proacl, acldefault('f', p.proowner)))
+                      AS a WHERE a.grantee = 0 AND a.privilege_type = 'EXECUTE')
+        """
+    )
+    assert {r["fn"] for r in rows} <= {"time_bucket(interval,timestamp with time zone)"}
+    assert (
+        await db.fetchval("SELECT count(*) FROM pg_proc WHERE proname LIKE 'ingestd\\_%'")
+        == len(OWNER_ONLY_FUNCTIONS) + 1
+    )
+
+
+async def test_a_function_a_later_migration_adds_is_nobodys_until_listed(
+    roles_db: tuple[PrivatePostgres, str, asyncpg.Connection],
+) -> None:
+    cluster, name, owner = roles_db
+    writer, reader = _logins(name)
+    # As a careless migration would add it: named ingestd_*, SECURITY DEFINER, no REVOKE.
     await owner.execute(
         """
         CREATE FUNCTION ingestd_delete_spreads_before(cutoff timestamptz) RETURNS bigint
@@ -196,26 +372,24 @@ async def test_ingestd_functions_are_executable_by_the_writer_only(
             WITH gone AS (DELETE FROM spreads WHERE "timestamp" < cutoff RETURNING 1)
             SELECT count(*) FROM gone
         $$;
+        CREATE FUNCTION other_function() RETURNS int LANGUAGE sql AS 'SELECT 1';
         INSERT INTO spreads (event_id, symbol, upbit_price, binance_price, binance_price_krw,
                              spread_pct, net_spread_pct, "timestamp")
         VALUES ('old-1', 'BTC', 1, 1, 1, 1, 1, '2020-01-01T00:00:00Z');
-        CREATE FUNCTION other_function() RETURNS int LANGUAGE sql AS 'SELECT 1';
         """
     )
-    await apply_roles(owner)  # re-applied after the migration that added the function
+    await apply_roles(owner)  # re-applied after the migration, as compose does
     w = await _connect(cluster, writer, WRITER_PW, name)
     r = await _connect(cluster, reader, READER_PW, name)
     try:
-        with pytest.raises(asyncpg.InsufficientPrivilegeError):
-            await r.fetchval("SELECT ingestd_delete_spreads_before(now())")
-        with pytest.raises(asyncpg.InsufficientPrivilegeError):
-            await w.execute("DELETE FROM spreads")
-        assert await w.fetchval("SELECT ingestd_delete_spreads_before(now())") == 1
-        # Functions not named ingestd_* keep PostgreSQL's default (EXECUTE for PUBLIC).
-        assert await r.fetchval("SELECT other_function()") == 1
+        for conn in (w, r):
+            for call in ("SELECT ingestd_delete_spreads_before(now())", "SELECT other_function()"):
+                with pytest.raises(asyncpg.InsufficientPrivilegeError):
+                    await conn.fetchval(call)
     finally:
         await w.close()
         await r.close()
+    assert await owner.fetchval("SELECT count(*) FROM spreads") == 1
 
 
 async def test_passwords_are_stored_as_scram_verifiers_and_checked(
@@ -388,23 +562,25 @@ async def _seed_for_maintenance(owner: asyncpg.Connection) -> dt.datetime:
     return now
 
 
-async def test_writer_runs_every_maintenance_task(
+async def test_writer_runs_its_maintenance_and_retention_is_the_owners(
     roles_db: tuple[PrivatePostgres, str, asyncpg.Connection], redis_url: str
 ) -> None:
     cluster, name, owner = roles_db
     writer, _ = _logins(name)
+    await _pause_retention_jobs(owner)
     now = await _seed_for_maintenance(owner)
     pool = await create_pool(PostgresSettings(dsn=cluster.tls_dsn(writer, WRITER_PW, name)))
     client = create_redis(redis_url, socket_timeout_s=2)
+    mine = [t for t in TASKS if t not in (TASK_POLICIES, TASK_RETENTION)]
     try:
         m = Maintenance(pool, client, settings=MaintenanceSettings(), retention=RetentionSettings())
-        results = await m.run_all()
-        assert m.failures == 0
-        assert [r.task if r else None for r in results] == list(TASKS)
-        assert all(r is not None and r.ran for r in results), results
-        # A second round, claimed by UPDATE on the rows the first one inserted.
-        assert all(r is not None and r.ran for r in await m.run_all()), "second round"
-        assert m.failures == 0
+        for _ in range(2):  # the second round is claimed by UPDATE on the rows the first inserted
+            results = {r.task: r for r in await m.run_all() if r is not None}
+            assert m.failures == 0
+            assert [t for t in TASKS if results[t].ran] == mine, results
+            assert (
+                results[TASK_RETENTION].detail == results[TASK_POLICIES].detail == "not the owner"
+            )
         day = now.date().isoformat()
         hour = now.strftime("%Y-%m-%d-%H")
         daily = await client.get(f"metrics:daily_pnl:{day}")
@@ -414,14 +590,39 @@ async def test_writer_runs_every_maintenance_task(
         await pool.close()
     rounds = await owner.fetch("SELECT task, last_status, runs, failures FROM ingestd_maintenance")
     outcomes = {r["task"]: (r["last_status"], r["runs"], r["failures"]) for r in rounds}
-    assert outcomes == dict.fromkeys(TASKS, ("success", 2, 0))
+    assert outcomes == dict.fromkeys(mine, ("success", 2, 0))
     assert daily is not None and orjson.loads(daily)["total_pnl_krw"] == "12345.67"
     assert hourly is not None and orjson.loads(hourly)["symbols"]["BTC"]["max_spread_pct"] in (
         "3.5",
         "3.5000",
         "3.50000000000000000000",
     )
-    if not cluster.timescale:  # plain PostgreSQL: retention deleted the expired rows
+    assert await owner.fetchval("SELECT count(*) FROM spreads") == 3  # nothing expired went
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("INGESTD_", "PG"))}
+    cmd = [sys.executable, "-m", "ingestd.cli", "retention"]
+
+    def retention(dsn: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            cmd,
+            env={**env, "DATABASE_URL": dsn},
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+
+    refused = retention(cluster.tls_dsn(writer, WRITER_PW, name))
+    assert refused.returncode == 2, refused.stdout + refused.stderr
+    assert "retention runs as the owner" in refused.stderr
+    assert WRITER_PW not in refused.stderr and "Traceback" not in refused.stderr
+    assert await owner.fetchval("SELECT count(*) FROM spreads") == 3
+    done = retention(cluster.admin_dsn(name))
+    assert done.returncode == 0, done.stdout + done.stderr
+    if cluster.timescale:
+        assert "spreads (90 days): unchanged" in done.stdout
+    else:  # plain PostgreSQL: the owner deleted the expired rows
+        assert "spreads: 1 rows deleted" in done.stdout
         assert await owner.fetchval("SELECT count(*) FROM spreads") == 2
         assert await owner.fetchval("SELECT count(*) FROM fx_rates") == 0
 

@@ -225,12 +225,14 @@ async def test_migration_0003_applies_again_unchanged(
     dsn = await empty_db()
     conn = await asyncpg.connect(dsn)
     try:
-        await migrations.migrate(conn)
+        # Up to 0003 only: later migrations (0007) change what 0003 created.
+        known = migrations.load_migrations()
+        await migrations.migrate(conn, [m for m in known if m.version <= 3])
         before = await catalog(dsn)
-        layer = next(m for m in migrations.load_migrations() if m.version == 3)
+        layer = next(m for m in known if m.version == 3)
         async with conn.transaction():
             await conn.execute(layer.sql)
         assert await catalog(dsn) == before
-        assert await migrations.migrate(conn) == []  # and the ledger says nothing is pending
+        assert await migrations.migrate(conn, [m for m in known if m.version <= 3]) == []
     finally:
         await conn.close()

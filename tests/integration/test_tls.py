@@ -88,7 +88,7 @@ async def test_ingestd_works_within_the_compose_acl(
             "storage.redis.url": ingestd_url(compose_redis),
             "stream.consumer": "acl-test",
             "stream.block_ms": 200,
-            "stream.claim_idle_ms": 0,
+            "stream.claim_idle_ms": 1,
             "pipeline.batch_max_age_ms": 20,
             "metrics_port": 0,
         },

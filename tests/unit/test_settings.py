@@ -375,3 +375,149 @@ def test_migrate_finds_the_database_name_in_a_dsn(dsn: str, name: str) -> None:
     from ingestd.cli import _database_name
 
     assert _database_name(dsn) == name
+
+
+# --- configuration is input: parse, then expand; every number validated ---------------------
+
+
+def test_a_variable_in_a_comment_is_never_expanded(tmp_path: Path) -> None:
+    path = write(tmp_path, "# dsn: ${NOT_SET_ANYWHERE}\nstream:\n  key: k  # ${ALSO_NOT_SET}\n")
+    assert load_settings(path, environ={}).stream.key == "k"
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "postgresql://u:p #not-a-comment@db/ingestd",
+        "it's \"quoted\" and 'single'",
+        "a: b, [c] {d} #e",
+        "line\\nbreak",
+    ],
+)
+@pytest.mark.parametrize("quoting", ["${V}", '"${V}"', "'${V}'"])
+def test_an_expanded_value_is_taken_whole(tmp_path: Path, value: str, quoting: str) -> None:
+    path = write(tmp_path, f"storage:\n  redis:\n    key_prefix: {quoting}\n")
+    assert load_settings(path, environ={"V": value}).storage.redis.key_prefix == value
+
+
+def test_an_expanded_dsn_is_not_truncated_at_its_hash(tmp_path: Path) -> None:
+    # Expanded into the text, " #ss@db..." became a comment and the DSN silently lost its host.
+    # Taken whole, the '#' (which ends a URL) is refused, saying how to write it.
+    path = write(tmp_path, "storage:\n  postgres:\n    dsn: ${DSN}\n")
+    with pytest.raises(ConfigError, match="percent-encode") as caught:
+        load_settings(path, environ={"DSN": "postgresql://u:pa #ss@db:5432/ingestd"})
+    assert "pa #ss" not in str(caught.value)
+    encoded = "postgresql://u:pa%20%23ss@db:5432/ingestd"
+    assert load_settings(path, environ={"DSN": encoded}).storage.postgres.dsn == encoded
+
+
+def test_an_expanded_number_is_still_validated(tmp_path: Path) -> None:
+    path = write(tmp_path, "pipeline:\n  flush_timeout_s: ${T}\n")
+    assert load_settings(path, environ={"T": "2.5"}).pipeline.flush_timeout_s == 2.5
+    with pytest.raises(ConfigError, match=r"pipeline\.flush_timeout_s"):
+        load_settings(path, environ={"T": "nan"})
+
+
+def test_a_yaml_syntax_error_is_a_config_error_that_quotes_nothing(tmp_path: Path) -> None:
+    secret = "hunter2-secret"
+    path = write(
+        tmp_path, f"storage:\n  postgres:\n    dsn: postgresql://u:{secret}@h/db\n  x: [\n"
+    )
+    with pytest.raises(ConfigError) as caught:
+        load_settings(path, environ={})
+    message = str(caught.value)
+    assert "YAML syntax error at line" in message and str(path) in message
+    assert secret not in message
+    assert caught.value.__cause__ is None and caught.value.__suppress_context__
+
+
+def _number_fields(obj: object, path: str = "") -> list[tuple[str, object]]:
+    import dataclasses
+
+    found: list[tuple[str, object]] = []
+    for field in dataclasses.fields(obj):  # type: ignore[arg-type]
+        value = getattr(obj, field.name)
+        where = f"{path}.{field.name}" if path else field.name
+        if dataclasses.is_dataclass(value):
+            found += _number_fields(value, where)
+        elif isinstance(value, int | float) and not isinstance(value, bool):
+            found.append((where, value))
+    return found
+
+
+NUMBER_FIELDS = _number_fields(Settings())
+DURATIONS = [name for name, _ in NUMBER_FIELDS if s._is_duration(name.rsplit(".", 1)[-1])]
+
+
+def test_the_durations_are_recognised() -> None:
+    assert "pipeline.flush_timeout_s" in DURATIONS and "fx.ttl_seconds" in DURATIONS
+    assert "stream.block_ms" in DURATIONS and "mirror.health_ttl_s" in DURATIONS
+    assert len(DURATIONS) >= 20
+
+
+@pytest.mark.parametrize(
+    "name", [name for name, value in NUMBER_FIELDS if isinstance(value, float)]
+)
+@pytest.mark.parametrize("bad", [".nan", ".inf", "-.inf"])
+def test_no_float_may_be_nan_or_infinite(tmp_path: Path, name: str, bad: str) -> None:
+    section, _, key = name.rpartition(".")
+    text = (
+        "".join(f"{'  ' * i}{part}:\n" for i, part in enumerate(section.split(".")))
+        if section
+        else ""
+    )
+    indent = "  " * (section.count(".") + 1) if section else ""
+    path = write(tmp_path, f"{text}{indent}{key}: {bad}\n")
+    with pytest.raises(ConfigError, match=name.replace(".", r"\.")):
+        load_settings(path, environ={})
+
+
+@pytest.mark.parametrize("name", DURATIONS)
+def test_no_duration_or_ttl_may_be_negative(name: str) -> None:
+    with pytest.raises(ConfigError, match=name.replace(".", r"\.")):
+        Settings().replace(**{name: -1}).check()
+
+
+@pytest.mark.parametrize("name", [n for n in DURATIONS if n not in s.ZERO_ALLOWED_DURATIONS])
+def test_no_duration_or_ttl_may_be_zero(name: str) -> None:
+    with pytest.raises(ConfigError, match=name.replace(".", r"\.")):
+        Settings().replace(**{name: 0}).check()
+
+
+def test_zero_keeps_its_meaning_where_it_means_off() -> None:
+    for name in s.ZERO_ALLOWED_DURATIONS:
+        Settings().replace(**{name: 0}).check()
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("pipeline.flush_timeout_s", 10**9),
+        ("pipeline.writers", 2**60),
+        ("retention.spreads_days", 10**6),
+        ("retention.delete_batch_rows", 2**31),
+        ("stream.read_count", -5),
+        ("storage.postgres.pool_min_size", 7),
+        ("mirror.heartbeat_interval_s", 10.0),
+        ("pipeline.backoff_base_s", 20.0),
+    ],
+)
+def test_numbers_out_of_bounds_are_refused(name: str, value: int | float) -> None:
+    with pytest.raises(ConfigError, match=name.rsplit(".", 1)[-1]):
+        Settings().replace(**{name: value}).check()
+
+
+@pytest.mark.parametrize(("name", "bounds"), list(s.INT_BOUNDS.items()))
+def test_counts_stay_in_their_range(name: str, bounds: tuple[int, int]) -> None:
+    low, high = bounds
+    for bad in (low - 1, high + 1):
+        if bad < 0:
+            continue
+        with pytest.raises(ConfigError, match=name.rsplit(".", 1)[-1]):
+            Settings().replace(**{name: bad}).check()
+
+
+def test_an_unknown_log_level_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="log_level"):
+        load_settings(write(tmp_path, "log_level: LOUD\n"), environ={})
+    assert load_settings(write(tmp_path, "log_level: debug\n"), environ={}).log_level == "debug"
