@@ -20,6 +20,7 @@ import datetime as dt
 import enum
 import random
 import re
+import reprlib
 import string
 from collections.abc import Callable, Mapping
 from decimal import ROUND_HALF_UP, Decimal
@@ -104,7 +105,11 @@ class Case:
         if isinstance(payload, bytes | str) and len(payload) > limit:
             shown = f"{payload[:limit]!r}… ({len(payload)} {'bytes' if isinstance(payload, bytes) else 'chars'})"
         else:
-            shown = repr(payload)
+            # reprlib: bounded depth and width (a payload may be nested 50,000 lists deep).
+            shaper = reprlib.Repr()
+            shaper.maxstring = shaper.maxother = limit
+            shaper.maxdict = shaper.maxlist = 40
+            shown = shaper.repr(payload)
             if len(shown) > limit:
                 shown = shown[:limit] + "…"
         where = f" entry {self.entry_id}" if self.entry_id else ""
@@ -210,6 +215,8 @@ class JsonWriter:
 _SPICE: Final = (
     '"', "'", ",", "\\", "\n", "\r", "\t", "\x01", "\x1b", "\x7f", "é", "한", "글", "😀", "\u200b",
     "\u0301", "\ufeff", "/", "<", "{", "%s", "\u2028", "$1", ";", "--", "ß", "İ",
+    # COPY's end-of-data marker and NULL spellings, on lines of their own.
+    "\n\\.\n", "\\N", "\n\\.", "NULL",
 )  # fmt: skip
 _ALNUM: Final = string.ascii_letters + string.digits
 _OFFSETS: Final = ("Z", "Z", "z", "+00:00", "+09:00", "-03:30", "+05:45", "-12:00", "+14:00", "-00:00")
