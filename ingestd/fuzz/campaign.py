@@ -242,7 +242,7 @@ class Campaign:
             last_ids=self.last_ids,
             submit_outcomes=self.outcomes,
             healthz=healthz,
-            heartbeat=None if heartbeat is None else heartbeat.decode(errors="replace"),
+            heartbeat=None if heartbeat is None else str(heartbeat),
             exit_code=exit_code,
             daemon_log=self.daemon.log_text,
             stalled=stalled,
@@ -272,7 +272,7 @@ class Campaign:
                     pipe.xadd(self.stream_key, {c.stream_field: c.payload})
                 ids = await pipe.execute()
             for c, entry_id in zip(chunk, ids, strict=True):
-                c.entry_id = entry_id.decode()
+                c.entry_id = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
             self.last_ids[STREAM] = chunk[-1].entry_id
         for c in cases:
             if c.route != STREAM_B:
@@ -330,9 +330,9 @@ class Campaign:
                 state.append([(g["pending"], g["last-delivered-id"]) for g in groups])
             if done:
                 return None
-            if self.daemon is not None and self.daemon.proc is not None:
-                if self.daemon.proc.poll() is not None:
-                    return f"ingestd run exited {self.daemon.proc.returncode}"
+            proc = self.daemon.proc if self.daemon is not None else None
+            if proc is not None and proc.poll() is not None:
+                return f"ingestd run exited {proc.returncode}"
             if state != previous:
                 previous, last_change = state, time.monotonic()
             elif time.monotonic() - last_change > self.options.stall_s:
@@ -362,7 +362,7 @@ def _outcome_name(outcome: Outcome) -> str:
 
 def _get(port: int, path: str) -> tuple[int, str]:
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as resp:  # noqa: S310 - our own loopback endpoint
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as resp:
             return int(resp.status), resp.read().decode(errors="replace")[:200]
     except urllib.error.HTTPError as exc:
         return int(exc.code), exc.read().decode(errors="replace")[:200]
@@ -439,9 +439,14 @@ async def run_fuzz_command(
         doc = {
             **report.figures(),
             "violation_details": [
-                {"check": v.check, "detail": v.detail, "case": v.case.describe(2000) if v.case else None}
+                {
+                    "check": v.check,
+                    "detail": v.detail,
+                    "case": v.case.describe(2000) if v.case else None,
+                }
                 for v in report.verdict.violations
             ],
         }
-        Path(json_path).write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
+        text = json.dumps(doc, indent=2) + "\n"
+        await asyncio.to_thread(Path(json_path).write_text, text, encoding="utf-8")
     return 0 if report.ok else 1

@@ -51,7 +51,12 @@ STREAM_B: Final = "stream_b"  # a second stream, read by the in-process service
 SUBMIT: Final = "submit"
 ROUTES: Final = (STREAM, STREAM_B, SUBMIT)
 
-TABLE_OF_TYPE: Final = {"spread": "spreads", "fx_rate": "fx_rates", "order": "orders", "trade": "trades"}
+TABLE_OF_TYPE: Final = {
+    "spread": "spreads",
+    "fx_rate": "fx_rates",
+    "order": "orders",
+    "trade": "trades",
+}
 APPEND_TYPES: Final = tuple(TABLE_OF_TYPE)
 ALL_TYPES: Final = tuple(events.EVENT_TYPES)
 # Seed §2's retention; an event older than its table's is bad input (trades have none).
@@ -103,7 +108,8 @@ class Case:
         """``#n route category/name: description; payload …`` for a violation report."""
         payload = self.payload
         if isinstance(payload, bytes | str) and len(payload) > limit:
-            shown = f"{payload[:limit]!r}… ({len(payload)} {'bytes' if isinstance(payload, bytes) else 'chars'})"
+            unit = "bytes" if isinstance(payload, bytes) else "chars"
+            shown = f"{payload[:limit]!r}… ({len(payload)} {unit})"
         else:
             # reprlib: bounded depth and width (a payload may be nested 50,000 lists deep).
             shaper = reprlib.Repr()
@@ -138,7 +144,9 @@ class JsonWriter:
     def __init__(self, rng: random.Random) -> None:
         self.rng = rng
 
-    def dumps(self, obj: Any, *, escape_rate: float | None = None, spaced: bool | None = None) -> bytes:
+    def dumps(
+        self, obj: Any, *, escape_rate: float | None = None, spaced: bool | None = None
+    ) -> bytes:
         rng = self.rng
         esc = rng.choice((0.0, 0.0, 0.3, 1.0)) if escape_rate is None else escape_rate
         sp = rng.random() < 0.3 if spaced is None else spaced
@@ -219,7 +227,18 @@ _SPICE: Final = (
     "\n\\.\n", "\\N", "\n\\.", "NULL",
 )  # fmt: skip
 _ALNUM: Final = string.ascii_letters + string.digits
-_OFFSETS: Final = ("Z", "Z", "z", "+00:00", "+09:00", "-03:30", "+05:45", "-12:00", "+14:00", "-00:00")
+_OFFSETS: Final = (
+    "Z",
+    "Z",
+    "z",
+    "+00:00",
+    "+09:00",
+    "-03:30",
+    "+05:45",
+    "-12:00",
+    "+14:00",
+    "-00:00",
+)
 
 
 def quantize(value: Decimal, scale: int) -> Decimal:
@@ -244,7 +263,9 @@ class Values:
         n = length if roll < 0.1 else rng.randint(1, min(length, 12 if roll < 0.8 else length))
         if plain or rng.random() < 0.5:
             return "".join(rng.choice(_ALNUM) for _ in range(n))
-        chars = [rng.choice(_SPICE) if rng.random() < 0.35 else rng.choice(_ALNUM) for _ in range(n)]
+        chars = [
+            rng.choice(_SPICE) if rng.random() < 0.35 else rng.choice(_ALNUM) for _ in range(n)
+        ]
         return "".join(chars)[:length]
 
     def numeric(self, kind: tables.Numeric) -> tuple[Any, Decimal]:
@@ -656,7 +677,7 @@ class Generator:
         def make() -> Case:
             n = self._next()
             built = self.build(etype, n, route, key=key)
-            case = Case(
+            return Case(
                 n,
                 route,
                 "position",
@@ -666,7 +687,6 @@ class Generator:
                 row=self._row(built),
                 marker=self._marker(n) if route == SUBMIT else None,
             )
-            return case
 
         return make
 
@@ -972,7 +992,9 @@ def _wire_of(payload: Any) -> dict[str, Any] | None:
 Mutation = Callable[["Generator", _Built, str], "tuple[Any, str, str] | None"]
 
 
-def _pick(g: Generator, built: _Built, kinds: tuple[type, ...], *, required: bool = False) -> str | None:
+def _pick(
+    g: Generator, built: _Built, kinds: tuple[type, ...], *, required: bool = False
+) -> str | None:
     spec = events.EVENT_TYPES[built.etype]
     names = [
         f.name
@@ -990,7 +1012,7 @@ def m_naive_time(g: Generator, b: _Built, route: str) -> tuple[Any, str, str] | 
     name = events.EVENT_TYPES[b.etype].time_field
     naive = re.sub(r"([Zz]|[+-][0-9]{2}:[0-9]{2})\Z", "", str(b.wire[name]))
     if route == SUBMIT and g.rng.random() < 0.5:
-        wire = g._to_python(b.wire, b.expected)  # noqa: SLF001
+        wire = g._to_python(b.wire, b.expected)
         wire[name] = dt.datetime(2025, 11, 15, 3, 40, 15)  # noqa: DTZ001 - the point of the test
         return wire, "naive_datetime_object", f"{name} is a naive datetime"
     b.wire[name] = naive
@@ -1006,7 +1028,7 @@ _BAD_TIMES: Final = (
     "0000-01-01T00:00:00Z",
     "",
     "2025-11-15T03:40:15.Z",
-    "２０２５-11-15T03:40:15Z",
+    "\uff12\uff10\uff12\uff15-11-15T03:40:15Z",  # full-width digits
     "9999-12-31T23:59:59.9999999Z",
     "2025-11-15T03:40:15Z\n",
     "now",
@@ -1048,8 +1070,10 @@ def m_bad_number(g: Generator, b: _Built, route: str) -> tuple[Any, str, str] | 
         return None
     value: Any = g.rng.choice(_BAD_NUMBERS)
     if route == SUBMIT and g.rng.random() < 0.4:
-        wire = g._to_python(b.wire, b.expected)  # noqa: SLF001
-        obj = g.rng.choice((Decimal("NaN"), float("nan"), float("inf"), Decimal("-Infinity"), "NaN"))
+        wire = g._to_python(b.wire, b.expected)
+        obj = g.rng.choice(
+            (Decimal("NaN"), float("nan"), float("inf"), Decimal("-Infinity"), "NaN")
+        )
         wire[name] = obj
         return wire, "nan_object", f"{name}={obj!r}"
     b.wire[name] = value
@@ -1075,7 +1099,7 @@ def m_huge_number(g: Generator, b: _Built, route: str) -> tuple[Any, str, str] |
     )
     value = g.rng.choice(choices)
     if route == SUBMIT and g.rng.random() < 0.3:
-        wire = g._to_python(b.wire, b.expected)  # noqa: SLF001
+        wire = g._to_python(b.wire, b.expected)
         wire[name] = 10 ** (digits + g.rng.choice((0, 5, 50)))
         return wire, "huge_int_object", f"{name}=10**{digits}+"
     b.wire[name] = value
@@ -1092,7 +1116,9 @@ def m_wrong_type(g: Generator, b: _Built, route: str) -> tuple[Any, str, str] | 
     f = g.rng.choice([f for f in spec.fields if f.required] or list(spec.fields))
     rng = g.rng
     if isinstance(f.kind, tables.Numeric):
-        value: Any = rng.choice((True, False, Raw("[]"), Raw("{}"), Raw('["1.5"]'), Raw('{"v": 1}')))
+        value: Any = rng.choice(
+            (True, False, Raw("[]"), Raw("{}"), Raw('["1.5"]'), Raw('{"v": 1}'))
+        )
     elif isinstance(f.kind, tables.Varchar):
         value = rng.choice((Raw("123"), True, Raw("[]"), Raw('{"a": 1}'), Raw("1.5")))
     elif isinstance(f.kind, tables.Boolean):
@@ -1230,7 +1256,11 @@ def m_rounding_overflow(g: Generator, b: _Built, route: str) -> tuple[Any, str, 
     assert isinstance(kind, tables.Numeric)
     text = "9" * (kind.precision - kind.scale) + "." + "9" * (kind.scale + 1)
     b.wire[name] = g.rng.choice((text, Raw(text)))
-    return _as_bytes(g, b.wire), "rounding_overflow", f"{name}={text} rounds past NUMERIC({kind.precision}, {kind.scale})"
+    return (
+        _as_bytes(g, b.wire),
+        "rounding_overflow",
+        f"{name}={text} rounds past NUMERIC({kind.precision}, {kind.scale})",
+    )
 
 
 def m_position_status(g: Generator, b: _Built, route: str) -> tuple[Any, str, str] | None:
@@ -1254,7 +1284,7 @@ def m_odd_object(g: Generator, b: _Built, route: str) -> tuple[Any, str, str] | 
     name = _pick(g, b, (tables.Varchar, tables.Numeric), required=True)
     if name is None:
         return None
-    wire = g._to_python(b.wire, b.expected)  # noqa: SLF001
+    wire = g._to_python(b.wire, b.expected)
     value = g.rng.choice((b"bytes", {1, 2}, object(), bytearray(b"x"), complex(1, 2)))
     wire[name] = value
     return wire, "odd_object", f"{name} is a {type(value).__name__}"

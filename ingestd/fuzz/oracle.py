@@ -211,19 +211,14 @@ async def _append_rows(
 
 
 def _case_by_second(cases: Sequence[Case], t: dt.datetime) -> Case | None:
-    """The bad case whose time this was (each case's time is its own second, shifted whole days
-    for the too-old ones)."""
-    seconds = {c.n for c in cases}
-    if not cases:
-        return None
+    """The bad case whose time this was: each case's time is its own second after a base
+    (shifted by whole days for the too-old ones)."""
     first = next((c for c in cases if c.row is not None), None)
-    if first is None:
+    if first is None or first.row is None:
         return None
-    base = first.row.time.replace(microsecond=0) - dt.timedelta(seconds=first.n)  # type: ignore[union-attr]
+    base = first.row.time.replace(microsecond=0) - dt.timedelta(seconds=first.n)
     n = int((t.replace(microsecond=0) - base).total_seconds()) % 86_400
-    if n not in seconds:
-        return None
-    return next(c for c in cases if c.n == n)
+    return next((c for c in cases if c.n == n), None)
 
 
 async def _positions(
