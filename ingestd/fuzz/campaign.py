@@ -25,7 +25,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Final
 
@@ -33,7 +33,7 @@ import asyncpg
 import redis.asyncio as aioredis
 import redis.exceptions
 
-from ingestd import errors, migrations
+from ingestd import errors, logs, migrations
 from ingestd.app import Service
 from ingestd.bench.replicas import Replica, replica_config, replica_env, write_config
 from ingestd.bench.scratch import (
@@ -142,6 +142,33 @@ class FuzzReport:
         return "\n".join(lines)
 
 
+class _NotTheCampaign(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.name.startswith(log.name)
+
+
+@contextlib.contextmanager
+def captured_log(path: Path) -> Iterator[None]:
+    """The in-process service's log lines, in the daemon's plain format, into ``path`` (and not
+    to the console meanwhile): the oracle checks them as it checks the daemon's."""
+    handler = logging.FileHandler(path, encoding="utf-8")
+    # The daemon's plain format (ingestd.logs.configure), so that one check reads both logs.
+    handler.setFormatter(
+        logs.PlainFormatter("%(asctime)s %(levelname)s %(name)s%(action_part)s %(message)s")
+    )
+    handler.addFilter(_NotTheCampaign())
+    target = logging.getLogger("ingestd")
+    propagate = target.propagate
+    target.addHandler(handler)
+    target.propagate = False
+    try:
+        yield
+    finally:
+        target.removeHandler(handler)
+        target.propagate = propagate
+        handler.close()
+
+
 class Campaign:
     """One campaign on one database and Redis (``settings``), with its own stream keys."""
 
@@ -192,10 +219,16 @@ class Campaign:
 
     async def run(self) -> FuzzReport:
         """Start everything, send rounds until done, stop, judge."""
-        o = self.options
         client = aioredis.Redis.from_url(self.settings.storage.redis.url, socket_timeout=30)
         self.daemon = self._daemon()
         service = Service(self.service_settings)
+        service_log = self.workdir / "fuzz-in-process.log"
+        with captured_log(service_log):
+            return await self._run(client, service, service_log)
+
+    async def _run(self, client: aioredis.Redis, service: Service, service_log: Path) -> FuzzReport:
+        o = self.options
+        assert self.daemon is not None
         stalled: str | None = None
         died: str | None = None
         t0 = time.monotonic()
@@ -215,8 +248,18 @@ class Campaign:
                 cases = self.generator.round(size)
                 self.cases.extend(cases)
                 self.by_n.update((c.n, c) for c in cases)
-                await asyncio.gather(self._stream(client, cases), self._submit(service, cases))
-                stalled = await self._settle(client)
+                sending = asyncio.ensure_future(
+                    asyncio.gather(self._stream(client, cases), self._submit(service, cases))
+                )
+                try:
+                    stalled = await self._settle(client, sending)
+                finally:
+                    if not sending.done():
+                        sending.cancel()  # a submit that never returns: the stall says so
+                        with contextlib.suppress(asyncio.CancelledError):
+                            await sending
+                if sending.done() and not sending.cancelled():
+                    sending.result()  # an error of the campaign itself (Redis down...) is raised
                 if self.daemon.proc is not None and self.daemon.proc.poll() is not None:
                     died = f"ingestd run exited {self.daemon.proc.returncode} during the run"
                 if stalled or died:
@@ -245,6 +288,9 @@ class Campaign:
             heartbeat=None if heartbeat is None else str(heartbeat),
             exit_code=exit_code,
             daemon_log=self.daemon.log_text,
+            service_log=await asyncio.to_thread(
+                service_log.read_text, encoding="utf-8", errors="replace"
+            ),
             stalled=stalled,
             died=died,
             service_clean=service_clean,
@@ -309,13 +355,14 @@ class Campaign:
             for c in chunk:
                 self.outcomes[c.n] = await _submit_one(service, c)
 
-    async def _settle(self, client: aioredis.Redis) -> str | None:
-        """Wait until both streams are read and acknowledged up to the last entry sent; the
-        reason when nothing moves for ``stall_s`` seconds (an entry retried forever)."""
+    async def _settle(self, client: aioredis.Redis, sending: asyncio.Future[Any]) -> str | None:
+        """Wait until everything is sent and answered, and both streams are read and
+        acknowledged up to the last entry sent; the reason when nothing moves for ``stall_s``
+        seconds (an entry retried forever, a submit that never returns)."""
         last_change = time.monotonic()
         previous: object = None
         while True:
-            done = True
+            done = sending.done()
             state: list[object] = [len(self.outcomes)]
             for route, key in ((STREAM, self.stream_key), (STREAM_B, self.stream_b_key)):
                 last = self.last_ids[route]

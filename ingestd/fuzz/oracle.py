@@ -66,6 +66,7 @@ class Observed:
     heartbeat: str | None
     exit_code: int | None
     daemon_log: str
+    service_log: str = ""
     stalled: str | None = None
     died: str | None = None
     service_clean: bool = True
@@ -127,7 +128,8 @@ async def judge(
     await _dead_letters(verdict, conn, cases, obs)
     _submit_outcomes(verdict, cases, obs)
     await _streams(verdict, client, obs)
-    _log(verdict, obs.daemon_log)
+    _log(verdict, "ingestd run", obs.daemon_log)
+    _log(verdict, "in-process service", obs.service_log)
     return verdict
 
 
@@ -409,7 +411,7 @@ def _parse_id(entry_id: str) -> tuple[int, int]:
     return int(ms), int(seq or 0)
 
 
-def _log(verdict: Verdict, text: str) -> None:
+def _log(verdict: Verdict, whose: str, text: str) -> None:
     """Log lines: none forged by input, no control characters, nothing logged as an error."""
     lines = text.split("\n")
     errors = 0
@@ -418,17 +420,18 @@ def _log(verdict: Verdict, text: str) -> None:
             continue
         head = line[:200]
         if FORGE in line and not _LOG_LINE.match(line):
-            verdict.add("log_escaped", f"line {i + 1} starts with input text: {head!r}")
+            verdict.add("log_escaped", f"{whose} line {i + 1} starts with input text: {head!r}")
         bad = _CONTROL.search(line)
         if bad:
             verdict.add(
-                "log_escaped", f"line {i + 1} holds control character {bad.group()!r}: {head!r}"
+                "log_escaped",
+                f"{whose} line {i + 1} holds control character {bad.group()!r}: {head!r}",
             )
         m = _LOG_LINE.match(line)
         if m and (" ERROR " in m.group(0) or " CRITICAL " in m.group(0)):
             errors += 1
             if errors <= 20:
-                verdict.add("log_no_errors", f"line {i + 1}: {head!r}")
+                verdict.add("log_no_errors", f"{whose} line {i + 1}: {head!r}")
 
 
 def summarize(cases: Iterable[Case]) -> dict[str, dict[str, int]]:

@@ -19,7 +19,7 @@ from ingestd.settings import Settings
 pytestmark = [pytest.mark.e2e, pytest.mark.pg, pytest.mark.redis]
 
 FIXED_SEED = 20261203
-CASES = int(os.environ.get("INGESTD_FUZZ_CASES", "1200"))
+CASES = int(os.environ.get("INGESTD_FUZZ_CASES", "2500"))
 
 
 async def _campaign(settings: Settings, tmp_path: Path, seed: int) -> None:
