@@ -151,7 +151,8 @@ class _NotTheCampaign(logging.Filter):
 def captured_log(path: Path) -> Iterator[None]:
     """The in-process service's log lines, in the daemon's plain format, into ``path`` (and not
     to the console meanwhile): the oracle checks them as it checks the daemon's."""
-    handler = logging.FileHandler(path, encoding="utf-8")
+    # backslashreplace, as on the daemon's stderr: a lone surrogate is written escaped.
+    handler = logging.FileHandler(path, encoding="utf-8", errors="backslashreplace")
     # The daemon's plain format (ingestd.logs.configure), so that one check reads both logs.
     handler.setFormatter(
         logs.PlainFormatter("%(asctime)s %(levelname)s %(name)s%(action_part)s %(message)s")
