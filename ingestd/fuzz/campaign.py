@@ -72,6 +72,8 @@ class FuzzOptions:
     big_payloads: bool = True
     # No progress (entries read, acknowledged, submits answered) for this long: intake stalled.
     stall_s: float = 30.0
+    # The daemon's log format ("plain" or "json"); None: by the seed (odd seeds json).
+    log_format: str | None = None
 
 
 @dataclasses.dataclass(slots=True)
@@ -84,6 +86,7 @@ class FuzzReport:
     elapsed_s: float
     verdict: oracle.Verdict
     options: FuzzOptions
+    log_format: str
 
     @property
     def ok(self) -> bool:
@@ -96,6 +99,7 @@ class FuzzReport:
         expected_dead = sum(1 for c in self.cases if c.fate in oracle.DEAD_FATES)
         return {
             "seed": self.seed,
+            "daemon_log_format": self.log_format,
             "cases": len(self.cases),
             "rounds": self.rounds,
             "elapsed_s": round(self.elapsed_s, 1),
@@ -113,7 +117,7 @@ class FuzzReport:
         f = self.figures()
         lines = [
             f"fuzz: seed {self.seed}, {f['cases']:,} cases in {f['rounds']} rounds, "
-            f"{f['elapsed_s']} s ({f['cases_per_s']} cases/s)",
+            f"{f['elapsed_s']} s ({f['cases_per_s']} cases/s); daemon logs {self.log_format}",
             "sent by route: " + ", ".join(f"{k} {v:,}" for k, v in sorted(f["routes"].items())),
             "expected fates: " + ", ".join(f"{k} {v:,}" for k, v in sorted(f["fates"].items())),
             "sent by kind: "
@@ -191,6 +195,7 @@ class Campaign:
             }
         ).check()
         self.port = free_port()
+        self.log_format = options.log_format or ("json" if options.seed % 2 else "plain")
         self.generator = Generator(
             options.seed,
             now=dt.datetime.now(dt.UTC),
@@ -213,6 +218,7 @@ class Campaign:
         config = replica_config(self.settings)
         # One writer: commits follow the stream's order (the positions model needs it).
         config["pipeline"]["writers"] = 1
+        config["log_format"] = self.log_format
         path = write_config(self.workdir / "fuzz-daemon.yml", config)
         env = replica_env(self.settings)
         env["INGESTD_METRICS_PORT"] = str(self.port)
@@ -289,6 +295,7 @@ class Campaign:
             heartbeat=None if heartbeat is None else str(heartbeat),
             exit_code=exit_code,
             daemon_log=self.daemon.log_text,
+            daemon_log_format=self.log_format,
             service_log=await asyncio.to_thread(
                 service_log.read_text, encoding="utf-8", errors="replace"
             ),
@@ -304,7 +311,9 @@ class Campaign:
         finally:
             await conn.close()
             await client.aclose()
-        return FuzzReport(o.seed, self.cases, self.generator.rounds, elapsed, verdict, o)
+        return FuzzReport(
+            o.seed, self.cases, self.generator.rounds, elapsed, verdict, o, self.log_format
+        )
 
     # --- sending --------------------------------------------------------------------------
 

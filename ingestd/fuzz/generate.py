@@ -524,7 +524,8 @@ class Generator:
         self.rounds += 1
         out: list[Case] = []
         actions: list[tuple[float, Callable[[], list[Case]]]] = [
-            (0.33, self._valid),
+            (0.31, self._valid),
+            (0.02, self._other_time),
             (0.13, self._position_step),
             (0.30, self._mutation),
             (0.05, self._garbage),
@@ -824,6 +825,40 @@ class Generator:
                     f"event_id {orig.row.event_id!r} and time of #{orig.n}, {f.name} "
                     f"{orig.row.values[f.name]} -> {stored}"
                 ),
+            )
+        ]
+
+    def _other_time(self) -> list[Case]:
+        """The event_id of an earlier event at another time: not a duplicate (a duplicate
+        matches event_id and time), so it lands as a row of its own."""
+        route = self._route()
+        pool = self._landed[route]
+        if not pool:
+            return self._valid()
+        orig = self.rng.choice(pool[-200:])
+        assert orig.row is not None and orig.row.event_id is not None
+        wire = _wire_of(orig.payload)
+        if wire is None:
+            return self._valid()
+        n = self._next()
+        time_field = events.EVENT_TYPES[str(wire["type"])].time_field
+        wire[time_field], moment = self.values.time(self._moment(n))
+        values = dict(orig.row.values)
+        values[time_field] = moment
+        if route == SUBMIT:
+            wire["producer"] = values["producer"] = self._marker(n)
+        return [
+            Case(
+                n,
+                route,
+                "valid",
+                "same_event_id_other_time",
+                self.json.dumps(wire),
+                Fate.LAND,
+                row=Row(orig.row.table, orig.row.event_id, moment, values),
+                marker=self._marker(n) if route == SUBMIT else None,
+                original=orig.n,
+                description=f"event_id {orig.row.event_id!r} of #{orig.n} at another time",
             )
         ]
 

@@ -10,6 +10,7 @@ import collections
 import dataclasses
 import datetime as dt
 import hashlib
+import json
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from decimal import Decimal
@@ -28,6 +29,7 @@ _LOG_LINE: Final = re.compile(
     r"[0-9]{4}-[0-9]{2}-[0-9]{2} [0-9]{2}:[0-9]{2}:[0-9]{2},[0-9]{3} [A-Z]+ \S+ action=\S+ "
 )
 _CONTROL: Final = re.compile(r"[\x00-\x09\x0b-\x1f\x7f\u2028\u2029\x85]")
+_CONTROL_OR_BREAK: Final = re.compile(r"[\x00-\x1f\x7f\u2028\u2029\x85]")
 _POSITION_COLUMNS: Final = (
     *(name for name, _ in tables.POSITION_ENTRY_COLUMNS),
     *(name for name, _ in tables.POSITION_EXIT_COLUMNS),
@@ -66,6 +68,7 @@ class Observed:
     heartbeat: str | None
     exit_code: int | None
     daemon_log: str
+    daemon_log_format: str = "plain"
     service_log: str = ""
     stalled: str | None = None
     died: str | None = None
@@ -128,7 +131,10 @@ async def judge(
     await _dead_letters(verdict, conn, cases, obs)
     _submit_outcomes(verdict, cases, obs)
     await _streams(verdict, client, obs)
-    _log(verdict, "ingestd run", obs.daemon_log)
+    if obs.daemon_log_format == "json":
+        _json_log(verdict, "ingestd run", obs.daemon_log)
+    else:
+        _log(verdict, "ingestd run", obs.daemon_log)
     _log(verdict, "in-process service", obs.service_log)
     return verdict
 
@@ -432,6 +438,40 @@ def _log(verdict: Verdict, whose: str, text: str) -> None:
             errors += 1
             if errors <= 20:
                 verdict.add("log_no_errors", f"{whose} line {i + 1}: {head!r}")
+
+
+_JSON_LOG_KEYS: Final = frozenset({"ts", "level", "logger", "action", "msg"})
+
+
+def _json_log(verdict: Verdict, whose: str, text: str) -> None:
+    """JSON log lines: every line one object; no value holds a control character or a line
+    break (a traceback in ``exc`` excepted); nothing logged as an error."""
+    errors = 0
+    for i, line in enumerate(text.split("\n")):
+        if not line:
+            continue
+        try:
+            doc = json.loads(line)
+        except ValueError:
+            doc = None
+        if not isinstance(doc, dict) or not doc.keys() >= _JSON_LOG_KEYS:
+            verdict.add(
+                "log_escaped", f"{whose} line {i + 1} is not a JSON log line: {line[:200]!r}"
+            )
+            continue
+        for key, value in doc.items():
+            if key == "exc" or not isinstance(value, str):
+                continue
+            bad = _CONTROL_OR_BREAK.search(value)
+            if bad:
+                verdict.add(
+                    "log_escaped",
+                    f"{whose} line {i + 1}: {key} holds {bad.group()!r}: {value[:200]!r}",
+                )
+        if doc["level"] in ("error", "critical"):
+            errors += 1
+            if errors <= 20:
+                verdict.add("log_no_errors", f"{whose} line {i + 1}: {line[:200]!r}")
 
 
 def summarize(cases: Iterable[Case]) -> dict[str, dict[str, int]]:

@@ -27,16 +27,20 @@ FIXED_SEED = 20261203
 CASES = int(os.environ.get("INGESTD_FUZZ_CASES", "2500"))
 
 
-async def _campaign(settings: Settings, tmp_path: Path, seed: int) -> None:
+async def _campaign(
+    settings: Settings, tmp_path: Path, seed: int, log_format: str | None = None
+) -> None:
     print(f"fuzz seed {seed} (replay: INGESTD_FUZZ_SEED={seed})")
-    options = FuzzOptions(seed=seed, max_events=CASES, round_size=400, stall_s=20.0)
+    options = FuzzOptions(
+        seed=seed, max_events=CASES, round_size=400, stall_s=20.0, log_format=log_format
+    )
     report = await run_campaign(settings, options, tmp_path)
     print(report.format())
     assert report.ok, report.format(examples=8)
 
 
 async def test_fuzz_campaign_fixed_seed(settings: Settings, tmp_path: Path) -> None:
-    await _campaign(settings, tmp_path, FIXED_SEED)
+    await _campaign(settings, tmp_path, FIXED_SEED, "plain")
 
 
 async def test_fuzz_campaign_fresh_seed(settings: Settings, tmp_path: Path) -> None:
