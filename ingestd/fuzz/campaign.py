@@ -230,8 +230,11 @@ class Campaign:
         self.daemon = self._daemon()
         service = Service(self.service_settings)
         service_log = self.workdir / "fuzz-in-process.log"
-        with captured_log(service_log):
-            return await self._run(client, service, service_log)
+        try:
+            with captured_log(service_log):
+                return await self._run(client, service, service_log)
+        finally:
+            await client.aclose()
 
     async def _run(self, client: aioredis.Redis, service: Service, service_log: Path) -> FuzzReport:
         o = self.options
@@ -292,7 +295,7 @@ class Campaign:
             last_ids=self.last_ids,
             submit_outcomes=self.outcomes,
             healthz=healthz,
-            heartbeat=None if heartbeat is None else str(heartbeat),
+            heartbeat=heartbeat.decode() if isinstance(heartbeat, bytes) else heartbeat,
             exit_code=exit_code,
             daemon_log=self.daemon.log_text,
             daemon_log_format=self.log_format,
@@ -310,7 +313,6 @@ class Campaign:
             )
         finally:
             await conn.close()
-            await client.aclose()
         return FuzzReport(
             o.seed, self.cases, self.generator.rounds, elapsed, verdict, o, self.log_format
         )

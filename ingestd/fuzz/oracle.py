@@ -417,15 +417,37 @@ def _parse_id(entry_id: str) -> tuple[int, int]:
     return int(ms), int(seq or 0)
 
 
+class _ErrorLines:
+    """Lines logged as errors, one violation per logger and action (with how many)."""
+
+    def __init__(self, whose: str) -> None:
+        self.whose = whose
+        self.first: dict[tuple[str, str], tuple[int, str]] = {}
+        self.count: collections.Counter[tuple[str, str]] = collections.Counter()
+
+    def add(self, logger: str, action: str, number: int, line: str) -> None:
+        key = (logger, action)
+        self.first.setdefault(key, (number, line[:200]))
+        self.count[key] += 1
+
+    def report(self, verdict: Verdict) -> None:
+        for key, (number, line) in self.first.items():
+            verdict.add(
+                "log_no_errors",
+                f"{self.whose}: {self.count[key]} error lines from {key[0]} action={key[1]}, "
+                f"the first (line {number}): {line!r}",
+            )
+
+
 def _log(verdict: Verdict, whose: str, text: str) -> None:
-    """Log lines: none forged by input, no control characters, nothing logged as an error."""
-    lines = text.split("\n")
-    errors = 0
-    for i, line in enumerate(lines):
+    """Plain log lines: none forged by input, no control characters, no errors logged."""
+    errors = _ErrorLines(whose)
+    for i, line in enumerate(text.split("\n")):
         if not line:
             continue
         head = line[:200]
-        if FORGE in line and not _LOG_LINE.match(line):
+        m = _LOG_LINE.match(line)
+        if FORGE in line and not m:
             verdict.add("log_escaped", f"{whose} line {i + 1} starts with input text: {head!r}")
         bad = _CONTROL.search(line)
         if bad:
@@ -433,11 +455,11 @@ def _log(verdict: Verdict, whose: str, text: str) -> None:
                 "log_escaped",
                 f"{whose} line {i + 1} holds control character {bad.group()!r}: {head!r}",
             )
-        m = _LOG_LINE.match(line)
-        if m and (" ERROR " in m.group(0) or " CRITICAL " in m.group(0)):
-            errors += 1
-            if errors <= 20:
-                verdict.add("log_no_errors", f"{whose} line {i + 1}: {head!r}")
+        if m:
+            _, _, level, logger, action = m.group(0).split(" ")[:5]
+            if level in ("ERROR", "CRITICAL"):
+                errors.add(logger, action.removeprefix("action="), i + 1, line)
+    errors.report(verdict)
 
 
 _JSON_LOG_KEYS: Final = frozenset({"ts", "level", "logger", "action", "msg"})
@@ -445,8 +467,8 @@ _JSON_LOG_KEYS: Final = frozenset({"ts", "level", "logger", "action", "msg"})
 
 def _json_log(verdict: Verdict, whose: str, text: str) -> None:
     """JSON log lines: every line one object; no value holds a control character or a line
-    break (a traceback in ``exc`` excepted); nothing logged as an error."""
-    errors = 0
+    break (a traceback in ``exc`` excepted); no errors logged."""
+    errors = _ErrorLines(whose)
     for i, line in enumerate(text.split("\n")):
         if not line:
             continue
@@ -469,9 +491,8 @@ def _json_log(verdict: Verdict, whose: str, text: str) -> None:
                     f"{whose} line {i + 1}: {key} holds {bad.group()!r}: {value[:200]!r}",
                 )
         if doc["level"] in ("error", "critical"):
-            errors += 1
-            if errors <= 20:
-                verdict.add("log_no_errors", f"{whose} line {i + 1}: {line[:200]!r}")
+            errors.add(str(doc["logger"]), str(doc["action"]), i + 1, line)
+    errors.report(verdict)
 
 
 def summarize(cases: Iterable[Case]) -> dict[str, dict[str, int]]:
