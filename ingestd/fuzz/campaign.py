@@ -219,6 +219,8 @@ class Campaign:
         # One writer: commits follow the stream's order (the positions model needs it).
         config["pipeline"]["writers"] = 1
         config["log_format"] = self.log_format
+        # The retention the generator judges "too old" by (the bench's replica YAML leaves it out).
+        config["retention"] = dataclasses.asdict(self.settings.retention)
         path = write_config(self.workdir / "fuzz-daemon.yml", config)
         env = replica_env(self.settings)
         env["INGESTD_METRICS_PORT"] = str(self.port)
