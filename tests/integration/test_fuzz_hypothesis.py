@@ -86,19 +86,19 @@ MUTATIONS = st.one_of(
 
 
 def _mutate(event: dict[str, Any], mutation: tuple[str, Any, Any]) -> str:
-    what, where, value = mutation
-    value = _realize(value)
+    what, where, shown = mutation
+    value = _realize(shown)  # described by what was drawn: repr of the real thing may recurse
     # event_id and producer carry the marker that finds the dead letter: left alone.
     fields = [k for k in event if k not in ("event_id", "producer")]
     if what == "set":
         name = fields[where % len(fields)]
         event[name] = value
-        return f"{name}={value!r}"
+        return f"{name}={shown!r}"
     if what == "add":
         if where in event:
             return "nothing"
         event[where] = value
-        return f"added {where!r}={value!r}"
+        return f"added {where!r}={shown!r}"
     if what == "del":
         name = fields[where % len(fields)]
         del event[name]
