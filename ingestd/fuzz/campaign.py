@@ -25,7 +25,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Final
 
@@ -50,8 +50,6 @@ from ingestd.fuzz.generate import STREAM, STREAM_B, SUBMIT, Case, Generator
 from ingestd.settings import Settings
 from ingestd.sources.inprocess import Outcome
 from ingestd.throwaway import free_port
-
-log = logging.getLogger("ingestd.fuzz")
 
 DAEMON_CONSUMER: Final = "fuzz-daemon"
 IN_PROCESS_CONSUMER: Final = "fuzz-in-process"
@@ -146,11 +144,6 @@ class FuzzReport:
         return "\n".join(lines)
 
 
-class _NotTheCampaign(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not record.name.startswith(log.name)
-
-
 @contextlib.contextmanager
 def captured_log(path: Path) -> Iterator[None]:
     """The in-process service's log lines, in the daemon's plain format, into ``path`` (and not
@@ -161,7 +154,6 @@ def captured_log(path: Path) -> Iterator[None]:
     handler.setFormatter(
         logs.PlainFormatter("%(asctime)s %(levelname)s %(name)s%(action_part)s %(message)s")
     )
-    handler.addFilter(_NotTheCampaign())
     target = logging.getLogger("ingestd")
     propagate = target.propagate
     target.addHandler(handler)
@@ -177,8 +169,15 @@ def captured_log(path: Path) -> Iterator[None]:
 class Campaign:
     """One campaign on one database and Redis (``settings``), with its own stream keys."""
 
-    def __init__(self, settings: Settings, options: FuzzOptions, workdir: Path) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        options: FuzzOptions,
+        workdir: Path,
+        progress: Callable[[str], None] | None = None,
+    ) -> None:
         self.options = options
+        self._say = progress or (lambda _: None)
         self.workdir = workdir
         self.stream_key = settings.stream.key
         self.stream_b_key = f"{settings.stream.key}:fuzz-b"
@@ -274,6 +273,10 @@ class Campaign:
                     sending.result()  # an error of the campaign itself (Redis down...) is raised
                 if self.daemon.proc is not None and self.daemon.proc.poll() is not None:
                     died = f"ingestd run exited {self.daemon.proc.returncode} during the run"
+                self._say(
+                    f"round {self.generator.rounds}: {len(self.cases):,} cases sent and drained "
+                    f"in {time.monotonic() - t0:.0f} s"
+                )
                 if stalled or died:
                     break
             elapsed = time.monotonic() - t0
@@ -356,11 +359,9 @@ class Campaign:
                 try:
                     outcomes = await service.submit_many([c.payload for c in chunk])
                 except Exception as exc:  # noqa: BLE001 - recorded; the cases go one by one
-                    log.warning(
-                        "submit_many raised %s: %s; submitting one by one",
-                        type(exc).__name__,
-                        exc,
-                        extra={"action": "fuzz_submit_many_failed"},
+                    self._say(
+                        f"submit_many raised {type(exc).__name__}: {str(exc)[:120]}; "
+                        "submitting its events one by one"
                     )
                 else:
                     for c, outcome in zip(chunk, outcomes, strict=True):
@@ -431,9 +432,14 @@ def _get(port: int, path: str) -> tuple[int, str]:
         return 0, f"{type(exc).__name__}: {exc}"
 
 
-async def run_campaign(settings: Settings, options: FuzzOptions, workdir: Path) -> FuzzReport:
+async def run_campaign(
+    settings: Settings,
+    options: FuzzOptions,
+    workdir: Path,
+    progress: Callable[[str], None] | None = None,
+) -> FuzzReport:
     """One campaign on ``settings``' database and Redis (a migrated, empty database)."""
-    return await Campaign(settings, options, workdir).run()
+    return await Campaign(settings, options, workdir, progress).run()
 
 
 async def run_fuzz_command(
@@ -482,7 +488,9 @@ async def run_fuzz_command(
             max_events=max_events,
             duration_s=None if max_events is not None and duration_s <= 0 else duration_s,
         )
-        report = await run_campaign(run_settings, options, workdir)
+        report = await run_campaign(
+            run_settings, options, workdir, lambda line: print(f"fuzz: {line}", file=sys.stderr)
+        )
     except (OSError, asyncpg.PostgresError, redis.exceptions.RedisError, BenchFailed) as exc:
         print(f"ingestd bench --fuzz: cannot run: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 2
