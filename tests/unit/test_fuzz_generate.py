@@ -36,7 +36,7 @@ def _stored(ev: events.Event, column: str) -> Any:
 
 def _same(text: Any, want: Any) -> bool:
     if isinstance(want, bool):
-        return text == ("true" if want else "false")
+        return bool(text == ("true" if want else "false"))
     if isinstance(want, Decimal):
         return text is not None and Decimal(text) == want
     if isinstance(want, dt.datetime):
