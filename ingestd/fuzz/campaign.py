@@ -225,6 +225,20 @@ class Campaign:
         env["INGESTD_METRICS_PORT"] = str(self.port)
         return Replica(DAEMON_CONSUMER, path, env, self.workdir / "fuzz-daemon.log")
 
+    async def _start_daemon(self) -> None:
+        """Start ``ingestd run``; once more on another port if its port was taken meanwhile."""
+        assert self.daemon is not None
+        self.daemon.start()
+        try:
+            await self.daemon.wait_started(60)
+        except BenchFailed:
+            if "cannot serve metrics" not in self.daemon.log_text:
+                raise
+            self.port = free_port()
+            self.daemon = self._daemon()
+            self.daemon.start()
+            await self.daemon.wait_started(60)
+
     async def run(self) -> FuzzReport:
         """Start everything, send rounds until done, stop, judge."""
         client = aioredis.Redis.from_url(self.settings.storage.redis.url, socket_timeout=30)
@@ -244,8 +258,7 @@ class Campaign:
         died: str | None = None
         t0 = time.monotonic()
         try:
-            self.daemon.start()
-            await self.daemon.wait_started(60)
+            await self._start_daemon()
             await service.start()
             t0 = time.monotonic()
             while True:
