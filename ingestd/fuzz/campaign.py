@@ -310,6 +310,7 @@ class Campaign:
             stream_key=self.stream_key,
             stream_b_key=self.stream_b_key,
             group=self.group,
+            key_prefix=self.prefix,
             last_ids=self.last_ids,
             submit_outcomes=self.outcomes,
             healthz=healthz,

@@ -19,7 +19,8 @@ from typing import Any, Final
 import asyncpg
 import redis.asyncio as aioredis
 
-from ingestd import tables
+from ingestd import keys, tables
+from ingestd.events import utc_iso
 from ingestd.fuzz.generate import FORGE, STREAM, STREAM_B, SUBMIT, Case, Fate
 
 DEAD_FATES: Final = frozenset({Fate.DEAD, Fate.CONFLICT})
@@ -61,6 +62,7 @@ class Observed:
     stream_key: str
     stream_b_key: str
     group: str
+    key_prefix: str
     last_ids: dict[str, str | None]
     submit_outcomes: dict[int, str]
     healthz: tuple[int, str] | None
@@ -130,6 +132,7 @@ async def judge(
     await _dead_letters(verdict, conn, cases, obs)
     _submit_outcomes(verdict, cases, obs)
     await _streams(verdict, client, obs)
+    await _mirror(verdict, conn, client, cases, obs)
     if obs.daemon_log_format == "json":
         _json_log(verdict, "ingestd run", obs.daemon_log)
     else:
@@ -405,6 +408,49 @@ async def _streams(verdict: Verdict, client: aioredis.Redis, obs: Observed) -> N
         delivered = _s(group["last-delivered-id"])
         if _parse_id(delivered) < _parse_id(last):
             verdict.add("stream_acked", f"{key}: read up to {delivered}, last entry sent {last}")
+
+
+async def _mirror(
+    verdict: Verdict,
+    conn: asyncpg.Connection,
+    client: aioredis.Redis,
+    cases: Sequence[Case],
+    obs: Observed,
+) -> None:
+    """The Redis mirror: open counts equal the table's; each ``spreads:<symbol>:last`` still
+    alive (60 s TTL) is the newest landed spread of its symbol by event time."""
+    counts = await conn.fetch(
+        "SELECT symbol, (count(*) FILTER (WHERE status = 'OPEN'))::int AS n "
+        "FROM positions GROUP BY symbol"
+    )
+    for r in counts:
+        key = obs.key_prefix + keys.open_count(r["symbol"])
+        got = await client.get(key)
+        if got is None or got != str(r["n"]).encode():
+            verdict.add("mirror", f"{key!r} is {got!r}, yet {r['n']} positions are open")
+    newest: dict[str, Case] = {}
+    for c in cases:
+        if c.fate is Fate.LAND and c.row is not None and c.row.table == "spreads":
+            symbol = c.row.values["symbol"]
+            best = newest.get(symbol)
+            if best is None or (best.row is not None and c.row.time > best.row.time):
+                newest[symbol] = c
+    for symbol, c in newest.items():
+        assert c.row is not None
+        key = obs.key_prefix + keys.spread(symbol)
+        raw = await client.get(key)
+        if raw is None:
+            continue  # expired
+        snap = json.loads(raw)
+        want_time = utc_iso(c.row.time)
+        want_price = c.row.values["upbit_price"]
+        if snap.get("timestamp") != want_time or Decimal(snap.get("upbit_price")) != want_price:
+            verdict.add(
+                "mirror",
+                f"{key!r} holds {snap.get('timestamp')} upbit_price {snap.get('upbit_price')}, "
+                f"want the newest landed spread: {want_time} upbit_price {want_price}",
+                c,
+            )
 
 
 def _s(value: Any) -> str:
