@@ -172,8 +172,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rate", type=float, default=1000.0, help="soak: events per second")
     p.add_argument("--fault-every", type=float, default=15.0, help="soak: seconds between faults")
     p.add_argument("--replicas", type=int, default=2, help="soak: ingestd replicas (1-3)")
-    p.add_argument("--seed", type=int, default=1, help="soak: simulator seed")
-    p.add_argument("--keep", action="store_true", help="soak: keep its servers' directory")
+    p.add_argument(
+        "--fuzz",
+        type=float,
+        metavar="SECONDS",
+        help="instead: a fuzz campaign of this many seconds through a real ingestd run "
+        "(--events caps the cases; --seed replays one)",
+    )
+    p.add_argument(
+        "--seed", type=int, help="soak: simulator seed (default 1); fuzz: seed (default random)"
+    )
+    p.add_argument(
+        "--keep", action="store_true", help="soak/fuzz: keep its servers' directory / database"
+    )
     return parser
 
 
@@ -527,6 +538,19 @@ async def _cmd_stats(settings: Settings, args: argparse.Namespace) -> int:
 
 
 async def _cmd_bench(settings: Settings, args: argparse.Namespace) -> int:
+    if args.fuzz is not None:
+        from ingestd.fuzz.campaign import DEFAULT_SCRATCH_DATABASE, run_fuzz_command
+
+        scratch = args.scratch_database
+        return await run_fuzz_command(
+            settings,
+            duration_s=args.fuzz,
+            seed=args.seed,
+            max_events=args.events,
+            scratch_database=DEFAULT_SCRATCH_DATABASE if scratch == "ingestd_bench" else scratch,
+            json_path=args.json_path,
+            keep=args.keep,
+        )
     if args.soak is not None:
         from ingestd.soak import run_soak
 
@@ -535,7 +559,7 @@ async def _cmd_bench(settings: Settings, args: argparse.Namespace) -> int:
             rate=args.rate,
             fault_every_s=args.fault_every,
             replicas=args.replicas,
-            seed=args.seed,
+            seed=1 if args.seed is None else args.seed,
             json_path=args.json_path,
             keep=args.keep,
         )
