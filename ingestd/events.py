@@ -12,15 +12,19 @@ import dataclasses
 import datetime as dt
 import decimal
 import hashlib
+import json
 import logging
 import re
 from collections.abc import Callable, Mapping
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import msgspec
 
 from ingestd import keys, tables
 from ingestd.errors import InvalidEvent
+
+if TYPE_CHECKING:
+    from ingestd.settings import RetentionSettings
 
 log = logging.getLogger("ingestd.events")
 
@@ -33,13 +37,80 @@ class JsonNumber(str):
 
 _DECODER: Final = msgspec.json.Decoder(float_hook=JsonNumber)
 
+# How deeply arrays and objects may nest in an event (``pipeline.max_event_depth``). A valid event
+# is one flat object (depth 1); the bound is there so that hostile input is refused with a reason
+# instead of exhausting the interpreter's stack in the decoder, the validator or a dead letter.
+DEFAULT_MAX_DEPTH: Final = 32
 
-def decode_json(payload: bytes | str) -> Any:
+
+def decode_json(payload: bytes | str, *, max_depth: int = DEFAULT_MAX_DEPTH) -> Any:
     """Decode one JSON document; numbers with a fraction or exponent stay exact text."""
     try:
-        return _DECODER.decode(payload)
+        obj = _DECODER.decode(payload)
+    except RecursionError:
+        # msgspec recurses once per level: far past max_depth anyway.
+        raise _too_deep(max_depth) from None
     except msgspec.DecodeError as exc:
+        if str(exc).startswith("Integer value out of range"):
+            # Valid JSON whose integer does not fit 64 bits: read it again keeping every digit,
+            # so that the field's own rule words the refusal (out of range, or not a string).
+            obj = _decode_big_integers(payload)
+        else:
+            raise InvalidEvent(f"not valid JSON: {exc}") from None
+    check_depth(obj, max_depth)
+    return obj
+
+
+def _decode_big_integers(payload: bytes | str) -> Any:
+    """The document with integers as exact text (``JsonNumber``); InvalidEvent if not JSON.
+
+    Only for documents that msgspec refused for an integer beyond 64 bits. The standard library
+    decoder recurses, like msgspec, so it only sees documents that msgspec already walked in
+    full: such an integer is reported at the end of the document's scan, never inside a level
+    deeper than msgspec could go.
+    """
+
+    def no_constants(name: str) -> Any:
+        raise ValueError(f"{name} is not JSON")
+
+    try:
+        return json.loads(
+            payload,
+            parse_int=JsonNumber,
+            parse_float=JsonNumber,
+            parse_constant=no_constants,
+        )
+    except (ValueError, RecursionError) as exc:
         raise InvalidEvent(f"not valid JSON: {exc}") from None
+
+
+def check_depth(obj: object, max_depth: int) -> None:
+    """Refuse ``obj`` if lists/dicts nest in it deeper than ``max_depth`` (the event is level 1).
+
+    Iterative, and it stops at the limit: a cyclic in-process structure ends here as well.
+    """
+    if max_depth < 1:
+        raise ValueError("max_depth must be >= 1")
+    stack: list[tuple[object, int]] = [(obj, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, Mapping):
+            children: Any = value.values()
+        elif isinstance(value, list | tuple):
+            children = value
+        else:
+            continue
+        if depth > max_depth:
+            raise _too_deep(max_depth)
+        stack.extend(
+            (child, depth + 1) for child in children if isinstance(child, Mapping | list | tuple)
+        )
+
+
+def _too_deep(max_depth: int) -> InvalidEvent:
+    return InvalidEvent(
+        f"arrays or objects nested deeper than {max_depth} levels (max_event_depth)"
+    )
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -561,9 +632,14 @@ def to_wire(ev: Event) -> dict[str, Any]:
 
 
 def decode_event(
-    payload: bytes | str, *, max_bytes: int, default_event_id: str | None = None
+    payload: bytes | str,
+    *,
+    max_bytes: int,
+    default_event_id: str | None = None,
+    max_depth: int = DEFAULT_MAX_DEPTH,
+    retention: Retention | None = None,
 ) -> Event:
-    """Size-check, decode and validate one wire event."""
+    """Size-check, decode and validate one wire event (and, given ``retention``, its age)."""
     # A str is measured in UTF-8 bytes, as it would travel; a character is at most 4 of them.
     size = len(payload)
     if isinstance(payload, str) and size * 4 > max_bytes:
@@ -574,13 +650,17 @@ def decode_event(
         # Most events have the usual shape and take the typed decoder (ingestd.fastpath); the
         # rest, and every error, take the general path, which is the definition of the rules.
         event = fastpath.decode(payload, default_event_id)
-        if event is not None:
-            return event
-        return parse_event(decode_json(payload), default_event_id=default_event_id)
+        if event is None:
+            event = parse_event(
+                decode_json(payload, max_depth=max_depth), default_event_id=default_event_id
+            )
     except InvalidEvent:
         raise
     except Exception as exc:
         raise _internal_error(exc) from exc
+    if retention is not None:
+        retention.check(event)
+    return event
 
 
 def _internal_error(exc: Exception) -> InvalidEvent:
@@ -590,8 +670,14 @@ def _internal_error(exc: Exception) -> InvalidEvent:
     return InvalidEvent(f"internal error while validating the event: {type(exc).__name__}: {exc}")
 
 
-def normalize(obj: Mapping[str, Any]) -> Event:
+def normalize(
+    obj: Mapping[str, Any],
+    *,
+    max_depth: int = DEFAULT_MAX_DEPTH,
+    retention: Retention | None = None,
+) -> Event:
     """Validate an event given as a Python mapping (in-process producers)."""
+    check_depth(obj, max_depth)
     for key, value in obj.items():
         if isinstance(value, str):
             try:
@@ -601,11 +687,55 @@ def normalize(obj: Mapping[str, Any]) -> Event:
                     "contains a lone surrogate (not valid UTF-8)", field=str(key)
                 ) from None
     try:
-        return parse_event(obj)
+        event = parse_event(obj)
     except InvalidEvent:
         raise
     except Exception as exc:
         raise _internal_error(exc) from exc
+    if retention is not None:
+        retention.check(event)
+    return event
+
+
+def _utc_now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Retention:
+    """How many days each table keeps its rows (``retention:``; 0 or absent: forever).
+
+    An event older than its table's retention is bad input: the next retention run would delete
+    it without a trace, after it had been acknowledged and mirrored. The cut-off is the one the
+    retention run uses (event time before now minus the period).
+    """
+
+    days: Mapping[str, int]
+    clock: Callable[[], dt.datetime] = _utc_now
+
+    def check(self, event: Event) -> None:
+        """Raise InvalidEvent if ``event`` is older than its table keeps rows."""
+        table = event.table
+        if table is None:
+            return
+        days = self.days.get(table.name, 0)
+        if days > 0 and event.time < self.clock() - dt.timedelta(days=days):
+            field = event.spec.time_field
+            raise InvalidEvent(
+                f"{event.values[field]} is older than the {days}-day retention of {table.name}",
+                field=field,
+            )
+
+
+def retention_of(settings: RetentionSettings) -> Retention:
+    """The retention periods of the ``retention:`` settings, as the intake checks them."""
+    return Retention(
+        {
+            "spreads": settings.spreads_days,
+            "fx_rates": settings.fx_rates_days,
+            "orders": settings.orders_days,
+        }
+    )
 
 
 # Imported last: the fast path is built from the definitions above.

@@ -12,17 +12,32 @@ from ingestd.app import create_redis
 from ingestd.settings import Settings, redact
 
 
+# How far ahead of this host's clock a heartbeat may be dated and still count (as just now): the
+# clocks of two hosts kept by NTP differ by far less. Further ahead, the writer's clock is wrong,
+# and a heartbeat from a wrong clock says nothing about when the component was last alive.
+MAX_CLOCK_SKEW_S = 2.0
+
+
 def heartbeat_age(value: bytes | str | None, now: dt.datetime) -> float | None:
-    """Seconds since a ``health:*`` timestamp, or None when missing or unreadable."""
+    """Seconds since a ``health:*`` timestamp (never negative), or None when missing,
+    unreadable, or dated more than ``MAX_CLOCK_SKEW_S`` in the future (not fresh)."""
     if value is None:
         return None
     try:
         moment = dt.datetime.fromisoformat(value.decode() if isinstance(value, bytes) else value)
-    except ValueError:
+    except (ValueError, UnicodeDecodeError):
         return None
     if moment.tzinfo is None:
         return None
-    return (now - moment).total_seconds()
+    age = (now - moment).total_seconds()
+    if age < -MAX_CLOCK_SKEW_S:
+        return None
+    return max(age, 0.0)
+
+
+def _shown(value: bytes | str) -> str:
+    text = value.decode("utf-8", "replace") if isinstance(value, bytes) else value
+    return repr(text[:40])
 
 
 async def check_health(
@@ -43,7 +58,12 @@ async def check_health(
     for component, value in zip(components, values, strict=True):
         age = heartbeat_age(value, now)
         if age is None:
-            problems.append(f"{component}: no heartbeat")
+            problems.append(
+                f"{component}: no heartbeat"
+                if value is None
+                else f"{component}: heartbeat {_shown(value)} is unreadable or dated more than "
+                f"{MAX_CLOCK_SKEW_S:g}s in the future"
+            )
         elif age > max_age_s:
             problems.append(f"{component}: last heartbeat {age:.1f}s ago (> {max_age_s:g}s)")
         else:
