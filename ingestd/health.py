@@ -21,13 +21,8 @@ MAX_CLOCK_SKEW_S = 2.0
 def heartbeat_age(value: bytes | str | None, now: dt.datetime) -> float | None:
     """Seconds since a ``health:*`` timestamp (never negative), or None when missing,
     unreadable, or dated more than ``MAX_CLOCK_SKEW_S`` in the future (not fresh)."""
-    if value is None:
-        return None
-    try:
-        moment = dt.datetime.fromisoformat(value.decode() if isinstance(value, bytes) else value)
-    except (ValueError, UnicodeDecodeError):
-        return None
-    if moment.tzinfo is None:
+    moment = _moment(value)
+    if moment is None:
         return None
     age = (now - moment).total_seconds()
     if age < -MAX_CLOCK_SKEW_S:
@@ -35,9 +30,22 @@ def heartbeat_age(value: bytes | str | None, now: dt.datetime) -> float | None:
     return max(age, 0.0)
 
 
-def _shown(value: bytes | str) -> str:
-    text = value.decode("utf-8", "replace") if isinstance(value, bytes) else value
-    return repr(text[:40])
+def _seconds_ahead(value: bytes | str | None, now: dt.datetime) -> float | None:
+    """How far in the future a readable heartbeat is dated (None: not readable or not ahead)."""
+    moment = _moment(value)
+    if moment is None or moment <= now:
+        return None
+    return (moment - now).total_seconds()
+
+
+def _moment(value: bytes | str | None) -> dt.datetime | None:
+    if value is None:
+        return None
+    try:
+        moment = dt.datetime.fromisoformat(value.decode() if isinstance(value, bytes) else value)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return moment if moment.tzinfo is not None else None
 
 
 async def check_health(
@@ -58,11 +66,12 @@ async def check_health(
     for component, value in zip(components, values, strict=True):
         age = heartbeat_age(value, now)
         if age is None:
+            ahead = _seconds_ahead(value, now)
             problems.append(
                 f"{component}: no heartbeat"
-                if value is None
-                else f"{component}: heartbeat {_shown(value)} is unreadable or dated more than "
-                f"{MAX_CLOCK_SKEW_S:g}s in the future"
+                if ahead is None
+                else f"{component}: heartbeat dated {ahead:.1f}s in the future (clock skew > "
+                f"{MAX_CLOCK_SKEW_S:g}s)"
             )
         elif age > max_age_s:
             problems.append(f"{component}: last heartbeat {age:.1f}s ago (> {max_age_s:g}s)")

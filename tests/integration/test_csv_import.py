@@ -19,6 +19,15 @@ from tests.samples import POSITION_HEADER, SPREAD_HEADER, spread_rows, write_csv
 
 pytestmark = pytest.mark.pg
 
+
+@pytest.fixture
+def settings(settings: Settings) -> Settings:
+    """No retention: the sample history (tests/samples.py, from 2025) is older than the 90-day
+    retention of spreads, and these tests are about importing it, not about refusing old events."""
+    return settings.replace(
+        **{"retention.spreads_days": 0, "retention.fx_rates_days": 0, "retention.orders_days": 0}
+    )
+
 FX_HEADER = "pair,rate,source,timestamp"
 ORDER_HEADER = (
     "position_key,symbol,venue,side,qty,price_theoretical,price_effective,slippage_bps,leg_id,"

@@ -22,6 +22,7 @@ from ingestd import Service, errors, logs
 from ingestd.batching import BatchOutcome, Item
 from ingestd.csv_import import run_import
 from ingestd.events import utc_iso
+from ingestd.health import check_health
 from ingestd.pipeline import Pipeline
 from ingestd.settings import Settings
 from ingestd.sources.inprocess import Outcome
@@ -333,3 +334,18 @@ async def test_stream_reads_are_bounded_in_bytes_and_oversize_entries_are_not_he
         assert it.raw is None and it.dead_letter is not None
         assert it.size < 20_000  # the kept prefix, not the 200 kB payload
         assert it.dead_letter.payload_bytes == 200_000
+
+
+# --- 8b. heartbeats from the future ------------------------------------------------------------
+
+
+async def test_a_heartbeat_dated_in_the_future_is_unhealthy_with_the_reason(
+    settings: Settings, rclient: redis.Redis
+) -> None:
+    now = dt.datetime.now(dt.UTC)
+    rclient.set("health:ingestd", utc_iso(now))
+    rclient.set("health:collector", utc_iso(now + dt.timedelta(hours=1)))
+    ok, reason = await check_health(settings, ["ingestd", "collector"], 10)
+    assert not ok
+    assert re.search(r"collector: heartbeat dated 3\d\d\d\.\ds in the future", reason), reason
+    assert "ingestd" not in reason.split("unhealthy: ", 1)[1]
