@@ -11,7 +11,6 @@ from ingestd import keys
 from ingestd.app import create_redis
 from ingestd.settings import Settings, redact
 
-
 # How far ahead of this host's clock a heartbeat may be dated and still count (as just now): the
 # clocks of two hosts kept by NTP differ by far less. Further ahead, the writer's clock is wrong,
 # and a heartbeat from a wrong clock says nothing about when the component was last alive.

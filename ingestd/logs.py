@@ -22,7 +22,7 @@ _STANDARD = set(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
 # passes for one of ingestd's own.
 _SHORT_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
 _UNSAFE = [
-    *range(0x00, 0x20),
+    *range(0x20),
     *range(0x7F, 0xA0),
     0x2028,
     0x2029,
@@ -32,8 +32,7 @@ _UNSAFE = [
     *range(0x2066, 0x206A),
 ]
 _ESCAPES = {
-    code: _SHORT_ESCAPES.get(chr(code))
-    or (f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}")
+    code: _SHORT_ESCAPES.get(chr(code)) or (f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}")
     for code in _UNSAFE
 }
 # In a JSON document the same characters become JSON escapes (orjson leaves DEL, C1 and U+2028/9

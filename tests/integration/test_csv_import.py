@@ -28,6 +28,7 @@ def settings(settings: Settings) -> Settings:
         **{"retention.spreads_days": 0, "retention.fx_rates_days": 0, "retention.orders_days": 0}
     )
 
+
 FX_HEADER = "pair,rate,source,timestamp"
 ORDER_HEADER = (
     "position_key,symbol,venue,side,qty,price_theoretical,price_effective,slippage_bps,leg_id,"

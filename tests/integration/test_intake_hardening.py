@@ -79,7 +79,7 @@ async def test_entries_without_event_id_on_two_streams_both_land(
 
 def test_a_stream_key_too_long_for_derived_ids_is_a_config_error(settings: Settings) -> None:
     long_key = "k" * 60
-    with pytest.raises(errors.ConfigError, match="stream.key"):
+    with pytest.raises(errors.ConfigError, match=r"stream\.key"):
         StreamSource(
             aioredis.Redis(),
             Pipeline(_NoSink(), None, settings.pipeline),
@@ -136,7 +136,10 @@ async def test_one_deep_event_in_submit_many_is_a_dead_letter_and_the_rest_land(
 
 
 async def test_a_deep_stream_entry_is_a_dead_letter_without_a_traceback(
-    settings: Settings, rclient: redis.Redis, db: asyncpg.Connection, caplog: pytest.LogCaptureFixture
+    settings: Settings,
+    rclient: redis.Redis,
+    db: asyncpg.Connection,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.INFO)
     rclient.xadd(STREAM, {"event": DEEP_JSON})

@@ -46,7 +46,7 @@ pytestmark = [pytest.mark.pg, pytest.mark.redis]
 @pytest.fixture
 def settings(settings: Settings) -> Settings:
     """No retention: the sample history (tests/samples.py, from 2025) is older than the 90-day
-    retention of spreads, and these tests are about the storage API, not about refusing old events."""
+    retention of spreads, and these tests are about the storage API, not refusing old events."""
     return settings.replace(
         **{"retention.spreads_days": 0, "retention.fx_rates_days": 0, "retention.orders_days": 0}
     )

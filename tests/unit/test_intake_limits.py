@@ -1,4 +1,4 @@
-"""Intake limits and refusals: nesting depth, huge integers, retention, heartbeats from the future."""
+"""Intake limits and refusals: nesting depth, huge integers, retention, future heartbeats."""
 
 from __future__ import annotations
 

@@ -255,7 +255,7 @@ def test_json_lines_escape_input_derived_text(hostile: str) -> None:
     # The JSON escapes keep the text exact for whoever reads the document.
     assert doc["msg"] == f"bad {hostile}"
     assert doc["field"] == hostile
-    assert hostile.split("\x1b")[0] in doc["exc"]
+    assert hostile.split("\x1b", maxsplit=1)[0] in doc["exc"]
 
 
 def test_escape_is_readable_and_leaves_ordinary_text_alone() -> None:
