@@ -68,7 +68,7 @@ async def test_entries_without_event_id_on_two_streams_both_land(
     for key, symbol in (("ingestd:events:a", "BTC"), ("ingestd:events:b", "ETH")):
         rclient.xadd(key, {"event": json.dumps(spread(0, symbol=symbol))}, id="1700000000000-1")
         async with Service(settings.replace(**{"stream.key": key})) as service:
-            await until(lambda s=service: s.metrics.acks >= 1)  # type: ignore[misc]
+            await until(lambda s=service: s.metrics.acks >= 1)
     rows = await db.fetch("SELECT event_id, symbol FROM spreads ORDER BY symbol")
     assert [(r["event_id"], r["symbol"]) for r in rows] == [
         ("stream:ingestd:events:a:1700000000000-1", "BTC"),
