@@ -15,6 +15,7 @@ import hashlib
 import json
 import logging
 import re
+import traceback
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, Final
 
@@ -663,10 +664,30 @@ def decode_event(
     return event
 
 
+# Validation bugs whose traceback was logged, by exception type and the line that raised it: a
+# producer that keeps sending a payload that trips one gets one traceback, then a line each.
+_BUGS_LOGGED: set[tuple[str, str, int]] = set()
+_MAX_BUGS_LOGGED: Final = 1000
+
+
 def _internal_error(exc: Exception) -> InvalidEvent:
     # A payload that trips a bug in validation must not stop the intake or vanish: it becomes
     # a dead letter like bad input (its raw payload kept), and the traceback is logged.
-    log.exception("validation failed unexpectedly", extra={"action": "validation_bug"})
+    frames = traceback.extract_tb(exc.__traceback__)
+    where = (frames[-1].filename, frames[-1].lineno or 0) if frames else ("?", 0)
+    bug = (type(exc).__name__, *where)
+    if bug in _BUGS_LOGGED or len(_BUGS_LOGGED) >= _MAX_BUGS_LOGGED:
+        log.error(
+            "validation failed unexpectedly: %s: %s at %s:%d (traceback logged before)",
+            type(exc).__name__,
+            exc,
+            where[0],
+            where[1],
+            extra={"action": "validation_bug"},
+        )
+    else:
+        _BUGS_LOGGED.add(bug)
+        log.exception("validation failed unexpectedly", extra={"action": "validation_bug"})
     return InvalidEvent(f"internal error while validating the event: {type(exc).__name__}: {exc}")
 
 
