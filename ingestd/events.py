@@ -55,20 +55,19 @@ def decode_json(payload: bytes | str, *, max_depth: int = DEFAULT_MAX_DEPTH) -> 
         if str(exc).startswith("Integer value out of range"):
             # Valid JSON whose integer does not fit 64 bits: read it again keeping every digit,
             # so that the field's own rule words the refusal (out of range, or not a string).
-            obj = _decode_big_integers(payload)
+            obj = _decode_big_integers(payload, max_depth)
         else:
             raise InvalidEvent(f"not valid JSON: {exc}") from None
     check_depth(obj, max_depth)
     return obj
 
 
-def _decode_big_integers(payload: bytes | str) -> Any:
+def _decode_big_integers(payload: bytes | str, max_depth: int) -> Any:
     """The document with integers as exact text (``JsonNumber``); InvalidEvent if not JSON.
 
-    Only for documents that msgspec refused for an integer beyond 64 bits. The standard library
-    decoder recurses, like msgspec, so it only sees documents that msgspec already walked in
-    full: such an integer is reported at the end of the document's scan, never inside a level
-    deeper than msgspec could go.
+    Only for documents that msgspec refused for an integer beyond 64 bits (rare: such a number
+    fits no column), so the standard library's slower decoder is fine here. It recurses per level
+    like msgspec, and like it stops with RecursionError far past ``max_depth``.
     """
 
     def no_constants(name: str) -> Any:
@@ -81,7 +80,9 @@ def _decode_big_integers(payload: bytes | str) -> Any:
             parse_float=JsonNumber,
             parse_constant=no_constants,
         )
-    except (ValueError, RecursionError) as exc:
+    except RecursionError:
+        raise _too_deep(max_depth) from None
+    except ValueError as exc:
         raise InvalidEvent(f"not valid JSON: {exc}") from None
 
 

@@ -159,3 +159,9 @@ def test_a_heartbeat_dated_in_the_future_is_not_fresh() -> None:
     # Within the allowed clock skew it counts as just now, never as a negative age.
     assert heartbeat_age((NOW + dt.timedelta(seconds=1)).isoformat(), NOW) == 0.0
     assert heartbeat_age((NOW - dt.timedelta(seconds=3)).isoformat().encode(), NOW) == 3.0
+
+
+def test_a_huge_integer_before_deep_nesting_is_refused_for_the_nesting() -> None:
+    payload = b'{"type": "heartbeat", "n": ' + b"9" * 30 + b', "x": ' + b"[" * 5000 + b"]" * 5000
+    with pytest.raises(InvalidEvent, match="nested deeper than 32 levels"):
+        events.decode_event(payload + b"}", max_bytes=MAX)
