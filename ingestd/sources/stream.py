@@ -15,6 +15,7 @@ that keep only a prefix, so their payloads are not held in the queue.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import random
 import time
@@ -36,8 +37,21 @@ log = logging.getLogger("ingestd.sources.stream")
 EVENT_FIELD = b"event"
 # The longest entry id Redis can give: two 64-bit numbers, ``<ms>-<seq>``.
 _MAX_ENTRY_ID_CHARS = 2 * 20 + 1
-# ``stream:<key>:<entry id>`` must fit an event_id.
+# The longest stream key that ``stream:<key>:<entry id>`` can name and still fit an event_id.
 MAX_KEY_CHARS = EVENT_ID.length - len("stream::") - _MAX_ENTRY_ID_CHARS
+
+
+def derived_id_prefix(key: str) -> str:
+    """What the event_id of an entry without one starts with: ``stream:<key>:``.
+
+    Entry ids are unique within a stream only, so the key is part of the id: entries of two
+    streams written into one database never share one. A key too long for the id to fit 100
+    characters is named by its SHA-256 instead (``stream:sha256=<32 hex>:``).
+    """
+    if len(key) <= MAX_KEY_CHARS:
+        return f"stream:{key}:"
+    digest = hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()[:32]
+    return f"stream:sha256={digest}:"
 
 
 def _s(value: bytes | str) -> str:
@@ -60,12 +74,6 @@ class StreamSource:
         max_event_depth: int = events.DEFAULT_MAX_DEPTH,
         retention: events.Retention | None = None,
     ) -> None:
-        if len(settings.key) > MAX_KEY_CHARS:
-            raise errors.ConfigError(
-                f"stream.key is {len(settings.key)} characters, at most {MAX_KEY_CHARS}: the "
-                "event_id derived for an entry without one (stream:<key>:<entry id>) must fit "
-                f"{EVENT_ID.length} characters"
-            )
         self._client = client
         # XREADGROUP replies stay as Redis sent them: building a dict per entry is a measurable
         # share of the intake's CPU (PERFORMANCE.md), and _event_payload reads the flat list.
@@ -73,6 +81,7 @@ class StreamSource:
         self._pipeline = pipeline
         self.settings = settings
         self.key = settings.key
+        self._derived_id_prefix = derived_id_prefix(settings.key)
         self.group = settings.group
         self.consumer = consumer
         self._max_event_bytes = max_event_bytes
@@ -181,7 +190,7 @@ class StreamSource:
             ev = events.decode_event(
                 payload,
                 max_bytes=self._max_event_bytes,
-                default_event_id=self._entry_key(entry_id),
+                default_event_id=self._derived_id_prefix + _s(entry_id),
                 max_depth=self._max_event_depth,
                 retention=self._retention,
             )

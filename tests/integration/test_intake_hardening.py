@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import hashlib
 import io
 import json
 import logging
@@ -26,7 +27,7 @@ from ingestd.health import check_health
 from ingestd.pipeline import Pipeline
 from ingestd.settings import Settings
 from ingestd.sources.inprocess import Outcome
-from ingestd.sources.stream import StreamSource
+from ingestd.sources.stream import MAX_KEY_CHARS, StreamSource, derived_id_prefix
 
 pytestmark = [pytest.mark.pg, pytest.mark.redis]
 
@@ -77,16 +78,20 @@ async def test_entries_without_event_id_on_two_streams_both_land(
     assert await db.fetchval("SELECT count(*) FROM dead_letters") == 0
 
 
-def test_a_stream_key_too_long_for_derived_ids_is_a_config_error(settings: Settings) -> None:
-    long_key = "k" * 60
-    with pytest.raises(errors.ConfigError, match=r"stream\.key"):
-        StreamSource(
-            aioredis.Redis(),
-            Pipeline(_NoSink(), None, settings.pipeline),
-            settings.replace(**{"stream.key": long_key}).stream,
-            consumer="c",
-            max_event_bytes=1000,
-        )
+async def test_a_stream_key_too_long_to_spell_out_is_named_by_its_digest(
+    settings: Settings, rclient: redis.Redis, db: asyncpg.Connection
+) -> None:
+    long_key = "ingestd:events:" + "k" * 60
+    assert len(long_key) > MAX_KEY_CHARS
+    rclient.xadd(long_key, {"event": json.dumps(spread(0))}, id="1700000000000-1")
+    async with Service(settings.replace(**{"stream.key": long_key})) as service:
+        await until(lambda: service.metrics.acks >= 1)
+    digest = hashlib.sha256(long_key.encode()).hexdigest()[:32]
+    assert await db.fetchval("SELECT event_id FROM spreads") == (
+        f"stream:sha256={digest}:1700000000000-1"
+    )
+    # The longest key that is spelled out, with the longest entry id, fits 100 characters.
+    assert len(derived_id_prefix("k" * MAX_KEY_CHARS) + f"{2**64 - 1}-{2**64 - 1}") == 100
 
 
 class _NoSink:
