@@ -22,6 +22,7 @@ import redis.asyncio as aioredis
 from ingestd import Service, errors, logs
 from ingestd.batching import BatchOutcome, Item
 from ingestd.csv_import import run_import
+from ingestd.csv_verify import run_verify
 from ingestd.events import utc_iso
 from ingestd.health import check_health
 from ingestd.pipeline import Pipeline
@@ -289,6 +290,10 @@ async def test_csv_import_reports_rows_older_than_the_retention(
     dead = await db.fetchval("SELECT error FROM dead_letters")
     assert dead.startswith("spreads.csv:2: ")
     assert "older than the 90-day retention of spreads" in dead
+    # verify-csv lists the refused row apart, not as a mismatch.
+    out = io.StringIO()
+    assert await run_verify(settings, tmp_path, out=out, err=out) == 0, out.getvalue()
+    assert "MISMATCH" not in out.getvalue()
 
 
 # --- 8a. stream reads bounded in bytes ---------------------------------------------------------
