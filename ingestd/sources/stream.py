@@ -236,6 +236,7 @@ class StreamSource:
                 return total
             last = _s(entries[-1][0])
             items = self._to_items(entries)
+            del entries  # see _read_loop
             total += len(items)
             self.redelivered += len(items)
             await self._pipeline.put(items)
@@ -279,7 +280,12 @@ class StreamSource:
                 if entries:
                     # Even when stopping: the pipeline drains after intake stops, so entries
                     # already delivered to us are written and acknowledged, not left pending.
-                    await self._pipeline.put(self._to_items(entries))
+                    items = self._to_items(entries)
+                    # The reply goes before put() may wait for room: refused entries' payloads
+                    # (an oversize one is up to any size) are not held meanwhile; the items
+                    # keep what they need, and the queue counts it.
+                    entries = []
+                    await self._pipeline.put(items)
             except errors.ShuttingDown:
                 return
             except (redis.exceptions.RedisError, OSError) as exc:
@@ -330,6 +336,7 @@ class StreamSource:
                 )
             # A deleted entry becomes a dead letter: its loss is recorded, never silent.
             items = self._to_items([*entries, *((entry_id, None) for entry_id in deleted)])
+            del reply, entries  # see _read_loop
             if items:
                 total += len(items)
                 self.claimed += len(items)
