@@ -27,7 +27,7 @@ import redis.exceptions
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 
-from ingestd import errors, failpoints, keys, migrations, probes
+from ingestd import errors, events, failpoints, keys, migrations, probes
 from ingestd.batching import BatchOutcome, Item
 from ingestd.db import create_pool
 from ingestd.endpoints import OpsServer
@@ -245,11 +245,14 @@ class Service:
             self._spool_task = asyncio.create_task(
                 self._spool_source.run(), name="ingestd-spool-replay"
             )
+        retention = events.retention_of(s.retention)
         self._submitter = InProcessSource(
             self.pipeline,
             max_event_bytes=s.pipeline.max_event_bytes,
             spool=self.spool,
             spill_after_s=s.spool.spill_after_s,
+            max_event_depth=s.pipeline.max_event_depth,
+            retention=retention,
         )
         if self._stream_intake:
             self.stream = StreamSource(
@@ -258,6 +261,8 @@ class Service:
                 s.stream,
                 consumer=s.consumer_name,
                 max_event_bytes=s.pipeline.max_event_bytes,
+                max_event_depth=s.pipeline.max_event_depth,
+                retention=retention,
             )
             self._stream_task = asyncio.create_task(self.stream.run(), name="ingestd-stream")
         self._tasks = [asyncio.create_task(self._heartbeat_loop(), name="ingestd-heartbeat")]

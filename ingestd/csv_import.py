@@ -37,7 +37,7 @@ from typing import Final, TextIO
 
 import asyncpg
 
-from ingestd import commands, csv_format, errors, events
+from ingestd import commands, csv_format, errors, events, logs
 from ingestd.batching import BatchOutcome, Item
 from ingestd.db import Connection
 from ingestd.deadletters import make_dead_letter
@@ -254,6 +254,7 @@ class CsvImporter:
         flush_timeout_s: float = 60.0,
         retry_deadline_s: float = 60.0,
         acquire_timeout_s: float = 5.0,
+        retention: events.Retention | None = None,
     ) -> None:
         if batch_rows < 1:
             raise ValueError("batch_rows must be >= 1")
@@ -267,6 +268,9 @@ class CsvImporter:
         self._resume = resume
         self._flush_timeout_s = flush_timeout_s
         self._retry_deadline_s = retry_deadline_s
+        # History older than its table's retention is reported, not imported: the next retention
+        # run would delete it (the daemon refuses such events the same way).
+        self._retention = retention
 
     async def import_directory(self, directory: Path) -> ImportReport:
         """Import every file of the layout that is in ``directory`` (positions first)."""
@@ -281,7 +285,8 @@ class CsvImporter:
         return ImportReport(results)
 
     def _say(self, text: str) -> None:
-        self._progress.note(text)
+        # Reasons quote the file's own text (a field name, a value): one line each, no controls.
+        self._progress.note(logs.escape(text))
 
     async def import_file(self, table: csv_format.CsvTable, path: Path, source: str) -> FileResult:
         """Import one file; bad rows are reported as ``file:line: reason`` and dead-lettered."""
@@ -430,6 +435,8 @@ class CsvImporter:
             assert rec.fields is not None
             try:
                 ev = converter.event(rec.fields, rec.line)
+                if self._retention is not None:
+                    self._retention.check(ev)
             except errors.InvalidEvent as exc:
                 error, field = str(exc), exc.field
             else:
@@ -545,6 +552,7 @@ async def run_import(
             resume=resume,
             flush_timeout_s=settings.pipeline.flush_timeout_s,
             acquire_timeout_s=settings.storage.postgres.acquire_timeout_s,
+            retention=events.retention_of(settings.retention),
         )
         report = await importer.import_directory(directory)
         print(report.summary(), file=out)

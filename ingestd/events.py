@@ -12,15 +12,22 @@ import dataclasses
 import datetime as dt
 import decimal
 import hashlib
+import json
 import logging
+import math
 import re
+import time
+import traceback
 from collections.abc import Callable, Mapping
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import msgspec
 
 from ingestd import keys, tables
 from ingestd.errors import InvalidEvent
+
+if TYPE_CHECKING:
+    from ingestd.settings import RetentionSettings
 
 log = logging.getLogger("ingestd.events")
 
@@ -33,13 +40,94 @@ class JsonNumber(str):
 
 _DECODER: Final = msgspec.json.Decoder(float_hook=JsonNumber)
 
+# How deeply arrays and objects may nest in an event (``pipeline.max_event_depth``). A valid event
+# is one flat object (depth 1); the bound is there so that hostile input is refused with a reason
+# instead of exhausting the interpreter's stack in the decoder, the validator or a dead letter.
+DEFAULT_MAX_DEPTH: Final = 32
 
-def decode_json(payload: bytes | str) -> Any:
+
+def decode_json(payload: bytes | str, *, max_depth: int = DEFAULT_MAX_DEPTH) -> Any:
     """Decode one JSON document; numbers with a fraction or exponent stay exact text."""
     try:
-        return _DECODER.decode(payload)
+        obj = _DECODER.decode(payload)
+    except RecursionError:
+        # msgspec recurses once per level: far past max_depth anyway.
+        raise _too_deep(max_depth) from None
     except msgspec.DecodeError as exc:
+        if str(exc).startswith("Integer value out of range"):
+            # Valid JSON whose integer does not fit 64 bits: read it again keeping every digit,
+            # so that the field's own rule words the refusal (out of range, or not a string).
+            obj = _decode_big_integers(payload, max_depth)
+        else:
+            raise InvalidEvent(f"not valid JSON: {exc}") from None
+    check_depth(obj, max_depth)
+    return obj
+
+
+def _decode_big_integers(payload: bytes | str, max_depth: int) -> Any:
+    """The document with integers as exact text (``JsonNumber``); InvalidEvent if not JSON.
+
+    Only for documents that msgspec refused for an integer beyond 64 bits (rare: such a number
+    fits no column), so the standard library's slower decoder is fine here. It recurses per level
+    like msgspec, and like it stops with RecursionError far past ``max_depth``.
+    """
+
+    def no_constants(name: str) -> Any:
+        raise ValueError(f"{name} is not JSON")
+
+    try:
+        return json.loads(
+            payload,
+            parse_int=JsonNumber,
+            parse_float=JsonNumber,
+            parse_constant=no_constants,
+        )
+    except RecursionError:
+        raise _too_deep(max_depth) from None
+    except ValueError as exc:
         raise InvalidEvent(f"not valid JSON: {exc}") from None
+
+
+def check_depth(obj: object, max_depth: int) -> None:
+    """Refuse ``obj`` if lists/dicts nest in it deeper than ``max_depth`` (the event is level 1).
+
+    Iterative, and it stops at the limit: a cyclic in-process structure ends here as well.
+    """
+    if max_depth < 1:
+        raise ValueError("max_depth must be >= 1")
+    if type(obj) is dict:
+        # The usual event, one flat object, in a few type lookups (isinstance against the
+        # Mapping ABC costs microseconds per value, and this runs for every in-process event).
+        for value in obj.values():
+            if type(value) not in _SCALAR_TYPES:
+                break
+        else:
+            return
+    stack: list[tuple[object, int]] = [(obj, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, Mapping):
+            children: Any = value.values()
+        elif isinstance(value, list | tuple):
+            children = value
+        else:
+            continue
+        if depth > max_depth:
+            raise _too_deep(max_depth)
+        stack.extend(
+            (child, depth + 1) for child in children if isinstance(child, Mapping | list | tuple)
+        )
+
+
+_SCALAR_TYPES: Final = frozenset(
+    {str, int, float, bool, type(None), JsonNumber, decimal.Decimal, dt.datetime}
+)
+
+
+def _too_deep(max_depth: int) -> InvalidEvent:
+    return InvalidEvent(
+        f"arrays or objects nested deeper than {max_depth} levels (max_event_depth)"
+    )
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -561,9 +649,14 @@ def to_wire(ev: Event) -> dict[str, Any]:
 
 
 def decode_event(
-    payload: bytes | str, *, max_bytes: int, default_event_id: str | None = None
+    payload: bytes | str,
+    *,
+    max_bytes: int,
+    default_event_id: str | None = None,
+    max_depth: int = DEFAULT_MAX_DEPTH,
+    retention: Retention | None = None,
 ) -> Event:
-    """Size-check, decode and validate one wire event."""
+    """Size-check, decode and validate one wire event (and, given ``retention``, its age)."""
     # A str is measured in UTF-8 bytes, as it would travel; a character is at most 4 of them.
     size = len(payload)
     if isinstance(payload, str) and size * 4 > max_bytes:
@@ -574,24 +667,54 @@ def decode_event(
         # Most events have the usual shape and take the typed decoder (ingestd.fastpath); the
         # rest, and every error, take the general path, which is the definition of the rules.
         event = fastpath.decode(payload, default_event_id)
-        if event is not None:
-            return event
-        return parse_event(decode_json(payload), default_event_id=default_event_id)
+        if event is None:
+            event = parse_event(
+                decode_json(payload, max_depth=max_depth), default_event_id=default_event_id
+            )
     except InvalidEvent:
         raise
     except Exception as exc:
         raise _internal_error(exc) from exc
+    if retention is not None:
+        retention.check(event)
+    return event
+
+
+# Validation bugs whose traceback was logged, by exception type and the line that raised it: a
+# producer that keeps sending a payload that trips one gets one traceback, then a line each.
+_BUGS_LOGGED: set[tuple[str, str, int]] = set()
+_MAX_BUGS_LOGGED: Final = 1000
 
 
 def _internal_error(exc: Exception) -> InvalidEvent:
     # A payload that trips a bug in validation must not stop the intake or vanish: it becomes
     # a dead letter like bad input (its raw payload kept), and the traceback is logged.
-    log.exception("validation failed unexpectedly", extra={"action": "validation_bug"})
+    frames = traceback.extract_tb(exc.__traceback__)
+    where = (frames[-1].filename, frames[-1].lineno or 0) if frames else ("?", 0)
+    bug = (type(exc).__name__, *where)
+    if bug in _BUGS_LOGGED or len(_BUGS_LOGGED) >= _MAX_BUGS_LOGGED:
+        log.error(
+            "validation failed unexpectedly: %s: %s at %s:%d (traceback logged before)",
+            type(exc).__name__,
+            exc,
+            where[0],
+            where[1],
+            extra={"action": "validation_bug"},
+        )
+    else:
+        _BUGS_LOGGED.add(bug)
+        log.exception("validation failed unexpectedly", extra={"action": "validation_bug"})
     return InvalidEvent(f"internal error while validating the event: {type(exc).__name__}: {exc}")
 
 
-def normalize(obj: Mapping[str, Any]) -> Event:
+def normalize(
+    obj: Mapping[str, Any],
+    *,
+    max_depth: int = DEFAULT_MAX_DEPTH,
+    retention: Retention | None = None,
+) -> Event:
     """Validate an event given as a Python mapping (in-process producers)."""
+    check_depth(obj, max_depth)
     for key, value in obj.items():
         if isinstance(value, str):
             try:
@@ -601,11 +724,67 @@ def normalize(obj: Mapping[str, Any]) -> Event:
                     "contains a lone surrogate (not valid UTF-8)", field=str(key)
                 ) from None
     try:
-        return parse_event(obj)
+        event = parse_event(obj)
     except InvalidEvent:
         raise
     except Exception as exc:
         raise _internal_error(exc) from exc
+    if retention is not None:
+        retention.check(event)
+    return event
+
+
+def _utc_now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+class Retention:
+    """How many days each table keeps its rows (``retention:``; 0 or absent: forever).
+
+    An event older than its table's retention is bad input: the next retention run would delete
+    it without a trace, after it had been acknowledged and mirrored. The cut-off is the one the
+    retention run uses (event time before now minus the period). It is worked out at most once a
+    second, not per event (this is on the intake's hot path; a second is nothing against days).
+    """
+
+    __slots__ = ("_clock", "_cutoffs", "_refresh_at", "days")
+
+    def __init__(
+        self, days: Mapping[str, int], clock: Callable[[], dt.datetime] = _utc_now
+    ) -> None:
+        self.days = {table: n for table, n in days.items() if n > 0}
+        self._clock = clock
+        self._cutoffs: dict[str, dt.datetime] = {}
+        self._refresh_at = -math.inf
+
+    def check(self, event: Event) -> None:
+        """Raise InvalidEvent if ``event`` is older than its table keeps rows."""
+        table = event.table
+        if table is None:
+            return
+        if time.monotonic() >= self._refresh_at:
+            now = self._clock()
+            self._cutoffs = {t: now - dt.timedelta(days=n) for t, n in self.days.items()}
+            self._refresh_at = time.monotonic() + 1.0
+        cutoff = self._cutoffs.get(table.name)
+        if cutoff is not None and event.time < cutoff:
+            field = event.spec.time_field
+            raise InvalidEvent(
+                f"{event.values[field]} is older than the {self.days[table.name]}-day retention "
+                f"of {table.name}",
+                field=field,
+            )
+
+
+def retention_of(settings: RetentionSettings) -> Retention:
+    """The retention periods of the ``retention:`` settings, as the intake checks them."""
+    return Retention(
+        {
+            "spreads": settings.spreads_days,
+            "fx_rates": settings.fx_rates_days,
+            "orders": settings.orders_days,
+        }
+    )
 
 
 # Imported last: the fast path is built from the definitions above.

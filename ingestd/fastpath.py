@@ -132,6 +132,10 @@ def decode(payload: bytes | str, default_event_id: str | None) -> events.Event |
         values, moment = fast.convert(obj)
     except (msgspec.ValidationError, msgspec.DecodeError, _Decline, InvalidEvent):
         return None
+    except RecursionError:
+        # A deep value before the "type" tag, skipped while the tag is looked for: the general
+        # path refuses it with the nesting limit's reason.
+        return None
     spec = fast.spec
     if spec.name == "heartbeat" and keys.is_reserved_component(str(values["component"])):
         return None

@@ -90,6 +90,7 @@ class StreamSettings:
     group: str = "ingestd"
     consumer: str = ""
     read_count: int = 2000
+    read_max_bytes: int = 16 * 1024 * 1024  # entries per read follow their recent size
     block_ms: int = 1000
     claim_idle_ms: int = 30_000
     claim_interval_s: float = 15.0
@@ -108,6 +109,7 @@ class PipelineSettings:
     writers: int = 2
     flush_timeout_s: float = 30.0
     max_event_bytes: int = 1_048_576
+    max_event_depth: int = 32  # arrays/objects nested deeper are bad input (an event is level 1)
     backoff_base_s: float = 0.25
     backoff_cap_s: float = 15.0
     # A position_close whose open has not arrived waits this long, then is a dead letter.
@@ -225,6 +227,8 @@ class Settings:
             raise ConfigError("pipeline.writers must be >= 1")
         if p.queue_max_bytes < 1 or p.batch_max_bytes < 1:
             raise ConfigError("pipeline.queue_max_bytes and pipeline.batch_max_bytes must be >= 1")
+        if p.max_event_depth < 1 or self.stream.read_max_bytes < 1:
+            raise ConfigError("pipeline.max_event_depth and stream.read_max_bytes must be >= 1")
         if self.storage.postgres.pool_max_size < p.writers + 1:
             raise ConfigError(
                 "storage.postgres.pool_max_size must exceed pipeline.writers "

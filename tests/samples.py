@@ -104,11 +104,16 @@ def trade(i: int, key: str | None = "pos_001", side: str = "OPEN") -> Trade:
     )
 
 
+# Two days back (fixed for the session): recent enough that the 90-day retention of spreads never
+# refuses the rows of spread_rows, which the CSV commands import as real processes.
+RECENT_DAY = (dt.datetime.now(dt.UTC) - dt.timedelta(days=2)).date().isoformat()
+
+
 def spread_rows(n: int, *, start: int = 0) -> list[str]:
-    """``n`` valid spreads.csv rows (no event_id column)."""
+    """``n`` valid spreads.csv rows (no event_id column), from ``RECENT_DAY``."""
     return [
         f"BTC,{140123456 + i}.12,98012.12345678,135800000.55,3.1836,2.9836,true,"
-        f"2025-11-15T03:40:{(i % 60):02d}.{i:06d}Z"
+        f"{RECENT_DAY}T03:40:{(i % 60):02d}.{i:06d}Z"
         for i in range(start, start + n)
     ]
 

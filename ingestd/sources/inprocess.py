@@ -16,9 +16,10 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
+import reprlib
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, Final
 
 import orjson
 
@@ -54,9 +55,13 @@ class InProcessSource:
         max_event_bytes: int,
         spool: Spool | None = None,
         spill_after_s: float = 1.0,
+        max_event_depth: int = events.DEFAULT_MAX_DEPTH,
+        retention: events.Retention | None = None,
     ) -> None:
         self._pipeline = pipeline
         self._max_event_bytes = max_event_bytes
+        self._max_event_depth = max_event_depth
+        self._retention = retention
         self._spool = spool
         self._spill_after_s = spill_after_s
         self._spool_failing = False
@@ -108,9 +113,16 @@ class InProcessSource:
             raw = event if isinstance(event, bytes | str) else None
             try:
                 parsed = (
-                    events.decode_event(event, max_bytes=self._max_event_bytes)
+                    events.decode_event(
+                        event,
+                        max_bytes=self._max_event_bytes,
+                        max_depth=self._max_event_depth,
+                        retention=self._retention,
+                    )
                     if isinstance(event, bytes | str)
-                    else events.normalize(event)
+                    else events.normalize(
+                        event, max_depth=self._max_event_depth, retention=self._retention
+                    )
                 )
             except errors.InvalidEvent as exc:
                 log.warning("invalid event rejected: %s", exc, extra={"action": "dead_letter"})
@@ -222,4 +234,18 @@ def _repr_payload(event: object) -> str:
     try:
         return orjson.dumps(event, default=str).decode()
     except TypeError:
-        return repr(event)
+        # Not JSON-able as a whole: too deep for orjson, a cycle, a key that is not a string.
+        # reprlib stops at a depth and a width, so that even a refused event nested thousands of
+        # levels deep (or containing itself) gets a dead letter rather than a RecursionError.
+        return _BOUNDED_REPR.repr(event)
+
+
+def _bounded_repr() -> reprlib.Repr:
+    r = reprlib.Repr()
+    r.maxlevel = events.DEFAULT_MAX_DEPTH
+    r.maxdict = r.maxlist = r.maxtuple = r.maxset = r.maxfrozenset = r.maxdeque = 1000
+    r.maxstring = r.maxother = 10_000
+    return r
+
+
+_BOUNDED_REPR: Final = _bounded_repr()

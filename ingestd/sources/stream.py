@@ -3,12 +3,19 @@
 At start this consumer first re-reads its own pending entries (id ``0``: after a crash they are
 never returned by ``>``), then reads new ones. Entries left idle by a dead replica are claimed with
 ``XAUTOCLAIM``. An entry is ``XACK``ed only after its rows are committed; a redelivered entry lands
-once because its ``event_id`` (or the one derived from its entry id) is the idempotency key.
+once because its ``event_id`` (or the one derived from the stream key and its entry id,
+``stream:<key>:<entry id>``, unique across streams) is the idempotency key.
+
+Reads are bounded in entries (``read_count``) and in bytes (``read_max_bytes``): Redis has no byte
+bound on a read, so the number of entries asked for follows the size of the largest entries seen
+lately (at start, ``max_event_bytes``). Entries larger than ``max_event_bytes`` become dead letters
+that keep only a prefix, so their payloads are not held in the queue.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import random
 import time
@@ -23,10 +30,28 @@ from ingestd.batching import BatchOutcome, Item
 from ingestd.deadletters import make_dead_letter
 from ingestd.pipeline import Pipeline
 from ingestd.settings import StreamSettings
+from ingestd.tables import EVENT_ID
 
 log = logging.getLogger("ingestd.sources.stream")
 
 EVENT_FIELD = b"event"
+# The longest entry id Redis can give: two 64-bit numbers, ``<ms>-<seq>``.
+_MAX_ENTRY_ID_CHARS = 2 * 20 + 1
+# The longest stream key that ``stream:<key>:<entry id>`` can name and still fit an event_id.
+MAX_KEY_CHARS = EVENT_ID.length - len("stream::") - _MAX_ENTRY_ID_CHARS
+
+
+def derived_id_prefix(key: str) -> str:
+    """What the event_id of an entry without one starts with: ``stream:<key>:``.
+
+    Entry ids are unique within a stream only, so the key is part of the id: entries of two
+    streams written into one database never share one. A key too long for the id to fit 100
+    characters is named by its SHA-256 instead (``stream:sha256=<32 hex>:``).
+    """
+    if len(key) <= MAX_KEY_CHARS:
+        return f"stream:{key}:"
+    digest = hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()[:32]
+    return f"stream:sha256={digest}:"
 
 
 def _s(value: bytes | str) -> str:
@@ -46,6 +71,8 @@ class StreamSource:
         *,
         consumer: str,
         max_event_bytes: int,
+        max_event_depth: int = events.DEFAULT_MAX_DEPTH,
+        retention: events.Retention | None = None,
     ) -> None:
         self._client = client
         # XREADGROUP replies stay as Redis sent them: building a dict per entry is a measurable
@@ -54,9 +81,15 @@ class StreamSource:
         self._pipeline = pipeline
         self.settings = settings
         self.key = settings.key
+        self._derived_id_prefix = derived_id_prefix(settings.key)
         self.group = settings.group
         self.consumer = consumer
         self._max_event_bytes = max_event_bytes
+        self._max_event_depth = max_event_depth
+        self._retention = retention
+        # The size the next read assumes per entry: the largest payload seen lately (halved per
+        # read while smaller ones come), at first as large as an event may be.
+        self._entry_bytes = max(1, max_event_bytes)
         self._in_flight: set[bytes] = set()
         self._unacked: set[bytes] = set()
         self._stopping = asyncio.Event()
@@ -117,6 +150,19 @@ class StreamSource:
             if "BUSYGROUP" not in str(exc):
                 raise
 
+    def _read_count(self) -> int:
+        """Entries to ask for: ``read_count``, fewer when entries are large (``read_max_bytes``)."""
+        by_bytes = self.settings.read_max_bytes // self._entry_bytes
+        return max(1, min(self.settings.read_count, by_bytes))
+
+    def _note_sizes(self, entries: Sequence[Any]) -> None:
+        largest = 0
+        for _, fields in entries:
+            payload = _event_payload(fields)
+            if payload is not None and len(payload) > largest:
+                largest = len(payload)
+        self._entry_bytes = max(1, largest, self._entry_bytes // 2)
+
     def _to_items(self, entries: Sequence[Any]) -> list[Item]:
         now = time.monotonic()
         items: list[Item] = []
@@ -139,10 +185,14 @@ class StreamSource:
             dl = make_dead_letter(
                 raw, reason, source=self.name, dedup_key=self._entry_key(entry_id)
             )
-            return Item(None, dl, self, entry_id, raw, now)
+            return Item(None, dl, self, entry_id, None, now)
         try:
             ev = events.decode_event(
-                payload, max_bytes=self._max_event_bytes, default_event_id=f"stream:{_s(entry_id)}"
+                payload,
+                max_bytes=self._max_event_bytes,
+                default_event_id=self._derived_id_prefix + _s(entry_id),
+                max_depth=self._max_event_depth,
+                retention=self._retention,
             )
         except errors.InvalidEvent as exc:
             log.warning(
@@ -155,7 +205,9 @@ class StreamSource:
                 field=exc.field,
                 dedup_key=self._entry_key(entry_id),
             )
-            return Item(None, dl, self, entry_id, payload, now)
+            # Not the payload: the dead letter holds what is written (a prefix of an oversize
+            # one), and the queue counts that, so refused entries do not pile up in memory.
+            return Item(None, dl, self, entry_id, None, now)
         return Item(ev, None, self, entry_id, payload, now)
 
     async def _read(self, start: str, block: int | None) -> list[Any]:
@@ -163,7 +215,7 @@ class StreamSource:
             self.group,
             self.consumer,
             {self.key: start},
-            count=self.settings.read_count,
+            count=self._read_count(),
             block=block,
         )
         if not reply:
@@ -171,6 +223,7 @@ class StreamSource:
         # The raw RESP2 reply (see __init__): [[stream_key, [[entry_id, [field, value, ...]]]]]
         streams: list[Any] = reply  # type: ignore[assignment]
         entries: list[Any] = streams[0][1]
+        self._note_sizes(entries)
         return entries
 
     async def read_own_pending(self) -> int:
@@ -183,6 +236,7 @@ class StreamSource:
                 return total
             last = _s(entries[-1][0])
             items = self._to_items(entries)
+            del entries  # see _read_loop
             total += len(items)
             self.redelivered += len(items)
             await self._pipeline.put(items)
@@ -226,7 +280,12 @@ class StreamSource:
                 if entries:
                     # Even when stopping: the pipeline drains after intake stops, so entries
                     # already delivered to us are written and acknowledged, not left pending.
-                    await self._pipeline.put(self._to_items(entries))
+                    items = self._to_items(entries)
+                    # The reply goes before put() may wait for room: refused entries' payloads
+                    # (an oversize one is up to any size) are not held meanwhile; the items
+                    # keep what they need, and the queue counts it.
+                    entries = []
+                    await self._pipeline.put(items)
             except errors.ShuttingDown:
                 return
             except (redis.exceptions.RedisError, OSError) as exc:
@@ -264,9 +323,10 @@ class StreamSource:
                 self.consumer,
                 self.settings.claim_idle_ms,
                 start_id=start,
-                count=self.settings.read_count,
+                count=self._read_count(),
             )
             next_start, entries = _s(reply[0]), reply[1]
+            self._note_sizes(entries)
             deleted = reply[2] if len(reply) > 2 else []
             for entry_id in deleted:
                 log.error(
@@ -276,6 +336,7 @@ class StreamSource:
                 )
             # A deleted entry becomes a dead letter: its loss is recorded, never silent.
             items = self._to_items([*entries, *((entry_id, None) for entry_id in deleted)])
+            del reply, entries  # see _read_loop
             if items:
                 total += len(items)
                 self.claimed += len(items)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import io
 import os
 import shutil
@@ -15,9 +16,19 @@ import pytest
 from ingestd.csv_import import INCOMPLETE_LAST_LINE, run_import
 from ingestd.csv_verify import run_verify
 from ingestd.settings import Settings
-from tests.samples import POSITION_HEADER, SPREAD_HEADER, spread_rows, write_csv
+from tests.samples import POSITION_HEADER, RECENT_DAY, SPREAD_HEADER, spread_rows, write_csv
 
 pytestmark = pytest.mark.pg
+
+
+@pytest.fixture
+def settings(settings: Settings) -> Settings:
+    """No retention: the sample history (tests/samples.py, from 2025) is older than the 90-day
+    retention of spreads, and these tests are about importing it, not about refusing old events."""
+    return settings.replace(
+        **{"retention.spreads_days": 0, "retention.fx_rates_days": 0, "retention.orders_days": 0}
+    )
+
 
 FX_HEADER = "pair,rate,source,timestamp"
 ORDER_HEADER = (
@@ -387,7 +398,8 @@ async def test_verify_reports_an_altered_row_a_missing_row_and_ignores_other_sou
     await db.execute(
         "INSERT INTO spreads (event_id, symbol, upbit_price, binance_price, binance_price_krw,"
         " spread_pct, net_spread_pct, timestamp) SELECT 'stream:' || g, 'BTC', 1, 1, 1, 1, 1,"
-        " '2025-11-15T03:40:30Z' FROM generate_series(1, 7) AS g"
+        " $1 FROM generate_series(1, 7) AS g",
+        dt.datetime.fromisoformat(f"{RECENT_DAY}T03:40:30+00:00"),
     )
     code, report = await verified(settings, tmp_path)
     assert code == 0, report

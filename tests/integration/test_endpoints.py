@@ -30,6 +30,15 @@ pytestmark = [pytest.mark.pg, pytest.mark.redis]
 
 
 @pytest.fixture
+def settings(settings: Settings) -> Settings:
+    """No retention: the sample history (tests/samples.py, from 2025) is older than the 90-day
+    retention of spreads, and these tests are about the endpoints, not about refusing old events."""
+    return settings.replace(
+        **{"retention.spreads_days": 0, "retention.fx_rates_days": 0, "retention.orders_days": 0}
+    )
+
+
+@pytest.fixture
 def ops_settings(settings: Settings) -> Settings:
     """The test settings with the endpoint on a free port."""
     return settings.replace(metrics_port=free_port())

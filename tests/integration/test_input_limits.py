@@ -22,6 +22,8 @@ from ingestd.tables import APPEND_TABLES
 pytestmark = [pytest.mark.pg, pytest.mark.redis]
 
 LIMIT = 300
+# Within every table's retention (older events are refused).
+RECENT = dt.datetime.now(dt.UTC).replace(microsecond=0) - dt.timedelta(days=1)
 
 
 def _spread(i: int) -> dict[str, object]:
@@ -34,7 +36,7 @@ def _spread(i: int) -> dict[str, object]:
         "binance_price_krw": "135800000.55",
         "spread_pct": "3.1836",
         "net_spread_pct": "2.9836",
-        "timestamp": utc_iso(dt.datetime(2026, 1, 1, tzinfo=dt.UTC) + dt.timedelta(seconds=i)),
+        "timestamp": utc_iso(RECENT + dt.timedelta(seconds=i)),
     }
 
 

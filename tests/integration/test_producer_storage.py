@@ -54,6 +54,15 @@ def settings(settings: Settings) -> Settings:
     return settings.replace(**{"maintenance.enabled": False})
 
 
+@pytest.fixture
+def settings(settings: Settings) -> Settings:
+    """No retention: the sample history (tests/samples.py, from 2025) is older than the 90-day
+    retention of spreads, and these tests are about the storage API, not refusing old events."""
+    return settings.replace(
+        **{"retention.spreads_days": 0, "retention.fx_rates_days": 0, "retention.orders_days": 0}
+    )
+
+
 async def wait_count(conn: asyncpg.Connection, sql: str, want: int, timeout: float = 30) -> int:
     """Poll ``sql`` (a count) until it reaches ``want``; return the last value."""
     end = time.monotonic() + timeout

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import decimal
 import json
+import logging
 from decimal import ROUND_HALF_UP, Decimal
 from typing import Any
 
@@ -1084,3 +1085,21 @@ def test_producers_cannot_send_ingestds_own_heartbeat(component: str) -> None:
     err = reject_obj(with_("heartbeat", component=component))
     assert err.field == "component" and "reserved" in err.reason
     assert decode(with_("heartbeat", component="ingestd-like")).values["component"]
+
+
+def test_a_validation_bug_logs_its_traceback_once_not_per_event(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def broken(obj: object, *, default_event_id: str | None = None) -> events.Event:
+        raise KeyError("the same bug every time")
+
+    monkeypatch.setattr(events, "parse_event", broken)
+    monkeypatch.setattr(events, "_BUGS_LOGGED", set())
+    caplog.set_level(logging.WARNING, logger="ingestd.events")
+    for _ in range(50):  # a producer that keeps sending the payload that trips it
+        with pytest.raises(InvalidEvent, match="internal error"):
+            events.decode_event(b'{"type": "heartbeat"}', max_bytes=1000)
+    bug_lines = [r for r in caplog.records if r.name == "ingestd.events"]
+    assert len([r for r in bug_lines if r.exc_info]) == 1
+    # Every occurrence is still logged, without the traceback after the first.
+    assert len(bug_lines) == 50

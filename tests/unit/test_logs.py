@@ -196,3 +196,68 @@ def test_every_log_call_in_ingestd_names_its_event() -> None:
         assert re.fullmatch(r"[a-z][a-z0-9_]*", value.value), f"{name}:{line}"
         actions.add(value.value)
     assert {"started", "stopped", "dead_letter", "flush_retry", "crash"} <= actions
+
+
+# A producer's text meant to look like a line of ingestd's own, after a line break.
+FORGED = "2026-12-03 10:00:00,000 CRITICAL ingestd.pipeline action=crash database lost"
+HOSTILE = [
+    f"x\n{FORGED}",
+    f"x\r{FORGED}",
+    f"x\r\n{FORGED}",
+    f"x\u2028{FORGED}",
+    f"x\u2029{FORGED}",
+    f"x\x85{FORGED}",
+    f"x\x0b{FORGED}",
+    f"x\x0c{FORGED}",
+    f"x\x1c{FORGED}",
+    "colour \x1b[31mred\x1b[0m, bell \x07, nul \x00, del \x7f, bidi \u202e",
+]
+# Every character that a terminal or a log viewer may take as a line end or a control.
+CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+@pytest.mark.parametrize("hostile", HOSTILE)
+def test_plain_lines_escape_input_derived_text(hostile: str) -> None:
+    out = logs.PlainFormatter(PLAIN_FMT).format(
+        record("invalid event in entry %s: %s", "1-0", hostile, action="dead_letter")
+    )
+    assert CONTROL.search(out) is None, repr(out)
+    assert len(out.splitlines()) == 1
+    assert "action=dead_letter invalid event in entry 1-0: x" in out or "colour" in out
+
+
+@pytest.mark.parametrize("hostile", HOSTILE)
+def test_plain_traceback_lines_cannot_pass_for_a_record(hostile: str) -> None:
+    try:
+        raise ValueError(hostile)
+    except ValueError:
+        rec = record("failed", level=logging.ERROR)
+        rec.exc_info = sys.exc_info()
+    out = logs.PlainFormatter(PLAIN_FMT).format(rec)
+    head, *rest = out.split("\n")
+    assert head.endswith("action=log failed")
+    assert rest and all(line.startswith(logs.CONTINUATION) for line in rest), out
+    for line in out.split("\n"):
+        assert CONTROL.search(line) is None, repr(line)
+    assert "ValueError: " in out
+
+
+@pytest.mark.parametrize("hostile", HOSTILE)
+def test_json_lines_escape_input_derived_text(hostile: str) -> None:
+    try:
+        raise ValueError(hostile)
+    except ValueError:
+        rec = record("bad %s", hostile, field=hostile, action="dead_letter")
+        rec.exc_info = sys.exc_info()
+    line = logs.JsonFormatter().format(rec)
+    assert CONTROL.search(line) is None, repr(line)
+    doc = json.loads(line)
+    # The JSON escapes keep the text exact for whoever reads the document.
+    assert doc["msg"] == f"bad {hostile}"
+    assert doc["field"] == hostile
+    assert hostile.split("\x1b", maxsplit=1)[0] in doc["exc"]
+
+
+def test_escape_is_readable_and_leaves_ordinary_text_alone() -> None:
+    assert logs.escape("plain text, 한국어, €") == "plain text, 한국어, €"
+    assert logs.escape("a\nb\r\tc\x1b\u2028") == "a\\nb\\r\\tc\\x1b\\u2028"
