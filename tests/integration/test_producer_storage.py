@@ -48,18 +48,17 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 
 @pytest.fixture
 def settings(settings: Settings) -> Settings:
-    """The shared settings without maintenance: the samples are dated 2025-11-15, older than the
-    retention of spreads and fx_rates, so the retention round that a Service runs at its start
-    would delete them as they land (the tests here are about delivery, not retention)."""
-    return settings.replace(**{"maintenance.enabled": False})
-
-
-@pytest.fixture
-def settings(settings: Settings) -> Settings:
-    """No retention: the sample history (tests/samples.py, from 2025) is older than the 90-day
-    retention of spreads, and these tests are about the storage API, not refusing old events."""
+    """The shared settings without retention and maintenance: the sample history
+    (tests/samples.py) is dated 2025-11-15, older than the retention of spreads and fx_rates, so
+    it would be refused at intake and the retention round a Service runs at its start would delete
+    it; the tests here are about the storage API and delivery, not retention."""
     return settings.replace(
-        **{"retention.spreads_days": 0, "retention.fx_rates_days": 0, "retention.orders_days": 0}
+        **{
+            "maintenance.enabled": False,
+            "retention.spreads_days": 0,
+            "retention.fx_rates_days": 0,
+            "retention.orders_days": 0,
+        }
     )
 
 
