@@ -63,16 +63,121 @@ if ! pg_answers "$pg_url"; then
   pg_answers "$pg_url" || { log "PostgreSQL did not start (see $data/server.log)"; exit 1; }
 fi
 
-# A TimescaleDB cluster that exists on this machine (port 5433) is started for the TimescaleDB
-# tests; where there is none they skip, saying why.
-if command -v pg_lsclusters >/dev/null 2>&1; then
+# --- TimescaleDB -------------------------------------------------------------------------------
+# The TimescaleDB tests need a server with timescaledb preloaded. In order: the server that
+# INGESTD_TEST_TIMESCALE_URL names; a cluster of this machine on 5433 (started if stopped); else,
+# where ../shared/vendor/timescaledb (the 2.28.3 source and its patch) sits beside the checkout
+# (or INGESTD_TIMESCALEDB_SOURCE names that folder), the
+# extension is built and installed into pg_config's directories once (skipped when that build is
+# already installed) and a throwaway cluster of our own is started under .local/ on port 55433.
+# Without any of these the TimescaleDB tests skip (or fail, with CI=true), saying how to get one.
+ts_version=2.28.3
+ts_vendor="${INGESTD_TIMESCALEDB_SOURCE:-$root/../shared/vendor/timescaledb}"
+ts_url="${INGESTD_TEST_TIMESCALE_URL:-}"
+ts_port=55433
+
+ts_preloaded() {
+  PGCONNECT_TIMEOUT=3 psql "$1" -qtAc "select count(*) from pg_available_extensions
+    where name = 'timescaledb' and current_setting('shared_preload_libraries') like '%timescaledb%'" \
+    2>/dev/null | grep -qx 1
+}
+
+# What a build from the vendored source is keyed by: a rebuild happens when either file changes.
+ts_stamp_text() {
+  sha256sum "$ts_vendor/timescaledb-$ts_version.tar.xz" "$ts_vendor/portal-done-pg15.20.patch" \
+    | awk '{print $1}' | tr '\n' ' '
+}
+
+ts_build() {  # $1: pg_config of the server the extension is for
+  local pg_config="$1" major pkglib sharedir stamp build logf
+  major="$("$pg_config" --version | sed -E 's/^PostgreSQL ([0-9]+).*/\1/')"
+  pkglib="$("$pg_config" --pkglibdir)"
+  sharedir="$("$pg_config" --sharedir)"
+  stamp="$pkglib/timescaledb-$ts_version.ingestd-build"
+  if [ -f "$pkglib/timescaledb-$ts_version.so" ] \
+    && [ -f "$sharedir/extension/timescaledb--$ts_version.sql" ] \
+    && [ "$(cat "$stamp" 2>/dev/null)" = "$(ts_stamp_text)" ]; then
+    return 0
+  fi
+  local missing=()
+  for pkg in "postgresql-server-dev-$major" cmake gcc make libssl-dev; do
+    dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
+  done
+  [ "${#missing[@]}" -eq 0 ] || apt_install "${missing[@]}"
+  build="$state/timescaledb-build"
+  logf="$state/timescaledb-build.log"
+  log "building TimescaleDB $ts_version from $ts_vendor (a minute or two; log in $logf)"
+  rm -rf "$build" && mkdir -p "$build"
+  if ! (
+    set -e
+    cd "$build"
+    tar -xJf "$ts_vendor/timescaledb-$ts_version.tar.xz"
+    cd "timescaledb-$ts_version"
+    patch -p1 <"$ts_vendor/portal-done-pg15.20.patch"
+    ./bootstrap -DPG_CONFIG="$pg_config" -DREGRESS_CHECKS=OFF -DTAP_CHECKS=OFF \
+      -DWARNINGS_AS_ERRORS=OFF -DLINTER=OFF -DGENERATE_DOWNGRADE_SCRIPT=OFF -DUSE_TELEMETRY=OFF
+    make -C build -j"$(nproc)"
+    make -C build install
+  ) >"$logf" 2>&1; then
+    log "the TimescaleDB build failed; the end of $logf:"
+    tail -n 30 "$logf" >&2
+    return 1
+  fi
+  ts_stamp_text >"$stamp"
+  rm -rf "$build"
+}
+
+if [ -n "$ts_url" ] && ! ts_preloaded "$ts_url"; then
+  log "INGESTD_TEST_TIMESCALE_URL=$ts_url does not answer with timescaledb preloaded"
+  ts_url=""
+fi
+if [ -z "$ts_url" ] && command -v pg_lsclusters >/dev/null 2>&1; then
   while read -r ver name port status _; do
     [ "$port" = "5433" ] && [ "$status" != "online" ] && {
       log "starting cluster $ver/$name (TimescaleDB tests)"
       pg_ctlcluster --skip-systemctl-redirect "$ver" "$name" start >&2 || true
     }
   done < <(pg_lsclusters -h 2>/dev/null || true)
+  ts_preloaded "postgresql://postgres@127.0.0.1:5433/postgres" \
+    && ts_url="postgresql://postgres@127.0.0.1:5433/postgres"
 fi
+if [ -z "$ts_url" ] && ts_preloaded "postgresql://postgres@127.0.0.1:$ts_port/postgres"; then
+  ts_url="postgresql://postgres@127.0.0.1:$ts_port/postgres"  # ours, from an earlier run
+fi
+if [ -z "$ts_url" ] && [ -f "$ts_vendor/timescaledb-$ts_version.tar.xz" ]; then
+  initdb_bin="$(ls /usr/lib/postgresql/*/bin/initdb 2>/dev/null | sort -V | tail -n1 || true)"
+  if [ -z "$initdb_bin" ]; then
+    apt_install postgresql
+    initdb_bin="$(ls /usr/lib/postgresql/*/bin/initdb | sort -V | tail -n1)"
+  fi
+  bindir="$(dirname "$initdb_bin")"
+  major="$(basename "$(dirname "$bindir")")"
+  [ -x "$bindir/pg_config" ] || apt_install "postgresql-server-dev-$major"
+  # One build at a time on a machine (two checkouts install into the same directories).
+  exec 9>"/tmp/ingestd-timescaledb-$ts_version.lock"
+  flock 9
+  ts_build "$bindir/pg_config" || exit 1
+  flock -u 9
+  data="$state/timescale"
+  run_as=()
+  [ "$(id -u)" = "0" ] && run_as=(runuser -u postgres --)
+  if [ ! -f "$data/PG_VERSION" ]; then
+    log "creating a throwaway TimescaleDB cluster in $data"
+    mkdir -p "$data" && chmod 700 "$data"
+    [ "$(id -u)" = "0" ] && chown postgres:postgres "$data"
+    "${run_as[@]}" "$bindir/initdb" -D "$data" -U postgres --auth=trust -E UTF8 >&2
+  fi
+  # Every database with the extension runs a scheduler in a background worker of its own, and
+  # each running job takes one more: the test suite clones a database per test, which the
+  # defaults (8 / 16) do not cover ("failed to start a background worker").
+  "${run_as[@]}" "$bindir/pg_ctl" -D "$data" -l "$data/server.log" -w \
+    -o "-p $ts_port -c listen_addresses=127.0.0.1 -k /tmp -c shared_preload_libraries=timescaledb
+        -c max_worker_processes=40 -c timescaledb.max_background_workers=32
+        -c timescaledb.telemetry_level=off" start >&2 || true
+  ts_url="postgresql://postgres@127.0.0.1:$ts_port/postgres"
+  ts_preloaded "$ts_url" || { log "TimescaleDB did not start (see $data/server.log)"; exit 1; }
+fi
+[ -n "$ts_url" ] || log "no TimescaleDB: its tests skip (see README, TimescaleDB)"
 
 # --- Redis ------------------------------------------------------------------------------------
 command -v redis-cli >/dev/null 2>&1 || apt_install redis-tools
@@ -95,3 +200,4 @@ fi
 
 echo "export INGESTD_TEST_DATABASE_URL='$pg_url'"
 echo "export INGESTD_TEST_REDIS_URL='$redis_url'"
+[ -z "$ts_url" ] || echo "export INGESTD_TEST_TIMESCALE_URL='$ts_url'"
