@@ -141,9 +141,6 @@ if [ -z "$ts_url" ] && command -v pg_lsclusters >/dev/null 2>&1; then
   ts_preloaded "postgresql://postgres@127.0.0.1:5433/postgres" \
     && ts_url="postgresql://postgres@127.0.0.1:5433/postgres"
 fi
-if [ -z "$ts_url" ] && ts_preloaded "postgresql://postgres@127.0.0.1:$ts_port/postgres"; then
-  ts_url="postgresql://postgres@127.0.0.1:$ts_port/postgres"  # ours, from an earlier run
-fi
 if [ -z "$ts_url" ] && [ -f "$ts_vendor/timescaledb-$ts_version.tar.xz" ]; then
   initdb_bin="$(ls /usr/lib/postgresql/*/bin/initdb 2>/dev/null | sort -V | tail -n1 || true)"
   if [ -z "$initdb_bin" ]; then
@@ -167,14 +164,34 @@ if [ -z "$ts_url" ] && [ -f "$ts_vendor/timescaledb-$ts_version.tar.xz" ]; then
     [ "$(id -u)" = "0" ] && chown postgres:postgres "$data"
     "${run_as[@]}" "$bindir/initdb" -D "$data" -U postgres --auth=trust -E UTF8 >&2
   fi
+  grep -q "^include_if_exists = 'ingestd.conf'" "$data/postgresql.conf" \
+    || echo "include_if_exists = 'ingestd.conf'" >>"$data/postgresql.conf"
   # Every database with the extension runs a scheduler in a background worker of its own, and
   # each running job takes one more: the test suite clones a database per test, which the
   # defaults (8 / 16) do not cover ("failed to start a background worker").
-  "${run_as[@]}" "$bindir/pg_ctl" -D "$data" -l "$data/server.log" -w \
-    -o "-p $ts_port -c listen_addresses=127.0.0.1 -k /tmp -c shared_preload_libraries=timescaledb
-        -c max_worker_processes=40 -c timescaledb.max_background_workers=32
-        -c timescaledb.telemetry_level=off" start >&2 || true
+  cat >"$data/ingestd.conf" <<CONF
+# written by scripts/services.sh at every run
+port = $ts_port
+listen_addresses = '127.0.0.1'
+unix_socket_directories = '/tmp'
+shared_preload_libraries = 'timescaledb'
+max_worker_processes = 40
+timescaledb.max_background_workers = 32
+timescaledb.telemetry_level = off
+CONF
+  [ "$(id -u)" = "0" ] && chown postgres:postgres "$data/ingestd.conf"
   ts_url="postgresql://postgres@127.0.0.1:$ts_port/postgres"
+  if "${run_as[@]}" "$bindir/pg_ctl" -D "$data" status >/dev/null 2>&1; then
+    # Ours runs: restart it only when it runs with other settings than the file now says.
+    if [ "$(psql "$ts_url" -qtAc "select count(*) from pg_file_settings
+                                  where sourcefile like '%ingestd.conf' and not applied")" != 0 ] \
+      || ! ts_preloaded "$ts_url"; then
+      log "restarting the TimescaleDB cluster in $data (settings changed)"
+      "${run_as[@]}" "$bindir/pg_ctl" -D "$data" -l "$data/server.log" -w restart >&2 || true
+    fi
+  elif ! ts_preloaded "$ts_url"; then  # (else: another checkout's cluster has the port)
+    "${run_as[@]}" "$bindir/pg_ctl" -D "$data" -l "$data/server.log" -w start >&2 || true
+  fi
   ts_preloaded "$ts_url" || { log "TimescaleDB did not start (see $data/server.log)"; exit 1; }
 fi
 [ -n "$ts_url" ] || log "no TimescaleDB: its tests skip (see README, TimescaleDB)"
