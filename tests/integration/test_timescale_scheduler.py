@@ -219,6 +219,41 @@ async def chunk_state(conn: asyncpg.Connection, moment: dt.datetime) -> tuple[bo
     return bool(row["compressed"]), bool(row["partial"])
 
 
+async def age_past_retention(conn: asyncpg.Connection, today: dt.datetime) -> None:
+    """Rows stored when they were fresh that have since outlived their table's retention
+    (spreads 90 days, fx_rates 180, orders 365): copies of stored rows with older times. ingestd
+    refuses such events when they arrive, so they cannot come through the sink."""
+    spreads_at = [today - dt.timedelta(days=100, hours=-h) for h in (1, 2)]
+    await conn.execute(
+        """
+        INSERT INTO spreads (event_id, producer, symbol, upbit_price, binance_price,
+                             binance_price_krw, spread_pct, net_spread_pct, is_opportunity,
+                             "timestamp")
+        SELECT 's-exp-' || n, producer, symbol, upbit_price, binance_price, binance_price_krw,
+               spread_pct, net_spread_pct, is_opportunity, ($1::timestamptz[])[n]
+        FROM (SELECT * FROM spreads ORDER BY event_id LIMIT 1) s, generate_series(1, 2) n
+        """,
+        spreads_at,
+    )
+    await conn.execute(
+        """
+        INSERT INTO fx_rates (event_id, producer, pair, rate, source, "timestamp")
+        SELECT 'fx-exp', producer, pair, rate, source, $1 FROM fx_rates WHERE event_id = 'fx-kept'
+        """,
+        today - dt.timedelta(days=200),
+    )
+    await conn.execute(
+        """
+        INSERT INTO orders (event_id, producer, symbol, venue, side, qty, price_theoretical,
+                            price_effective, slippage_bps, leg_id, "timestamp")
+        SELECT 'o-exp', producer, symbol, venue, side, qty, price_theoretical, price_effective,
+               slippage_bps, leg_id, $1
+        FROM orders WHERE event_id = 'o-kept'
+        """,
+        today - dt.timedelta(days=400),
+    )
+
+
 async def test_the_scheduler_runs_the_policies_and_late_data_lands_once(
     dsn: str, conn: asyncpg.Connection, sink: PostgresSink, redis_url: str
 ) -> None:
@@ -228,7 +263,6 @@ async def test_the_scheduler_runs_the_policies_and_late_data_lands_once(
     # to be compressed (its whole day ended more than 2 days ago), one in a row-store chunk.
     old_hour = today - dt.timedelta(days=3) + dt.timedelta(hours=12)
     recent_hour = hour_of(now) - dt.timedelta(hours=3)
-    expired = today - dt.timedelta(days=100)  # spreads are kept 90 days, fx 180, orders 365
 
     # The scheduler runs each policy once as soon as the migration has created it: let those
     # first runs (on empty tables) finish before the data comes.
@@ -247,16 +281,14 @@ async def test_the_scheduler_runs_the_policies_and_late_data_lands_once(
     # Enough old chunks that compression has work beyond the one the late data goes to.
     for days in (4, 5):
         batch.append(item(spread(f"s-old-{days}", "XRP", iso(today - dt.timedelta(days=days)))))
-    batch += [
-        item(spread(f"s-exp-{i}", "BTC", iso(expired + dt.timedelta(hours=i)))) for i in (1, 2)
-    ]
-    batch.append(item(fx("fx-exp", ts=iso(today - dt.timedelta(days=200)))))
-    batch.append(item(order("o-exp", None, ts=iso(today - dt.timedelta(days=400)))))
     batch.append(item(fx("fx-kept", ts=iso(recent_hour))))
     batch.append(item(order("o-kept", None, ts=iso(recent_hour))))
     outcome = await sink.write(batch)
     assert outcome.duplicates == 0
+    await age_past_retention(conn, today)
     assert await conn.fetchval("SELECT count(*) FROM spreads") == 84
+    assert await conn.fetchval("SELECT count(*) FROM fx_rates") == 2
+    assert await conn.fetchval("SELECT count(*) FROM orders") == 2
     before = len(await conn.fetch("SELECT show_chunks('spreads')"))
 
     # Only TimescaleDB's scheduler runs the policies from here, one job at a time: retention and
