@@ -215,6 +215,17 @@ if ! redis_answers "$redis_url"; then
   redis_answers "$redis_url" || { log "Redis did not start"; exit 1; }
 fi
 
+# --- Prometheus -----------------------------------------------------------------------------------
+# tests/e2e/test_prometheus.py starts a Prometheus of its own and runs promtool: Debian's package
+# has both. Only the binaries are needed (no recommends: no node exporter).
+if ! command -v prometheus >/dev/null 2>&1 || ! command -v promtool >/dev/null 2>&1; then
+  if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = "0" ]; then
+    apt_install --no-install-recommends prometheus
+  else
+    log "prometheus/promtool are not installed (apt-get install prometheus): their tests skip"
+  fi
+fi
+
 echo "export INGESTD_TEST_DATABASE_URL='$pg_url'"
 echo "export INGESTD_TEST_REDIS_URL='$redis_url'"
 [ -z "$ts_url" ] || echo "export INGESTD_TEST_TIMESCALE_URL='$ts_url'"

@@ -307,8 +307,8 @@ async def test_the_scheduler_runs_the_policies_and_late_data_lands_once(
         refresh["job_id"],
         orjson.dumps(config).decode(),
     )
-    for key in sorted(jobs, key=lambda k: POLICIES.index(k[0])):
-        await scheduled_run(conn, key)
+    for job_key in sorted(jobs, key=lambda k: POLICIES.index(k[0])):
+        await scheduled_run(conn, job_key)
 
     # Retention dropped the expired chunks of all three tables, and only those.
     assert await conn.fetchval("SELECT count(*) FROM spreads WHERE event_id LIKE 's-exp-%'") == 0
@@ -346,9 +346,9 @@ async def test_the_scheduler_runs_the_policies_and_late_data_lands_once(
     assert await chunk_state(conn, old_hour) == (True, True)  # the late rows wait row-store
 
     # The next scheduled runs compress the late rows and refresh the invalidated hours.
-    for key in sorted(jobs, key=lambda k: POLICIES.index(k[0])):
-        if key[0] != "policy_retention":
-            await scheduled_run(conn, key)
+    for job_key in sorted(jobs, key=lambda k: POLICIES.index(k[0])):
+        if job_key[0] != "policy_retention":
+            await scheduled_run(conn, job_key)
     stored = await materialized(conn)
     for key, values in spreads.items():
         assert same_avg(stored[key], values), (key, stored[key], "late spreads not in")
@@ -368,9 +368,9 @@ async def test_the_scheduler_runs_the_policies_and_late_data_lands_once(
     report = orjson.loads(done.stdout)
     shown = {(j["proc_name"], j["target"]): j for j in report["jobs"]}
     assert set(shown) == set(await policy_jobs(conn))
-    for key, j in shown.items():
-        assert j["last_run_status"] == "Success", (key, j)
-        assert j["total_failures"] == 0 and j["total_successes"] >= 2, (key, j)
+    for job_key, j in shown.items():
+        assert j["last_run_status"] == "Success", (job_key, j)
+        assert j["total_failures"] == 0 and j["total_successes"] >= 2, (job_key, j)
     text = run_stats_for(dsn, redis_url, text=True)
     assert text.returncode == 0, text.stderr
     jobs_table = text.stdout.split("TimescaleDB jobs (policies)", 1)[1].split("\n\n", 1)[0]
