@@ -67,10 +67,10 @@ fi
 # The TimescaleDB tests need a server with timescaledb preloaded. In order: the server that
 # INGESTD_TEST_TIMESCALE_URL names; a cluster of this machine on 5433 (started if stopped); else,
 # where ../shared/vendor/timescaledb (the 2.28.3 source and its patch) sits beside the checkout
-# (or INGESTD_TIMESCALEDB_SOURCE names that folder), the
-# extension is built and installed into pg_config's directories once (skipped when that build is
-# already installed) and a throwaway cluster of our own is started under .local/ on port 55433.
-# Without any of these the TimescaleDB tests skip (or fail, with CI=true), saying how to get one.
+# (or INGESTD_TIMESCALEDB_SOURCE names that folder), the extension is built and installed into
+# pg_config's directories once (skipped when that build is already installed; log in
+# .local/timescaledb-build.log) and a throwaway cluster of our own runs under .local/timescale
+# on port 55433. Without any of these the TimescaleDB tests skip (or fail, with CI=true).
 ts_version=2.28.3
 ts_vendor="${INGESTD_TIMESCALEDB_SOURCE:-$root/../shared/vendor/timescaledb}"
 ts_url="${INGESTD_TEST_TIMESCALE_URL:-}"
@@ -140,6 +140,10 @@ if [ -z "$ts_url" ] && command -v pg_lsclusters >/dev/null 2>&1; then
   done < <(pg_lsclusters -h 2>/dev/null || true)
   ts_preloaded "postgresql://postgres@127.0.0.1:5433/postgres" \
     && ts_url="postgresql://postgres@127.0.0.1:5433/postgres"
+fi
+if [ -z "$ts_url" ] && [ ! -f "$ts_vendor/timescaledb-$ts_version.tar.xz" ] \
+  && ts_preloaded "postgresql://postgres@127.0.0.1:$ts_port/postgres"; then
+  ts_url="postgresql://postgres@127.0.0.1:$ts_port/postgres"  # started by an earlier run
 fi
 if [ -z "$ts_url" ] && [ -f "$ts_vendor/timescaledb-$ts_version.tar.xz" ]; then
   initdb_bin="$(ls /usr/lib/postgresql/*/bin/initdb 2>/dev/null | sort -V | tail -n1 || true)"
