@@ -386,3 +386,52 @@ def run_stats_for(dsn: str, redis_url: str, *, text: bool = False) -> Any:
         overrides={"storage.postgres.dsn": dsn, "storage.redis.url": redis_url, "metrics_port": 0},
     )
     return run_stats(settings) if text else run_stats(settings, "--json")
+
+
+async def test_stats_shows_why_a_scheduled_run_failed(
+    dsn: str, conn: asyncpg.Connection, sink: PostgresSink, redis_url: str
+) -> None:
+    today = dt.datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+    await first_runs(conn)
+    await sink.write(
+        [item(fx("fx-kept", ts=iso(today))), item(order("o-kept", None, ts=iso(today)))]
+    )
+    await sink.write([item(spread("s-kept", "BTC", iso(today)))])
+    await age_past_retention(conn, today)
+    job = (await policy_jobs(conn))[("policy_retention", "fx_rates")]
+    # The job's session takes the database's settings: it gives up waiting for a lock quickly.
+    name = dsn.rsplit("/", 1)[1].partition("?")[0]
+    await conn.execute(f"ALTER DATABASE {name} SET lock_timeout = '200ms'")
+    holder = await asyncpg.connect(dsn)
+    try:
+        async with holder.transaction():
+            await holder.execute("LOCK TABLE fx_rates IN ACCESS EXCLUSIVE MODE")
+            asked = await conn.fetchval("SELECT now()")
+            await conn.execute("SELECT alter_job($1, next_start => $2)", job["job_id"], asked)
+            deadline = time.monotonic() + DEADLINE_S
+            while True:
+                j = (await policy_jobs(conn))[("policy_retention", "fx_rates")]
+                if j["failures"] and _after(j["last_run_started_at"], asked):
+                    break
+                assert time.monotonic() < deadline, f"the run never failed: {dict(j)}"
+                await asyncio.sleep(0.3)
+            # Paused while the lock is held, so that no retry succeeds before stats reads it.
+            await conn.execute("SELECT alter_job($1, scheduled => false)", job["job_id"])
+    finally:
+        await holder.close()
+    assert await conn.fetchval("SELECT count(*) FROM fx_rates") == 2  # nothing was dropped
+
+    done = run_stats_for(dsn, redis_url)
+    assert done.returncode == 0, done.stderr
+    shown = {(j["proc_name"], j["target"]): j for j in orjson.loads(done.stdout)["jobs"]}
+    failed = shown[("policy_retention", "fx_rates")]
+    assert failed["last_run_status"] == "Failed" and failed["total_failures"] == 1
+    assert "lock timeout" in failed["last_error"], failed
+    for key, j in shown.items():
+        if key != ("policy_retention", "fx_rates"):
+            assert j["last_run_status"] == "Success" and j["last_error"] is None, (key, j)
+    text = run_stats_for(dsn, redis_url, text=True)
+    assert text.returncode == 0, text.stderr
+    jobs_table = text.stdout.split("TimescaleDB jobs (policies)", 1)[1].split("\n\n", 1)[0]
+    (row,) = [line for line in jobs_table.splitlines() if "Failed" in line]
+    assert "lock timeout" in row, jobs_table
