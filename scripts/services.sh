@@ -159,6 +159,7 @@ if [ -z "$ts_url" ] && [ -f "$ts_vendor/timescaledb-$ts_version.tar.xz" ]; then
   flock 9
   ts_build "$bindir/pg_config" || exit 1
   flock -u 9
+  exec 9>&-  # not inherited by the server started below
   data="$state/timescale"
   run_as=()
   [ "$(id -u)" = "0" ] && run_as=(runuser -u postgres --)
