@@ -75,6 +75,7 @@ ts_version=2.28.3
 ts_vendor="${INGESTD_TIMESCALEDB_SOURCE:-$root/../shared/vendor/timescaledb}"
 ts_url="${INGESTD_TEST_TIMESCALE_URL:-}"
 ts_port=55433
+ts_built=0
 
 ts_preloaded() {
   PGCONNECT_TIMEOUT=3 psql "$1" -qtAc "select count(*) from pg_available_extensions
@@ -82,9 +83,12 @@ ts_preloaded() {
     2>/dev/null | grep -qx 1
 }
 
-# What a build from the vendored source is keyed by: a rebuild happens when either file changes.
-ts_stamp_text() {
+# What an installed build from the vendored source is keyed by: the source, the patch and the
+# installed libraries. A rebuild happens when the source or patch changes, or when the installed
+# libraries are not the ones this script built (e.g. an unpatched build installed over them).
+ts_stamp_text() {  # $1: pkglibdir
   sha256sum "$ts_vendor/timescaledb-$ts_version.tar.xz" "$ts_vendor/portal-done-pg15.20.patch" \
+    "$1/timescaledb-$ts_version.so" "$1/timescaledb-tsl-$ts_version.so" 2>/dev/null \
     | awk '{print $1}' | tr '\n' ' '
 }
 
@@ -96,7 +100,7 @@ ts_build() {  # $1: pg_config of the server the extension is for
   stamp="$pkglib/timescaledb-$ts_version.ingestd-build"
   if [ -f "$pkglib/timescaledb-$ts_version.so" ] \
     && [ -f "$sharedir/extension/timescaledb--$ts_version.sql" ] \
-    && [ "$(cat "$stamp" 2>/dev/null)" = "$(ts_stamp_text)" ]; then
+    && [ "$(cat "$stamp" 2>/dev/null)" = "$(ts_stamp_text "$pkglib")" ]; then
     return 0
   fi
   local missing=()
@@ -123,7 +127,8 @@ ts_build() {  # $1: pg_config of the server the extension is for
     tail -n 30 "$logf" >&2
     return 1
   fi
-  ts_stamp_text >"$stamp"
+  ts_stamp_text "$pkglib" >"$stamp"
+  ts_built=1
   rm -rf "$build"
 }
 
@@ -187,11 +192,12 @@ CONF
   [ "$(id -u)" = "0" ] && chown postgres:postgres "$data/ingestd.conf"
   ts_url="postgresql://postgres@127.0.0.1:$ts_port/postgres"
   if "${run_as[@]}" "$bindir/pg_ctl" -D "$data" status >/dev/null 2>&1; then
-    # Ours runs: restart it only when it runs with other settings than the file now says.
-    if [ "$(psql "$ts_url" -qtAc "select count(*) from pg_file_settings
-                                  where sourcefile like '%ingestd.conf' and not applied")" != 0 ] \
-      || ! ts_preloaded "$ts_url"; then
-      log "restarting the TimescaleDB cluster in $data (settings changed)"
+    # Ours runs: restart it only when it runs with other settings than the file now says, or
+    # with the libraries of an earlier build loaded.
+    if [ "$ts_built" = 1 ] || ! ts_preloaded "$ts_url" \
+      || [ "$(psql "$ts_url" -qtAc "select count(*) from pg_file_settings
+                                    where sourcefile like '%ingestd.conf' and not applied")" != 0 ]; then
+      log "restarting the TimescaleDB cluster in $data (new build or settings)"
       "${run_as[@]}" "$bindir/pg_ctl" -D "$data" -l "$data/server.log" -w restart >&2 || true
     fi
   elif ! ts_preloaded "$ts_url"; then  # (else: another checkout's cluster has the port)
