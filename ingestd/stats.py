@@ -113,9 +113,14 @@ SELECT j.job_id, j.application_name::text AS application_name, j.proc_name::text
        j.schedule_interval::text AS schedule_interval, j.config::text AS config,
        j.scheduled, s.last_run_started_at, s.last_successful_finish,
        s.last_run_status::text AS last_run_status, s.next_start,
-       s.total_runs, s.total_successes, s.total_failures
+       s.total_runs, s.total_successes, s.total_failures, e.err_message AS last_error
 FROM timescaledb_information.jobs j
 LEFT JOIN timescaledb_information.job_stats s ON s.job_id = j.job_id
+-- Why the last run failed (TimescaleDB keeps each failed run's error); nothing after a success.
+LEFT JOIN LATERAL (
+    SELECT err.err_message::text AS err_message FROM timescaledb_information.job_errors err
+    WHERE err.job_id = j.job_id ORDER BY err.finish_time DESC LIMIT 1
+) e ON s.last_run_status = 'Failed'
 LEFT JOIN timescaledb_information.continuous_aggregates ca
   ON ca.materialization_hypertable_schema = j.hypertable_schema
  AND ca.materialization_hypertable_name = j.hypertable_name
@@ -433,6 +438,7 @@ def render(report: dict[str, Any]) -> str:
                     "next",
                     "runs",
                     "failed",
+                    "last error",
                 ],
                 [
                     [
@@ -446,6 +452,7 @@ def render(report: dict[str, Any]) -> str:
                         j["next_start"],
                         j["total_runs"],
                         j["total_failures"],
+                        _cut(j["last_error"], 70),
                     ]
                     for j in report["jobs"]
                 ],

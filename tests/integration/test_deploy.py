@@ -10,7 +10,10 @@ from __future__ import annotations
 import datetime as dt
 import fnmatch
 import json
+import os
 import re
+import shutil
+import subprocess
 from collections.abc import AsyncIterator
 from typing import Any
 from urllib.parse import urlsplit
@@ -167,12 +170,119 @@ def test_no_password_is_written_in_any_file() -> None:
             assert value.startswith("$"), f"{path.name}: {m.group(0).strip()}"
         for m in re.finditer(r"[a-z]+://[^/\s:@]+:([^@\s]+)@", text):
             assert m.group(1).startswith("${"), f"{path.name}: {m.group(0)}"
-    # Every secret is required (``:?``): compose refuses to start without it.
+    # Every secret is required (``:?``): compose refuses to start without it. Every other
+    # variable has a default, so that an .env with the passwords alone starts the stack.
     raw = (ROOT / "compose.yaml").read_text(encoding="utf-8")
-    for name in compose_variables():
+    secrets = {v for v in compose_variables() if "PASSWORD" in v}
+    assert len(secrets) == 6
+    for name in secrets:
         assert f"${{{name}:?" in raw, name
+        assert f"${{{name}:-" not in raw, name
         with pytest.raises(KeyError, match=name):
-            interpolate(raw, {v: "x" for v in compose_variables() if v != name})
+            interpolate(raw, {v: "x" for v in secrets if v != name})
+    for name in compose_variables() - secrets:
+        assert f"${{{name}:-" in raw and f"${{{name}:?" not in raw, name
+    interpolate(raw, dict.fromkeys(secrets, "x"))
+
+
+def _env_example() -> dict[str, str]:
+    out = {}
+    for line in (ROOT / ".env.example").read_text(encoding="utf-8").splitlines():
+        if line.strip() and not line.lstrip().startswith("#"):
+            name, sep, value = line.partition("=")
+            assert sep and name.strip() == name and name not in out, line
+            out[name] = value
+    return out
+
+
+def test_env_example_lists_every_variable_the_stack_reads() -> None:
+    example = _env_example()
+    assert set(example) == compose_variables()
+    raw = (ROOT / "compose.yaml").read_text(encoding="utf-8")
+    for name, value in example.items():
+        if "PASSWORD" in name:
+            assert value == "", f"{name}: .env.example must not carry a password"
+        else:  # the example shows the default compose uses
+            assert f"${{{name}:-{value}}}" in raw, name
+    assert ".env" in (ROOT / ".gitignore").read_text(encoding="utf-8").split()
+
+
+def test_ingestd_image_is_named_once() -> None:
+    runs_ingestd = [n for n, svc in SERVICES.items() if "build" in svc]
+    assert set(runs_ingestd) == {"migrate", "roles", "ingestd", "simulator"}
+    images = {SERVICES[n]["image"] for n in runs_ingestd}
+    assert images == {"${INGESTD_IMAGE:-ingestd:local}"}
+    assert {SERVICES[n]["build"] for n in runs_ingestd} == {"."}
+    raw = (ROOT / "compose.yaml").read_text(encoding="utf-8")
+    assert raw.count("${INGESTD_IMAGE") == 1 and raw.count("build:") == 1  # the anchor
+
+
+def test_ingestd_scales_to_several_replicas() -> None:
+    """``docker compose up --scale ingestd=3``: nothing in the service is per-container."""
+    svc = SERVICES["ingestd"]
+    # Each replica's consumer name is its host name (the container's id): none is configured.
+    assert "INGESTD_CONSUMER" not in _env("ingestd")
+    assert Settings().stream.consumer == ""
+    assert not {"container_name", "hostname"} & set(svc)
+    # No fixed host port, which only one replica could bind.
+    for port in svc.get("ports", []):
+        host_ip, host_port, container_port = str(port).split(":")
+        assert (host_ip, host_port, container_port) == ("127.0.0.1", "", "9464"), port
+
+
+def test_published_ports_are_loopback_and_configurable() -> None:
+    env = dict(_env_example())
+    published: dict[str, list[str]] = {}
+    for name, svc in SERVICES.items():
+        for port in interpolate(svc.get("ports", []), env):
+            host_ip, host_port, _ = str(port).split(":")
+            assert host_ip == "127.0.0.1", f"{name}: {port}"
+            published.setdefault(name, []).append(host_port)
+    assert set(published) == {"redis", "ingestd", "prometheus", "grafana"}
+    assert "timescaledb" not in published  # the database stays inside the network
+    # Redis's host port is not the default one a machine's own Redis holds.
+    assert published["redis"] == [env["REDIS_HOST_PORT"]] and env["REDIS_HOST_PORT"] != "6379"
+    for name, var in (("redis", "REDIS_HOST_PORT"), ("prometheus", "PROMETHEUS_HOST_PORT")):
+        moved = interpolate(SERVICES[name]["ports"], {**env, var: "12345"})
+        assert moved[0].split(":")[1] == "12345", name
+
+
+def _compose_cli() -> list[str] | None:
+    """``docker compose`` (v2) where the client has the plugin; it parses without an engine."""
+    docker = shutil.which("docker")
+    if docker is None:
+        return None
+    done = subprocess.run(
+        [docker, "compose", "version"], capture_output=True, text=True, check=False
+    )
+    return [docker, "compose"] if done.returncode == 0 else None
+
+
+def test_docker_compose_config_accepts_the_file() -> None:
+    cli = _compose_cli()
+    if cli is None:
+        pytest.skip("the Docker client here has no compose plugin (docker compose version fails)")
+    env = {k: v for k, v in os.environ.items() if not k.endswith("PASSWORD")}
+    env.update({k: f"pw-{k.lower()}" if "PASSWORD" in k else v for k, v in _env_example().items()})
+    done = subprocess.run(
+        [*cli, "-f", str(ROOT / "compose.yaml"), "config", "--format", "json"],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    resolved = json.loads(done.stdout)["services"]
+    assert resolved["migrate"]["image"] == resolved["ingestd"]["image"] == "ingestd:local"
+    missing = {k: v for k, v in env.items() if k != "POSTGRES_PASSWORD"}
+    refused = subprocess.run(
+        [*cli, "-f", str(ROOT / "compose.yaml"), "config", "--quiet"],
+        capture_output=True,
+        text=True,
+        env=missing,
+        check=False,
+    )
+    assert refused.returncode != 0 and "POSTGRES_PASSWORD" in refused.stderr
 
 
 def test_stop_grace_period_outlasts_the_whole_shutdown() -> None:
@@ -197,19 +307,52 @@ def test_stop_grace_period_outlasts_the_whole_shutdown() -> None:
 # --- Prometheus and Grafana -------------------------------------------------------------------
 
 
-def test_prometheus_scrapes_ingestd() -> None:
+def test_prometheus_scrapes_every_ingestd_replica() -> None:
     config = yaml_file(PROMETHEUS)
     (job,) = [j for j in config["scrape_configs"] if j["job_name"] == "ingestd"]
     assert job.get("metrics_path", "/metrics") == "/metrics"
-    (target,) = [t for sc in job["static_configs"] for t in sc["targets"]]
-    host, port = target.split(":")
-    assert host in SERVICES and host == "ingestd"
+    # DNS discovery of the compose service: one target per replica (a static "ingestd:9464"
+    # would scrape whichever replica the name resolves to).
+    assert "static_configs" not in job
+    (sd,) = job["dns_sd_configs"]
+    assert sd["names"] == ["ingestd"] and sd["type"] == "A"
+    assert "ingestd" in SERVICES
     metrics_port = int(_env("ingestd").get("INGESTD_METRICS_PORT", Settings().metrics_port))
-    assert int(port) == metrics_port
-    assert any(p.endswith(f":{metrics_port}") for p in SERVICES["ingestd"]["ports"])
+    assert sd["port"] == metrics_port
+    assert any(str(p).endswith(f":{metrics_port}") for p in SERVICES["ingestd"]["ports"])
     prom = SERVICES["prometheus"]
     assert "./deploy/prometheus/prometheus.yml:/etc/prometheus/prometheus.yml:ro" in prom["volumes"]
     assert "--config.file=/etc/prometheus/prometheus.yml" in prom["command"]
+    # The rule files, relative to the config file, are mounted beside it.
+    assert config["rule_files"] == ["alerts.yml"]
+    for rules in config["rule_files"]:
+        assert (PROMETHEUS.parent / rules).is_file()
+        mount = f"./deploy/prometheus/{rules}:/etc/prometheus/{rules}:ro"
+        assert mount in prom["volumes"], mount
+
+
+def test_alert_rules_use_exported_metrics() -> None:
+    exported = _exported_names() | {"up"}
+    # Counted by the quarantine of dead letters that cannot be stored (added alongside).
+    exported.add("ingestd_quarantined_total")
+    rules = [r for g in yaml_file(PROMETHEUS.parent / "alerts.yml")["groups"] for r in g["rules"]]
+    names = {r["alert"] for r in rules}
+    for needed in (
+        "IngestdDown",
+        "IngestdIngestLag",
+        "IngestdCommitsFailing",
+        "IngestdDeadLetterRate",
+        "IngestdQuarantine",
+    ):
+        assert needed in names, needed
+    for rule in rules:
+        expr = rule["expr"]
+        used = set(re.findall(r"\b(?:ingestd_[a-z0-9_]+|up)\b(?=[{\[\s)=<>]|$)", expr))
+        assert used and used <= exported, f"{rule['alert']}: {used - exported}"
+        for inside in re.findall(r"\b(?:rate|increase)\((ingestd_[a-z0-9_]+)", expr):
+            assert inside.endswith(("_total", "_bucket", "_sum", "_count")), f"rate of {inside}"
+        assert rule["labels"]["severity"] in {"critical", "warning"}, rule["alert"]
+        assert rule["annotations"]["summary"], rule["alert"]
 
 
 def _mounts(service: str) -> dict[str, str]:
