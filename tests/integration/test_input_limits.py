@@ -13,6 +13,7 @@ import redis.asyncio as aioredis
 
 from ingestd import Service, errors
 from ingestd.batching import BatchOutcome, Item
+from ingestd.deadletters import DeadLetter
 from ingestd.events import utc_iso
 from ingestd.pipeline import Pipeline
 from ingestd.settings import Settings
@@ -88,6 +89,12 @@ async def test_one_stream_read_returns_at_most_read_count_entries(
 
 class _NoSink:
     async def write(self, items: Sequence[Item]) -> BatchOutcome:
+        raise AssertionError("nothing is written in this test")
+
+    async def probe(self) -> None:
+        raise AssertionError("nothing is written in this test")
+
+    async def write_dead_letter(self, letter: DeadLetter) -> None:
         raise AssertionError("nothing is written in this test")
 
 
