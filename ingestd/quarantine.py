@@ -48,9 +48,19 @@ class QuarantineRecord:
             "event_id": self.event_id,
         }
         data.update(_payload_fields(self.payload))
-        # orjson refuses a str that is not valid Unicode text (a lone surrogate): such a
-        # field is written with the surrogate escaped, the payload itself goes as base64.
-        return orjson.dumps(data, default=str) + b"\n"
+        line = orjson.dumps(data)
+        # JSON leaves these unescaped, but many line readers (Python's splitlines among them)
+        # break lines at them: escaped, one record is one line for every reader.
+        for raw, escaped in _LINE_BREAKS:
+            line = line.replace(raw, escaped)
+        return line + b"\n"
+
+
+_LINE_BREAKS = (
+    ("\u0085".encode(), b"\\u0085"),
+    ("\u2028".encode(), b"\\u2028"),
+    ("\u2029".encode(), b"\\u2029"),
+)
 
 
 def _payload_fields(payload: bytes | str | None) -> dict[str, Any]:

@@ -292,3 +292,31 @@ async def test_a_read_only_database_is_not_ready_and_gives_nothing_up(
         assert (await get(ops.metrics_port, "/readyz")).status == 200
     assert await db.fetchval("SELECT count(*) FROM fx_rates") == 10
     assert await db.fetchval("SELECT count(*) FROM dead_letters") == 0
+
+
+async def test_bad_input_whose_dead_letter_is_refused_is_quarantined_and_the_rest_lands(
+    budget_settings: Settings, db: asyncpg.Connection, rclient: redis.Redis
+) -> None:
+    # Bad input (an unknown type) goes to dead_letters in its batch's transaction; a trigger
+    # refuses that one dead letter. It must not take its batch with it.
+    await db.execute(REFUSE_POISON_DEAD_LETTER)
+    for i in range(15):
+        rclient.xadd(STREAM, {"event": json.dumps(fx(i))})
+    bad_id = entry_id(rclient.xadd(STREAM, {"event": '{"type": "poison"}'}))
+    rclient.xadd(STREAM, {"event": '{"type": "nope"}'})  # bad input whose dead letter is fine
+    for i in range(15, 30):
+        rclient.xadd(STREAM, {"event": json.dumps(fx(i))})
+    async with Service(budget_settings) as service:
+        assert await wait_for_rows(db, "SELECT count(*) FROM fx_rates", 30) == 30
+        assert await wait_for_rows(db, "SELECT count(*) FROM dead_letters", 1) == 1
+        deadline = time.monotonic() + 30
+        while rclient.xpending(STREAM, "ingestd")["pending"] and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert rclient.xpending(STREAM, "ingestd")["pending"] == 0
+        assert service.metrics.quarantined == 1
+    assert await db.fetchval("SELECT payload FROM dead_letters") == '{"type": "nope"}'
+    text = await asyncio.to_thread(Path(budget_settings.pipeline.quarantine_path).read_text)
+    (line,) = text.splitlines()
+    record = orjson.loads(line)
+    assert record["payload"] == '{"type": "poison"}'
+    assert record["key"] == f"stream:{STREAM}:{bad_id}"
