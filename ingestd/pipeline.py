@@ -116,7 +116,8 @@ class Pipeline:
 
     @property
     def failing(self) -> bool:
-        """True while batches fail to commit (the database is down, hung or refusing)."""
+        """True while batches fail to commit because the database is unavailable (down, hung,
+        read-only); not while it refuses one entry and takes other writes."""
         return self.metrics.flush_failing_since is not None
 
     def oldest_pending_age_s(self, now: float | None = None) -> float | None:
@@ -198,7 +199,8 @@ class Pipeline:
 
     async def _write(self, items: list[Item]) -> None:
         key = id(items)
-        self._in_flight_since[key] = min(item.enqueued_at for item in items)
+        # The batcher takes items in arrival order: the first is the oldest.
+        self._in_flight_since[key] = items[0].enqueued_at
         try:
             try:
                 outcome = await self._commit(items)
