@@ -77,15 +77,25 @@ async def _redis(client: aioredis.Redis) -> str:
 
 
 async def _stream(client: aioredis.Redis, key: str) -> str:
-    kind = _text(await client.type(key))
-    if kind in ("stream", "none"):
-        return OK
-    return wrong_type(key, kind)
+    # XLEN, not TYPE: the ingestd Redis user may run the stream commands only, and XLEN answers
+    # 0 for a missing key and WRONGTYPE for a key that holds something else.
+    try:
+        await client.xlen(key)
+    except redis.exceptions.ResponseError as exc:
+        if _is_wrong_type(exc):
+            return wrong_type(key)
+        raise
+    return OK
 
 
-def wrong_type(key: str, kind: str | None) -> str:
+def _is_wrong_type(exc: BaseException) -> bool:
+    # A pipeline prefixes the reply: "Command # 1 (XINFO GROUPS k) of pipeline caused error: ..."
+    return "WRONGTYPE" in str(exc)
+
+
+def wrong_type(key: str) -> str:
     """The reason given when the stream's key holds something else."""
-    return f"the stream key {key!r} holds a {kind}, not a stream: nothing can be read"
+    return f"the stream key {key!r} holds another type, not a stream: nothing can be read"
 
 
 async def readiness(
@@ -130,19 +140,18 @@ async def sample_stream(
 ) -> None:
     """Store the group's pending count, lag and oldest pending entry's age and the stream's
     length in ``metrics``; ``metrics.stream_problem`` says why the stream cannot be read."""
-    kind = _text(await client.type(key))
-    if kind not in ("stream", "none"):
-        # XREADGROUP can never succeed on it: intake has stopped, whatever else is well.
-        metrics.stream_problem = wrong_type(key, kind)
-        metrics.stream_pending = metrics.stream_lag = metrics.stream_length = None
-        metrics.stream_oldest_pending_s = None
-        return
     pipe = client.pipeline(transaction=False)
     pipe.xinfo_groups(key)
     pipe.xlen(key)
     try:
         groups, length = await pipe.execute()
     except redis.exceptions.ResponseError as exc:
+        if _is_wrong_type(exc):
+            # XREADGROUP can never succeed on it: intake has stopped, whatever else is well.
+            metrics.stream_problem = wrong_type(key)
+            metrics.stream_pending = metrics.stream_lag = metrics.stream_length = None
+            metrics.stream_oldest_pending_s = None
+            return
         if "no such key" not in str(exc).lower():
             raise
         groups, length = [], 0  # the stream does not exist yet: nothing is waiting
