@@ -311,7 +311,7 @@ class _Batch:
     by_table: dict[str, list[tuple[Item, Event]]]
     opens: list[tuple[Item, Event]]
     closes: list[tuple[Item, Event]]
-    dead: list[tuple[Item, DeadLetter]]
+    dead: list[DeadLetter]
     linked_keys: set[str]
     needs_lock: bool
     duplicates: int
@@ -323,14 +323,14 @@ class _Batch:
         seen: dict[str, set[tuple[str, Any]]] = {}
         opens: list[tuple[Item, Event]] = []
         closes: list[tuple[Item, Event]] = []
-        dead: list[tuple[Item, DeadLetter]] = []
+        dead: list[DeadLetter] = []
         linked: set[str] = set()
         duplicates = 0
         for item in items:
             ev = item.event
             if ev is None:
                 assert item.dead_letter is not None
-                dead.append((item, item.dead_letter))
+                dead.append(item.dead_letter)
                 continue
             table = ev.table
             if table is not None:
@@ -434,9 +434,9 @@ class PostgresSink:
                 reason = outcome.rejected.get(id(item))
                 if reason is not None and item.event is not None:
                     field = outcome.rejected_fields.get(id(item))
-                    dead.append((item, self._rejected(item, item.event, reason, field)))
+                    dead.append(self._rejected(item, item.event, reason, field))
             if dead:
-                await insert_dead_letters(conn, [d for _, d in dead])
+                await insert_dead_letters(conn, dead)
                 outcome.dead_letters = len(dead)
             if touched:
                 rows_ = await conn.fetch(SQL_OPEN_COUNTS, sorted(touched))
