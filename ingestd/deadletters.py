@@ -124,18 +124,21 @@ def ascii_text(raw: str, limit: int) -> str:
 
 
 def bounded_key(key: str, limit: int = DEDUP_KEY_CHARS) -> str:
-    """The key (escaped) when it fits ``dead_letters.dedup_key``, else a prefix plus its SHA-256.
+    """The key itself when it fits ``dead_letters.dedup_key`` and needs no escape, else a
+    storable prefix plus the key's SHA-256.
 
-    Cutting alone would let two long keys collide, and the second poison entry would then be
-    recorded nowhere; the digest keeps distinct keys distinct.
+    Cutting or escaping alone would let two keys collide (a long key and its twin, or a NUL and
+    the text ``\\x00``), and the second poison entry would then be recorded nowhere (the insert
+    does nothing on a conflict); the digest keeps distinct keys distinct.
     """
     if len(key) <= limit and _storable(key):
         return key
-    whole, fits = _escaped(key[: limit + 1], limit, _escape_str_char)
-    if fits and len(key) <= limit:
-        return whole
+    return _with_digest(key, limit, safe_text)
+
+
+def _with_digest(key: str, limit: int, prefix: Callable[[str, int], str]) -> str:
     digest = hashlib.sha256(key.encode("utf-8", errors="surrogatepass")).hexdigest()
-    return f"{safe_text(key, limit - len(digest) - 1)}~{digest}"
+    return f"{prefix(key, limit - len(digest) - 1)}~{digest}"
 
 
 def ascii_dead_letter(dl: DeadLetter) -> DeadLetter:
@@ -150,8 +153,8 @@ def ascii_dead_letter(dl: DeadLetter) -> DeadLetter:
         error=ascii_text(dl.error, ERROR_CHARS),
         payload=ascii_text(dl.payload, PAYLOAD_PREFIX_CHARS),
         field=opt(dl.field, FIELD_CHARS),
-        # A key already in ASCII stays as it was; another is made ASCII with its digest kept
-        # apart by bounded_key's rule.
+        # A key already in printable ASCII stays as it was; another gets its digest, as in
+        # bounded_key.
         dedup_key=None if dl.dedup_key is None else _ascii_key(dl.dedup_key),
         event_type=opt(dl.event_type, EVENT_TYPE_CHARS),
         event_id=opt(dl.event_id, EVENT_ID_CHARS),
@@ -160,11 +163,9 @@ def ascii_dead_letter(dl: DeadLetter) -> DeadLetter:
 
 
 def _ascii_key(key: str) -> str:
-    text, fits = _escaped(key, DEDUP_KEY_CHARS, _escape_ascii_char)
-    if fits:
-        return text
-    digest = hashlib.sha256(key.encode("utf-8", errors="surrogatepass")).hexdigest()
-    return f"{ascii_text(key, DEDUP_KEY_CHARS - len(digest) - 1)}~{digest}"
+    if len(key) <= DEDUP_KEY_CHARS and all(" " <= ch <= "~" for ch in key):
+        return key
+    return _with_digest(key, DEDUP_KEY_CHARS, ascii_text)
 
 
 def content_key(wire: bytes) -> str:

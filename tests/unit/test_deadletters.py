@@ -214,6 +214,9 @@ def test_long_or_unstorable_keys_stay_distinct_and_bounded() -> None:
     assert bounded_key(nul_a) != bounded_key(nul_b)
     assert len(bounded_key(nul_a)) <= 300 and storable(bounded_key(nul_a))
     assert bounded_key("stream:ingestd:events:1-0") == "stream:ingestd:events:1-0"
+    # An escape must not make a key meet another whose text is that escape.
+    assert bounded_key("k\x00") != bounded_key("k\\x00") == "k\\x00"
+    assert bounded_key("k\udc80") != bounded_key("k\\udc80")
 
 
 def test_ascii_fallback_is_printable_ascii_and_bounded() -> None:
