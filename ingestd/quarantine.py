@@ -103,6 +103,7 @@ class Quarantine:
 
     def _append(self, line: bytes) -> None:
         directory = self.path.parent
+        new_directory = not directory.exists()
         directory.mkdir(parents=True, exist_ok=True)
         created = not self.path.exists()
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
@@ -113,13 +114,12 @@ class Quarantine:
             os.fsync(fd)
         finally:
             os.close(fd)
+        # A new file's directory entry (and a new directory's) must be durable too, or a crash
+        # could lose the file with the entry already acknowledged.
         if created:
-            # The new file's directory entry must be durable too, or a crash could lose it.
-            dfd = os.open(directory, os.O_RDONLY)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
+            _fsync_directory(directory)
+        if new_directory:
+            _fsync_directory(directory.parent)
 
     def holds_entries(self) -> bool:
         """True while the file exists and is not empty (the operator has not cleared it)."""
@@ -127,3 +127,11 @@ class Quarantine:
             return self.path.stat().st_size > 0
         except OSError:
             return False
+
+
+def _fsync_directory(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
