@@ -37,7 +37,6 @@ from ingestd.metrics import INVALID_TYPE, Metrics
 from ingestd.quarantine import Quarantine, QuarantineRecord
 from ingestd.settings import PipelineSettings
 from ingestd.sinks.mirror import RedisMirror
-from ingestd.sinks.postgres import describe_pg_error, rejected_column
 
 log = logging.getLogger("ingestd.pipeline")
 
@@ -58,6 +57,9 @@ class Sink(Protocol):
 
     async def write_dead_letter(self, letter: DeadLetter) -> None:
         """Commit one dead letter on its own, or raise."""
+
+    def describe(self, exc: BaseException) -> tuple[str, str | None]:
+        """A refusal as a dead letter's reason (SQLSTATE, message) and the column it blames."""
 
 
 class Pipeline:
@@ -331,8 +333,8 @@ class Pipeline:
 
     async def _give_up(self, item: Item, exc: BaseException, attempts: int) -> None:
         """The entry was refused alone ``attempts`` times: a dead letter, else the quarantine."""
-        reason = describe_failure(exc)
-        letter = _dead_letter_for(item, reason, exc)
+        reason, column = self._sink.describe(exc)
+        letter = _dead_letter_for(item, reason, column)
         attempt = 0
         while True:
             try:
@@ -340,14 +342,14 @@ class Pipeline:
                     await self._sink.write_dead_letter(letter)
             except Exception as dl_exc:  # noqa: BLE001 - unavailable: wait; refused: quarantine
                 if await self._refused_while_writable(dl_exc):
-                    await self._quarantine(item, reason, describe_failure(dl_exc))
+                    await self._quarantine(item, reason, self._sink.describe(dl_exc)[0])
                     return
                 attempt += 1
                 await asyncio.sleep(self._delay(attempt))
                 continue
             break
         outcome = BatchOutcome(dead_letters=1)
-        outcome.reject(item, reason, rejected_column(exc))
+        outcome.reject(item, reason, column)
         m = self.metrics
         m.dead_letters += 1
         m.entries_given_up += 1
@@ -406,13 +408,6 @@ class Pipeline:
         await self._deliver([item], outcome)
 
 
-def describe_failure(exc: BaseException) -> str:
-    """The last error of a given-up entry: SQLSTATE and message for a database error."""
-    if errors.sqlstate(exc) is not None:
-        return describe_pg_error(exc)
-    return f"{type(exc).__name__}: {exc}"
-
-
 def _payload_of(item: Item) -> bytes | str | None:
     """The entry as received (its raw payload), else its validated event on the wire."""
     if item.raw is not None:
@@ -422,7 +417,7 @@ def _payload_of(item: Item) -> bytes | str | None:
     return None if item.dead_letter is None else item.dead_letter.payload
 
 
-def _dead_letter_for(item: Item, reason: str, exc: BaseException) -> DeadLetter:
+def _dead_letter_for(item: Item, reason: str, column: str | None) -> DeadLetter:
     if item.event is None:
         # Bad input whose own dead letter was refused: that dead letter is tried once more.
         assert item.dead_letter is not None
@@ -432,7 +427,7 @@ def _dead_letter_for(item: Item, reason: str, exc: BaseException) -> DeadLetter:
         _payload_of(item) or b"",
         reason,
         source=item.source.name,
-        field=rejected_column(exc),
+        field=column,
         dedup_key=item.source.dead_letter_key(item),
         event_type=ev.type,
         event_id=ev.event_id,

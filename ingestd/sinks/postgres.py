@@ -398,6 +398,13 @@ class PostgresSink:
         ):
             await insert_dead_letters(conn, [letter])
 
+    @staticmethod
+    def describe(exc: BaseException) -> tuple[str, str | None]:
+        """A refusal as a dead letter's reason and the column PostgreSQL blames (if any)."""
+        if errors.sqlstate(exc) is None:  # not the server's: a bug, a client-side error
+            return f"{type(exc).__name__}: {exc}", None
+        return describe_pg_error(exc), rejected_column(exc)
+
     async def _attempt(self, batch: _Batch, *, careful: bool) -> BatchOutcome:
         outcome = BatchOutcome(duplicates=batch.duplicates)
         dead = list(batch.dead)

@@ -97,6 +97,9 @@ class _NoSink:
     async def write_dead_letter(self, letter: DeadLetter) -> None:
         raise AssertionError("nothing is written in this test")
 
+    def describe(self, exc: BaseException) -> tuple[str, str | None]:
+        raise AssertionError("nothing is written in this test")
+
 
 async def test_batches_never_exceed_batch_max_rows(settings: Settings) -> None:
     small = settings.replace(**{"pipeline.batch_max_rows": 10, "pipeline.batch_max_age_ms": 1000})
