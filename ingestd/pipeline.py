@@ -345,7 +345,15 @@ class Pipeline:
                     await self._quarantine(item, reason, self._sink.describe(dl_exc)[0])
                     return
                 attempt += 1
-                await asyncio.sleep(self._delay(attempt))
+                delay = self._delay(attempt)
+                log.warning(
+                    "dead letter of a given-up entry not written (retry in %.2fs): %s: %s",
+                    delay,
+                    type(dl_exc).__name__,
+                    dl_exc,
+                    extra={"action": "dead_letter_retry"},
+                )
+                await asyncio.sleep(delay)
                 continue
             break
         outcome = BatchOutcome(dead_letters=1)
