@@ -17,6 +17,10 @@ RUN useradd --system --uid 10001 --user-group --no-create-home --home-dir /nonex
 COPY --from=build /wheels /wheels
 # --no-index: nothing but the wheels built above (runtime dependencies only, no dev extras).
 RUN pip install --no-cache-dir --no-index --find-links /wheels ingestd && rm -rf /wheels
+# The working directory holds the quarantine file (pipeline.quarantine_path, relative
+# data/ingestd-quarantine.jsonl): owned by the service user, a volume in compose.yaml.
+RUN mkdir -p /var/lib/ingestd/data && chown -R 10001:10001 /var/lib/ingestd
+WORKDIR /var/lib/ingestd
 # Numeric, so that an orchestrator can check runAsNonRoot without resolving names.
 USER 10001:10001
 # Inside a container, loopback is unreachable for Prometheus: listen on every interface.

@@ -30,6 +30,7 @@ from redis.backoff import ExponentialBackoff
 from ingestd import errors, events, failpoints, keys, migrations, probes
 from ingestd.batching import BatchOutcome, Item
 from ingestd.db import create_pool
+from ingestd.deadletters import DeadLetter
 from ingestd.endpoints import OpsServer
 from ingestd.maintenance import Maintenance
 from ingestd.metrics import Metrics, MetricsCollector, create_registry
@@ -128,6 +129,24 @@ class DatabaseWhenConnected:
         if sink is None:
             raise errors.SinkUnavailable(f"not connected to the database: {self.waiting_for}")
         return await sink.write(items)
+
+    async def probe(self) -> None:
+        """Fail as unavailable until connected: a batch is never split or given up for that."""
+        await self._connected().probe()
+
+    async def write_dead_letter(self, letter: DeadLetter) -> None:
+        """Write through the database sink, or fail as unavailable while there is none."""
+        await self._connected().write_dead_letter(letter)
+
+    def describe(self, exc: BaseException) -> tuple[str, str | None]:
+        """As the database sink describes a refusal (it needs no connection)."""
+        return PostgresSink.describe(exc)
+
+    def _connected(self) -> PostgresSink:
+        sink = self.sink
+        if sink is None:
+            raise errors.SinkUnavailable(f"not connected to the database: {self.waiting_for}")
+        return sink
 
 
 class Service:
@@ -383,13 +402,14 @@ class Service:
         self._collector.mirror = self.mirror
         self._collector.stream = self.stream
         self._collector.spool = self.spool
-        if not self.settings.metrics_port:
-            return
         if self.stream is not None:
+            # Sampled with or without the endpoint: health (and the heartbeat) read it.
             sampler = probes.sample_stream_forever(
                 self.redis, self.stream.key, self.stream.group, self.metrics
             )
             self._tasks.append(asyncio.create_task(sampler, name="ingestd-stream-sample"))
+        if not self.settings.metrics_port:
+            return
         self.ops = OpsServer(
             self.registry,
             healthy=self.health_report,
@@ -418,17 +438,48 @@ class Service:
         replay = self._spool_task
         if replay is not None and replay.done() and not self._stopping:
             return False, "unhealthy: the spool replay has stopped"
-        since = self.pipeline.metrics.flush_failing_since
+        m = self.pipeline.metrics
+        since = m.flush_failing_since
         if since is not None:
             failing = time.monotonic() - since
             if failing >= 2 * self.settings.pipeline.flush_timeout_s:
                 return False, f"unhealthy: batches failing to commit for {failing:.0f}s"
+        quarantine = self.pipeline.quarantine
+        if quarantine.holds_entries():
+            # Until an operator has replayed them and moved the file away (README: Quarantine).
+            return False, (
+                f"unhealthy: entries quarantined in {quarantine.path} "
+                "(refused by the database and by dead_letters): replay them, then move the file"
+            )
+        if self.stream is not None and m.stream_problem is not None:
+            return False, f"unhealthy: {m.stream_problem}"
+        limit = self.settings.pipeline.max_pending_age_s
+        ages = [self.pipeline.oldest_pending_age_s()]
+        if self.stream is not None:
+            ages.append(m.stream_oldest_pending_s)
+        oldest = max((a for a in ages if a is not None), default=None)
+        if oldest is not None and oldest > limit:
+            return False, (
+                f"unhealthy: the oldest pending entry has waited {oldest:.0f}s "
+                f"(> pipeline.max_pending_age_s={limit:g})"
+            )
         return True, "ok"
 
     async def ready(self) -> tuple[bool, dict[str, str]]:
-        """``/readyz``: database and Redis reachable, schema current, intake open."""
+        """``/readyz``: a commit can succeed (the database takes a write, schema current), Redis
+        reachable, the stream key usable, intake open, and healthy (see ``health_report``)."""
         accepting = self.pipeline is not None and self.pipeline.accepting
-        return await probes.readiness(self.pool, self.redis, accepting=accepting)
+        ready, checks = await probes.readiness(
+            self.pool,
+            self.redis,
+            accepting=accepting,
+            stream_key=None if self.stream is None else self.stream.key,
+        )
+        if self.pipeline is not None:
+            healthy, reason = self.health_report()
+            checks["health"] = probes.OK if healthy else reason
+            ready = ready and healthy
+        return ready, checks
 
     def healthy(self) -> bool:
         """False once events no longer get committed (see ``health_report``)."""

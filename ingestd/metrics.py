@@ -108,6 +108,11 @@ class Metrics:
     acks: int = 0  # ingestd_stream_acks_total
     spooled: int = 0  # ingestd_spooled_events_total
     spool_rejections: int = 0  # ingestd_spool_rejections_total
+    batch_splits: int = 0  # ingestd_batch_splits_total
+    # ingestd_entries_given_up_total: refused alone max_entry_attempts times (dead letter or
+    # quarantine); ingestd_quarantined_total: even the dead letter was refused
+    entries_given_up: int = 0
+    quarantined: int = 0
     last_commit_monotonic: float | None = None
     flush_failing_since: float | None = None
     # ingestd_events_written_total{type}: committed (a duplicate of a stored event included)
@@ -133,6 +138,10 @@ class Metrics:
     stream_lag: int | None = None  # ingestd_stream_lag
     stream_length: int | None = None  # ingestd_stream_length
     stream_sample_errors: int = 0  # ingestd_stream_sample_errors_total
+    # ingestd_stream_oldest_pending_seconds: age of the group's oldest unacknowledged entry
+    stream_oldest_pending_s: float | None = None
+    # Why the stream cannot be read (wrong type at its key, read errors), None when it can.
+    stream_problem: str | None = None
     # Sampled by the open-count reconciliation: closes parked waiting for their open.
     parked_closes: int | None = None  # ingestd_parked_closes
     parked_close_oldest_age_s: float | None = None  # ingestd_parked_close_oldest_age_seconds
@@ -246,6 +255,21 @@ class MetricsCollector(Collector):
         yield _counter("batches", "Batches committed", m.batches)
         yield _counter("flush_retries", "Batch commits retried after a failure", m.flush_retries)
         yield _counter("stream_acks", "Stream entries acknowledged (XACK)", m.acks)
+        yield _counter(
+            "batch_splits",
+            "Batches split in halves to isolate an entry the database refused while taking writes",
+            m.batch_splits,
+        )
+        yield _counter(
+            "entries_given_up",
+            "Entries refused alone pipeline.max_entry_attempts times (dead letter or quarantine)",
+            m.entries_given_up,
+        )
+        yield _counter(
+            "quarantined",
+            "Entries whose dead letter was refused too: written to the quarantine file",
+            m.quarantined,
+        )
         yield _histogram("batch_events", "Events per committed batch", m.batch_events)
         yield _histogram(
             "flush_duration_seconds",
@@ -280,6 +304,16 @@ class MetricsCollector(Collector):
             "parked_close_oldest_age_seconds",
             "How long the oldest parked close has waited for its open (sampled)",
             m.parked_close_oldest_age_s,
+        )
+        yield _gauge(
+            "stream_oldest_pending_seconds",
+            "Age of the consumer group's oldest unacknowledged entry, by its id (sampled)",
+            m.stream_oldest_pending_s,
+        )
+        yield _gauge(
+            "stream_usable",
+            "1 while the stream can be read, 0 when its key has the wrong type or reads fail",
+            None if self.stream is None else int(m.stream_problem is None),
         )
         spool = self.spool
         yield _gauge(
@@ -320,7 +354,7 @@ class MetricsCollector(Collector):
             )
         if self.healthy is not None:
             yield _gauge(
-                "healthy", "1 unless batches have been failing for too long", int(self.healthy())
+                "healthy", "1 unless /healthz would fail (see its reasons)", int(self.healthy())
             )
 
 

@@ -1,9 +1,16 @@
-"""What ``/readyz`` checks, and the periodic sample of the stream behind the stream gauges."""
+"""What ``/readyz`` checks, and the periodic sample of the stream behind the stream gauges.
+
+Readiness means a commit can succeed now: the database answers AND takes a write (a probe
+write into every table ingestd writes, which fails on a read-only database or a standby), the
+schema is current, Redis answers, the stream key holds a stream (or nothing yet), and the
+service is healthy.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable
 from typing import Any, Final
 
@@ -14,6 +21,7 @@ import redis.exceptions
 from ingestd import errors, migrations
 from ingestd.metrics import Metrics
 from ingestd.settings import redact
+from ingestd.sinks.postgres import probe_write
 
 log = logging.getLogger("ingestd.probes")
 
@@ -42,14 +50,24 @@ async def _bounded(check: Awaitable[str], timeout_s: float) -> str:
         return redact(f"{type(exc).__name__}: {exc}")
 
 
-async def _database(pool: asyncpg.Pool, schema: dict[str, str]) -> str:
+async def _database(pool: asyncpg.Pool, found: dict[str, str]) -> str:
     async with pool.acquire() as conn:
         try:
             await migrations.check_current(conn)
         except errors.IngestdError as exc:
-            schema["schema"] = redact(str(exc))
+            found["schema"] = redact(str(exc))
         else:
-            schema["schema"] = OK
+            found["schema"] = OK
+        try:
+            await probe_write(conn)
+        except asyncpg.ReadOnlySQLTransactionError as exc:
+            found["commit"] = (
+                f"the database is read-only (a standby, or read-only by default): {exc}"
+            )
+        except asyncpg.PostgresError as exc:
+            found["commit"] = redact(f"a write cannot commit: {type(exc).__name__}: {exc}")
+        else:
+            found["commit"] = OK
     return OK
 
 
@@ -58,50 +76,105 @@ async def _redis(client: aioredis.Redis) -> str:
     return OK
 
 
+async def _stream(client: aioredis.Redis, key: str) -> str:
+    # XLEN, not TYPE: the ingestd Redis user may run the stream commands only, and XLEN answers
+    # 0 for a missing key and WRONGTYPE for a key that holds something else.
+    try:
+        await client.xlen(key)
+    except redis.exceptions.ResponseError as exc:
+        if _is_wrong_type(exc):
+            return wrong_type(key)
+        raise
+    return OK
+
+
+def _is_wrong_type(exc: BaseException) -> bool:
+    # A pipeline prefixes the reply: "Command # 1 (XINFO GROUPS k) of pipeline caused error: ..."
+    return "WRONGTYPE" in str(exc)
+
+
+def wrong_type(key: str) -> str:
+    """The reason given when the stream's key holds something else."""
+    return f"the stream key {key!r} holds another type, not a stream: nothing can be read"
+
+
 async def readiness(
     pool: asyncpg.Pool | None,
     client: aioredis.Redis | None,
     *,
     accepting: bool,
+    stream_key: str | None = None,
     timeout_s: float = READY_CHECK_TIMEOUT_S,
 ) -> tuple[bool, dict[str, str]]:
-    """(ready, check -> "ok" or the reason): database, schema current, Redis, intake open."""
+    """(ready, check -> "ok" or the reason): database, a write commits, schema current, Redis,
+    the stream key (when the stream intake runs), intake open."""
     if pool is None or client is None:
         return False, {"service": "not started"}
-    schema: dict[str, str] = {"schema": "not checked: database unreachable"}
-    database, redis_state = await asyncio.gather(
-        _bounded(_database(pool, schema), timeout_s), _bounded(_redis(client), timeout_s)
-    )
+    found: dict[str, str] = {
+        "schema": "not checked: database unreachable",
+        "commit": "not checked: database unreachable",
+    }
+    checks_run = [_bounded(_database(pool, found), timeout_s), _bounded(_redis(client), timeout_s)]
+    if stream_key is not None:
+        checks_run.append(_bounded(_stream(client, stream_key), timeout_s))
+    database, redis_state, *stream_state = await asyncio.gather(*checks_run)
     checks = {
         "database": database,
-        "schema": schema["schema"],
+        "commit": found["commit"],
+        "schema": found["schema"],
         "redis": redis_state,
         "intake": OK if accepting else "draining: shutting down",
     }
+    if stream_state:
+        checks["stream"] = stream_state[0]
     return all(v == OK for v in checks.values()), checks
 
 
-async def sample_stream(client: aioredis.Redis, key: str, group: str, metrics: Metrics) -> None:
-    """Store the group's pending count and lag and the stream's length in ``metrics``."""
+async def sample_stream(
+    client: aioredis.Redis,
+    key: str,
+    group: str,
+    metrics: Metrics,
+    *,
+    now_ms: int | None = None,
+) -> None:
+    """Store the group's pending count, lag and oldest pending entry's age and the stream's
+    length in ``metrics``; ``metrics.stream_problem`` says why the stream cannot be read."""
     pipe = client.pipeline(transaction=False)
     pipe.xinfo_groups(key)
     pipe.xlen(key)
     try:
         groups, length = await pipe.execute()
     except redis.exceptions.ResponseError as exc:
+        if _is_wrong_type(exc):
+            # XREADGROUP can never succeed on it: intake has stopped, whatever else is well.
+            metrics.stream_problem = wrong_type(key)
+            metrics.stream_pending = metrics.stream_lag = metrics.stream_length = None
+            metrics.stream_oldest_pending_s = None
+            return
         if "no such key" not in str(exc).lower():
             raise
         groups, length = [], 0  # the stream does not exist yet: nothing is waiting
+    metrics.stream_problem = None
     info: dict[str, Any] | None = next((g for g in groups if _text(g.get("name")) == group), None)
     metrics.stream_length = int(length)
     if info is None:
         metrics.stream_pending = 0
         metrics.stream_lag = int(length)
+        metrics.stream_oldest_pending_s = None
         return
     metrics.stream_pending = int(info["pending"])
     lag = info.get("lag")
     # Redis reports no lag when it cannot tell (entries deleted in the undelivered range).
     metrics.stream_lag = None if lag is None else int(lag)
+    metrics.stream_oldest_pending_s = None
+    if metrics.stream_pending:
+        summary = await client.xpending(key, group)
+        oldest = _text(summary.get("min")) if summary else None
+        if oldest:
+            # An entry id starts with the Redis server's clock (ms) when it was added.
+            now = int(time.time() * 1000) if now_ms is None else now_ms
+            metrics.stream_oldest_pending_s = max(0.0, (now - int(oldest.split("-")[0])) / 1000)
 
 
 async def sample_stream_forever(
@@ -113,11 +186,18 @@ async def sample_stream_forever(
 ) -> None:
     """``sample_stream`` every ``interval_s``; failures are counted, logged once per outage."""
     failing = False
+    reported: str | None = None
     while True:
         try:
             await sample_stream(client, key, group, metrics)
+            if metrics.stream_problem is not None and metrics.stream_problem != reported:
+                log.error("%s", metrics.stream_problem, extra={"action": "stream_unusable"})
+            reported = metrics.stream_problem
         except (redis.exceptions.RedisError, OSError) as exc:
             metrics.stream_sample_errors += 1
+            if failing:
+                # Two samples in a row (a blip is absorbed by the client's own retries).
+                metrics.stream_problem = redact(f"cannot read the stream {key!r}: {exc}")
             if not failing:
                 log.warning(
                     "cannot sample the stream: %s", exc, extra={"action": "stream_sample_failed"}

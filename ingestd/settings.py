@@ -114,6 +114,12 @@ class PipelineSettings:
     backoff_cap_s: float = 15.0
     # A position_close whose open has not arrived waits this long, then is a dead letter.
     parked_close_max_age_s: float = 86_400.0
+    # An entry the database refuses alone this many times (while it takes other writes)
+    # becomes a dead letter; one whose dead letter is refused too goes to the quarantine file.
+    max_entry_attempts: int = 3
+    quarantine_path: str = "data/ingestd-quarantine.jsonl"
+    # /healthz, /readyz and the heartbeat fail while an entry waits uncommitted this long.
+    max_pending_age_s: float = 120.0
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -229,6 +235,12 @@ class Settings:
             raise ConfigError("pipeline.queue_max_bytes and pipeline.batch_max_bytes must be >= 1")
         if p.max_event_depth < 1 or self.stream.read_max_bytes < 1:
             raise ConfigError("pipeline.max_event_depth and stream.read_max_bytes must be >= 1")
+        if p.max_entry_attempts < 1:
+            raise ConfigError("pipeline.max_entry_attempts must be >= 1")
+        if not p.quarantine_path:
+            raise ConfigError("pipeline.quarantine_path must name a file")
+        if not p.max_pending_age_s > 0:
+            raise ConfigError("pipeline.max_pending_age_s must be > 0")
         if self.storage.postgres.pool_max_size < p.writers + 1:
             raise ConfigError(
                 "storage.postgres.pool_max_size must exceed pipeline.writers "

@@ -27,7 +27,7 @@ import asyncpg
 from ingestd import errors, failpoints, tables
 from ingestd.batching import BatchOutcome, Item
 from ingestd.db import Connection
-from ingestd.deadletters import DeadLetter, make_dead_letter
+from ingestd.deadletters import DeadLetter, ascii_dead_letter, make_dead_letter
 from ingestd.events import EVENT_TYPES, Event
 
 log = logging.getLogger("ingestd.sinks.postgres")
@@ -475,6 +475,29 @@ class PostgresSink:
                 raise
         return await self._attempt(batch, careful=True)
 
+    async def probe(self) -> None:
+        """Raise unless a write could commit now: the evidence that tells "the database is
+        unavailable" (everything waits) from "this batch is unwritable" (it is split)."""
+        conn: Connection
+        async with self._pool.acquire(timeout=self._acquire_timeout_s) as conn:
+            await probe_write(conn)
+
+    async def write_dead_letter(self, letter: DeadLetter) -> None:
+        """Commit one dead letter on its own (an entry given up after its attempts), or raise."""
+        conn: Connection
+        async with (
+            self._pool.acquire(timeout=self._acquire_timeout_s) as conn,
+            conn.transaction(),
+        ):
+            await insert_dead_letters(conn, [letter])
+
+    @staticmethod
+    def describe(exc: BaseException) -> tuple[str, str | None]:
+        """A refusal as a dead letter's reason and the column PostgreSQL blames (if any)."""
+        if errors.sqlstate(exc) is None:  # not the server's: a bug, a client-side error
+            return f"{type(exc).__name__}: {exc}", None
+        return describe_pg_error(exc), rejected_column(exc)
+
     async def _attempt(self, batch: _Batch, *, careful: bool) -> BatchOutcome:
         outcome = BatchOutcome()
         dead = list(batch.dead)
@@ -515,7 +538,7 @@ class PostgresSink:
                     field = outcome.rejected_fields.get(id(item))
                     dead.append(self._rejected(item, item.event, reason, field))
             if dead:
-                await conn.executemany(_SQL_DEAD_LETTER, [_dl_args(d) for d in dead])
+                await insert_dead_letters(conn, dead)
                 outcome.dead_letters = len(dead)
             if touched:
                 rows_ = await conn.fetch(SQL_OPEN_COUNTS, sorted(touched))
@@ -760,6 +783,62 @@ class PostgresSink:
 
 async def _once(data: bytes) -> AsyncIterator[bytes]:
     yield data
+
+
+async def insert_dead_letters(conn: Connection, letters: Sequence[DeadLetter]) -> None:
+    """Insert dead letters so that none can spoil the transaction around it.
+
+    They are storable and bounded by construction (ingestd.deadletters); still, each write is in
+    a savepoint: all at once first, and should the database refuse that, one by one, a refused
+    one again in printable ASCII (a database whose encoding is not UTF-8 cannot store every
+    character). One refused even so (a trigger, a permission) raises: the pipeline then isolates
+    its entry and, if its dead letter stays unwritable, quarantines it.
+    """
+    try:
+        async with conn.transaction():
+            await conn.executemany(_SQL_DEAD_LETTER, [_dl_args(d) for d in letters])
+    except asyncpg.PostgresError as exc:
+        if errors.is_retriable(exc):
+            raise
+    else:
+        return
+    for letter in letters:
+        try:
+            async with conn.transaction():
+                await conn.execute(_SQL_DEAD_LETTER, *_dl_args(letter))
+        except asyncpg.PostgresError as exc:
+            if errors.is_retriable(exc):
+                raise
+            log.error(
+                "dead letter refused (%s), writing it in ASCII: %s",
+                errors.sqlstate(exc),
+                exc,
+                extra={"action": "dead_letter_refused"},
+            )
+        else:
+            continue
+        async with conn.transaction():
+            await conn.execute(_SQL_DEAD_LETTER, *_dl_args(ascii_dead_letter(letter)))
+
+
+# A write that changes nothing into every table a batch may write: it fails as a real batch
+# would when the database is read-only (default_transaction_read_only, a standby), a table is
+# locked, gone or no longer granted; it needs no row and leaves none.
+SQL_PROBE_WRITE: Final = "\n".join(
+    f"INSERT INTO {name} ({column}) SELECT NULL WHERE false;"
+    for name, column in (
+        *((t.name, t.column_names[0]) for t in tables.APPEND_TABLES),
+        ("positions", "position_key"),
+        ("position_closes_pending", "position_key"),
+        ("dead_letters", "source"),
+    )
+)
+
+
+async def probe_write(conn: Connection) -> None:
+    """Raise unless a write transaction can commit now (see SQL_PROBE_WRITE)."""
+    async with conn.transaction():
+        await conn.execute(SQL_PROBE_WRITE)
 
 
 def _dl_args(d: DeadLetter) -> tuple[Any, ...]:

@@ -99,7 +99,14 @@ async def test_probes_and_http_edges(service: Service) -> None:
     assert readyz.status == 200
     assert orjson.loads(readyz.body) == {
         "ready": True,
-        "checks": {"database": "ok", "schema": "ok", "redis": "ok", "intake": "ok"},
+        "checks": {
+            "database": "ok",
+            "commit": "ok",
+            "schema": "ok",
+            "redis": "ok",
+            "intake": "ok",
+            "health": "ok",
+        },
     }
     head = await get(port, "/metrics", method="HEAD")
     assert head.status == 200 and head.body == b""

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-from collections.abc import Sequence
 
 import asyncpg
 import pytest
@@ -12,12 +11,12 @@ import redis
 import redis.asyncio as aioredis
 
 from ingestd import Service, errors
-from ingestd.batching import BatchOutcome, Item
 from ingestd.events import utc_iso
 from ingestd.pipeline import Pipeline
 from ingestd.settings import Settings
 from ingestd.sources.stream import StreamSource
 from ingestd.tables import APPEND_TABLES
+from tests.unused_sink import UnusedSink
 
 pytestmark = [pytest.mark.pg, pytest.mark.redis]
 
@@ -75,7 +74,7 @@ async def test_one_stream_read_returns_at_most_read_count_entries(
     bounded = settings.replace(**{"stream.read_count": 7})
     source = StreamSource(
         client,
-        Pipeline(_NoSink(), None, bounded.pipeline),
+        Pipeline(UnusedSink(), None, bounded.pipeline),
         bounded.stream,
         consumer="limit-test",
         max_event_bytes=LIMIT,
@@ -86,11 +85,6 @@ async def test_one_stream_read_returns_at_most_read_count_entries(
     finally:
         await client.aclose()
     assert sizes == [7, 7, 7, 4]
-
-
-class _NoSink:
-    async def write(self, items: Sequence[Item]) -> BatchOutcome:
-        raise AssertionError("nothing is written in this test")
 
 
 async def test_batches_never_exceed_batch_max_rows(settings: Settings) -> None:

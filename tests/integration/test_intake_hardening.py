@@ -10,7 +10,7 @@ import io
 import json
 import logging
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,7 @@ import redis
 import redis.asyncio as aioredis
 
 from ingestd import Service, errors, logs
-from ingestd.batching import BatchOutcome, Item
+from ingestd.batching import Item
 from ingestd.csv_import import run_import
 from ingestd.csv_verify import run_verify
 from ingestd.events import utc_iso
@@ -29,6 +29,7 @@ from ingestd.pipeline import Pipeline
 from ingestd.settings import Settings
 from ingestd.sources.inprocess import Outcome
 from ingestd.sources.stream import MAX_KEY_CHARS, StreamSource, derived_id_prefix
+from tests.unused_sink import UnusedSink
 
 pytestmark = [pytest.mark.pg, pytest.mark.redis]
 
@@ -93,11 +94,6 @@ async def test_a_stream_key_too_long_to_spell_out_is_named_by_its_digest(
     )
     # The longest key that is spelled out, with the longest entry id, fits 100 characters.
     assert len(derived_id_prefix("k" * MAX_KEY_CHARS) + f"{2**64 - 1}-{2**64 - 1}") == 100
-
-
-class _NoSink:
-    async def write(self, items: Sequence[Item]) -> BatchOutcome:
-        raise AssertionError("nothing is written in this test")
 
 
 # --- 5. deep nesting ---------------------------------------------------------------------------
@@ -313,7 +309,7 @@ async def test_stream_reads_are_bounded_in_bytes_and_oversize_entries_are_not_he
     bounded = settings.replace(**{"stream.read_count": 1000, "stream.read_max_bytes": 100_000})
     source = StreamSource(
         client,
-        Pipeline(_NoSink(), None, bounded.pipeline),
+        Pipeline(UnusedSink(), None, bounded.pipeline),
         bounded.stream,
         consumer="bytes-test",
         max_event_bytes=50_000,

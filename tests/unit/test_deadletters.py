@@ -8,7 +8,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ingestd.deadletters import PAYLOAD_PREFIX_CHARS, DeadLetter, make_dead_letter, safe_text
+from ingestd.deadletters import (
+    PAYLOAD_PREFIX_CHARS,
+    DeadLetter,
+    ascii_dead_letter,
+    bounded_key,
+    make_dead_letter,
+    safe_text,
+)
 
 
 def storable(text: str) -> bool:
@@ -173,3 +180,60 @@ def test_property_any_bytes_payload_becomes_storable(raw: bytes) -> None:
         return
     if "\x00" not in text and "\\" not in text:
         assert dl.payload == text  # valid text is kept as it is
+
+
+# --- every field bounded after escaping -----------------------------------------------------
+
+# Each column of dead_letters that has a width, with the make_dead_letter keyword that fills it.
+_WIDTHS = {"field": 100, "event_type": 50, "event_id": 100, "producer": 50, "dedup_key": 300}
+
+
+@pytest.mark.parametrize("column", sorted(_WIDTHS))
+@pytest.mark.parametrize("char", ["\x00", "\ud800", "\udcff", "é", "\U0001f600"])
+def test_a_field_at_its_width_stays_within_it_once_escaped(column: str, char: str) -> None:
+    width = _WIDTHS[column]
+    dl = make_dead_letter(b"{}", "bad", source="s", **{column: char * width})
+    value = getattr(dl, column)
+    assert value is not None
+    assert len(value) <= width
+    assert storable(value)
+
+
+def test_the_cut_never_falls_inside_an_escape() -> None:
+    # 25 NULs fill 100 characters exactly; a 26th would need 4 more.
+    assert safe_text("\x00" * 26, 100) == "\\x00" * 25
+    assert safe_text("a" + "\x00" * 26, 100) == "a" + "\\x00" * 24
+    assert safe_text(b"\xff" * 30, 10) == "\\xff\\xff"
+
+
+def test_long_or_unstorable_keys_stay_distinct_and_bounded() -> None:
+    a, b = "k" * 400 + "a", "k" * 400 + "b"
+    assert bounded_key(a) != bounded_key(b)
+    assert len(bounded_key(a)) <= 300
+    nul_a, nul_b = "\x00" * 100 + "a", "\x00" * 100 + "b"
+    assert bounded_key(nul_a) != bounded_key(nul_b)
+    assert len(bounded_key(nul_a)) <= 300 and storable(bounded_key(nul_a))
+    assert bounded_key("stream:ingestd:events:1-0") == "stream:ingestd:events:1-0"
+    # An escape must not make a key meet another whose text is that escape.
+    assert bounded_key("k\x00") != bounded_key("k\\x00") == "k\\x00"
+    assert bounded_key("k\udc80") != bounded_key("k\\udc80")
+
+
+def test_ascii_fallback_is_printable_ascii_and_bounded() -> None:
+    dl = make_dead_letter(
+        "한\x00\U0001f600" * 10_000,
+        "é" * 3000,
+        source="s",
+        field="\ud800" * 100,
+        dedup_key="키" * 300,
+        event_type="é" * 50,
+        event_id="\x01" * 100,
+        producer="p" * 50,
+    )
+    plain = ascii_dead_letter(dl)
+    for name, width in {**_WIDTHS, "payload": PAYLOAD_PREFIX_CHARS, "error": 2000}.items():
+        value = getattr(plain, name)
+        assert value is not None
+        assert len(value) <= width, name
+        assert all(" " <= ch <= "~" for ch in value), name
+    assert plain.payload_sha256 == dl.payload_sha256
