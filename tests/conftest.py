@@ -78,6 +78,8 @@ class PgServer:
         conn = await asyncpg.connect(_with_db(self.admin_dsn, TEMPLATE))
         try:
             await migrations.migrate(conn)
+            if self.timescale:
+                await hold_policy_jobs(conn)
         finally:
             await conn.close()
 
@@ -97,6 +99,22 @@ class PgServer:
             await admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
         finally:
             await admin.close()
+
+
+async def hold_policy_jobs(conn: asyncpg.Connection) -> None:
+    """Keep TimescaleDB's policy jobs of this database from running by themselves.
+
+    The scheduler runs in every database with the extension, and would run the policies
+    (retention of the sample history, which is older than 90 days; compression) in the middle of
+    tests that are about something else. The jobs stay scheduled but wait
+    (`next_start => 'infinity'` is TimescaleDB's documented pause); a test about the policies
+    asks for a run with `alter_job(id, next_start => now())`. A database cloned from a template
+    inherits this.
+    """
+    await conn.execute(
+        "SELECT alter_job(job_id, next_start => 'infinity')"
+        " FROM timescaledb_information.jobs WHERE job_id >= 1000"
+    )
 
 
 async def _preloaded(dsn: str) -> bool:

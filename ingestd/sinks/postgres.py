@@ -197,23 +197,96 @@ def _settle_positions(
     standing: dict[str, tuple[str, bool]],
     verb: str,
     outcome: BatchOutcome,
-) -> None:
+) -> list[tuple[Item, Event]]:
     """Each open (or close) of the batch against its position's standing one, after the step.
 
     The first event of a key in ``written`` was written by this step; another with the standing
-    event id is a redelivery (a duplicate, nothing changed); one with another id is a conflict
-    and becomes a dead letter.
+    event id is a redelivery, returned so that its content is compared with what stands
+    (``_check_redelivered``); one with another id is a conflict and becomes a dead letter.
     ``standing`` maps a key to (event id, whether that close is parked waiting for its open).
     """
+    redelivered: list[tuple[Item, Event]] = []
     for item, ev in events:
         key = str(ev.values["position_key"])
         event_id, parked = standing[key]
         if ev.event_id == event_id:
             if not (key in written and first[key] is ev):
-                outcome.duplicates += 1
+                redelivered.append((item, ev))
             continue
         reason = f"conflict: position {key} already {verb} by event {event_id}"
         outcome.reject(item, reason + (" (its open has not arrived)" if parked else ""))
+    return redelivered
+
+
+def _differs_sql(names: Sequence[str], stored: str) -> str:
+    """The names of the columns where ``stored`` and the unnested ``u`` differ, as a text[]."""
+    cases = ", ".join(
+        f"CASE WHEN {stored}.{n} IS DISTINCT FROM u.{n}{_CAST.get(n, '').replace('::text', '')} "
+        f"THEN '{n}' END"
+        for n in names
+    )
+    return f"array_remove(ARRAY[{cases}]::text[], NULL)"
+
+
+def _numbered(unnest_from: str) -> str:
+    """``unnest(...) AS u(a, b)`` numbered: ``unnest(...) WITH ORDINALITY AS u(a, b, n)``, so
+    that the answer comes back in the order of the rows sent."""
+    head, _, names = unnest_from.rpartition(" AS u(")
+    return f"{head} WITH ORDINALITY AS u({names[:-1]}, n)"
+
+
+# A redelivered open (the standing open's event id) against the stored entry columns; a
+# redelivered close against the stored exit columns, or against the parked close while its open
+# has not arrived. Only redeliveries pay for this (the step before found them).
+_SAME_OPEN_COLS: Final = ["position_key", "producer", *_ENTRY]
+_SAME_OPEN_FROM = _numbered(_unnest(_SAME_OPEN_COLS)[0])
+_SQL_REDELIVERED_OPENS: Final = f"""
+SELECT u.position_key, {_differs_sql(["producer", *_ENTRY], "p")} AS differs
+FROM {_SAME_OPEN_FROM} LEFT JOIN positions AS p ON p.position_key = u.position_key
+ORDER BY u.n
+"""
+_SAME_CLOSE_COLS: Final = ["position_key", "producer", *_EXIT]
+_SAME_CLOSE_FROM = _numbered(_unnest(_SAME_CLOSE_COLS)[0])
+_SQL_REDELIVERED_CLOSES: Final = f"""
+SELECT u.position_key,
+       CASE WHEN c.position_key IS NOT NULL THEN {_differs_sql(["producer", *_EXIT], "c")}
+            ELSE {_differs_sql(_EXIT, "p")} END AS differs
+FROM {_SAME_CLOSE_FROM}
+LEFT JOIN position_closes_pending AS c ON c.position_key = u.position_key
+LEFT JOIN positions AS p ON p.position_key = u.position_key
+ORDER BY u.n
+"""
+
+
+async def _check_redelivered(
+    conn: Connection, redelivered: Sequence[tuple[Item, Event]], verb: str, outcome: BatchOutcome
+) -> None:
+    """A redelivery with the same content is a duplicate (nothing changes); one whose content
+    differs from the standing open or close is a conflict: the row stays, the newcomer becomes a
+    dead letter naming the columns that differ (as for the append-only tables)."""
+    if not redelivered:
+        return
+    opening = verb == "opened"
+    names = ["position_key", "producer", *(_ENTRY if opening else _EXIT)]
+    rows = [
+        [ev.values.get(n) if n != "producer" else ev.producer for n in names]
+        for _, ev in redelivered
+    ]
+    sql = _SQL_REDELIVERED_OPENS if opening else _SQL_REDELIVERED_CLOSES
+    differs: list[list[str]] = [
+        list(r["differs"] or ()) for r in await conn.fetch(sql, *_columns(rows))
+    ]
+    for (item, ev), columns in zip(redelivered, differs, strict=True):
+        if not columns:
+            outcome.duplicates += 1
+            continue
+        key = ev.values["position_key"]
+        outcome.reject(
+            item,
+            f"conflict: position {key} already {verb} by event {ev.event_id} with other content "
+            f"(differs in: {', '.join(columns)})",
+            ",".join(columns),
+        )
 
 
 @dataclasses.dataclass(slots=True)
@@ -686,7 +759,8 @@ class PostgresSink:
             if taken:
                 for r in await conn.fetch(_SQL_UNPARK, sorted(taken)):
                     touched.add(r["symbol"])
-            _settle_positions(opens, first_open, taken.keys(), standing, "opened", outcome)
+            again = _settle_positions(opens, first_open, taken.keys(), standing, "opened", outcome)
+            await _check_redelivered(conn, again, "opened", outcome)
         if not closes:
             return
         first_close = _first_per_key(closes)
@@ -734,7 +808,8 @@ class PostgresSink:
             await conn.execute(_SQL_PARK_MANY, *_columns(rows))
             standing.update((k, (ev.event_id, True)) for k, ev in wait)
             written.update(k for k, _ in wait)
-        _settle_positions(closes, first_close, written, standing, "closed", outcome)
+        again = _settle_positions(closes, first_close, written, standing, "closed", outcome)
+        await _check_redelivered(conn, again, "closed", outcome)
 
     async def _positions_by_row(
         self,

@@ -22,6 +22,7 @@ from ingestd.deadletters import PAYLOAD_PREFIX_CHARS, make_dead_letter
 from ingestd.errors import InvalidEvent
 from ingestd.settings import load_settings
 from ingestd.sinks.postgres import PostgresSink, fetch_all_open_counts, sweep_parked_closes
+from tests.conftest import hold_policy_jobs
 
 pytestmark = pytest.mark.pg
 
@@ -251,6 +252,7 @@ async def dsn(server: tuple[str, Server]) -> AsyncIterator[str]:
     try:
         await migrations.migrate(conn)
         assert await migrations.timescaledb_enabled(conn)
+        await hold_policy_jobs(conn)  # (the samples are older than retention)
     finally:
         await conn.close()
     yield url
@@ -1118,6 +1120,34 @@ async def test_a_second_close_with_another_event_id_is_a_dead_lettered_conflict(
     assert_closed_with_exit(row)
     assert row["close_event_id"] == "close-7"
     assert await conn.fetchval("SELECT count(*) FROM dead_letters") == 1
+
+
+async def test_a_redelivered_open_or_close_with_other_content_is_a_conflict(
+    sink: PostgresSink, conn: asyncpg.Connection
+) -> None:
+    # Same event_id (and time) as the standing open/close, other content: the row stays and the
+    # newcomer is a dead letter naming the columns; the identical copy is a plain duplicate.
+    await sink.write([item(pos_open("q1"))])
+    await sink.write([item(pos_close("q1"))])
+    before = await position(conn, "q1")
+    bigger = {**pos_open("q1"), "size": "9.5"}
+    other_pnl = {**pos_close("q1"), "pnl_krw": "-1.00"}
+    same_open, same_close = item(pos_open("q1")), item(pos_close("q1"))
+    changed_open, changed_close = keyed(bigger), keyed(other_pnl)
+    outcome = await sink.write([same_open, changed_open, same_close, changed_close])
+    assert outcome.rejected == {
+        id(changed_open): "conflict: position q1 already opened by event open-q1 with other "
+        "content (differs in: size)",
+        id(changed_close): "conflict: position q1 already closed by event close-q1 with other "
+        "content (differs in: pnl_krw)",
+    }
+    assert outcome.duplicates == 2
+    assert await position(conn, "q1") == before
+    # The same for a close still parked waiting for its open.
+    await sink.write([item(pos_close("q2"))])
+    parked_again = keyed({**pos_close("q2"), "pnl_pct": "0.0001"})
+    outcome = await sink.write([parked_again])
+    assert outcome.rejected[id(parked_again)].endswith("with other content (differs in: pnl_pct)")
 
 
 async def test_redelivering_the_older_close_does_not_flip_the_row_back(
