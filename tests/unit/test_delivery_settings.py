@@ -34,7 +34,7 @@ def test_from_yaml(tmp_path: Path) -> None:
         ("pipeline.max_entry_attempts", 0, "max_entry_attempts must be >= 1"),
         ("pipeline.quarantine_path", "", "quarantine_path must name a file"),
         ("pipeline.max_pending_age_s", 0.0, "max_pending_age_s must be > 0"),
-        ("pipeline.max_pending_age_s", float("nan"), "max_pending_age_s must be > 0"),
+        ("pipeline.max_pending_age_s", float("nan"), "max_pending_age_s must be a finite number"),
     ],
 )
 def test_values_that_cannot_work_are_refused(key: str, value: object, message: str) -> None:
