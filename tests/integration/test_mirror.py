@@ -21,7 +21,7 @@ from ingestd.app import create_redis
 from ingestd.batching import BatchOutcome, Item
 from ingestd.db import create_pool
 from ingestd.settings import load_settings
-from ingestd.sinks.mirror import VERSION_KEY_PREFIX, RedisMirror
+from ingestd.sinks.mirror import VERSION_KEY_PREFIX, RedisMirror, version_micros
 from ingestd.sinks.postgres import PostgresSink, fetch_all_open_counts
 
 pytestmark = pytest.mark.redis
@@ -509,3 +509,110 @@ async def test_an_event_dated_in_the_future_holds_its_key_for_one_ttl_only(
     assert await mirror.flush()
     snap = orjson.loads(await get(client, "spreads:BTC:last") or "{}")
     assert snap["event_id"] == "later"
+
+
+# --- a key's expiry counts from its value's event time ----------------------------------------
+
+
+def ago(seconds: float) -> str:
+    """An event time ``seconds`` before now (negative: in the future), ISO-8601 UTC."""
+    return events.utc_iso(dt.datetime.now(UTC) - dt.timedelta(seconds=seconds))
+
+
+async def test_catch_up_after_an_outage_never_serves_old_values_as_fresh(
+    redis_url: str, client: aioredis.Redis
+) -> None:
+    """Events taken in during a 35 s Redis outage: only what is still within its TTL is written."""
+    url = urllib.parse.urlsplit(redis_url)
+    port = _free_port()
+    flaky = create_redis(f"redis://127.0.0.1:{port}{url.path}", socket_timeout_s=0.2)
+    try:
+        m = RedisMirror(flaky, fx_ttl_s=10.0, spread_ttl_s=60.0, health_ttl_s=10.0)
+        # Committed while the mirror could not write: USDKRW last moved 34 s ago, EURKRW 4 s
+        # ago; the collector's last heartbeat and BTC spread are 34 s old, ETH's 4 s.
+        m.stage_events(
+            [
+                item(fx("u-old", ago(35), "1380")),
+                item(fx("u-last", ago(34), "1381")),
+                item(fx("e-last", ago(4), "1500.5", pair="EURKRW")),
+                item(heartbeat("collector", ago(34))),
+                item(spread("b-last", ago(34))),
+                item(spread("e-last", ago(4), symbol="ETH")),
+            ],
+            BatchOutcome(),
+        )
+        assert await m.flush() is False
+        assert m.pending == 5
+        async with tcp_proxy(port, url.hostname or "127.0.0.1", url.port or 6379):
+            assert await m.flush() is True
+            assert m.pending == 0  # the old values are dropped, not retried
+        # Older than their TTL: not written at all (nor their versions).
+        assert await client.get("fx:usdkrw") is None
+        assert await client.get("health:collector") is None
+        assert await m.read_versions(["fx:usdkrw", "health:collector"]) == [None, None]
+        # Recent ones: written with what is left of their TTL counted from the event time.
+        assert await get(client, "fx:eurkrw") == "1500.5"
+        assert 0 < await client.pttl("fx:eurkrw") <= 6_000
+        assert 0 < await client.pttl(VERSION_KEY_PREFIX + "fx:eurkrw") <= 6_000
+        snap = orjson.loads(await client.get("spreads:BTC:last") or b"null")
+        assert snap["event_id"] == "b-last"
+        assert 0 < await client.pttl("spreads:BTC:last") <= 26_000
+        assert 0 < await client.pttl("spreads:ETH:last") <= 56_000
+        assert m.stale_skipped == {"fx": 1, "health": 1}
+    finally:
+        await flaky.aclose()
+
+
+async def test_a_spread_older_than_its_ttl_never_becomes_last(
+    mirror: RedisMirror, client: aioredis.Redis
+) -> None:
+    # The key has expired (or was never written): a 120-day-old spread does not fill it.
+    mirror.stage_events([item(spread("ancient", ago(120 * 86_400)))], BatchOutcome())
+    assert await mirror.flush()
+    assert await client.get("spreads:BTC:last") is None
+    assert await mirror.read_versions(["spreads:BTC:last"]) == [None]
+    # Nor one just past its 60 s TTL; one just within it is written, with what is left.
+    mirror.stage_events([item(spread("s61", ago(61), symbol="ETH"))], BatchOutcome())
+    mirror.stage_events([item(spread("s30", ago(30), symbol="XRP"))], BatchOutcome())
+    assert await mirror.flush()
+    assert await client.get("spreads:ETH:last") is None
+    assert orjson.loads(await client.get("spreads:XRP:last") or b"null")["event_id"] == "s30"
+    assert 0 < await client.pttl("spreads:XRP:last") <= 30_000
+    assert mirror.stale_skipped == {"spread": 2}
+
+
+async def test_a_future_dated_event_lives_no_longer_than_its_ttl_from_now(
+    mirror: RedisMirror, client: aioredis.Redis
+) -> None:
+    """A producer clock running ahead cannot keep a key alive past its TTL from now."""
+    mirror.stage_events(
+        [
+            item(fx("f", ago(-3600), "1390")),
+            item(spread("s", ago(-86_400))),
+            item(heartbeat("collector", ago(-30))),
+        ],
+        BatchOutcome(),
+    )
+    assert await mirror.flush()
+    assert await get(client, "fx:usdkrw") == "1390"
+    for key, ttl_ms in (("fx:usdkrw", 3_000), ("spreads:BTC:last", 60_000)):
+        assert 0 < await client.pttl(key) <= ttl_ms
+        assert 0 < await client.pttl(VERSION_KEY_PREFIX + key) <= ttl_ms
+    assert 0 < await client.pttl("health:collector") <= 10_000
+    assert mirror.stale_skipped == {}
+
+
+async def test_the_remaining_ttl_tells_a_value_s_age(
+    mirror: RedisMirror, client: aioredis.Redis
+) -> None:
+    """A 2 s-old heartbeat and a 20 s-old spread keep at most TTL minus their age."""
+    mirror.stage_events(
+        [item(heartbeat("collector", ago(2))), item(spread("s", ago(20)))], BatchOutcome()
+    )
+    assert await mirror.flush()
+    assert 0 < await client.pttl("health:collector") <= 8_000
+    assert 0 < await client.pttl("spreads:BTC:last") <= 40_000
+    # And the version key holds the event time itself, in microseconds since 1970.
+    [version] = await mirror.read_versions(["spreads:BTC:last"])
+    snap = orjson.loads(await client.get("spreads:BTC:last") or b"null")
+    assert version == version_micros(dt.datetime.fromisoformat(snap["timestamp"]))
