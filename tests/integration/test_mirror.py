@@ -27,6 +27,7 @@ from ingestd.sinks.postgres import PostgresSink, fetch_all_open_counts
 pytestmark = pytest.mark.redis
 
 UTC = dt.UTC
+KST = dt.timezone(dt.timedelta(hours=9))
 
 
 class Source:
@@ -86,6 +87,31 @@ async def client(redis_url: str) -> AsyncIterator[aioredis.Redis]:
     await c.aclose()
 
 
+class RecentTimes:
+    """Event times near the test's start: ``t(17)`` is 17 ms after a base 100 ms before it.
+
+    A value older than its TTL is never mirrored, so every event here must be recent; the
+    milliseconds keep the order the tests need.
+    """
+
+    def __init__(self) -> None:
+        self.base = dt.datetime.now(UTC) - dt.timedelta(milliseconds=100)
+
+    def moment(self, ms: float) -> dt.datetime:
+        """The aware datetime ``ms`` milliseconds after the base."""
+        return self.base + dt.timedelta(microseconds=round(ms * 1000))
+
+    def __call__(self, ms: float, tz: dt.tzinfo = UTC) -> str:
+        """The same as ISO-8601 text with ``tz``'s offset."""
+        return self.moment(ms).astimezone(tz).isoformat()
+
+
+@pytest.fixture
+def t() -> RecentTimes:
+    """Recent event times for this test."""
+    return RecentTimes()
+
+
 @pytest.fixture
 def mirror(client: aioredis.Redis) -> RedisMirror:
     """A mirror with the default TTLs."""
@@ -101,12 +127,14 @@ async def get(client: aioredis.Redis, key: str) -> str | None:
 # --- keys, values and TTLs ---------------------------------------------------------------------
 
 
-async def test_keys_values_and_ttls(mirror: RedisMirror, client: aioredis.Redis) -> None:
+async def test_keys_values_and_ttls(
+    mirror: RedisMirror, client: aioredis.Redis, t: RecentTimes
+) -> None:
     items = [
-        item(fx("f1", "2025-11-15T03:40:15.123Z", "1385.12345678")),
-        item(fx("f2", "2025-11-15T03:40:15.123Z", "1500.5", pair="EURKRW")),
-        item(spread("s1", "2025-11-15T12:40:15.123+09:00")),
-        item(heartbeat("collector", "2025-11-15T12:40:15.5+09:00")),
+        item(fx("f1", t(15.123), "1385.12345678")),
+        item(fx("f2", t(15.123), "1500.5", pair="EURKRW")),
+        item(spread("s1", t(15.123, KST))),
+        item(heartbeat("collector", t(15.5, KST))),
     ]
     outcome = BatchOutcome(open_counts={"BTC": 2, "ETH": 0}, open_counts_version=1234)
     mirror.stage_events(items, outcome)
@@ -129,17 +157,13 @@ async def test_keys_values_and_ttls(mirror: RedisMirror, client: aioredis.Redis)
         assert snap[name] == value  # decimals as strings, every digit
     assert snap["is_opportunity"] is True
     assert snap["timestamp"].endswith("Z")
-    assert dt.datetime.fromisoformat(snap["timestamp"]) == dt.datetime(
-        2025, 11, 15, 3, 40, 15, 123000, tzinfo=UTC
-    )
+    assert dt.datetime.fromisoformat(snap["timestamp"]) == t.moment(15.123)
     assert 0 < await client.pttl("spreads:BTC:last") <= 60_000
 
     health = await get(client, "health:collector")
     assert health is not None
     assert health.endswith("Z")
-    assert dt.datetime.fromisoformat(health) == dt.datetime(
-        2025, 11, 15, 3, 40, 15, 500000, tzinfo=UTC
-    )
+    assert dt.datetime.fromisoformat(health) == t.moment(15.5)
     assert 0 < await client.pttl("health:collector") <= 10_000
 
     assert await get(client, "positions:BTC:open_count") == "2"
@@ -148,22 +172,22 @@ async def test_keys_values_and_ttls(mirror: RedisMirror, client: aioredis.Redis)
 
 
 async def test_json_number_rate_keeps_every_digit(
-    mirror: RedisMirror, client: aioredis.Redis
+    mirror: RedisMirror, client: aioredis.Redis, t: RecentTimes
 ) -> None:
     raw = (
-        b'{"type":"fx_rate","event_id":"f","pair":"USDKRW",'
-        b'"timestamp":"2025-11-15T03:40:15Z","rate":1234567890.12345678}'
-    )
+        '{"type":"fx_rate","event_id":"f","pair":"USDKRW",'
+        f'"timestamp":"{t(15)}","rate":1234567890.12345678}}'
+    ).encode()
     mirror.stage_events([item(raw)], BatchOutcome())
     assert await mirror.flush()
     assert await get(client, "fx:usdkrw") == "1234567890.12345678"
 
 
 async def test_rejected_and_dead_letter_items_are_not_mirrored(
-    mirror: RedisMirror, client: aioredis.Redis
+    mirror: RedisMirror, client: aioredis.Redis, t: RecentTimes
 ) -> None:
-    bad = item(fx("bad", "2025-11-15T03:40:16Z", "9"))
-    good = item(fx("good", "2025-11-15T03:40:15Z", "1"))
+    bad = item(fx("bad", t(16), "9"))
+    good = item(fx("good", t(15), "1"))
     dead = Item(None, None, SRC, None, b"x", 0.0)
     mirror.stage_events([good, bad, dead], BatchOutcome(rejected={id(bad): "no"}))
     assert await mirror.flush()
@@ -188,17 +212,17 @@ async def test_open_count_without_ttl_even_after_a_ttl_was_set(
 
 
 async def test_coalescing_keeps_only_the_newest_per_key(
-    mirror: RedisMirror, client: aioredis.Redis
+    mirror: RedisMirror, client: aioredis.Redis, t: RecentTimes
 ) -> None:
     batch = [
-        item(fx("f1", "2025-11-15T03:40:15Z", "1")),
-        item(fx("f3", "2025-11-15T03:40:17Z", "3")),
-        item(fx("f2", "2025-11-15T03:40:16Z", "2")),
-        item(spread("b2", "2025-11-15T03:40:17Z", upbit="2")),
-        item(spread("b1", "2025-11-15T03:40:16Z", upbit="1")),
-        item(spread("e1", "2025-11-15T03:40:10Z", symbol="ETH", upbit="5")),
-        item(heartbeat("paper", "2025-11-15T03:40:20Z")),
-        item(heartbeat("paper", "2025-11-15T03:40:19Z")),
+        item(fx("f1", t(15), "1")),
+        item(fx("f3", t(17), "3")),
+        item(fx("f2", t(16), "2")),
+        item(spread("b2", t(17), upbit="2")),
+        item(spread("b1", t(16), upbit="1")),
+        item(spread("e1", t(10), symbol="ETH", upbit="5")),
+        item(heartbeat("paper", t(20))),
+        item(heartbeat("paper", t(19))),
     ]
     mirror.stage_events(batch[:4], BatchOutcome())
     mirror.stage_events(batch[4:], BatchOutcome())
@@ -208,29 +232,26 @@ async def test_coalescing_keeps_only_the_newest_per_key(
     assert await get(client, "fx:usdkrw") == "3"
     assert orjson.loads(await client.get("spreads:BTC:last") or b"null")["upbit_price"] == "2"
     assert orjson.loads(await client.get("spreads:ETH:last") or b"null")["upbit_price"] == "5"
-    assert await get(client, "health:paper") == "2025-11-15T03:40:20.000000Z"
+    assert await get(client, "health:paper") == events.utc_iso(t.moment(20))
     versions = await mirror.read_versions(["fx:usdkrw", "spreads:BTC:last", "health:paper"])
-    assert versions == [
-        int(dt.datetime(2025, 11, 15, 3, 40, s, tzinfo=UTC).timestamp()) * 1_000_000
-        for s in (17, 17, 20)
-    ]
+    assert versions == [version_micros(t.moment(ms)) for ms in (17, 17, 20)]
 
 
 async def test_older_event_flushed_later_never_replaces_newer(
-    mirror: RedisMirror, client: aioredis.Redis
+    mirror: RedisMirror, client: aioredis.Redis, t: RecentTimes
 ) -> None:
     mirror.stage_events(
         [
-            item(spread("new", "2025-11-15T03:40:17Z", upbit="2")),
-            item(fx("new", "2025-11-15T03:40:17Z", "2")),
+            item(spread("new", t(17), upbit="2")),
+            item(fx("new", t(17), "2")),
         ],
         BatchOutcome(),
     )
     assert await mirror.flush()
     mirror.stage_events(
         [
-            item(spread("old", "2025-11-15T03:40:16.999999Z", upbit="1")),
-            item(fx("old", "2025-11-15T03:40:16Z", "1")),
+            item(spread("old", t(16.999), upbit="1")),
+            item(fx("old", t(16), "1")),
         ],
         BatchOutcome(),
     )
@@ -240,21 +261,23 @@ async def test_older_event_flushed_later_never_replaces_newer(
     assert await get(client, "fx:usdkrw") == "2"
 
 
-async def test_two_replicas_never_regress(redis_url: str, client: aioredis.Redis) -> None:
+async def test_two_replicas_never_regress(
+    redis_url: str, client: aioredis.Redis, t: RecentTimes
+) -> None:
     other_client = create_redis(redis_url, socket_timeout_s=1.0)
     try:
         a = RedisMirror(client)
         b = RedisMirror(other_client)
-        a.stage_events([item(spread("new", "2025-11-15T03:40:17Z", upbit="2"))], BatchOutcome())
-        b.stage_events([item(spread("old", "2025-11-15T03:40:16Z", upbit="1"))], BatchOutcome())
+        a.stage_events([item(spread("new", t(17), upbit="2"))], BatchOutcome())
+        b.stage_events([item(spread("old", t(16), upbit="1"))], BatchOutcome())
         assert await a.flush()
         assert await b.flush()
         snap = orjson.loads(await client.get("spreads:BTC:last") or b"null")
         assert snap["event_id"] == "new"
         # The newer one wins whichever replica flushes it, and in whatever order.
-        b.stage_events([item(spread("newest", "2025-11-15T03:40:18Z", upbit="3"))], BatchOutcome())
+        b.stage_events([item(spread("newest", t(18), upbit="3"))], BatchOutcome())
         assert await b.flush()
-        a.stage_events([item(spread("mid", "2025-11-15T03:40:17.5Z", upbit="9"))], BatchOutcome())
+        a.stage_events([item(spread("mid", t(17.5), upbit="9"))], BatchOutcome())
         assert await a.flush()
         snap = orjson.loads(await client.get("spreads:BTC:last") or b"null")
         assert snap["event_id"] == "newest"
@@ -270,9 +293,9 @@ async def test_two_replicas_never_regress(redis_url: str, client: aioredis.Redis
 
 
 async def test_same_event_again_refreshes_the_ttl(
-    mirror: RedisMirror, client: aioredis.Redis
+    mirror: RedisMirror, client: aioredis.Redis, t: RecentTimes
 ) -> None:
-    ev = item(fx("f", "2025-11-15T03:40:17Z", "2"))
+    ev = item(fx("f", t(17), "2"))
     mirror.stage_events([ev], BatchOutcome())
     assert await mirror.flush()
     await client.pexpire("fx:usdkrw", 50)
@@ -281,13 +304,15 @@ async def test_same_event_again_refreshes_the_ttl(
     assert await client.pttl("fx:usdkrw") > 1000
 
 
-async def test_key_prefix_applies_to_every_key(redis_url: str, client: aioredis.Redis) -> None:
+async def test_key_prefix_applies_to_every_key(
+    redis_url: str, client: aioredis.Redis, t: RecentTimes
+) -> None:
     a = RedisMirror(client, key_prefix="replA:")
     b = RedisMirror(client, key_prefix="replB:")
     batch = [
-        item(fx("f", "2025-11-15T03:40:17Z", "2")),
-        item(spread("s", "2025-11-15T03:40:17Z")),
-        item(heartbeat("collector", "2025-11-15T03:40:17Z")),
+        item(fx("f", t(17), "2")),
+        item(spread("s", t(17))),
+        item(heartbeat("collector", t(17))),
     ]
     a.stage_events(batch, BatchOutcome(open_counts={"BTC": 1}, open_counts_version=5))
     a.stage_heartbeat("ingestd", dt.datetime.now(UTC))
@@ -306,7 +331,7 @@ async def test_key_prefix_applies_to_every_key(redis_url: str, client: aioredis.
     )
     assert a.key("fx:usdkrw") == "replA:fx:usdkrw"
     # Another prefix is another namespace: its versions do not block it.
-    b.stage_events([item(fx("old", "2025-11-15T03:40:10Z", "1"))], BatchOutcome())
+    b.stage_events([item(fx("old", t(10), "1"))], BatchOutcome())
     assert await b.flush()
     assert await get(client, "replB:fx:usdkrw") == "1"
     assert await get(client, "replA:fx:usdkrw") == "2"
@@ -316,14 +341,14 @@ async def test_key_prefix_applies_to_every_key(redis_url: str, client: aioredis.
 # --- Redis unreachable -------------------------------------------------------------------------
 
 
-async def test_unreachable_redis_keeps_pending_values() -> None:
+async def test_unreachable_redis_keeps_pending_values(t: RecentTimes) -> None:
     dead = create_redis("redis://127.0.0.1:1/0", socket_timeout_s=0.2)
     try:
         m = RedisMirror(dead)
         m.stage_events(
             [
-                item(fx("f1", "2025-11-15T03:40:15Z", "1")),
-                item(spread("s", "2025-11-15T03:40:15Z")),
+                item(fx("f1", t(15), "1")),
+                item(spread("s", t(15))),
             ],
             BatchOutcome(open_counts={"BTC": 1}, open_counts_version=3),
         )
@@ -333,7 +358,7 @@ async def test_unreachable_redis_keeps_pending_values() -> None:
         assert m.pending == 3
         assert m.errors == 1
         # Newer values keep arriving while Redis is down: the newest per key is kept.
-        m.stage_events([item(fx("f2", "2025-11-15T03:40:16Z", "2"))], BatchOutcome())
+        m.stage_events([item(fx("f2", t(16), "2"))], BatchOutcome())
         assert await m.flush() is False
         assert m.pending == 3
         assert m.errors == 2
@@ -382,18 +407,20 @@ async def tcp_proxy(port: int, target_host: str, target_port: int) -> AsyncItera
         await server.wait_closed()
 
 
-async def test_mirror_catches_up_when_redis_returns(redis_url: str, client: aioredis.Redis) -> None:
+async def test_mirror_catches_up_when_redis_returns(
+    redis_url: str, client: aioredis.Redis, t: RecentTimes
+) -> None:
     url = urllib.parse.urlsplit(redis_url)
     port = _free_port()
     flaky = create_redis(f"redis://127.0.0.1:{port}{url.path}", socket_timeout_s=0.2)
     try:
         m = RedisMirror(flaky)
-        m.stage_events([item(fx("f1", "2025-11-15T03:40:15Z", "1"))], BatchOutcome())
+        m.stage_events([item(fx("f1", t(15), "1"))], BatchOutcome())
         assert await m.flush() is False
         m.stage_events(
             [
-                item(fx("f2", "2025-11-15T03:40:16Z", "2")),
-                item(heartbeat("collector", "2025-11-15T03:40:16Z")),
+                item(fx("f2", t(16), "2")),
+                item(heartbeat("collector", t(16))),
             ],
             BatchOutcome(),
         )
@@ -403,7 +430,7 @@ async def test_mirror_catches_up_when_redis_returns(redis_url: str, client: aior
             assert await m.flush() is True
             assert m.pending == 0
         assert await get(client, "fx:usdkrw") == "2"
-        assert await get(client, "health:collector") == "2025-11-15T03:40:16.000000Z"
+        assert await get(client, "health:collector") == events.utc_iso(t.moment(16))
     finally:
         await flaky.aclose()
 
@@ -485,13 +512,14 @@ async def test_open_counts_from_the_sink_match_the_database(
 # --- edge of the version scheme -----------------------------------------------------------
 
 
-async def test_event_time_before_1970_is_mirrored(
+async def test_an_event_time_before_1970_is_too_old_to_mirror(
     mirror: RedisMirror, client: aioredis.Redis
 ) -> None:
-    ev = item(heartbeat("collector", "1969-12-31T23:59:59Z"))
+    ev = item(heartbeat("collector", "1969-12-31T23:59:59Z"))  # a negative version
     mirror.stage_events([ev], BatchOutcome())
     assert await mirror.flush()
-    assert await get(client, "health:collector") == "1969-12-31T23:59:59.000000Z"
+    assert await client.get("health:collector") is None
+    assert mirror.stale_skipped == {"health": 1}
 
 
 async def test_an_event_dated_in_the_future_holds_its_key_for_one_ttl_only(
@@ -500,12 +528,12 @@ async def test_an_event_dated_in_the_future_holds_its_key_for_one_ttl_only(
     mirror = RedisMirror(client, spread_ttl_s=0.3)
     mirror.stage_events([item(spread("future", "2099-01-01T00:00:00Z"))], BatchOutcome())
     assert await mirror.flush()
-    mirror.stage_events([item(spread("now", "2026-12-01T00:00:00Z"))], BatchOutcome())
+    mirror.stage_events([item(spread("now", ago(0)))], BatchOutcome())
     assert await mirror.flush()
     snap = orjson.loads(await get(client, "spreads:BTC:last") or "{}")
     assert snap["event_id"] == "future"  # newest by event time, while it lives
     await asyncio.sleep(0.5)  # its TTL passes: the value and its version expire together
-    mirror.stage_events([item(spread("later", "2026-12-01T00:00:01Z"))], BatchOutcome())
+    mirror.stage_events([item(spread("later", ago(0)))], BatchOutcome())
     assert await mirror.flush()
     snap = orjson.loads(await get(client, "spreads:BTC:last") or "{}")
     assert snap["event_id"] == "later"
@@ -549,7 +577,8 @@ async def test_catch_up_after_an_outage_never_serves_old_values_as_fresh(
         # Older than their TTL: not written at all (nor their versions).
         assert await client.get("fx:usdkrw") is None
         assert await client.get("health:collector") is None
-        assert await m.read_versions(["fx:usdkrw", "health:collector"]) == [None, None]
+        for key in ("fx:usdkrw", "health:collector"):
+            assert await client.get(VERSION_KEY_PREFIX + key) is None
         # Recent ones: written with what is left of their TTL counted from the event time.
         assert await get(client, "fx:eurkrw") == "1500.5"
         assert 0 < await client.pttl("fx:eurkrw") <= 6_000
