@@ -16,13 +16,15 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 
-from ingestd import events
+from ingestd import Outcome, Service, events
 from ingestd.app import create_redis
 from ingestd.batching import BatchOutcome, Item
 from ingestd.db import create_pool
-from ingestd.settings import load_settings
+from ingestd.settings import Settings, load_settings
 from ingestd.sinks.mirror import VERSION_KEY_PREFIX, RedisMirror, version_micros
 from ingestd.sinks.postgres import PostgresSink, fetch_all_open_counts
+from tests.http_client import by_label, scrape
+from tests.private_servers import free_port
 
 pytestmark = pytest.mark.redis
 
@@ -645,3 +647,63 @@ async def test_the_remaining_ttl_tells_a_value_s_age(
     [version] = await mirror.read_versions(["spreads:BTC:last"])
     snap = orjson.loads(await client.get("spreads:BTC:last") or b"null")
     assert version == version_micros(dt.datetime.fromisoformat(snap["timestamp"]))
+
+
+async def redis_now_ms(client: aioredis.Redis) -> int:
+    """The Redis server's clock, in milliseconds since 1970."""
+    seconds, micros = await client.time()
+    return int(seconds) * 1000 + int(micros) // 1000
+
+
+async def test_a_key_expires_at_its_event_time_plus_its_ttl_on_redis_s_clock(
+    mirror: RedisMirror, client: aioredis.Redis
+) -> None:
+    """PEXPIRETIME (absolute, Redis's clock) is the event time plus the TTL, however late the
+    write; for an event dated in the future it is the write time plus the TTL."""
+    past = dt.datetime.now(UTC) - dt.timedelta(seconds=7)
+    future = dt.datetime.now(UTC) + dt.timedelta(hours=1)
+    mirror.stage_events(
+        [
+            item(spread("s", events.utc_iso(past))),
+            item(fx("f", events.utc_iso(future), "1390")),
+        ],
+        BatchOutcome(),
+    )
+    before = await redis_now_ms(client)
+    assert await mirror.flush()
+    after = await redis_now_ms(client)
+    # To the millisecond or two: the script rounds what is left of the TTL down to whole ms, and
+    # Redis's millisecond clock may tick between its TIME and its SET.
+    want = version_micros(past) // 1000 + 60_000
+    for key in ("spreads:BTC:last", VERSION_KEY_PREFIX + "spreads:BTC:last"):
+        assert want - 2 <= await client.pexpiretime(key) <= want + 2
+    for key in ("fx:usdkrw", VERSION_KEY_PREFIX + "fx:usdkrw"):
+        assert before + 3_000 <= await client.pexpiretime(key) <= after + 3_000
+
+
+@pytest.mark.pg
+async def test_a_batch_committed_late_serves_no_old_rate_and_is_counted(
+    settings: Settings, client: aioredis.Redis
+) -> None:
+    """After a database outage the events taken in meanwhile commit late; the mirror, written
+    right after that commit, leaves out the rate older than its TTL and counts it on /metrics."""
+    ops = settings.replace(metrics_port=free_port(), **{"fx.ttl_seconds": 10.0})
+    async with Service(ops, stream_intake=False) as service:
+        outcomes = await service.submit_many(
+            [fx("late", ago(34), "1381"), fx("recent", ago(2), "1500.5", pair="EURKRW")]
+        )
+        assert outcomes == [Outcome.COMMITTED] * 2
+        # Another task's flush may still be writing what this batch staged: wait for it.
+        assert service.mirror is not None
+        for _ in range(200):
+            if sum(service.mirror.stale_skipped.values()) and await client.exists("fx:eurkrw"):
+                break
+            await asyncio.sleep(0.02)
+        samples = await scrape(ops.metrics_port)
+    assert by_label(samples, "ingestd_mirror_stale_skipped_total", "key_kind") == {
+        "fx": 1,
+        "spread": 0,
+        "health": 0,
+    }
+    assert await client.get("fx:usdkrw") is None
+    assert await get(client, "fx:eurkrw") == "1500.5"
