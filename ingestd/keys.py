@@ -7,6 +7,10 @@ from typing import Final
 # ingestd's own heartbeat component; producers may not send heartbeats under it.
 INGESTD_COMPONENT: Final = "ingestd"
 
+# The keys with a TTL, by kind (the ``key_kind`` label of ingestd_mirror_stale_skipped_total): a
+# value of these whose event time is older than its TTL is never written.
+TTL_KEY_KINDS: Final = ("fx", "spread", "health")
+
 
 def fx(pair: str) -> str:
     """``fx:{pair lower-case}``."""

@@ -27,6 +27,8 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector, CollectorRegistry
 
+from ingestd import keys
+
 if TYPE_CHECKING:
     from ingestd.batching import BatchOutcome, Item
 
@@ -194,6 +196,7 @@ class _Sized(Protocol):
 
 class _MirrorStats(Protocol):
     errors: int
+    stale_skipped: collections.Counter[str]
 
     @property
     def pending(self) -> int:
@@ -342,6 +345,16 @@ class MetricsCollector(Collector):
             yield _counter("mirror_errors", "Failed writes to the Redis mirror", self.mirror.errors)
             yield _gauge(
                 "mirror_pending_keys", "Mirror keys waiting for Redis", self.mirror.pending
+            )
+            # Every kind of key with a TTL from the first scrape on, so that rate() sees the
+            # first skip (a series appearing at 1 has no increase).
+            stale = collections.Counter(dict.fromkeys(keys.TTL_KEY_KINDS, 0))
+            stale.update(self.mirror.stale_skipped)
+            yield _labelled(
+                "mirror_stale_skipped",
+                "Mirror values not written because their event time is older than their TTL",
+                "key_kind",
+                stale,
             )
         if self.stream is not None:
             yield _counter(

@@ -6,10 +6,19 @@ positions lock): an older event arriving later never replaces a newer one, acros
 replicas. Redis is a
 cache: when it is down the database path goes on, the newest pending value per key is kept, and it
 is written when Redis answers again.
+
+A key with a TTL expires its TTL after its value's event time, not after the write: the script
+gives it ``ttl - (now - event time)``, never more than ``ttl`` (a producer clock running ahead),
+and does not write a value whose event time is older than its TTL at all (after an outage the
+catch-up never serves old values as fresh). "now" is the Redis server's clock (``TIME`` inside the
+script), not this host's: it is the clock that expires the keys, it is the same for every ingestd
+replica and every producer writing through ``RedisCacheStorage``, and it is read at the moment of
+the write, however long the write waited for Redis.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import datetime as dt
 import logging
@@ -33,28 +42,48 @@ log = logging.getLogger("ingestd.sinks.mirror")
 VERSION_KEY_PREFIX: Final = "ingestd:mirror:version:"
 
 # KEYS = version key, mirror key, for each write; ARGV = value, ttl_ms, version for each write.
-# ">=" so that rewriting the same event refreshes its TTL (catch-up, duplicate delivery).
+# Returns one status per write: WRITTEN, SUPERSEDED (a newer version is there) or STALE.
+# ">=" so that rewriting the same event sets its TTL again (catch-up, duplicate delivery); the
+# TTL it gets is still counted from its event time.
 _SET_IF_NEWER: Final = """
-local written = 0
+-- Redis's clock, in microseconds like the versions (exact in a double until the year 2255).
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) * 1000000 + tonumber(clock[2])
+local statuses = {}
 for i = 1, #KEYS, 2 do
     local j = (i - 1) / 2 * 3
     local version = tonumber(ARGV[j + 3])
-    local current = redis.call('GET', KEYS[i])
-    -- A key never written (or expired) has no version: any event time is newer.
-    if (not current) or version >= tonumber(current) then
-        local ttl = tonumber(ARGV[j + 2])
-        if ttl > 0 then
+    local ttl = tonumber(ARGV[j + 2])
+    local status = 1
+    if ttl > 0 then
+        -- What is left of the TTL counted from the event time; a future event gets the TTL.
+        ttl = math.min(ttl, math.floor((ttl * 1000 - (now - version)) / 1000))
+        if ttl < 1 then
+            status = -1
+        end
+    end
+    if status == 1 then
+        local current = redis.call('GET', KEYS[i])
+        -- A key never written (or expired) has no version: any event time is newer.
+        if current and version < tonumber(current) then
+            status = 0
+        elseif ttl > 0 then
             redis.call('SET', KEYS[i + 1], ARGV[j + 1], 'PX', ttl)
             redis.call('SET', KEYS[i], ARGV[j + 3], 'PX', ttl)
         else
             redis.call('SET', KEYS[i + 1], ARGV[j + 1])
             redis.call('SET', KEYS[i], ARGV[j + 3])
         end
-        written = written + 1
     end
+    statuses[#statuses + 1] = status
 end
-return written
+return statuses
 """
+
+# The script's status for each write.
+WRITTEN: Final = 1
+SUPERSEDED: Final = 0  # a newer version is in Redis: left as it is
+STALE: Final = -1  # the event time is older than the TTL: not written
 
 
 def version_key(prefix: str, key: str) -> str:
@@ -81,6 +110,7 @@ class MirrorWrite:
     value: str
     ttl_ms: int
     version: int
+    kind: str  # the metric label: fx, spread, health, open_count
 
 
 def _micros(moment: dt.datetime) -> int:
@@ -131,7 +161,10 @@ class RedisMirror:
         self._script = client.register_script(_SET_IF_NEWER)
         self._pending: dict[str, MirrorWrite] = {}
         self._failing = False
+        self._skipping = False
         self.errors = 0
+        # ingestd_mirror_stale_skipped_total{key_kind}: values not written, older than their TTL.
+        self.stale_skipped: collections.Counter[str] = collections.Counter()
 
     def key(self, name: str) -> str:
         """The full Redis key for a mirror key name."""
@@ -167,29 +200,33 @@ class RedisMirror:
                 pending = self._pending.get(self.prefix + key)
                 if pending is None or version >= pending.version:
                     value = orjson.dumps(spread_snapshot(ev)).decode()
-                    self._stage(key, value, self._spread_ttl_ms, version)
+                    self._stage(key, value, self._spread_ttl_ms, version, "spread")
             elif ev.type == "fx_rate":
-                self._stage(key, str(ev.values["rate"]), self._fx_ttl_ms, version)
+                self._stage(key, str(ev.values["rate"]), self._fx_ttl_ms, version, "fx")
             else:
-                self._stage(key, utc_iso(ev.time), self._health_ttl_ms, version)
+                self._stage(key, utc_iso(ev.time), self._health_ttl_ms, version, "health")
         if outcome.open_counts_version is not None:
             for symbol, n in outcome.open_counts.items():
-                self._stage(keys.open_count(symbol), str(n), 0, outcome.open_counts_version)
+                self._stage(
+                    keys.open_count(symbol), str(n), 0, outcome.open_counts_version, "open_count"
+                )
 
     def stage_open_counts(self, counts: dict[str, int], version: int) -> None:
         """Stage a full reconciliation of open counts read from the database."""
         for symbol, n in counts.items():
-            self._stage(keys.open_count(symbol), str(n), 0, version)
+            self._stage(keys.open_count(symbol), str(n), 0, version, "open_count")
 
     def stage_heartbeat(self, component: str, moment: dt.datetime) -> None:
         """Stage ``health:{component}`` (ingestd's own heartbeat uses the time it writes it)."""
-        self._stage(keys.health(component), utc_iso(moment), self._health_ttl_ms, _micros(moment))
+        self._stage(
+            keys.health(component), utc_iso(moment), self._health_ttl_ms, _micros(moment), "health"
+        )
 
-    def _stage(self, name: str, value: str, ttl_ms: int, version: int) -> None:
+    def _stage(self, name: str, value: str, ttl_ms: int, version: int, kind: str) -> None:
         key = self.prefix + name
         current = self._pending.get(key)
         if current is None or version >= current.version:
-            self._pending[key] = MirrorWrite(value, ttl_ms, version)
+            self._pending[key] = MirrorWrite(value, ttl_ms, version, kind)
 
     @property
     def pending(self) -> int:
@@ -206,7 +243,7 @@ class RedisMirror:
             self.prefix, ((key, w.value, w.ttl_ms, w.version) for key, w in pending.items())
         )
         try:
-            await self._script(keys=keys, args=args)
+            statuses = await self._script(keys=keys, args=args)
         except (redis.exceptions.RedisError, OSError) as exc:
             # Put back what has not been superseded meanwhile; the next flush retries it.
             for key, w in pending.items():
@@ -225,7 +262,23 @@ class RedisMirror:
         if self._failing:
             log.info("redis mirror caught up", extra={"action": "mirror_recovered"})
             self._failing = False
+        self._count_stale(pending.values(), statuses)
         return True
+
+    def _count_stale(self, writes: Iterable[MirrorWrite], statuses: Sequence[int]) -> None:
+        stale = [w for w, status in zip(writes, statuses, strict=True) if status == STALE]
+        for w in stale:
+            self.stale_skipped[w.kind] += 1
+        # One line when old values start being dropped (a catch-up, or a producer clock running
+        # behind Redis's), not one per flush while it lasts: the metric counts every one.
+        if stale and not self._skipping:
+            log.warning(
+                "redis mirror: %d value(s) older than their TTL not written (%s)",
+                len(stale),
+                ", ".join(sorted({w.kind for w in stale})),
+                extra={"action": "mirror_stale_skipped"},
+            )
+        self._skipping = bool(stale)
 
     async def read_versions(self, names: Sequence[str]) -> list[int | None]:
         """Versions stored for mirror keys (for tests and diagnostics)."""

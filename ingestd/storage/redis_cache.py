@@ -8,8 +8,10 @@ Keys, values and TTLs are exactly those ingestd's mirror writes, and the writes 
 mirror's own Lua script and version keys (``ingestd:mirror:version:<key>``, with the value's
 TTL): the version is the value's event time (the producer's ``timestamp``, else now), so a direct
 write and ingestd's mirror never fight and the newest value by event time wins whoever writes
-it. ``AsyncRedisCacheStorage`` is the asyncio twin; both share ``CacheKeys``, which holds all
-key, encoding and validation logic.
+it. As in the mirror, a key expires its TTL after the value's event time (by the Redis server's
+clock), never later than its TTL from now, and a value older than its TTL is not written: the
+``set_*`` calls then return False. ``AsyncRedisCacheStorage`` is the asyncio twin; both share
+``CacheKeys``, which holds all key, encoding and validation logic.
 """
 
 from __future__ import annotations
@@ -32,7 +34,13 @@ from ingestd import events, tables
 from ingestd.app import create_redis
 from ingestd.errors import InvalidEvent
 from ingestd.settings import RedisSettings, Settings, build_section
-from ingestd.sinks.mirror import SET_IF_NEWER, script_call, spread_snapshot, version_micros
+from ingestd.sinks.mirror import (
+    SET_IF_NEWER,
+    WRITTEN,
+    script_call,
+    spread_snapshot,
+    version_micros,
+)
 from ingestd.storage.models import SpreadOpportunity, wire_value
 
 D = decimal.Decimal
@@ -313,7 +321,8 @@ class RedisCacheStorage:
 
     def _write(self, write: CacheWrite) -> bool:
         keys, args = self.keys.script_call(write)
-        return bool(self._script(keys=keys, args=args))
+        [status] = self._script(keys=keys, args=args)
+        return bool(status == WRITTEN)
 
     def set_fx_rate(
         self,
@@ -323,7 +332,10 @@ class RedisCacheStorage:
         *,
         timestamp: dt.datetime | str | None = None,
     ) -> bool:
-        """Set ``fx:{pair}``; False when a newer rate (by event time) is already there."""
+        """Set ``fx:{pair}``; False when a newer rate (by event time) is there or it is too old.
+
+        Too old: ``timestamp`` (default now) is further back than the TTL on Redis's clock.
+        """
         return self._write(self.keys.fx(pair, rate, ttl, timestamp))
 
     def get_fx_rate(self, pair: str) -> D | None:
@@ -336,7 +348,10 @@ class RedisCacheStorage:
         snapshot: Mapping[str, Any] | SpreadOpportunity,
         ttl: float | None = None,
     ) -> bool:
-        """Set ``spreads:{SYMBOL}:last``; False when a newer snapshot is already there."""
+        """Set ``spreads:{SYMBOL}:last``; False when a newer snapshot is there or it is too old.
+
+        Too old: its ``timestamp`` is further back than the TTL on Redis's clock.
+        """
         return self._write(self.keys.spread(symbol, snapshot, ttl))
 
     def get_spread_snapshot(self, symbol: str) -> dict[str, Any] | None:
@@ -350,7 +365,10 @@ class RedisCacheStorage:
         timestamp: dt.datetime | str | None = None,
         ttl: float | None = None,
     ) -> bool:
-        """Set ``health:{component}`` to now (or ``timestamp``), with the heartbeat TTL."""
+        """Set ``health:{component}`` to now (or ``timestamp``), with the heartbeat TTL.
+
+        False when a newer heartbeat is there, or ``timestamp`` is older than the TTL.
+        """
         return self._write(self.keys.heartbeat(component, timestamp, ttl))
 
     def get_health_heartbeat(self, component: str) -> dt.datetime | None:
@@ -398,7 +416,8 @@ class AsyncRedisCacheStorage:
 
     async def _write(self, write: CacheWrite) -> bool:
         keys, args = self.keys.script_call(write)
-        return bool(await self._script(keys=keys, args=args))
+        [status] = await self._script(keys=keys, args=args)
+        return bool(status == WRITTEN)
 
     async def set_fx_rate(
         self,
@@ -408,7 +427,10 @@ class AsyncRedisCacheStorage:
         *,
         timestamp: dt.datetime | str | None = None,
     ) -> bool:
-        """Set ``fx:{pair}``; False when a newer rate (by event time) is already there."""
+        """Set ``fx:{pair}``; False when a newer rate (by event time) is there or it is too old.
+
+        Too old: ``timestamp`` (default now) is further back than the TTL on Redis's clock.
+        """
         return await self._write(self.keys.fx(pair, rate, ttl, timestamp))
 
     async def get_fx_rate(self, pair: str) -> D | None:
@@ -421,7 +443,10 @@ class AsyncRedisCacheStorage:
         snapshot: Mapping[str, Any] | SpreadOpportunity,
         ttl: float | None = None,
     ) -> bool:
-        """Set ``spreads:{SYMBOL}:last``; False when a newer snapshot is already there."""
+        """Set ``spreads:{SYMBOL}:last``; False when a newer snapshot is there or it is too old.
+
+        Too old: its ``timestamp`` is further back than the TTL on Redis's clock.
+        """
         return await self._write(self.keys.spread(symbol, snapshot, ttl))
 
     async def get_spread_snapshot(self, symbol: str) -> dict[str, Any] | None:
@@ -435,7 +460,10 @@ class AsyncRedisCacheStorage:
         timestamp: dt.datetime | str | None = None,
         ttl: float | None = None,
     ) -> bool:
-        """Set ``health:{component}`` to now (or ``timestamp``), with the heartbeat TTL."""
+        """Set ``health:{component}`` to now (or ``timestamp``), with the heartbeat TTL.
+
+        False when a newer heartbeat is there, or ``timestamp`` is older than the TTL.
+        """
         return await self._write(self.keys.heartbeat(component, timestamp, ttl))
 
     async def get_health_heartbeat(self, component: str) -> dt.datetime | None:

@@ -57,7 +57,15 @@ async def test_redis_down_database_writes_go_on_and_the_mirror_catches_up(
         }
         for i in range(200)
     ]
-    feed = [*simulated(5_000, seed=41), *fresh]
+    sim = simulated(5_000, seed=41)
+    # The simulated feed is a day old, older than every mirror TTL (never mirrored): a fresh BTC
+    # spread becomes spreads:BTC:last once Redis is back.
+    fresh_btc = {
+        **next(e for e in sim if e["type"] == "spread" and e["symbol"] == "BTC"),
+        "event_id": "spread-fresh-btc",
+        "timestamp": utc_iso(now),
+    }
+    feed = [*sim, *fresh, fresh_btc]
     settings = fault_settings.replace(**{"fx.ttl_seconds": 30.0})
     async with Service(settings) as service:
         assert service.mirror is not None
@@ -75,6 +83,9 @@ async def test_redis_down_database_writes_go_on_and_the_mirror_catches_up(
         )
         snap = json.loads(client.get("spreads:BTC:last") or b"{}")
         assert snap["event_id"] == newest_btc["event_id"]
+        # The catch-up served nothing old as fresh: ETH's newest spread is a day old.
+        assert client.get("spreads:ETH:last") is None
+        assert service.mirror.stale_skipped["spread"] >= 1
         deadline = time.monotonic() + 10
         while client.get("health:ingestd") is None:
             assert time.monotonic() < deadline

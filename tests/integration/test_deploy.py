@@ -7,6 +7,7 @@ the dashboard runs, as the read-only role Grafana uses, against a migrated datab
 
 from __future__ import annotations
 
+import collections
 import datetime as dt
 import fnmatch
 import json
@@ -430,6 +431,9 @@ def _exported_names() -> set[str]:
     class Mirror:
         errors = 0
         pending = 0
+
+        def __init__(self) -> None:
+            self.stale_skipped: collections.Counter[str] = collections.Counter()
 
     class Stream:
         redelivered = 0

@@ -20,8 +20,9 @@ from ingestd.health import check_health
 from ingestd.settings import Settings, load_settings
 from ingestd.sinks.mirror import VERSION_KEY_PREFIX, RedisMirror
 from ingestd.storage import AsyncRedisCacheStorage, RedisCacheStorage
+from ingestd.storage.models import SpreadOpportunity
 from tests.private_servers import PrivateRedis, acl_denials, producer_url
-from tests.samples import at, fx_rate, spread
+from tests.samples import fx_rate, spread
 
 pytestmark = pytest.mark.redis
 
@@ -33,6 +34,28 @@ def cache(redis_url: str) -> Iterator[RedisCacheStorage]:
     storage = RedisCacheStorage(config.get("storage", {}).get("redis", {}))
     yield storage
     storage.close()
+
+
+class Recent:
+    """Recent event times (a value older than its TTL is not written): ``at(i)`` is i ms after
+    a base 200 ms before the test; ``spread(i)`` is the sample spread ``i`` at ``at(i)``."""
+
+    def __init__(self) -> None:
+        self.base = dt.datetime.now(dt.UTC) - dt.timedelta(milliseconds=200)
+
+    def at(self, ms: float) -> dt.datetime:
+        """The base plus ``ms`` milliseconds."""
+        return self.base + dt.timedelta(milliseconds=ms)
+
+    def spread(self, i: int, symbol: str = "BTC") -> SpreadOpportunity:
+        """``samples.spread(i, symbol)`` dated ``at(i)``."""
+        return dataclasses.replace(spread(i, symbol), timestamp=self.at(i))
+
+
+@pytest.fixture
+def recent() -> Recent:
+    """Recent event times for this test."""
+    return Recent()
 
 
 def test_seed_calls_write_the_design_keys_values_and_ttls(
@@ -74,9 +97,9 @@ async def test_heartbeats_satisfy_ingestd_health(cache: RedisCacheStorage, redis
 
 
 async def test_full_snapshot_is_byte_for_byte_what_ingestds_mirror_writes(
-    cache: RedisCacheStorage, redis_url: str, rclient: redis.Redis
+    cache: RedisCacheStorage, redis_url: str, rclient: redis.Redis, recent: Recent
 ) -> None:
-    event = spread(3).to_event(event_id="c1-000042", producer="collector")
+    event = recent.spread(3).to_event(event_id="c1-000042", producer="collector")
     client = create_redis(redis_url, socket_timeout_s=2)
     try:
         mirror = RedisMirror(client)
@@ -90,39 +113,41 @@ async def test_full_snapshot_is_byte_for_byte_what_ingestds_mirror_writes(
     assert cache.set_spread_snapshot("BTC", event)
     assert rclient.get("spreads:BTC:last") == by_mirror
     rclient.delete("spreads:BTC:last", VERSION_KEY_PREFIX + "spreads:BTC:last")
-    assert cache.set_spread_snapshot("BTC", spread(3))  # the model itself: same, without the id
+    assert cache.set_spread_snapshot(
+        "BTC", recent.spread(3)
+    )  # the model itself: same, without the id
     from_model = orjson.loads(rclient.get("spreads:BTC:last") or b"")
     assert from_model == {**orjson.loads(by_mirror or b""), "event_id": None, "producer": None}
 
 
 async def test_direct_writes_and_the_mirror_never_regress_each_other(
-    cache: RedisCacheStorage, redis_url: str, rclient: redis.Redis
+    cache: RedisCacheStorage, redis_url: str, rclient: redis.Redis, recent: Recent
 ) -> None:
     client = create_redis(redis_url, socket_timeout_s=2)
     try:
         mirror = RedisMirror(client)
 
         async def mirrored(i: int) -> None:
-            ev = events.parse_event(spread(i).to_event(event_id=f"m{i}"))
+            ev = events.parse_event(recent.spread(i).to_event(event_id=f"m{i}"))
             mirror.stage_events([Item(ev, None, None, None, None, 0.0)], BatchOutcome())  # type: ignore[arg-type]
             assert await mirror.flush()
 
         await mirrored(10)
         # An older snapshot from a producer does not replace the mirror's newer one ...
-        assert not cache.set_spread_snapshot("BTC", spread(5))
+        assert not cache.set_spread_snapshot("BTC", recent.spread(5))
         assert orjson.loads(rclient.get("spreads:BTC:last") or b"")["event_id"] == "m10"
         # ... a newer one does, and then the mirror's older event does not replace it.
-        assert cache.set_spread_snapshot("BTC", spread(20))
+        assert cache.set_spread_snapshot("BTC", recent.spread(20))
         await mirrored(15)
         snapshot = cache.get_spread_snapshot("BTC")
-        assert snapshot is not None and snapshot["timestamp"] == at(20)
+        assert snapshot is not None and snapshot["timestamp"] == recent.at(20)
     finally:
         await client.aclose()
-    assert cache.set_fx_rate("USDKRW", "1390.1", timestamp=at(100))
-    assert not cache.set_fx_rate("USDKRW", "1300", timestamp=at(50))
+    assert cache.set_fx_rate("USDKRW", "1390.1", timestamp=recent.at(100))
+    assert not cache.set_fx_rate("USDKRW", "1300", timestamp=recent.at(50))
     assert cache.get_fx_rate("USDKRW") == D("1390.1")
     # The same event again refreshes its TTL (>=), as the mirror does on redelivery.
-    assert cache.set_fx_rate("USDKRW", "1390.1", timestamp=at(100))
+    assert cache.set_fx_rate("USDKRW", "1390.1", timestamp=recent.at(100))
 
 
 def test_key_prefix_and_config_typos(redis_url: str, rclient: redis.Redis) -> None:
@@ -183,13 +208,15 @@ def test_bad_input_names_the_field_and_writes_nothing(
     assert rclient.dbsize() == 0
 
 
-async def test_async_twin_same_keys_and_values(redis_url: str, rclient: redis.Redis) -> None:
+async def test_async_twin_same_keys_and_values(
+    redis_url: str, rclient: redis.Redis, recent: Recent
+) -> None:
     async with AsyncRedisCacheStorage({"url": redis_url}) as cache:
         assert await cache.set_fx_rate("USDKRW", 1350.0, ttl=3)
         assert await cache.get_fx_rate("USDKRW") == D("1350.0")
-        s = dataclasses.replace(spread(1), timestamp=at(1))
+        s = recent.spread(1)
         assert await cache.set_spread_snapshot("BTC", s)
-        assert not await cache.set_spread_snapshot("BTC", spread(0))  # older
+        assert not await cache.set_spread_snapshot("BTC", recent.spread(0))  # older
         snapshot = await cache.get_spread_snapshot("BTC")
         assert snapshot is not None and snapshot["upbit_price"] == s.upbit_price
         assert await cache.set_health_heartbeat("paper")
@@ -212,7 +239,7 @@ async def test_async_twin_accepts_a_client(redis_url: str) -> None:
 
 
 async def test_the_producer_acl_user_may_make_every_seed_call_and_nothing_else(
-    compose_redis: PrivateRedis,
+    compose_redis: PrivateRedis, recent: Recent
 ) -> None:
     url = producer_url(compose_redis)
     admin = compose_redis.admin()
@@ -220,10 +247,11 @@ async def test_the_producer_acl_user_may_make_every_seed_call_and_nothing_else(
         with RedisCacheStorage({"url": url}) as cache:
             assert cache.set_fx_rate("USDKRW", 1350.0, ttl=3)
             assert cache.get_fx_rate("USDKRW") == D("1350.0")
-            assert not cache.set_fx_rate("USDKRW", 1, timestamp=at(0))  # older: version read
+            older = recent.at(-1000)  # than the rate just written: its version is read
+            assert not cache.set_fx_rate("USDKRW", 1, timestamp=older)
             admin.script_flush()  # a restarted Redis: NOSCRIPT, then SCRIPT LOAD and EVALSHA
             assert cache.set_spread_snapshot("BTC", {"spread_pct": 0.8, "net_spread_pct": 0.5})
-            assert cache.set_spread_snapshot("ETH", spread(0, symbol="ETH"))
+            assert cache.set_spread_snapshot("ETH", recent.spread(0, symbol="ETH"))
             snapshot = cache.get_spread_snapshot("BTC")
             assert snapshot is not None and snapshot["spread_pct"] == D("0.8")
             for component in ("collector", "paper", "live"):
@@ -260,3 +288,48 @@ async def test_the_producer_acl_user_may_make_every_seed_call_and_nothing_else(
         assert admin.type("ingestd:events") == b"stream"
     finally:
         admin.close()
+
+
+# --- a key's expiry counts from its value's event time, as in the mirror -------------------------
+
+
+def test_a_value_older_than_its_ttl_is_not_written(
+    cache: RedisCacheStorage, rclient: redis.Redis, recent: Recent
+) -> None:
+    """A producer's catch-up after an outage: old values are refused, not served as fresh."""
+    assert not cache.set_fx_rate("USDKRW", "1381", timestamp=recent.at(-34_000))
+    assert rclient.get("fx:usdkrw") is None
+    assert cache.get_fx_rate("USDKRW") is None
+    ancient = dataclasses.replace(spread(1), timestamp=recent.at(-120 * 86_400_000))
+    assert not cache.set_spread_snapshot("BTC", ancient)
+    assert not cache.set_spread_snapshot(
+        "ETH", {"spread_pct": "0.8", "timestamp": ancient.timestamp}
+    )
+    assert not cache.set_health_heartbeat("collector", timestamp=recent.at(-11_000))
+    assert rclient.dbsize() == 0  # neither the values nor their version keys
+    # Within its TTL: written with what is left of it, counted from the event time.
+    assert cache.set_fx_rate("USDKRW", "1382", ttl=30, timestamp=recent.at(-20_000))
+    assert 0 < rclient.pttl("fx:usdkrw") <= 10_000
+    assert cache.set_spread_snapshot(
+        "BTC", dataclasses.replace(spread(2), timestamp=recent.at(-40_000))
+    )
+    assert 0 < rclient.pttl("spreads:BTC:last") <= 20_000
+
+
+def test_a_future_dated_value_lives_no_longer_than_its_ttl_from_now(
+    cache: RedisCacheStorage, rclient: redis.Redis, recent: Recent
+) -> None:
+    assert cache.set_fx_rate("USDKRW", "1390", timestamp=recent.at(3_600_000))
+    assert 0 < rclient.pttl("fx:usdkrw") <= 3_000
+    assert cache.set_health_heartbeat("collector", timestamp=recent.at(60_000))
+    assert 0 < rclient.pttl("health:collector") <= 10_000
+
+
+async def test_the_async_twin_refuses_old_values_too(
+    redis_url: str, rclient: redis.Redis, recent: Recent
+) -> None:
+    async with AsyncRedisCacheStorage({"url": redis_url}) as cache:
+        assert not await cache.set_fx_rate("USDKRW", "1381", timestamp=recent.at(-34_000))
+        assert await cache.set_fx_rate("EURKRW", "1500", ttl=10, timestamp=recent.at(-1_000))
+    assert rclient.get("fx:usdkrw") is None
+    assert 0 < rclient.pttl("fx:eurkrw") <= 9_000

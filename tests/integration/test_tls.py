@@ -97,11 +97,18 @@ async def test_ingestd_works_within_the_compose_acl(
     publisher = AsyncPublisher.from_url(producer_url(compose_redis), stream=settings.stream.key)
     now = dt.datetime.now(dt.UTC).isoformat()
     heartbeat = {"type": "heartbeat", "producer": "collector", "component": "collector"}
+    # The feed is days old, and a value older than its TTL is never mirrored: a fresh spread and
+    # rate show the mirror's keys being written under the ACL.
+    fresh = [
+        {**next(e for e in feed.bulk if e["type"] == t), "event_id": f"fresh-{t}", "timestamp": now}
+        for t in ("spread", "fx_rate")
+    ]
     try:
         async with Service(settings) as service:
             assert await publisher.publish_many(feed.bulk) == len(feed.bulk)
             await publisher.publish({**heartbeat, "timestamp": now})
-            want = len(feed.bulk) + 1
+            assert await publisher.publish_many(fresh) == len(fresh)
+            want = len(feed.bulk) + 1 + len(fresh)
             for _ in range(600):
                 if service.metrics.acks >= want:
                     break
@@ -125,7 +132,7 @@ async def test_ingestd_works_within_the_compose_acl(
     finally:
         await publisher.aclose()
     assert await db.fetchval("SELECT count(*) FROM spreads") == sum(
-        1 for e in feed.bulk if e["type"] == "spread"
+        1 for e in [*feed.bulk, *fresh] if e["type"] == "spread"
     )
     admin = compose_redis.admin()
     try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import random
 from typing import Any
 
@@ -131,6 +132,9 @@ class _Mirror:
     errors = 3
     pending = 2
 
+    def __init__(self) -> None:
+        self.stale_skipped = collections.Counter({"fx": 4})
+
 
 class _Stream:
     redelivered = 5
@@ -186,6 +190,13 @@ def test_collector_exports_every_family_with_the_prefix() -> None:
     assert got["ingestd_queue_capacity"] == 100
     assert got["ingestd_mirror_errors_total"] == 3
     assert got["ingestd_mirror_pending_keys"] == 2
+    stale = {k[1]: v for k, v in labelled.items() if k[0] == "ingestd_mirror_stale_skipped_total"}
+    # Every kind with a TTL is there from the start, counted or not.
+    assert stale == {
+        (("key_kind", "fx"),): 4,
+        (("key_kind", "spread"),): 0,
+        (("key_kind", "health"),): 0,
+    }
     assert got["ingestd_stream_redelivered_total"] == 5
     assert got["ingestd_stream_claimed_total"] == 4
     assert got["ingestd_healthy"] == 0
