@@ -47,11 +47,14 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
-def settings(settings: Settings) -> Settings:
+def settings(settings: Settings, tmp_path: Path) -> Settings:
     """The shared settings without maintenance: the samples are dated 2025-11-15, older than the
     retention of spreads and fx_rates, so the retention round that a Service runs at its start
-    would delete them as they land (the tests here are about delivery, not retention)."""
-    return settings.replace(**{"maintenance.enabled": False})
+    would delete them as they land (the tests here are about delivery, not retention). The
+    producers' disk outboxes live in the test's own directory."""
+    return settings.replace(
+        **{"maintenance.enabled": False, "storage.outbox.dir": str(tmp_path / "outbox")}
+    )
 
 
 async def wait_count(conn: asyncpg.Connection, sql: str, want: int, timeout: float = 30) -> int:
