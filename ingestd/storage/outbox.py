@@ -63,6 +63,8 @@ from ingestd.spool import (
 
 log = logging.getLogger("ingestd.storage.outbox")
 
+DEFAULT_SEGMENT_BYTES: Final = 16 * 1024 * 1024
+
 Overflow = Literal["block", "drop_oldest"]
 
 
@@ -244,9 +246,11 @@ class DiskOutbox:
         directory: str | os.PathLike[str],
         *,
         max_bytes: int,
-        segment_bytes: int = 16 * 1024 * 1024,
+        segment_bytes: int | None = None,
         fsync_interval_s: float = 0.05,
     ) -> None:
+        if segment_bytes is None:
+            segment_bytes = min(DEFAULT_SEGMENT_BYTES, max_bytes)
         if segment_bytes < 1024 or max_bytes < segment_bytes:
             raise ValueError("need segment_bytes >= 1024 and max_bytes >= segment_bytes")
         if fsync_interval_s < 0:
