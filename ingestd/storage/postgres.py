@@ -2,18 +2,22 @@
 
 ``log_position_open(pos)`` and its siblings do not talk to PostgreSQL themselves (one round trip
 per row is the slowest path there is, PERFORMANCE.md): they append the wire event, with its stable
-``event_id``, to a bounded in-memory outbox and return at once. A background publisher (a thread
-for plain synchronous code, a task for asyncio) sends the outbox in chunks, one pipelined round
-trip per chunk, to the Redis Stream that ``ingestd run`` consumes (or, in-process, to
-``Service.submit``), and ingestd COPY-batches them into the database.
+``event_id``, to an outbox and return at once. A background publisher (a thread for plain
+synchronous code, a task for asyncio) sends the outbox in chunks, one pipelined round trip per
+chunk, to the Redis Stream that ``ingestd run`` consumes (or, in-process, to ``Service.submit``),
+and ingestd COPY-batches them into the database.
 
-While the stream is unreachable the outbox keeps every event and the publisher retries with capped,
-jittered backoff; a retried chunk may land twice in the stream, and its event ids make it one row.
-When the outbox is full, ``overflow="block"`` (the default) makes ``log_*`` wait: backpressure, no
-loss. Dual write uses ``overflow="drop_oldest"``, because its CSV files hold every event already
-(see ``ingestd.storage.dual``). ``flush()`` returns once everything logged before it is in the
-stream (in-process: committed); ``close()`` flushes first. A synchronous storage still open when
-the interpreter exits is closed by an ``atexit`` handler, bounded by ``exit_timeout_s``.
+The outbox is a ``DiskOutbox`` (``storage.outbox.dir``, what ``create_storage`` and
+``from_settings`` give the ``postgres`` backend): ``log_*`` writes the event to local disk before
+it returns and never waits for Redis, a killed producer loses nothing it logged, and a full
+outbox makes ``log_*`` raise ``OutboxFull`` (see ``ingestd.storage.outbox``). Without one, the
+in-memory ``Outbox`` holds the events: ``overflow="block"`` makes ``log_*`` wait when it is full
+(backpressure); dual write uses ``overflow="drop_oldest"``, because its CSV files hold every event
+already (see ``ingestd.storage.dual``). While the stream is unreachable the publisher retries with
+capped, jittered backoff; a retried chunk may land twice in the stream, and its event ids make it
+one row. ``flush()`` returns once everything logged before it is in the stream (in-process:
+committed); ``close()`` flushes first. A synchronous storage still open when the interpreter exits
+is closed by an ``atexit`` handler, bounded by ``exit_timeout_s``.
 """
 
 from __future__ import annotations

@@ -23,7 +23,12 @@ import redis
 
 from ingestd import Service
 from ingestd.settings import Settings
-from ingestd.storage import PostgresStorage, create_async_storage, create_storage
+from ingestd.storage import (
+    AsyncPostgresStorage,
+    PostgresStorage,
+    create_async_storage,
+    create_storage,
+)
 from ingestd.storage.outbox import OutboxFull
 from tests.integration.test_producer_storage import REPO_ROOT, OwnRedis, wait_count
 from tests.samples import position, spread
@@ -58,7 +63,11 @@ def stream_event_ids(url: str, stream: str) -> list[str]:
     client = redis.Redis.from_url(url)
     try:
         entries = client.xrange(stream) or []
-        return [json.loads(fields[b"event"])["event_id"] for _, fields in entries]
+        ids: list[str] = []
+        for _, fields in entries:
+            assert fields is not None
+            ids.append(json.loads(fields[b"event"])["event_id"])
+        return ids
     finally:
         client.close()
 
@@ -209,6 +218,7 @@ async def test_async_storage_keeps_an_outage_on_disk_across_a_close(
     caplog.set_level(logging.WARNING, logger="ingestd.storage")
     own_redis.stop()
     storage = create_async_storage(outbox_settings, producer="live")
+    assert isinstance(storage, AsyncPostgresStorage)
     ids = [await storage.log_position_open(position("pos_a1"))]
     ids += [await storage.log_spread(spread(i)) for i in range(300)]
     await storage.aclose(grace_s=0.5)  # not raised: the events are on disk, not lost
