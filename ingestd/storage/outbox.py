@@ -53,6 +53,7 @@ from ingestd.settings import OutboxSettings
 from ingestd.spool import (
     DISK_FULL_ERRNOS,
     HEADER,
+    MAX_RECORD_BYTES,
     READ_CHUNK_BYTES,
     create_segment_file,
     encode_record,
@@ -351,6 +352,9 @@ class DiskOutbox:
 
         Raises OutboxFull (no room now) or OutboxBroken; then nothing of the record is kept.
         """
+        if not payload or len(payload) > MAX_RECORD_BYTES:
+            # Recovery reads such a record as a torn one: it would never be published.
+            raise OutboxError(f"an event of {len(payload)} bytes cannot be kept in the outbox")
         record = encode_record(payload)
         with self._lock:
             if self.broken is not None:

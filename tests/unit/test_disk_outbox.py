@@ -16,6 +16,7 @@ from ingestd.spool import SEGMENT_PREFIX, Spool, encode_record, scan
 from ingestd.storage.outbox import (
     DiskOutbox,
     OutboxBroken,
+    OutboxError,
     OutboxFull,
     open_disk_outbox,
 )
@@ -243,6 +244,16 @@ def test_appends_from_many_threads_are_each_kept_once(tmp_path: Path) -> None:
     for k in range(4):  # each thread's events in the order it logged them
         mine = [n for n in got if n // 1000 == k]
         assert mine == sorted(mine)
+
+
+def test_a_record_recovery_could_not_read_is_refused(tmp_path: Path) -> None:
+    box = DiskOutbox(tmp_path, max_bytes=1 << 20)
+    try:
+        with pytest.raises(OutboxError, match="0 bytes"):
+            box.append(b"")
+        assert box.added == 0 and not box.alarm
+    finally:
+        box.close()
 
 
 def test_open_disk_outbox_names_a_directory_per_producer(tmp_path: Path) -> None:
