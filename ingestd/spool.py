@@ -114,12 +114,15 @@ def encode_record(payload: bytes) -> bytes:
     return HEADER.pack(len(payload), zlib.crc32(payload)) + payload
 
 
-def scan(data: bytes) -> tuple[list[tuple[int, bytes]], int]:
-    """The valid records at the start of ``data`` (offset, payload) and where validity ends."""
+def scan(data: bytes, limit: int | None = None) -> tuple[list[tuple[int, bytes]], int]:
+    """The valid records at the start of ``data`` (offset, payload) and where validity ends.
+
+    With ``limit``, stops after that many records (the end is then where the last one ends).
+    """
     out: list[tuple[int, bytes]] = []
     pos = 0
     end = len(data)
-    while pos + HEADER.size <= end:
+    while pos + HEADER.size <= end and (limit is None or len(out) < limit):
         length, crc = HEADER.unpack_from(data, pos)
         start = pos + HEADER.size
         # A record is never empty: zeros where records should be (a hole in a file, a page the

@@ -285,12 +285,12 @@ class DiskOutbox:
 
     def __len__(self) -> int:
         """Records not yet handed to the publisher."""
-        return self.added - self.sent - self.in_flight
+        return self.added - self.settled - self.in_flight
 
     @property
     def settled(self) -> int:
-        """Records published."""
-        return self.sent
+        """Records done with: published, or found corrupt on disk (kept aside, logged)."""
+        return self.sent + self.corrupt_records
 
     @property
     def size_bytes(self) -> int:
@@ -470,13 +470,6 @@ class DiskOutbox:
                 with self._lock:  # not under _fsync_lock: the locks are taken in one order only
                     self._fsync_failed(failure)
 
-    def sync(self) -> None:
-        """fsync what is written now (``flush`` and ``close`` of a storage)."""
-        with self._lock:
-            if self._fd is not None and self._dirty and self.broken is None:
-                with contextlib.suppress(OutboxBroken):
-                    self._fsync_now(self._fd)
-
     # --- publishing --------------------------------------------------------------------------
 
     def take(self, limit: int) -> list[Spilled]:
@@ -487,10 +480,13 @@ class DiskOutbox:
                 if seg is None:
                     return []
                 start, end = seg.read_offset, seg.size
+                # About ``limit`` records' worth (twice the segment's mean record), not more:
+                # a backlog is read once, not a read chunk per publish.
+                window = 2 * limit * max(1, seg.size // max(1, seg.records))
             # Read outside the lock: appends go on meanwhile (past ``end``), and only this, the
             # one publisher, moves the read offset or removes segments.
-            data = _pread(seg.path, start, min(end - start, READ_CHUNK_BYTES))
-            records, _ = scan(data)
+            data = _pread(seg.path, start, min(end - start, READ_CHUNK_BYTES, window))
+            records, _ = scan(data, limit)
             if not records and len(data) >= HEADER.size:
                 need = HEADER.size + HEADER.unpack_from(data)[0]
                 if need <= end - start:  # one record longer than a read chunk
@@ -525,8 +521,7 @@ class DiskOutbox:
             self.corrupt_records += skipped
             seg.read_offset = end
             seg.read_records = seg.records
-            seg.settled += skipped
-            self.added -= skipped  # never to be published: flush() does not wait for them
+            seg.settled += skipped  # never to be published: flush() does not wait for them
             self._collect()
 
     def put_back(self, records: list[Spilled]) -> None:

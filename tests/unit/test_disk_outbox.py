@@ -246,6 +246,29 @@ def test_appends_from_many_threads_are_each_kept_once(tmp_path: Path) -> None:
         assert mine == sorted(mine)
 
 
+def test_records_the_disk_changed_after_they_were_written_are_kept_aside(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    box = DiskOutbox(tmp_path, max_bytes=1 << 20, fsync_interval_s=60)
+    try:
+        for i in range(5):
+            box.append(payload(i))
+        (segment,) = segments(tmp_path)
+        size = len(encode_record(payload(0)))
+        with segment.open("r+b") as f:  # one byte of the third record's payload flips
+            f.seek(2 * size + 10)
+            byte = f.read(1)
+            f.seek(2 * size + 10)
+            f.write(bytes([byte[0] ^ 0xFF]))
+        assert names(drain(box)) == [0, 1]
+        assert box.corrupt_records == 3 and box.settled == box.added == 5 and not len(box)
+        (aside,) = tmp_path.glob("*.corrupt")
+        assert aside.stat().st_size == 3 * size  # kept, not dropped
+        assert any("fail their checksum" in r.getMessage() for r in caplog.records)
+    finally:
+        box.close()
+
+
 def test_a_record_recovery_could_not_read_is_refused(tmp_path: Path) -> None:
     box = DiskOutbox(tmp_path, max_bytes=1 << 20)
     try:
