@@ -25,11 +25,11 @@ from ingestd import Service
 from ingestd.settings import Settings
 from ingestd.storage import (
     AsyncPostgresStorage,
+    OutboxFull,
     PostgresStorage,
     create_async_storage,
     create_storage,
 )
-from ingestd.storage.outbox import OutboxFull
 from tests.integration.test_producer_storage import REPO_ROOT, OwnRedis, wait_count
 from tests.samples import position, spread
 
@@ -207,13 +207,18 @@ async def test_a_full_outbox_refuses_loudly_drops_nothing_and_recovers(
     assert any(note.startswith("event_id paper-") and "not logged" in note for note in notes)
     state = storage.outbox_state()
     assert state.alarm and state.refused == len(refused)
+    for _ in range(600):  # the publisher has met the outage (it tried at the first event)
+        if not storage.outbox_state().publishing:
+            break
+        await asyncio.sleep(0.05)
+    assert not storage.outbox_state().publishing
     assert state.pending_events == len(accepted) and state.disk_bytes <= 16 * 1024
     errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert len(errors) == 1 and "nothing is dropped" in errors[0].getMessage()  # once
     own_redis.start()
     async with Service(settings):
         await asyncio.to_thread(storage.flush, 60)
-        assert not storage.outbox_state().alarm
+        assert not storage.outbox_state().alarm and storage.outbox_state().publishing
         accepted.append(storage.log_spread(spread(1000)))  # taken again
         await asyncio.to_thread(storage.close)
         want = len(accepted)
