@@ -440,12 +440,14 @@ class DiskOutbox:
         self.refused += 1
         if not self.alarm:
             self.alarm = True
+            until = "publishing frees room" if kind is OutboxFull else "the cause is fixed"
             log.error(
-                "producer outbox %s cannot take more events (%s): log_* raises %s until "
-                "publishing frees room; nothing is dropped",
+                "producer outbox %s cannot take more events (%s): log_* raises %s until %s; "
+                "nothing is dropped",
                 self.directory,
                 reason,
                 kind.__name__,
+                until,
                 extra={"action": "outbox_full"},
             )
         raise kind(f"producer outbox {self.directory} cannot take the event: {reason}")
