@@ -380,6 +380,8 @@ class DiskOutbox:
             self._bytes += len(record)
             self.added += 1
             self._dirty = self.fsync_interval_s > 0
+            if self.alarm:
+                self._end_alarm()  # after a refusal that was not a full outbox (permissions)
             return len(self)
 
     def _active_for(self, need: int) -> _Segment:
@@ -570,6 +572,10 @@ class DiskOutbox:
                 self._bytes -= active.size
                 active.size = active.records = active.read_offset = 0
                 active.read_records = active.settled = 0
+        self._end_alarm()
+
+    def _end_alarm(self) -> None:
+        """The episode ends below half of max_bytes (hysteresis: no flapping at the edge)."""
         if self.alarm and self.broken is None and self._bytes <= self.max_bytes // 2:
             self.alarm = False
             log.warning(

@@ -269,6 +269,30 @@ def test_records_the_disk_changed_after_they_were_written_are_kept_aside(
         box.close()
 
 
+def test_a_segment_that_cannot_be_made_is_refused_then_taken_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    box = DiskOutbox(tmp_path, max_bytes=1 << 20, fsync_interval_s=60)
+    real_open = os.open
+
+    def refusing(path: object, *args: object, **kwargs: object) -> int:
+        if str(path).endswith(".log"):
+            raise PermissionError(13, "Permission denied")
+        return real_open(path, *args, **kwargs)  # type: ignore[arg-type]
+
+    try:
+        monkeypatch.setattr(os, "open", refusing)
+        with pytest.raises(OutboxError, match="Permission denied") as refused:
+            box.append(payload(0))
+        assert not isinstance(refused.value, OutboxFull) and box.alarm
+        monkeypatch.setattr(os, "open", real_open)
+        box.append(payload(1))
+        assert not box.alarm  # the episode ended with the first event taken again
+        assert names(drain(box)) == [1]
+    finally:
+        box.close()
+
+
 def test_a_record_recovery_could_not_read_is_refused(tmp_path: Path) -> None:
     box = DiskOutbox(tmp_path, max_bytes=1 << 20)
     try:
