@@ -63,6 +63,20 @@ class CsvSettings:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class OutboxSettings:
+    """The ``postgres`` backend's local outbox: every logged event, on disk until published.
+
+    Each producer gets ``<dir>/<producer name>``; an empty ``dir`` keeps events in memory only.
+    """
+
+    dir: str = "data/outbox"
+    max_bytes: int = 1024 * 1024 * 1024
+    segment_bytes: int = 16 * 1024 * 1024
+    # Written before log_* returns (survives kill -9); fsync'd at most this much later (power loss).
+    fsync_interval_s: float = 0.05
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class StorageSettings:
     """Seed §6.2 ``storage`` section."""
 
@@ -70,6 +84,7 @@ class StorageSettings:
     postgres: PostgresSettings = PostgresSettings()
     redis: RedisSettings = RedisSettings()
     csv: CsvSettings = CsvSettings()
+    outbox: OutboxSettings = OutboxSettings()
     # Producer side (ingestd.storage): events held in memory while the stream is unreachable.
     buffer_max_events: int = 100_000
 
@@ -259,6 +274,11 @@ class Settings:
         failpoints.parse(self.failpoints)
         if self.spool.segment_bytes < 1024 or self.spool.max_bytes < self.spool.segment_bytes:
             raise ConfigError("spool.segment_bytes must be >= 1024 and <= spool.max_bytes")
+        o = self.storage.outbox
+        if o.segment_bytes < 1024 or o.max_bytes < o.segment_bytes:
+            raise ConfigError(
+                "storage.outbox.segment_bytes must be >= 1024 and <= storage.outbox.max_bytes"
+            )
         r, m = self.retention, self.maintenance
         for name in ("spreads_days", "fx_rates_days", "orders_days"):
             if getattr(r, name) < 0:
@@ -285,7 +305,9 @@ class Settings:
 
 # Durations (names ending in _s or _ms) and TTLs must be > 0, except these, where 0 means "off"
 # or "every time" (and any a later field declares by defaulting to 0).
-ZERO_ALLOWED_DURATIONS = frozenset({"storage.csv.fsync_interval_s", "stream.trim_interval_s"})
+ZERO_ALLOWED_DURATIONS = frozenset(
+    {"storage.csv.fsync_interval_s", "storage.outbox.fsync_interval_s", "stream.trim_interval_s"}
+)
 MIN_TTL_S = 0.001
 MAX_DURATION_S = 366 * 86_400.0  # a year: longer is a typo, and overflows some timers
 MAX_INT = 2**53  # beyond any sensible count or size, still exact as a float

@@ -104,7 +104,8 @@ class _Segment:
         return self.committed >= self.records and self.read_offset >= self.size
 
 
-def _segment_name(seq: int) -> str:
+def segment_name(seq: int) -> str:
+    """The file name of segment ``seq`` (names sort in sequence order)."""
     return f"{SEGMENT_PREFIX}{seq:012d}{SEGMENT_SUFFIX}"
 
 
@@ -113,12 +114,15 @@ def encode_record(payload: bytes) -> bytes:
     return HEADER.pack(len(payload), zlib.crc32(payload)) + payload
 
 
-def scan(data: bytes) -> tuple[list[tuple[int, bytes]], int]:
-    """The valid records at the start of ``data`` (offset, payload) and where validity ends."""
+def scan(data: bytes, limit: int | None = None) -> tuple[list[tuple[int, bytes]], int]:
+    """The valid records at the start of ``data`` (offset, payload) and where validity ends.
+
+    With ``limit``, stops after that many records (the end is then where the last one ends).
+    """
     out: list[tuple[int, bytes]] = []
     pos = 0
     end = len(data)
-    while pos + HEADER.size <= end:
+    while pos + HEADER.size <= end and (limit is None or len(out) < limit):
         length, crc = HEADER.unpack_from(data, pos)
         start = pos + HEADER.size
         # A record is never empty: zeros where records should be (a hole in a file, a page the
@@ -131,6 +135,88 @@ def scan(data: bytes) -> tuple[list[tuple[int, bytes]], int]:
         out.append((pos, payload))
         pos = start + length
     return out, pos
+
+
+def lock_directory(directory: Path, holder: str) -> int:
+    """Create ``directory`` and take its lock file; SpoolBroken naming ``holder`` if it is held.
+
+    The lock (``flock``) goes with the process: a killed process leaves no stale lock behind.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    lock_fd = os.open(directory / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(lock_fd)
+        raise SpoolBroken(f"spool directory {directory} is in use by {holder}") from None
+    return lock_fd
+
+
+def recover_segments(directory: Path) -> list[tuple[int, Path, int, int]]:
+    """Every segment in ``directory``, in order, as (sequence, path, valid bytes, records).
+
+    A torn tail of the last segment (a write cut short by a crash) is cut off; damage anywhere
+    else is kept aside in a ``.corrupt`` file and logged. Call it with the directory locked.
+    """
+    found: list[tuple[int, Path, int, int]] = []
+    paths = sorted(directory.glob(f"{SEGMENT_PREFIX}*{SEGMENT_SUFFIX}"))
+    for i, path in enumerate(paths):
+        seq = int(path.name[len(SEGMENT_PREFIX) : -len(SEGMENT_SUFFIX)])
+        data = path.read_bytes()
+        records, valid = scan(data)
+        if valid < len(data):
+            _cut_tail(path, data, valid, torn_tail=i == len(paths) - 1)
+        found.append((seq, path, valid, len(records)))
+    return found
+
+
+def create_segment_file(directory: Path, seq: int) -> tuple[int, Path]:
+    """Create segment ``seq`` empty, its name durable; returns its open fd and path.
+
+    If that fails, no half-made file stays (the next try makes it again, same name).
+    """
+    path = directory / segment_name(seq)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        dir_fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)  # the new file's name is durable before records are
+        finally:
+            os.close(dir_fd)
+    except BaseException:
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            path.unlink()
+        raise
+    return fd, path
+
+
+def _cut_tail(path: Path, data: bytes, valid: int, *, torn_tail: bool) -> None:
+    if torn_tail:
+        log.warning(
+            "spool %s: cut a torn tail of %d bytes (a write cut short by a crash)",
+            path.name,
+            len(data) - valid,
+            extra={"action": "spool_torn_tail"},
+        )
+    else:
+        # Only the last segment is ever appended to: damage elsewhere means the disk lied.
+        aside = path.with_suffix(".corrupt")
+        aside.write_bytes(data[valid:])
+        log.error(
+            "spool %s: %d bytes after offset %d fail their checksum; kept in %s, not replayed",
+            path.name,
+            len(data) - valid,
+            valid,
+            aside.name,
+            extra={"action": "spool_corrupt"},
+        )
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.ftruncate(fd, valid)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 class Spool:
@@ -201,76 +287,18 @@ class Spool:
         return found
 
     def _open_sync(self) -> None:
-        self.directory.mkdir(parents=True, exist_ok=True)
-        lock_fd = os.open(self.directory / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(lock_fd)
-            raise SpoolBroken(
-                f"spool directory {self.directory} is in use by another ingestd process"
-            ) from None
-        self._lock_fd = lock_fd
-        paths = sorted(self.directory.glob(f"{SEGMENT_PREFIX}*{SEGMENT_SUFFIX}"))
-        for i, path in enumerate(paths):
-            seq = int(path.name[len(SEGMENT_PREFIX) : -len(SEGMENT_SUFFIX)])
-            data = path.read_bytes()
-            records, valid = scan(data)
-            if valid < len(data):
-                last = i == len(paths) - 1
-                self._cut_tail(path, data, valid, torn_tail=last)
-            self._segments.append(
-                _Segment(seq, path, size=valid, records=len(records), sealed=True)
-            )
+        self._lock_fd = lock_directory(self.directory, "another ingestd process")
+        for seq, path, size, records in recover_segments(self.directory):
+            self._segments.append(_Segment(seq, path, size=size, records=records, sealed=True))
         # New appends go to a fresh segment, made by the first append (not here: a full disk
         # must not keep the backlog from being replayed). Recovered ones are only read now.
-
-    def _cut_tail(self, path: Path, data: bytes, valid: int, *, torn_tail: bool) -> None:
-        if torn_tail:
-            log.warning(
-                "spool %s: cut a torn tail of %d bytes (a write cut short by a crash)",
-                path.name,
-                len(data) - valid,
-                extra={"action": "spool_torn_tail"},
-            )
-        else:
-            # Only the last segment is ever appended to: damage elsewhere means the disk lied.
-            aside = path.with_suffix(".corrupt")
-            aside.write_bytes(data[valid:])
-            log.error(
-                "spool %s: %d bytes after offset %d fail their checksum; kept in %s, not replayed",
-                path.name,
-                len(data) - valid,
-                valid,
-                aside.name,
-                extra={"action": "spool_corrupt"},
-            )
-        fd = os.open(path, os.O_RDWR)
-        try:
-            os.ftruncate(fd, valid)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
     def _next_seq(self) -> int:
         return self._segments[-1].seq + 1 if self._segments else 1
 
     def _create_segment_file(self, seq: int) -> tuple[int, int, Path]:
         """Create and open a segment file; only system calls, so it may run in a thread."""
-        path = self.directory / _segment_name(seq)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            dir_fd = os.open(self.directory, os.O_RDONLY)
-            try:
-                os.fsync(dir_fd)  # the new file's name is durable before records are
-            finally:
-                os.close(dir_fd)
-        except BaseException:
-            # Not made: no half-made file stays (the next try makes it again, same name).
-            os.close(fd)
-            with contextlib.suppress(OSError):
-                path.unlink()
-            raise
+        fd, path = create_segment_file(self.directory, seq)
         return seq, fd, path
 
     def _add_segment(self, seq: int, fd: int, path: Path) -> None:

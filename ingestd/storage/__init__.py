@@ -8,7 +8,8 @@
         storage.log_spread(SpreadOpportunity(symbol="BTC", ...))
 
 ``create_storage`` builds what ``storage.backend`` says: ``CsvStorage`` (``csv``),
-``PostgresStorage`` (``postgres``: events to ingestd's stream, batched into PostgreSQL) or
+``PostgresStorage`` (``postgres``: events through a local disk outbox to ingestd's stream,
+batched into PostgreSQL; a full outbox raises ``OutboxFull``) or
 ``DualStorage`` (``dual``: both, one event id). ``create_async_storage`` and the ``Async*`` classes
 are the asyncio twins.
 """
@@ -18,6 +19,7 @@ from ingestd.storage.csv_storage import AsyncCsvStorage, CsvStorage
 from ingestd.storage.dual import AsyncDualStorage, DualStorage
 from ingestd.storage.factory import create_async_storage, create_storage
 from ingestd.storage.models import FxRate, OrderLeg, Position, SpreadOpportunity, Trade
+from ingestd.storage.outbox import OutboxBroken, OutboxError, OutboxFull, OutboxState
 from ingestd.storage.postgres import AsyncPostgresStorage, PostgresStorage
 from ingestd.storage.redis_cache import AsyncRedisCacheStorage, CacheKeys, RedisCacheStorage
 
@@ -33,6 +35,10 @@ __all__ = [
     "EventBuilder",
     "FxRate",
     "OrderLeg",
+    "OutboxBroken",
+    "OutboxError",
+    "OutboxFull",
+    "OutboxState",
     "Position",
     "PostgresStorage",
     "RedisCacheStorage",

@@ -13,7 +13,7 @@ from ingestd.settings import Settings, StorageSettings, build_section, load_sett
 from ingestd.storage.base import AsyncStorage, Storage
 from ingestd.storage.csv_storage import AsyncCsvStorage, CsvStorage
 from ingestd.storage.dual import AsyncDualStorage, DualStorage
-from ingestd.storage.outbox import Overflow
+from ingestd.storage.outbox import DiskOutbox, Overflow, open_disk_outbox
 from ingestd.storage.postgres import AsyncPostgresStorage, PostgresStorage, StreamTransport
 from ingestd.storage.redis_cache import sync_client
 
@@ -44,6 +44,16 @@ def _csv(
     )
 
 
+def _disk_outbox(storage: StorageSettings, producer: str | None) -> DiskOutbox | None:
+    """The ``postgres`` backend's local outbox; dual write has its CSV files instead.
+
+    Dual write keeps the in-memory outbox with ``drop_oldest``: its CSV files already hold every
+    event on disk (and ``import-csv`` lands what the stream missed), so a second copy on disk
+    would only cost a write per event.
+    """
+    return open_disk_outbox(storage.outbox, producer) if storage.backend == "postgres" else None
+
+
 def create_storage(
     config: StorageConfig = None,
     *,
@@ -59,7 +69,9 @@ def create_storage(
         return csv_side
     r = storage.redis
     overflow: Overflow = "drop_oldest" if storage.backend == "dual" else "block"
+    outbox: DiskOutbox | None = None
     try:
+        outbox = _disk_outbox(storage, producer)
         db = PostgresStorage(
             sync_client(r, timeout_s=r.socket_timeout_s),
             stream=stream,
@@ -67,8 +79,11 @@ def create_storage(
             max_buffer_events=storage.buffer_max_events,
             overflow=overflow,
             owns_client=True,
+            outbox=outbox,
         )
     except BaseException:
+        if outbox is not None:
+            outbox.close()
         if csv_side is not None:
             csv_side.close()
         raise
@@ -91,6 +106,7 @@ def create_async_storage(
     if csv_side is not None and storage.backend == "csv":
         return AsyncCsvStorage(csv_side)
     overflow: Overflow = "drop_oldest" if storage.backend == "dual" else "block"
+    outbox: DiskOutbox | None = None
     try:
         if service is not None:
             db = AsyncPostgresStorage.in_process(
@@ -101,6 +117,7 @@ def create_async_storage(
             )
         else:
             r = storage.redis
+            outbox = _disk_outbox(storage, producer)
             transport = StreamTransport(
                 create_redis(r.url, socket_timeout_s=r.socket_timeout_s), stream, owns_client=True
             )
@@ -109,8 +126,11 @@ def create_async_storage(
                 producer=producer,
                 max_buffer_events=storage.buffer_max_events,
                 overflow=overflow,
+                outbox=outbox,
             )
     except BaseException:
+        if outbox is not None:
+            outbox.close()
         if csv_side is not None:
             csv_side.close()
         raise

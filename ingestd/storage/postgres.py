@@ -2,18 +2,22 @@
 
 ``log_position_open(pos)`` and its siblings do not talk to PostgreSQL themselves (one round trip
 per row is the slowest path there is, PERFORMANCE.md): they append the wire event, with its stable
-``event_id``, to a bounded in-memory outbox and return at once. A background publisher (a thread
-for plain synchronous code, a task for asyncio) sends the outbox in chunks, one pipelined round
-trip per chunk, to the Redis Stream that ``ingestd run`` consumes (or, in-process, to
-``Service.submit``), and ingestd COPY-batches them into the database.
+``event_id``, to an outbox and return at once. A background publisher (a thread for plain
+synchronous code, a task for asyncio) sends the outbox in chunks, one pipelined round trip per
+chunk, to the Redis Stream that ``ingestd run`` consumes (or, in-process, to ``Service.submit``),
+and ingestd COPY-batches them into the database.
 
-While the stream is unreachable the outbox keeps every event and the publisher retries with capped,
-jittered backoff; a retried chunk may land twice in the stream, and its event ids make it one row.
-When the outbox is full, ``overflow="block"`` (the default) makes ``log_*`` wait: backpressure, no
-loss. Dual write uses ``overflow="drop_oldest"``, because its CSV files hold every event already
-(see ``ingestd.storage.dual``). ``flush()`` returns once everything logged before it is in the
-stream (in-process: committed); ``close()`` flushes first. A synchronous storage still open when
-the interpreter exits is closed by an ``atexit`` handler, bounded by ``exit_timeout_s``.
+The outbox is a ``DiskOutbox`` (``storage.outbox.dir``, what ``create_storage`` and
+``from_settings`` give the ``postgres`` backend): ``log_*`` writes the event to local disk before
+it returns and never waits for Redis, a killed producer loses nothing it logged, and a full
+outbox makes ``log_*`` raise ``OutboxFull`` (see ``ingestd.storage.outbox``). Without one, the
+in-memory ``Outbox`` holds the events: ``overflow="block"`` makes ``log_*`` wait when it is full
+(backpressure); dual write uses ``overflow="drop_oldest"``, because its CSV files hold every event
+already (see ``ingestd.storage.dual``). While the stream is unreachable the publisher retries with
+capped, jittered backoff; a retried chunk may land twice in the stream, and its event ids make it
+one row. ``flush()`` returns once everything logged before it is in the stream (in-process:
+committed); ``close()`` flushes first. A synchronous storage still open when the interpreter exits
+is closed by an ``atexit`` handler, bounded by ``exit_timeout_s``.
 """
 
 from __future__ import annotations
@@ -40,7 +44,17 @@ from ingestd.app import Service, create_redis
 from ingestd.publisher import DEFAULT_STREAM
 from ingestd.settings import Settings
 from ingestd.storage.base import AsyncLogMethods, EventBuilder, LogMethods
-from ingestd.storage.outbox import Backoff, Outbox, Overflow, Pending
+from ingestd.storage.outbox import (
+    Backoff,
+    DiskOutbox,
+    Outbox,
+    OutboxError,
+    OutboxState,
+    Overflow,
+    Pending,
+    Spilled,
+    open_disk_outbox,
+)
 from ingestd.storage.redis_cache import sync_client
 
 log = logging.getLogger("ingestd.storage.postgres")
@@ -116,6 +130,34 @@ class _Health:
         )
 
 
+def _outbox_state(disk: DiskOutbox | None, pending: int, health: _Health) -> OutboxState:
+    publishing = health.failing_since is None
+    if disk is None:
+        return OutboxState(None, pending, 0, 0, False, 0, publishing)
+    return OutboxState(
+        str(disk.directory),
+        pending,
+        disk.size_bytes,
+        disk.max_bytes,
+        disk.alarm,
+        disk.refused,
+        publishing,
+        disk.broken,
+    )
+
+
+def _kept_on_disk(pending: int, disk: DiskOutbox, failure: errors.SinkUnavailable) -> None:
+    """Closing while the stream is unreachable: nothing is lost, the next start publishes it."""
+    log.warning(
+        "closing with %d unpublished event(s) kept in outbox %s; the next start of this "
+        "producer (same outbox directory) publishes them first: %s",
+        pending,
+        disk.directory,
+        failure,
+        extra={"action": "storage_closed_unsent"},
+    )
+
+
 def _validate(chunk_events: int, linger_s: float) -> None:
     if chunk_events < 1 or linger_s < 0:
         raise ValueError("chunk_events must be >= 1 and linger_s >= 0")
@@ -137,9 +179,13 @@ class PostgresStorage(LogMethods):
         overflow: Overflow = "block",
         owns_client: bool = False,
         exit_timeout_s: float = DEFAULT_EXIT_TIMEOUT_S,
+        outbox: DiskOutbox | None = None,
     ) -> None:
         _validate(chunk_events, linger_s)
         self._client = client
+        # Given, every event goes through this directory and log_* never waits for Redis; the
+        # in-memory outbox (and ``overflow``) serves only storages without one.
+        self._disk = outbox
         self._exit_timeout_s = exit_timeout_s
         self._at_exit: Callable[[], None] | None = None
         self.stream = stream
@@ -155,15 +201,25 @@ class PostgresStorage(LogMethods):
         self._closed = False
         self._urgent = 0  # flush() callers waiting: send without lingering
         self.round_trips = 0
+        if outbox is not None and len(outbox):
+            with self._cond:
+                self._start_publisher()  # an earlier run's events go first, logged or not
 
     @classmethod
     def from_settings(
         cls, settings: Settings, *, producer: str | None = None, **kwargs: Any
     ) -> PostgresStorage:
-        """Publish to the configured Redis and stream."""
-        client = sync_client(
-            settings.storage.redis, timeout_s=settings.storage.redis.socket_timeout_s
-        )
+        """Publish to the configured Redis and stream, through ``storage.outbox.dir``."""
+        if "outbox" not in kwargs:
+            kwargs["outbox"] = open_disk_outbox(settings.storage.outbox, producer)
+        try:
+            client = sync_client(
+                settings.storage.redis, timeout_s=settings.storage.redis.socket_timeout_s
+            )
+        except BaseException:
+            if kwargs["outbox"] is not None:
+                kwargs["outbox"].close()
+            raise
         kwargs.setdefault("max_buffer_events", settings.storage.buffer_max_events)
         return cls(
             client, stream=settings.stream.key, producer=producer, owns_client=True, **kwargs
@@ -184,9 +240,21 @@ class PostgresStorage(LogMethods):
 
     @property
     def pending(self) -> int:
-        """Events logged but not yet published."""
+        """Events logged but not yet published (with a disk outbox: an earlier run's too)."""
         with self._cond:
-            return self._outbox.added - self._outbox.settled
+            return self._added - self._settled
+
+    @property
+    def _added(self) -> int:
+        return self._outbox.added if self._disk is None else self._disk.added
+
+    @property
+    def _settled(self) -> int:
+        return self._outbox.settled if self._disk is None else self._disk.settled
+
+    def outbox_state(self) -> OutboxState:
+        """The outbox: pending events, bytes on disk, and the full alarm (see DiskOutbox)."""
+        return _outbox_state(self._disk, self.pending, self._health)
 
     @property
     def dropped(self) -> int:
@@ -196,7 +264,7 @@ class PostgresStorage(LogMethods):
     @property
     def sent(self) -> int:
         """Events published."""
-        return self._outbox.sent
+        return self._outbox.sent if self._disk is None else self._disk.sent
 
     @property
     def target(self) -> str:
@@ -205,21 +273,28 @@ class PostgresStorage(LogMethods):
 
     # --- producing --------------------------------------------------------------------------------
 
+    def _start_publisher(self) -> None:
+        """Under ``_cond``: start the publisher thread once."""
+        if self._thread is None:
+            # A daemon thread, so that a forgotten close() never keeps the process alive; the
+            # exit handler publishes what is left, for at most exit_timeout_s.
+            self._thread = threading.Thread(
+                target=self._run, name="ingestd-storage-publisher", daemon=True
+            )
+            self._thread.start()
+            self._at_exit = functools.partial(_close_at_exit, weakref.ref(self))
+            atexit.register(self._at_exit)
+
     def _emit(self, event: dict[str, Any]) -> str:
         event_id: str = event["event_id"]
-        item = Pending(event_id, orjson.dumps(event))
+        payload = orjson.dumps(event)
+        if self._disk is not None:
+            return self._emit_to_disk(event_id, payload)
+        item = Pending(event_id, payload)
         with self._cond:
             if self._closing:
                 raise errors.ShuttingDown("this PostgresStorage is closed")
-            if self._thread is None:
-                # A daemon thread, so that a forgotten close() never keeps the process alive; the
-                # exit handler publishes what is left, for at most exit_timeout_s.
-                self._thread = threading.Thread(
-                    target=self._run, name="ingestd-storage-publisher", daemon=True
-                )
-                self._thread.start()
-                self._at_exit = functools.partial(_close_at_exit, weakref.ref(self))
-                atexit.register(self._at_exit)
+            self._start_publisher()
             while self._outbox.overflow == "block" and self._outbox.full:
                 self._cond.wait()  # backpressure: the publisher makes room
             was_empty = not len(self._outbox)
@@ -230,20 +305,40 @@ class PostgresStorage(LogMethods):
                 self._cond.notify_all()
         return event_id
 
+    def _emit_to_disk(self, event_id: str, payload: bytes) -> str:
+        disk = self._disk
+        assert disk is not None
+        with self._cond:
+            if self._closing:
+                raise errors.ShuttingDown("this PostgresStorage is closed")
+            self._start_publisher()
+        try:
+            unread = disk.append(payload)  # written before we return: survives kill -9
+        except OutboxError as exc:
+            exc.add_note(f"event_id {event_id} was not logged")
+            raise
+        # Wake the publisher when it may be waiting: for a first event, or a full chunk.
+        if unread in (1, self._chunk):
+            with self._cond:
+                self._cond.notify_all()
+        return event_id
+
     def flush(self, timeout: float | None = None) -> None:
         """Wait until everything logged so far is in the stream; SinkUnavailable on timeout."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
-            target = self._outbox.added
+            target = self._added
+            if self._settled >= target:
+                return
             self._urgent += 1
             self._cond.notify_all()
             try:
-                while self._outbox.settled < target:
+                while self._settled < target:
                     remaining = None if deadline is None else deadline - time.monotonic()
                     if remaining is not None and remaining <= 0:
-                        raise self._health.unavailable(target - self._outbox.settled)
+                        raise self._health.unavailable(target - self._settled)
                     if self._thread is None or not self._thread.is_alive():
-                        raise self._health.unavailable(target - self._outbox.settled)
+                        raise self._health.unavailable(target - self._settled)
                     self._cond.wait(remaining)
             finally:
                 self._urgent -= 1
@@ -269,6 +364,11 @@ class PostgresStorage(LogMethods):
         self._closed = True
         if self._owns_client:
             self._client.close()
+        if self._disk is not None:
+            self._disk.close()
+            if failure is not None:
+                _kept_on_disk(self.pending, self._disk, failure)
+            return
         if failure is not None:
             log.error(
                 "closing with %d unpublished event(s): %s",
@@ -280,42 +380,53 @@ class PostgresStorage(LogMethods):
 
     # --- the publisher thread ---------------------------------------------------------------------
 
+    def _unread(self) -> int:
+        return len(self._outbox) if self._disk is None else len(self._disk)
+
     def _run(self) -> None:
         backoff = Backoff()
+        disk = self._disk
         while True:
             with self._cond:
-                while not len(self._outbox):
+                while not self._unread():
                     if self._closing:
                         return
                     self._cond.wait()
                 deadline = time.monotonic() + self._linger_s
                 # Linger briefly so that one round trip carries many events.
-                while len(self._outbox) < self._chunk and not (self._closing or self._urgent):
+                while self._unread() < self._chunk and not (self._closing or self._urgent):
                     remaining = deadline - time.monotonic()
                     if remaining <= 0:
                         break
                     self._cond.wait(remaining)
-                batch = self._outbox.take(self._chunk)
+                in_memory = self._outbox.take(self._chunk) if disk is None else []
+            # The disk outbox is read outside _cond: log_* never waits for that read.
+            spilled = disk.take(self._chunk) if disk is not None else []
+            batch: Sequence[Pending | Spilled] = in_memory or spilled
             try:
                 self._send(batch)
             except Exception as exc:  # the publisher outlives any failure; its events stay queued
                 if not isinstance(exc, _RETRIABLE):
                     log.exception("unexpected publish failure", extra={"action": "storage_bug"})
+                if disk is not None:
+                    disk.put_back(spilled)
                 with self._cond:
-                    self._outbox.put_back(batch)
-                    self._health.failed(exc, len(self._outbox))
+                    self._outbox.put_back(in_memory)
+                    self._health.failed(exc, self._added - self._settled)
                     if self._closing:
                         return
                     self._cond.notify_all()
                     self._cond.wait(backoff.next_delay())
                 continue
             backoff.reset()
+            if disk is not None:
+                disk.settle(spilled)
             with self._cond:
-                self._outbox.settle(batch)
+                self._outbox.settle(in_memory)
                 self._health.recovered(self._outbox)
                 self._cond.notify_all()
 
-    def _send(self, batch: Sequence[Pending]) -> None:
+    def _send(self, batch: Sequence[Pending | Spilled]) -> None:
         pipe = self._client.pipeline(transaction=False)
         for item in batch:
             pipe.xadd(self.stream, {"event": item.payload})
@@ -331,9 +442,10 @@ def _close_at_exit(ref: weakref.ref[PostgresStorage]) -> None:
     if storage.pending:
         log.warning(
             "exiting without PostgresStorage.close(): publishing %d pending event(s) for up to "
-            "%.0fs",
+            "%.0fs%s",
             storage.pending,
             storage._exit_timeout_s,
+            "" if storage._disk is None else f" (outbox {storage._disk.directory} keeps the rest)",
             extra={"action": "storage_exit_flush"},
         )
     with contextlib.suppress(errors.SinkUnavailable):  # close() logged what stayed unsent
@@ -345,7 +457,7 @@ class _Transport(Protocol):
 
     target: str
 
-    async def send(self, batch: Sequence[Pending]) -> None:
+    async def send(self, batch: Sequence[Pending | Spilled]) -> None:
         """Deliver every event of the chunk or raise."""
 
     async def aclose(self) -> None:
@@ -361,7 +473,7 @@ class StreamTransport:
         self.target = f"stream {stream}"
         self._owns_client = owns_client
 
-    async def send(self, batch: Sequence[Pending]) -> None:
+    async def send(self, batch: Sequence[Pending | Spilled]) -> None:
         """XADD every event of the chunk."""
         pipe = self._client.pipeline(transaction=False)
         for item in batch:
@@ -382,7 +494,7 @@ class InProcessTransport:
     def __init__(self, service: Service) -> None:
         self._service = service
 
-    async def send(self, batch: Sequence[Pending]) -> None:
+    async def send(self, batch: Sequence[Pending | Spilled]) -> None:
         """Submit the chunk concurrently (the pipeline batches it); raise if any is not done."""
         results = await asyncio.gather(
             *(self._service.submit(item.payload) for item in batch), return_exceptions=True
@@ -409,9 +521,11 @@ class AsyncPostgresStorage(AsyncLogMethods):
         chunk_events: int = DEFAULT_CHUNK_EVENTS,
         linger_s: float = DEFAULT_LINGER_S,
         overflow: Overflow = "block",
+        outbox: DiskOutbox | None = None,
     ) -> None:
         _validate(chunk_events, linger_s)
         self._transport = transport
+        self._disk = outbox  # as in PostgresStorage
         self._events = EventBuilder(producer, id_prefix)
         self._outbox = Outbox(max_buffer_events, overflow=overflow)
         self._chunk = chunk_events
@@ -428,9 +542,16 @@ class AsyncPostgresStorage(AsyncLogMethods):
     def from_settings(
         cls, settings: Settings, *, producer: str | None = None, **kwargs: Any
     ) -> AsyncPostgresStorage:
-        """Publish to the configured Redis and stream."""
+        """Publish to the configured Redis and stream, through ``storage.outbox.dir``."""
+        if "outbox" not in kwargs:
+            kwargs["outbox"] = open_disk_outbox(settings.storage.outbox, producer)
         r = settings.storage.redis
-        client = create_redis(r.url, socket_timeout_s=r.socket_timeout_s)
+        try:
+            client = create_redis(r.url, socket_timeout_s=r.socket_timeout_s)
+        except BaseException:
+            if kwargs["outbox"] is not None:
+                kwargs["outbox"].close()
+            raise
         kwargs.setdefault("max_buffer_events", settings.storage.buffer_max_events)
         transport = StreamTransport(client, settings.stream.key, owns_client=True)
         return cls(transport, producer=producer, **kwargs)
@@ -456,8 +577,23 @@ class AsyncPostgresStorage(AsyncLogMethods):
 
     @property
     def pending(self) -> int:
-        """Events logged but not yet published."""
-        return self._outbox.added - self._outbox.settled
+        """Events logged but not yet published (with a disk outbox: an earlier run's too)."""
+        return self._added - self._settled
+
+    @property
+    def _added(self) -> int:
+        return self._outbox.added if self._disk is None else self._disk.added
+
+    @property
+    def _settled(self) -> int:
+        return self._outbox.settled if self._disk is None else self._disk.settled
+
+    def _unread(self) -> int:
+        return len(self._outbox) if self._disk is None else len(self._disk)
+
+    def outbox_state(self) -> OutboxState:
+        """The outbox: pending events, bytes on disk, and the full alarm (see DiskOutbox)."""
+        return _outbox_state(self._disk, self.pending, self._health)
 
     @property
     def dropped(self) -> int:
@@ -467,7 +603,7 @@ class AsyncPostgresStorage(AsyncLogMethods):
     @property
     def sent(self) -> int:
         """Events published."""
-        return self._outbox.sent
+        return self._outbox.sent if self._disk is None else self._disk.sent
 
     @property
     def target(self) -> str:
@@ -479,15 +615,38 @@ class AsyncPostgresStorage(AsyncLogMethods):
             self._cond = asyncio.Condition()
         return self._cond
 
+    def _start_publisher(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name="ingestd-storage-publisher")
+
     async def _emit(self, event: dict[str, Any]) -> str:
         event_id: str = event["event_id"]
-        item = Pending(event_id, orjson.dumps(event))
+        payload = orjson.dumps(event)
         cond = self._condition()
+        if self._disk is not None:
+            if self._closing:
+                raise errors.ShuttingDown("this AsyncPostgresStorage is closed")
+            self._start_publisher()
+            try:
+                if self._disk.fsync_interval_s == 0:
+                    # An fsync per event: never on the event loop.
+                    unread = await asyncio.to_thread(self._disk.append, payload)
+                else:
+                    # One pwrite(2) into the page cache (microseconds): done before we return,
+                    # so that kill -9 loses nothing; the fsync is the outbox's own thread's.
+                    unread = self._disk.append(payload)
+            except OutboxError as exc:
+                exc.add_note(f"event_id {event_id} was not logged")
+                raise
+            if unread in (1, self._chunk):
+                async with cond:
+                    cond.notify_all()
+            return event_id
+        item = Pending(event_id, payload)
         async with cond:
             if self._closing:
                 raise errors.ShuttingDown("this AsyncPostgresStorage is closed")
-            if self._task is None:
-                self._task = asyncio.create_task(self._run(), name="ingestd-storage-publisher")
+            self._start_publisher()
             if self._outbox.overflow == "block":
                 await cond.wait_for(lambda: not self._outbox.full)
             was_empty = not len(self._outbox)
@@ -502,15 +661,17 @@ class AsyncPostgresStorage(AsyncLogMethods):
         """Wait until everything logged so far is published (bound it with ``asyncio.timeout``)."""
         cond = self._condition()
         async with cond:
-            target = self._outbox.added
-            if self._outbox.settled >= target:
+            target = self._added
+            if self._settled >= target:
                 return
+            if self._task is None and self._disk is not None:
+                self._start_publisher()  # an earlier run's events, nothing logged yet
             if self._task is None or self._task.done():
-                raise self._health.unavailable(target - self._outbox.settled)
+                raise self._health.unavailable(target - self._settled)
             self._urgent += 1
             cond.notify_all()
             try:
-                await cond.wait_for(lambda: self._outbox.settled >= target)
+                await cond.wait_for(lambda: self._settled >= target)
             finally:
                 self._urgent -= 1
 
@@ -540,6 +701,11 @@ class AsyncPostgresStorage(AsyncLogMethods):
                     await self._task
         self._closed = True
         await self._transport.aclose()
+        if self._disk is not None:
+            await asyncio.to_thread(self._disk.close)
+            if failure is not None:
+                _kept_on_disk(self.pending, self._disk, failure)
+            return
         if failure is not None:
             log.error(
                 "closing with %d unpublished event(s): %s",
@@ -552,10 +718,11 @@ class AsyncPostgresStorage(AsyncLogMethods):
     async def _run(self) -> None:
         cond = self._condition()
         backoff = Backoff()
+        disk = self._disk
         while True:
             async with cond:
-                await cond.wait_for(lambda: bool(len(self._outbox)) or self._closing)
-                if not len(self._outbox):
+                await cond.wait_for(lambda: bool(self._unread()) or self._closing)
+                if not self._unread():
                     return
                 if not (self._closing or self._urgent):
                     # Linger briefly so that one round trip carries many events.
@@ -563,28 +730,34 @@ class AsyncPostgresStorage(AsyncLogMethods):
                         async with asyncio.timeout(self._linger_s):
                             await cond.wait_for(
                                 lambda: (
-                                    len(self._outbox) >= self._chunk
+                                    self._unread() >= self._chunk
                                     or self._closing
                                     or bool(self._urgent)
                                 )
                             )
-                batch = self._outbox.take(self._chunk)
+                in_memory = self._outbox.take(self._chunk) if disk is None else []
+            spilled = await asyncio.to_thread(disk.take, self._chunk) if disk is not None else []
+            batch: Sequence[Pending | Spilled] = in_memory or spilled
             try:
                 self.round_trips += 1
                 await self._transport.send(batch)
             except Exception as exc:  # the publisher outlives any failure; its events stay queued
                 if not isinstance(exc, _RETRIABLE):
                     log.exception("unexpected publish failure", extra={"action": "storage_bug"})
+                if disk is not None:
+                    disk.put_back(spilled)
                 async with cond:
-                    self._outbox.put_back(batch)
-                    self._health.failed(exc, len(self._outbox))
+                    self._outbox.put_back(in_memory)
+                    self._health.failed(exc, self._added - self._settled)
                     if self._closing:
                         return
                     cond.notify_all()
                 await asyncio.sleep(backoff.next_delay())
                 continue
             backoff.reset()
+            if disk is not None:
+                await asyncio.to_thread(disk.settle, spilled)
             async with cond:
-                self._outbox.settle(batch)
+                self._outbox.settle(in_memory)
                 self._health.recovered(self._outbox)
                 cond.notify_all()

@@ -47,17 +47,19 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
-def settings(settings: Settings) -> Settings:
+def settings(settings: Settings, tmp_path: Path) -> Settings:
     """The shared settings without retention and maintenance: the sample history
     (tests/samples.py) is dated 2025-11-15, older than the retention of spreads and fx_rates, so
     it would be refused at intake and the retention round a Service runs at its start would delete
-    it; the tests here are about the storage API and delivery, not retention."""
+    it; the tests here are about the storage API and delivery, not retention. The producers' disk
+    outboxes live in the test's own directory."""
     return settings.replace(
         **{
             "maintenance.enabled": False,
             "retention.spreads_days": 0,
             "retention.fx_rates_days": 0,
             "retention.orders_days": 0,
+            "storage.outbox.dir": str(tmp_path / "outbox"),
         }
     )
 
