@@ -50,7 +50,12 @@ def outbox_settings(settings: Settings, own_redis: OwnRedis, tmp_path: Path) -> 
     """Backend ``postgres`` through the throwaway Redis, outboxes under tmp_path/outbox."""
     return settings.replace(
         **{
-            "maintenance.enabled": False,  # the samples are older than the retention
+            # The samples (2025-11-15) are older than the retention of spreads: neither refused
+            # at intake nor deleted by a retention round here (this is about the outbox).
+            "maintenance.enabled": False,
+            "retention.spreads_days": 0,
+            "retention.fx_rates_days": 0,
+            "retention.orders_days": 0,
             "storage.backend": "postgres",
             "storage.redis.url": own_redis.url,
             "storage.outbox.dir": str(tmp_path / "outbox"),
