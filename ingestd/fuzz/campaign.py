@@ -79,7 +79,9 @@ class FuzzReport:
     """The campaign's figures and verdict."""
 
     seed: int
-    cases: list[Case]
+    # Not in the repr: a case may hold a payload nested thousands deep (repr would recurse
+    # past the limit, and a failing test's report would show a RecursionError instead).
+    cases: list[Case] = dataclasses.field(repr=False)
     rounds: int
     elapsed_s: float
     verdict: oracle.Verdict
