@@ -542,6 +542,7 @@ async def run_import(
         return 2
 
     async def body(pool: asyncpg.Pool) -> int:
+        events.configure_staleness_from(settings)  # imported spreads are judged alike
         importer = CsvImporter(
             pool,
             progress=Progress(err, mode=progress_mode),

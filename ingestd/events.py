@@ -27,7 +27,7 @@ from ingestd import keys, tables
 from ingestd.errors import InvalidEvent
 
 if TYPE_CHECKING:
-    from ingestd.settings import RetentionSettings
+    from ingestd.settings import RetentionSettings, Settings
 
 log = logging.getLogger("ingestd.events")
 
@@ -678,6 +678,11 @@ def configure_staleness(*, max_skew_s: float, fx_ttl_s: float) -> None:
     """Use these limits (``spreads.stale_skew_s``, ``fx.ttl_seconds``) from now on."""
     global _staleness  # noqa: PLW0603 - process-wide configuration, set once at start
     _staleness = Staleness(dt.timedelta(seconds=max_skew_s), dt.timedelta(seconds=fx_ttl_s))
+
+
+def configure_staleness_from(settings: Settings) -> None:
+    """The limits of ``spreads.stale_skew_s`` and ``fx.ttl_seconds``."""
+    configure_staleness(max_skew_s=settings.spreads.stale_skew_s, fx_ttl_s=settings.fx.ttl_seconds)
 
 
 def staleness() -> Staleness:
