@@ -8,9 +8,10 @@ through a staging table with ``ON CONFLICT DO NOTHING`` (a staged row whose stor
 content is a conflict: a dead letter, the stored row stays); a row that PostgreSQL rejects for its
 data is isolated by halving, so only it becomes a dead letter and the rest of the batch commits.
 ``positions`` is a plain mutable table, written once per open and once per close under a
-transaction-scoped advisory lock: the first open and the first close of a position that commit
-stand (later ones with other event ids are conflicts), so that they end as one row whatever the
-order and batching of their arrival, across writers and replicas.
+transaction-scoped advisory lock: a position is named by ``(producer, position_key)``, and the
+first open and the first close of a position that commit stand (later ones with other event ids
+are conflicts), so that they end as one row whatever the order and batching of their arrival,
+across writers and replicas.
 """
 
 from __future__ import annotations
