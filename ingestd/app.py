@@ -203,6 +203,8 @@ class Service:
         those of an earlier run, are replayed once it answers. Otherwise the start waits up to
         ``connect_deadline_s`` and raises if the database is unreachable or its schema behind.
         """
+        # Spreads are judged stale at intake, under this configuration's limits.
+        events.configure_staleness_from(self.settings)
         try:
             await self._start(connect_deadline_s, wait_for_database)
         except BaseException:

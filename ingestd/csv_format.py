@@ -40,6 +40,14 @@ class CsvTable:
     kinds: Mapping[str, tables.ColumnType]
     required: frozenset[str]
     event_type: str | None  # None for positions: a row is an open or a close by its status
+    # Optional columns an imported file may have besides ``columns`` (CsvStorage does not write
+    # them, so that files it wrote before they existed keep their header and still append).
+    extra: tuple[str, ...] = ()
+
+    @property
+    def accepted(self) -> tuple[str, ...]:
+        """Every column a file of this table may have."""
+        return (*self.columns, *self.extra)
 
     @property
     def file_name(self) -> str:
@@ -52,15 +60,24 @@ class CsvTable:
         return tuple(c for c in self.columns if isinstance(self.kinds.get(c), tables.Numeric))
 
 
+# Columns added after the seed's layout: optional on import, not written by CsvStorage.
+IMPORT_ONLY: Final = frozenset({"upbit_ts", "binance_ts", "fx_ts", "mode"})
+
+
 def _append_table(table: tables.Table, event_type: str) -> CsvTable:
     spec = events.EVENT_TYPES[event_type]
-    columns = tuple(c for c in table.column_names if c not in (EVENT_ID, PRODUCER))
+    columns = tuple(
+        c
+        for c in table.column_names
+        if c not in (EVENT_ID, PRODUCER) and c not in IMPORT_ONLY and c not in table.derived
+    )
     return CsvTable(
         name=table.name,
         columns=(*columns, EVENT_ID, PRODUCER),
         kinds=dict(table.columns),
         required=frozenset(f.name for f in spec.fields if f.required),
         event_type=event_type,
+        extra=tuple(c for c in table.column_names if c in IMPORT_ONLY),
     )
 
 
@@ -75,9 +92,10 @@ _POSITION_COLUMNS: Final = (
 POSITIONS: Final = CsvTable(
     name="positions",
     columns=(*(name for name, _ in _POSITION_COLUMNS), EVENT_ID, PRODUCER),
-    kinds=dict(_POSITION_COLUMNS),
+    kinds={**dict(_POSITION_COLUMNS), "mode": tables.MODE},
     required=frozenset(f.name for f in events.EVENT_TYPES["position_open"].fields if f.required),
     event_type=None,
+    extra=("mode",),
 )
 
 # Import order: positions first, so that orders and trades are linked to them at once.
@@ -186,11 +204,11 @@ class RowConverter:
             raise CsvLayoutError(
                 f"{source}: column(s) repeated in the header: {', '.join(repeated)}"
             )
-        unknown = [n for n in names if n not in table.columns]
+        unknown = [n for n in names if n not in table.accepted]
         if unknown:
             raise CsvLayoutError(
                 f"{source}: unknown column(s) {', '.join(repr(n) for n in unknown)} "
-                f"(the {table.name} layout has: {', '.join(table.columns)})"
+                f"(the {table.name} layout has: {', '.join(table.accepted)})"
             )
         missing = sorted(table.required - set(names))
         if missing:
@@ -206,7 +224,7 @@ class RowConverter:
         self._status = index.get(STATUS)
         self._cols = [
             (name, index[name], _converter(table.kinds[name]))
-            for name in table.columns
+            for name in table.accepted
             if name in index and name not in (EVENT_ID, PRODUCER, STATUS)
         ]
         self._exit = [index[n] for n in _EXIT_COLUMNS if n in index]

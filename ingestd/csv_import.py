@@ -69,8 +69,11 @@ ON CONFLICT (source) DO UPDATE SET
     head_sha256 = EXCLUDED.head_sha256, tail_sha256 = EXCLUDED.tail_sha256,
     updated_at = CURRENT_TIMESTAMP
 """
+# A position is named by (producer, position_key).
 _SQL_EXISTING_POSITIONS: Final = """
-SELECT count(*) FROM positions WHERE position_key = ANY($1::text[])
+SELECT count(*) FROM unnest($1::text[], $2::text[]) AS k(producer, position_key)
+JOIN positions AS p
+    ON p.position_key = k.position_key AND p.producer IS NOT DISTINCT FROM k.producer
 """
 
 
@@ -464,10 +467,16 @@ class CsvImporter:
         table = converter.table.name
         good = [it for it in batch if it.event is not None]
         existing = 0
-        keys: list[str] = []
+        keys: set[tuple[str | None, str]] = set()
         if table == "positions" and good:
-            keys = sorted({str(it.event.values["position_key"]) for it in good if it.event})
-            existing = int(await self._pool.fetchval(_SQL_EXISTING_POSITIONS, keys))
+            keys = {
+                (it.event.producer, str(it.event.values["position_key"])) for it in good if it.event
+            }
+            existing = int(
+                await self._pool.fetchval(
+                    _SQL_EXISTING_POSITIONS, [p for p, _ in keys], [k for _, k in keys]
+                )
+            )
         outcome = await self._write(batch) if batch else BatchOutcome()
         if table == "positions":
             result.inserted += len(keys) - existing
@@ -542,6 +551,7 @@ async def run_import(
         return 2
 
     async def body(pool: asyncpg.Pool) -> int:
+        events.configure_staleness_from(settings)  # imported spreads are judged alike
         importer = CsvImporter(
             pool,
             progress=Progress(err, mode=progress_mode),

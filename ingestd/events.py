@@ -27,7 +27,7 @@ from ingestd import keys, tables
 from ingestd.errors import InvalidEvent
 
 if TYPE_CHECKING:
-    from ingestd.settings import RetentionSettings
+    from ingestd.settings import RetentionSettings, Settings
 
 log = logging.getLogger("ingestd.events")
 
@@ -174,6 +174,9 @@ EVENT_TYPES: Final[dict[str, EventType]] = {
             Field("net_spread_pct", tables.PCT),
             _opt("is_opportunity", tables.BOOL),
             Field("timestamp", tables.TIME),
+            _opt("upbit_ts", tables.TIME),
+            _opt("binance_ts", tables.TIME),
+            _opt("fx_ts", tables.TIME),
         ),
         "timestamp",
         tables.SPREADS,
@@ -203,6 +206,7 @@ EVENT_TYPES: Final[dict[str, EventType]] = {
             Field("leg_id", tables.Varchar(100)),
             _opt("order_id", tables.Varchar(100)),
             Field("timestamp", tables.TIME),
+            _opt("mode", tables.MODE),
         ),
         "timestamp",
         tables.ORDERS,
@@ -220,6 +224,7 @@ EVENT_TYPES: Final[dict[str, EventType]] = {
             _opt("pnl_krw", tables.PRICE_KRW),
             _opt("pnl_pct", tables.PCT),
             Field("timestamp", tables.TIME),
+            _opt("mode", tables.MODE),
         ),
         "timestamp",
         tables.TRADES,
@@ -229,6 +234,7 @@ EVENT_TYPES: Final[dict[str, EventType]] = {
         (
             Field("position_key", tables.POSITION_KEY),
             *_fields(tables.POSITION_ENTRY_COLUMNS, required=True),
+            _opt("mode", tables.MODE),
         ),
         "timestamp_open",
     ),
@@ -238,6 +244,7 @@ EVENT_TYPES: Final[dict[str, EventType]] = {
             Field("position_key", tables.POSITION_KEY),
             *_fields(tables.POSITION_EXIT_COLUMNS, required=True),
             *_fields(tables.POSITION_ENTRY_COLUMNS, required=False),
+            _opt("mode", tables.MODE),
         ),
         "timestamp_close",
     ),
@@ -620,6 +627,7 @@ def parse_event(obj: object, *, default_event_id: str | None = None) -> Event:
         )
     if event_id is None:
         event_id = content_event_id(etype, producer, values)
+    complete(etype, values, moment)
     return Event(etype, event_id, producer, moment, values, validator.spec.table)
 
 
@@ -633,6 +641,71 @@ def content_event_id(etype: str, producer: str | None, values: Mapping[str, str 
         [etype, producer or "", *(f"{k}={'' if v is None else v}" for k, v in values.items())]
     )
     return "local:" + hashlib.sha256(canon.encode("utf-8", "surrogatepass")).hexdigest()[:40]
+
+
+# --- what ingestd adds to a validated event ---------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Staleness:
+    """When a spread was computed from stale inputs.
+
+    Its two prices' source times (``upbit_ts``, ``binance_ts``) further apart than ``max_skew``,
+    or its FX rate's time (``fx_ts``) older than ``fx_ttl`` at the spread's own time: the spread
+    compares prices that never existed together. A time the producer did not send is unknown,
+    not stale: a spread without them is never flagged.
+    """
+
+    max_skew: dt.timedelta = dt.timedelta(seconds=2)
+    fx_ttl: dt.timedelta = dt.timedelta(seconds=3)
+
+    def is_stale(self, values: Mapping[str, str | None], moment: dt.datetime) -> bool:
+        """True when the spread's validated ``values`` (taken at ``moment``) are stale."""
+        upbit, binance, fx = values["upbit_ts"], values["binance_ts"], values["fx_ts"]
+        if upbit is not None and binance is not None:
+            apart = dt.datetime.fromisoformat(upbit) - dt.datetime.fromisoformat(binance)
+            if abs(apart) > self.max_skew:
+                return True
+        return fx is not None and moment - dt.datetime.fromisoformat(fx) > self.fx_ttl
+
+
+# One policy per process, set from the settings at start (``configure_staleness``): it is read
+# by both decoding paths, which must give the same event (tests/unit/test_fastpath.py).
+_staleness = Staleness()
+
+
+def configure_staleness(*, max_skew_s: float, fx_ttl_s: float) -> None:
+    """Use these limits (``spreads.stale_skew_s``, ``fx.ttl_seconds``) from now on."""
+    global _staleness  # noqa: PLW0603 - process-wide configuration, set once at start
+    _staleness = Staleness(dt.timedelta(seconds=max_skew_s), dt.timedelta(seconds=fx_ttl_s))
+
+
+def configure_staleness_from(settings: Settings) -> None:
+    """The limits of ``spreads.stale_skew_s`` and ``fx.ttl_seconds``."""
+    configure_staleness(max_skew_s=settings.spreads.stale_skew_s, fx_ttl_s=settings.fx.ttl_seconds)
+
+
+def staleness() -> Staleness:
+    """The limits in force."""
+    return _staleness
+
+
+_MODE_TYPES: Final = frozenset({"order", "trade", "position_open", "position_close"})
+
+
+def complete(etype: str, values: dict[str, str | None], moment: dt.datetime) -> None:
+    """Add what ingestd derives to a validated event's ``values`` (both decoding paths call it).
+
+    A spread gets ``is_stale`` (``Staleness``). An order, trade or position event's ``mode``, when
+    sent, must be ``paper`` or ``live``; an event without it is stored with no mode (NULL), which
+    the per-mode views keep apart from both books rather than guess from the producer's name.
+    """
+    if etype == "spread":
+        values["is_stale"] = "true" if _staleness.is_stale(values, moment) else "false"
+    elif etype in _MODE_TYPES:
+        mode = values["mode"]
+        if mode is not None and mode not in tables.MODES:
+            raise InvalidEvent(f"must be 'paper' or 'live', got {mode[:20]!r}", field="mode")
 
 
 def to_wire(ev: Event) -> dict[str, Any]:

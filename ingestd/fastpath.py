@@ -145,4 +145,8 @@ def decode(payload: bytes | str, default_event_id: str | None) -> events.Event |
         event_id = default_event_id or events.content_event_id(spec.name, producer, values)
     if "\x00" in event_id or (producer is not None and "\x00" in producer):
         return None
+    try:
+        events.complete(spec.name, values, moment)
+    except InvalidEvent:
+        return None
     return events.Event(spec.name, event_id, producer, moment, values, spec.table)

@@ -121,6 +121,9 @@ class Metrics:
     events_written: collections.Counter[str] = dataclasses.field(
         default_factory=collections.Counter
     )
+    # ingestd_stale_spreads_total{symbol}: committed spreads stored with is_stale (a redelivery
+    # of one counted again, as in events_written)
+    stale_spreads: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)
     # ingestd_events_dead_lettered_total{type}
     events_dead_lettered: collections.Counter[str] = dataclasses.field(
         default_factory=collections.Counter
@@ -173,6 +176,15 @@ class Metrics:
                     self.events_written[ev.type] += 1
         else:
             self.events_written.update([it.event.type for it in items if it.event is not None])
+        if outcome.inserted.get("spreads"):
+            for it in items:
+                ev = it.event
+                if (
+                    ev is not None
+                    and ev.values.get("is_stale") == "true"
+                    and id(it) not in rejected
+                ):
+                    self.stale_spreads[str(ev.values["symbol"])] += 1
         self.commit_latency_seconds.observe_ages(now, [it.enqueued_at for it in items])
 
 
@@ -254,6 +266,12 @@ class MetricsCollector(Collector):
             m.events_dead_lettered,
         )
         yield _labelled("rows_written", "Rows inserted, by table", "table", m.rows_written)
+        yield _labelled(
+            "stale_spreads",
+            "Spreads stored as stale (inputs too far apart or FX rate too old), by symbol",
+            "symbol",
+            m.stale_spreads,
+        )
         yield _counter("duplicates", "Events that were already stored", m.duplicates)
         yield _counter("batches", "Batches committed", m.batches)
         yield _counter("flush_retries", "Batch commits retried after a failure", m.flush_retries)

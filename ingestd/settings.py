@@ -97,6 +97,14 @@ class FxSettings:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class SpreadSettings:
+    """Spreads: when their inputs are stale (with ``fx.ttl_seconds`` for the FX rate's age)."""
+
+    # A spread whose upbit_ts and binance_ts are further apart than this is stored as stale.
+    stale_skew_s: float = 2.0
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class StreamSettings:
     """The Redis Stream intake (DESIGN §4)."""
 
@@ -195,6 +203,7 @@ class Settings:
 
     storage: StorageSettings = StorageSettings()
     fx: FxSettings = FxSettings()
+    spreads: SpreadSettings = SpreadSettings()
     stream: StreamSettings = StreamSettings()
     pipeline: PipelineSettings = PipelineSettings()
     mirror: MirrorSettings = MirrorSettings()

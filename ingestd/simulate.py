@@ -57,11 +57,17 @@ class Simulator:
         start: dt.datetime | None = None,
         tick_s: float = 0.1,
         producer_prefix: str = "sim",
+        stale_fraction: float = 0.01,
     ) -> None:
         unknown = [s for s in symbols if s not in BASE_USDT]
         if unknown:
             raise ValueError(f"unknown symbols {unknown}; known: {sorted(BASE_USDT)}")
         self.rng = random.Random(seed)  # noqa: S311 - a reproducible simulation, not security
+        # Which spreads get stale input times: an RNG of its own, so that the market (and every
+        # event id) of a seed stays what it was before spreads carried their input times.
+        self.stale_rng = random.Random(seed ^ 0x57A1E)  # noqa: S311
+        self.stale_fraction = stale_fraction
+        self.n_stale = 0
         self.seed = seed
         self.symbols = symbols
         self.now = start or dt.datetime.now(dt.UTC).replace(microsecond=0)
@@ -132,6 +138,7 @@ class Simulator:
                     "net_spread_pct": str(net),
                     "is_opportunity": net >= ENTRY_NET_PCT,
                     "timestamp": ts,
+                    **self._input_times(i + 1),
                 }
             )
             pos = self.open.get(sym)
@@ -154,6 +161,26 @@ class Simulator:
                 )
         return out
 
+    def _input_times(self, offset_ms: int) -> dict[str, str]:
+        """When the spread's two prices and its FX rate were taken: a few hundred milliseconds
+        before it, the rate this tick's; a ``stale_fraction`` of spreads instead has a Binance
+        price 3 to 5 s behind, or a rate 5 to 10 s old (ingestd flags both as stale)."""
+        rng = self.stale_rng
+        upbit_ms = offset_ms - rng.randint(20, 300)
+        binance_ms = offset_ms - rng.randint(20, 300)
+        fx_ms = 0
+        if rng.random() < self.stale_fraction:
+            self.n_stale += 1
+            if rng.random() < 0.5:
+                binance_ms -= rng.randint(3000, 5000)
+            else:
+                fx_ms -= rng.randint(5000, 10_000)
+        return {
+            "upbit_ts": self._ts(upbit_ms),
+            "binance_ts": self._ts(binance_ms),
+            "fx_ts": self._ts(fx_ms),
+        }
+
     def _legs(
         self, key: str, sym: str, size: Decimal, upbit: Decimal, binance: Decimal, closing: bool
     ) -> list[dict[str, Any]]:
@@ -172,6 +199,7 @@ class Simulator:
                     "type": "order",
                     "event_id": self._id("ord"),
                     "producer": "paper",
+                    "mode": "paper",
                     "position_key": key,
                     "symbol": sym,
                     "venue": venue,
@@ -203,6 +231,7 @@ class Simulator:
                 "type": "position_open",
                 "event_id": self._id("po"),
                 "producer": "paper",
+                "mode": "paper",
                 "position_key": key,
                 **common,
                 "entry_upbit_price": str(upbit),
@@ -215,6 +244,7 @@ class Simulator:
                 "type": "trade",
                 "event_id": self._id("tr"),
                 "producer": "paper",
+                "mode": "paper",
                 "position_key": key,
                 **common,
                 "side": "OPEN",
@@ -241,6 +271,7 @@ class Simulator:
                 "type": "position_close",
                 "event_id": self._id("pc"),
                 "producer": "paper",
+                "mode": "paper",
                 "position_key": pos.key,
                 "exit_upbit_price": str(upbit),
                 "exit_binance_price": str(binance),
@@ -253,6 +284,7 @@ class Simulator:
                 "type": "trade",
                 "event_id": self._id("tr"),
                 "producer": "paper",
+                "mode": "paper",
                 "position_key": pos.key,
                 **common,
                 "side": "CLOSE",

@@ -46,6 +46,9 @@ BOOL: Final = Boolean()
 EVENT_ID: Final = Varchar(100)
 PRODUCER: Final = Varchar(50)
 POSITION_KEY: Final = Varchar(100)
+# Which book a producer trades: "paper" or "live" (MODES); the column is VARCHAR(10).
+MODE: Final = Varchar(10)
+MODES: Final = frozenset({"paper", "live"})
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -55,6 +58,9 @@ class Table:
     name: str
     time_column: str
     columns: tuple[tuple[str, ColumnType], ...]
+    # Columns ingestd computes from the event (not sent by producers): a redelivery compared
+    # under other settings must not differ in them (they are left out of the conflict check).
+    derived: frozenset[str] = frozenset()
 
     @property
     def column_names(self) -> tuple[str, ...]:
@@ -76,7 +82,14 @@ SPREADS: Final = Table(
         ("net_spread_pct", PCT),
         ("is_opportunity", BOOL),
         ("timestamp", TIME),
+        # The source times of the two prices and of the FX rate (optional), and ingestd's
+        # judgement of them (ingestd.events.Staleness).
+        ("upbit_ts", TIME),
+        ("binance_ts", TIME),
+        ("fx_ts", TIME),
+        ("is_stale", BOOL),
     ),
+    derived=frozenset({"is_stale"}),
 )
 
 FX_RATES: Final = Table(
@@ -109,6 +122,7 @@ ORDERS: Final = Table(
         ("leg_id", Varchar(100)),
         ("order_id", Varchar(100)),
         ("timestamp", TIME),
+        ("mode", MODE),
     ),
 )
 
@@ -128,6 +142,7 @@ TRADES: Final = Table(
         ("pnl_krw", PRICE_KRW),
         ("pnl_pct", PCT),
         ("timestamp", TIME),
+        ("mode", MODE),
     ),
 )
 

@@ -50,7 +50,7 @@ _EXIT: Final = POSITION_CLOSE_COLUMNS[1:-1]
 SQL_RAW_OPEN: Final = f"""
 INSERT INTO positions ({", ".join(POSITION_OPEN_COLUMNS)})
 VALUES ({", ".join(f"${i}" for i in range(1, len(POSITION_OPEN_COLUMNS) + 1))})
-ON CONFLICT (position_key) DO UPDATE SET
+ON CONFLICT (producer, position_key) DO UPDATE SET
     {", ".join(f"{c} = EXCLUDED.{c}" for c in _ENTRY)},
     open_event_id = EXCLUDED.open_event_id,
     updated_at = CURRENT_TIMESTAMP

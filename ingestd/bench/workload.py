@@ -73,7 +73,12 @@ def _column_value(value: Any, kind: tables.ColumnType | None) -> Any:
 
 def append_row(ev: Mapping[str, Any], table: tables.Table) -> tuple[Any, ...]:
     """The binary-COPY row of one append-only event, in the table's column order."""
-    return tuple(_column_value(ev.get(name), kind) for name, kind in table.columns)
+    # A column ingestd derives (a spread's is_stale) is what intake gives an event without
+    # the inputs it is derived from: false.
+    return tuple(
+        False if name in table.derived else _column_value(ev.get(name), kind)
+        for name, kind in table.columns
+    )
 
 
 def position_open_args(ev: Mapping[str, Any]) -> tuple[Any, ...]:

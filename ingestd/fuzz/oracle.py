@@ -273,6 +273,7 @@ async def _positions(
         unlinked = await conn.fetch(
             f"SELECT t.event_id, t.position_key FROM {table} AS t "  # name from a fixed tuple
             "JOIN positions AS p ON p.position_key = t.position_key "
+            "AND p.producer IS NOT DISTINCT FROM t.producer "  # its own producer's position
             "WHERE t.position_id IS DISTINCT FROM p.id"
         )
         for r in unlinked:

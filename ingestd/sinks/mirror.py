@@ -138,7 +138,17 @@ def spread_snapshot(ev: Event) -> dict[str, Any]:
         "timestamp": utc_iso(ev.time),
         "event_id": ev.event_id,
         "producer": ev.producer,
+        # Whether ingestd judged the inputs stale, and their times (null when not sent).
+        "is_stale": v.get("is_stale") == "true",
+        "upbit_ts": _utc_text(v.get("upbit_ts")),
+        "binance_ts": _utc_text(v.get("binance_ts")),
+        "fx_ts": _utc_text(v.get("fx_ts")),
     }
+
+
+def _utc_text(text: str | None) -> str | None:
+    """A validated time's text in the snapshot's UTC form."""
+    return None if text is None else utc_iso(dt.datetime.fromisoformat(text))
 
 
 class RedisMirror:

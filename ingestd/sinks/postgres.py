@@ -8,9 +8,10 @@ through a staging table with ``ON CONFLICT DO NOTHING`` (a staged row whose stor
 content is a conflict: a dead letter, the stored row stays); a row that PostgreSQL rejects for its
 data is isolated by halving, so only it becomes a dead letter and the rest of the batch commits.
 ``positions`` is a plain mutable table, written once per open and once per close under a
-transaction-scoped advisory lock: the first open and the first close of a position that commit
-stand (later ones with other event ids are conflicts), so that they end as one row whatever the
-order and batching of their arrival, across writers and replicas.
+transaction-scoped advisory lock: a position is named by ``(producer, position_key)``, and the
+first open and the first close of a position that commit stand (later ones with other event ids
+are conflicts), so that they end as one row whatever the order and batching of their arrival,
+across writers and replicas.
 """
 
 from __future__ import annotations
@@ -68,21 +69,27 @@ def _unnest(names: Sequence[str]) -> tuple[str, str]:
     return f"unnest({arrays}) AS u({', '.join(names)})", select
 
 
-_OPEN_COLS: Final = ["position_key", "producer", *_ENTRY, "open_event_id"]
+# A position is named by its producer and the producer's key (producer NULL being one name of
+# its own): two producers that use the same key have two positions. Each statement takes the key
+# as two arrays, producers and keys, and matches with IS NOT DISTINCT FROM on the producer.
+_KEYS_FROM: Final = "unnest($1::text[], $2::text[]) AS k(producer, position_key)"
+
+_OPEN_COLS: Final = ["producer", "position_key", *_ENTRY, "mode", "open_event_id"]
 _OPEN_FROM, _OPEN_SELECT = _unnest(_OPEN_COLS)
 # An open takes a row no open has taken yet: a new one, or one a close that repeats the entry
-# columns created before it (the open's entry columns and producer then replace the close's, so
-# that the row ends the same in either order). A row an open already holds is left alone.
+# columns created before it (the open's entry columns then replace the close's, so that the row
+# ends the same in either order; its mode, when it has one, too). A row an open already holds is
+# left alone.
 _SQL_OPEN_MANY: Final = f"""
 INSERT INTO positions ({", ".join(_OPEN_COLS)})
 SELECT {_OPEN_SELECT} FROM {_OPEN_FROM}
-ON CONFLICT (position_key) DO UPDATE SET
+ON CONFLICT (producer, position_key) DO UPDATE SET
     {", ".join(f"{c} = EXCLUDED.{c}" for c in _ENTRY)},
-    producer = EXCLUDED.producer,
+    mode = coalesce(EXCLUDED.mode, positions.mode),
     open_event_id = EXCLUDED.open_event_id,
     updated_at = CURRENT_TIMESTAMP
 WHERE positions.open_event_id IS NULL
-RETURNING position_key, symbol
+RETURNING producer, position_key, symbol
 """
 
 # Apply the parked closes of positions that now exist, and remove them. A position has at most
@@ -90,41 +97,48 @@ RETURNING position_key, symbol
 _SQL_UNPARK: Final = f"""
 WITH parked AS (
     DELETE FROM position_closes_pending AS c
-    USING positions AS p
-    WHERE c.position_key = p.position_key AND c.position_key = ANY($1::text[])
+    USING positions AS p, {_KEYS_FROM}
+    WHERE c.position_key = p.position_key AND c.producer IS NOT DISTINCT FROM p.producer
+      AND c.position_key = k.position_key AND c.producer IS NOT DISTINCT FROM k.producer
     RETURNING c.*
 )
 UPDATE positions AS p SET
     {", ".join(f"{c} = parked.{c}" for c in _EXIT)},
+    mode = coalesce(p.mode, parked.mode),
     status = 'CLOSED',
     close_event_id = parked.event_id,
     updated_at = CURRENT_TIMESTAMP
 FROM parked
-WHERE p.position_key = parked.position_key
+WHERE p.position_key = parked.position_key AND p.producer IS NOT DISTINCT FROM parked.producer
 RETURNING p.symbol
 """
 
-_CLOSE_COLS: Final = ["position_key", *_EXIT, "close_event_id"]
+_CLOSE_COLS: Final = ["producer", "position_key", *_EXIT, "mode", "close_event_id"]
 _CLOSE_FROM, _ = _unnest(_CLOSE_COLS)
 # A close takes a row no close has taken yet; a position that does not exist yet is looked up
 # next (_SQL_STANDING).
 _SQL_CLOSE_MANY: Final = f"""
 UPDATE positions AS p SET
     {", ".join(f"{c} = u.{c}{_CAST.get(c, '').replace('::text', '')}" for c in _EXIT)},
+    mode = coalesce(p.mode, u.mode),
     status = 'CLOSED',
     close_event_id = u.close_event_id,
     updated_at = CURRENT_TIMESTAMP
 FROM {_CLOSE_FROM}
-WHERE p.position_key = u.position_key AND p.close_event_id IS NULL
-RETURNING p.position_key, p.symbol
+WHERE p.position_key = u.position_key AND p.producer IS NOT DISTINCT FROM u.producer
+  AND p.close_event_id IS NULL
+RETURNING p.producer, p.position_key, p.symbol
 """
 
 # The standing open and close of positions an open or close did not take.
-_SQL_STANDING: Final = """
-SELECT k.position_key, p.open_event_id, p.close_event_id, c.event_id AS parked_event_id
-FROM unnest($1::text[]) AS k(position_key)
-LEFT JOIN positions AS p ON p.position_key = k.position_key
-LEFT JOIN position_closes_pending AS c ON c.position_key = k.position_key
+_SQL_STANDING: Final = f"""
+SELECT k.producer, k.position_key, p.open_event_id, p.close_event_id,
+       c.event_id AS parked_event_id
+FROM {_KEYS_FROM}
+LEFT JOIN positions AS p
+    ON p.position_key = k.position_key AND p.producer IS NOT DISTINCT FROM k.producer
+LEFT JOIN position_closes_pending AS c
+    ON c.position_key = k.position_key AND c.producer IS NOT DISTINCT FROM k.producer
 """
 
 _CLOSED_COLS: Final = [
@@ -132,6 +146,7 @@ _CLOSED_COLS: Final = [
     "producer",
     *_ENTRY,
     *_EXIT,
+    "mode",
     "open_event_id",
     "close_event_id",
 ]
@@ -142,7 +157,7 @@ SELECT {_CLOSED_SELECT}, 'CLOSED' FROM {_CLOSED_FROM}
 RETURNING symbol
 """
 
-_PARK_COLS: Final = ["position_key", "event_id", "producer", *_EXIT]
+_PARK_COLS: Final = ["position_key", "event_id", "producer", *_EXIT, "mode"]
 _PARK_FROM, _PARK_SELECT = _unnest(_PARK_COLS)
 # No ON CONFLICT: only a close of a position with no standing close is parked (under the lock),
 # so a conflict here would be a broken invariant, which must fail loudly rather than be skipped.
@@ -161,7 +176,8 @@ RETURNING position_key, event_id, producer, received_at,
         'type', 'position_close', 'event_id', event_id, 'producer', producer,
         'position_key', position_key, 'exit_upbit_price', exit_upbit_price,
         'exit_binance_price', exit_binance_price, 'exit_spread_pct', exit_spread_pct,
-        'pnl_krw', pnl_krw, 'pnl_pct', pnl_pct, 'timestamp_close', timestamp_close
+        'pnl_krw', pnl_krw, 'pnl_pct', pnl_pct, 'timestamp_close', timestamp_close,
+        'mode', mode
     )::text AS payload
 """
 _SQL_PARKED_SUMMARY: Final = """
@@ -182,19 +198,38 @@ def _columns(rows: Sequence[Sequence[str | None]]) -> list[list[str | None]]:
     return [list(col) for col in zip(*rows, strict=True)]
 
 
-def _first_per_key(events: Sequence[tuple[Item, Event]]) -> dict[str, Event]:
+# A position's identity: (producer, position_key).
+PositionId = tuple[str | None, str]
+
+
+def position_id(ev: Event) -> PositionId:
+    """The position an event names: its producer's, by the producer's key."""
+    return ev.producer, str(ev.values["position_key"])
+
+
+def _key_arrays(ids: Collection[PositionId]) -> list[list[str | None]]:
+    """The two arrays ($1 producers, $2 keys) of ``_KEYS_FROM`` for some positions."""
+    ordered = sorted(ids, key=lambda i: (i[0] is not None, i[0] or "", i[1]))
+    return [[p for p, _ in ordered], [k for _, k in ordered]]
+
+
+def _returned_id(r: asyncpg.Record) -> PositionId:
+    return r["producer"], r["position_key"]
+
+
+def _first_per_key(events: Sequence[tuple[Item, Event]]) -> dict[PositionId, Event]:
     """The first event of each position in batch order: the one that stands if any of them."""
-    first: dict[str, Event] = {}
+    first: dict[PositionId, Event] = {}
     for _, ev in events:
-        first.setdefault(str(ev.values["position_key"]), ev)
+        first.setdefault(position_id(ev), ev)
     return first
 
 
 def _settle_positions(
     events: Sequence[tuple[Item, Event]],
-    first: dict[str, Event],
-    written: Collection[str],
-    standing: dict[str, tuple[str, bool]],
+    first: dict[PositionId, Event],
+    written: Collection[PositionId],
+    standing: dict[PositionId, tuple[str, bool]],
     verb: str,
     outcome: BatchOutcome,
 ) -> list[tuple[Item, Event]]:
@@ -207,13 +242,13 @@ def _settle_positions(
     """
     redelivered: list[tuple[Item, Event]] = []
     for item, ev in events:
-        key = str(ev.values["position_key"])
+        key = position_id(ev)
         event_id, parked = standing[key]
         if ev.event_id == event_id:
             if not (key in written and first[key] is ev):
                 redelivered.append((item, ev))
             continue
-        reason = f"conflict: position {key} already {verb} by event {event_id}"
+        reason = f"conflict: position {key[1]} already {verb} by event {event_id}"
         outcome.reject(item, reason + (" (its open has not arrived)" if parked else ""))
     return redelivered
 
@@ -241,19 +276,23 @@ def _numbered(unnest_from: str) -> str:
 _SAME_OPEN_COLS: Final = ["position_key", "producer", *_ENTRY]
 _SAME_OPEN_FROM = _numbered(_unnest(_SAME_OPEN_COLS)[0])
 _SQL_REDELIVERED_OPENS: Final = f"""
-SELECT u.position_key, {_differs_sql(["producer", *_ENTRY], "p")} AS differs
-FROM {_SAME_OPEN_FROM} LEFT JOIN positions AS p ON p.position_key = u.position_key
+SELECT u.position_key, {_differs_sql(_ENTRY, "p")} AS differs
+FROM {_SAME_OPEN_FROM}
+LEFT JOIN positions AS p
+    ON p.position_key = u.position_key AND p.producer IS NOT DISTINCT FROM u.producer
 ORDER BY u.n
 """
 _SAME_CLOSE_COLS: Final = ["position_key", "producer", *_EXIT]
 _SAME_CLOSE_FROM = _numbered(_unnest(_SAME_CLOSE_COLS)[0])
 _SQL_REDELIVERED_CLOSES: Final = f"""
 SELECT u.position_key,
-       CASE WHEN c.position_key IS NOT NULL THEN {_differs_sql(["producer", *_EXIT], "c")}
+       CASE WHEN c.position_key IS NOT NULL THEN {_differs_sql(_EXIT, "c")}
             ELSE {_differs_sql(_EXIT, "p")} END AS differs
 FROM {_SAME_CLOSE_FROM}
-LEFT JOIN position_closes_pending AS c ON c.position_key = u.position_key
-LEFT JOIN positions AS p ON p.position_key = u.position_key
+LEFT JOIN position_closes_pending AS c
+    ON c.position_key = u.position_key AND c.producer IS NOT DISTINCT FROM u.producer
+LEFT JOIN positions AS p
+    ON p.position_key = u.position_key AND p.producer IS NOT DISTINCT FROM u.producer
 ORDER BY u.n
 """
 
@@ -295,9 +334,9 @@ class _PositionsStep:
 
     outcome: BatchOutcome = dataclasses.field(default_factory=BatchOutcome)
     touched: set[str] = dataclasses.field(default_factory=set)
-    keys: set[str] = dataclasses.field(default_factory=set)
+    keys: set[PositionId] = dataclasses.field(default_factory=set)
 
-    def settle(self, outcome: BatchOutcome, touched: set[str], keys: set[str]) -> None:
+    def settle(self, outcome: BatchOutcome, touched: set[str], keys: set[PositionId]) -> None:
         """Add this step's results to the batch's."""
         outcome.duplicates += self.outcome.duplicates
         outcome.rejected.update(self.outcome.rejected)
@@ -309,17 +348,23 @@ class _PositionsStep:
 _LINKED_TABLES: Final = frozenset({"orders", "trades"})
 # Orders and trades that name a position get its id once it exists: both tables, one statement
 # (a data-modifying WITH runs to completion whether or not the outer query reads it).
-_SQL_LINK_BOTH: Final = """
-WITH link_orders AS (
-    UPDATE orders AS t SET position_id = p.id
-    FROM positions AS p
-    WHERE t.position_id IS NULL AND t.position_key IS NOT NULL
-      AND t.position_key = p.position_key AND t.position_key = ANY($1::text[])
+# An order or trade belongs to its own producer's position of that key.
+_SQL_LINK_BOTH: Final = f"""
+WITH k AS MATERIALIZED (
+    SELECT p.id, p.producer, p.position_key
+    FROM {_KEYS_FROM.replace(" AS k(", " AS u(")}
+    JOIN positions AS p
+        ON p.position_key = u.position_key AND p.producer IS NOT DISTINCT FROM u.producer
+), link_orders AS (
+    UPDATE orders AS t SET position_id = k.id
+    FROM k
+    WHERE t.position_id IS NULL AND t.position_key = k.position_key
+      AND t.producer IS NOT DISTINCT FROM k.producer
 )
-UPDATE trades AS t SET position_id = p.id
-FROM positions AS p
-WHERE t.position_id IS NULL AND t.position_key IS NOT NULL
-  AND t.position_key = p.position_key AND t.position_key = ANY($1::text[])
+UPDATE trades AS t SET position_id = k.id
+FROM k
+WHERE t.position_id IS NULL AND t.position_key = k.position_key
+  AND t.producer IS NOT DISTINCT FROM k.producer
 """
 
 # The version of open-count mirror writes: drawn under the positions lock, so that a later
@@ -350,7 +395,9 @@ ON CONFLICT (dedup_key) DO NOTHING
 def _required_fields(table: tables.Table) -> frozenset[str]:
     """The columns validation never leaves NULL (required fields of the table's event type)."""
     spec = next(spec for spec in EVENT_TYPES.values() if spec.table is table)
-    return frozenset(f.name for f in spec.fields if f.required or f.name == "is_opportunity")
+    return frozenset(
+        {f.name for f in spec.fields if f.required or f.name == "is_opportunity"} | table.derived
+    )
 
 
 def _compile_encoder(table: tables.Table) -> Callable[[Sequence[Event]], bytes]:
@@ -417,7 +464,11 @@ _SQL_CREATE_STAGE: Final = {
 
 def _conflicts_sql(table: tables.Table) -> str:
     """Staged rows whose stored row (same event id and time) has other content, and where."""
-    content = [n for n in table.column_names if n not in ("event_id", table.time_column)]
+    content = [
+        n
+        for n in table.column_names
+        if n not in ("event_id", table.time_column) and n not in table.derived
+    ]
     differs = ", ".join(f"CASE WHEN s.{c} IS DISTINCT FROM t.{c} THEN '{c}' END" for c in content)
     return (
         f"SELECT s.ingestd_ordinal, t.{table.time_column} AS stored_time,"
@@ -483,7 +534,7 @@ class _Batch:
     opens: list[tuple[Item, Event]]
     closes: list[tuple[Item, Event]]
     dead: list[DeadLetter]
-    linked_keys: set[str]
+    linked_keys: set[PositionId]
     needs_lock: bool
 
     @classmethod
@@ -498,7 +549,7 @@ class _Batch:
         opens: list[tuple[Item, Event]] = []
         closes: list[tuple[Item, Event]] = []
         dead: list[DeadLetter] = []
-        linked: set[str] = set()
+        linked: set[PositionId] = set()
         for item in items:
             ev = item.event
             if ev is None:
@@ -515,7 +566,7 @@ class _Batch:
                 if name in _LINKED_TABLES:
                     position_key = ev.values.get("position_key")
                     if position_key is not None:
-                        linked.add(position_key)
+                        linked.add((ev.producer, position_key))
             elif ev.type == "position_open":
                 opens.append((item, ev))
             elif ev.type == "position_close":
@@ -594,7 +645,7 @@ class PostgresSink:
             if batch.needs_lock:
                 await conn.execute("SELECT pg_advisory_xact_lock($1)", POSITIONS_LOCK_ID)
             touched: set[str] = set()
-            keys: set[str] = set()
+            keys: set[PositionId] = set()
             if batch.opens or batch.closes:
                 if careful:
                     await self._positions(conn, batch.opens, batch.closes, outcome, touched, keys)
@@ -604,7 +655,7 @@ class PostgresSink:
                     )
             keys |= batch.linked_keys
             if keys:
-                await conn.execute(_SQL_LINK_BOTH, sorted(keys))
+                await conn.execute(_SQL_LINK_BOTH, *_key_arrays(keys))
             for item in batch.items:
                 reason = outcome.rejected.get(id(item))
                 if reason is not None and item.event is not None:
@@ -706,7 +757,7 @@ class PostgresSink:
         closes: Sequence[tuple[Item, Event]],
         outcome: BatchOutcome,
         touched: set[str],
-        keys: set[str],
+        keys: set[PositionId],
     ) -> None:
         """All the batch's opens and closes in a few set-based statements; one by one (each in
         a savepoint, so that a bad one alone is rejected) only when the database refuses data.
@@ -730,7 +781,7 @@ class PostgresSink:
         opens: Sequence[tuple[Item, Event]],
         closes: Sequence[tuple[Item, Event]],
         touched: set[str],
-        keys: set[str],
+        keys: set[PositionId],
         outcome: BatchOutcome,
     ) -> None:
         """Opens, then closes, write-once: in batch order the first of a position stands.
@@ -742,11 +793,11 @@ class PostgresSink:
         if opens:
             first_open = _first_per_key(opens)
             rows = [
-                [k, ev.producer, *(ev.values[c] for c in _ENTRY), ev.event_id]
-                for k, ev in first_open.items()
+                [p, k, *(ev.values[c] for c in _ENTRY), ev.values["mode"], ev.event_id]
+                for (p, k), ev in first_open.items()
             ]
             taken = {
-                r["position_key"]: r["symbol"]
+                _returned_id(r): r["symbol"]
                 for r in await conn.fetch(_SQL_OPEN_MANY, *_columns(rows))
             }
             touched.update(taken.values())
@@ -754,10 +805,10 @@ class PostgresSink:
             standing = {k: (first_open[k].event_id, False) for k in taken}
             others = [k for k in first_open if k not in taken]
             if others:
-                for r in await conn.fetch(_SQL_STANDING, others):
-                    standing[r["position_key"]] = (r["open_event_id"], False)
+                for r in await conn.fetch(_SQL_STANDING, *_key_arrays(others)):
+                    standing[_returned_id(r)] = (r["open_event_id"], False)
             if taken:
-                for r in await conn.fetch(_SQL_UNPARK, sorted(taken)):
+                for r in await conn.fetch(_SQL_UNPARK, *_key_arrays(taken)):
                     touched.add(r["symbol"])
             again = _settle_positions(opens, first_open, taken.keys(), standing, "opened", outcome)
             await _check_redelivered(conn, again, "opened", outcome)
@@ -765,19 +816,21 @@ class PostgresSink:
             return
         first_close = _first_per_key(closes)
         keys.update(first_close)
-        rows = [[k, *(ev.values[c] for c in _EXIT), ev.event_id] for k, ev in first_close.items()]
+        rows = [
+            [p, k, *(ev.values[c] for c in _EXIT), ev.values["mode"], ev.event_id]
+            for (p, k), ev in first_close.items()
+        ]
         taken = {
-            r["position_key"]: r["symbol"]
-            for r in await conn.fetch(_SQL_CLOSE_MANY, *_columns(rows))
+            _returned_id(r): r["symbol"] for r in await conn.fetch(_SQL_CLOSE_MANY, *_columns(rows))
         }
         touched.update(taken.values())
         standing = {k: (first_close[k].event_id, False) for k in taken}
         written = set(taken)
         others = [k for k in first_close if k not in taken]
-        whole: list[tuple[str, Event]] = []
-        wait: list[tuple[str, Event]] = []
-        for r in await conn.fetch(_SQL_STANDING, others) if others else []:
-            k = r["position_key"]
+        whole: list[tuple[PositionId, Event]] = []
+        wait: list[tuple[PositionId, Event]] = []
+        for r in await conn.fetch(_SQL_STANDING, *_key_arrays(others)) if others else []:
+            k = _returned_id(r)
             if r["close_event_id"] is not None:
                 standing[k] = (r["close_event_id"], False)
             elif r["parked_event_id"] is not None:
@@ -790,13 +843,14 @@ class PostgresSink:
             rows = [
                 [
                     k,
-                    ev.producer,
+                    p,
                     *(ev.values[c] for c in _ENTRY),
                     *(ev.values[c] for c in _EXIT),
+                    ev.values["mode"],
                     None,
                     ev.event_id,
                 ]
-                for k, ev in whole
+                for (p, k), ev in whole
             ]
             inserted = await conn.fetch(_SQL_INSERT_CLOSED_MANY, *_columns(rows))
             touched.update(r["symbol"] for r in inserted)
@@ -804,7 +858,10 @@ class PostgresSink:
             written.update(k for k, _ in whole)
         # ...the others wait for it.
         if wait:
-            rows = [[k, ev.event_id, ev.producer, *(ev.values[c] for c in _EXIT)] for k, ev in wait]
+            rows = [
+                [k, ev.event_id, p, *(ev.values[c] for c in _EXIT), ev.values["mode"]]
+                for (p, k), ev in wait
+            ]
             await conn.execute(_SQL_PARK_MANY, *_columns(rows))
             standing.update((k, (ev.event_id, True)) for k, ev in wait)
             written.update(k for k, _ in wait)
@@ -818,7 +875,7 @@ class PostgresSink:
         closes: Sequence[tuple[Item, Event]],
         outcome: BatchOutcome,
         touched: set[str],
-        keys: set[str],
+        keys: set[PositionId],
     ) -> None:
         """The same, one event at a time in batch order, each in a savepoint of its own."""
         for item, ev in [*opens, *closes]:

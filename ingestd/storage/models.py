@@ -145,6 +145,11 @@ class SpreadOpportunity(_Model):
     net_spread_pct: D
     is_opportunity: bool = False
     timestamp: dt.datetime
+    # When the two prices and the FX rate were taken (optional): ingestd flags the spread as
+    # stale when they are too far apart or the rate too old.
+    upbit_ts: dt.datetime | None = None
+    binance_ts: dt.datetime | None = None
+    fx_ts: dt.datetime | None = None
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
@@ -176,6 +181,7 @@ class OrderLeg(_Model):
     leg_id: str
     order_id: str | None = None
     timestamp: dt.datetime
+    mode: str | None = None  # "paper" or "live"; absent: the producer's name if it is one
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
@@ -194,6 +200,7 @@ class Trade(_Model):
     pnl_krw: D | None = None
     pnl_pct: D | None = None
     timestamp: dt.datetime
+    mode: str | None = None  # "paper" or "live"; absent: the producer's name if it is one
 
 
 OPEN = "OPEN"
@@ -226,6 +233,7 @@ class Position(_Model):
     status: str = OPEN
     timestamp_open: dt.datetime
     timestamp_close: dt.datetime | None = None
+    mode: str | None = None  # "paper" or "live"; absent: the producer's name if it is one
 
     def _event_type(self) -> str:
         if self.status == CLOSED:

@@ -247,8 +247,9 @@ class CacheKeys:
         for name in _SPREAD_NUMERIC:
             if isinstance(obj.get(name), str):
                 obj[name] = D(obj[name])
-        if isinstance(obj.get("timestamp"), str):
-            obj["timestamp"] = dt.datetime.fromisoformat(obj["timestamp"])
+        for name in ("timestamp", "upbit_ts", "binance_ts", "fx_ts"):
+            if isinstance(obj.get(name), str):
+                obj[name] = dt.datetime.fromisoformat(obj[name])
         return obj
 
     @staticmethod

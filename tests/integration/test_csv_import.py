@@ -513,3 +513,49 @@ async def test_a_password_in_a_driver_error_is_redacted(
     assert f"ingestd {command}: cannot connect to postgresql://owner:***" in text, text
     assert "ValueError: invalid literal for int()" in text
     assert secret not in text
+
+
+# --- paper and live apart, stale inputs ----------------------------------------------------------
+
+
+async def test_positions_of_two_producers_with_one_key_and_spreads_with_input_times(
+    settings: Settings, db: asyncpg.Connection, tmp_path: Path
+) -> None:
+    entry = "BTC,d,1,1,1,1"
+    write_csv(
+        tmp_path / "positions.csv",
+        POSITION_HEADER + ",producer,mode",
+        [
+            f"pos_1,{entry},,,,,,OPEN,2025-11-15T03:00:00Z,,paper,paper",
+            f"pos_1,{entry},,,,,,OPEN,2025-11-15T03:00:00Z,,live,live",
+            f"pos_1,{entry},2,2,2,5.5,1,CLOSED,2025-11-15T03:00:00Z,2025-11-15T04:00:00Z,live,",
+        ],
+    )
+    t = "2025-11-15T03:40:15Z"
+    write_csv(
+        tmp_path / "spreads.csv",
+        SPREAD_HEADER + ",upbit_ts,binance_ts,fx_ts",
+        [
+            f"BTC,1,1,1,1,1,false,{t},{t},{t},{t}",
+            f"ETH,1,1,1,1,1,false,{t},{t},2025-11-15T03:40:11Z,{t}",
+            f"XRP,1,1,1,1,1,false,{t},,,",
+        ],
+    )
+    code, summary, err = await imported(settings, tmp_path)
+    assert code == 0, err
+    rows = {
+        r["producer"]: r
+        for r in await db.fetch("SELECT * FROM positions WHERE position_key = 'pos_1'")
+    }
+    assert set(rows) == {"paper", "live"}
+    assert (rows["paper"]["status"], rows["paper"]["mode"]) == ("OPEN", "paper")
+    assert (rows["live"]["status"], rows["live"]["mode"]) == ("CLOSED", "live")
+    assert rows["live"]["pnl_krw"] == D("5.50")
+    # Two positions inserted (one per producer), the close of one of them already there.
+    line = next(x for x in summary.splitlines() if x.startswith("positions "))
+    assert line.split()[3:6] == ["3", "2", "1"]
+    stale = {r["symbol"]: r["is_stale"] for r in await db.fetch("SELECT * FROM spreads")}
+    assert stale == {"BTC": False, "ETH": True, "XRP": False}
+    # Importing again adds nothing: each (producer, key) is there already.
+    assert (await imported(settings, tmp_path))[0] == 0
+    assert (await counts(db))["positions"] == 2

@@ -332,9 +332,14 @@ async def test_hypertable_ready_keys(db: asyncpg.Connection, table: tables.Table
 
 
 async def test_positions_and_dead_letter_keys(db: asyncpg.Connection) -> None:
-    assert await _keys(db, "positions") == {("p", ("id",)), ("u", ("position_key",))}
+    # A position is named by its producer and key (migration 0008), NULL producer included.
+    assert await _keys(db, "positions") == {("p", ("id",)), ("u", ("producer", "position_key"))}
     assert ("u", ("dedup_key",)) in await _keys(db, "dead_letters")
-    assert ("p", ("position_key",)) in await _keys(db, "position_closes_pending")
+    assert await _keys(db, "position_closes_pending") == {("u", ("producer", "position_key"))}
+    nulls_not_distinct = await db.fetch(
+        "SELECT indrelid::regclass::text AS t FROM pg_index WHERE indnullsnotdistinct"
+    )
+    assert {"positions", "position_closes_pending"} <= {r["t"] for r in nulls_not_distinct}
 
 
 # --- time_bucket ---------------------------------------------------------------------------

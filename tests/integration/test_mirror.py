@@ -460,6 +460,7 @@ async def test_open_counts_from_the_sink_match_the_database(
         }
         close = {
             "type": "position_close",
+            "producer": "paper",  # a position is its producer's
             "exit_upbit_price": "1",
             "exit_binance_price": "1",
             "exit_spread_pct": "1",

@@ -1171,7 +1171,7 @@ async def test_an_open_with_another_event_id_after_the_close_changes_nothing(
     await sink.write([item(pos_open("p3", eid="open-3"))])
     await sink.write([item(pos_close("p3"))])
     before = await position(conn, "p3")
-    other = {**pos_open("p3", "ETH", eid="open-4"), "size": "5", "producer": "live"}
+    other = {**pos_open("p3", "ETH", eid="open-4"), "size": "5", "mode": "live"}
     late = item(other)
     outcome = await sink.write([late])
     assert outcome.rejected == {id(late): "conflict: position p3 already opened by event open-3"}
@@ -1248,14 +1248,14 @@ async def test_a_parked_close_stands_against_later_closes(
 async def test_close_before_open_ends_as_the_same_row_as_open_then_close(
     sink: PostgresSink, conn: asyncpg.Connection
 ) -> None:
-    # The close repeats entry columns that differ from the open's (and comes from another
-    # producer): the open's entry columns and producer stand, whichever lands first.
+    # The close repeats entry columns that differ from the open's (and names another mode):
+    # the open's entry columns and mode stand, whichever lands first.
     def events_of(key: str) -> tuple[dict[str, Any], dict[str, Any]]:
-        opened = pos_open(key, eid=f"o-{key}")
+        opened = {**pos_open(key, eid=f"o-{key}"), "mode": "paper"}
         closed = {
             **pos_close(key, "ETH", with_entry=True, eid=f"c-{key}"),
             "size": "9",
-            "producer": "live",
+            "mode": "live",
         }
         return opened, closed
 
@@ -1265,11 +1265,11 @@ async def test_close_before_open_ends_as_the_same_row_as_open_then_close(
     o, c = events_of("ba")
     await sink.write([item(c)])
     await sink.write([item(o)])
-    columns = [*(n for n, _ in tables.POSITION_ENTRY_COLUMNS), "producer", "status"]
+    columns = [*(n for n, _ in tables.POSITION_ENTRY_COLUMNS), "producer", "mode", "status"]
     columns += [n for n, _ in tables.POSITION_EXIT_COLUMNS]
     ab, ba = (await position(conn, "ab")), (await position(conn, "ba"))
     assert {c: ab[c] for c in columns} == {c: ba[c] for c in columns}
-    assert (ba["symbol"], ba["size"], ba["producer"]) == ("BTC", D("0.01"), "paper")
+    assert (ba["symbol"], ba["size"], ba["mode"]) == ("BTC", D("0.01"), "paper")
     assert (ba["open_event_id"], ba["close_event_id"]) == ("o-ba", "c-ba")
 
 

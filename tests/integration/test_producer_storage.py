@@ -167,7 +167,9 @@ async def test_async_postgres_storage_stream_and_in_process(
             await storage.flush()
             assert storage.round_trips <= 10
         assert await wait_count(db, "SELECT count(*) FROM spreads", 120) == 120
-        local = AsyncPostgresStorage.in_process(service, producer="paper")
+        # The same producer: a position is its producer's (another producer's close of
+        # pos_010 would name a position of its own).
+        local = AsyncPostgresStorage.in_process(service, producer="live")
         for i in range(120, 180):
             await local.log_spread(spread(i))
         await local.log_position_close(closed(position("pos_010")))

@@ -45,6 +45,10 @@ VALID: dict[str, tuple[dict[str, Any], dict[str, str | None]]] = {
             "net_spread_pct": "2.9836",
             "is_opportunity": "true",
             "timestamp": "2025-11-15T12:40:15.123+09:00",
+            "upbit_ts": None,
+            "binance_ts": None,
+            "fx_ts": None,
+            "is_stale": "false",
         },
     ),
     "fx_rate": (
@@ -93,6 +97,7 @@ VALID: dict[str, tuple[dict[str, Any], dict[str, str | None]]] = {
             "leg_id": "pos_001_leg_0",
             "order_id": "UPBIT-77",
             "timestamp": "2025-11-15T03:40:15.000001+00:00",
+            "mode": None,
         },
     ),
     "trade": (
@@ -122,6 +127,7 @@ VALID: dict[str, tuple[dict[str, Any], dict[str, str | None]]] = {
             "pnl_krw": "-12345.68",
             "pnl_pct": "-0.1235",
             "timestamp": "2025-11-15T03:40:15.5-05:30",
+            "mode": None,
         },
     ),
     "position_open": (
@@ -147,6 +153,7 @@ VALID: dict[str, tuple[dict[str, Any], dict[str, str | None]]] = {
             "entry_binance_price": "98012.12345678",
             "entry_spread_pct": "3.1836",
             "timestamp_open": "2025-11-15T03:40:15.123+00:00",
+            "mode": None,
         },
     ),
     "position_close": (
@@ -177,6 +184,7 @@ VALID: dict[str, tuple[dict[str, Any], dict[str, str | None]]] = {
             "entry_binance_price": None,
             "entry_spread_pct": None,
             "timestamp_open": None,
+            "mode": None,
         },
     ),
     "heartbeat": (
