@@ -72,6 +72,8 @@ class Ev:
 
 
 def _universe() -> list[Ev]:
+    # One producer: a position is named by (producer, position_key), so another producer's
+    # open or close of the same key is another position (tests/integration/test_modes_and_stale).
     out: list[Ev] = []
     for k in KEYS:
         out += [
@@ -79,7 +81,7 @@ def _universe() -> list[Ev]:
             Ev(
                 "open",
                 k,
-                {**pos_open(k, "ETH", eid=f"open-{k}-b"), "size": "2", "producer": "live"},
+                {**pos_open(k, "ETH", eid=f"open-{k}-b"), "size": "2"},
             ),
             Ev("open", k, pos_open(k, eid=f"open-{k}-bad"), bad=True),
             Ev("close", k, pos_close(k, eid=f"close-{k}-a")),
@@ -90,7 +92,6 @@ def _universe() -> list[Ev]:
                     **pos_close(k, "XRP", with_entry=True, eid=f"close-{k}-b"),
                     **EXIT_B,
                     "size": "3",
-                    "producer": "live",
                 },
             ),
             Ev("close", k, {**pos_close(k, eid=f"close-{k}-c"), **EXIT_B}),
