@@ -192,6 +192,11 @@ GROUP_FUNCTIONS: dict[str, tuple[set[str], str]] = {
         "recomputes daily_pnl_summary or hourly_spread_avg from the tables: writes only the "
         "materialized view, reads the tables, refuses any other name",
     ),
+    "ingestd_queue_backfill(timestamp with time zone,timestamp with time zone)": (
+        {WRITER_GROUP},
+        "appends one hour range to ingestd_aggregate_backfill (the continuous aggregate's refresh "
+        "queue); deletes nothing, changes no data table",
+    ),
     "time_bucket(interval,timestamp with time zone)": (
         {WRITER_GROUP, READER_GROUP},
         "plain PostgreSQL only (TimescaleDB brings its own): IMMUTABLE SQL over date_bin(), "
