@@ -594,3 +594,76 @@ $$;
 
 -- Taken under the positions advisory lock, so that its values follow the order of the counts.
 CREATE SEQUENCE ingestd_open_count_version AS BIGINT;
+
+-- ================================================================================================
+-- Refresh queue of the continuous aggregate for hours before its policy's window (migration 0011)
+-- ================================================================================================
+
+-- A batch that commits spreads older than hourly_spread_avg's refresh window queues their hours
+-- here in its own transaction; ingestd's maintenance refreshes them (TimescaleDB only).
+CREATE TABLE ingestd_aggregate_backfill (
+    id BIGSERIAL PRIMARY KEY,
+    range_start TIMESTAMPTZ NOT NULL,
+    range_end TIMESTAMPTZ NOT NULL,
+    queued_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+    CONSTRAINT ingestd_aggregate_backfill_range_check CHECK (range_start < range_end)
+);
+
+-- Queues [the hour of oldest, the end of the hour of newest) for a refresh of hourly_spread_avg,
+-- cut at the start of the refresh policy's window (its policy refreshes the rest). Returns true
+-- when a range was queued: only on TimescaleDB, and only when oldest lies before that window.
+-- SECURITY DEFINER: the writer role appends to the queue only through this function.
+CREATE OR REPLACE FUNCTION ingestd_queue_backfill(oldest TIMESTAMPTZ, newest TIMESTAMPTZ)
+RETURNS BOOLEAN
+LANGUAGE plpgsql SECURITY DEFINER
+AS $fn$
+DECLARE
+    window_start TIMESTAMPTZ := 'infinity';
+    lo TIMESTAMPTZ;
+    hi TIMESTAMPTZ;
+    start_offset INTERVAL;
+BEGIN
+    IF oldest IS NULL OR newest IS NULL OR newest < oldest THEN
+        RAISE EXCEPTION 'ingestd_queue_backfill: need oldest <= newest'
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    -- Nested IFs: one expression naming timescaledb_information would fail on plain PostgreSQL.
+    IF NOT EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'timescaledb') THEN
+        RETURN FALSE;
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM timescaledb_information.continuous_aggregates
+                   WHERE view_name = 'hourly_spread_avg'
+                     AND format('%I.%I', view_schema, view_name)::regclass
+                         = to_regclass('hourly_spread_avg')) THEN
+        RETURN FALSE;
+    END IF;
+    SELECT (j.config ->> 'start_offset')::INTERVAL INTO start_offset
+    FROM timescaledb_information.jobs j
+    WHERE j.proc_name = 'policy_refresh_continuous_aggregate'
+      AND j.hypertable_name = 'hourly_spread_avg';
+    IF start_offset IS NOT NULL THEN
+        -- The policy's next run refreshes hours from this one on (rounded down: an hour the
+        -- window only partly covers is refreshed here too, harmlessly).
+        window_start := date_trunc('hour', (now() - start_offset) AT TIME ZONE 'UTC')
+                        AT TIME ZONE 'UTC';
+    END IF;
+    lo := date_trunc('hour', oldest AT TIME ZONE 'UTC') AT TIME ZONE 'UTC';
+    hi := least(date_trunc('hour', newest AT TIME ZONE 'UTC') AT TIME ZONE 'UTC'
+                + INTERVAL '1 hour', window_start + INTERVAL '1 hour',
+                -- never the current hour: it comes from the raw rows until it is over
+                date_trunc('hour', now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC');
+    IF lo >= hi OR lo > window_start THEN
+        RETURN FALSE;
+    END IF;
+    INSERT INTO ingestd_aggregate_backfill (range_start, range_end) VALUES (lo, hi);
+    RETURN TRUE;
+END
+$fn$;
+
+DO $$
+BEGIN
+    EXECUTE format('ALTER FUNCTION ingestd_queue_backfill(timestamptz, timestamptz) '
+                   'SET search_path = pg_catalog, %I, pg_temp', current_schema());
+    REVOKE ALL ON FUNCTION ingestd_queue_backfill(timestamptz, timestamptz) FROM PUBLIC;
+END
+$$;
