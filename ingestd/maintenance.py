@@ -68,6 +68,12 @@ _LOCK_IDS: Final = {
     for i, task in enumerate((TASK_POLICIES, TASK_RETENTION, TASK_REFRESH, TASK_METRICS))
 } | {TASK_BACKFILL: _LOCK_BASE + 4}
 
+
+def advisory_lock_id(task: str) -> int:
+    """The advisory-lock key of a task (a replica holding it has that task's round)."""
+    return _LOCK_IDS[task]
+
+
 # The continuous aggregate the backfill refreshes (a fixed identifier, never a value).
 BACKFILL_VIEW: Final = "hourly_spread_avg"
 # One CALL refreshes at most this much history, so that each statement stays well inside the

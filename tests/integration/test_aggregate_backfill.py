@@ -9,9 +9,11 @@ policy itself has run (``run_job``), on TimescaleDB and on plain PostgreSQL.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import io
 import random
+import uuid
 from collections.abc import AsyncIterator
 from decimal import Decimal
 from pathlib import Path
@@ -21,10 +23,12 @@ import pytest
 import redis.asyncio as aioredis
 
 from ingestd import db as ingestd_db
+from ingestd import migrations
 from ingestd.csv_import import run_import
-from ingestd.maintenance import TASK_BACKFILL, TASK_REFRESH, Maintenance
+from ingestd.maintenance import TASK_BACKFILL, TASK_REFRESH, Maintenance, advisory_lock_id
 from ingestd.settings import Settings
 from ingestd.sinks.postgres import PostgresSink
+from tests.conftest import PgServer
 from tests.integration import test_timescale_layer as layer
 from tests.integration.test_postgres_sink import item, spread
 from tests.samples import SPREAD_HEADER
@@ -245,3 +249,130 @@ async def test_late_spreads_through_the_sink_land_in_old_hours(
     stored = await hourly(conn, AGGREGATE)
     assert stored[(old, "BTC")][2] == Decimal("9.0000")
     assert (old - dt.timedelta(days=1), "ETH") in stored
+
+
+@pytest.fixture
+async def timescale_dsn(timescale_server: PgServer) -> AsyncIterator[str]:
+    """An empty TimescaleDB database (migrated by the test)."""
+    name = f"ingestd_bf_{uuid.uuid4().hex[:12]}"
+    admin = await asyncpg.connect(timescale_server.admin_dsn)
+    try:
+        await admin.execute(f"CREATE DATABASE {name}")
+    finally:
+        await admin.close()
+    yield layer.with_db(timescale_server.admin_dsn, name)
+    admin = await asyncpg.connect(timescale_server.admin_dsn)
+    try:
+        await admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+    finally:
+        await admin.close()
+
+
+async def insert_spreads(
+    conn: asyncpg.Connection, first: dt.datetime, hours: int, symbol: str = "BTC"
+) -> None:
+    """Four spreads in each of ``hours`` hours from ``first`` (as any earlier writer did)."""
+    await conn.execute(
+        "INSERT INTO spreads (event_id, symbol, upbit_price, binance_price, binance_price_krw,"
+        " spread_pct, net_spread_pct, timestamp)"
+        " SELECT 'pre-' || $2 || '-' || g, $2, 1, 1, 1, (g % 97) / 10.0, (g % 89) / 10.0,"
+        " $1::timestamptz + make_interval(mins => g * 15)"
+        " FROM generate_series(0, $3 * 4 - 1) AS g",
+        first,
+        symbol,
+        hours,
+    )
+
+
+@pytest.mark.timescale
+async def test_migration_0011_queues_the_history_the_policy_never_materialized(
+    timescale_dsn: str, redis_url: str
+) -> None:
+    """A database of the earlier layer, whose policy has moved the watermark past months of
+    history: after migrating, one maintenance round makes the aggregate agree."""
+    now = dt.datetime.now(UTC).replace(minute=0, second=0, microsecond=0)
+    every = migrations.load_migrations()
+    conn = await asyncpg.connect(timescale_dsn)
+    try:
+        await migrations.migrate(conn, [m for m in every if m.version < 11])
+        await insert_spreads(conn, now - dt.timedelta(days=40), 40 * 24 - 2)
+        await run_refresh_policy(conn)
+        with pytest.raises(AssertionError, match="hours missing"):
+            await assert_agree(conn)  # the defect this migration repairs
+        await migrations.migrate(conn, every)
+        assert await conn.fetchval("SELECT count(*) FROM ingestd_aggregate_backfill") == 1
+        settings = make_settings(timescale_dsn, redis_url)
+        pool = await ingestd_db.create_pool(settings.storage.postgres)
+        try:
+            m = Maintenance(pool, None, settings=settings.maintenance, retention=settings.retention)
+            result = await m.run_task(TASK_BACKFILL, force=True)
+        finally:
+            await pool.close()
+        assert result is not None and result.ran, result
+        assert await conn.fetchval("SELECT count(*) FROM ingestd_aggregate_backfill") == 0
+        assert await assert_agree(conn) == 40 * 24 - 2
+    finally:
+        await conn.close()
+
+
+@pytest.mark.timescale
+async def test_a_failed_refresh_keeps_the_hours_queued_and_one_replica_drains_at_a_time(
+    timescale_dsn: str, redis_url: str
+) -> None:
+    """The queue survives a refresh that fails (here: it cannot get its lock before the
+    statement timeout); while one replica drains, another skips the round."""
+    now = dt.datetime.now(UTC).replace(minute=0, second=0, microsecond=0)
+    conn = await asyncpg.connect(timescale_dsn)
+    blocker = await asyncpg.connect(timescale_dsn)
+    settings = make_settings(timescale_dsn, redis_url)
+    quick = dataclasses.replace(settings.maintenance, statement_timeout_s=1.0)
+    pool = await ingestd_db.create_pool(settings.storage.postgres)
+    try:
+        await migrations.migrate(conn)
+        await run_refresh_policy(conn)
+        old = now - dt.timedelta(days=10)
+        sink = PostgresSink(pool)
+        stamp = old.isoformat().replace("+00:00", "Z")
+        await sink.write([item(spread("late-a", ts=stamp))])
+        assert await conn.fetchval("SELECT count(*) FROM ingestd_aggregate_backfill") == 1
+        first = Maintenance(pool, None, settings=quick, retention=settings.retention)
+        second = Maintenance(pool, None, settings=quick, retention=settings.retention)
+
+        # Another session holds the materialization table: the refresh times out.
+        mat = await conn.fetchval(
+            "SELECT format('%I.%I', materialization_hypertable_schema,"
+            " materialization_hypertable_name) FROM timescaledb_information.continuous_aggregates"
+            " WHERE view_name = 'hourly_spread_avg'"
+        )
+        tx = blocker.transaction()
+        await tx.start()
+        await blocker.execute(f"LOCK TABLE {mat} IN ACCESS EXCLUSIVE MODE")
+        assert await first.run_task(TASK_BACKFILL, force=True) is None  # failed, recorded
+        assert first.failures == 1
+        await tx.rollback()
+        assert await conn.fetchval("SELECT count(*) FROM ingestd_aggregate_backfill") == 1
+        row = await conn.fetchrow(
+            "SELECT last_status, failures FROM ingestd_maintenance WHERE task = $1", TASK_BACKFILL
+        )
+        assert row is not None and (row["last_status"], row["failures"]) == ("failed", 1)
+
+        # A replica that holds the backfill lock: the other one skips its round.
+        holder = await asyncpg.connect(timescale_dsn)
+        try:
+            assert await holder.fetchval(
+                "SELECT pg_try_advisory_lock($1)", advisory_lock_id(TASK_BACKFILL)
+            )
+            skipped = await second.run_task(TASK_BACKFILL, force=True)
+            assert skipped is not None and not skipped.ran
+        finally:
+            await holder.close()  # its session lock goes with it
+        done = await second.run_task(TASK_BACKFILL, force=True)
+        assert done is not None and done.ran
+        assert await conn.fetchval("SELECT count(*) FROM ingestd_aggregate_backfill") == 0
+        assert (
+            await conn.fetchval("SELECT count(*) FROM hourly_spread_avg WHERE hour = $1", old) == 1
+        )
+    finally:
+        await pool.close()
+        await blocker.close()
+        await conn.close()
