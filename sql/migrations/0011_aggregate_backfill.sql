@@ -78,6 +78,83 @@ BEGIN
 END
 $$;
 
+-- TimescaleDB: the owner's job that drains the queue, for deployments where `ingestd run` is a
+-- writer login (refresh_continuous_aggregate needs the ownership of the aggregate and cannot run in
+-- a function, but may in a job's procedure, which commits between ranges). ingestd's maintenance
+-- drains the same queue when it runs as the owner; both take the same session advisory lock
+-- (ingestd.maintenance's key of backfill_aggregates, 0x1D6E604), so one drains at a time. No SET
+-- clause (it would forbid COMMIT): the schema is written into the body when it is created.
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'timescaledb') THEN
+        RETURN;
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM timescaledb_information.continuous_aggregates
+                   WHERE view_name = 'hourly_spread_avg' AND view_schema = current_schema()) THEN
+        RETURN;
+    END IF;
+    EXECUTE format($proc$
+CREATE OR REPLACE PROCEDURE %1$I.ingestd_backfill_job(job_id INTEGER, config JSONB)
+LANGUAGE plpgsql
+AS $body$
+DECLARE
+    ids BIGINT[];
+    starts TIMESTAMPTZ[];
+    ends TIMESTAMPTZ[];
+    cur_start TIMESTAMPTZ;
+    cur_end TIMESTAMPTZ;
+    cur_ids BIGINT[] := '{}';
+    step_start TIMESTAMPTZ;
+    i INTEGER;
+BEGIN
+    IF NOT pg_catalog.pg_try_advisory_lock(30860804) THEN
+        RETURN;  -- ingestd's maintenance is draining it now
+    END IF;
+    SELECT pg_catalog.array_agg(q.id ORDER BY q.range_start, q.id),
+           pg_catalog.array_agg(q.range_start ORDER BY q.range_start, q.id),
+           pg_catalog.array_agg(q.range_end ORDER BY q.range_start, q.id)
+      INTO ids, starts, ends
+    FROM %1$I.ingestd_aggregate_backfill q;
+    -- Overlapping or adjacent ranges merged; each merged range refreshed a day per call, then
+    -- its rows removed and committed, so a failure keeps only the unfinished ranges queued.
+    FOR i IN 1 .. coalesce(pg_catalog.cardinality(ids), 0) + 1 LOOP
+        IF i <= pg_catalog.cardinality(ids) AND cur_start IS NOT NULL
+           AND starts[i] <= cur_end THEN
+            cur_end := greatest(cur_end, ends[i]);
+            cur_ids := cur_ids || ids[i];
+            CONTINUE;
+        END IF;
+        IF cur_start IS NOT NULL THEN
+            step_start := cur_start;
+            WHILE step_start < cur_end LOOP
+                CALL %2$I.refresh_continuous_aggregate(
+                    '%1$I.hourly_spread_avg',
+                    step_start, least(cur_end, step_start + INTERVAL '1 day'));
+                step_start := step_start + INTERVAL '1 day';
+            END LOOP;
+            DELETE FROM %1$I.ingestd_aggregate_backfill WHERE id = ANY (cur_ids);
+            COMMIT;
+        END IF;
+        IF i <= pg_catalog.cardinality(ids) THEN
+            cur_start := starts[i];
+            cur_end := ends[i];
+            cur_ids := ARRAY[ids[i]];
+        END IF;
+    END LOOP;
+    PERFORM pg_catalog.pg_advisory_unlock(30860804);
+END
+$body$
+$proc$, current_schema(),
+        (SELECT n.nspname FROM pg_extension e JOIN pg_namespace n ON n.oid = e.extnamespace
+         WHERE e.extname = 'timescaledb'));
+    EXECUTE 'REVOKE ALL ON PROCEDURE ingestd_backfill_job(integer, jsonb) FROM PUBLIC';
+    IF NOT EXISTS (SELECT 1 FROM timescaledb_information.jobs
+                   WHERE proc_name = 'ingestd_backfill_job' AND proc_schema = current_schema()) THEN
+        PERFORM add_job('ingestd_backfill_job', INTERVAL '5 minutes');
+    END IF;
+END
+$$;
+
 -- History already stored before this migration and older than the policy's window was never
 -- materialized either (the aggregate was created WITH NO DATA and the policy only ever refreshed
 -- its window): queue it once.

@@ -376,3 +376,38 @@ async def test_a_failed_refresh_keeps_the_hours_queued_and_one_replica_drains_at
         await pool.close()
         await blocker.close()
         await conn.close()
+
+
+@pytest.mark.timescale
+async def test_the_owners_job_drains_the_queue_where_ingestd_runs_as_the_writer(
+    timescale_dsn: str,
+) -> None:
+    """TimescaleDB's scheduler runs ingestd_backfill_job as the owner: the queue is drained even
+    where no ingestd runs as the owner (here run once with run_job, as the scheduler would)."""
+    now = dt.datetime.now(UTC).replace(minute=0, second=0, microsecond=0)
+    conn = await asyncpg.connect(timescale_dsn)
+    try:
+        await migrations.migrate(conn)
+        await insert_spreads(conn, now - dt.timedelta(hours=30), 28)
+        await run_refresh_policy(conn)
+        # Two overlapping late ranges and one apart, as writers' batches queue them.
+        for first, hours, symbol in ((20, 30, "BTC"), (19, 10, "ETH"), (60, 5, "XRP")):
+            start = now - dt.timedelta(days=first)
+            await insert_spreads(conn, start, hours, symbol)
+            assert await conn.fetchval(
+                "SELECT ingestd_queue_backfill($1, $2)",
+                start,
+                start + dt.timedelta(hours=hours, minutes=-1),
+            )
+        with pytest.raises(AssertionError, match="hours missing"):
+            await assert_agree(conn)
+        job = await conn.fetchval(
+            "SELECT job_id FROM timescaledb_information.jobs"
+            " WHERE proc_name = 'ingestd_backfill_job'"
+        )
+        assert job is not None
+        await conn.execute(f"CALL run_job({int(job)})")
+        assert await conn.fetchval("SELECT count(*) FROM ingestd_aggregate_backfill") == 0
+        assert await assert_agree(conn) == 28 + 30 + 10 + 5
+    finally:
+        await conn.close()
