@@ -170,6 +170,10 @@ FROM pg_class c
 WHERE c.oid = to_regclass($1)
 """
 
+_SQL_IS_CONTINUOUS_AGGREGATE: Final = (
+    "SELECT EXISTS (SELECT 1 FROM pg_class WHERE oid = to_regclass($1) AND relkind = 'v')"
+)
+
 _SQL_BACKFILL_QUEUE: Final = """
 SELECT id, range_start, range_end FROM ingestd_aggregate_backfill ORDER BY range_start, id
 """
@@ -222,17 +226,22 @@ async def drain_backfill(conn: Connection, *, statement_timeout_s: float) -> str
     await conn.execute(
         "SELECT set_config('statement_timeout', $1, false)", f"{int(statement_timeout_s * 1000)}ms"
     )
+    # The hours from here on are the refresh policy's (its window): not refreshed twice.
+    cutoff: dt.datetime = await conn.fetchval(
+        "SELECT ingestd_backfill_cutoff()", timeout=statement_timeout_s
+    )
     hours = 0
     for rng in ranges:
+        end = min(rng.end, cutoff)
         step_start = rng.start
-        while step_start < rng.end:
-            step_end = min(rng.end, step_start + BACKFILL_STEP)
+        while step_start < end:
+            step_end = min(end, step_start + BACKFILL_STEP)
             await conn.execute(
                 _SQL_BACKFILL_REFRESH, step_start, step_end, timeout=statement_timeout_s
             )
             step_start = step_end
         await conn.execute(_SQL_BACKFILL_DONE, list(rng.ids), timeout=statement_timeout_s)
-        hours += int((rng.end - rng.start) / dt.timedelta(hours=1))
+        hours += max(0, int((end - rng.start) / dt.timedelta(hours=1)))
     first, last = utc_iso(ranges[0].start), utc_iso(ranges[-1].end)
     return (
         f"refreshed {BACKFILL_VIEW} over {hours} queued hours "
@@ -246,8 +255,10 @@ async def backfill_now(conn: Connection, *, statement_timeout_s: float) -> str:
     Returns what happened; leaves the queue to the maintenance task when this role may not
     refresh the aggregate or a replica is draining it right now.
     """
+    if not await conn.fetchval(_SQL_IS_CONTINUOUS_AGGREGATE, BACKFILL_VIEW):
+        return "nothing to backfill (a materialized view, refreshed whole by `ingestd run`)"
     if not await may_backfill(conn):
-        return "left to the owner of the continuous aggregate (or nothing to do: plain PostgreSQL)"
+        return "left to the owner's job ingestd_backfill_job (this role does not own the view)"
     lock = _LOCK_IDS[TASK_BACKFILL]
     if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", lock):
         return "another ingestd is refreshing it now"
@@ -579,12 +590,22 @@ class Maintenance:
         """
         lock = _LOCK_IDS[TASK_BACKFILL]
         async with self._pool.acquire(timeout=self._acquire_timeout_s) as conn:
+            if not await conn.fetchval(_SQL_IS_CONTINUOUS_AGGREGATE, BACKFILL_VIEW):
+                # Plain PostgreSQL: refresh_aggregates recomputes the whole view every round.
+                async with conn.transaction():
+                    if not await self._claim(
+                        conn, TASK_BACKFILL, self.settings.refresh_interval_s, force
+                    ):
+                        return RoundResult(TASK_BACKFILL, ran=False)
+                    detail = f"nothing to backfill: {BACKFILL_VIEW} is refreshed whole"
+                    await conn.execute(_SQL_SUCCEEDED, TASK_BACKFILL, detail)
+                return RoundResult(TASK_BACKFILL, ran=True, detail=detail)
             if not await may_backfill(conn):
                 if not self._said_not_aggregate_owner:
                     self._said_not_aggregate_owner = True
                     log.info(
-                        "backfill of %s is left to its owner: not a continuous aggregate "
-                        "this role owns (plain PostgreSQL refreshes the whole view instead)",
+                        "the backfill of %s is left to its owner (this role does not own it): "
+                        "the owner's job ingestd_backfill_job drains the queue",
                         BACKFILL_VIEW,
                         extra={"action": "backfill_not_owner"},
                     )

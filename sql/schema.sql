@@ -599,8 +599,9 @@ CREATE SEQUENCE ingestd_open_count_version AS BIGINT;
 -- Refresh queue of the continuous aggregate for hours before its policy's window (migration 0011)
 -- ================================================================================================
 
--- A batch that commits spreads older than hourly_spread_avg's refresh window queues their hours
--- here in its own transaction; ingestd's maintenance refreshes them (TimescaleDB only).
+-- A batch that commits spreads older than an hour queues their hours here in its own transaction;
+-- ingestd's maintenance (as the owner) or the owner's job ingestd_backfill_job refreshes them up
+-- to the policy's window (TimescaleDB only).
 CREATE TABLE ingestd_aggregate_backfill (
     id BIGSERIAL PRIMARY KEY,
     range_start TIMESTAMPTZ NOT NULL,
@@ -609,54 +610,63 @@ CREATE TABLE ingestd_aggregate_backfill (
     CONSTRAINT ingestd_aggregate_backfill_range_check CHECK (range_start < range_end)
 );
 
--- Queues [the hour of oldest, the end of the hour of newest) for a refresh of hourly_spread_avg,
--- cut at the start of the refresh policy's window (its policy refreshes the rest). Returns true
--- when a range was queued: only on TimescaleDB, and only when oldest lies before that window.
+-- Queues [the hour of oldest, the end of the hour of newest) for a refresh of hourly_spread_avg
+-- (never the current hour, which comes from the raw rows until it is over). Returns true when a
+-- range was queued: only where hourly_spread_avg is a continuous aggregate (a view; on plain
+-- PostgreSQL it is a materialized view, refreshed whole). It runs in every writer's transaction
+-- that commits old spreads, so it reads no TimescaleDB catalog (measured: reading
+-- timescaledb_information there deadlocked writers with the scheduler's refresh); the drain cuts
+-- the ranges at the refresh policy's window, whose hours the policy refreshes itself.
 -- SECURITY DEFINER: the writer role appends to the queue only through this function.
 CREATE OR REPLACE FUNCTION ingestd_queue_backfill(oldest TIMESTAMPTZ, newest TIMESTAMPTZ)
 RETURNS BOOLEAN
 LANGUAGE plpgsql SECURITY DEFINER
 AS $fn$
 DECLARE
-    window_start TIMESTAMPTZ := 'infinity';
     lo TIMESTAMPTZ;
     hi TIMESTAMPTZ;
-    start_offset INTERVAL;
 BEGIN
     IF oldest IS NULL OR newest IS NULL OR newest < oldest THEN
         RAISE EXCEPTION 'ingestd_queue_backfill: need oldest <= newest'
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
-    -- Nested IFs: one expression naming timescaledb_information would fail on plain PostgreSQL.
-    IF NOT EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'timescaledb') THEN
+    IF NOT EXISTS (SELECT 1 FROM pg_class
+                   WHERE oid = to_regclass('hourly_spread_avg') AND relkind = 'v') THEN
         RETURN FALSE;
-    END IF;
-    IF NOT EXISTS (SELECT 1 FROM timescaledb_information.continuous_aggregates
-                   WHERE view_name = 'hourly_spread_avg'
-                     AND format('%I.%I', view_schema, view_name)::regclass
-                         = to_regclass('hourly_spread_avg')) THEN
-        RETURN FALSE;
-    END IF;
-    SELECT (j.config ->> 'start_offset')::INTERVAL INTO start_offset
-    FROM timescaledb_information.jobs j
-    WHERE j.proc_name = 'policy_refresh_continuous_aggregate'
-      AND j.hypertable_name = 'hourly_spread_avg';
-    IF start_offset IS NOT NULL THEN
-        -- The policy's next run refreshes hours from this one on (rounded down: an hour the
-        -- window only partly covers is refreshed here too, harmlessly).
-        window_start := date_trunc('hour', (now() - start_offset) AT TIME ZONE 'UTC')
-                        AT TIME ZONE 'UTC';
     END IF;
     lo := date_trunc('hour', oldest AT TIME ZONE 'UTC') AT TIME ZONE 'UTC';
     hi := least(date_trunc('hour', newest AT TIME ZONE 'UTC') AT TIME ZONE 'UTC'
-                + INTERVAL '1 hour', window_start + INTERVAL '1 hour',
-                -- never the current hour: it comes from the raw rows until it is over
+                + INTERVAL '1 hour',
                 date_trunc('hour', now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC');
-    IF lo >= hi OR lo > window_start THEN
+    IF lo >= hi THEN
         RETURN FALSE;
     END IF;
     INSERT INTO ingestd_aggregate_backfill (range_start, range_end) VALUES (lo, hi);
     RETURN TRUE;
+END
+$fn$;
+
+-- Where a drain stops: the hour after the start of the refresh policy's window (now minus its
+-- start_offset, an hour the window may cover only in part), else the current hour. The queued
+-- hours from there on are the policy's.
+CREATE OR REPLACE FUNCTION ingestd_backfill_cutoff() RETURNS TIMESTAMPTZ
+LANGUAGE plpgsql STABLE
+AS $fn$
+DECLARE
+    start_offset INTERVAL;
+    current_hour TIMESTAMPTZ := date_trunc('hour', now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC';
+BEGIN
+    IF EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'timescaledb') THEN
+        SELECT (j.config ->> 'start_offset')::INTERVAL INTO start_offset
+        FROM timescaledb_information.jobs j
+        WHERE j.proc_name = 'policy_refresh_continuous_aggregate'
+          AND j.hypertable_name = 'hourly_spread_avg';
+    END IF;
+    IF start_offset IS NULL THEN
+        RETURN current_hour;
+    END IF;
+    RETURN least(current_hour, date_trunc('hour', (now() - start_offset) AT TIME ZONE 'UTC')
+                               AT TIME ZONE 'UTC' + INTERVAL '1 hour');
 END
 $fn$;
 
@@ -665,6 +675,9 @@ BEGIN
     EXECUTE format('ALTER FUNCTION ingestd_queue_backfill(timestamptz, timestamptz) '
                    'SET search_path = pg_catalog, %I, pg_temp', current_schema());
     REVOKE ALL ON FUNCTION ingestd_queue_backfill(timestamptz, timestamptz) FROM PUBLIC;
+    EXECUTE format('ALTER FUNCTION ingestd_backfill_cutoff() '
+                   'SET search_path = pg_catalog, %I, pg_temp', current_schema());
+    REVOKE ALL ON FUNCTION ingestd_backfill_cutoff() FROM PUBLIC;
 END
 $$;
 
@@ -695,6 +708,7 @@ DECLARE
     cur_end TIMESTAMPTZ;
     cur_ids BIGINT[] := '{}';
     step_start TIMESTAMPTZ;
+    cutoff TIMESTAMPTZ := %1$I.ingestd_backfill_cutoff();
     i INTEGER;
 BEGIN
     IF NOT pg_catalog.pg_try_advisory_lock(30860804) THEN
@@ -705,8 +719,9 @@ BEGIN
            pg_catalog.array_agg(q.range_end ORDER BY q.range_start, q.id)
       INTO ids, starts, ends
     FROM %1$I.ingestd_aggregate_backfill q;
-    -- Overlapping or adjacent ranges merged; each merged range refreshed a day per call, then
-    -- its rows removed and committed, so a failure keeps only the unfinished ranges queued.
+    -- Overlapping or adjacent ranges merged; each merged range refreshed a day per call up to
+    -- the cutoff, then its rows removed and committed, so a failure keeps only the unfinished
+    -- ranges queued.
     FOR i IN 1 .. coalesce(pg_catalog.cardinality(ids), 0) + 1 LOOP
         IF i <= pg_catalog.cardinality(ids) AND cur_start IS NOT NULL
            AND starts[i] <= cur_end THEN
@@ -716,6 +731,7 @@ BEGIN
         END IF;
         IF cur_start IS NOT NULL THEN
             step_start := cur_start;
+            cur_end := least(cur_end, cutoff);  -- the policy refreshes the rest
             WHILE step_start < cur_end LOOP
                 CALL %2$I.refresh_continuous_aggregate(
                     '%1$I.hourly_spread_avg',
