@@ -4,12 +4,14 @@
 -- history, a late batch - were never materialized (and the real-time part only covers the hours
 -- after the watermark), so the aggregate missed them while the seed's query over spreads saw them.
 --
--- Now the writer's transaction that commits such spreads also records their hour range in
--- ingestd_aggregate_backfill (through ingestd_queue_backfill, in the same transaction: a crash
--- cannot lose the range), and ingestd's maintenance drains the queue with CALL
--- refresh_continuous_aggregate over each merged range (which cannot run inside a transaction
--- block, so it is not a function here). On plain PostgreSQL hourly_spread_avg is an ordinary
--- materialized view refreshed whole by ingestd: nothing is queued.
+-- Now the writer's transaction that commits spreads more than an hour old also records their
+-- hour range in ingestd_aggregate_backfill (through ingestd_queue_backfill, in the same
+-- transaction: a crash cannot lose the range). The queue is drained with CALL
+-- refresh_continuous_aggregate over each merged range, up to the policy's window (which cannot
+-- run inside a transaction block or a function): by ingestd's maintenance where it runs as the
+-- owner, else by the owner's TimescaleDB job ingestd_backfill_job below. On plain PostgreSQL
+-- hourly_spread_avg is an ordinary materialized view refreshed whole by ingestd: nothing is
+-- queued.
 
 CREATE TABLE IF NOT EXISTS ingestd_aggregate_backfill (
     id BIGSERIAL PRIMARY KEY,
