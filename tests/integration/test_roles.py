@@ -23,6 +23,8 @@ from ingestd.db import create_pool
 from ingestd.maintenance import TASK_BACKFILL, TASK_POLICIES, TASK_RETENTION, TASKS, Maintenance
 from ingestd.roles import READER_GROUP, WRITER_GROUP, Login, apply_roles, scram_verifier
 from ingestd.settings import MaintenanceSettings, PostgresSettings, RetentionSettings
+from ingestd.sinks.postgres import PostgresSink
+from tests.integration.test_postgres_sink import item, spread
 from tests.ledger import Expected, assert_landed_exactly_once
 from tests.mixed_feed import MALFORMED, mixed_feed, submit_all
 from tests.private_servers import PrivatePostgres
@@ -691,3 +693,47 @@ async def test_writer_runs_import_csv_and_verify_csv(
     assert "Traceback" not in refused.stderr
     assert "verify-csv needs TEMPORARY on the database" in refused.stderr
     assert READER_PW not in refused.stderr
+
+
+async def test_a_writers_late_spreads_queue_their_hours_and_the_owners_job_refreshes_them(
+    roles_db: tuple[PrivatePostgres, str, asyncpg.Connection],
+) -> None:
+    """The writer login commits a spread five days old: the batch queues its hour (it may
+    execute ingestd_queue_backfill, nothing else of the queue), and on TimescaleDB the owner's
+    job puts the hour into hourly_spread_avg."""
+    cluster, name, owner = roles_db
+    writer, _ = _logins(name)
+    timescale = await owner.fetchval(
+        "SELECT EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'timescaledb')"
+    )
+    hour = dt.datetime.now(dt.UTC).replace(minute=0, second=0, microsecond=0) - dt.timedelta(days=5)
+    stamp = (hour + dt.timedelta(minutes=7)).isoformat().replace("+00:00", "Z")
+    pool = await create_pool(PostgresSettings(dsn=cluster.tls_dsn(writer, WRITER_PW, name)))
+    try:
+        outcome = await PostgresSink(pool).write([item(spread("late-w", ts=stamp))])
+        async with pool.acquire() as conn:
+            with pytest.raises(asyncpg.InsufficientPrivilegeError):
+                await conn.execute("DELETE FROM ingestd_aggregate_backfill")
+    finally:
+        await pool.close()
+    assert outcome.inserted == {"spreads": 1}
+    assert (outcome.backfill_queued is not None) == timescale
+    queued = await owner.fetchval("SELECT count(*) FROM ingestd_aggregate_backfill")
+    assert queued == (1 if timescale else 0)
+    if timescale:
+        job = await owner.fetchval(
+            "SELECT job_id FROM timescaledb_information.jobs"
+            " WHERE proc_name = 'ingestd_backfill_job'"
+        )
+        await owner.execute(f"CALL run_job({int(job)})")
+        assert await owner.fetchval("SELECT count(*) FROM ingestd_aggregate_backfill") == 0
+        # Materialized (not the real-time part): the materialization table holds the hour.
+        mat = await owner.fetchval(
+            "SELECT format('%I.%I', materialization_hypertable_schema,"
+            " materialization_hypertable_name) FROM timescaledb_information.continuous_aggregates"
+            " WHERE view_name = 'hourly_spread_avg'"
+        )
+        materialized = await owner.fetchval(
+            f"SELECT count(*) FROM {mat} WHERE hour = $1 AND symbol = 'BTC'", hour
+        )
+        assert materialized == 1
