@@ -782,8 +782,8 @@ class PostgresSink:
         )
 
 
-# Spreads older than this may lie before the continuous aggregate's refresh window: the
-# database then decides (ingestd_queue_backfill, migration 0011). Live batches skip the call.
+# A batch with spreads older than this queues their hours for hourly_spread_avg (migration 0011;
+# the drain refreshes only those before the refresh policy's window). Live batches skip the call.
 BACKFILL_CANDIDATE_AGE: Final = dt.timedelta(hours=1)
 
 
