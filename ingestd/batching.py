@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
+import datetime as dt
 import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -83,6 +84,9 @@ class BatchOutcome:
     dead_letters: int = 0
     open_counts: dict[str, int] = dataclasses.field(default_factory=dict)
     open_counts_version: int | None = None
+    # (oldest, newest) spread time when the batch queued a refresh of hourly_spread_avg for hours
+    # before its policy's window (migration 0009), else None.
+    backfill_queued: tuple[dt.datetime, dt.datetime] | None = None
 
     def reject(self, item: Item, reason: str, field: str | None = None) -> None:
         """Mark one item as refused by the database (it becomes a dead letter)."""

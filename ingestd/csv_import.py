@@ -41,6 +41,7 @@ from ingestd import commands, csv_format, errors, events, logs
 from ingestd.batching import BatchOutcome, Item
 from ingestd.db import Connection
 from ingestd.deadletters import make_dead_letter
+from ingestd.maintenance import backfill_now
 from ingestd.settings import Settings
 from ingestd.sinks.postgres import PostgresSink
 from ingestd.storage.outbox import Backoff
@@ -529,6 +530,22 @@ def event_of(converter: csv_format.RowConverter, rec: csv_format.Record) -> even
     return converter.event(rec.fields, rec.line)
 
 
+async def _refresh_imported_hours(pool: asyncpg.Pool, settings: Settings, err: TextIO) -> None:
+    """Refresh hourly_spread_avg over the imported hours before its policy's window right away.
+
+    Each batch queued its hours in its own transaction; should this refresh fail, they stay
+    queued for ``ingestd run``'s maintenance, so the import's result does not depend on it.
+    """
+    try:
+        async with pool.acquire(timeout=settings.storage.postgres.acquire_timeout_s) as conn:
+            detail = await backfill_now(
+                conn, statement_timeout_s=settings.maintenance.statement_timeout_s
+            )
+    except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        detail = f"failed, the hours stay queued for `ingestd run`: {exc}"
+    print(f"hourly_spread_avg: {detail}", file=err)
+
+
 async def run_import(
     settings: Settings,
     directory: Path,
@@ -566,6 +583,7 @@ async def run_import(
         )
         report = await importer.import_directory(directory)
         print(report.summary(), file=out)
+        await _refresh_imported_hours(pool, settings, err)
         if not report.complete:
             return 2  # not yet complete work: the next run imports the rest
         return 0 if report.clean else 1

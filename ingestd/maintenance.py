@@ -1,6 +1,6 @@
 """Periodic database maintenance: the part of seed §2 that the database does not do by itself.
 
-Four tasks, each on its own interval (``maintenance:`` settings):
+Five tasks, each on its own interval (``maintenance:`` settings):
 
 - ``retention_policies`` (TimescaleDB): makes each hypertable's retention policy match the
   ``retention:`` settings, at start and then hourly (``ingestd_set_retention``);
@@ -9,6 +9,10 @@ Four tasks, each on its own interval (``maintenance:`` settings):
 - ``refresh_aggregates``: refreshes the aggregates that are plain materialized views
   (``daily_pnl_summary`` on both flavours, ``hourly_spread_avg`` on plain PostgreSQL;
   ``ingestd_refresh_aggregate``); the continuous aggregate is refreshed by its own policy;
+- ``backfill_aggregates`` (TimescaleDB): refreshes the continuous aggregate over the hours
+  queued in ``ingestd_aggregate_backfill`` (spreads written before its policy's window: CSV
+  imports, late batches; migration 0009), each merged range with ``CALL
+  refresh_continuous_aggregate``, on the refresh interval, as the owner of the aggregate;
 - ``metrics_keys``: writes ``metrics:daily_pnl:{YYYY-MM-DD}`` and
   ``metrics:hourly_spread:{YYYY-MM-DD-HH}`` (DESIGN §5) from the two aggregates, TTL 1 day.
 
@@ -19,8 +23,11 @@ ownership and goes through the SECURITY DEFINER ``ingestd_refresh_aggregate``, b
 usually runs as the writer role, with DML only. Retention is the owner's alone (migration 0007):
 the two retention tasks run only where the session's role owns the time-series tables (``ingestd
 retention``, or ``ingestd run`` as the owner) and are skipped, said once in the log, elsewhere; the
-periods always come from the ``retention:`` settings. A failed round is logged with
-``action=maintenance_failed``, recorded, and retried next round; it never stops the service.
+periods always come from the ``retention:`` settings. The backfill likewise needs the ownership of
+the continuous aggregate (``refresh_continuous_aggregate`` checks it and cannot run inside a
+function); elsewhere it is skipped, said once, and the queue waits for the owner. A failed round
+is logged with ``action=maintenance_failed``, recorded, and retried next round; it never stops the
+service.
 """
 
 from __future__ import annotations
@@ -49,12 +56,29 @@ TASK_POLICIES: Final = "retention_policies"
 TASK_RETENTION: Final = "retention_delete"
 TASK_REFRESH: Final = "refresh_aggregates"
 TASK_METRICS: Final = "metrics_keys"
+TASK_BACKFILL: Final = "backfill_aggregates"
 # Order within one wake-up: the keys are written from freshly refreshed views.
-TASKS: Final = (TASK_POLICIES, TASK_RETENTION, TASK_REFRESH, TASK_METRICS)
+TASKS: Final = (TASK_POLICIES, TASK_RETENTION, TASK_REFRESH, TASK_BACKFILL, TASK_METRICS)
 
 # "ingestd maintenance" in the advisory-lock space, one key per task (migrations use 0x1D6E57D).
+# The backfill's key comes last: replicas of an older version keep their keys for the others.
 _LOCK_BASE: Final = 0x1D6E600
-_LOCK_IDS: Final = {task: _LOCK_BASE + i for i, task in enumerate(TASKS)}
+_LOCK_IDS: Final = {
+    task: _LOCK_BASE + i
+    for i, task in enumerate((TASK_POLICIES, TASK_RETENTION, TASK_REFRESH, TASK_METRICS))
+} | {TASK_BACKFILL: _LOCK_BASE + 4}
+
+
+def advisory_lock_id(task: str) -> int:
+    """The advisory-lock key of a task (a replica holding it has that task's round)."""
+    return _LOCK_IDS[task]
+
+
+# The continuous aggregate the backfill refreshes (a fixed identifier, never a value).
+BACKFILL_VIEW: Final = "hourly_spread_avg"
+# One CALL refreshes at most this much history, so that each statement stays well inside the
+# statement timeout and a 90-day import is refreshed in bounded steps.
+BACKFILL_STEP: Final = dt.timedelta(days=1)
 
 # Refreshed in this order, each in its own transaction (migration 0005).
 AGGREGATE_VIEWS: Final = ("daily_pnl_summary", "hourly_spread_avg")
@@ -134,6 +158,114 @@ _EXPECTED: Final = (
     asyncpg.InternalClientError,
     redis.exceptions.RedisError,
 )
+
+
+# The session's role may refresh the continuous aggregate (it owns it, or is a member of its
+# owner); false on plain PostgreSQL, where the view is refreshed whole by refresh_aggregates.
+SQL_OWNS_CONTINUOUS_AGGREGATE: Final = """
+SELECT EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'timescaledb')
+       AND coalesce(pg_has_role(current_user, c.relowner, 'USAGE'), false)
+       AND c.relkind = 'v'
+FROM pg_class c
+WHERE c.oid = to_regclass($1)
+"""
+
+_SQL_IS_CONTINUOUS_AGGREGATE: Final = (
+    "SELECT EXISTS (SELECT 1 FROM pg_class WHERE oid = to_regclass($1) AND relkind = 'v')"
+)
+
+_SQL_BACKFILL_QUEUE: Final = """
+SELECT id, range_start, range_end FROM ingestd_aggregate_backfill ORDER BY range_start, id
+"""
+
+_SQL_BACKFILL_DONE: Final = "DELETE FROM ingestd_aggregate_backfill WHERE id = ANY($1::bigint[])"
+
+_SQL_BACKFILL_REFRESH: Final = (
+    f"CALL refresh_continuous_aggregate('{BACKFILL_VIEW}', $1::timestamptz, $2::timestamptz)"
+)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class BackfillRange:
+    """Queued hours merged into one range to refresh, with the queue rows it settles."""
+
+    start: dt.datetime
+    end: dt.datetime
+    ids: tuple[int, ...]
+
+
+def merge_backfill_ranges(rows: list[tuple[int, dt.datetime, dt.datetime]]) -> list[BackfillRange]:
+    """Overlapping or adjacent ranges merged, in time order (each queue row in exactly one)."""
+    merged: list[BackfillRange] = []
+    for row_id, start, end in sorted(rows, key=lambda r: (r[1], r[0])):
+        if merged and start <= merged[-1].end:
+            last = merged[-1]
+            merged[-1] = BackfillRange(last.start, max(last.end, end), (*last.ids, row_id))
+        else:
+            merged.append(BackfillRange(start, end, (row_id,)))
+    return merged
+
+
+async def may_backfill(conn: Connection) -> bool:
+    """True on TimescaleDB when this session's role may refresh the continuous aggregate."""
+    return bool(await conn.fetchval(SQL_OWNS_CONTINUOUS_AGGREGATE, BACKFILL_VIEW))
+
+
+async def drain_backfill(conn: Connection, *, statement_timeout_s: float) -> str:
+    """Refresh the continuous aggregate over every queued range, then drop those queue rows.
+
+    ``conn`` must not be in a transaction: refresh_continuous_aggregate commits on its own. A
+    range leaves the queue only after its last step is refreshed, so a failure or a crash leaves
+    it queued (refreshing an hour twice is harmless). Returns a summary for the log.
+    """
+    rows = await conn.fetch(_SQL_BACKFILL_QUEUE, timeout=statement_timeout_s)
+    ranges = merge_backfill_ranges([(r["id"], r["range_start"], r["range_end"]) for r in rows])
+    if not ranges:
+        return "nothing queued"
+    # Session level, as each CALL is a transaction of its own; the pool's reset restores it.
+    await conn.execute(
+        "SELECT set_config('statement_timeout', $1, false)", f"{int(statement_timeout_s * 1000)}ms"
+    )
+    # The hours from here on are the refresh policy's (its window): not refreshed twice.
+    cutoff: dt.datetime = await conn.fetchval(
+        "SELECT ingestd_backfill_cutoff()", timeout=statement_timeout_s
+    )
+    hours = 0
+    for rng in ranges:
+        end = min(rng.end, cutoff)
+        step_start = rng.start
+        while step_start < end:
+            step_end = min(end, step_start + BACKFILL_STEP)
+            await conn.execute(
+                _SQL_BACKFILL_REFRESH, step_start, step_end, timeout=statement_timeout_s
+            )
+            step_start = step_end
+        await conn.execute(_SQL_BACKFILL_DONE, list(rng.ids), timeout=statement_timeout_s)
+        hours += max(0, int((end - rng.start) / dt.timedelta(hours=1)))
+    first, last = utc_iso(ranges[0].start), utc_iso(ranges[-1].end)
+    return (
+        f"refreshed {BACKFILL_VIEW} over {hours} queued hours "
+        f"({len(ranges)} ranges, {first} to {last})"
+    )
+
+
+async def backfill_now(conn: Connection, *, statement_timeout_s: float) -> str:
+    """Drain the backfill queue now, outside the maintenance schedule (after ``import-csv``).
+
+    Returns what happened; leaves the queue to the maintenance task when this role may not
+    refresh the aggregate or a replica is draining it right now.
+    """
+    if not await conn.fetchval(_SQL_IS_CONTINUOUS_AGGREGATE, BACKFILL_VIEW):
+        return "nothing to backfill (a materialized view, refreshed whole by `ingestd run`)"
+    if not await may_backfill(conn):
+        return "left to the owner's job ingestd_backfill_job (this role does not own the view)"
+    lock = _LOCK_IDS[TASK_BACKFILL]
+    if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", lock):
+        return "another ingestd is refreshing it now"
+    try:
+        return await drain_backfill(conn, statement_timeout_s=statement_timeout_s)
+    finally:
+        await conn.execute("SELECT pg_advisory_unlock($1)", lock)
 
 
 async def hypertable_names(conn: Connection) -> set[str]:
@@ -269,10 +401,12 @@ class Maintenance:
             TASK_POLICIES: (self.reconcile_policies, settings.policy_interval_s),
             TASK_RETENTION: (self.delete_expired, settings.retention_interval_s),
             TASK_REFRESH: (self.refresh_aggregates, settings.refresh_interval_s),
+            TASK_BACKFILL: (self.backfill_aggregates, settings.refresh_interval_s),
             TASK_METRICS: (self.write_metrics_keys, settings.metrics_interval_s),
         }
         self.failures = 0
         self._said_not_owner = False
+        self._said_not_aggregate_owner = False
 
     def retention_days(self) -> dict[str, int]:
         """Configured retention per table in days (0: keep forever)."""
@@ -447,6 +581,51 @@ class Maintenance:
             detail = "refreshed " + ", ".join(refreshed) if refreshed else "nothing to refresh"
             await conn.execute(_SQL_SUCCEEDED, TASK_REFRESH, detail)
         return RoundResult(TASK_REFRESH, ran=True, detail=detail)
+
+    async def backfill_aggregates(self, force: bool = False) -> RoundResult:
+        """TimescaleDB: refresh hourly_spread_avg over the hours queued before its policy's window.
+
+        One replica at a time: a session-level advisory lock (held across the refreshes, which
+        commit on their own, so a transaction-level lock would not last) plus the usual claim.
+        """
+        lock = _LOCK_IDS[TASK_BACKFILL]
+        async with self._pool.acquire(timeout=self._acquire_timeout_s) as conn:
+            if not await conn.fetchval(_SQL_IS_CONTINUOUS_AGGREGATE, BACKFILL_VIEW):
+                # Plain PostgreSQL: refresh_aggregates recomputes the whole view every round.
+                async with conn.transaction():
+                    if not await self._claim(
+                        conn, TASK_BACKFILL, self.settings.refresh_interval_s, force
+                    ):
+                        return RoundResult(TASK_BACKFILL, ran=False)
+                    detail = f"nothing to backfill: {BACKFILL_VIEW} is refreshed whole"
+                    await conn.execute(_SQL_SUCCEEDED, TASK_BACKFILL, detail)
+                return RoundResult(TASK_BACKFILL, ran=True, detail=detail)
+            if not await may_backfill(conn):
+                if not self._said_not_aggregate_owner:
+                    self._said_not_aggregate_owner = True
+                    log.info(
+                        "the backfill of %s is left to its owner (this role does not own it): "
+                        "the owner's job ingestd_backfill_job drains the queue",
+                        BACKFILL_VIEW,
+                        extra={"action": "backfill_not_owner"},
+                    )
+                return RoundResult(TASK_BACKFILL, ran=False, detail="not the owner")
+            if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", lock):
+                return RoundResult(TASK_BACKFILL, ran=False)
+            try:
+                async with conn.transaction():
+                    claimed = await conn.fetchval(
+                        _SQL_CLAIM, TASK_BACKFILL, self.settings.refresh_interval_s * 0.9, force
+                    )
+                if not claimed:
+                    return RoundResult(TASK_BACKFILL, ran=False)
+                detail = await drain_backfill(
+                    conn, statement_timeout_s=self.settings.statement_timeout_s
+                )
+                await conn.execute(_SQL_SUCCEEDED, TASK_BACKFILL, detail)
+            finally:
+                await conn.execute("SELECT pg_advisory_unlock($1)", lock)
+        return RoundResult(TASK_BACKFILL, ran=True, detail=detail)
 
     async def write_metrics_keys(self, force: bool = False) -> RoundResult:
         """Write the ``metrics:*`` keys of the last days and hours from the two aggregates."""

@@ -84,6 +84,8 @@ GRANT SELECT ON ALL TABLES IN SCHEMA public TO ingestd_reader;
 -- unable to remove a row or shorten retention:
 --   ingestd_refresh_aggregate(text)  writer: recomputes one of the two materialized views from
 --                                    the tables (REFRESH needs ownership of the view)
+--   ingestd_queue_backfill(timestamptz, timestamptz)  writer: a batch of old spreads queues
+--                                    its hours for the continuous aggregate's refresh (0009)
 --   time_bucket(interval, timestamptz)  writer and reader, plain PostgreSQL only: the seed's
 --                                    queries; IMMUTABLE SQL, runs with the caller's rights
 -- Retention (ingestd_delete_expired, ingestd_set_retention) is the owner's alone: those functions
@@ -105,6 +107,7 @@ BEGIN
                        routine);
     END LOOP;
     GRANT EXECUTE ON FUNCTION ingestd_refresh_aggregate(text) TO ingestd_writer;
+    GRANT EXECUTE ON FUNCTION ingestd_queue_backfill(timestamptz, timestamptz) TO ingestd_writer;
     -- On TimescaleDB time_bucket is the extension's (PUBLIC may execute it).
     IF EXISTS (SELECT 1 FROM pg_proc AS p JOIN pg_namespace AS n ON n.oid = p.pronamespace
                WHERE n.nspname = 'public' AND p.oid = to_regprocedure(

@@ -668,6 +668,7 @@ class PostgresSink:
                 rows_ = await conn.fetch(SQL_OPEN_COUNTS, sorted(touched))
                 outcome.open_counts = {r["symbol"]: r["n"] for r in rows_}
                 outcome.open_counts_version = rows_[0]["version"] if rows_ else None
+            await queue_aggregate_backfill(conn, batch.by_table.get("spreads"), outcome)
             failpoints.hit("before_commit")
         failpoints.hit("after_commit")
         return outcome
@@ -911,6 +912,29 @@ class PostgresSink:
             event_id=ev.event_id,
             producer=ev.producer,
         )
+
+
+# A batch with spreads older than this queues their hours for hourly_spread_avg (migration 0009;
+# the drain refreshes only those before the refresh policy's window). Live batches skip the call.
+BACKFILL_CANDIDATE_AGE: Final = dt.timedelta(hours=1)
+
+
+async def queue_aggregate_backfill(
+    conn: Connection, rows: Sequence[tuple[Item, Event]] | None, outcome: BatchOutcome
+) -> None:
+    """In the batch's transaction: queue the hours of old spreads for hourly_spread_avg's refresh.
+
+    In the same transaction as the rows, so that a crash cannot commit the spreads and lose the
+    range; the maintenance task refreshes the queued ranges (ingestd.maintenance).
+    """
+    if not rows:
+        return
+    oldest = min(ev.time for _, ev in rows)
+    if oldest >= dt.datetime.now(dt.UTC) - BACKFILL_CANDIDATE_AGE:
+        return
+    newest = max(ev.time for _, ev in rows)
+    if await conn.fetchval("SELECT ingestd_queue_backfill($1, $2)", oldest, newest):
+        outcome.backfill_queued = (oldest, newest)
 
 
 async def _once(data: bytes) -> AsyncIterator[bytes]:

@@ -20,9 +20,11 @@ import pytest
 from ingestd import Service, errors, load_settings, migrations
 from ingestd.app import create_redis
 from ingestd.db import create_pool
-from ingestd.maintenance import TASK_POLICIES, TASK_RETENTION, TASKS, Maintenance
+from ingestd.maintenance import TASK_BACKFILL, TASK_POLICIES, TASK_RETENTION, TASKS, Maintenance
 from ingestd.roles import READER_GROUP, WRITER_GROUP, Login, apply_roles, scram_verifier
 from ingestd.settings import MaintenanceSettings, PostgresSettings, RetentionSettings
+from ingestd.sinks.postgres import PostgresSink
+from tests.integration.test_postgres_sink import item, spread
 from tests.ledger import Expected, assert_landed_exactly_once
 from tests.mixed_feed import MALFORMED, mixed_feed, submit_all
 from tests.private_servers import PrivatePostgres
@@ -192,6 +194,11 @@ GROUP_FUNCTIONS: dict[str, tuple[set[str], str]] = {
         "recomputes daily_pnl_summary or hourly_spread_avg from the tables: writes only the "
         "materialized view, reads the tables, refuses any other name",
     ),
+    "ingestd_queue_backfill(timestamp with time zone,timestamp with time zone)": (
+        {WRITER_GROUP},
+        "appends one hour range to ingestd_aggregate_backfill (the continuous aggregate's refresh "
+        "queue); deletes nothing, changes no data table",
+    ),
     "time_bucket(interval,timestamp with time zone)": (
         {WRITER_GROUP, READER_GROUP},
         "plain PostgreSQL only (TimescaleDB brings its own): IMMUTABLE SQL over date_bin(), "
@@ -203,6 +210,7 @@ OWNER_ONLY_FUNCTIONS = (
     "ingestd_delete_expired(text,interval,integer)",
     "ingestd_set_retention(text,interval)",
     "ingestd_refresh_aggregates()",
+    "ingestd_backfill_cutoff()",
 )
 # What a role may execute: the privilege (its own, its groups' or PUBLIC's) and USAGE on the schema.
 EXECUTABLE_SQL = """
@@ -353,10 +361,9 @@ async def test_every_migration_revokes_public_execute_on_its_functions(
         """
     )
     assert {r["fn"] for r in rows} <= {"time_bucket(interval,timestamp with time zone)"}
-    assert (
-        await db.fetchval("SELECT count(*) FROM pg_proc WHERE proname LIKE 'ingestd\\_%'")
-        == len(OWNER_ONLY_FUNCTIONS) + 1
-    )
+    assert await db.fetchval(
+        "SELECT count(*) FROM pg_proc WHERE proname LIKE 'ingestd\\_%'"
+    ) == len(OWNER_ONLY_FUNCTIONS) + sum(1 for f in GROUP_FUNCTIONS if f.startswith("ingestd_"))
 
 
 async def test_a_function_a_later_migration_adds_is_nobodys_until_listed(
@@ -571,16 +578,27 @@ async def test_writer_runs_its_maintenance_and_retention_is_the_owners(
     now = await _seed_for_maintenance(owner)
     pool = await create_pool(PostgresSettings(dsn=cluster.tls_dsn(writer, WRITER_PW, name)))
     client = create_redis(redis_url, socket_timeout_s=2)
-    mine = [t for t in TASKS if t not in (TASK_POLICIES, TASK_RETENTION)]
+    # The continuous aggregate's backfill needs its ownership too (refresh_continuous_aggregate):
+    # the owner's job does it; on plain PostgreSQL the round has nothing to do and runs.
+    timescale = await owner.fetchval(
+        "SELECT EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'timescaledb')"
+    )
+    not_mine = (
+        (TASK_POLICIES, TASK_RETENTION, TASK_BACKFILL)
+        if timescale
+        else (
+            TASK_POLICIES,
+            TASK_RETENTION,
+        )
+    )
+    mine = [t for t in TASKS if t not in not_mine]
     try:
         m = Maintenance(pool, client, settings=MaintenanceSettings(), retention=RetentionSettings())
         for _ in range(2):  # the second round is claimed by UPDATE on the rows the first inserted
             results = {r.task: r for r in await m.run_all() if r is not None}
             assert m.failures == 0
             assert [t for t in TASKS if results[t].ran] == mine, results
-            assert (
-                results[TASK_RETENTION].detail == results[TASK_POLICIES].detail == "not the owner"
-            )
+            assert all(results[t].detail == "not the owner" for t in not_mine), results
         day = now.date().isoformat()
         hour = now.strftime("%Y-%m-%d-%H")
         daily = await client.get(f"metrics:daily_pnl:{day}")
@@ -675,3 +693,47 @@ async def test_writer_runs_import_csv_and_verify_csv(
     assert "Traceback" not in refused.stderr
     assert "verify-csv needs TEMPORARY on the database" in refused.stderr
     assert READER_PW not in refused.stderr
+
+
+async def test_a_writers_late_spreads_queue_their_hours_and_the_owners_job_refreshes_them(
+    roles_db: tuple[PrivatePostgres, str, asyncpg.Connection],
+) -> None:
+    """The writer login commits a spread five days old: the batch queues its hour (it may
+    execute ingestd_queue_backfill, nothing else of the queue), and on TimescaleDB the owner's
+    job puts the hour into hourly_spread_avg."""
+    cluster, name, owner = roles_db
+    writer, _ = _logins(name)
+    timescale = await owner.fetchval(
+        "SELECT EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'timescaledb')"
+    )
+    hour = dt.datetime.now(dt.UTC).replace(minute=0, second=0, microsecond=0) - dt.timedelta(days=5)
+    stamp = (hour + dt.timedelta(minutes=7)).isoformat().replace("+00:00", "Z")
+    pool = await create_pool(PostgresSettings(dsn=cluster.tls_dsn(writer, WRITER_PW, name)))
+    try:
+        outcome = await PostgresSink(pool).write([item(spread("late-w", ts=stamp))])
+        async with pool.acquire() as conn:
+            with pytest.raises(asyncpg.InsufficientPrivilegeError):
+                await conn.execute("DELETE FROM ingestd_aggregate_backfill")
+    finally:
+        await pool.close()
+    assert outcome.inserted == {"spreads": 1}
+    assert (outcome.backfill_queued is not None) == timescale
+    queued = await owner.fetchval("SELECT count(*) FROM ingestd_aggregate_backfill")
+    assert queued == (1 if timescale else 0)
+    if timescale:
+        job = await owner.fetchval(
+            "SELECT job_id FROM timescaledb_information.jobs"
+            " WHERE proc_name = 'ingestd_backfill_job'"
+        )
+        await owner.execute(f"CALL run_job({int(job)})")
+        assert await owner.fetchval("SELECT count(*) FROM ingestd_aggregate_backfill") == 0
+        # Materialized (not the real-time part): the materialization table holds the hour.
+        mat = await owner.fetchval(
+            "SELECT format('%I.%I', materialization_hypertable_schema,"
+            " materialization_hypertable_name) FROM timescaledb_information.continuous_aggregates"
+            " WHERE view_name = 'hourly_spread_avg'"
+        )
+        materialized = await owner.fetchval(
+            f"SELECT count(*) FROM {mat} WHERE hour = $1 AND symbol = 'BTC'", hour
+        )
+        assert materialized == 1

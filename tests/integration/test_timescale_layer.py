@@ -31,6 +31,7 @@ import redis
 from ingestd import Service, migrations
 from ingestd.maintenance import (
     METRICS_TTL_S,
+    TASK_BACKFILL,
     TASK_METRICS,
     TASK_POLICIES,
     TASK_REFRESH,
@@ -559,7 +560,7 @@ async def check_stats(settings: Settings, week: Week, kind: str, conn: asyncpg.C
     assert aggregates["daily_pnl_summary"]["rows"] == len(week.daily())
     assert aggregates["hourly_spread_avg"]["rows"] == len(week.hourly())
     tasks = {m["task"]: m for m in report["maintenance"]}
-    assert set(tasks) == {TASK_POLICIES, TASK_RETENTION, TASK_REFRESH, TASK_METRICS}
+    assert set(tasks) == {TASK_POLICIES, TASK_RETENTION, TASK_REFRESH, TASK_BACKFILL, TASK_METRICS}
     assert all(m["last_status"] == "success" for m in tasks.values()), tasks
     keys = report["redis"]["metrics_keys"]
     assert any(k.startswith("metrics:daily_pnl:") for k in keys)

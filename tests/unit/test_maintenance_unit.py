@@ -12,7 +12,12 @@ import orjson
 import pytest
 
 from ingestd.errors import ConfigError
-from ingestd.maintenance import daily_pnl_documents, hourly_spread_documents
+from ingestd.maintenance import (
+    BackfillRange,
+    daily_pnl_documents,
+    hourly_spread_documents,
+    merge_backfill_ranges,
+)
 from ingestd.settings import load_settings
 from ingestd.stats import render, to_json
 
@@ -140,3 +145,14 @@ def test_stats_render_without_timescale_or_redis() -> None:
     assert "add pg_stat_statements" in text
     assert "unavailable: ConnectionError" in text
     assert orjson.loads(to_json(report))["tables"][0]["rows"] == 3
+
+
+def test_backfill_ranges_merge_overlapping_and_adjacent_hours_once_each() -> None:
+    h = [dt.datetime(2026, 11, 1, tzinfo=dt.UTC) + dt.timedelta(hours=n) for n in range(12)]
+    rows = [(3, h[5], h[7]), (1, h[0], h[2]), (2, h[2], h[3]), (4, h[6], h[8]), (5, h[10], h[11])]
+    assert merge_backfill_ranges(rows) == [
+        BackfillRange(h[0], h[3], (1, 2)),  # adjacent: one refresh
+        BackfillRange(h[5], h[8], (3, 4)),  # overlapping
+        BackfillRange(h[10], h[11], (5,)),
+    ]
+    assert merge_backfill_ranges([]) == []
