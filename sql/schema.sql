@@ -597,7 +597,6 @@ CREATE SEQUENCE ingestd_open_count_version AS BIGINT;
 
 -- ================================================================================================
 -- Paper and live apart, stale spread inputs (migration 0008)
--- =========================================================================================
 -- ================================================================================================
 
 -- ingestd 0008: paper and live apart, and stale spread inputs.
@@ -653,7 +652,8 @@ SELECT
 FROM positions
 WHERE status = 'CLOSED'
 GROUP BY DATE(timestamp_close AT TIME ZONE 'UTC'), mode, symbol;
-=======
+
+-- ================================================================================================
 -- Refresh queue of the continuous aggregate for hours before its policy's window (migration 0009)
 -- ================================================================================================
 

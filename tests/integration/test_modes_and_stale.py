@@ -347,7 +347,7 @@ async def test_0008_applies_over_existing_positions_and_keeps_them_working(
         seed_view = await conn.fetchval(view_sql)
         seed_rows = [tuple(r) for r in await conn.fetch("SELECT * FROM daily_pnl_summary")]
 
-        assert await migrations.migrate(conn) == [f"{m.version:04d}_{m.name}" for m in known[8:]]
+        assert await migrations.migrate(conn) == [f"{m.version:04d}_{m.name}" for m in known[7:]]
 
         assert await conn.fetchval(view_sql) == seed_view
         await conn.execute("SELECT ingestd_refresh_aggregate('daily_pnl_summary')")
