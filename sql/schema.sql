@@ -594,3 +594,25 @@ $$;
 
 -- Taken under the positions advisory lock, so that its values follow the order of the counts.
 CREATE SEQUENCE ingestd_open_count_version AS BIGINT;
+
+-- ================================================================================================
+-- Alerts: half-hedged positions (migration 0010)
+-- ================================================================================================
+
+-- One row per raised alert; cleared_at is set when its condition ends. At most one open alert per
+-- (kind, key), so replicas that find the same half hedge raise it once.
+CREATE TABLE alerts (
+    id BIGSERIAL PRIMARY KEY,
+    kind VARCHAR(50) NOT NULL,
+    key VARCHAR(200) NOT NULL,
+    details JSONB NOT NULL,
+    raised_at TIMESTAMPTZ NOT NULL DEFAULT CURRENT_TIMESTAMP,
+    cleared_at TIMESTAMPTZ,
+    CONSTRAINT alerts_cleared_after_raised CHECK (cleared_at IS NULL OR cleared_at >= raised_at)
+);
+
+CREATE UNIQUE INDEX alerts_one_open ON alerts (kind, key) WHERE cleared_at IS NULL;
+CREATE INDEX idx_alerts_raised_at ON alerts (raised_at DESC);
+
+-- The half-hedge check sums a position's filled legs per venue by position_key.
+CREATE INDEX idx_orders_position_key ON orders (position_key, venue) WHERE position_key IS NOT NULL;
