@@ -175,55 +175,69 @@ class HalfHedgeMonitor:
         return result
 
     async def _round(self) -> Round:
-        async with self.pool.acquire(timeout=self.acquire_timeout_s) as conn:
-            if not await conn.fetchval("SELECT pg_try_advisory_lock($1)", LOCK_ID):
+        async with (
+            self.pool.acquire(timeout=self.acquire_timeout_s) as conn,
+            conn.transaction(),
+        ):
+            # A transaction-level lock: it ends with the transaction whatever happens (a pooled
+            # connection never keeps it), and covers the Redis writes below, so two rounds never
+            # write Redis out of order.
+            if not await conn.fetchval("SELECT pg_try_advisory_xact_lock($1)", LOCK_ID):
                 # Another replica runs this round; the gauge still shows the table's truth.
                 return Round(int(await conn.fetchval(_SQL_COUNT_OPEN, KIND)), [], [])
-            try:
-                result = await self._locked_round(conn)
-            finally:
-                await conn.execute("SELECT pg_advisory_unlock($1)", LOCK_ID)
-        return result
+            raised, cleared, unmatched = await self._raise_and_clear(conn)
+            current = await conn.fetch(_SQL_OPEN, KIND)
+            # Before the commit, still under the lock: at worst a key is written for a change
+            # whose commit then fails, and the next round puts Redis right.
+            await self._sync_redis(
+                {r["key"]: self._value(r["details"], r["raised_at"], unmatched) for r in current}
+            )
+        self._report(raised, cleared, unmatched)
+        return Round(len(current), raised, cleared)
 
-    async def _locked_round(self, conn: Connection) -> Round:
+    async def _raise_and_clear(
+        self, conn: Connection
+    ) -> tuple[list[str], list[str], dict[str, dict[str, Any]]]:
         s = self.settings
         raised: list[str] = []
         cleared: list[str] = []
-        async with conn.transaction():
-            now: dt.datetime = await conn.fetchval("SELECT now()")
-            rows = await conn.fetch(_SQL_LEGS, *self.venues, s.lookback_s, KIND)
-            open_rows = {r["key"]: r for r in await conn.fetch(_SQL_OPEN, KIND)}
-            unmatched: dict[str, dict[str, Any]] = {}
-            for row in rows:
-                legs = Legs(
-                    row["producer"],
-                    row["position_key"],
-                    row["symbol"],
-                    (row["qty_a"], row["qty_b"]),
-                    (row["since_a"], row["since_b"]),
-                    (row["seen_a"], row["seen_b"]),
-                )
-                if legs.position_key in unmatched:
-                    continue  # two producers' positions under one key: one key, the first one
-                if legs_match(*legs.qty, self.tolerance):
-                    continue
-                heavy = 0 if legs.qty[0] > legs.qty[1] else 1
-                seen = legs.seen[heavy]
-                assert seen is not None  # the heavier venue has a filled leg
-                if legs.position_key in open_rows or (now - seen).total_seconds() >= s.after_s:
-                    unmatched[legs.position_key] = self._details(legs, heavy)
-            for key, details in unmatched.items():
-                if key in open_rows:
-                    continue
-                raised_at = await conn.fetchval(
-                    _SQL_RAISE, KIND, key, orjson.dumps(details).decode()
-                )
-                if raised_at is not None:  # None: already open (cannot happen under the lock)
-                    raised.append(key)
-            for key in open_rows:
-                if key not in unmatched and await conn.fetchval(_SQL_CLEAR, KIND, key):
-                    cleared.append(key)
-            current = await conn.fetch(_SQL_OPEN, KIND)
+        now: dt.datetime = await conn.fetchval("SELECT now()")
+        rows = await conn.fetch(_SQL_LEGS, *self.venues, s.lookback_s, KIND)
+        open_keys = {r["key"] for r in await conn.fetch(_SQL_OPEN, KIND)}
+        unmatched: dict[str, dict[str, Any]] = {}
+        for row in rows:
+            legs = Legs(
+                row["producer"],
+                row["position_key"],
+                row["symbol"],
+                (row["qty_a"], row["qty_b"]),
+                (row["since_a"], row["since_b"]),
+                (row["seen_a"], row["seen_b"]),
+            )
+            if legs.position_key in unmatched:
+                continue  # two producers' positions under one key: one key, the first one
+            if legs_match(*legs.qty, self.tolerance):
+                continue
+            heavy = 0 if legs.qty[0] > legs.qty[1] else 1
+            seen = legs.seen[heavy]
+            assert seen is not None  # the heavier venue has a filled leg
+            # An open alert stays open until the legs match (a further partial leg that still
+            # leaves them apart does not restart its time).
+            if legs.position_key in open_keys or (now - seen).total_seconds() >= s.after_s:
+                unmatched[legs.position_key] = self._details(legs, heavy)
+        for key, details in unmatched.items():
+            if key in open_keys:
+                continue
+            if await conn.fetchval(_SQL_RAISE, KIND, key, orjson.dumps(details).decode()):
+                raised.append(key)
+        for key in open_keys:
+            if key not in unmatched and await conn.fetchval(_SQL_CLEAR, KIND, key):
+                cleared.append(key)
+        return raised, cleared, unmatched
+
+    def _report(
+        self, raised: list[str], cleared: list[str], unmatched: dict[str, dict[str, Any]]
+    ) -> None:
         # Counted and logged once committed.
         self.metrics.half_hedges_raised += len(raised)
         self.metrics.half_hedges_cleared += len(cleared)
@@ -246,10 +260,6 @@ class HalfHedgeMonitor:
                 key,
                 extra={"action": "half_hedge_cleared"},
             )
-        await self._sync_redis(
-            {r["key"]: self._value(r["details"], r["raised_at"], unmatched) for r in current}
-        )
-        return Round(len(current), raised, cleared)
 
     def _details(self, legs: Legs, heavy: int) -> dict[str, Any]:
         other = 1 - heavy

@@ -207,7 +207,7 @@ async def test_two_replicas_raise_one_alert(
         b = monitor(other_pool, aredis, metrics_b)
         for _ in range(5):
             await asyncio.gather(a.run_once(), b.run_once())
-        # And when both see the table without the lock between them: still one row.
+        # One row, one raise; and the table itself refuses a second open alert for the key.
         (row,) = await db.fetch("SELECT * FROM alerts")
         assert row["key"] == "pos_a" and row["cleared_at"] is None
         assert metrics_a.half_hedges_raised + metrics_b.half_hedges_raised == 1
