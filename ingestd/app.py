@@ -32,6 +32,7 @@ from ingestd.batching import BatchOutcome, Item
 from ingestd.db import create_pool
 from ingestd.deadletters import DeadLetter
 from ingestd.endpoints import OpsServer
+from ingestd.gaps import GapSweeper
 from ingestd.hedges import HalfHedgeMonitor
 from ingestd.maintenance import Maintenance
 from ingestd.metrics import Metrics, MetricsCollector, create_registry
@@ -318,6 +319,15 @@ class Service:
                 acquire_timeout_s=s.storage.postgres.acquire_timeout_s,
             )
             self._tasks.append(asyncio.create_task(hedges.run(), name="ingestd-half-hedges"))
+        if s.producer_gaps.enabled:
+            sweeper = GapSweeper(
+                pool,
+                self.metrics,
+                grace_s=s.producer_gaps.grace_s,
+                interval_s=s.producer_gaps.check_interval_s,
+                acquire_timeout_s=s.storage.postgres.acquire_timeout_s,
+            )
+            self._tasks.append(asyncio.create_task(sweeper.run(), name="ingestd-gaps"))
         if s.maintenance.enabled:
             self.maintenance = Maintenance(
                 pool,

@@ -150,6 +150,8 @@ class Metrics:
     half_hedges_open: int | None = None  # ingestd_half_hedges
     half_hedges_raised: int = 0  # ingestd_half_hedges_raised_total
     half_hedges_cleared: int = 0  # ingestd_half_hedges_cleared_total
+    # Open producer_gaps rows (ingestd.gaps; the table's count, read by every replica).
+    producer_gaps_open: int | None = None  # ingestd_producer_gaps_open
 
     def observe_parked_closes(self, waiting: int, oldest_age_s: float | None, expired: int) -> None:
         """A sweep of the parked closes: the gauges, and those it moved to dead_letters."""
@@ -324,6 +326,11 @@ class MetricsCollector(Collector):
             "half_hedges_cleared",
             "Half-hedge alerts cleared because the missing leg landed",
             m.half_hedges_cleared,
+        )
+        yield _gauge(
+            "producer_gaps_open",
+            "Gaps in producers' seq numbers whose events have not arrived (sampled)",
+            m.producer_gaps_open,
         )
         yield _gauge(
             "stream_oldest_pending_seconds",

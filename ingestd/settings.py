@@ -204,6 +204,17 @@ class HalfHedgeSettings:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class ProducerGapSettings:
+    """Producer gap detection (ingestd/gaps.py) over the events' ``seq`` / ``session``."""
+
+    enabled: bool = True
+    # A hole in a session's seqs is a gap once the seqs above it are this old (a stream entry of
+    # a dead replica is reclaimed after stream.claim_idle_ms, 30 s by default).
+    grace_s: float = 60.0
+    check_interval_s: float = 5.0
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class Settings:
     """Everything ingestd needs, frozen."""
 
@@ -217,6 +228,7 @@ class Settings:
     retention: RetentionSettings = RetentionSettings()
     maintenance: MaintenanceSettings = MaintenanceSettings()
     half_hedge: HalfHedgeSettings = HalfHedgeSettings()
+    producer_gaps: ProducerGapSettings = ProducerGapSettings()
     metrics_port: int = 9464
     metrics_host: str = "127.0.0.1"  # the container image sets 0.0.0.0
     log_format: str = "plain"

@@ -24,7 +24,7 @@ from typing import Any, Final
 
 import asyncpg
 
-from ingestd import errors, failpoints, tables
+from ingestd import errors, failpoints, gaps, tables
 from ingestd.batching import BatchOutcome, Item
 from ingestd.db import Connection
 from ingestd.deadletters import DeadLetter, ascii_dead_letter, make_dead_letter
@@ -544,6 +544,7 @@ class PostgresSink:
                 rows_ = await conn.fetch(SQL_OPEN_COUNTS, sorted(touched))
                 outcome.open_counts = {r["symbol"]: r["n"] for r in rows_}
                 outcome.open_counts_version = rows_[0]["version"] if rows_ else None
+            await gaps.record_ranges(conn, (item.event for item in batch.items))
             failpoints.hit("before_commit")
         failpoints.hit("after_commit")
         return outcome
