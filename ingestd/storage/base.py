@@ -29,36 +29,33 @@ class EventBuilder:
 
     def spread(self, spread: SpreadOpportunity) -> dict[str, Any]:
         """A ``spread`` event."""
-        return self._numbered(spread.to_event(event_id=self.next_id(), producer=self.producer))
+        return spread.to_event(event_id=self.next_id(), producer=self.producer)
 
     def fx_rate(self, rate: FxRate) -> dict[str, Any]:
         """An ``fx_rate`` event."""
-        return self._numbered(rate.to_event(event_id=self.next_id(), producer=self.producer))
+        return rate.to_event(event_id=self.next_id(), producer=self.producer)
 
     def order(self, order: OrderLeg) -> dict[str, Any]:
         """An ``order`` event."""
-        return self._numbered(order.to_event(event_id=self.next_id(), producer=self.producer))
+        return order.to_event(event_id=self.next_id(), producer=self.producer)
 
     def trade(self, trade: Trade) -> dict[str, Any]:
         """A ``trade`` event."""
-        return self._numbered(trade.to_event(event_id=self.next_id(), producer=self.producer))
+        return trade.to_event(event_id=self.next_id(), producer=self.producer)
 
     def position_open(self, pos: Position) -> dict[str, Any]:
         """A ``position_open`` event (entry columns)."""
-        event = pos.open_event(event_id=self._position_id(pos, "open"), producer=self.producer)
-        return self._numbered(event)
+        return pos.open_event(event_id=self._position_id(pos, "open"), producer=self.producer)
 
     def position_close(self, pos: Position) -> dict[str, Any]:
         """A ``position_close`` event (exit and entry columns); ``pos`` must be CLOSED."""
-        event = pos.close_event(event_id=self._position_id(pos, "close"), producer=self.producer)
-        return self._numbered(event)
+        return pos.close_event(event_id=self._position_id(pos, "close"), producer=self.producer)
 
-    def _numbered(self, event: dict[str, Any]) -> dict[str, Any]:
-        # Built once per log_* call, so a retried publish of it repeats its seq: ingestd's gap
-        # detection (producer_gaps) sees each logged event's number once per run.
-        event["seq"] = self._ids.next_seq()
-        event["session"] = self._ids.session
-        return event
+    def numbered(self, event: dict[str, Any]) -> dict[str, Any]:
+        """``event`` with this builder's next ``seq`` and its ``session`` (for ingestd's gap
+        detection, ``producer_gaps``). Called once the event is handed to the stream side, not
+        when it is built: a dual write's repeated call (which reuses the event) takes none."""
+        return {**event, "seq": self._ids.next_seq(), "session": self._ids.session}
 
     def _position_id(self, pos: Position, what: str) -> str:
         name = f"{pos.position_key}:{what}"

@@ -206,6 +206,7 @@ class PostgresStorage(LogMethods):
     # --- producing --------------------------------------------------------------------------------
 
     def _emit(self, event: dict[str, Any]) -> str:
+        event = self._events.numbered(event)
         event_id: str = event["event_id"]
         item = Pending(event_id, orjson.dumps(event))
         with self._cond:
@@ -480,6 +481,7 @@ class AsyncPostgresStorage(AsyncLogMethods):
         return self._cond
 
     async def _emit(self, event: dict[str, Any]) -> str:
+        event = self._events.numbered(event)
         event_id: str = event["event_id"]
         item = Pending(event_id, orjson.dumps(event))
         cond = self._condition()

@@ -28,6 +28,7 @@ from ingestd.settings import Settings
 from ingestd.stats import collect_database, render
 from ingestd.storage.base import EventBuilder
 from ingestd.storage.models import FxRate
+from ingestd.storage.postgres import PostgresStorage
 
 pytestmark = pytest.mark.pg
 
@@ -228,13 +229,22 @@ def test_publisher_numbers_its_events_and_reuses_numbers_of_a_failed_publish(
     assert 0 < len(publisher.session) <= 50
 
 
-def test_storage_api_events_carry_seq_and_session() -> None:
-    builder = EventBuilder("collector")
+def test_storage_api_numbers_what_it_publishes(redis_url: str, rclient: redis.Redis) -> None:
+    storage = PostgresStorage(
+        redis.Redis.from_url(redis_url), stream="gaps:storage", owns_client=True
+    )
     rate = FxRate(pair="USDKRW", rate=Decimal("1385.5"), source="t", timestamp=T0)
-    a, b = builder.fx_rate(rate), builder.fx_rate(rate)
-    assert (a["seq"], b["seq"]) == (0, 1)
-    assert a["session"] == b["session"] and 0 < len(a["session"]) <= 50
-    # And ingestd takes them.
-    assert events.parse_event(orjson.loads(orjson.dumps(a, default=str))).seq == 0
+    try:
+        ids = [storage.log_fx_rate(rate) for _ in range(3)]
+        storage.flush(timeout=30)
+    finally:
+        storage.close()
+    entries: Any = rclient.xrange("gaps:storage")
+    sent = [orjson.loads(fields[b"event"]) for _, fields in entries]
+    assert [e["event_id"] for e in sent] == ids
+    assert [e["seq"] for e in sent] == [0, 1, 2]
+    assert len({e["session"] for e in sent}) == 1
+    assert all(events.parse_event(e).seq is not None for e in sent)
     # Another storage in the same process is another session (its seqs start at 0 again).
-    assert EventBuilder("collector").fx_rate(rate)["session"] != a["session"]
+    builder = EventBuilder("collector")
+    assert builder.numbered(builder.fx_rate(rate))["session"] != sent[0]["session"]
