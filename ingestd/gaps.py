@@ -6,7 +6,8 @@ replica sees (with several replicas each sees only part of the stream):
 
 - every committed batch records, in its own transaction, the runs of consecutive seqs it held per
   (producer, session) in ``producer_seq_ranges`` (``record_ranges``): a seq is recorded exactly
-  when its event is committed (stored, found already stored, or made a dead letter);
+  when its event's row is committed or found already stored (a dead letter's data did not land:
+  its number stays missing);
 - a sweep (``GapSweeper``), one replica at a time under a transaction-level advisory lock, merges
   each session's runs into the fewest rows; a hole between two of them is a gap once the seqs
   above it have been recorded for ``grace_s`` (a batch of another replica, or a stream entry being

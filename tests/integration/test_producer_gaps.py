@@ -169,7 +169,16 @@ async def test_a_gap_opens_and_closes_when_the_late_events_land(
 async def test_a_restart_is_not_a_gap(
     service: Service, pool: asyncpg.Pool, db: asyncpg.Connection
 ) -> None:
-    await submit(service, [0, 1, 2, 3], session="run-1")
+    await submit(service, [0, 1, 3], session="run-1")
+    heartbeat = {
+        "type": "heartbeat",
+        "producer": "collector",
+        "component": "collector",
+        "timestamp": utc_iso(dt.datetime.now(dt.UTC)),
+        "seq": 2,  # heartbeats are numbered like every other event
+        "session": "run-1",
+    }
+    await service.submit(heartbeat)
     await submit(service, [0, 1], session="run-2")  # the producer restarted: a new session
     await submit(service, [100, 101], session="run-3")  # a session need not start at 0
     # A redelivered event (same event, same seq) changes nothing.
