@@ -41,9 +41,12 @@ log = logging.getLogger("ingestd.gaps")
 # "ingestd producer gaps" in the advisory-lock space (hedges use 0x1D6E700).
 LOCK_ID: Final = 0x1D6E701
 
+# clock_timestamp(), not the transaction's start: a batch whose transaction waited long must not
+# make the holes below its seqs look old already (the grace period counts from about its commit).
 _SQL_RECORD: Final = """
-INSERT INTO producer_seq_ranges (producer, session, first_seq, last_seq)
-SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[], $4::bigint[])
+INSERT INTO producer_seq_ranges (producer, session, first_seq, last_seq, recorded_at)
+SELECT p, s, f, l, clock_timestamp()
+FROM unnest($1::text[], $2::text[], $3::bigint[], $4::bigint[]) AS u(p, s, f, l)
 """
 
 # Sessions to look at: more than one run (to merge, or with a hole), or an open gap.
