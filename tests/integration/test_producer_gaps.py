@@ -25,10 +25,12 @@ from ingestd.gaps import GapSweeper, Range, merge, runs
 from ingestd.metrics import Metrics
 from ingestd.publisher import Publisher
 from ingestd.settings import Settings
+from ingestd.sinks.postgres import PostgresSink
 from ingestd.stats import collect_database, render
 from ingestd.storage.base import EventBuilder
 from ingestd.storage.models import FxRate
 from ingestd.storage.postgres import PostgresStorage
+from tests.integration.test_postgres_sink import item, spread, tampered
 
 pytestmark = pytest.mark.pg
 
@@ -257,3 +259,13 @@ def test_storage_api_numbers_what_it_publishes(redis_url: str, rclient: redis.Re
     # Another storage in the same process is another session (its seqs start at 0 again).
     builder = EventBuilder("collector")
     assert builder.numbered(builder.fx_rate(rate))["session"] != sent[0]["session"]
+
+
+async def test_a_dead_letters_seq_stays_missing(pool: asyncpg.Pool, db: asyncpg.Connection) -> None:
+    """The database refuses one row of a batch: its number is a gap, the others are not."""
+    good = [item(spread(f"g{i}", seq=i, session="run-1")) for i in (0, 1, 3)]
+    refused = tampered(spread("bad", seq=2, session="run-1"), symbol="ABCDEFGHIJK")  # VARCHAR(10)
+    outcome = await PostgresSink(pool).write([*good, refused])
+    assert set(outcome.rejected) == {id(refused)}
+    result = await sweeper(pool).run_once()
+    assert result is not None and result.opened == [("collector", "run-1", 2, 2)]
