@@ -32,6 +32,8 @@ from ingestd.batching import BatchOutcome, Item
 from ingestd.db import create_pool
 from ingestd.deadletters import DeadLetter
 from ingestd.endpoints import OpsServer
+from ingestd.gaps import GapSweeper
+from ingestd.hedges import HalfHedgeMonitor
 from ingestd.maintenance import Maintenance
 from ingestd.metrics import Metrics, MetricsCollector, create_registry
 from ingestd.pipeline import Pipeline, Sink, cancel_quietly
@@ -309,6 +311,25 @@ class Service:
         s = self.settings
         assert self.redis is not None
         self._tasks.append(asyncio.create_task(self._reconcile_loop(), name="ingestd-reconcile"))
+        if s.half_hedge.enabled:
+            hedges = HalfHedgeMonitor(
+                pool,
+                self.redis,
+                self.metrics,
+                settings=s.half_hedge,
+                key_prefix=s.storage.redis.key_prefix,
+                acquire_timeout_s=s.storage.postgres.acquire_timeout_s,
+            )
+            self._tasks.append(asyncio.create_task(hedges.run(), name="ingestd-half-hedges"))
+        if s.producer_gaps.enabled:
+            sweeper = GapSweeper(
+                pool,
+                self.metrics,
+                grace_s=s.producer_gaps.grace_s,
+                interval_s=s.producer_gaps.check_interval_s,
+                acquire_timeout_s=s.storage.postgres.acquire_timeout_s,
+            )
+            self._tasks.append(asyncio.create_task(sweeper.run(), name="ingestd-gaps"))
         if s.maintenance.enabled:
             self.maintenance = Maintenance(
                 pool,

@@ -255,7 +255,11 @@ EVENT_TYPES: Final[dict[str, EventType]] = {
     ),
 }
 
-ENVELOPE_FIELDS: Final = frozenset({"type", "event_id", "producer"})
+ENVELOPE_FIELDS: Final = frozenset({"type", "event_id", "producer", "seq", "session"})
+# A producer's optional counter within one run of it (seq, stored as BIGINT) and that run's name:
+# ingestd records the gaps in each (producer, session)'s seqs (ingestd.gaps).
+MAX_SEQ: Final = 2**63 - 1
+SESSION_LEN: Final = 50
 
 
 @dataclasses.dataclass(slots=True)
@@ -270,6 +274,8 @@ class Event:
     # The append-only table it goes to (None for positions and heartbeats): looked up once here
     # rather than per event in the batcher, the sink and the mirror.
     table: tables.Table | None = None
+    seq: int | None = None
+    session: str | None = None
 
     @property
     def spec(self) -> EventType:
@@ -628,7 +634,23 @@ def parse_event(obj: object, *, default_event_id: str | None = None) -> Event:
     if event_id is None:
         event_id = content_event_id(etype, producer, values)
     complete(etype, values, moment)
-    return Event(etype, event_id, producer, moment, values, validator.spec.table)
+    event = Event(etype, event_id, producer, moment, values, validator.spec.table)
+    if "seq" in obj or "session" in obj:
+        event.seq, event.session = _sequence(obj.get("seq"), obj.get("session"))
+    return event
+
+
+def _sequence(seq: object, session: object) -> tuple[int | None, str | None]:
+    """The optional ``seq`` (integer 0 to 2^63-1) and ``session`` (1-50 characters)."""
+    if seq is not None and (type(seq) is not int or not 0 <= seq <= MAX_SEQ):
+        raise InvalidEvent(f"must be an integer from 0 to {MAX_SEQ}", field="seq")
+    if session is not None and not (
+        type(session) is str and 0 < len(session) <= SESSION_LEN and "\x00" not in session
+    ):
+        raise InvalidEvent(
+            f"must be a string of 1 to {SESSION_LEN} characters without NUL", field="session"
+        )
+    return seq, session
 
 
 def content_event_id(etype: str, producer: str | None, values: Mapping[str, str | None]) -> str:
@@ -714,6 +736,10 @@ def to_wire(ev: Event) -> dict[str, Any]:
     out: dict[str, Any] = {"type": ev.type, "event_id": ev.event_id}
     if ev.producer is not None:
         out["producer"] = ev.producer
+    if ev.seq is not None:
+        out["seq"] = ev.seq
+    if ev.session is not None:
+        out["session"] = ev.session
     for f in ev.spec.fields:
         value = ev.values[f.name]
         if value is not None:

@@ -38,12 +38,16 @@ def _annotation(kind: tables.ColumnType) -> Any:
 
 _EVENT_ID: Final = Annotated[str, msgspec.Meta(min_length=1, max_length=tables.EVENT_ID.length)]
 _PRODUCER: Final = Annotated[str, msgspec.Meta(min_length=1, max_length=tables.PRODUCER.length)]
+_SEQ: Final = Annotated[int, msgspec.Meta(ge=0, le=events.MAX_SEQ)]
+_SESSION: Final = Annotated[str, msgspec.Meta(min_length=1, max_length=events.SESSION_LEN)]
 
 
 def _struct(spec: events.EventType) -> type[msgspec.Struct]:
     fields: list[tuple[str, Any] | tuple[str, Any, Any]] = [
         ("event_id", _EVENT_ID | None, None),
         ("producer", _PRODUCER | None, None),
+        ("seq", _SEQ | None, None),
+        ("session", _SESSION | None, None),
     ]
     for f in spec.fields:
         annotation = _annotation(f.kind)
@@ -149,4 +153,7 @@ def decode(payload: bytes | str, default_event_id: str | None) -> events.Event |
         events.complete(spec.name, values, moment)
     except InvalidEvent:
         return None
-    return events.Event(spec.name, event_id, producer, moment, values, spec.table)
+    session: str | None = obj.session
+    if session is not None and "\x00" in session:
+        return None
+    return events.Event(spec.name, event_id, producer, moment, values, spec.table, obj.seq, session)

@@ -150,6 +150,13 @@ class Metrics:
     # Sampled by the open-count reconciliation: closes parked waiting for their open.
     parked_closes: int | None = None  # ingestd_parked_closes
     parked_close_oldest_age_s: float | None = None  # ingestd_parked_close_oldest_age_seconds
+    # The half-hedge check (ingestd.hedges): open alerts (the table's count, read by every
+    # replica) and those this replica raised and cleared (one replica counts each).
+    half_hedges_open: int | None = None  # ingestd_half_hedges
+    half_hedges_raised: int = 0  # ingestd_half_hedges_raised_total
+    half_hedges_cleared: int = 0  # ingestd_half_hedges_cleared_total
+    # Open producer_gaps rows (ingestd.gaps; the table's count, read by every replica).
+    producer_gaps_open: int | None = None  # ingestd_producer_gaps_open
 
     def observe_parked_closes(self, waiting: int, oldest_age_s: float | None, expired: int) -> None:
         """A sweep of the parked closes: the gauges, and those it moved to dead_letters."""
@@ -325,6 +332,26 @@ class MetricsCollector(Collector):
             "parked_close_oldest_age_seconds",
             "How long the oldest parked close has waited for its open (sampled)",
             m.parked_close_oldest_age_s,
+        )
+        yield _gauge(
+            "half_hedges",
+            "Positions with an open half-hedge alert (filled legs that do not match; sampled)",
+            m.half_hedges_open,
+        )
+        yield _counter(
+            "half_hedges_raised",
+            "Half-hedge alerts raised (each once, by the replica that raised it)",
+            m.half_hedges_raised,
+        )
+        yield _counter(
+            "half_hedges_cleared",
+            "Half-hedge alerts cleared because the missing leg landed",
+            m.half_hedges_cleared,
+        )
+        yield _gauge(
+            "producer_gaps_open",
+            "Gaps in producers' seq numbers whose events have not arrived (sampled)",
+            m.producer_gaps_open,
         )
         yield _gauge(
             "stream_oldest_pending_seconds",

@@ -56,27 +56,55 @@ def _client_options(retries: int) -> dict[str, Any]:
     }
 
 
+_INSTANCES = itertools.count(1)
+
+
 class _Ids:
-    """``{prefix}-{n}`` ids unique per publisher instance (host, pid and start time in prefix)."""
+    """``{prefix}-{n}`` ids unique per publisher instance (host, pid and start time in prefix),
+    and the instance's ``session`` (host, pid, start time; at most 50 characters) for ``seq``."""
 
     def __init__(self, prefix: str | None) -> None:
         stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S%f")
         self.prefix = prefix or f"{socket.gethostname()[:30]}-{os.getpid()}-{stamp}"
+        # Unique per run even when the caller chose the id prefix: a new run is a new session,
+        # and so is each publisher or storage of one process (each counts from 0).
+        started = stamp[:15]  # to the second: the instance number tells the rest apart
+        self.session = f"{socket.gethostname()[:16]}-{os.getpid()}-{started}-{next(_INSTANCES)}"
         self._n = itertools.count(1)
+        self._seq = itertools.count(0)
 
     def next(self) -> str:
         return f"{self.prefix}-{next(self._n)}"
+
+    def next_seq(self) -> int:
+        """The next ``seq`` of this session (0, 1, 2, ...; thread-safe)."""
+        return next(self._seq)
 
 
 # Public name for ingestd.storage, which gives every event it logs an id of this form.
 EventIds = _Ids
 
 
-def encode(event: Mapping[str, Any], ids: _Ids) -> bytes:
-    """Serialise one event, adding an ``event_id`` when it has none."""
+def encode(event: Mapping[str, Any], ids: _Ids, seq: int | None = None) -> bytes:
+    """Serialise one event, adding an ``event_id`` when it has none, and ``seq`` (with the
+    publisher's ``session``) when one is given and the event has none of its own."""
     if "event_id" not in event or event["event_id"] is None:
         event = {**event, "event_id": ids.next()}
+    if seq is not None:
+        event = {**event, "seq": seq, "session": ids.session}
     return orjson.dumps(event, default=_default, option=orjson.OPT_PASSTHROUGH_DATETIME)
+
+
+def _numbered(event: Mapping[str, Any], next_seq: int) -> tuple[int | None, int]:
+    """The seq to give ``event`` (None when it carries its own) and the next free one.
+
+    A publisher advances its counter only once a publish has succeeded: a publish that raised and
+    is called again with the same events numbers them the same, so ingestd sees no gap for events
+    that were never sent (and stores a repeated event once, by its event_id).
+    """
+    if event.get("seq") is None:
+        return next_seq, next_seq + 1
+    return None, next_seq
 
 
 class Publisher:
@@ -88,6 +116,12 @@ class Publisher:
         self._client = client
         self.stream = stream
         self._ids = _Ids(id_prefix)
+        self._next_seq = 0
+
+    @property
+    def session(self) -> str:
+        """This publisher's ``session``: every event it numbers carries it with its ``seq``."""
+        return self._ids.session
 
     @classmethod
     def from_url(cls, url: str, *, retries: int = DEFAULT_RETRIES, **kwargs: Any) -> Publisher:
@@ -97,19 +131,24 @@ class Publisher:
 
     def publish(self, event: Mapping[str, Any]) -> str:
         """XADD one event; returns its stream entry id."""
-        entry = self._client.xadd(self.stream, {"event": encode(event, self._ids)})
+        seq, next_seq = _numbered(event, self._next_seq)
+        entry = self._client.xadd(self.stream, {"event": encode(event, self._ids, seq)})
+        self._next_seq = next_seq
         return entry.decode() if isinstance(entry, bytes) else str(entry)
 
     def publish_many(self, events: Iterable[Mapping[str, Any]], *, chunk: int = 1000) -> int:
         """XADD many events in pipelined chunks; returns how many were added."""
         n = 0
+        next_seq = self._next_seq
         pipe = self._client.pipeline(transaction=False)
         for ev in events:
-            pipe.xadd(self.stream, {"event": encode(ev, self._ids)})
+            seq, next_seq = _numbered(ev, next_seq)
+            pipe.xadd(self.stream, {"event": encode(ev, self._ids, seq)})
             n += 1
             if n % chunk == 0:
                 pipe.execute()
         pipe.execute()
+        self._next_seq = next_seq
         return n
 
     def close(self) -> None:
@@ -126,6 +165,12 @@ class AsyncPublisher:
         self._client = client
         self.stream = stream
         self._ids = _Ids(id_prefix)
+        self._next_seq = 0
+
+    @property
+    def session(self) -> str:
+        """This publisher's ``session``: every event it numbers carries it with its ``seq``."""
+        return self._ids.session
 
     @classmethod
     def from_url(cls, url: str, *, retries: int = DEFAULT_RETRIES, **kwargs: Any) -> AsyncPublisher:
@@ -137,19 +182,24 @@ class AsyncPublisher:
 
     async def publish(self, event: Mapping[str, Any]) -> str:
         """XADD one event; returns its stream entry id."""
-        entry = await self._client.xadd(self.stream, {"event": encode(event, self._ids)})
+        seq, next_seq = _numbered(event, self._next_seq)
+        entry = await self._client.xadd(self.stream, {"event": encode(event, self._ids, seq)})
+        self._next_seq = next_seq
         return entry.decode() if isinstance(entry, bytes) else str(entry)
 
     async def publish_many(self, events: Iterable[Mapping[str, Any]], *, chunk: int = 1000) -> int:
         """XADD many events in pipelined chunks; returns how many were added."""
         n = 0
+        next_seq = self._next_seq
         pipe = self._client.pipeline(transaction=False)
         for ev in events:
-            pipe.xadd(self.stream, {"event": encode(ev, self._ids)})
+            seq, next_seq = _numbered(ev, next_seq)
+            pipe.xadd(self.stream, {"event": encode(ev, self._ids, seq)})
             n += 1
             if n % chunk == 0:
                 await pipe.execute()
         await pipe.execute()
+        self._next_seq = next_seq
         return n
 
     async def publish_raw(self, payload: bytes) -> str:

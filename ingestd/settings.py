@@ -20,6 +20,7 @@ import re
 import socket
 import urllib.parse
 from collections.abc import Mapping
+from decimal import Decimal
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -198,6 +199,45 @@ class MaintenanceSettings:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class HalfHedgeSettings:
+    """Half-hedge alerts (ingestd/hedges.py): a position's filled legs that do not match."""
+
+    enabled: bool = True
+    # Raised once a position's legs have not matched for this long.
+    after_s: float = 30.0
+    # Legs match when they differ by at most this fraction of the larger one (0.001 = 0.1 %);
+    # read as the decimal it is written as (0.001 is exactly 1/1000, not the nearest float).
+    quantity_tolerance: float = 0.001
+    check_interval_s: float = 5.0
+    # Positions with a leg newer than this (or an open alert) are checked.
+    lookback_s: float = 86_400.0
+    # The two venues whose legs hedge each other, comma-separated.
+    venues: str = "upbit,binance_futures"
+
+    @property
+    def tolerance(self) -> Decimal:
+        """The tolerance as written (0.001 stays 1/1000): repr is a float's shortest spelling."""
+        return Decimal(repr(self.quantity_tolerance))
+
+    @property
+    def venue_pair(self) -> tuple[str, str]:
+        """The two venues, as configured."""
+        first, second = (v.strip() for v in self.venues.split(","))
+        return first, second
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ProducerGapSettings:
+    """Producer gap detection (ingestd/gaps.py) over the events' ``seq`` / ``session``."""
+
+    enabled: bool = True
+    # A hole in a session's seqs is a gap once the seqs above it are this old (a stream entry of
+    # a dead replica is reclaimed after stream.claim_idle_ms, 30 s by default).
+    grace_s: float = 60.0
+    check_interval_s: float = 5.0
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class Settings:
     """Everything ingestd needs, frozen."""
 
@@ -211,6 +251,8 @@ class Settings:
     shutdown: ShutdownSettings = ShutdownSettings()
     retention: RetentionSettings = RetentionSettings()
     maintenance: MaintenanceSettings = MaintenanceSettings()
+    half_hedge: HalfHedgeSettings = HalfHedgeSettings()
+    producer_gaps: ProducerGapSettings = ProducerGapSettings()
     metrics_port: int = 9464
     metrics_host: str = "127.0.0.1"  # the container image sets 0.0.0.0
     log_format: str = "plain"
@@ -309,7 +351,16 @@ class Settings:
                 raise ConfigError(f"maintenance.{name} must be > 0")
         if m.metrics_days < 1 or m.metrics_hours < 1:
             raise ConfigError("maintenance.metrics_days and metrics_hours must be >= 1")
+        _check_half_hedge(self.half_hedge)
         return self
+
+
+def _check_half_hedge(h: HalfHedgeSettings) -> None:
+    if not 0 <= h.quantity_tolerance < 1:
+        raise ConfigError("half_hedge.quantity_tolerance must be >= 0 and < 1 (0.001 is 0.1 %)")
+    venues = [v.strip() for v in h.venues.split(",")]
+    if len(venues) != 2 or not all(venues) or venues[0] == venues[1]:
+        raise ConfigError("half_hedge.venues must name two different venues, e.g. upbit,binance")
 
 
 # Durations (names ending in _s or _ms) and TTLs must be > 0, except these, where 0 means "off"

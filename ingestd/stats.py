@@ -22,6 +22,8 @@ import redis.exceptions
 
 from ingestd import tables
 from ingestd.db import Connection
+from ingestd.gaps import SQL_COUNT_OPEN as SQL_COUNT_OPEN_GAPS
+from ingestd.logs import escape
 from ingestd.maintenance import hypertable_names
 
 # Seed §7.1, verbatim.
@@ -308,8 +310,23 @@ async def collect_database(
             "oldest_received_at": _plain(parked["oldest"]),
             "oldest_age_s": parked["oldest_age_s"],
         }
+    if await _exists(conn, "producer_gaps"):
+        # Open gaps in the producers' seq numbers (ingestd.gaps), oldest first, at most 100.
+        gaps = await conn.fetch(_SQL_OPEN_GAPS)
+        report["producer_gaps"] = {
+            "open": await conn.fetchval(SQL_COUNT_OPEN_GAPS),
+            "rows": [_record(r) for r in gaps],
+        }
     report["slow_queries"] = await _slow_queries(conn, top)
     return report
+
+
+_SQL_OPEN_GAPS = """
+SELECT producer, session, first_missing, last_missing, last_missing - first_missing + 1 AS missing,
+       detected_at
+FROM producer_gaps WHERE closed_at IS NULL
+ORDER BY detected_at, producer, session, first_missing LIMIT 100
+"""
 
 
 async def collect_redis(client: aioredis.Redis, *, key_prefix: str = "") -> dict[str, Any]:
@@ -499,6 +516,27 @@ def render(report: dict[str, Any]) -> str:
         else:
             line += "none"
         out += ["", line]
+    gaps = report.get("producer_gaps")
+    if gaps is not None:
+        out += ["", f"open producer gaps (seq numbers not received): {gaps['open']}"]
+        if gaps["rows"]:
+            out.append(
+                _table(
+                    ["producer", "session", "first missing", "last missing", "missing", "since"],
+                    [
+                        [
+                            # Producer-chosen text: escaped, it cannot move the terminal.
+                            _cut(escape(g["producer"] or "(none)"), 20),
+                            _cut(escape(g["session"] or "(none)"), 50),
+                            g["first_missing"],
+                            g["last_missing"],
+                            g["missing"],
+                            g["detected_at"],
+                        ]
+                        for g in gaps["rows"]
+                    ],
+                )
+            )
     slow = report["slow_queries"]
     out += ["", "slowest statements (pg_stat_statements, mean_exec_time)"]
     if slow["available"]:

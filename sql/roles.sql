@@ -69,6 +69,8 @@ GRANT SELECT, INSERT, UPDATE ON ingestd_maintenance TO ingestd_writer;
 GRANT SELECT ON daily_pnl_summary, hourly_spread_avg TO ingestd_writer;
 -- `ingestd import-csv` (run as the writer) records how far it got in each file.
 GRANT SELECT, INSERT, UPDATE ON csv_import_checkpoints TO ingestd_writer;
+GRANT SELECT, INSERT, UPDATE ON alerts, producer_gaps TO ingestd_writer;
+GRANT SELECT, INSERT, DELETE ON producer_seq_ranges TO ingestd_writer;
 -- BIGSERIAL ids: nextval() needs USAGE on the sequences.
 GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO ingestd_writer;
 

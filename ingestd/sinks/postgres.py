@@ -25,7 +25,7 @@ from typing import Any, Final
 
 import asyncpg
 
-from ingestd import errors, failpoints, tables
+from ingestd import errors, failpoints, gaps, tables
 from ingestd.batching import BatchOutcome, Item
 from ingestd.db import Connection
 from ingestd.deadletters import DeadLetter, ascii_dead_letter, make_dead_letter
@@ -669,6 +669,11 @@ class PostgresSink:
                 outcome.open_counts = {r["symbol"]: r["n"] for r in rows_}
                 outcome.open_counts_version = rows_[0]["version"] if rows_ else None
             await queue_aggregate_backfill(conn, batch.by_table.get("spreads"), outcome)
+            # The seqs of the events whose rows are stored (or were already): a dead letter's
+            # data did not land, so its number stays missing (ingestd.gaps).
+            await gaps.record_ranges(
+                conn, (item.event for item in batch.items if id(item) not in outcome.rejected)
+            )
             failpoints.hit("before_commit")
         failpoints.hit("after_commit")
         return outcome

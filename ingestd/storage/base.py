@@ -51,6 +51,12 @@ class EventBuilder:
         """A ``position_close`` event (exit and entry columns); ``pos`` must be CLOSED."""
         return pos.close_event(event_id=self._position_id(pos, "close"), producer=self.producer)
 
+    def numbered(self, event: dict[str, Any]) -> dict[str, Any]:
+        """``event`` with this builder's next ``seq`` and its ``session`` (for ingestd's gap
+        detection, ``producer_gaps``). Called once the event is handed to the stream side, not
+        when it is built: a dual write's repeated call (which reuses the event) takes none."""
+        return {**event, "seq": self._ids.next_seq(), "session": self._ids.session}
+
     def _position_id(self, pos: Position, what: str) -> str:
         name = f"{pos.position_key}:{what}"
         return name if len(name) <= tables.EVENT_ID.length else self.next_id()

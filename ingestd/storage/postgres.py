@@ -286,6 +286,7 @@ class PostgresStorage(LogMethods):
             atexit.register(self._at_exit)
 
     def _emit(self, event: dict[str, Any]) -> str:
+        event = self._events.numbered(event)
         event_id: str = event["event_id"]
         payload = orjson.dumps(event)
         if self._disk is not None:
@@ -620,6 +621,7 @@ class AsyncPostgresStorage(AsyncLogMethods):
             self._task = asyncio.create_task(self._run(), name="ingestd-storage-publisher")
 
     async def _emit(self, event: dict[str, Any]) -> str:
+        event = self._events.numbered(event)
         event_id: str = event["event_id"]
         payload = orjson.dumps(event)
         cond = self._condition()
