@@ -274,10 +274,9 @@ class StateKeeper:
         self._set_max = client.register_script(_SET_MAX)
         self.leader = False
         # What this replica last published (as leader), and since when the conditions have
-        # allowed a less severe state (hysteresis), with the most severe seen meanwhile.
+        # allowed each less severe state (hysteresis).
         self.published: TradingState | None = None
-        self._calmer_since: float | None = None
-        self._calmer_worst: State = State.ACTIVE
+        self._calm_since: dict[State, float] = {}
         self._fx_seen_us: int | None = None
         self._fx_pushed_us: int | None = None
         self.transitions: Counter[tuple[str, str]] = Counter()
@@ -373,7 +372,7 @@ class StateKeeper:
         current = parse_state(await self._client.get(self._key(STATE_KEY)))
         since = current.since or dt.datetime.now(dt.UTC)
         self.published = TradingState(current.state, current.reasons, since)
-        self._calmer_since = None
+        self._calm_since = {}
 
     async def _conditions(self, now: dt.datetime) -> tuple[State, list[str]]:
         lim = self.limits
@@ -456,30 +455,41 @@ class StateKeeper:
         return count
 
     def _with_hysteresis(self, worst: State, reasons: list[str], now: dt.datetime) -> TradingState:
-        """More severe at once; less severe only after ``recover_after_s`` of calmer conditions."""
+        """More severe at once; less severe only once the conditions have allowed that state
+        (or a calmer one) for ``recover_after_s`` without a break."""
         current = self.published
         assert current is not None
         clock = self._clock()
+        # For each calmer state: since when the conditions have allowed it without a break.
+        for level in (State.ACTIVE, State.REDUCING):
+            if worst.severity <= level.severity:
+                self._calm_since.setdefault(level, clock)
+            else:
+                self._calm_since.pop(level, None)
         if worst.severity >= current.state.severity:
-            self._calmer_since = None
             if worst is current.state:
                 return TradingState(worst, tuple(reasons), current.since)
             return self._change(current.state, worst, reasons, now)
-        if self._calmer_since is None:
-            self._calmer_since = clock
-            self._calmer_worst = worst
-        elif worst.severity > self._calmer_worst.severity:
-            self._calmer_worst = worst
-        calm_for = clock - self._calmer_since
-        if calm_for >= self.limits.recover_after_s:
-            target = self._calmer_worst
-            self._calmer_since = None
-            return self._change(current.state, target, reasons, now)
-        waiting = (
+        recover = self.limits.recover_after_s
+        for level in (State.ACTIVE, State.REDUCING):
+            started = self._calm_since.get(level)
+            if (
+                level.severity < current.state.severity
+                and started is not None
+                and clock - started >= recover
+            ):
+                kept = reasons if level is worst else [self._recovering(worst, clock), *reasons]
+                return self._change(current.state, level, kept, now)
+        return TradingState(
+            current.state, (self._recovering(worst, clock), *reasons), current.since
+        )
+
+    def _recovering(self, worst: State, clock: float) -> str:
+        calm_for = clock - self._calm_since.get(worst, clock)
+        return (
             f"recovering: conditions allow {worst.value} for {calm_for:.0f}s "
             f"(needs {self.limits.recover_after_s:g}s)"
         )
-        return TradingState(current.state, (waiting, *reasons), current.since)
 
     def _change(self, old: State, new: State, reasons: list[str], now: dt.datetime) -> TradingState:
         self.transitions[(old.value, new.value)] += 1

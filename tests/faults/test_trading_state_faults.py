@@ -114,9 +114,7 @@ async def wait_state(
     deadline = time.monotonic() + timeout
     while True:
         current = await asyncio.to_thread(read_state, client)
-        if current.state is want and (
-            reason is None or any(reason in r for r in current.reasons)
-        ):
+        if current.state is want and (reason is None or any(reason in r for r in current.reasons)):
             return current
         assert time.monotonic() < deadline, f"wanted {want.value} ({reason}), have {current}"
         await asyncio.sleep(0.05)
