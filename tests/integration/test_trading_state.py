@@ -280,3 +280,26 @@ def test_halt_value_round_trips() -> None:
     broken = trading.parse_halt(b"{")
     assert broken is not None and "unreadable" in broken.reason
     assert orjson.loads(trading.halt_value("x"))["reason"] == "x"
+
+
+def test_halt_needs_a_reason_and_resume_without_halt_changes_nothing(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from ingestd import cli
+
+    monkeypatch.setenv("REDIS_URL", redis_url)
+    monkeypatch.delenv("INGESTD_CONFIG", raising=False)
+    sync = redis.Redis.from_url(redis_url)
+    assert cli.main(["halt", "--reason", "   "]) == 2
+    assert "--reason must be" in capsys.readouterr().err
+    assert sync.get(trading.HALT_KEY) is None
+    assert cli.main(["resume"]) == 0
+    assert "nothing changed" in capsys.readouterr().out
+    assert cli.main(["halt", "--reason", "manual check"]) == 0
+    halt = trading.parse_halt(sync.get(trading.HALT_KEY))
+    assert halt is not None and halt.reason == "manual check"
+    assert sync.ttl(trading.HALT_KEY) == -1  # no TTL: kept until resumed
+    # No ingestd is writing trading:state here: absent reads as HALTED (exit 3).
+    assert cli.main(["trading-state"]) == 3
+    assert "absent" in capsys.readouterr().out
+    sync.close()
