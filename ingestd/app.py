@@ -725,6 +725,11 @@ class Service:
                 log.error("the spool did not close in time", extra={"action": "spool_stuck"})
         if self.mirror is not None:
             await self.mirror.flush()
+        if self.trading is not None:
+            # After the trading loop was cancelled above: nothing renews the lease any more.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(2):
+                    await self.trading.release()
         if self.ops is not None:
             await self.ops.close()
         for client in (self.redis, self._mirror_redis, self._trading_redis):

@@ -27,6 +27,7 @@ This module imports neither asyncpg nor the rest of the daemon: producers read t
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
 import enum
@@ -235,6 +236,14 @@ redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[3])
 return 1
 """
 
+# KEYS = leader key; ARGV = me. Gives the lease up if held (a clean stop: no wait for a successor).
+_RELEASE: Final = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+    return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
+
 # KEYS = key; ARGV = microseconds, ttl ms. Keeps the larger of the stored and the given value.
 _SET_MAX: Final = """
 local current = tonumber(redis.call('GET', KEYS[1]))
@@ -272,6 +281,7 @@ class StateKeeper:
         self._lease = client.register_script(_LEASE)
         self._write = client.register_script(_WRITE_IF_LEADER)
         self._set_max = client.register_script(_SET_MAX)
+        self._release = client.register_script(_RELEASE)
         self.leader = False
         # What this replica last published (as leader), and since when the conditions have
         # allowed each less severe state (hysteresis).
@@ -365,6 +375,16 @@ class StateKeeper:
             return None
         self.published = state
         return state
+
+    async def release(self) -> None:
+        """On a clean stop: withdraw this replica's report and give the lease up (if held), so
+        that another replica writes at its next tick; the state in the key stays until then.
+        Redis errors are ignored: the report ages out and the lease expires by themselves."""
+        was_leader, self.leader, self.published = self.leader, False, None
+        with contextlib.suppress(redis.exceptions.RedisError, OSError):
+            await self._client.hdel(self._key(REPORTS_KEY), self.replica)
+            if was_leader:
+                await self._release(keys=[self._key(LEADER_KEY)], args=[self.replica])
 
     async def _adopt(self) -> None:
         """Take over the state in the key (absent: HALTED since now), so a new writer is no

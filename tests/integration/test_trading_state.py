@@ -303,3 +303,25 @@ def test_halt_needs_a_reason_and_resume_without_halt_changes_nothing(
     assert cli.main(["trading-state"]) == 3
     assert "absent" in capsys.readouterr().out
     sync.close()
+
+
+async def test_release_on_stop_gives_the_lease_up_and_withdraws_the_report(
+    redis_url: str,
+) -> None:
+    client = aioredis.Redis.from_url(redis_url)
+    sync = redis.Redis.from_url(redis_url)
+    k = keeper(client, FakeClock(), trading.LocalReport(failing_s=None, lag_s=None))
+    await k.tick()
+    assert k.leader and sync.get(trading.LEADER_KEY) == b"r1"
+    assert sync.hexists(trading.REPORTS_KEY, "r1")
+    await k.release()
+    assert sync.get(trading.LEADER_KEY) is None
+    assert not sync.hexists(trading.REPORTS_KEY, "r1")
+    assert sync.get(trading.STATE_KEY) is not None  # stays until a successor writes or it expires
+    # Another replica's lease is never released by this one.
+    sync.set(trading.LEADER_KEY, b"r2")
+    k.leader = True
+    await k.release()
+    assert sync.get(trading.LEADER_KEY) == b"r2"
+    await client.aclose()
+    sync.close()
