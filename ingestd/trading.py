@@ -467,12 +467,16 @@ class StateKeeper:
         return reasons
 
     async def _count_half_hedges(self) -> int:
+        # Plain SCAN calls rather than scan_iter: a tick cancelled mid-count (a stop) leaves no
+        # half-iterated async generator behind.
+        pattern = _glob_escape(self._key(HALF_HEDGE_PREFIX)) + "*"
         count = 0
-        async for _ in self._client.scan_iter(
-            match=_glob_escape(self._key(HALF_HEDGE_PREFIX)) + "*", count=1000
-        ):
-            count += 1
-        return count
+        cursor = 0
+        while True:
+            cursor, found = await self._client.scan(cursor, match=pattern, count=1000)
+            count += len(found)
+            if cursor == 0:
+                return count
 
     def _with_hysteresis(self, worst: State, reasons: list[str], now: dt.datetime) -> TradingState:
         """More severe at once; less severe only once the conditions have allowed that state
