@@ -556,10 +556,17 @@ class Service:
     async def _trading_loop(self) -> None:
         assert self.trading is not None
         interval = self.settings.trading.interval_s
-        while True:
+        while not self._cancelled():
             started = time.monotonic()
             await self.trading.tick()
             await asyncio.sleep(max(0.0, interval - (time.monotonic() - started)))
+
+    def _cancelled(self) -> bool:
+        """True once stopping or once this task was cancelled: redis-py can turn a cancellation
+        into a connection error (which the loops ride out), and a loop that went on would open
+        connections on a closed client."""
+        task = asyncio.current_task()
+        return self._stopping or (task is not None and task.cancelling() > 0)
 
     def _observe_intake(self, items: Sequence[Item]) -> None:
         """Called by the sources as events are taken in, before any commit.
@@ -593,7 +600,7 @@ class Service:
         """Write the heartbeats staged at intake as soon as they come (one write per wake-up);
         what Redis refuses stays staged and goes with the next flush."""
         assert self.mirror is not None
-        while True:
+        while not self._cancelled():
             await self._intake_beats.wait()
             self._intake_beats.clear()
             await self.mirror.flush()
