@@ -27,7 +27,7 @@ import redis.exceptions
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 
-from ingestd import errors, events, failpoints, keys, migrations, probes
+from ingestd import errors, events, failpoints, keys, migrations, probes, trading
 from ingestd.batching import BatchOutcome, Item
 from ingestd.db import create_pool
 from ingestd.deadletters import DeadLetter
@@ -35,7 +35,7 @@ from ingestd.endpoints import OpsServer
 from ingestd.gaps import GapSweeper
 from ingestd.hedges import HalfHedgeMonitor
 from ingestd.maintenance import Maintenance
-from ingestd.metrics import Metrics, MetricsCollector, create_registry
+from ingestd.metrics import Metrics, MetricsCollector, TradingStateCollector, create_registry
 from ingestd.pipeline import Pipeline, Sink, cancel_quietly
 from ingestd.redis_packing import use_hiredis_packing
 from ingestd.settings import Settings, redact
@@ -178,6 +178,11 @@ class Service:
         self._collector = MetricsCollector(self.metrics, healthy=self.healthy)
         self.registry = create_registry(self._collector)
         self.ops: OpsServer | None = None
+        # trading:state (README: Trading state) and the intake's heartbeats.
+        self.trading: trading.StateKeeper | None = None
+        self._trading_redis: aioredis.Redis | None = None
+        self._intake_beats = asyncio.Event()
+        self._fx_watch = settings.trading.fx_pair.upper()
         self._stopping = False
         self._stopped = False
 
@@ -258,6 +263,8 @@ class Service:
         )
         self.pipeline = Pipeline(sink, self.mirror, s.pipeline, metrics=self.metrics)
         self.pipeline.start()
+        if s.trading.enabled:
+            self._start_trading_state()
         if self.spool is not None:
             self._spool_source = SpoolSource(
                 self.spool,
@@ -276,6 +283,7 @@ class Service:
             spill_after_s=s.spool.spill_after_s,
             max_event_depth=s.pipeline.max_event_depth,
             retention=retention,
+            observer=self._observe_intake,
         )
         if self._stream_intake:
             self.stream = StreamSource(
@@ -286,9 +294,15 @@ class Service:
                 max_event_bytes=s.pipeline.max_event_bytes,
                 max_event_depth=s.pipeline.max_event_depth,
                 retention=retention,
+                observer=self._observe_intake,
             )
             self._stream_task = asyncio.create_task(self.stream.run(), name="ingestd-stream")
-        self._tasks = [asyncio.create_task(self._heartbeat_loop(), name="ingestd-heartbeat")]
+        self._tasks = [
+            asyncio.create_task(self._heartbeat_loop(), name="ingestd-heartbeat"),
+            asyncio.create_task(self._intake_heartbeat_loop(), name="ingestd-intake-heartbeats"),
+        ]
+        if self.trading is not None:
+            self._tasks.append(asyncio.create_task(self._trading_loop(), name="ingestd-trading"))
         if self.pool is not None:
             self._start_database_tasks(self.pool)
         else:
@@ -522,6 +536,98 @@ class Service:
             await self.mirror.flush()
             await asyncio.sleep(self.settings.mirror.heartbeat_interval_s)
 
+    def _start_trading_state(self) -> None:
+        t = self.settings.trading
+        # A client of its own, with the mirror's short timeout: a hung Redis must not hold the
+        # state loop past the key's TTL (it expires: HALTED), nor wait behind stream reads.
+        self._trading_redis = create_redis(
+            self.settings.storage.redis.url,
+            socket_timeout_s=min(self.settings.storage.redis.mirror_socket_timeout_s, t.interval_s),
+        )
+        self.trading = trading.StateKeeper(
+            self._trading_redis,
+            trading.Limits(
+                max_commit_failing_s=t.max_commit_failing_s,
+                max_ingest_lag_s=t.max_ingest_lag_s,
+                collector_component=t.collector_component,
+                max_heartbeat_age_s=t.max_heartbeat_age_s,
+                fx_pair=t.fx_pair,
+                max_fx_age_s=t.max_fx_age_s,
+                recover_after_s=t.recover_after_s,
+                interval_s=t.interval_s,
+                state_ttl_s=t.state_ttl_s,
+                lease_s=t.lease_s,
+            ),
+            replica=self.settings.consumer_name,
+            key_prefix=self.settings.storage.redis.key_prefix,
+            local=self._local_trading_report,
+        )
+        self.registry.register(TradingStateCollector(self.trading, list(trading.state_names())))
+
+    def _local_trading_report(self) -> trading.LocalReport:
+        """This replica's part of trading:state: its commit failures and its ingest lag."""
+        assert self.pipeline is not None
+        m = self.pipeline.metrics
+        since = m.flush_failing_since
+        failing = None if since is None else time.monotonic() - since
+        ages = [self.pipeline.oldest_pending_age_s()]
+        if self.stream is not None:
+            ages.append(m.stream_oldest_pending_s)
+        lag = max((a for a in ages if a is not None), default=None)
+        return trading.LocalReport(failing_s=failing, lag_s=lag)
+
+    async def _trading_loop(self) -> None:
+        assert self.trading is not None
+        interval = self.settings.trading.interval_s
+        while not self._cancelled():
+            started = time.monotonic()
+            await self.trading.tick()
+            await asyncio.sleep(max(0.0, interval - (time.monotonic() - started)))
+
+    def _cancelled(self) -> bool:
+        """True once stopping or once this task was cancelled: redis-py can turn a cancellation
+        into a connection error (which the loops ride out), and a loop that went on would open
+        connections on a closed client."""
+        task = asyncio.current_task()
+        return self._stopping or (task is not None and task.cancelling() > 0)
+
+    def _observe_intake(self, items: Sequence[Item]) -> None:
+        """Called by the sources as events are taken in, before any commit.
+
+        A heartbeat's ``health:{component}`` is written now (by its event time, through the
+        mirror's set-if-newer, so the write after the commit changes nothing): a live collector
+        stays visibly alive while the database is down. The watched FX pair's newest event time
+        feeds trading:state, which must not wait for the database either.
+        """
+        mirror = self.mirror
+        keeper = self.trading
+        beats = False
+        for item in items:
+            ev = item.event
+            if ev is None:
+                continue
+            etype = ev.type
+            if etype == "heartbeat" and mirror is not None:
+                mirror.stage_heartbeat(str(ev.values["component"]), ev.time)
+                beats = True
+            elif (
+                etype == "fx_rate"
+                and keeper is not None
+                and str(ev.values["pair"]).upper() == self._fx_watch
+            ):
+                keeper.note_fx_time(ev.time)
+        if beats:
+            self._intake_beats.set()
+
+    async def _intake_heartbeat_loop(self) -> None:
+        """Write the heartbeats staged at intake as soon as they come (one write per wake-up);
+        what Redis refuses stays staged and goes with the next flush."""
+        assert self.mirror is not None
+        while not self._cancelled():
+            await self._intake_beats.wait()
+            self._intake_beats.clear()
+            await self.mirror.flush()
+
     async def _reconcile_loop(self) -> None:
         assert self.pool is not None and self.mirror is not None
         while True:
@@ -649,9 +755,14 @@ class Service:
                 log.error("the spool did not close in time", extra={"action": "spool_stuck"})
         if self.mirror is not None:
             await self.mirror.flush()
+        if self.trading is not None:
+            # After the trading loop was cancelled above: nothing renews the lease any more.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(2):
+                    await self.trading.release()
         if self.ops is not None:
             await self.ops.close()
-        for client in (self.redis, self._mirror_redis):
+        for client in (self.redis, self._mirror_redis, self._trading_redis):
             if client is not None:
                 await client.aclose()
         if self.pool is not None:

@@ -91,6 +91,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="accept the heartbeat of any replica (health:ingestd) instead of this one's",
     )
 
+    p = sub.add_parser(
+        "halt", help="halt trading: trading:state is HALTED until `ingestd resume` (README)"
+    )
+    _common(p)
+    p.add_argument("--reason", required=True, help="why (shown in trading:state's reasons)")
+
+    p = sub.add_parser("resume", help="lift the operator's halt set by `ingestd halt`")
+    _common(p)
+
+    p = sub.add_parser(
+        "trading-state", help="print trading:state; exit 0 ACTIVE, 1 REDUCING, 3 HALTED"
+    )
+    _common(p)
+
     p = sub.add_parser("simulate", help="publish a realistic collector/paper feed to the stream")
     _common(p)
     p.add_argument("--rate", type=float, default=200.0, help="events per second (0: unpaced)")
@@ -438,6 +452,26 @@ async def _cmd_health(settings: Settings, args: argparse.Namespace) -> int:
 _HEALTH_UNREACHABLE = "unhealthy: cannot read Redis"
 
 
+def _trading_gate(settings: Settings) -> Any:
+    """What the simulated paper trader asks before opening: trading:state, read at most every
+    half second (a synchronous read with a short timeout; unreachable counts as HALTED)."""
+    from ingestd import trading
+    from ingestd.storage.redis_cache import sync_client
+
+    client = sync_client(settings.storage.redis, timeout_s=0.5)
+    prefix = settings.storage.redis.key_prefix
+    last: list[Any] = [0.0, None]
+
+    def gate() -> trading.TradingState:
+        now = time.monotonic()
+        if last[1] is None or now - last[0] >= 0.5:
+            last[:] = [now, trading.read_trading_state(client, key_prefix=prefix)]
+        current: trading.TradingState = last[1]
+        return current
+
+    return gate
+
+
 async def _cmd_simulate(settings: Settings, args: argparse.Namespace) -> int:
     from ingestd.publisher import AsyncPublisher
     from ingestd.simulate import Simulator
@@ -452,7 +486,8 @@ async def _cmd_simulate(settings: Settings, args: argparse.Namespace) -> int:
         # A tick is one FX event plus one spread per symbol (rarely a few more): at --rate the
         # simulated clock then keeps pace with the wall clock, so heartbeats and TTLs are real.
         tick_s = (1 + len(symbols)) / args.rate if args.rate > 0 else 0.1
-    sim = Simulator(seed=args.seed, symbols=symbols, start=start, tick_s=tick_s)
+    gate = None if args.stdout else _trading_gate(settings)
+    sim = Simulator(seed=args.seed, symbols=symbols, start=start, tick_s=tick_s, trading_gate=gate)
     stream = sim.events()
     if args.count is not None:
         stream = itertools.islice(stream, args.count)
@@ -597,8 +632,69 @@ async def _cmd_verify_csv(settings: Settings, args: argparse.Namespace) -> int:
     return await run_verify(settings, Path(args.dir), id_prefix=args.id_prefix, show=args.show)
 
 
+def _trading_client(settings: Settings) -> Any:
+    from ingestd.storage.redis_cache import sync_client
+
+    return sync_client(settings.storage.redis, timeout_s=settings.storage.redis.socket_timeout_s)
+
+
+async def _cmd_halt(settings: Settings, args: argparse.Namespace) -> int:
+    from ingestd import trading
+
+    reason = args.reason.strip()
+    if not reason or len(reason) > 500:
+        print("ingestd halt: --reason must be 1-500 characters", file=sys.stderr)
+        return 2
+    client = _trading_client(settings)
+    try:
+        trading.set_halt(client, reason, key_prefix=settings.storage.redis.key_prefix)
+    finally:
+        client.close()
+    print(
+        f"halted: {trading.HALT_KEY} set ({reason}); trading:state is HALTED within "
+        f"{settings.trading.interval_s:g}s and stays so until `ingestd resume`"
+    )
+    return 0
+
+
+async def _cmd_resume(settings: Settings, args: argparse.Namespace) -> int:
+    from ingestd import trading
+
+    client = _trading_client(settings)
+    try:
+        removed = trading.clear_halt(client, key_prefix=settings.storage.redis.key_prefix)
+    finally:
+        client.close()
+    if removed is None:
+        print("no operator halt was set; nothing changed")
+        return 0
+    print(
+        f"resumed: removed the halt of {removed.by} ({removed.reason}); trading:state leaves "
+        f"HALTED after {settings.trading.recover_after_s:g}s without other reasons"
+    )
+    return 0
+
+
+async def _cmd_trading_state(settings: Settings, args: argparse.Namespace) -> int:
+    from ingestd import trading
+
+    client = _trading_client(settings)
+    try:
+        current = trading.read_trading_state(client, key_prefix=settings.storage.redis.key_prefix)
+    finally:
+        client.close()
+    since = "" if current.since is None else f" since {current.since.isoformat()}"
+    print(f"{current.state.value}{since}")
+    for reason in current.reasons:
+        print(f"  {reason}")
+    return {trading.State.ACTIVE: 0, trading.State.REDUCING: 1}.get(current.state, 3)
+
+
 _COMMANDS = {
     "run": _cmd_run,
+    "halt": _cmd_halt,
+    "resume": _cmd_resume,
+    "trading-state": _cmd_trading_state,
     "migrate": _cmd_migrate,
     "health": _cmd_health,
     "roles": _cmd_roles,

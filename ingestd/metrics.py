@@ -464,3 +464,42 @@ def create_registry(collector: MetricsCollector) -> CollectorRegistry:
 def names(families: Iterable[Metric]) -> set[str]:
     """Sample names a scrape of these families contains (for tests and the dashboard check)."""
     return {sample.name for family in families for sample in family.samples}
+
+
+class _TradingStats(Protocol):
+    @property
+    def published_state(self) -> str | None:
+        """The state this replica last wrote (None: not the writer, or nothing written)."""
+
+    @property
+    def transitions(self) -> collections.Counter[tuple[str, str]]:
+        """State changes this replica made, by (from, to)."""
+
+
+class TradingStateCollector(Collector):
+    """``ingestd_trading_state{state}`` (1 for the state this replica wrote, 0 for the others;
+    all 0 on a replica that is not the writer) and ``ingestd_trading_state_transitions_total``."""
+
+    def __init__(self, keeper: _TradingStats, states: Sequence[str]) -> None:
+        self.keeper = keeper
+        self.states = tuple(states)
+
+    def collect(self) -> Iterator[Metric]:
+        """The two families, from the keeper's current values."""
+        current = self.keeper.published_state
+        gauge = GaugeMetricFamily(
+            PREFIX + "trading_state",
+            "trading:state as written by this replica (1 = current; all 0 when not the writer)",
+            labels=["state"],
+        )
+        for state in self.states:
+            gauge.add_metric([state], 1.0 if state == current else 0.0)
+        yield gauge
+        counter = CounterMetricFamily(
+            PREFIX + "trading_state_transitions",
+            "Changes of trading:state made by this replica, by from and to",
+            labels=["from", "to"],
+        )
+        for (old, new), n in sorted(self.keeper.transitions.items()):
+            counter.add_metric([old, new], n)
+        yield counter

@@ -238,6 +238,27 @@ class ProducerGapSettings:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class TradingSettings:
+    """``trading:state`` (README: Trading state): limits, hysteresis, how it is written."""
+
+    enabled: bool = True
+    # HALTED while commits have failed this long, or the oldest unacknowledged entry is older.
+    max_commit_failing_s: float = 10.0
+    max_ingest_lag_s: float = 30.0
+    # HALTED while health:{collector_component} or the newest fx_pair rate is older ("" = off).
+    collector_component: str = "collector"
+    max_heartbeat_age_s: float = 10.0
+    fx_pair: str = "USDKRW"
+    max_fx_age_s: float = 10.0
+    # Back to a less severe state only after the conditions have allowed it this long.
+    recover_after_s: float = 30.0
+    interval_s: float = 1.0
+    state_ttl_s: float = 10.0
+    # The writer's lease: another replica takes over this long after the writer is gone.
+    lease_s: float = 3.0
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class Settings:
     """Everything ingestd needs, frozen."""
 
@@ -253,6 +274,7 @@ class Settings:
     maintenance: MaintenanceSettings = MaintenanceSettings()
     half_hedge: HalfHedgeSettings = HalfHedgeSettings()
     producer_gaps: ProducerGapSettings = ProducerGapSettings()
+    trading: TradingSettings = TradingSettings()
     metrics_port: int = 9464
     metrics_host: str = "127.0.0.1"  # the container image sets 0.0.0.0
     log_format: str = "plain"
@@ -352,6 +374,7 @@ class Settings:
         if m.metrics_days < 1 or m.metrics_hours < 1:
             raise ConfigError("maintenance.metrics_days and metrics_hours must be >= 1")
         _check_half_hedge(self.half_hedge)
+        _check_trading(self.trading)
         return self
 
 
@@ -361,6 +384,26 @@ def _check_half_hedge(h: HalfHedgeSettings) -> None:
     venues = [v.strip() for v in h.venues.split(",")]
     if len(venues) != 2 or not all(venues) or venues[0] == venues[1]:
         raise ConfigError("half_hedge.venues must name two different venues, e.g. upbit,binance")
+
+
+def _check_trading(t: TradingSettings) -> None:
+    # The writer renews its lease and the key every interval: both must outlive one interval,
+    # and the lease must end before the key does, so that a successor writes before it expires.
+    if not t.interval_s < t.lease_s < t.state_ttl_s:
+        raise ConfigError(
+            "trading.interval_s < trading.lease_s < trading.state_ttl_s must hold "
+            f"(got {t.interval_s:g}, {t.lease_s:g}, {t.state_ttl_s:g})"
+        )
+    if len(t.collector_component) > 50 or any(c in t.collector_component for c in " *?[]"):
+        raise ConfigError(
+            "trading.collector_component must be a component name (at most 50 characters, "
+            "no spaces or wildcards), or empty to ignore the collector"
+        )
+    if len(t.fx_pair) > 20 or not (t.fx_pair.isalnum() or t.fx_pair == ""):
+        raise ConfigError(
+            "trading.fx_pair must be a currency pair such as USDKRW (letters and digits, at "
+            "most 20), or empty to ignore FX freshness"
+        )
 
 
 # Durations (names ending in _s or _ms) and TTLs must be > 0, except these, where 0 means "off"

@@ -5,16 +5,26 @@ the Binance price in KRW times (1 + a mean-reverting kimchi premium). The collec
 and FX; a paper trader opens a position when the net spread (after fees) crosses the entry
 threshold and closes it when the premium reverts, logging both order legs and the trades; every
 component sends heartbeats. The same seed gives the same events, ids included.
+
+Given a ``trading_gate`` (``ingestd simulate`` passes one that reads ``trading:state``), the paper
+trader asks it before opening a position, as a live trader should: it opens only while the state
+is ACTIVE (REDUCING and HALTED, an absent key included, allow closing only), and logs each refusal
+with the state's reasons. Closes are never held back.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import logging
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from decimal import ROUND_HALF_UP, Decimal
 from typing import Any
+
+from ingestd.trading import State, TradingState
+
+log = logging.getLogger("ingestd.simulate")
 
 BASE_USDT: dict[str, Decimal] = {
     "BTC": Decimal("98000"),
@@ -58,6 +68,7 @@ class Simulator:
         tick_s: float = 0.1,
         producer_prefix: str = "sim",
         stale_fraction: float = 0.01,
+        trading_gate: Callable[[], TradingState] | None = None,
     ) -> None:
         unknown = [s for s in symbols if s not in BASE_USDT]
         if unknown:
@@ -80,6 +91,9 @@ class Simulator:
         self.n_events = 0
         self.n_positions = 0
         self.ticks = 0
+        self.trading_gate = trading_gate
+        self.opens_refused = 0
+        self._refusing: State | None = None
 
     def _id(self, kind: str) -> str:
         self.n_events += 1
@@ -142,7 +156,7 @@ class Simulator:
                 }
             )
             pos = self.open.get(sym)
-            if pos is None and net >= ENTRY_NET_PCT:
+            if pos is None and net >= ENTRY_NET_PCT and self._may_open(sym):
                 out.extend(self._open(sym, upbit, binance, spread))
             elif pos is not None and (
                 net <= EXIT_NET_PCT or self.now - pos.opened > dt.timedelta(minutes=30)
@@ -180,6 +194,32 @@ class Simulator:
             "binance_ts": self._ts(binance_ms),
             "fx_ts": self._ts(fx_ms),
         }
+
+    def _may_open(self, sym: str) -> bool:
+        """Ask the trading gate (if any): open only while trading:state is ACTIVE."""
+        if self.trading_gate is None:
+            return True
+        current = self.trading_gate()
+        if current.state is State.ACTIVE:
+            if self._refusing is not None:
+                log.info(
+                    "paper trader: trading:state is ACTIVE again; opening positions",
+                    extra={"action": "paper_trading_resumed"},
+                )
+                self._refusing = None
+            return True
+        self.opens_refused += 1
+        # Logged when the state changes, not for every refused tick of a long halt.
+        if self._refusing is not current.state:
+            log.warning(
+                "paper trader: trading:state is %s (%s): not opening a %s position",
+                current.state.value,
+                "; ".join(current.reasons) or "no reason given",
+                sym,
+                extra={"action": "paper_open_refused"},
+            )
+            self._refusing = current.state
+        return False
 
     def _legs(
         self, key: str, sym: str, size: Decimal, upbit: Decimal, binance: Decimal, closing: bool

@@ -18,7 +18,7 @@ import enum
 import logging
 import reprlib
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Final
 
 import orjson
@@ -57,8 +57,11 @@ class InProcessSource:
         spill_after_s: float = 1.0,
         max_event_depth: int = events.DEFAULT_MAX_DEPTH,
         retention: events.Retention | None = None,
+        observer: Callable[[Sequence[Item]], None] | None = None,
     ) -> None:
         self._pipeline = pipeline
+        # Sees every valid event as it is taken in, before it is committed or spooled.
+        self._observer = observer
         self._max_event_bytes = max_event_bytes
         self._max_event_depth = max_event_depth
         self._retention = retention
@@ -137,6 +140,8 @@ class InProcessSource:
             # Bad input is recorded (through the queue, like any write) before the caller hears.
             await self._pipeline.put(bad)
         if good:
+            if self._observer is not None:
+                self._observer(good)
             if self._should_spill():
                 good = await self._to_spool(good)
             if good:

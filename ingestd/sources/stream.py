@@ -19,7 +19,7 @@ import hashlib
 import logging
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -73,8 +73,12 @@ class StreamSource:
         max_event_bytes: int,
         max_event_depth: int = events.DEFAULT_MAX_DEPTH,
         retention: events.Retention | None = None,
+        observer: Callable[[Sequence[Item]], None] | None = None,
     ) -> None:
         self._client = client
+        # Sees every entry as it is taken in, before any commit (heartbeats: health keys that
+        # do not wait on the database).
+        self._observer = observer
         # XREADGROUP replies stay as Redis sent them: building a dict per entry is a measurable
         # share of the intake's CPU (PERFORMANCE.md), and _event_payload reads the flat list.
         client.set_response_callback("XREADGROUP", _raw_reply)
@@ -171,6 +175,8 @@ class StreamSource:
                 continue
             self._in_flight.add(entry_id)
             items.append(self._item(entry_id, fields, now))
+        if self._observer is not None and items:
+            self._observer(items)
         return items
 
     def _item(self, entry_id: bytes, fields: Any, now: float) -> Item:

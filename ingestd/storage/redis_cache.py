@@ -30,7 +30,7 @@ import redis.exceptions
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
-from ingestd import events, tables
+from ingestd import events, tables, trading
 from ingestd.app import create_redis
 from ingestd.errors import InvalidEvent
 from ingestd.settings import RedisSettings, Settings, build_section
@@ -376,6 +376,14 @@ class RedisCacheStorage:
         """The component's last heartbeat, or None when absent or expired."""
         return self.keys.decode_heartbeat(self._client.get(self.keys.health_key(component)))
 
+    def trading_state(self) -> trading.TradingState:
+        """``trading:state``; HALTED (with why) when absent, unreadable or Redis unreachable."""
+        return trading.read_trading_state(self._client, key_prefix=self.keys.prefix)
+
+    def is_trading_halted(self) -> bool:
+        """True unless ``trading:state`` says ACTIVE or REDUCING (absent = halted)."""
+        return self.trading_state().halted
+
     def close(self) -> None:
         """Close the connection pool (if this object created it)."""
         if self._owns_client:
@@ -470,6 +478,14 @@ class AsyncRedisCacheStorage:
     async def get_health_heartbeat(self, component: str) -> dt.datetime | None:
         """The component's last heartbeat, or None when absent or expired."""
         return self.keys.decode_heartbeat(await self._client.get(self.keys.health_key(component)))
+
+    async def trading_state(self) -> trading.TradingState:
+        """``trading:state``; HALTED (with why) when absent, unreadable or Redis unreachable."""
+        return await trading.aread_trading_state(self._client, key_prefix=self.keys.prefix)
+
+    async def is_trading_halted(self) -> bool:
+        """True unless ``trading:state`` says ACTIVE or REDUCING (absent = halted)."""
+        return (await self.trading_state()).halted
 
     async def aclose(self) -> None:
         """Close the connection pool (if this object created it)."""
