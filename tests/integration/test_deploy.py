@@ -28,10 +28,9 @@ from ingestd.app import FINAL_ACK_TIMEOUT_S, SPOOL_CLOSE_TIMEOUT_S
 from ingestd.events import utc_iso
 from ingestd.gaps import GapSweeper
 from ingestd.hedges import HalfHedgeMonitor
-from ingestd.settings import HalfHedgeSettings
 from ingestd.pipeline import TASK_CANCEL_TIMEOUT_S
 from ingestd.roles import READER_GROUP, Login, apply_roles
-from ingestd.settings import Settings
+from ingestd.settings import HalfHedgeSettings, Settings
 from ingestd.storage import CacheKeys
 from tests.deploy_files import (
     GRAFANA,
@@ -559,7 +558,9 @@ async def filled_db(
             await service.submit(_lonely_leg())
         pool = await asyncpg.create_pool(cluster.admin_dsn(name), min_size=1, max_size=2)
         try:
-            swept = await GapSweeper(pool, metrics.Metrics(), grace_s=0.0, interval_s=1.0).run_once()
+            swept = await GapSweeper(
+                pool, metrics.Metrics(), grace_s=0.0, interval_s=1.0
+            ).run_once()
             assert swept is not None and swept.opened == [("dash-collector", "dash-1", 2, 2)]
             cache = aioredis.Redis.from_url(redis_url)
             try:
