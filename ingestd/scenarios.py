@@ -90,4 +90,4 @@ def _drops(scenario: str, ev: dict[str, Any]) -> bool:
         return False
     if scenario == "collector-pause":
         return True
-    return ev["type"] == "fx_rate"  # fx-stale
+    return bool(ev["type"] == "fx_rate")  # fx-stale
