@@ -121,6 +121,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--start", help="event time of the first tick (RFC 3339; default now)")
     p.add_argument("--stream", help="stream key (default ingestd:events)")
     p.add_argument("--stdout", action="store_true", help="print JSON lines instead of publishing")
+    p.add_argument(
+        "--scenario",
+        choices=["collector-pause", "fx-stale", "drop-hedge-leg"],
+        help="a fault for a trader to react to (see docs/for-traders.md)",
+    )
+    p.add_argument(
+        "--scenario-after", type=float, default=30.0, help="seconds of event time before the fault"
+    )
+    p.add_argument(
+        "--scenario-duration", type=float, default=60.0, help="seconds of event time it lasts"
+    )
 
     p = sub.add_parser("stats", help="seed §7: table sizes, chunks, compression, jobs, Redis INFO")
     _common(p)
@@ -489,6 +500,15 @@ async def _cmd_simulate(settings: Settings, args: argparse.Namespace) -> int:
     gate = None if args.stdout else _trading_gate(settings)
     sim = Simulator(seed=args.seed, symbols=symbols, start=start, tick_s=tick_s, trading_gate=gate)
     stream = sim.events()
+    if args.scenario is not None:
+        from ingestd import scenarios
+
+        stream = scenarios.apply(
+            stream,
+            args.scenario,
+            after_s=args.scenario_after,
+            duration_s=args.scenario_duration,
+        )
     if args.count is not None:
         stream = itertools.islice(stream, args.count)
     if args.stdout:

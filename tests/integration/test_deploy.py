@@ -21,12 +21,16 @@ from urllib.parse import urlsplit
 
 import asyncpg
 import pytest
+import redis.asyncio as aioredis
 
 from ingestd import Service, errors, load_settings, metrics
 from ingestd.app import FINAL_ACK_TIMEOUT_S, SPOOL_CLOSE_TIMEOUT_S
+from ingestd.events import utc_iso
+from ingestd.gaps import GapSweeper
+from ingestd.hedges import HalfHedgeMonitor
 from ingestd.pipeline import TASK_CANCEL_TIMEOUT_S
 from ingestd.roles import READER_GROUP, Login, apply_roles
-from ingestd.settings import Settings
+from ingestd.settings import HalfHedgeSettings, Settings
 from ingestd.storage import CacheKeys
 from tests.deploy_files import (
     GRAFANA,
@@ -493,6 +497,35 @@ def grafana_sql(sql: str, start: dt.datetime, end: dt.datetime) -> tuple[str, li
     return out, args
 
 
+def _sequenced_heartbeat(seq: int) -> dict[str, Any]:
+    return {
+        "type": "heartbeat",
+        "event_id": f"dash-hb-{seq}",
+        "producer": "dash-collector",
+        "component": "dash-collector",
+        "seq": seq,
+        "session": "dash-1",
+        "timestamp": utc_iso(dt.datetime.now(dt.UTC)),
+    }
+
+
+def _lonely_leg() -> dict[str, Any]:
+    return {
+        "type": "order",
+        "event_id": "dash-ord-half",
+        "producer": "live",
+        "position_key": "dash_pos_half",
+        "symbol": "BTC",
+        "venue": "upbit",
+        "side": "sell",
+        "qty": "0.01000000",
+        "price_theoretical": "140000000.00000000",
+        "price_effective": "140000000.00000000",
+        "leg_id": "dash_pos_half_leg_0",
+        "timestamp": utc_iso(dt.datetime.now(dt.UTC)),
+    }
+
+
 @pytest.fixture
 async def filled_db(
     private_database: tuple[PrivatePostgres, str], redis_url: str
@@ -518,6 +551,28 @@ async def filled_db(
             for payload in MALFORMED:
                 with pytest.raises(errors.InvalidEvent):
                     await service.submit(payload)
+            # A collector whose seq 2 never arrives: the open-gaps panel has a row to show.
+            for seq in (0, 1, 3):
+                await service.submit(_sequenced_heartbeat(seq))
+            # A filled Upbit leg whose Binance leg never comes: a half hedge for its panel.
+            await service.submit(_lonely_leg())
+        pool = await asyncpg.create_pool(cluster.admin_dsn(name), min_size=1, max_size=2)
+        try:
+            swept = await GapSweeper(
+                pool, metrics.Metrics(), grace_s=0.0, interval_s=1.0
+            ).run_once()
+            assert swept is not None and swept.opened == [("dash-collector", "dash-1", 2, 2)]
+            cache = aioredis.Redis.from_url(redis_url)
+            try:
+                hedges = HalfHedgeMonitor(
+                    pool, cache, metrics.Metrics(), settings=HalfHedgeSettings(after_s=0.0)
+                )
+                round_ = await hedges.run_once()
+                assert round_ is not None and "dash_pos_half" in round_.raised
+            finally:
+                await cache.aclose()
+        finally:
+            await pool.close()
         yield cluster, name, reader
     finally:
         await owner.execute(f'DROP OWNED BY "{reader}"')
