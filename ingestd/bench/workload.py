@@ -258,9 +258,15 @@ def write_jsonl(path: Path, events: Iterable[Mapping[str, Any]]) -> None:
 def write_spreads_csv(path: Path, events: Iterable[Mapping[str, Any]]) -> None:
     """The spreads as a CSV file in ``tables.SPREADS`` column order (for ``COPY ... FROM``)."""
     names = tables.SPREADS.column_names
+    flags = {"is_opportunity", "is_stale"}  # is_stale: ingestd's judgement, false for these
+
+    def cell(ev: Mapping[str, Any], name: str) -> Any:
+        value = ev.get(name)
+        if name in flags:
+            return "true" if value else "false"
+        return "" if value is None else value  # an empty unquoted CSV field is NULL to COPY
+
     with path.open("w", encoding="utf-8", newline="") as fh:
         writer = csv.writer(fh, lineterminator="\n")
         for ev in events:
-            writer.writerow(
-                ("true" if ev[n] else "false") if n == "is_opportunity" else ev[n] for n in names
-            )
+            writer.writerow(cell(ev, n) for n in names)
