@@ -122,6 +122,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stream", help="stream key (default ingestd:events)")
     p.add_argument("--stdout", action="store_true", help="print JSON lines instead of publishing")
     p.add_argument(
+        "--ignore-trading-state",
+        action="store_true",
+        help="the paper trader opens positions whatever trading:state says (a fixed feed to "
+        "replay, as the tests do; by default it opens only while ACTIVE)",
+    )
+    p.add_argument(
         "--scenario",
         choices=["collector-pause", "fx-stale", "drop-hedge-leg"],
         help="a fault for a trader to react to (see docs/for-traders.md)",
@@ -497,7 +503,7 @@ async def _cmd_simulate(settings: Settings, args: argparse.Namespace) -> int:
         # A tick is one FX event plus one spread per symbol (rarely a few more): at --rate the
         # simulated clock then keeps pace with the wall clock, so heartbeats and TTLs are real.
         tick_s = (1 + len(symbols)) / args.rate if args.rate > 0 else 0.1
-    gate = None if args.stdout else _trading_gate(settings)
+    gate = None if args.stdout or args.ignore_trading_state else _trading_gate(settings)
     sim = Simulator(seed=args.seed, symbols=symbols, start=start, tick_s=tick_s, trading_gate=gate)
     stream = sim.events()
     if args.scenario is not None:

@@ -95,16 +95,22 @@ def encode(event: Mapping[str, Any], ids: _Ids, seq: int | None = None) -> bytes
     return orjson.dumps(event, default=_default, option=orjson.OPT_PASSTHROUGH_DATETIME)
 
 
-def _numbered(event: Mapping[str, Any], next_seq: int) -> tuple[int | None, int]:
-    """The seq to give ``event`` (None when it carries its own) and the next free one.
+def _numbered(event: Mapping[str, Any], counters: dict[str | None, int]) -> int | None:
+    """The seq to give ``event`` (None when it carries its own), counted in ``counters``.
 
-    A publisher advances its counter only once a publish has succeeded: a publish that raised and
-    is called again with the same events numbers them the same, so ingestd sees no gap for events
-    that were never sent (and stores a repeated event once, by its event_id).
+    Each producer is counted apart: ingestd looks for gaps per (producer, session), and one
+    publisher (the simulator's, say) may send the events of several producers.
+    A publisher advances its counters only once a publish has succeeded: a publish that raised
+    and is called again with the same events numbers them the same, so ingestd sees no gap for
+    events that were never sent (and stores a repeated event once, by its event_id).
     """
-    if event.get("seq") is None:
-        return next_seq, next_seq + 1
-    return None, next_seq
+    if event.get("seq") is not None:
+        return None
+    producer = event.get("producer")
+    key = producer if isinstance(producer, str) else None
+    seq = counters.get(key, 0)
+    counters[key] = seq + 1
+    return seq
 
 
 class Publisher:
@@ -116,7 +122,7 @@ class Publisher:
         self._client = client
         self.stream = stream
         self._ids = _Ids(id_prefix)
-        self._next_seq = 0
+        self._next_seq: dict[str | None, int] = {}
 
     @property
     def session(self) -> str:
@@ -131,7 +137,8 @@ class Publisher:
 
     def publish(self, event: Mapping[str, Any]) -> str:
         """XADD one event; returns its stream entry id."""
-        seq, next_seq = _numbered(event, self._next_seq)
+        next_seq = dict(self._next_seq)
+        seq = _numbered(event, next_seq)
         entry = self._client.xadd(self.stream, {"event": encode(event, self._ids, seq)})
         self._next_seq = next_seq
         return entry.decode() if isinstance(entry, bytes) else str(entry)
@@ -139,10 +146,10 @@ class Publisher:
     def publish_many(self, events: Iterable[Mapping[str, Any]], *, chunk: int = 1000) -> int:
         """XADD many events in pipelined chunks; returns how many were added."""
         n = 0
-        next_seq = self._next_seq
+        next_seq = dict(self._next_seq)
         pipe = self._client.pipeline(transaction=False)
         for ev in events:
-            seq, next_seq = _numbered(ev, next_seq)
+            seq = _numbered(ev, next_seq)
             pipe.xadd(self.stream, {"event": encode(ev, self._ids, seq)})
             n += 1
             if n % chunk == 0:
@@ -165,7 +172,7 @@ class AsyncPublisher:
         self._client = client
         self.stream = stream
         self._ids = _Ids(id_prefix)
-        self._next_seq = 0
+        self._next_seq: dict[str | None, int] = {}
 
     @property
     def session(self) -> str:
@@ -182,7 +189,8 @@ class AsyncPublisher:
 
     async def publish(self, event: Mapping[str, Any]) -> str:
         """XADD one event; returns its stream entry id."""
-        seq, next_seq = _numbered(event, self._next_seq)
+        next_seq = dict(self._next_seq)
+        seq = _numbered(event, next_seq)
         entry = await self._client.xadd(self.stream, {"event": encode(event, self._ids, seq)})
         self._next_seq = next_seq
         return entry.decode() if isinstance(entry, bytes) else str(entry)
@@ -190,10 +198,10 @@ class AsyncPublisher:
     async def publish_many(self, events: Iterable[Mapping[str, Any]], *, chunk: int = 1000) -> int:
         """XADD many events in pipelined chunks; returns how many were added."""
         n = 0
-        next_seq = self._next_seq
+        next_seq = dict(self._next_seq)
         pipe = self._client.pipeline(transaction=False)
         for ev in events:
-            seq, next_seq = _numbered(ev, next_seq)
+            seq = _numbered(ev, next_seq)
             pipe.xadd(self.stream, {"event": encode(ev, self._ids, seq)})
             n += 1
             if n % chunk == 0:
