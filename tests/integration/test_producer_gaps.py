@@ -240,6 +240,31 @@ def test_publisher_numbers_its_events_and_reuses_numbers_of_a_failed_publish(
     assert 0 < len(publisher.session) <= 50
 
 
+def test_one_publisher_numbers_each_producer_apart(redis_url: str, rclient: redis.Redis) -> None:
+    # Gaps are looked for per (producer, session): the simulator's one publisher sends collector
+    # and paper events, and one counter for both made every other number of each a "gap".
+    publisher = Publisher.from_url(redis_url, retries=0, stream="gaps:events")
+    try:
+        mixed = [
+            {**fx(None, None), "producer": producer}
+            for producer in ("collector", "paper", "collector", "collector", "paper")
+        ]
+        publisher.publish_many(mixed[:3])
+        for ev in mixed[3:]:
+            publisher.publish(ev)
+        entries: Any = rclient.xrange("gaps:events")
+        sent = [orjson.loads(fields[b"event"]) for _, fields in entries]
+    finally:
+        publisher.close()
+    assert [(e["producer"], e["seq"]) for e in sent] == [
+        ("collector", 0),
+        ("paper", 0),
+        ("collector", 1),
+        ("collector", 2),
+        ("paper", 1),
+    ]
+
+
 def test_storage_api_numbers_what_it_publishes(redis_url: str, rclient: redis.Redis) -> None:
     storage = PostgresStorage(
         redis.Redis.from_url(redis_url), stream="gaps:storage", owns_client=True
