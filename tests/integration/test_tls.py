@@ -159,6 +159,13 @@ def test_the_acl_users_may_do_nothing_else(compose_redis: PrivateRedis) -> None:
         for command in denied_to_ingestd:
             with pytest.raises(redis.exceptions.NoPermissionError):
                 ingestd.execute_command(*command)  # type: ignore[no-untyped-call]
+        # What it does need: DEL of a cleared half-hedge alert and of the trading lease and halt
+        # (a selector of its own), and the trading state's replica reports.
+        ingestd.set("alerts:half_hedge:p1", "{}")
+        assert ingestd.delete("alerts:half_hedge:p1", "trading:halt", "ingestd:trading:leader") == 1
+        ingestd.hset("ingestd:trading:replicas", "r1", "{}")
+        assert ingestd.hgetall("ingestd:trading:replicas") == {b"r1": b"{}"}
+        assert ingestd.hdel("ingestd:trading:replicas", "r1") == 1
         producer.xadd("ingestd:events", {"event": "{}"})
         # It may read and write the RedisCacheStorage keys (GET fx:usdkrw), and nothing else.
         denied_to_producer: list[tuple[str, ...]] = [
