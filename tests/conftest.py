@@ -23,7 +23,7 @@ import asyncpg
 import pytest
 import redis
 
-from ingestd import migrations
+from ingestd import events, migrations
 from ingestd.settings import Settings, load_settings
 
 # Throwaway TLS/ACL servers of our own for the security tests (tests/private_servers.py).
@@ -191,6 +191,16 @@ async def db(db_dsn: str) -> AsyncIterator[asyncpg.Connection]:
     conn = await asyncpg.connect(db_dsn)
     yield conn
     await conn.close()
+
+
+_DEFAULTS = load_settings(None, environ={})
+
+
+@pytest.fixture(autouse=True)
+def _default_staleness() -> None:
+    """The stale-spread limits are process-wide (each Service start and import-csv sets them from
+    its settings): every test begins with the defaults, whatever an earlier test started."""
+    events.configure_staleness_from(_DEFAULTS)
 
 
 @pytest.fixture(scope="session")
