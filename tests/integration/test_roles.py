@@ -371,7 +371,8 @@ async def test_a_function_a_later_migration_adds_is_nobodys_until_listed(
 ) -> None:
     cluster, name, owner = roles_db
     writer, reader = _logins(name)
-    # As a careless migration would add it: named ingestd_*, SECURITY DEFINER, no REVOKE.
+    # As a careless migration would add it: named ingestd_*, SECURITY DEFINER, no REVOKE. (The
+    # row is recent: on TimescaleDB the owner's scheduled retention would delete an old one.)
     await owner.execute(
         """
         CREATE FUNCTION ingestd_delete_spreads_before(cutoff timestamptz) RETURNS bigint
@@ -382,7 +383,7 @@ async def test_a_function_a_later_migration_adds_is_nobodys_until_listed(
         CREATE FUNCTION other_function() RETURNS int LANGUAGE sql AS 'SELECT 1';
         INSERT INTO spreads (event_id, symbol, upbit_price, binance_price, binance_price_krw,
                              spread_pct, net_spread_pct, "timestamp")
-        VALUES ('old-1', 'BTC', 1, 1, 1, 1, 1, '2020-01-01T00:00:00Z');
+        VALUES ('old-1', 'BTC', 1, 1, 1, 1, 1, now() - interval '1 hour');
         """
     )
     await apply_roles(owner)  # re-applied after the migration, as compose does
