@@ -117,6 +117,19 @@ async def hold_policy_jobs(conn: asyncpg.Connection) -> None:
     )
 
 
+async def stop_own_scheduler(conn: asyncpg.Connection) -> None:
+    """Create TimescaleDB in this (new, empty) database and stop its scheduler before migrating.
+
+    The scheduler runs each job a migration adds at once (its next_start is now), in the middle
+    of a test that runs the same job itself with run_job: the two runs raced for the refresh's
+    lock and the drain's lock (seen in CI). A stopped scheduler stays stopped until the extension
+    is created again, which migrating does not do (CREATE EXTENSION IF NOT EXISTS); the scheduler
+    itself is tested in tests/integration/test_timescale_scheduler.py.
+    """
+    await conn.execute("CREATE EXTENSION IF NOT EXISTS timescaledb")
+    assert await conn.fetchval("SELECT _timescaledb_functions.stop_background_workers()")
+
+
 async def _preloaded(dsn: str) -> bool:
     conn = await asyncpg.connect(dsn, timeout=3)
     try:

@@ -28,7 +28,7 @@ from ingestd.csv_import import run_import
 from ingestd.maintenance import TASK_BACKFILL, TASK_REFRESH, Maintenance, advisory_lock_id
 from ingestd.settings import Settings
 from ingestd.sinks.postgres import PostgresSink
-from tests.conftest import PgServer
+from tests.conftest import PgServer, stop_own_scheduler
 from tests.integration import test_timescale_layer as layer
 from tests.integration.test_postgres_sink import item, spread
 from tests.samples import SPREAD_HEADER
@@ -253,14 +253,22 @@ async def test_late_spreads_through_the_sink_land_in_old_hours(
 
 @pytest.fixture
 async def timescale_dsn(timescale_server: PgServer) -> AsyncIterator[str]:
-    """An empty TimescaleDB database (migrated by the test)."""
+    """An empty TimescaleDB database (migrated by the test) whose jobs run only when a test asks
+    (its scheduler stopped: its own run of ingestd_backfill_job took the drain's lock while the
+    test's run_job returned having drained nothing)."""
     name = f"ingestd_bf_{uuid.uuid4().hex[:12]}"
     admin = await asyncpg.connect(timescale_server.admin_dsn)
     try:
         await admin.execute(f"CREATE DATABASE {name}")
     finally:
         await admin.close()
-    yield layer.with_db(timescale_server.admin_dsn, name)
+    dsn = layer.with_db(timescale_server.admin_dsn, name)
+    conn = await asyncpg.connect(dsn)
+    try:
+        await stop_own_scheduler(conn)
+    finally:
+        await conn.close()
+    yield dsn
     admin = await asyncpg.connect(timescale_server.admin_dsn)
     try:
         await admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")

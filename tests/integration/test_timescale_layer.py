@@ -40,6 +40,7 @@ from ingestd.maintenance import (
 )
 from ingestd.settings import Settings, load_settings
 from ingestd.simulate import Simulator
+from tests.conftest import stop_own_scheduler
 
 pytestmark = [pytest.mark.pg, pytest.mark.redis]
 
@@ -228,6 +229,8 @@ async def dsn(server: tuple[str, Server]) -> AsyncIterator[str]:
     url = with_db(srv.admin_dsn, name)
     conn = await asyncpg.connect(url)
     try:
+        if kind == "timescale":
+            await stop_own_scheduler(conn)  # the tests run the policies with run_job
         await migrations.migrate(conn)
         assert await migrations.timescaledb_enabled(conn) == (kind == "timescale")
     finally:
