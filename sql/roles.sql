@@ -88,8 +88,8 @@ GRANT SELECT ON ALL TABLES IN SCHEMA public TO ingestd_reader;
 --                                    the tables (REFRESH needs ownership of the view)
 --   ingestd_queue_backfill(timestamptz, timestamptz)  writer: a batch of old spreads queues
 --                                    its hours for the continuous aggregate's refresh (0009)
---   time_bucket(interval, timestamptz)  writer and reader, plain PostgreSQL only: the seed's
---                                    queries; IMMUTABLE SQL, runs with the caller's rights
+--   time_bucket(interval, timestamptz)  writer and reader, plain PostgreSQL only: the aggregates'
+--                                    and ad-hoc queries; IMMUTABLE SQL, runs with the caller's rights
 -- Retention (ingestd_delete_expired, ingestd_set_retention) is the owner's alone: those functions
 -- run with the caller's rights and are executable by nobody else (migration 0007).
 -- tests/integration/test_roles.py enumerates what each group may execute against this list.
