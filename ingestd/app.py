@@ -178,7 +178,7 @@ class Service:
         self._collector = MetricsCollector(self.metrics, healthy=self.healthy)
         self.registry = create_registry(self._collector)
         self.ops: OpsServer | None = None
-        # trading:state (README: Trading state) and the intake's heartbeats.
+        # trading:state (docs/trading-signals.md) and the intake's heartbeats.
         self.trading: trading.StateKeeper | None = None
         self._trading_redis: aioredis.Redis | None = None
         self._intake_beats = asyncio.Event()
@@ -483,7 +483,8 @@ class Service:
                 return False, f"unhealthy: batches failing to commit for {failing:.0f}s"
         quarantine = self.pipeline.quarantine
         if quarantine.holds_entries():
-            # Until an operator has replayed them and moved the file away (README: Quarantine).
+            # Until an operator has replayed them and moved the file away (docs/operations.md,
+            # Quarantine).
             return False, (
                 f"unhealthy: entries quarantined in {quarantine.path} "
                 "(refused by the database and by dead_letters): replay them, then move the file"
@@ -527,7 +528,7 @@ class Service:
         while True:
             if self.healthy():
                 now = dt.datetime.now(dt.UTC)
-                # health:ingestd (DESIGN §5: any replica alive) and this replica's own, which
+                # health:ingestd (any replica alive) and this replica's own, which
                 # its container's health check reads.
                 self.mirror.stage_heartbeat(keys.INGESTD_COMPONENT, now)
                 self.mirror.stage_heartbeat(

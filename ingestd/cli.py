@@ -91,9 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="accept the heartbeat of any replica (health:ingestd) instead of this one's",
     )
 
-    p = sub.add_parser(
-        "halt", help="halt trading: trading:state is HALTED until `ingestd resume` (README)"
-    )
+    p = sub.add_parser("halt", help="halt trading: trading:state is HALTED until `ingestd resume`")
     _common(p)
     p.add_argument("--reason", required=True, help="why (shown in trading:state's reasons)")
 
@@ -139,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--scenario-duration", type=float, default=60.0, help="seconds of event time it lasts"
     )
 
-    p = sub.add_parser("stats", help="seed §7: table sizes, chunks, compression, jobs, Redis INFO")
+    p = sub.add_parser("stats", help="table sizes, chunks, compression, jobs, Redis INFO")
     _common(p)
     p.add_argument("--json", dest="as_json", action="store_true", help="JSON for machines")
     p.add_argument("--exact", action="store_true", help="exact row counts (count(*); slow)")
@@ -164,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--id-prefix", default="", help="as given to import-csv")
     p.add_argument("--show", type=int, default=5, help="how many differing keys to list")
 
-    p = sub.add_parser("bench", help="throughput, latency, scaling, memory vs raw COPY (README)")
+    p = sub.add_parser("bench", help="throughput, latency, scaling, memory vs raw COPY")
     _common(p)
     p.add_argument("--events", type=int, help="events per throughput phase (default 100000)")
     p.add_argument("--json", dest="json_path", help="also write the results as JSON here")

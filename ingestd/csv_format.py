@@ -1,4 +1,4 @@
-"""The CSV layout of DESIGN §6, shared by ``CsvStorage``, ``import-csv`` and ``verify-csv``.
+"""The CSV layout (docs/csv-migration.md), shared by ``CsvStorage``, ``import-csv``, ``verify-csv``.
 
 A file's header is its table's columns minus those the database owns (``id``, ``position_id``,
 ``created_at``, ``updated_at``), with ``position_key`` in positions/orders/trades, and the optional
@@ -60,7 +60,7 @@ class CsvTable:
         return tuple(c for c in self.columns if isinstance(self.kinds.get(c), tables.Numeric))
 
 
-# Columns added after the seed's layout: optional on import, not written by CsvStorage.
+# Columns added after the first layout: optional on import, not written by CsvStorage.
 IMPORT_ONLY: Final = frozenset({"upbit_ts", "binance_ts", "fx_ts", "mode"})
 
 

@@ -1,4 +1,4 @@
-"""``ingestd import-csv DIR`` (seed §4): the producers' CSV history into the database, exactly once.
+"""``ingestd import-csv DIR``: the producers' CSV history into the database, exactly once.
 
 Each file is streamed record by record (constant memory: a batch of rows at a time, the next one
 parsed while the previous one is written), every row is validated through ``ingestd.events``

@@ -1,4 +1,4 @@
-"""``ingestd verify-csv DIR`` (seed §4.1 step 2): do the CSV files and the database agree?
+"""``ingestd verify-csv DIR``: do the CSV files and the database agree?
 
 Per table: row counts, the sum of every numeric column, and the keys missing on either side and
 the rows that differ (the first few of each listed), in a readable table; the exit code is non-zero
@@ -13,7 +13,7 @@ entry columns of its last OPEN row, as the import applies them). Database rows i
 span that it does not name are counted as information, not as a mismatch.
 
 Rows that the import rejected (in ``dead_letters`` under ``csv:<file>:<line>``) are listed apart
-and left out of the comparison (DESIGN §6); a bad row that is *not* in ``dead_letters`` is a
+and left out of the comparison; a bad row that is *not* in ``dead_letters`` is a
 mismatch (the import has not seen it). A last record without its line end is left out and noted,
 as import-csv leaves it for its next run. The file's rows are loaded into a temporary table with
 COPY (constant client memory) and compared in SQL, where the column types round exactly as the

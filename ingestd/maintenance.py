@@ -1,4 +1,5 @@
-"""Periodic database maintenance: the part of seed §2 that the database does not do by itself.
+"""Periodic database maintenance: the part of the TimescaleDB layer that the database does not do
+by itself.
 
 Five tasks, each on its own interval (``maintenance:`` settings):
 
@@ -14,7 +15,7 @@ Five tasks, each on its own interval (``maintenance:`` settings):
   imports, late batches; migration 0009), each merged range with ``CALL
   refresh_continuous_aggregate``, on the refresh interval, as the owner of the aggregate;
 - ``metrics_keys``: writes ``metrics:daily_pnl:{YYYY-MM-DD}`` and
-  ``metrics:hourly_spread:{YYYY-MM-DD-HH}`` (DESIGN §5) from the two aggregates, TTL 1 day.
+  ``metrics:hourly_spread:{YYYY-MM-DD-HH}`` from the two aggregates, TTL 1 day.
 
 Several replicas may run this: a replica claims a task's round in ``ingestd_maintenance`` under
 ``pg_try_advisory_xact_lock`` (never waiting), and only when the last round started at least an
@@ -83,11 +84,11 @@ BACKFILL_STEP: Final = dt.timedelta(days=1)
 # Refreshed in this order, each in its own transaction (migration 0005).
 AGGREGATE_VIEWS: Final = ("daily_pnl_summary", "hourly_spread_avg")
 
-METRICS_TTL_S: Final = 86_400  # DESIGN §5: 1 day
+METRICS_TTL_S: Final = 86_400  # the metrics:* keys live 1 day
 DAILY_PNL_KEY: Final = "metrics:daily_pnl:{day}"
 HOURLY_SPREAD_KEY: Final = "metrics:hourly_spread:{hour}"
 
-# Tables with a retention setting (seed §2.2), in the order they are handled.
+# Tables with a retention setting, in the order they are handled.
 RETENTION_TABLES: Final = ("spreads", "fx_rates", "orders")
 # At most this many batches per table per round, so one round stays bounded; the rest waits.
 MAX_BATCHES_PER_ROUND: Final = 100

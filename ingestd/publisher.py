@@ -46,7 +46,8 @@ DEFAULT_RETRIES = 20
 
 
 def _client_options(retries: int) -> dict[str, Any]:
-    # redis-py's from_url() sets no retry and no timeouts unless asked (RELIABILITY.md).
+    # redis-py's from_url() sets no retry and no timeouts unless asked: without them a Redis
+    # restart would fail a publish at once, and a hung Redis would hang it.
     return {
         "socket_timeout": 5,
         "socket_connect_timeout": 5,
@@ -114,7 +115,7 @@ def _numbered(event: Mapping[str, Any], counters: dict[str | None, int]) -> int 
 
 
 class Publisher:
-    """Synchronous publisher (plain scripts, the seed's style)."""
+    """Synchronous publisher (plain scripts)."""
 
     def __init__(
         self, client: redis.Redis, *, stream: str = DEFAULT_STREAM, id_prefix: str | None = None

@@ -79,7 +79,7 @@ class OutboxSettings:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class StorageSettings:
-    """Seed §6.2 ``storage`` section."""
+    """The ``storage`` section: the producers' backend and ingestd's servers."""
 
     backend: str = "postgres"
     postgres: PostgresSettings = PostgresSettings()
@@ -92,7 +92,7 @@ class StorageSettings:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class FxSettings:
-    """Seed ``fx`` section: the TTL of ``fx:{pair}`` keys."""
+    """The ``fx`` section: the TTL of ``fx:{pair}`` keys."""
 
     ttl_seconds: float = 3.0
 
@@ -107,7 +107,7 @@ class SpreadSettings:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class StreamSettings:
-    """The Redis Stream intake (DESIGN §4)."""
+    """The Redis Stream intake."""
 
     enabled: bool = True
     key: str = "ingestd:events"
@@ -148,7 +148,7 @@ class PipelineSettings:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class MirrorSettings:
-    """Redis mirror TTLs and ingestd's own heartbeat (DESIGN §5)."""
+    """Redis mirror TTLs and ingestd's own heartbeat."""
 
     spread_ttl_s: float = 60.0
     health_ttl_s: float = 10.0
@@ -176,7 +176,7 @@ class ShutdownSettings:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class RetentionSettings:
-    """Seed §2.2 retention in days (0 keeps rows forever); see ingestd/maintenance.py."""
+    """Retention in days (0 keeps rows forever); see ingestd/maintenance.py."""
 
     spreads_days: int = 90
     fx_rates_days: int = 180
@@ -239,7 +239,7 @@ class ProducerGapSettings:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class TradingSettings:
-    """``trading:state`` (README: Trading state): limits, hysteresis, how it is written."""
+    """``trading:state`` (docs/trading-signals.md): limits, hysteresis, how it is written."""
 
     enabled: bool = True
     # HALTED while commits have failed this long, or the oldest unacknowledged entry is older.
@@ -647,7 +647,7 @@ def load_settings(
 
 
 def build_section(cls: type[T], data: Mapping[str, Any], path: str) -> T:
-    """One section from a mapping (the seed's ``storage.redis``); a misspelt key is an error."""
+    """One section from a mapping (the config's ``storage.redis``); a misspelt key is an error."""
     return _build(cls, data, path)
 
 

@@ -20,8 +20,9 @@ is met, and the spool takes appends again once space is freed:
   durable size, fsync'd again and sealed (it is only read from now on); new appends go to a new
   segment. If that cut cannot be made durable, the spool is broken (below).
 
-Any other failed ``fsync`` is fatal for the spool (RELIABILITY.md: after it, what is on disk is
-unknown): it takes no more appends, but still replays what was durable before.
+Any other failed ``fsync`` is fatal for the spool (after it, what is on disk is unknown: the
+kernel may have dropped the dirty pages): it takes no more appends, but still replays what was
+durable before.
 
 All state lives in the event loop's thread; file I/O runs in worker threads.
 """

@@ -1,11 +1,11 @@
-"""``ingestd stats`` (seed §7): what is in the database and in Redis, and how maintenance goes.
+"""``ingestd stats``: what is in the database and in Redis, and how maintenance goes.
 
-Sections: table sizes (seed §7.1's query, plus ``hypertable_size()`` since a hypertable's root
-holds no rows), row counts, hypertable chunks and compression, the two aggregates, TimescaleDB
-jobs with their last run, ingestd's own maintenance rounds, the slowest statements from
-``pg_stat_statements`` (``mean_exec_time``, the PostgreSQL 13+ name of the seed's ``mean_time``),
-and Redis ``INFO stats`` with the ``metrics:*`` keys. ``render`` prints readable tables; the same
-dictionary goes out as JSON with ``--json``.
+Sections: table sizes (``pg_total_relation_size`` per table, plus ``hypertable_size()`` since a
+hypertable's root holds no rows), row counts, hypertable chunks and compression, the two
+aggregates, TimescaleDB jobs with their last run, ingestd's own maintenance rounds, the slowest
+statements from ``pg_stat_statements`` (``mean_exec_time``, the PostgreSQL 13+ name of
+``mean_time``), and Redis ``INFO stats`` with the ``metrics:*`` keys. ``render`` prints readable
+tables; the same dictionary goes out as JSON with ``--json``.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from ingestd.gaps import SQL_COUNT_OPEN as SQL_COUNT_OPEN_GAPS
 from ingestd.logs import escape
 from ingestd.maintenance import hypertable_names
 
-# Seed §7.1, verbatim.
+# Every table's total size, largest first.
 SQL_TABLE_SIZES: Final = """
 SELECT
     schemaname,
@@ -37,7 +37,7 @@ WHERE schemaname = 'public'
 ORDER BY pg_total_relation_size(schemaname||'.'||tablename) DESC;
 """
 
-# Seed §7.1's slow-query log with the column's current name, limited to this database (the view
+# The slowest statements by mean time (``mean_exec_time``), limited to this database (the view
 # covers the whole server).
 SQL_SLOW_QUERIES: Final = """
 SELECT query, calls, mean_exec_time FROM pg_stat_statements
@@ -131,7 +131,7 @@ WHERE j.proc_name IN ('policy_retention', 'policy_compression',
 ORDER BY j.job_id
 """
 
-# Closes of positions whose open has not landed (DESIGN: visible, then dead letters past an age).
+# Closes of positions whose open has not landed (visible here, then dead letters past an age).
 _SQL_PARKED_CLOSES: Final = """
 SELECT count(*)::int AS waiting,
        (count(*) FILTER (
@@ -330,7 +330,7 @@ ORDER BY detected_at, producer, session, first_missing LIMIT 100
 
 
 async def collect_redis(client: aioredis.Redis, *, key_prefix: str = "") -> dict[str, Any]:
-    """Redis ``INFO stats`` (seed §7.2) and the ``metrics:*`` keys ingestd wrote."""
+    """Redis ``INFO stats`` and the ``metrics:*`` keys ingestd wrote."""
     try:
         info = await client.info("stats")
         keys = sorted(
@@ -373,7 +373,7 @@ def render(report: dict[str, Any]) -> str:
         + (f"TimescaleDB {db['timescaledb']}" if db["timescaledb"] else "plain (no timescaledb)")
         + f", TimeZone {db['timezone']}",
         "",
-        "tables (seed §7.1; a hypertable's own size is its root, see hypertable size)",
+        "tables (a hypertable's own size is its root, see hypertable size)",
         _table(
             ["schema", "table", "size", *(["hypertable size"] if hyper else []), "rows"],
             [

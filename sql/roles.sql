@@ -4,7 +4,7 @@
 -- as the role that owns ingestd's tables. This is not a numbered migration: roles belong to the
 -- whole cluster, creating them needs CREATEROLE, and the grants must be re-applied whenever a
 -- migration adds a table. No password is in this file: `ingestd roles` creates the login roles
--- and sets their passwords from the environment (see README, Security).
+-- and sets their passwords from the environment (see docs/security.md).
 --
 --   ingestd_writer  NOLOGIN group for `ingestd run` (its refreshes and metrics keys), `import-csv` and
 --                   `verify-csv`: reads and appends its own tables, updates only what ingestd

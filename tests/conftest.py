@@ -169,8 +169,8 @@ def _no_timescale(reason: str) -> NoReturn:
     how = (
         "scripts/services.sh builds TimescaleDB and starts a cluster where the vendored source "
         "is at ../shared/vendor/timescaledb (or INGESTD_TIMESCALEDB_SOURCE); else set "
-        "INGESTD_TEST_TIMESCALE_URL to a server with timescaledb preloaded (README: The "
-        "TimescaleDB layer, Running the TimescaleDB tests)"
+        "INGESTD_TEST_TIMESCALE_URL to a server with timescaledb preloaded (docs/development.md: "
+        "Running the TimescaleDB tests)"
     )
     if os.environ.get("CI", "").lower() == "true":
         pytest.fail(f"CI runs every TimescaleDB test, but {reason}: {how}", pytrace=False)

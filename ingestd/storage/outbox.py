@@ -163,7 +163,7 @@ class Outbox:
 
 
 class Backoff:
-    """Capped, fully jittered exponential backoff (RELIABILITY.md's defaults, scaled down)."""
+    """Capped, fully jittered exponential backoff (the pipeline's defaults, scaled down)."""
 
     BASE_S: Final = 0.1
     CAP_S: Final = 5.0
@@ -429,7 +429,7 @@ class DiskOutbox:
 
     def _fsync_failed(self, exc: OSError) -> None:
         # After a failed fsync the kernel may have dropped the dirty pages: what is on disk is
-        # unknown (RELIABILITY.md), so no more records are taken. Those written stay readable.
+        # unknown, so no more records are taken. Those written stay readable.
         self.broken = f"fsync failed ({exc})"
         log.error(
             "outbox %s: %s: it takes no more events; those it holds are still published",

@@ -222,7 +222,7 @@ async def test_timescale_retention_policies_follow_the_settings(
         return {r["t"]: r["keep"] for r in rows}
 
     assert await policies() == {"spreads": "90 days", "fx_rates": "180 days", "orders": "365 days"}
-    m = maintenance(pool, aredis)  # the seed's defaults: nothing to change
+    m = maintenance(pool, aredis)  # the default retention: nothing to change
     result = await m.run_task(TASK_POLICIES, force=True)
     assert result is not None and result.detail.count("unchanged") == 3
     m = maintenance(pool, aredis, spreads_days=14, fx_rates_days=0, orders_days=365)

@@ -397,7 +397,7 @@ async def test_positions_columns_match_tables_py(db: asyncpg.Connection) -> None
     assert positions["position_key"][0] == _expected(tables.POSITION_KEY)
     assert positions["producer"][0] == _expected(tables.PRODUCER)
     for name, _ in tables.POSITION_ENTRY_COLUMNS:
-        assert not positions[name][1], f"positions.{name} should be NOT NULL (seed)"
+        assert not positions[name][1], f"positions.{name} should be NOT NULL"
     for name, _ in tables.POSITION_EXIT_COLUMNS:
         assert positions[name][1], f"positions.{name} is NULL until the close"
     pending = await _columns(db, "position_closes_pending")
@@ -504,7 +504,7 @@ async def _time_bucket_owner(conn: asyncpg.Connection) -> list[Any]:
 async def test_time_bucket_on_plain_postgresql_is_utc(db: asyncpg.Connection) -> None:
     assert not await migrations.timescaledb_enabled(db)
     assert await _time_bucket_owner(db) == [None]  # ingestd's own fallback
-    # The session time zone must not move hour/day buckets: they are UTC (DESIGN §2).
+    # The session time zone must not move hour/day buckets: they are UTC.
     await db.execute("SET TimeZone = 'Asia/Seoul'")
     hour = await db.fetchval(
         "SELECT time_bucket('1 hour', '2025-11-15T12:40:15.123+09:00'::timestamptz)"
@@ -514,7 +514,7 @@ async def test_time_bucket_on_plain_postgresql_is_utc(db: asyncpg.Connection) ->
     assert day == dt.datetime(2025, 11, 14, 0, 0, tzinfo=UTC)
     for (width, sample), got in (await _buckets(db)).items():
         assert got == _floor(_ts(sample), width), (width, sample)
-    # The seed's own form: time_bucket('1 hour', timestamp) on a table column.
+    # The usual form: time_bucket('1 hour', timestamp) on a table column.
     await db.execute(
         "INSERT INTO spreads (event_id, symbol, upbit_price, binance_price, binance_price_krw,"
         " spread_pct, net_spread_pct, timestamp) VALUES"

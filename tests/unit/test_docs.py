@@ -11,9 +11,12 @@ from __future__ import annotations
 import dataclasses
 import re
 import shlex
+import subprocess
 from pathlib import Path
 
+import orjson
 import pytest
+import redis
 
 from ingestd import csv_format, events
 from ingestd.settings import Settings
@@ -36,6 +39,7 @@ OUTSIDE_DOCUMENTS = re.compile(
             rf"(?<!\w)\(\s*{_S}\s*\)",  # "(seed)", not "Random(seed)"
             rf"\bin the {_S}\b",  # "as in the seed"
             rf"\b[Ss]{_S[1:]}\s+``",  # "Seed ``fx`` section"
+            r"§\s*[0-9]",  # a bare section number of such a document: "§5.2's queries"
             rf"\b{_S}/000_",  # the seed file itself
             "PERFORM" + r"ANCE\.md",
             "RELIAB" + r"ILITY\.md",
@@ -118,6 +122,41 @@ def test_every_relative_link_resolves(page: Path) -> None:
     assert not broken, f"{page.name}: " + "; ".join(broken)
 
 
+def test_no_tracked_file_refers_to_documents_users_do_not_have() -> None:
+    tracked = subprocess.run(
+        ["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True
+    ).stdout.split(b"\0")
+    this_file = Path(__file__).resolve().relative_to(ROOT).as_posix()
+    hits = []
+    for name in (n.decode() for n in tracked if n):
+        path = ROOT / name
+        if name == this_file or not path.is_file():
+            continue
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            continue  # images
+        for number, line in enumerate(text.splitlines(), start=1):
+            if OUTSIDE_DOCUMENTS.search(line):
+                hits.append(f"{name}:{number}: {line.strip()[:100]}")
+    assert not hits, "state the thing itself instead:\n" + "\n".join(hits)
+
+
+def test_the_pattern_finds_what_it_must() -> None:
+    for text in (
+        f"see {_D} §5",
+        f"{_D}.md",
+        f"{_S} §7.1's query",
+        f"the {_S}'s columns",
+        "PERFORM" + "ANCE.md",
+        "RELIAB" + "ILITY.md",
+        "§7.1's query",
+    ):
+        assert OUTSIDE_DOCUMENTS.search(text), text
+    for text in ("--seed 1", "a fixed seed and a fresh one", "simulated(n, seed=7)"):
+        assert not OUTSIDE_DOCUMENTS.search(text), text
+
+
 def test_the_events_page_lists_every_event_type_and_field() -> None:
     page = (DOCS / "events.md").read_text(encoding="utf-8")
     missing = []
@@ -166,3 +205,19 @@ def test_the_configuration_page_shows_every_setting() -> None:
         shown.add(".".join(stack))
     missing = [k for k in setting_keys(Settings()) if k not in shown]
     assert not missing, f"settings missing from docs/configuration.md: {missing}"
+
+
+@pytest.mark.redis
+def test_the_readme_producer_example_publishes_its_event(
+    redis_url: str, rclient: redis.Redis
+) -> None:
+    text = README.read_text(encoding="utf-8")
+    example = text.partition("```python\n")[2].partition("```")[0]
+    assert "redis://127.0.0.1:6379/0" in example
+    exec(example.replace("redis://127.0.0.1:6379/0", redis_url), {})  # as a user runs it
+    entries = rclient.xrange("ingestd:events") or []
+    assert len(entries) == 1
+    fields = entries[0][1] or {}
+    event = orjson.loads(fields[b"event"])
+    assert event["event_id"] == "collector-fx-000001"
+    assert events.parse_event(event).table is not None  # a valid event of a stored type
