@@ -216,8 +216,6 @@ def test_the_readme_producer_example_publishes_its_event(
     assert "redis://127.0.0.1:6379/0" in example
     exec(example.replace("redis://127.0.0.1:6379/0", redis_url), {})  # as a user runs it
     entries = rclient.xrange("ingestd:events") or []
-    assert len(entries) == 1
-    fields = entries[0][1] or {}
-    event = orjson.loads(fields[b"event"])
-    assert event["event_id"] == "collector-fx-000001"
+    published = [orjson.loads((fields or {})[b"event"]) for _, fields in entries]
+    [event] = [e for e in published if e.get("event_id") == "collector-fx-000001"]
     assert events.parse_event(event).table is not None  # a valid event of a stored type
