@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -146,6 +147,16 @@ def test_an_unreachable_redis_is_one_line_without_the_password(
 ) -> None:
     done = cli(COMMANDS[command], tmp_path, **_secret_env(tmp_path))
     assert_one_clean_line(done, PASSWORD, REDIS_PASSWORD)
+
+
+def test_simulate_says_at_once_that_redis_does_not_answer(tmp_path: Path) -> None:
+    # Its publisher rides through a Redis restart, retrying for about half a minute: at the start
+    # that was half a minute of silence before the line (and no feed at all under run-local.sh).
+    started = time.monotonic()
+    done = cli(["simulate"], tmp_path, **_secret_env(tmp_path))
+    elapsed = time.monotonic() - started
+    assert "cannot reach Redis" in assert_one_clean_line(done, PASSWORD, REDIS_PASSWORD)
+    assert elapsed < 10, f"took {elapsed:.1f}s"
 
 
 @pytest.fixture
