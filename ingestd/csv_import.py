@@ -566,6 +566,18 @@ async def run_import(
     if not directory.is_dir():  # noqa: ASYNC240 - a one-shot command; nothing else runs
         print(f"ingestd import-csv: {directory} is not a directory", file=err)
         return 2
+    known = ", ".join(csv_format.KNOWN_FILE_NAMES)
+    unknown = csv_format.unknown_csv_files(directory)
+    if not csv_format.has_known_files(directory):
+        found = f"; it has {', '.join(unknown)}" if unknown else ", and no *.csv file at all"
+        print(
+            f"ingestd import-csv: none of the files import-csv reads ({known}) is in "
+            f"{directory}{found}",
+            file=err,
+        )
+        return 2
+    for name in unknown:
+        print(f"import-csv: {name}: not read (import-csv reads {known} only)", file=err)
 
     async def body(pool: asyncpg.Pool) -> int:
         events.configure_staleness_from(settings)  # imported spreads are judged alike
@@ -586,7 +598,7 @@ async def run_import(
         await _refresh_imported_hours(pool, settings, err)
         if not report.complete:
             return 2  # not yet complete work: the next run imports the rest
-        return 0 if report.clean else 1
+        return 0 if report.clean and not unknown else 1
 
     return await commands.run_with_database(
         "import-csv",
