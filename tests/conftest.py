@@ -32,8 +32,12 @@ pytest_plugins = ["tests.private_servers"]
 DEFAULT_PG = "postgresql://postgres@127.0.0.1:5432/postgres"
 DEFAULT_TIMESCALE = "postgresql://postgres@127.0.0.1:5433/postgres"
 DEFAULT_REDIS = "redis://127.0.0.1:6379/15"
-# Two test runs at once on one server (two checkouts) each need their own template.
-TEMPLATE = os.environ.get("INGESTD_TEST_TEMPLATE", "ingestd_test_template")
+# Two test runs at once on one server (two checkouts) each need their own template; so does each
+# pytest-xdist worker of one run (each is a session of its own, and creating a template drops the
+# one of that name first). Each session drops its own template at its end, and only its own.
+TEMPLATE = os.environ.get("INGESTD_TEST_TEMPLATE", "ingestd_test_template") + (
+    f"_{os.environ['PYTEST_XDIST_WORKER']}" if os.environ.get("PYTEST_XDIST_WORKER") else ""
+)
 
 
 def _with_db(dsn: str, name: str) -> str:
@@ -82,6 +86,13 @@ class PgServer:
                 await hold_policy_jobs(conn)
         finally:
             await conn.close()
+
+    async def drop_template(self) -> None:
+        admin = await asyncpg.connect(self.admin_dsn)
+        try:
+            await admin.execute(f"DROP DATABASE IF EXISTS {TEMPLATE} WITH (FORCE)")
+        finally:
+            await admin.close()
 
     async def clone(self) -> str:
         name = f"ingestd_test_{uuid.uuid4().hex[:12]}"
@@ -162,6 +173,8 @@ def pg_server() -> Iterator[PgServer]:
     yield server
     if container is not None:
         container.stop()
+    else:
+        asyncio.run(server.drop_template())
 
 
 def _no_timescale(reason: str) -> NoReturn:
@@ -188,6 +201,7 @@ def timescale_server() -> Iterator[PgServer]:
     server = PgServer(dsn, timescale=True)
     asyncio.run(server.create_template())
     yield server
+    asyncio.run(server.drop_template())
 
 
 @pytest.fixture
