@@ -707,7 +707,7 @@ async def _cmd_simulate(settings: Settings, args: argparse.Namespace) -> int:
 
 async def _cmd_stats(settings: Settings, args: argparse.Namespace) -> int:
     from ingestd.app import create_redis
-    from ingestd.stats import collect_database, collect_redis, render, to_json
+    from ingestd.stats import collect_database, collect_redis, print_report, to_json
 
     dsn = settings.storage.postgres.dsn
     try:
@@ -737,7 +737,7 @@ async def _cmd_stats(settings: Settings, args: argparse.Namespace) -> int:
     if args.as_json:
         sys.stdout.buffer.write(to_json(report) + b"\n")
     else:
-        sys.stdout.write(render(report))
+        print_report(report, sys.stdout)
     redis_part = report["redis"]
     if isinstance(redis_part, dict) and "error" in redis_part:
         # The database part is still worth printing; the exit code says the report is partial.
