@@ -581,9 +581,10 @@ async def run_import(
 
     async def body(pool: asyncpg.Pool) -> int:
         events.configure_staleness_from(settings)  # imported spreads are judged alike
+        progress = Progress(err, mode=progress_mode)
         importer = CsvImporter(
             pool,
-            progress=Progress(err, mode=progress_mode),
+            progress=progress,
             report_to=err,
             batch_rows=batch_rows,
             id_prefix=id_prefix,
@@ -593,7 +594,10 @@ async def run_import(
             acquire_timeout_s=settings.storage.postgres.acquire_timeout_s,
             retention=events.retention_of(settings.retention),
         )
-        report = await importer.import_directory(directory)
+        try:
+            report = await importer.import_directory(directory)
+        finally:
+            progress.close()  # a bar stopped by an error gives the terminal its cursor back
         print(report.summary(), file=out)
         await _refresh_imported_hours(pool, settings, err)
         if not report.complete:

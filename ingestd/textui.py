@@ -139,6 +139,11 @@ class Progress:
         if self.mode == "off":
             return
         self.update(done_bytes, rows, force=True)
+        self.close()
+
+    def close(self) -> None:
+        """Stop the bar's display (it hides the cursor while drawn), also when an import stops
+        half way; nothing to do otherwise."""
         if self._bar is not None:
             self._bar.stop()
             self._bar = None

@@ -123,3 +123,14 @@ def test_sections_fit_the_width_and_cut_only_the_columns_that_give_way() -> None
     assert row.split()[:2] == ["refresh_aggregates", "12"] and row.endswith("…")
     assert lines[-2:] == ["notes", "a line"] and lines[-3] == ""
     assert not ESCAPE.search(text)
+
+
+def test_a_bar_stopped_half_way_gives_the_cursor_back() -> None:
+    out = Terminal()
+    progress = Progress(out)
+    progress.start("orders.csv", 200)
+    progress.update(100, 5)
+    progress.close()  # the import failed: no finish
+    text = out.getvalue()
+    assert "\x1b[?25l" in text and text.rindex("\x1b[?25h") > text.rindex("\x1b[?25l")
+    progress.close()  # twice is harmless
