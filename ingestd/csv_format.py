@@ -16,6 +16,7 @@ import dataclasses
 import hashlib
 import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import IO, Any, Final
 
 from ingestd import events, tables
@@ -107,6 +108,24 @@ CSV_TABLES: Final = (
     _append_table(tables.FX_RATES, "fx_rate"),
 )
 CSV_TABLES_BY_NAME: Final = {t.name: t for t in CSV_TABLES}
+KNOWN_FILE_NAMES: Final = tuple(t.file_name for t in CSV_TABLES)
+
+
+def unknown_csv_files(directory: Path) -> list[str]:
+    """The ``*.csv`` files in ``directory`` that are none of ``KNOWN_FILE_NAMES`` (a misspelt or
+    renamed file would otherwise be passed over without a word)."""
+    return sorted(
+        p.name
+        for p in directory.iterdir()
+        if p.suffix.lower() == ".csv" and p.name not in KNOWN_FILE_NAMES and p.is_file()
+    )
+
+
+def has_known_files(directory: Path) -> bool:
+    """True when ``directory`` holds at least one file of the layout."""
+    return any((directory / name).is_file() for name in KNOWN_FILE_NAMES)
+
+
 TABLE_OF_EVENT: Final = {
     "spread": "spreads",
     "fx_rate": "fx_rates",

@@ -502,7 +502,11 @@ async def run_verify(
         print(render(checks), file=out)
         present = [c for c in checks if c.status != "absent"]
         if not present:
-            print(f"ingestd verify-csv: no CSV files of the layout in {directory}", file=err)
+            known = ", ".join(csv_format.KNOWN_FILE_NAMES)
+            print(
+                f"ingestd verify-csv: no CSV files of the layout in {directory} (it reads {known})",
+                file=err,
+            )
             return 1
         return 0 if all(c.ok or c.status == "empty" for c in present) else 1
 

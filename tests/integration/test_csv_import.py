@@ -445,6 +445,34 @@ async def test_verify_missing_directory_and_no_files(settings: Settings, tmp_pat
     assert (await imported(settings, tmp_path / "nope"))[0] == 2
 
 
+async def test_import_of_a_directory_without_the_layout_says_which_names_it_reads(
+    settings: Settings, db: asyncpg.Connection, tmp_path: Path
+) -> None:
+    # Before: exit 0 and nothing said, for an empty directory and for misspelt names alike.
+    code, summary, err = await imported(settings, tmp_path)
+    assert code == 2 and summary == ""
+    assert "positions.csv, orders.csv, trades.csv, spreads.csv, fx_rates.csv" in err
+    assert "no *.csv file at all" in err
+    write_csv(tmp_path / "position.csv", "symbol", ["BTC"])
+    write_csv(tmp_path / "Spreads.CSV", SPREAD_HEADER, spread_rows(2))
+    code, summary, err = await imported(settings, tmp_path)
+    assert code == 2 and summary == ""
+    assert "Spreads.CSV, position.csv" in err and "positions.csv, orders.csv" in err
+    assert len(err.strip().splitlines()) == 1, err
+    assert (await counts(db))["spreads"] == 0
+
+
+async def test_a_file_import_csv_does_not_read_is_named_and_the_exit_is_1(
+    settings: Settings, db: asyncpg.Connection, tmp_path: Path
+) -> None:
+    write_csv(tmp_path / "spreads.csv", SPREAD_HEADER, spread_rows(3))
+    write_csv(tmp_path / "spreads-old.csv", SPREAD_HEADER, spread_rows(3))
+    code, _, err = await imported(settings, tmp_path)
+    assert code == 1
+    assert "spreads-old.csv: not read (import-csv reads positions.csv" in err
+    assert (await counts(db))["spreads"] == 3
+
+
 async def test_import_with_id_prefix_and_default_producer(
     settings: Settings, db: asyncpg.Connection, tmp_path: Path
 ) -> None:

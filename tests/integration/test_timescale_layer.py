@@ -569,6 +569,10 @@ async def check_stats(settings: Settings, week: Week, kind: str, conn: asyncpg.C
     assert any(k.startswith("metrics:daily_pnl:") for k in keys)
     assert any(k.startswith("metrics:hourly_spread:") for k in keys)
     assert "keyspace_hits" in report["redis"]["info_stats"]
+    # The JSON keeps every field of the INFO sections the text picks from.
+    assert "used_memory" in report["redis"]["info_memory"]
+    assert "connected_clients" in report["redis"]["info_clients"]
+    assert "redis_version" in report["redis"]["info_server"]
     if kind == "timescale":
         hyper = {h["name"]: h for h in report["hypertables"]}
         assert set(hyper) == {"spreads", "fx_rates", "orders", "trades"}
@@ -605,7 +609,11 @@ async def check_stats(settings: Settings, week: Week, kind: str, conn: asyncpg.C
 
     text = run_stats(settings)
     assert text.returncode == 0, text.stderr
-    for heading in ("tables", "aggregates", "ingestd maintenance rounds", "redis INFO stats"):
+    for heading in ("tables", "aggregates", "ingestd maintenance rounds", "redis (INFO"):
         assert heading in text.stdout
+    # Fits 100 columns off a terminal, and shows the Redis fields an operator reads.
+    assert max(len(line) for line in text.stdout.splitlines()) <= 100, text.stdout
+    for field in ("memory used", "memory max", "clients connected", "ops/s", "evicted keys"):
+        assert field in text.stdout
     if kind == "timescale":
         assert "hypertables" in text.stdout and "TimescaleDB jobs" in text.stdout
