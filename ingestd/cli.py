@@ -184,8 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
         sub,
         "trading-state",
         "print trading:state; exit 0 ACTIVE, 1 REDUCING, 3 HALTED",
-        "Print trading:state and its reasons. Exit status: 0 ACTIVE, 1 REDUCING, 3 HALTED,\n"
-        "2 when Redis cannot be read.",
+        "Print trading:state and its reasons. Exit status: 0 ACTIVE, 1 REDUCING, 3 HALTED;\n"
+        "3 also when Redis cannot be read (a state nobody can read is a halt).",
         redis_url=True,
     )
 
