@@ -20,7 +20,7 @@ import orjson
 import redis.asyncio as aioredis
 import redis.exceptions
 
-from ingestd import tables
+from ingestd import liveness, tables
 from ingestd.db import Connection
 from ingestd.gaps import SQL_COUNT_OPEN as SQL_COUNT_OPEN_GAPS
 from ingestd.logs import escape
@@ -57,6 +57,10 @@ COUNTABLE: Final = frozenset(
         "ingestd_migrations",
         "daily_pnl_summary",
         "hourly_spread_avg",
+        "alerts",
+        "producer_gaps",
+        "producer_seq_ranges",
+        "heartbeat_history",
     }
 )
 AGGREGATES: Final = ("daily_pnl_summary", "hourly_spread_avg")
@@ -223,6 +227,7 @@ async def collect_database(
     exact: bool = False,
     top: int = 10,
     parked_close_max_age_s: float = 86_400.0,
+    liveness_alive_within_s: float = 15.0,
 ) -> dict[str, Any]:
     """Every database section of the report."""
     timescale = await _extension(conn, "timescaledb")
@@ -317,6 +322,9 @@ async def collect_database(
             "open": await conn.fetchval(SQL_COUNT_OPEN_GAPS),
             "rows": [_record(r) for r in gaps],
         }
+    report["liveness"] = await liveness.collect_section(
+        conn, alive_within_s=liveness_alive_within_s
+    )
     report["slow_queries"] = await _slow_queries(conn, top)
     return report
 
@@ -537,6 +545,7 @@ def render(report: dict[str, Any]) -> str:
                     ],
                 )
             )
+    out += render_liveness(report.get("liveness"))
     slow = report["slow_queries"]
     out += ["", "slowest statements (pg_stat_statements, mean_exec_time)"]
     if slow["available"]:
@@ -561,6 +570,36 @@ def render(report: dict[str, Any]) -> str:
             if len(keys) > 50:
                 out.append(f"  … and {len(keys) - 50} more")
     return "\n".join(out) + "\n"
+
+
+def render_liveness(section: dict[str, Any] | None) -> list[str]:
+    """The component liveness section (ingestd/liveness.py) as text lines; empty when the
+    heartbeat history does not exist."""
+    if section is None:
+        return []
+    rows = section["components"]
+    out = ["", f"component liveness (heartbeat history; {len(rows)} component(s))"]
+    if not rows:
+        out.append("(no heartbeat recorded yet)")
+        return out
+    out.append(
+        _table(
+            ["component", "state", "alive since", "last seen", "ago", "intervals"],
+            [
+                [
+                    # Producer-chosen text: escaped, it cannot move the terminal.
+                    escape(c["component"]),
+                    "alive" if c["alive"] else "DOWN",
+                    _plain(c["alive_from"]) if c["alive"] else "-",
+                    _plain(c["last_seen"]),
+                    f"{c['last_seen_age_s']:g}s",
+                    c["intervals"],
+                ]
+                for c in rows
+            ],
+        )
+    )
+    return out
 
 
 def to_json(report: dict[str, Any]) -> bytes:
