@@ -325,3 +325,40 @@ async def test_release_on_stop_gives_the_lease_up_and_withdraws_the_report(
     assert sync.get(trading.LEADER_KEY) == b"r2"
     await client.aclose()
     sync.close()
+
+
+def test_simulate_paced_to_the_wall_clock_keeps_event_times_real_through_a_scenario(
+    settings: Settings, rclient: redis.Redis
+) -> None:
+    """A collector pause drops events; the simulator's clock must not race ahead through them
+    (it did when pacing counted the events sent: after the pause every event, heartbeats too,
+    was dated seconds in the future, and trading:state never came back to ACTIVE)."""
+    from tests.e2e.conftest import run_cli
+
+    done = run_cli(
+        settings,
+        "simulate",
+        *("--rate", "100", "--duration", "7", "--ignore-trading-state"),
+        *("--scenario", "collector-pause", "--scenario-after", "1", "--scenario-duration", "3"),
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    entries = rclient.xrange(settings.stream.key)
+    assert entries
+
+    def event_time(fields: dict[bytes, bytes]) -> float:
+        ev = orjson.loads(fields[b"event"])
+        moment = ev.get("timestamp") or ev.get("timestamp_open") or ev.get("timestamp_close")
+        return dt.datetime.fromisoformat(moment).timestamp()
+
+    first = event_time(entries[0][1])
+    ahead = [event_time(f) - int(i.decode().split("-")[0]) / 1000 for i, f in entries]
+    collector_beats_after_pause = sum(
+        1
+        for _, f in entries
+        if b'"component":"collector"' in f[b"event"] and event_time(f) > first + 4
+    )
+    # Publishing may lag the simulated clock (a loaded machine); it never runs ahead of it by
+    # more than one publish's worth (the pause was 3 s).
+    assert max(ahead) < 1.0, max(ahead)
+    assert collector_beats_after_pause >= 1
