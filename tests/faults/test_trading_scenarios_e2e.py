@@ -215,13 +215,29 @@ async def test_the_database_refusing_connections_under_the_daemon_and_the_simula
     simulate(fault_settings)
     await wait_state(client, trading.State.ACTIVE, timeout=60)
     await asyncio.to_thread(fault_servers.pg.stop)
+    down_at = dt.datetime.now(dt.UTC)
     halted = await wait_state(client, trading.State.HALTED, reason="commits failing", timeout=60)
     assert any("fault-1" in r for r in halted.reasons), halted
     # The collector stays visibly alive meanwhile (its heartbeat is written at intake).
     assert not any("collector" in r for r in halted.reasons), halted
+    await asyncio.sleep(3)  # heartbeats taken in while the database is down
+    up_at = dt.datetime.now(dt.UTC)
     await asyncio.to_thread(fault_servers.pg.start)
     seen = await states_until(client, trading.State.ACTIVE, timeout=90)
     assert any(s.reasons and s.reasons[0].startswith("recovering") for s in seen), seen
+    # The heartbeat history has the collector alive throughout the outage: the heartbeats taken
+    # in meanwhile waited in memory and were written when the database came back.
+    conn = await asyncpg.connect(fault_settings.storage.postgres.dsn)
+    try:
+        covering = await conn.fetchval(
+            "SELECT count(*) FROM component_liveness WHERE component = 'collector'"
+            " AND alive_from <= $1 AND alive_until >= $2",
+            down_at,
+            up_at,
+        )
+    finally:
+        await conn.close()
+    assert covering == 1
     client.close()
 
 
