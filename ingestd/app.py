@@ -593,7 +593,9 @@ class Service:
         failing = None if since is None else time.monotonic() - since
         ages = [self.pipeline.oldest_pending_age_s()]
         if self.stream is not None:
-            ages.append(m.stream_oldest_pending_s)
+            # Entries read and not yet committed, and entries not read at all (a backlog that
+            # the replicas do not keep up with is as late as one that does not commit).
+            ages += [m.stream_oldest_pending_s, m.stream_oldest_undelivered_s]
         lag = max((a for a in ages if a is not None), default=None)
         return trading.LocalReport(failing_s=failing, lag_s=lag)
 
