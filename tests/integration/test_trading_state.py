@@ -183,6 +183,24 @@ async def test_hysteresis_severe_at_once_calmer_only_after_the_healthy_period(
     sync.close()
 
 
+async def test_reducing_counts_each_producers_half_hedged_position(redis_url: str) -> None:
+    """One alerts:half_hedge:{position_key} key may name two producers' positions (its value's
+    ``alerts``): the reason counts positions, not keys."""
+    client = aioredis.Redis.from_url(redis_url)
+    sync = redis.Redis.from_url(redis_url)
+    clock = FakeClock()
+    k = keeper(client, clock, trading.LocalReport(failing_s=None, lag_s=None), recover_after_s=0)
+    two = {"producer": "paper", "alerts": [{"producer": "paper"}, {"producer": "live"}]}
+    sync.set("alerts:half_hedge:pos_1", orjson.dumps(two))
+    sync.set("alerts:half_hedge:pos_2", b"not json")  # unreadable: still one half hedge
+    state = await k.tick()
+    assert state is not None and state.state is trading.State.REDUCING
+    assert state.reasons == ("3 half-hedged position(s) open",)
+    sync.delete("alerts:half_hedge:pos_1", "alerts:half_hedge:pos_2")
+    await client.aclose()
+    sync.close()
+
+
 async def test_stale_and_absent_inputs_halt_with_their_reasons(redis_url: str) -> None:
     client = aioredis.Redis.from_url(redis_url)
     sync = redis.Redis.from_url(redis_url)
@@ -339,7 +357,8 @@ def test_simulate_paced_to_the_wall_clock_keeps_event_times_real_through_a_scena
     done = run_cli(
         settings,
         "simulate",
-        *("--rate", "100", "--duration", "7", "--ignore-trading-state"),
+        # A count, not a duration: on a loaded machine the feed still gets past the pause.
+        *("--rate", "100", "--count", "600", "--ignore-trading-state"),
         *("--scenario", "collector-pause", "--scenario-after", "1", "--scenario-duration", "3"),
         timeout=60,
     )
