@@ -239,6 +239,10 @@ class LivenessWriter:
         try:
             async with self.pool.acquire(timeout=self.acquire_timeout_s) as conn:
                 await write_intervals(conn, taken, gap_s=self.gap_s)
+        except asyncio.CancelledError:
+            # A stop: what this write held goes with the final one (Service.stop).
+            self.recorder.give_back(taken)
+            raise
         except Exception as exc:  # noqa: BLE001 - kept and retried; never die silently
             self.recorder.give_back(taken)
             if not self._failing:
