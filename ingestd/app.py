@@ -34,6 +34,7 @@ from ingestd.deadletters import DeadLetter
 from ingestd.endpoints import OpsServer
 from ingestd.gaps import GapSweeper
 from ingestd.hedges import HalfHedgeMonitor
+from ingestd.liveness import LivenessRecorder, LivenessWriter
 from ingestd.maintenance import Maintenance
 from ingestd.metrics import Metrics, MetricsCollector, TradingStateCollector, create_registry
 from ingestd.pipeline import Pipeline, Sink, cancel_quietly
@@ -182,6 +183,14 @@ class Service:
         self.trading: trading.StateKeeper | None = None
         self._trading_redis: aioredis.Redis | None = None
         self._intake_beats = asyncio.Event()
+        # The heartbeat history (ingestd/liveness.py): noted at intake, written every few seconds.
+        h = settings.heartbeat_history
+        self.liveness: LivenessRecorder | None = (
+            LivenessRecorder(gap_s=h.gap_s, max_intervals=h.max_pending_intervals)
+            if h.enabled
+            else None
+        )
+        self.liveness_writer: LivenessWriter | None = None
         self._fx_watch = settings.trading.fx_pair.upper()
         self._stopping = False
         self._stopped = False
@@ -344,6 +353,17 @@ class Service:
                 acquire_timeout_s=s.storage.postgres.acquire_timeout_s,
             )
             self._tasks.append(asyncio.create_task(sweeper.run(), name="ingestd-gaps"))
+        if self.liveness is not None:
+            self.liveness_writer = LivenessWriter(
+                pool,
+                self.liveness,
+                gap_s=s.heartbeat_history.gap_s,
+                flush_interval_s=s.heartbeat_history.flush_interval_s,
+                acquire_timeout_s=s.storage.postgres.acquire_timeout_s,
+            )
+            self._tasks.append(
+                asyncio.create_task(self.liveness_writer.run(), name="ingestd-heartbeat-history")
+            )
         if s.maintenance.enabled:
             self.maintenance = Maintenance(
                 pool,
@@ -531,9 +551,10 @@ class Service:
                 # health:ingestd (any replica alive) and this replica's own, which
                 # its container's health check reads.
                 self.mirror.stage_heartbeat(keys.INGESTD_COMPONENT, now)
-                self.mirror.stage_heartbeat(
-                    keys.replica_component(self.settings.consumer_name), now
-                )
+                replica = keys.replica_component(self.settings.consumer_name)
+                self.mirror.stage_heartbeat(replica, now)
+                if self.liveness is not None:
+                    self.liveness.note(replica, now)
             await self.mirror.flush()
             await asyncio.sleep(self.settings.mirror.heartbeat_interval_s)
 
@@ -573,7 +594,9 @@ class Service:
         failing = None if since is None else time.monotonic() - since
         ages = [self.pipeline.oldest_pending_age_s()]
         if self.stream is not None:
-            ages.append(m.stream_oldest_pending_s)
+            # Entries read and not yet committed, and entries not read at all (a backlog that
+            # the replicas do not keep up with is as late as one that does not commit).
+            ages += [m.stream_oldest_pending_s, m.stream_oldest_undelivered_s]
         lag = max((a for a in ages if a is not None), default=None)
         return trading.LocalReport(failing_s=failing, lag_s=lag)
 
@@ -602,6 +625,7 @@ class Service:
         """
         mirror = self.mirror
         keeper = self.trading
+        liveness = self.liveness
         beats = False
         for item in items:
             ev = item.event
@@ -611,6 +635,8 @@ class Service:
             if etype == "heartbeat" and mirror is not None:
                 mirror.stage_heartbeat(str(ev.values["component"]), ev.time)
                 beats = True
+                if liveness is not None:
+                    liveness.note(str(ev.values["component"]), ev.time)
             elif (
                 etype == "fx_rate"
                 and keeper is not None
@@ -756,6 +782,11 @@ class Service:
                 log.error("the spool did not close in time", extra={"action": "spool_stuck"})
         if self.mirror is not None:
             await self.mirror.flush()
+        if self.liveness_writer is not None:
+            # The heartbeats noted since its last write (bounded: the pool may be gone).
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(2):
+                    await self.liveness_writer.flush()
         if self.trading is not None:
             # After the trading loop was cancelled above: nothing renews the lease any more.
             with contextlib.suppress(TimeoutError):

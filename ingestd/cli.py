@@ -283,6 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("dir", help="directory with the CSV files import-csv read")
     p.add_argument("--id-prefix", default="", help="as given to import-csv")
+    p.add_argument("--producer", help="as given to import-csv (rows without a producer column)")
     p.add_argument("--show", type=int, default=5, help="how many differing keys to list")
 
     p = _command(
@@ -640,7 +641,7 @@ async def _redis_answers(settings: Settings) -> None:
 
 async def _cmd_simulate(settings: Settings, args: argparse.Namespace) -> int:
     from ingestd.publisher import AsyncPublisher
-    from ingestd.simulate import Simulator
+    from ingestd.simulate import Simulator, WallClockPacer
 
     start = dt.datetime.fromisoformat(args.start) if args.start else None
     if start is not None and start.tzinfo is None:
@@ -675,6 +676,8 @@ async def _cmd_simulate(settings: Settings, args: argparse.Namespace) -> int:
     # start, an address that does not answer is a mistake to report at once instead.
     await _redis_answers(settings)
     publisher = AsyncPublisher.from_url(settings.storage.redis.url, stream=settings.stream.key)
+    # Paced to the wall clock (no --tick): by the simulated clock, so that event times stay real.
+    pacer = WallClockPacer(sim, time.monotonic) if args.rate > 0 and args.tick is None else None
     t0 = time.monotonic()
     sent = 0
     chunk = 500 if args.rate <= 0 else max(1, min(500, int(args.rate / 20)))
@@ -687,7 +690,11 @@ async def _cmd_simulate(settings: Settings, args: argparse.Namespace) -> int:
                 break
             sent += await publisher.publish_many(batch)
             if args.rate > 0:
-                ahead = sent / args.rate - (time.monotonic() - t0)
+                ahead = (
+                    pacer.ahead_s()
+                    if pacer is not None
+                    else sent / args.rate - (time.monotonic() - t0)
+                )
                 if ahead > 0:
                     await asyncio.sleep(ahead)
             if sent % 10_000 < chunk:
@@ -724,6 +731,8 @@ async def _cmd_stats(settings: Settings, args: argparse.Namespace) -> int:
             exact=args.exact,
             top=args.top,
             parked_close_max_age_s=settings.pipeline.parked_close_max_age_s,
+            liveness_alive_within_s=settings.heartbeat_history.gap_s
+            + settings.heartbeat_history.flush_interval_s,
         )
     finally:
         await conn.close()
@@ -807,7 +816,13 @@ async def _cmd_verify_csv(settings: Settings, args: argparse.Namespace) -> int:
 
     from ingestd.csv_verify import run_verify
 
-    return await run_verify(settings, Path(args.dir), id_prefix=args.id_prefix, show=args.show)
+    return await run_verify(
+        settings,
+        Path(args.dir),
+        id_prefix=args.id_prefix,
+        show=args.show,
+        default_producer=args.producer,
+    )
 
 
 def _trading_client(settings: Settings) -> Any:

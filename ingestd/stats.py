@@ -21,7 +21,7 @@ import redis.asyncio as aioredis
 import redis.exceptions
 from rich.console import RenderableType
 
-from ingestd import tables
+from ingestd import liveness, tables
 from ingestd.db import Connection
 from ingestd.gaps import SQL_COUNT_OPEN as SQL_COUNT_OPEN_GAPS
 from ingestd.logs import escape
@@ -231,6 +231,7 @@ async def collect_database(
     exact: bool = False,
     top: int = 10,
     parked_close_max_age_s: float = 86_400.0,
+    liveness_alive_within_s: float = 15.0,
 ) -> dict[str, Any]:
     """Every database section of the report."""
     timescale = await _extension(conn, "timescaledb")
@@ -327,6 +328,9 @@ async def collect_database(
             "open": await conn.fetchval(SQL_COUNT_OPEN_GAPS),
             "rows": [_record(r) for r in gaps],
         }
+    report["liveness"] = await liveness.collect_section(
+        conn, alive_within_s=liveness_alive_within_s
+    )
     report["slow_queries"] = await _slow_queries(conn, top)
     return report
 
@@ -612,6 +616,36 @@ def _producer_gaps(report: dict[str, Any], now: dt.datetime) -> Section | None:
     return Section(f"open producer gaps (seq numbers not received): {gaps['open']}", body)
 
 
+def _liveness(report: dict[str, Any], now: dt.datetime) -> Section | None:
+    """Each component's newest liveness interval (the heartbeat history, ingestd/liveness.py)."""
+    section = report.get("liveness")
+    if section is None:
+        return None
+    rows = section["components"]
+    title = f"component liveness (heartbeat history): {len(rows)} component(s)"
+    if not rows:
+        return Section(title, ["(no heartbeat recorded yet)"])
+    columns = [
+        Column("component", cut=True),
+        Column("state"),
+        Column("alive since"),
+        Column("last seen"),
+        Column("intervals", numeric=True),
+    ]
+    body = [
+        [
+            # Producer-chosen text: escaped, it cannot move the terminal.
+            escape(c["component"]),
+            "alive" if c["alive"] else "DOWN",
+            _ago(_plain(c["alive_from"]), now) if c["alive"] else "-",
+            _ago(_plain(c["last_seen"]), now),
+            c["intervals"],
+        ]
+        for c in rows
+    ]
+    return Section(title, [table(columns, body)])
+
+
 def _slow_queries_section(report: dict[str, Any], now: dt.datetime) -> Section:
     slow = report["slow_queries"]
     title = "slowest statements (pg_stat_statements, mean_exec_time)"
@@ -706,6 +740,7 @@ SECTIONS: Final[tuple[Callable[[dict[str, Any], dt.datetime], Section | None], .
     _maintenance,
     _parked_closes,
     _producer_gaps,
+    _liveness,
     _slow_queries_section,
     _redis,
     _metrics_keys,

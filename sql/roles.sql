@@ -71,6 +71,10 @@ GRANT SELECT ON daily_pnl_summary, hourly_spread_avg TO ingestd_writer;
 GRANT SELECT, INSERT, UPDATE ON csv_import_checkpoints TO ingestd_writer;
 GRANT SELECT, INSERT, UPDATE ON alerts, producer_gaps TO ingestd_writer;
 GRANT SELECT, INSERT, DELETE ON producer_seq_ranges TO ingestd_writer;
+-- The heartbeat history (ingestd/liveness.py) extends an interval or opens one; never deletes
+-- (retention is the owner's). The view merges its rows for readers and `ingestd stats`.
+GRANT SELECT, INSERT, UPDATE ON heartbeat_history TO ingestd_writer;
+GRANT SELECT ON component_liveness TO ingestd_writer;
 -- BIGSERIAL ids: nextval() needs USAGE on the sequences.
 GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO ingestd_writer;
 
