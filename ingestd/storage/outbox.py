@@ -59,6 +59,7 @@ from ingestd import errors
 from ingestd.settings import OutboxSettings
 from ingestd.spool import (
     MAX_RECORD_BYTES,
+    PAGE_BYTES,
     RecordStore,
     SpoolRecord,
     is_disk_full,
@@ -261,7 +262,7 @@ class DiskOutbox:
         self._read_id = 0  # the last id handed to the publisher
         self._unremoved: list[SpoolRecord] = []  # published, their removal failed: tried again
         self._dirty = False
-        self._log_bytes = 0  # committed since the last checkpoint
+        self._log_bytes = 0  # written to the log since the last checkpoint (about)
         self._stop = threading.Event()
         self._syncer: threading.Thread | None = None
         self.added = 0  # recovered at open + appended
@@ -348,7 +349,8 @@ class DiskOutbox:
             except sqlite3.Error as exc:
                 self._append_failed(exc)
             self._bytes += need
-            self._log_bytes += need
+            # A commit adds at least a page to the log, however small its record.
+            self._log_bytes += PAGE_BYTES * (1 + need // PAGE_BYTES)
             self.added += 1
             self._dirty = self.fsync_interval_s > 0
             if self.alarm:
