@@ -168,7 +168,7 @@ class Outbox:
 
 
 class Backoff:
-    """Capped, fully jittered exponential backoff (RELIABILITY.md's defaults, scaled down)."""
+    """Capped, fully jittered exponential backoff: 0.1 s doubling, at most 5 s."""
 
     BASE_S: Final = 0.1
     CAP_S: Final = 5.0
