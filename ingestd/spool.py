@@ -156,12 +156,11 @@ class RecordStore:
         """Lock the directory and open (so recover) the database: (records, their bytes)."""
         self._lock_fd = lock_directory(self.directory, self.holder)
         try:
-            self._writer = self._connect()
-            # Incremental: the file gives back the room of removed records when asked (below).
-            self._writer.execute("PRAGMA auto_vacuum=INCREMENTAL")
-            # Opening in WAL mode recovers: log frames after the last complete commit (a torn
-            # tail) are ignored.
-            self._writer.execute("PRAGMA journal_mode=WAL")
+            # Incremental: the file gives back the room of removed records when asked (remove).
+            # Set on a new database only (it stays set; setting it again writes, which a full
+            # disk refuses), and before WAL mode, which writes the new database's first page.
+            new = not self.path.exists()
+            self._writer = self._connect(setup="PRAGMA auto_vacuum=INCREMENTAL" if new else None)
             self._writer.execute(
                 f"PRAGMA synchronous={'FULL' if self.fsync_each_commit else 'NORMAL'}"
             )
@@ -189,10 +188,14 @@ class RecordStore:
         self.first_id = first or 1
         return count, total + RECORD_OVERHEAD * count
 
-    def _connect(self) -> sqlite3.Connection:
+    def _connect(self, setup: str | None = None) -> sqlite3.Connection:
         # isolation_level=None: our transactions only (BEGIN IMMEDIATE ... COMMIT), none implied;
         # check_same_thread=False: each call may run in another worker thread, one at a time.
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        if setup is not None:
+            conn.execute(setup)
+        # Opening in WAL mode recovers: log frames after the last complete commit (a torn tail)
+        # are ignored.
         conn.execute("PRAGMA journal_mode=WAL")
         return conn
 
@@ -236,7 +239,7 @@ class RecordStore:
         return rows
 
     def remove(self, ids: Sequence[int], *, emptied: bool) -> None:
-        """Remove records (done with); ``emptied``: none is left, give the file's room back.
+        """Remove records (done with); ``emptied``: none is left, the file may give room back.
 
         Not fsync'd on its own (``synchronous=NORMAL`` for this commit): a removal lost to a
         power loss brings records back that are replayed again, under their fixed event ids.
@@ -249,8 +252,13 @@ class RecordStore:
             conn.execute("BEGIN IMMEDIATE")
             conn.executemany("DELETE FROM records WHERE id = ?", ((i,) for i in ids))
             conn.execute("COMMIT")
+            # Giving room back shrinks the file, which the next appends grow again: only worth
+            # it once an emptied spool holds a backlog's worth of free pages.
             if emptied:
-                conn.execute("PRAGMA incremental_vacuum")
+                free_pages = conn.execute("PRAGMA freelist_count").fetchone()[0]
+                if free_pages * PAGE_BYTES >= self.checkpoint_bytes:
+                    # executescript steps it to the end (execute would free one page).
+                    conn.executescript("PRAGMA incremental_vacuum;")
         except sqlite3.Error:
             _rollback(conn)
             raise

@@ -404,3 +404,15 @@ def test_a_full_disk_is_a_temporary_refusal_recovered_once_space_is_freed(
     assert report["more"] > 10  # space freed: appends are taken again
     assert report["recovered"] == report["ok"] + report["more"]
     assert report["in_order"] is True  # every acknowledged record, once, in order
+
+
+async def test_an_emptied_spool_gives_its_disk_room_back(tmp_path: Path) -> None:
+    # A backlog of an outage (8 MB here) must not keep its room once it is replayed.
+    s = await opened(tmp_path, max_bytes=1 << 30, segment_bytes=1 << 20)
+    for _ in range(40):
+        await asyncio.gather(*(s.append(b"x" * 400) for _ in range(500)))
+    database = tmp_path / DATABASE_FILE
+    assert database.stat().st_size > 8_000_000
+    assert len(await drain(s)) == 20_000
+    await s.close()
+    assert database.stat().st_size < 100_000
