@@ -203,8 +203,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--spool",
         action="store_true",
-        help="instead: the spill path's spool, its segment files against SQLite in WAL mode "
-        "(--events records, default 200000; --repeat rounds, default 3; docs/spool.md)",
+        help="instead: the spill path's spool (SQLite in WAL mode) against the segment files "
+        "it replaced (--events records, default 200000; --repeat rounds, default 3; "
+        "docs/spool.md)",
     )
     p.add_argument(
         "--spool-dir",
