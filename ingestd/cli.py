@@ -334,6 +334,19 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="instead: a soak of this many seconds with faults, on throwaway servers",
     )
+    p.add_argument(
+        "--spool",
+        action="store_true",
+        help="instead: the spill path's spool (SQLite in WAL mode) against the segment files "
+        "it replaced (--events records, default 200000; --repeat rounds, default 3; "
+        "docs/spool.md)",
+    )
+    p.add_argument(
+        "--spool-dir",
+        metavar="DIR",
+        help="spool bench: where its scratch directory goes (default: the current directory; "
+        "the disk measured is this one)",
+    )
     p.add_argument("--rate", type=float, default=1000.0, help="soak: events per second")
     p.add_argument("--fault-every", type=float, default=15.0, help="soak: seconds between faults")
     p.add_argument("--replicas", type=int, default=2, help="soak: ingestd replicas (1-3)")
@@ -772,6 +785,17 @@ async def _cmd_bench(settings: Settings, args: argparse.Namespace) -> int:
             scratch_database=DEFAULT_SCRATCH_DATABASE if scratch == "ingestd_bench" else scratch,
             json_path=args.json_path,
             keep=args.keep,
+        )
+    if args.spool:
+        from ingestd.bench.spill import SpillOptions, run_spill_command
+
+        sizes = {"records": args.events, "rounds": args.repeat}
+        return await run_spill_command(
+            SpillOptions(
+                **{k: v for k, v in sizes.items() if v is not None},
+                directory=args.spool_dir,
+                json_path=args.json_path,
+            )
         )
     if args.soak is not None:
         from ingestd.soak import run_soak
