@@ -24,12 +24,10 @@ from typing import Final
 import asyncpg
 import redis.asyncio as aioredis
 import redis.exceptions
-from redis.asyncio.retry import Retry
-from redis.backoff import ExponentialBackoff
 
 from ingestd import errors, events, failpoints, keys, migrations, probes, trading
 from ingestd.batching import BatchOutcome, Item
-from ingestd.db import create_pool
+from ingestd.clients import create_pool, redis_async
 from ingestd.deadletters import DeadLetter
 from ingestd.endpoints import OpsServer
 from ingestd.gaps import GapSweeper
@@ -37,7 +35,6 @@ from ingestd.hedges import HalfHedgeMonitor
 from ingestd.maintenance import Maintenance
 from ingestd.metrics import Metrics, MetricsCollector, TradingStateCollector, create_registry
 from ingestd.pipeline import Pipeline, Sink, cancel_quietly
-from ingestd.redis_packing import use_hiredis_packing
 from ingestd.settings import Settings, redact
 from ingestd.sinks.mirror import RedisMirror
 from ingestd.sinks.postgres import PostgresSink, fetch_all_open_counts, sweep_parked_closes
@@ -53,21 +50,6 @@ log = logging.getLogger("ingestd.app")
 FINAL_ACK_TIMEOUT_S: Final = 5.0
 # How long the spool may take to finish its last append and close.
 SPOOL_CLOSE_TIMEOUT_S: Final = 5.0
-
-
-def create_redis(url: str, *, socket_timeout_s: float) -> aioredis.Redis:
-    """A redis-py client with explicit timeouts and retries (``from_url`` sets none)."""
-    client = aioredis.Redis.from_url(
-        url,
-        socket_timeout=socket_timeout_s,
-        socket_connect_timeout=socket_timeout_s,
-        retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), 2),
-        retry_on_error=[redis.exceptions.ConnectionError, redis.exceptions.TimeoutError],
-        health_check_interval=30,
-        protocol=2,
-    )
-    use_hiredis_packing(client)
-    return client
 
 
 async def connect_once(settings: Settings) -> asyncpg.Pool:
@@ -248,10 +230,10 @@ class Service:
             # to the spool at once rather than wait spill_after_s in memory, the replay leaves
             # the backlog on disk, and health shows the database is not taking writes.
             self.metrics.flush_failing_since = time.monotonic()
-        self.redis = create_redis(
+        self.redis = redis_async(
             s.storage.redis.url, socket_timeout_s=s.storage.redis.socket_timeout_s
         )
-        self._mirror_redis = create_redis(
+        self._mirror_redis = redis_async(
             s.storage.redis.url, socket_timeout_s=s.storage.redis.mirror_socket_timeout_s
         )
         self.mirror = RedisMirror(
@@ -540,7 +522,7 @@ class Service:
         t = self.settings.trading
         # A client of its own, with the mirror's short timeout: a hung Redis must not hold the
         # state loop past the key's TTL (it expires: HALTED), nor wait behind stream reads.
-        self._trading_redis = create_redis(
+        self._trading_redis = redis_async(
             self.settings.storage.redis.url,
             socket_timeout_s=min(self.settings.storage.redis.mirror_socket_timeout_s, t.interval_s),
         )

@@ -473,9 +473,9 @@ def _trading_gate(settings: Settings) -> Any:
     """What the simulated paper trader asks before opening: trading:state, read at most every
     half second (a synchronous read with a short timeout; unreachable counts as HALTED)."""
     from ingestd import trading
-    from ingestd.storage.redis_cache import sync_client
+    from ingestd.clients import redis_sync
 
-    client = sync_client(settings.storage.redis, timeout_s=0.5)
+    client = redis_sync(settings.storage.redis.url, socket_timeout_s=0.5)
     prefix = settings.storage.redis.key_prefix
     last: list[Any] = [0.0, None]
 
@@ -554,7 +554,7 @@ async def _cmd_simulate(settings: Settings, args: argparse.Namespace) -> int:
 
 
 async def _cmd_stats(settings: Settings, args: argparse.Namespace) -> int:
-    from ingestd.app import create_redis
+    from ingestd.clients import redis_async
     from ingestd.stats import collect_database, collect_redis, render, to_json
 
     dsn = settings.storage.postgres.dsn
@@ -575,7 +575,7 @@ async def _cmd_stats(settings: Settings, args: argparse.Namespace) -> int:
         )
     finally:
         await conn.close()
-    client = create_redis(
+    client = redis_async(
         settings.storage.redis.url, socket_timeout_s=settings.storage.redis.socket_timeout_s
     )
     try:
@@ -659,9 +659,11 @@ async def _cmd_verify_csv(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _trading_client(settings: Settings) -> Any:
-    from ingestd.storage.redis_cache import sync_client
+    from ingestd.clients import redis_sync
 
-    return sync_client(settings.storage.redis, timeout_s=settings.storage.redis.socket_timeout_s)
+    return redis_sync(
+        settings.storage.redis.url, socket_timeout_s=settings.storage.redis.socket_timeout_s
+    )
 
 
 async def _cmd_halt(settings: Settings, args: argparse.Namespace) -> int:

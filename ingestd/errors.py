@@ -1,11 +1,15 @@
-"""One exception root for ingestd; driver errors are translated here and nowhere else."""
+"""One exception root for ingestd; driver errors are translated here and nowhere else.
+
+This module imports no driver: the producer library imports it, and a collector that publishes
+to Redis must not load asyncpg for it. The classifiers look a driver up only once it is loaded
+(``_loaded``): an exception cannot come from a driver that was never imported.
+"""
 
 from __future__ import annotations
 
 import asyncio
-
-import asyncpg
-import redis.exceptions
+import sys
+from types import ModuleType
 
 
 class IngestdError(Exception):
@@ -47,6 +51,11 @@ class SinkUnavailable(IngestdError):
 
 # SQLSTATE classes (first two characters) whose errors are about the data of a row: the batch is
 # split so that only the offending rows become dead letters.
+def _loaded(name: str) -> ModuleType | None:
+    """The driver module ``name`` if this process has imported it, else None."""
+    return sys.modules.get(name)
+
+
 _DATA_SQLSTATE_CLASSES = frozenset({"22", "23"})
 UNIQUE_VIOLATION = "23505"
 
@@ -59,9 +68,11 @@ def sqlstate(exc: BaseException) -> str | None:
 
 def is_data_error(exc: BaseException) -> bool:
     """True when PostgreSQL rejected a row for its content (class 22 data, 23 integrity)."""
+    asyncpg = _loaded("asyncpg")
     code = sqlstate(exc)
     return (
-        isinstance(exc, asyncpg.PostgresError)
+        asyncpg is not None
+        and isinstance(exc, asyncpg.PostgresError)
         and code is not None
         and code[:2] in _DATA_SQLSTATE_CLASSES
         and code != UNIQUE_VIOLATION
@@ -84,7 +95,8 @@ def is_retriable(exc: BaseException) -> bool:
         return exc.retriable
     if isinstance(exc, OSError | TimeoutError | asyncio.TimeoutError | ConnectionError):
         return True
-    if isinstance(
+    asyncpg = _loaded("asyncpg")
+    if asyncpg is not None and isinstance(
         exc,
         asyncpg.InterfaceError
         | asyncpg.InternalClientError
@@ -92,7 +104,10 @@ def is_retriable(exc: BaseException) -> bool:
         | asyncpg.exceptions.ConnectionDoesNotExistError,
     ):
         return True
-    if isinstance(exc, redis.exceptions.ConnectionError | redis.exceptions.TimeoutError):
+    redis_errors = _loaded("redis.exceptions")
+    if redis_errors is not None and isinstance(
+        exc, redis_errors.ConnectionError | redis_errors.TimeoutError
+    ):
         return True
     code = sqlstate(exc)
     if code is None:

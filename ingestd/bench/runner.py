@@ -27,7 +27,7 @@ import redis
 import redis.asyncio as aioredis
 
 from ingestd import migrations
-from ingestd.app import GC_THRESHOLDS, create_redis
+from ingestd.app import GC_THRESHOLDS
 from ingestd.bench import latency, plots, scaling, throughput
 from ingestd.bench.cpu import CpuSplit
 from ingestd.bench.machine import load_average, machine_info
@@ -57,6 +57,7 @@ from ingestd.bench.workload import (
     write_jsonl,
     write_spreads_csv,
 )
+from ingestd.clients import redis_async
 from ingestd.errors import ConfigError
 from ingestd.settings import Settings, redact
 
@@ -104,7 +105,7 @@ class Bench:
         self.workdir = Path(tempfile.mkdtemp(prefix="ingestd-bench-"))
         # The server reads the CSV of (a2) from here (as its own OS user).
         self.workdir.chmod(0o755)
-        self.redis: aioredis.Redis = create_redis(settings.storage.redis.url, socket_timeout_s=30.0)
+        self.redis: aioredis.Redis = redis_async(settings.storage.redis.url, socket_timeout_s=30.0)
         self.conn: asyncpg.Connection | None = None
         self.cpu: CpuSplit | None = None
         self.report = Report(machine={}, settings=self._settings_json(), options=options.to_json())
