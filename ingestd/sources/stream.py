@@ -25,7 +25,7 @@ from typing import Any
 import redis.asyncio as aioredis
 import redis.exceptions
 
-from ingestd import errors, events
+from ingestd import decoding, errors, events
 from ingestd.batching import BatchOutcome, Item
 from ingestd.deadletters import make_dead_letter
 from ingestd.pipeline import Pipeline
@@ -193,7 +193,7 @@ class StreamSource:
             )
             return Item(None, dl, self, entry_id, None, now)
         try:
-            ev = events.decode_event(
+            ev = decoding.decode_event(
                 payload,
                 max_bytes=self._max_event_bytes,
                 default_event_id=self._derived_id_prefix + _s(entry_id),

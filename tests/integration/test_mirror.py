@@ -16,7 +16,7 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 
-from ingestd import Outcome, Service, events
+from ingestd import Outcome, Service, decoding, events
 from ingestd.batching import BatchOutcome, Item
 from ingestd.clients import create_pool, redis_async
 from ingestd.mirror_format import VERSION_KEY_PREFIX, version_micros
@@ -51,7 +51,7 @@ SRC = Source()
 def item(obj: dict[str, Any] | bytes) -> Item:
     """An Item from a wire payload."""
     raw = obj if isinstance(obj, bytes) else orjson.dumps(obj)
-    return Item(events.decode_event(raw, max_bytes=1 << 20), None, SRC, None, raw, 0.0)
+    return Item(decoding.decode_event(raw, max_bytes=1 << 20), None, SRC, None, raw, 0.0)
 
 
 def spread(eid: str, ts: str, symbol: str = "BTC", upbit: str = "140123456.12") -> dict[str, Any]:

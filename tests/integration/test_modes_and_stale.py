@@ -16,7 +16,7 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 
-from ingestd import events, migrations
+from ingestd import decoding, events, migrations
 from ingestd.batching import BatchOutcome, Item
 from ingestd.clients import create_pool, redis_async
 from ingestd.settings import load_settings
@@ -46,7 +46,7 @@ SRC = Source()
 
 def item(obj: dict[str, Any]) -> Item:
     raw = orjson.dumps(obj)
-    return Item(events.decode_event(raw, max_bytes=1 << 20), None, SRC, None, raw, 0.0)
+    return Item(decoding.decode_event(raw, max_bytes=1 << 20), None, SRC, None, raw, 0.0)
 
 
 ENTRY = {
