@@ -27,7 +27,8 @@ import redis.exceptions
 
 from ingestd import errors, events, failpoints, keys, migrations, probes, trading
 from ingestd.batching import BatchOutcome, Item
-from ingestd.clients import create_pool, redis_async
+from ingestd.clients import redis_async
+from ingestd.db import create_pool
 from ingestd.deadletters import DeadLetter
 from ingestd.endpoints import OpsServer
 from ingestd.gaps import GapSweeper

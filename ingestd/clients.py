@@ -1,17 +1,14 @@
-"""Every Redis client and PostgreSQL pool or connection ingestd makes is made here.
+"""Every Redis client ingestd makes is made here (``ingestd.db`` makes the PostgreSQL ones).
 
-redis-py's ``from_url`` sets no timeouts and no retries, and asyncpg has no command timeout unless
-asked: a client made anywhere else would hang on a dead server. One place keeps the settings
-alike, and says which differ and why (a producer's publish rides out a Redis restart; the
-daemon's clients fail fast and let their caller retry).
-
-asyncpg is imported only when a pool or connection is made: the producer library imports this
-module for its Redis clients and must not load asyncpg with it.
+redis-py's ``from_url`` sets no timeouts and no retries: a client made anywhere else would hang
+on a dead server. One place keeps the settings alike, and says which differ and why (a
+producer's publish rides out a Redis restart; the daemon's clients fail fast and let their caller
+retry). The producer library uses this module, so it imports no PostgreSQL driver.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Final
+from typing import Any, Final
 
 import redis
 import redis.asyncio as aioredis
@@ -21,12 +18,6 @@ from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
 from ingestd.redis_packing import use_hiredis_packing
-
-if TYPE_CHECKING:
-    import asyncpg
-
-    from ingestd.settings import PostgresSettings
-
 
 # The daemon's and the commands' clients: two quick retries (about 0.05 s, 0.1 s), then the error
 # goes to the caller, whose own loop (backoff, health, the pipeline's retry budget) decides.
@@ -85,37 +76,3 @@ def redis_sync(
         retry=Retry(ExponentialBackoff(cap=cap, base=base), retries),
         **_redis_options(socket_timeout_s),
     )
-
-
-async def create_pool(pg: PostgresSettings, *, min_size: int | None = None) -> asyncpg.Pool:
-    """An asyncpg pool with timeouts on connect and on every command (asyncpg has none)."""
-    import asyncpg  # noqa: PLC0415 - only what talks to PostgreSQL pays for asyncpg
-
-    pool = await asyncpg.create_pool(
-        pg.dsn,
-        min_size=pg.pool_min_size if min_size is None else min_size,
-        max_size=pg.pool_max_size,
-        timeout=pg.connect_timeout_s,
-        command_timeout=pg.command_timeout_s,
-        max_inactive_connection_lifetime=60.0,
-        server_settings={"application_name": "ingestd"},
-    )
-    assert pool is not None
-    return pool
-
-
-async def connect(
-    dsn: str,
-    *,
-    timeout_s: float,
-    database: str | None = None,
-    command_timeout_s: float | None = None,
-) -> asyncpg.Connection[Any]:
-    """One PostgreSQL connection (the commands that need no pool), with a connect timeout."""
-    import asyncpg  # noqa: PLC0415 - as in create_pool
-
-    options: dict[str, Any] = {"timeout": timeout_s, "command_timeout": command_timeout_s}
-    if database is not None:
-        options["database"] = database
-    conn: asyncpg.Connection[Any] = await asyncpg.connect(dsn, **options)
-    return conn

@@ -21,7 +21,7 @@ from typing import Final, TextIO
 import asyncpg
 
 from ingestd import errors, migrations
-from ingestd.clients import create_pool
+from ingestd.db import create_pool
 from ingestd.settings import Settings, redact
 
 EXIT_FAILED: Final = 2

@@ -22,7 +22,7 @@ from typing import Any
 import asyncpg
 import orjson
 
-import ingestd.clients as ingestd_clients
+import ingestd.db as ingestd_db
 from ingestd import decoding, migrations
 from ingestd.batching import BatchOutcome, Item
 from ingestd.settings import load_settings
@@ -60,7 +60,7 @@ async def main(dsn: str, tick_s: float, days: int) -> None:
         if not await migrations.timescaledb_enabled(conn):
             raise SystemExit("this server has no TimescaleDB: nothing to compress")
         settings = load_settings(None, environ={}, overrides={"storage.postgres.dsn": url})
-        pool = await ingestd_clients.create_pool(settings.storage.postgres)
+        pool = await ingestd_db.create_pool(settings.storage.postgres)
         sink = PostgresSink(pool)
         end = dt.datetime.now(dt.UTC).replace(microsecond=0)
         sim = Simulator(seed=3, start=end - dt.timedelta(days=days), tick_s=tick_s)

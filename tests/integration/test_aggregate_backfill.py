@@ -22,7 +22,7 @@ import asyncpg
 import pytest
 import redis.asyncio as aioredis
 
-import ingestd.clients as ingestd_clients
+import ingestd.db as ingestd_db
 from ingestd import migrations
 from ingestd.csv_import import run_import
 from ingestd.maintenance import TASK_BACKFILL, TASK_REFRESH, Maintenance, advisory_lock_id
@@ -133,7 +133,7 @@ def spreads_csv(path: Path, start: dt.datetime, hours: int, per_hour: int, seed:
 @pytest.fixture
 async def pool(dsn: str) -> AsyncIterator[asyncpg.Pool]:
     settings = make_settings(dsn, "redis://127.0.0.1:1/0")
-    p = await ingestd_clients.create_pool(settings.storage.postgres)
+    p = await ingestd_db.create_pool(settings.storage.postgres)
     yield p
     await p.close()
 
@@ -310,7 +310,7 @@ async def test_migration_0009_queues_the_history_the_policy_never_materialized(
         await migrations.migrate(conn, every)
         assert await conn.fetchval("SELECT count(*) FROM ingestd_aggregate_backfill") == 1
         settings = make_settings(timescale_dsn, redis_url)
-        pool = await ingestd_clients.create_pool(settings.storage.postgres)
+        pool = await ingestd_db.create_pool(settings.storage.postgres)
         try:
             m = Maintenance(pool, None, settings=settings.maintenance, retention=settings.retention)
             result = await m.run_task(TASK_BACKFILL, force=True)
@@ -334,7 +334,7 @@ async def test_a_failed_refresh_keeps_the_hours_queued_and_one_replica_drains_at
     blocker = await asyncpg.connect(timescale_dsn)
     settings = make_settings(timescale_dsn, redis_url)
     quick = dataclasses.replace(settings.maintenance, statement_timeout_s=1.0)
-    pool = await ingestd_clients.create_pool(settings.storage.postgres)
+    pool = await ingestd_db.create_pool(settings.storage.postgres)
     try:
         await migrations.migrate(conn)
         await run_refresh_policy(conn)

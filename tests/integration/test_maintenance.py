@@ -20,7 +20,7 @@ import orjson
 import pytest
 import redis
 
-import ingestd.clients as ingestd_clients
+import ingestd.db as ingestd_db
 from ingestd import migrations
 from ingestd.batching import Item
 from ingestd.clients import redis_async
@@ -121,7 +121,7 @@ async def conn(dsn: str) -> AsyncIterator[asyncpg.Connection]:
 async def make_pool(dsn: str) -> asyncpg.Pool:
     """ingestd's own pool."""
     s = load_settings(None, environ={}, overrides={"storage.postgres.dsn": dsn, "metrics_port": 0})
-    return await ingestd_clients.create_pool(s.storage.postgres)
+    return await ingestd_db.create_pool(s.storage.postgres)
 
 
 @pytest.fixture

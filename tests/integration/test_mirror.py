@@ -18,7 +18,8 @@ import redis.asyncio as aioredis
 
 from ingestd import Outcome, Service, decoding, events
 from ingestd.batching import BatchOutcome, Item
-from ingestd.clients import create_pool, redis_async
+from ingestd.clients import redis_async
+from ingestd.db import create_pool
 from ingestd.mirror_format import VERSION_KEY_PREFIX, version_micros
 from ingestd.settings import Settings, load_settings
 from ingestd.sinks.mirror import RedisMirror

@@ -18,7 +18,8 @@ import redis.asyncio as aioredis
 
 from ingestd import decoding, events, migrations
 from ingestd.batching import BatchOutcome, Item
-from ingestd.clients import create_pool, redis_async
+from ingestd.clients import redis_async
+from ingestd.db import create_pool
 from ingestd.settings import load_settings
 from ingestd.sinks.mirror import RedisMirror
 from ingestd.sinks.postgres import PostgresSink

@@ -15,7 +15,7 @@ import asyncpg
 import orjson
 import pytest
 
-import ingestd.clients as ingestd_clients
+import ingestd.db as ingestd_db
 from ingestd import decoding, migrations, tables
 from ingestd.batching import BatchOutcome, Item
 from ingestd.deadletters import PAYLOAD_PREFIX_CHARS, make_dead_letter
@@ -267,7 +267,7 @@ async def _pool(dsn: str) -> asyncpg.Pool:
     settings = load_settings(
         None, environ={}, overrides={"storage.postgres.dsn": dsn, "metrics_port": 0}
     )
-    return await ingestd_clients.create_pool(settings.storage.postgres)
+    return await ingestd_db.create_pool(settings.storage.postgres)
 
 
 @pytest.fixture

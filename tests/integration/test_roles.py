@@ -18,7 +18,8 @@ import orjson
 import pytest
 
 from ingestd import Service, errors, load_settings, migrations
-from ingestd.clients import create_pool, redis_async
+from ingestd.clients import redis_async
+from ingestd.db import create_pool
 from ingestd.maintenance import TASK_BACKFILL, TASK_POLICIES, TASK_RETENTION, TASKS, Maintenance
 from ingestd.roles import READER_GROUP, WRITER_GROUP, Login, apply_roles, scram_verifier
 from ingestd.settings import MaintenanceSettings, PostgresSettings, RetentionSettings

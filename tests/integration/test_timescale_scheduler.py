@@ -27,7 +27,7 @@ import asyncpg
 import orjson
 import pytest
 
-import ingestd.clients as ingestd_clients
+import ingestd.db as ingestd_db
 from ingestd import migrations
 from ingestd.settings import load_settings
 from ingestd.sinks.postgres import PostgresSink
@@ -112,7 +112,7 @@ async def sink(dsn: str) -> AsyncIterator[PostgresSink]:
     settings = load_settings(
         None, environ={}, overrides={"storage.postgres.dsn": dsn, "metrics_port": 0}
     )
-    pool = await ingestd_clients.create_pool(settings.storage.postgres)
+    pool = await ingestd_db.create_pool(settings.storage.postgres)
     yield PostgresSink(pool)
     await pool.close()
 

@@ -22,7 +22,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import ingestd.clients as ingestd_clients
+import ingestd.db as ingestd_db
 from ingestd import stats
 from ingestd.app import Service
 from ingestd.batching import Item
@@ -184,7 +184,7 @@ class Model:
 
 async def _pool(dsn: str) -> asyncpg.Pool:
     s = load_settings(None, environ={}, overrides={"storage.postgres.dsn": dsn})
-    return await ingestd_clients.create_pool(s.storage.postgres)
+    return await ingestd_db.create_pool(s.storage.postgres)
 
 
 @pytest.fixture
