@@ -25,7 +25,7 @@ import asyncpg
 import redis.asyncio as aioredis
 import redis.exceptions
 
-from ingestd import errors, events, failpoints, keys, migrations, probes, trading
+from ingestd import errors, events, keys, migrations, probes, trading
 from ingestd.batching import BatchOutcome, Item
 from ingestd.clients import redis_async
 from ingestd.db import create_pool
@@ -206,7 +206,6 @@ class Service:
 
     async def _start(self, connect_deadline_s: float, wait_for_database: bool | None) -> None:
         s = self.settings
-        failpoints.arm(s.failpoints)
         if s.spool.directory:
             # Before any contact with the database: the spool is what a producer has while the
             # database is unreachable, and it may hold an earlier run's backlog.
