@@ -18,7 +18,7 @@ import asyncpg
 import orjson
 import redis.exceptions
 
-from ingestd import errors, logs, migrations
+from ingestd import db, errors, logs, migrations
 from ingestd.commands import describe, secret_free
 from ingestd.settings import Settings, load_settings, redact
 
@@ -380,7 +380,7 @@ async def _connect(dsn: str, *, create: bool, deadline_s: float = 30.0) -> async
     end = time.monotonic() + deadline_s
     while True:
         try:
-            return await asyncpg.connect(dsn, timeout=5)
+            return await db.connect(dsn, timeout_s=5)
         except asyncpg.InvalidCatalogNameError:
             if not create:
                 raise
@@ -405,7 +405,7 @@ async def _create_database(dsn: str) -> None:
     name = _database_name(dsn)
     if not name or not name.replace("_", "").isalnum():
         raise errors.ConfigError(f"refusing to create database with name {name!r}")
-    probe = await asyncpg.connect(dsn, database="postgres", timeout=5)
+    probe = await db.connect(dsn, database="postgres", timeout_s=5)
     try:
         exists = await probe.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", name)
         if not exists:
@@ -559,7 +559,7 @@ async def _cmd_stats(settings: Settings, args: argparse.Namespace) -> int:
 
     dsn = settings.storage.postgres.dsn
     try:
-        conn = await asyncpg.connect(dsn, timeout=settings.storage.postgres.connect_timeout_s)
+        conn = await db.connect(dsn, timeout_s=settings.storage.postgres.connect_timeout_s)
     except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
         print(
             secret_free(f"ingestd stats: cannot connect to {dsn}: {describe(exc)}", dsn),

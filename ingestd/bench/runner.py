@@ -26,7 +26,7 @@ import asyncpg
 import redis
 import redis.asyncio as aioredis
 
-from ingestd import migrations
+from ingestd import db, migrations
 from ingestd.app import GC_THRESHOLDS
 from ingestd.bench import latency, plots, scaling, throughput
 from ingestd.bench.cpu import CpuSplit
@@ -511,7 +511,7 @@ class Bench:
             extra={"action": "bench"},
         )
         await recreate_database(self.base_dsn, self.options.scratch_database)
-        self.conn = await asyncpg.connect(self.dsn, timeout=10)
+        self.conn = await db.connect(self.dsn, timeout_s=10)
         await migrations.migrate(self.conn)
         self.report.machine = await machine_info(self.conn, self.redis)
         self.cpu = CpuSplit(self.conn, self.redis)

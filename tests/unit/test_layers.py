@@ -90,3 +90,39 @@ def test_configuration_cannot_arm_failpoints(tmp_path: Path) -> None:
     # The environment variable that once armed them is not read any more.
     settings = load_settings(None, environ={"INGESTD_FAILPOINTS": "before_ack=1"})
     assert "failpoints" not in repr(settings)
+
+
+# Calls that make a driver client or connection; only ingestd.clients (Redis) and ingestd.db
+# (PostgreSQL) may make one, so every client gets the same timeouts and retries.
+CLIENT_MAKERS = frozenset({"from_url", "Redis", "StrictRedis", "connect", "create_pool"})
+DRIVERS = frozenset({"redis", "aioredis", "asyncpg"})
+
+
+def client_makers(path: Path) -> list[str]:
+    """``driver.maker(...)`` calls in ``path`` (``redis.Redis(...)``, ``asyncpg.connect(...)``,
+    ``aioredis.Redis.from_url(...)``)."""
+    found: list[str] = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)):
+            continue
+        if node.func.attr not in CLIENT_MAKERS:
+            continue
+        target = node.func.value
+        while isinstance(target, ast.Attribute):
+            target = target.value
+        if isinstance(target, ast.Name) and target.id in DRIVERS:
+            found.append(f"{path.relative_to(ROOT)}:{node.lineno}")
+    return found
+
+
+def test_clients_are_made_in_one_place() -> None:
+    made = [
+        where
+        for path in sorted(PACKAGE.rglob("*.py"))
+        if path.name not in {"clients.py", "db.py"}
+        for where in client_makers(path)
+    ]
+    assert made == []
+    # The scan finds the factories' own calls (it is not vacuous).
+    assert client_makers(PACKAGE / "clients.py") != []
+    assert client_makers(PACKAGE / "db.py") != []
