@@ -53,30 +53,24 @@ class MirrorWrite:
     kind: str  # the metric label: fx, spread, health, open_count
 
 
-class RedisMirror:
-    """Mirrors committed events into Redis keys with TTLs."""
+class MirrorStaging:
+    """What every mirror does before writing: which keys a batch sets, to what, at which version
+    (the newest event per key). ``RedisMirror`` writes them to Redis; ``MemoryMirror``
+    (``ingestd.sinks.memory``) keeps them in a dict for unit tests of the pipeline."""
 
     def __init__(
         self,
-        client: aioredis.Redis,
         *,
         key_prefix: str = "",
         fx_ttl_s: float = 3.0,
         spread_ttl_s: float = 60.0,
         health_ttl_s: float = 10.0,
     ) -> None:
-        self._client = client
         self.prefix = key_prefix
         self._fx_ttl_ms = int(fx_ttl_s * 1000)
         self._spread_ttl_ms = int(spread_ttl_s * 1000)
         self._health_ttl_ms = int(health_ttl_s * 1000)
-        self._script = client.register_script(SET_IF_NEWER)
         self._pending: dict[str, MirrorWrite] = {}
-        self._failing = False
-        self._skipping = False
-        self.errors = 0
-        # ingestd_mirror_stale_skipped_total{key_kind}: values not written, older than their TTL.
-        self.stale_skipped: collections.Counter[str] = collections.Counter()
 
     def key(self, name: str) -> str:
         """The full Redis key for a mirror key name."""
@@ -148,6 +142,33 @@ class RedisMirror:
     def pending(self) -> int:
         """Keys waiting to be written (non-zero while Redis is unreachable)."""
         return len(self._pending)
+
+
+class RedisMirror(MirrorStaging):
+    """Mirrors committed events into Redis keys with TTLs."""
+
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        *,
+        key_prefix: str = "",
+        fx_ttl_s: float = 3.0,
+        spread_ttl_s: float = 60.0,
+        health_ttl_s: float = 10.0,
+    ) -> None:
+        super().__init__(
+            key_prefix=key_prefix,
+            fx_ttl_s=fx_ttl_s,
+            spread_ttl_s=spread_ttl_s,
+            health_ttl_s=health_ttl_s,
+        )
+        self._client = client
+        self._script = client.register_script(SET_IF_NEWER)
+        self._failing = False
+        self._skipping = False
+        self.errors = 0
+        # ingestd_mirror_stale_skipped_total{key_kind}: values not written, older than their TTL.
+        self.stale_skipped: collections.Counter[str] = collections.Counter()
 
     async def flush(self) -> bool:
         """Write every pending key in one call; keep them for later if Redis fails."""
