@@ -24,8 +24,6 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any, TypeVar
 
-import yaml
-
 from ingestd.errors import ConfigError
 
 DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/ingestd"
@@ -513,6 +511,10 @@ def expand_env(text: str, environ: Mapping[str, str]) -> str:
 
 def _parse_yaml(text: str, path: str | os.PathLike[str]) -> Any:
     """The parsed file; a syntax error names the place, never quotes the text (secrets)."""
+    # Imported here: only a config file needs it, and the producer library and the daemon's
+    # start-up import this module without one.
+    import yaml  # noqa: PLC0415
+
     try:
         return yaml.safe_load(text)
     except yaml.MarkedYAMLError as exc:

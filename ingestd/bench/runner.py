@@ -48,6 +48,7 @@ from ingestd.bench.scratch import (
     stream_pending,
     verify,
 )
+from ingestd.bench.startup import startup_run
 from ingestd.bench.workload import (
     Expected,
     Workload,
@@ -230,6 +231,8 @@ class Bench:
             await self._replicas(mix_all.prefix(o.replica_events))
         if "memory" in selected:
             await self._memory()
+        if "startup" in selected:
+            await self._startup()
         return self.report
 
     def _outstanding(self) -> tuple[int, int]:
@@ -501,6 +504,22 @@ class Bench:
         result.verified = True
         self.report.memory = result
         await self.redis.delete(key)
+
+    async def _startup(self) -> None:
+        key = self.stream_key("startup")
+        await reset_tables(self.db)
+        log.info(
+            "startup: ingestd run to its first committed row on a full stream",
+            extra={"action": "bench_phase"},
+        )
+        self.report.startup = await startup_run(
+            self.redis,
+            self.db,
+            self.settings,
+            stream_key=key,
+            group=self.group,
+            workdir=self.workdir,
+        )
 
     async def open(self) -> None:
         """Create and migrate the scratch database; record the machine."""
