@@ -260,7 +260,8 @@ def _headline_lines(r: Report) -> list[str]:
         runs = ", ".join(f"{x:.2f}" for x in s.first_row_s)
         lines.append(
             f"  {f'ingestd run to first committed row (aim <= {AIM_S:g} s)':<58} "
-            f"{s.median_s:5.2f} s  (median of {runs}; {s.events:,} events waiting)"
+            f"{s.median_s:5.2f} s  (median of {runs}; {s.events:,} events waiting; "
+            f"first run {s.first_run_s:.2f} s)"
         )
     return lines
 
