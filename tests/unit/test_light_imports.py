@@ -15,7 +15,15 @@ import pytest
 
 # Modules a producer must never pay for: the database driver, the metrics library, and the
 # daemon's own modules (composition root, pipeline, sources, sinks and what only they use).
-FORBIDDEN_PACKAGES = ("asyncpg", "prometheus_client", "uvloop", "ingestd.sinks", "ingestd.sources")
+# PyYAML too: it is loaded when a config file is read, not by the import.
+FORBIDDEN_PACKAGES = (
+    "asyncpg",
+    "prometheus_client",
+    "uvloop",
+    "yaml",
+    "ingestd.sinks",
+    "ingestd.sources",
+)
 FORBIDDEN_MODULES = frozenset(
     {
         "ingestd.app",
