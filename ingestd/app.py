@@ -33,6 +33,7 @@ from ingestd.deadletters import DeadLetter
 from ingestd.endpoints import OpsServer
 from ingestd.gaps import GapSweeper
 from ingestd.hedges import HalfHedgeMonitor
+from ingestd.liveness import LivenessRecorder, LivenessWriter
 from ingestd.maintenance import Maintenance
 from ingestd.metrics import Metrics, MetricsCollector, TradingStateCollector, create_registry
 from ingestd.pipeline import Pipeline, Sink, cancel_quietly
@@ -54,6 +55,7 @@ SPOOL_CLOSE_TIMEOUT_S: Final = 5.0
 # The later stop stages' deadlines (Service.stop): the mirror's last values, the trading lease,
 # the endpoints, each client and the pool.
 MIRROR_FLUSH_TIMEOUT_S: Final = 5.0
+LIVENESS_FLUSH_TIMEOUT_S: Final = 2.0
 TRADING_RELEASE_TIMEOUT_S: Final = 2.0
 OPS_CLOSE_TIMEOUT_S: Final = 2.0
 CLIENT_CLOSE_TIMEOUT_S: Final = 5.0
@@ -167,10 +169,18 @@ class Service:
         self._collector = MetricsCollector(self.metrics, healthy=self.healthy)
         self.registry = create_registry(self._collector)
         self.ops: OpsServer | None = None
-        # trading:state (README: Trading state) and the intake's heartbeats.
+        # trading:state (docs/trading-signals.md) and the intake's heartbeats.
         self.trading: trading.StateKeeper | None = None
         self._trading_redis: aioredis.Redis | None = None
         self._intake_beats = asyncio.Event()
+        # The heartbeat history (ingestd/liveness.py): noted at intake, written every few seconds.
+        h = settings.heartbeat_history
+        self.liveness: LivenessRecorder | None = (
+            LivenessRecorder(gap_s=h.gap_s, max_intervals=h.max_pending_intervals)
+            if h.enabled
+            else None
+        )
+        self.liveness_writer: LivenessWriter | None = None
         self._fx_watch = settings.trading.fx_pair.upper()
         self._stopping = False
         self._stopped = False
@@ -332,6 +342,17 @@ class Service:
                 acquire_timeout_s=s.storage.postgres.acquire_timeout_s,
             )
             self._tasks.append(asyncio.create_task(sweeper.run(), name="ingestd-gaps"))
+        if self.liveness is not None:
+            self.liveness_writer = LivenessWriter(
+                pool,
+                self.liveness,
+                gap_s=s.heartbeat_history.gap_s,
+                flush_interval_s=s.heartbeat_history.flush_interval_s,
+                acquire_timeout_s=s.storage.postgres.acquire_timeout_s,
+            )
+            self._tasks.append(
+                asyncio.create_task(self.liveness_writer.run(), name="ingestd-heartbeat-history")
+            )
         if s.maintenance.enabled:
             self.maintenance = Maintenance(
                 pool,
@@ -471,7 +492,8 @@ class Service:
                 return False, f"unhealthy: batches failing to commit for {failing:.0f}s"
         quarantine = self.pipeline.quarantine
         if quarantine.holds_entries():
-            # Until an operator has replayed them and moved the file away (README: Quarantine).
+            # Until an operator has replayed them and moved the file away (docs/operations.md,
+            # Quarantine).
             return False, (
                 f"unhealthy: entries quarantined in {quarantine.path} "
                 "(refused by the database and by dead_letters): replay them, then move the file"
@@ -515,12 +537,13 @@ class Service:
         while True:
             if self.healthy():
                 now = dt.datetime.now(dt.UTC)
-                # health:ingestd (DESIGN §5: any replica alive) and this replica's own, which
+                # health:ingestd (any replica alive) and this replica's own, which
                 # its container's health check reads.
                 self.mirror.stage_heartbeat(keys.INGESTD_COMPONENT, now)
-                self.mirror.stage_heartbeat(
-                    keys.replica_component(self.settings.consumer_name), now
-                )
+                replica = keys.replica_component(self.settings.consumer_name)
+                self.mirror.stage_heartbeat(replica, now)
+                if self.liveness is not None:
+                    self.liveness.note(replica, now)
             await self.mirror.flush()
             await asyncio.sleep(self.settings.mirror.heartbeat_interval_s)
 
@@ -560,7 +583,9 @@ class Service:
         failing = None if since is None else time.monotonic() - since
         ages = [self.pipeline.oldest_pending_age_s()]
         if self.stream is not None:
-            ages.append(m.stream_oldest_pending_s)
+            # Entries read and not yet committed, and entries not read at all (a backlog that
+            # the replicas do not keep up with is as late as one that does not commit).
+            ages += [m.stream_oldest_pending_s, m.stream_oldest_undelivered_s]
         lag = max((a for a in ages if a is not None), default=None)
         return trading.LocalReport(failing_s=failing, lag_s=lag)
 
@@ -589,6 +614,7 @@ class Service:
         """
         mirror = self.mirror
         keeper = self.trading
+        liveness = self.liveness
         beats = False
         for item in items:
             ev = item.event
@@ -598,6 +624,8 @@ class Service:
             if etype == "heartbeat" and mirror is not None:
                 mirror.stage_heartbeat(str(ev.values["component"]), ev.time)
                 beats = True
+                if liveness is not None:
+                    liveness.note(str(ev.values["component"]), ev.time)
             elif (
                 etype == "fx_rate"
                 and keeper is not None
@@ -687,6 +715,7 @@ class Service:
         await self._cancel_background_tasks()
         await self._close_spool()
         await self._flush_mirror()
+        await self._flush_liveness()
         await self._release_trading_lease()
         await self._close_ops_server()
         await self._close_clients()
@@ -806,8 +835,17 @@ class Service:
                 extra={"action": "mirror_flush_timeout"},
             )
 
+    async def _flush_liveness(self) -> None:
+        """Stage 8: the heartbeats noted since the liveness writer's last write (deadline
+        LIVENESS_FLUSH_TIMEOUT_S: the pool may be gone)."""
+        if self.liveness_writer is None:
+            return
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(LIVENESS_FLUSH_TIMEOUT_S):
+                await self.liveness_writer.flush()
+
     async def _release_trading_lease(self) -> None:
-        """Stage 8: the trading-state lease (deadline TRADING_RELEASE_TIMEOUT_S), after the
+        """Stage 9: the trading-state lease (deadline TRADING_RELEASE_TIMEOUT_S), after the
         trading loop was cancelled: nothing renews it any more. Unreleased, it expires."""
         if self.trading is None:
             return
@@ -816,7 +854,7 @@ class Service:
                 await self.trading.release()
 
     async def _close_ops_server(self) -> None:
-        """Stage 9: the health and metrics endpoints (deadline OPS_CLOSE_TIMEOUT_S)."""
+        """Stage 10: the health and metrics endpoints (deadline OPS_CLOSE_TIMEOUT_S)."""
         if self.ops is None:
             return
         try:
@@ -826,7 +864,7 @@ class Service:
             log.warning("the ops endpoints did not close in time", extra={"action": "ops_stuck"})
 
     async def _close_clients(self) -> None:
-        """Stage 10: the Redis clients and the database pool (deadline CLIENT_CLOSE_TIMEOUT_S
+        """Stage 11: the Redis clients and the database pool (deadline CLIENT_CLOSE_TIMEOUT_S
         each, together; a pool that does not close in time is terminated)."""
 
         async def close_redis(client: aioredis.Redis) -> None:

@@ -1,10 +1,11 @@
-"""The ``ingestd`` console script: a thin layer over the library."""
+"""The ingestd console script: a thin layer over the library."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import datetime as dt
+import importlib.metadata
 import itertools
 import logging
 import sys
@@ -25,55 +26,124 @@ from ingestd.settings import Settings, load_settings, redact
 log = logging.getLogger("ingestd.cli")
 
 
-def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="YAML config file (default: $INGESTD_CONFIG)")
-    p.add_argument("--database-url", help="PostgreSQL DSN (default: $DATABASE_URL)")
-    p.add_argument("--redis-url", help="Redis URL (default: $REDIS_URL)")
-    p.add_argument("--log-format", choices=["plain", "json"])
-    p.add_argument("--log-level")
+def _version() -> str:
+    try:
+        return importlib.metadata.version("ingestd")
+    except importlib.metadata.PackageNotFoundError:  # a source tree that was never installed
+        return "unknown (not installed)"
+
+
+def _command(
+    sub: Any,
+    name: str,
+    summary: str,
+    description: str,
+    *,
+    database: bool = False,
+    redis_url: bool = False,
+) -> argparse.ArgumentParser:
+    """A subcommand with its one-line summary (in ``ingestd --help``), its description (in its
+    own --help), and only the connection options it uses."""
+    p: argparse.ArgumentParser = sub.add_parser(
+        name,
+        help=summary,
+        description=description,
+    )
+    p.add_argument("--config", help="YAML configuration file (default: $INGESTD_CONFIG, else none)")
+    if database:
+        p.add_argument("--database-url", help="PostgreSQL DSN (default: $DATABASE_URL)")
+    if redis_url:
+        p.add_argument("--redis-url", help="Redis URL (default: $REDIS_URL)")
+    p.add_argument(
+        "--log-format", choices=["plain", "json"], help="log line format (default: plain)"
+    )
+    p.add_argument("--log-level", help="DEBUG, INFO, WARNING, ERROR or CRITICAL (default INFO)")
+    return p
+
+
+_DESCRIPTION = """\
+ingestd: events from a Redis Stream (or submitted in-process) written in batches to
+PostgreSQL/TimescaleDB, with the latest values mirrored into Redis.
+
+Connections come from --database-url / --redis-url (on the commands that use them), else
+$DATABASE_URL / $REDIS_URL, else the YAML file of --config or $INGESTD_CONFIG.
+Connection and configuration errors are one line on stderr and exit status 2."""
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for tests and docs)."""
-    parser = argparse.ArgumentParser(prog="ingestd", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(
+        prog="ingestd",
+        description=_DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"ingestd {_version()}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("run", help="the daemon: stream intake -> database + Redis mirror")
-    _common(p)
+    p = _command(
+        sub,
+        "run",
+        "the daemon: stream intake -> database + Redis mirror",
+        "Run the daemon: read events from the Redis Stream, write them in batches to the\n"
+        "database, mirror the latest values into Redis. SIGTERM or SIGINT drains and stops;\n"
+        "a second signal exits at once.",
+        database=True,
+        redis_url=True,
+    )
     p.add_argument("--consumer", help="stable consumer name (default: $INGESTD_CONSUMER or host)")
     p.add_argument("--metrics-port", type=int, help="Prometheus port (default 9464; 0 disables)")
     p.add_argument("--metrics-host", help="address of the metrics endpoint (default 127.0.0.1)")
     p.add_argument("--stream", help="stream key (default ingestd:events)")
 
-    p = sub.add_parser("migrate", help="apply pending sql/ migrations")
-    _common(p)
+    p = _command(
+        sub,
+        "migrate",
+        "apply pending schema migrations",
+        "Apply the schema migrations the database has not had yet (each once, checksummed),\n"
+        "and, as the owner on TimescaleDB, set the retention policies.",
+        database=True,
+    )
     p.add_argument(
         "--create-database",
         action="store_true",
         help="create the database named in the DSN if it does not exist",
     )
 
-    p = sub.add_parser(
-        "roles", help="create the writer/reader roles and apply their grants (sql/roles.sql)"
+    p = _command(
+        sub,
+        "roles",
+        "create the writer/reader roles and apply their grants",
+        "Create the writer and reader group roles, apply their grants, and create or update\n"
+        "the login roles named below (passwords from the environment, never the command line).",
+        database=True,
     )
-    _common(p)
     p.add_argument(
         "--writer-login",
-        help="login role for `ingestd run`, password from $INGESTD_WRITER_PASSWORD",
+        help="login role for 'ingestd run', password from $INGESTD_WRITER_PASSWORD",
     )
     p.add_argument(
         "--reader-login",
         help="login role for dashboards, password from $INGESTD_READER_PASSWORD",
     )
 
-    p = sub.add_parser(
+    _command(
+        sub,
         "retention",
-        help="as the owner: apply the retention: settings (policies, or delete expired rows)",
+        "as the owner: apply the retention settings now",
+        "As the owner of the tables: set the retention policies from the retention: settings\n"
+        "(TimescaleDB), or delete the expired rows (plain PostgreSQL), now rather than at the\n"
+        "next maintenance round of 'ingestd run'.",
+        database=True,
     )
-    _common(p)
 
-    p = sub.add_parser("health", help="exit 0 if heartbeats are fresh (container HEALTHCHECK)")
-    _common(p)
+    p = _command(
+        sub,
+        "health",
+        "exit 0 if heartbeats are fresh (container HEALTHCHECK)",
+        "Check the heartbeats in Redis: exit 0 when this replica's (and each --component's)\n"
+        "is fresh, 1 when one is stale or missing, 2 when Redis cannot be read.",
+        redis_url=True,
+    )
     p.add_argument(
         "--component",
         action="append",
@@ -91,27 +161,50 @@ def build_parser() -> argparse.ArgumentParser:
         help="accept the heartbeat of any replica (health:ingestd) instead of this one's",
     )
 
-    p = sub.add_parser(
-        "halt", help="halt trading: trading:state is HALTED until `ingestd resume` (README)"
+    p = _command(
+        sub,
+        "halt",
+        "halt trading until 'ingestd resume'",
+        "Halt trading: trading:state becomes HALTED within one trading interval and stays so\n"
+        "until 'ingestd resume', whatever else the state says.",
+        redis_url=True,
     )
-    _common(p)
     p.add_argument("--reason", required=True, help="why (shown in trading:state's reasons)")
 
-    p = sub.add_parser("resume", help="lift the operator's halt set by `ingestd halt`")
-    _common(p)
-
-    p = sub.add_parser(
-        "trading-state", help="print trading:state; exit 0 ACTIVE, 1 REDUCING, 3 HALTED"
+    _command(
+        sub,
+        "resume",
+        "lift the operator's halt set by 'ingestd halt'",
+        "Lift the operator's halt set by 'ingestd halt'; trading:state leaves HALTED once no\n"
+        "other reason holds it.",
+        redis_url=True,
     )
-    _common(p)
 
-    p = sub.add_parser("simulate", help="publish a realistic collector/paper feed to the stream")
-    _common(p)
+    _command(
+        sub,
+        "trading-state",
+        "print trading:state; exit 0 ACTIVE, 1 REDUCING, 3 HALTED",
+        "Print trading:state and its reasons. Exit status: 0 ACTIVE, 1 REDUCING, 3 HALTED;\n"
+        "3 also when Redis cannot be read (a state nobody can read is a halt).",
+        redis_url=True,
+    )
+
+    p = _command(
+        sub,
+        "simulate",
+        "publish a realistic collector/paper feed to the stream",
+        "Publish a simulated collector and paper-trader feed (FX rates, spreads, orders,\n"
+        "positions) to the Redis Stream, or print it as JSON lines with --stdout. Redis must\n"
+        "answer at the start; a Redis restart later is ridden through.",
+        redis_url=True,
+    )
     p.add_argument("--rate", type=float, default=200.0, help="events per second (0: unpaced)")
     p.add_argument("--duration", type=float, help="seconds to run (default: until interrupted)")
-    p.add_argument("--count", type=int, help="number of events to publish")
-    p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--symbols", default="BTC,ETH,XRP")
+    p.add_argument("--count", type=int, help="number of events to publish (default: no limit)")
+    p.add_argument("--seed", type=int, default=1, help="random seed: same seed, same feed")
+    p.add_argument(
+        "--symbols", default="BTC,ETH,XRP", help="comma-separated symbols (default BTC,ETH,XRP)"
+    )
     p.add_argument(
         "--tick",
         type=float,
@@ -139,15 +232,31 @@ def build_parser() -> argparse.ArgumentParser:
         "--scenario-duration", type=float, default=60.0, help="seconds of event time it lasts"
     )
 
-    p = sub.add_parser("stats", help="seed §7: table sizes, chunks, compression, jobs, Redis INFO")
-    _common(p)
+    p = _command(
+        sub,
+        "stats",
+        "table sizes, chunks, compression, jobs, Redis",
+        "Report what the database and Redis hold: table sizes and row counts, chunks and\n"
+        "compression, background jobs, the slowest statements, and Redis memory, clients,\n"
+        "throughput and keys. Exit 2 when a part could not be read (the rest is printed).",
+        database=True,
+        redis_url=True,
+    )
     p.add_argument("--json", dest="as_json", action="store_true", help="JSON for machines")
     p.add_argument("--exact", action="store_true", help="exact row counts (count(*); slow)")
     p.add_argument("--top", type=int, default=10, help="slowest statements to show (default 10)")
 
-    p = sub.add_parser("import-csv", help="load the producers' CSV files into the database")
-    _common(p)
-    p.add_argument("dir", help="directory with positions.csv, orders.csv, spreads.csv, ...")
+    p = _command(
+        sub,
+        "import-csv",
+        "load the producers' CSV files into the database",
+        "Load the producers' CSV files (positions.csv, orders.csv, trades.csv, spreads.csv,\n"
+        "fx_rates.csv) from a directory into the database, resuming where an earlier run\n"
+        "stopped. Exit 0 when every row landed, 1 when rows or files were rejected, 2 when the\n"
+        "import is not complete.",
+        database=True,
+    )
+    p.add_argument("dir", help="directory with the CSV files (names as above)")
     p.add_argument("--batch-rows", type=int, default=5000, help="rows per COPY batch")
     p.add_argument(
         "--id-prefix",
@@ -156,16 +265,37 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--producer", help="producer of rows whose file has no producer column")
     p.add_argument("--no-resume", action="store_true", help="ignore checkpoints; read every row")
-    p.add_argument("--progress", choices=["auto", "bar", "lines", "off"], default="auto")
+    p.add_argument(
+        "--progress",
+        choices=["auto", "bar", "lines", "off"],
+        default="auto",
+        help="progress on stderr: a bar on a terminal, lines every 5 s otherwise (default auto)",
+    )
 
-    p = sub.add_parser("verify-csv", help="compare the CSV files with the database, table by table")
-    _common(p)
-    p.add_argument("dir", help="directory with positions.csv, orders.csv, spreads.csv, ...")
+    p = _command(
+        sub,
+        "verify-csv",
+        "compare the CSV files with the database, table by table",
+        "Compare the CSV files of a directory (the names import-csv reads) with the database,\n"
+        "table by table: rows missing on either side and rows that differ. Exit 0 when they\n"
+        "agree.",
+        database=True,
+    )
+    p.add_argument("dir", help="directory with the CSV files import-csv read")
     p.add_argument("--id-prefix", default="", help="as given to import-csv")
+    p.add_argument("--producer", help="as given to import-csv (rows without a producer column)")
     p.add_argument("--show", type=int, default=5, help="how many differing keys to list")
 
-    p = sub.add_parser("bench", help="throughput, latency, scaling, memory vs raw COPY (README)")
-    _common(p)
+    p = _command(
+        sub,
+        "bench",
+        "throughput, latency, scaling, memory vs raw COPY",
+        "Measure throughput, latency, scaling and memory against a raw binary COPY measured\n"
+        "in the same run, in a scratch database. --soak and --fuzz run a soak with faults or a\n"
+        "fuzz campaign instead. --quick sizes are a smoke check, too small for the targets.",
+        database=True,
+        redis_url=True,
+    )
     p.add_argument("--events", type=int, help="events per throughput phase (default 100000)")
     p.add_argument("--json", dest="json_path", help="also write the results as JSON here")
     p.add_argument("--plots", dest="plots_dir", help="write PNG plots here (needs matplotlib)")
@@ -173,7 +303,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--only", action="append", default=[], help="phases or groups to run (comma-separated)"
     )
     p.add_argument("--skip", action="append", default=[], help="phases or groups to leave out")
-    p.add_argument("--quick", action="store_true", help="small sizes: a CI-sized check")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="small sizes: a CI-sized smoke check, not judged against the targets",
+    )
     p.add_argument(
         "--repeat", type=int, help="rounds of the throughput phases; medians shown (default 1)"
     )
@@ -199,6 +333,19 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         metavar="SECONDS",
         help="instead: a soak of this many seconds with faults, on throwaway servers",
+    )
+    p.add_argument(
+        "--spool",
+        action="store_true",
+        help="instead: the spill path's spool (SQLite in WAL mode) against the segment files "
+        "it replaced (--events records, default 200000; --repeat rounds, default 3; "
+        "docs/spool.md)",
+    )
+    p.add_argument(
+        "--spool-dir",
+        metavar="DIR",
+        help="spool bench: where its scratch directory goes (default: the current directory; "
+        "the disk measured is this one)",
     )
     p.add_argument("--rate", type=float, default=1000.0, help="soak: events per second")
     p.add_argument("--fault-every", type=float, default=15.0, help="soak: seconds between faults")
@@ -489,9 +636,26 @@ def _trading_gate(settings: Settings) -> Any:
     return gate
 
 
+async def _redis_answers(settings: Settings) -> None:
+    """PING Redis once (with the short retries of the commands' client); raises if it cannot."""
+    from ingestd.clients import redis_async
+
+    client = redis_async(
+        settings.storage.redis.url, socket_timeout_s=settings.storage.redis.socket_timeout_s
+    )
+    try:
+        with errors.redis_edge():
+            await client.ping()
+    except errors.RedisError as exc:
+        url = settings.storage.redis.url
+        raise errors.IngestdError(f"cannot reach Redis at {url}: {describe(exc)}") from exc
+    finally:
+        await client.aclose()
+
+
 async def _cmd_simulate(settings: Settings, args: argparse.Namespace) -> int:
     from ingestd.publisher import AsyncPublisher
-    from ingestd.simulate import Simulator
+    from ingestd.simulate import Simulator, WallClockPacer
 
     start = dt.datetime.fromisoformat(args.start) if args.start else None
     if start is not None and start.tzinfo is None:
@@ -522,7 +686,12 @@ async def _cmd_simulate(settings: Settings, args: argparse.Namespace) -> int:
         for ev in stream:
             out.write(orjson.dumps(ev) + b"\n")
         return 0
+    # The publisher rides through a Redis restart (retries for about half a minute): at the
+    # start, an address that does not answer is a mistake to report at once instead.
+    await _redis_answers(settings)
     publisher = AsyncPublisher.from_url(settings.storage.redis.url, stream=settings.stream.key)
+    # Paced to the wall clock (no --tick): by the simulated clock, so that event times stay real.
+    pacer = WallClockPacer(sim, time.monotonic) if args.rate > 0 and args.tick is None else None
     t0 = time.monotonic()
     sent = 0
     chunk = 500 if args.rate <= 0 else max(1, min(500, int(args.rate / 20)))
@@ -535,7 +704,11 @@ async def _cmd_simulate(settings: Settings, args: argparse.Namespace) -> int:
                 break
             sent += await publisher.publish_many(batch)
             if args.rate > 0:
-                ahead = sent / args.rate - (time.monotonic() - t0)
+                ahead = (
+                    pacer.ahead_s()
+                    if pacer is not None
+                    else sent / args.rate - (time.monotonic() - t0)
+                )
                 if ahead > 0:
                     await asyncio.sleep(ahead)
             if sent % 10_000 < chunk:
@@ -555,7 +728,7 @@ async def _cmd_simulate(settings: Settings, args: argparse.Namespace) -> int:
 
 async def _cmd_stats(settings: Settings, args: argparse.Namespace) -> int:
     from ingestd.clients import redis_async
-    from ingestd.stats import collect_database, collect_redis, render, to_json
+    from ingestd.stats import collect_database, collect_redis, print_report, to_json
 
     dsn = settings.storage.postgres.dsn
     try:
@@ -572,6 +745,8 @@ async def _cmd_stats(settings: Settings, args: argparse.Namespace) -> int:
             exact=args.exact,
             top=args.top,
             parked_close_max_age_s=settings.pipeline.parked_close_max_age_s,
+            liveness_alive_within_s=settings.heartbeat_history.gap_s
+            + settings.heartbeat_history.flush_interval_s,
         )
     finally:
         await conn.close()
@@ -585,7 +760,7 @@ async def _cmd_stats(settings: Settings, args: argparse.Namespace) -> int:
     if args.as_json:
         sys.stdout.buffer.write(to_json(report) + b"\n")
     else:
-        sys.stdout.write(render(report))
+        print_report(report, sys.stdout)
     redis_part = report["redis"]
     if isinstance(redis_part, dict) and "error" in redis_part:
         # The database part is still worth printing; the exit code says the report is partial.
@@ -611,6 +786,17 @@ async def _cmd_bench(settings: Settings, args: argparse.Namespace) -> int:
             scratch_database=DEFAULT_SCRATCH_DATABASE if scratch == "ingestd_bench" else scratch,
             json_path=args.json_path,
             keep=args.keep,
+        )
+    if args.spool:
+        from ingestd.bench.spill import SpillOptions, run_spill_command
+
+        sizes = {"records": args.events, "rounds": args.repeat}
+        return await run_spill_command(
+            SpillOptions(
+                **{k: v for k, v in sizes.items() if v is not None},
+                directory=args.spool_dir,
+                json_path=args.json_path,
+            )
         )
     if args.soak is not None:
         from ingestd.soak import run_soak
@@ -655,7 +841,13 @@ async def _cmd_verify_csv(settings: Settings, args: argparse.Namespace) -> int:
 
     from ingestd.csv_verify import run_verify
 
-    return await run_verify(settings, Path(args.dir), id_prefix=args.id_prefix, show=args.show)
+    return await run_verify(
+        settings,
+        Path(args.dir),
+        id_prefix=args.id_prefix,
+        show=args.show,
+        default_producer=args.producer,
+    )
 
 
 def _trading_client(settings: Settings) -> Any:

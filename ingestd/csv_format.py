@@ -1,4 +1,4 @@
-"""The CSV layout of DESIGN §6, shared by ``CsvStorage``, ``import-csv`` and ``verify-csv``.
+"""The CSV layout (docs/csv-migration.md), shared by ``CsvStorage``, ``import-csv``, ``verify-csv``.
 
 A file's header is its table's columns minus those the database owns (``id``, ``position_id``,
 ``created_at``, ``updated_at``), with ``position_key`` in positions/orders/trades, and the optional
@@ -16,6 +16,7 @@ import dataclasses
 import hashlib
 import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import IO, Any, Final
 
 from ingestd import events, tables
@@ -60,7 +61,7 @@ class CsvTable:
         return tuple(c for c in self.columns if isinstance(self.kinds.get(c), tables.Numeric))
 
 
-# Columns added after the seed's layout: optional on import, not written by CsvStorage.
+# Columns added after the first layout: optional on import, not written by CsvStorage.
 IMPORT_ONLY: Final = frozenset({"upbit_ts", "binance_ts", "fx_ts", "mode"})
 
 
@@ -107,6 +108,24 @@ CSV_TABLES: Final = (
     _append_table(tables.FX_RATES, "fx_rate"),
 )
 CSV_TABLES_BY_NAME: Final = {t.name: t for t in CSV_TABLES}
+KNOWN_FILE_NAMES: Final = tuple(t.file_name for t in CSV_TABLES)
+
+
+def unknown_csv_files(directory: Path) -> list[str]:
+    """The ``*.csv`` files in ``directory`` that are none of ``KNOWN_FILE_NAMES`` (a misspelt or
+    renamed file would otherwise be passed over without a word)."""
+    return sorted(
+        p.name
+        for p in directory.iterdir()
+        if p.suffix.lower() == ".csv" and p.name not in KNOWN_FILE_NAMES and p.is_file()
+    )
+
+
+def has_known_files(directory: Path) -> bool:
+    """True when ``directory`` holds at least one file of the layout."""
+    return any((directory / name).is_file() for name in KNOWN_FILE_NAMES)
+
+
 TABLE_OF_EVENT: Final = {
     "spread": "spreads",
     "fx_rate": "fx_rates",

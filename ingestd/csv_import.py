@@ -1,4 +1,4 @@
-"""``ingestd import-csv DIR`` (seed §4): the producers' CSV history into the database, exactly once.
+"""``ingestd import-csv DIR``: the producers' CSV history into the database, exactly once.
 
 Each file is streamed record by record (constant memory: a batch of rows at a time, the next one
 parsed while the previous one is written), every row is validated through ``ingestd.events``
@@ -566,12 +566,25 @@ async def run_import(
     if not directory.is_dir():  # noqa: ASYNC240 - a one-shot command; nothing else runs
         print(f"ingestd import-csv: {directory} is not a directory", file=err)
         return 2
+    known = ", ".join(csv_format.KNOWN_FILE_NAMES)
+    unknown = csv_format.unknown_csv_files(directory)
+    if not csv_format.has_known_files(directory):
+        found = f"; it has {', '.join(unknown)}" if unknown else ", and no *.csv file at all"
+        print(
+            f"ingestd import-csv: none of the files import-csv reads ({known}) is in "
+            f"{directory}{found}",
+            file=err,
+        )
+        return 2
+    for name in unknown:
+        print(f"import-csv: {name}: not read (import-csv reads {known} only)", file=err)
 
     async def body(pool: asyncpg.Pool) -> int:
         events.configure_staleness_from(settings)  # imported spreads are judged alike
+        progress = Progress(err, mode=progress_mode)
         importer = CsvImporter(
             pool,
-            progress=Progress(err, mode=progress_mode),
+            progress=progress,
             report_to=err,
             batch_rows=batch_rows,
             id_prefix=id_prefix,
@@ -581,12 +594,15 @@ async def run_import(
             acquire_timeout_s=settings.storage.postgres.acquire_timeout_s,
             retention=events.retention_of(settings.retention),
         )
-        report = await importer.import_directory(directory)
+        try:
+            report = await importer.import_directory(directory)
+        finally:
+            progress.close()  # a bar stopped by an error gives the terminal its cursor back
         print(report.summary(), file=out)
         await _refresh_imported_hours(pool, settings, err)
         if not report.complete:
             return 2  # not yet complete work: the next run imports the rest
-        return 0 if report.clean else 1
+        return 0 if report.clean and not unknown else 1
 
     return await commands.run_with_database(
         "import-csv",

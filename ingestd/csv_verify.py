@@ -1,4 +1,4 @@
-"""``ingestd verify-csv DIR`` (seed §4.1 step 2): do the CSV files and the database agree?
+"""``ingestd verify-csv DIR``: do the CSV files and the database agree?
 
 Per table: row counts, the sum of every numeric column, and the keys missing on either side and
 the rows that differ (the first few of each listed), in a readable table; the exit code is non-zero
@@ -7,13 +7,15 @@ on any mismatch.
 What "the database side" is: the database may also hold rows from other sources (the daemon, other
 hosts' files), so each file is compared with the rows *it names*: for the append-only tables the
 rows whose ``event_id`` is one of the file's (its column, else the derived ``csv:<file>:<line>``),
-keyed by ``(event_id, timestamp)``; for ``positions`` the rows whose ``position_key`` is one of
-the file's, compared with the file's final state of each position (its last CLOSED row, with the
-entry columns of its last OPEN row, as the import applies them). Database rows in the file's time
+keyed by ``(event_id, timestamp)``; for ``positions`` the rows whose ``(producer, position_key)``
+is one of the file's (a position is named by both: two producers' ``pos_001`` are two positions;
+a row's producer is its ``producer`` column, else ``--producer`` as given to import-csv, else
+none), compared with the file's final state of each position (its last CLOSED row, with the entry
+columns of its last OPEN row, as the import applies them). Database rows in the file's time
 span that it does not name are counted as information, not as a mismatch.
 
 Rows that the import rejected (in ``dead_letters`` under ``csv:<file>:<line>``) are listed apart
-and left out of the comparison (DESIGN §6); a bad row that is *not* in ``dead_letters`` is a
+and left out of the comparison; a bad row that is *not* in ``dead_letters`` is a
 mismatch (the import has not seen it). A last record without its line end is left out and noted,
 as import-csv leaves it for its next run. The file's rows are loaded into a temporary table with
 COPY (constant client memory) and compared in SQL, where the column types round exactly as the
@@ -75,26 +77,36 @@ class _Shape:
 
     def csv_side(self) -> str:
         """A query of the file's rows, one per key (the final state for positions)."""
+        keys = ", ".join(_q(k) for k in self.key)
         if self.table.name != "positions":
-            keys = ", ".join(_q(k) for k in self.key)
             return f"SELECT DISTINCT ON ({keys}) * FROM {self.temp} ORDER BY {keys}, line"
         cols = [f"coalesce(o.{_q(c)}, c.{_q(c)}) AS {_q(c)}" for c in _ENTRY] + [
             f"c.{_q(c)} AS {_q(c)}" for c in _EXIT
         ]
+        # The temp table holds '' for "no producer" (never NULL), so USING matches it.
         return (
-            "SELECT coalesce(c.position_key, o.position_key) AS position_key, "
+            "SELECT producer, position_key, "
             + ", ".join(cols)
             + ", CASE WHEN c.position_key IS NULL THEN 'OPEN' ELSE 'CLOSED' END AS status, "
             "least(o.line, c.line) AS line "
-            f"FROM (SELECT DISTINCT ON (position_key) * FROM {self.temp} WHERE status = 'OPEN' "
-            "ORDER BY position_key, line DESC) AS o "
-            f"FULL JOIN (SELECT DISTINCT ON (position_key) * FROM {self.temp} "
-            "WHERE status = 'CLOSED' ORDER BY position_key, line DESC) AS c "
-            "USING (position_key)"
+            f"FROM (SELECT DISTINCT ON ({keys}) * FROM {self.temp} WHERE status = 'OPEN' "
+            f"ORDER BY {keys}, line DESC) AS o "
+            f"FULL JOIN (SELECT DISTINCT ON ({keys}) * FROM {self.temp} "
+            f"WHERE status = 'CLOSED' ORDER BY {keys}, line DESC) AS c "
+            f"USING ({keys})"
         )
 
     def db_side(self) -> str:
         """The database rows the file names."""
+        if self.table.name == "positions":
+            # A position without a producer has NULL in the table and '' in the temp table.
+            others = ", ".join(f"t.{_q(c)}" for c in self.loaded if c != "producer")
+            return (
+                f"SELECT coalesce(t.producer, '') AS producer, {others} FROM positions AS t "
+                f"WHERE t.position_key IN (SELECT position_key FROM {self.temp}) "
+                f"AND (coalesce(t.producer, ''), t.position_key) IN "
+                f"(SELECT producer, position_key FROM {self.temp})"
+            )
         k = self.key[0]
         return (
             f"SELECT t.* FROM {self.table.name} AS t "
@@ -107,8 +119,12 @@ class _Shape:
 
 def _shape(table: csv_format.CsvTable) -> _Shape:
     if table.name == "positions":
-        loaded = tuple(c for c in table.columns if c not in (csv_format.EVENT_ID, "producer"))
-        key: tuple[str, ...] = ("position_key",)
+        # A position is named by (producer, position_key): the producer is loaded and keyed.
+        loaded = (
+            "producer",
+            *(c for c in table.columns if c not in (csv_format.EVENT_ID, "producer")),
+        )
+        key: tuple[str, ...] = ("producer", "position_key")
         time_column = "timestamp_open"
     else:
         loaded = tuple(c for c in table.columns if c != "producer")
@@ -164,9 +180,11 @@ class CsvVerifier:
         id_prefix: str = "",
         show: int = 5,
         timeout_s: float = COMPARE_TIMEOUT_S,
+        default_producer: str | None = None,
     ) -> None:
         self._conn = conn
         self._id_prefix = id_prefix
+        self._default_producer = default_producer
         self._show = show
         self._timeout_s = timeout_s
 
@@ -194,7 +212,7 @@ class CsvVerifier:
                 check.status = "empty"
                 return check
             try:
-                converter = converter_for(table, header, source)
+                converter = converter_for(table, header, source, self._default_producer)
             except csv_format.CsvLayoutError as exc:
                 check.status = "refused"
                 check.message = str(exc)
@@ -306,6 +324,8 @@ class CsvVerifier:
                 row.append(ev.event_id)
             elif name == csv_format.STATUS:
                 row.append("CLOSED" if ev.type == "position_close" else "OPEN")
+            elif name == csv_format.PRODUCER:
+                row.append(ev.producer or "")  # '' kept (FORCE_NOT_NULL): "no producer"
             else:
                 value = ev.values.get(name)
                 row.append("" if value is None else value)
@@ -324,6 +344,8 @@ class CsvVerifier:
             source=_once(data),
             columns=[*shape.loaded, "line"],
             format="csv",
+            # '' stays '' for the producer ("no producer"); asyncpg needs None, not [], for none.
+            force_not_null=[csv_format.PRODUCER] if csv_format.PRODUCER in shape.loaded else None,
         )
 
     async def _compare(self, shape: _Shape, check: TableCheck) -> None:
@@ -405,6 +427,8 @@ def _key_text(shape: _Shape, record: asyncpg.Record) -> str:
     parts = []
     for k in shape.key:
         value = record[k]
+        if k == csv_format.PRODUCER and not value:
+            continue  # a position without a producer is named by its position_key alone
         parts.append(f"{k}={events.utc_iso(value) if hasattr(value, 'tzinfo') else value}")
     return ", ".join(parts)
 
@@ -483,6 +507,7 @@ async def run_verify(
     *,
     id_prefix: str = "",
     show: int = 5,
+    default_producer: str | None = None,
     out: TextIO | None = None,
     err: TextIO | None = None,
 ) -> int:
@@ -497,12 +522,18 @@ async def run_verify(
     async def body(pool: asyncpg.Pool) -> int:
         # One connection throughout: the temporary tables live in its session.
         async with pool.acquire() as conn:
-            verifier = CsvVerifier(conn, id_prefix=id_prefix, show=show)
+            verifier = CsvVerifier(
+                conn, id_prefix=id_prefix, show=show, default_producer=default_producer
+            )
             checks = await verifier.verify_directory(directory)
         print(render(checks), file=out)
         present = [c for c in checks if c.status != "absent"]
         if not present:
-            print(f"ingestd verify-csv: no CSV files of the layout in {directory}", file=err)
+            known = ", ".join(csv_format.KNOWN_FILE_NAMES)
+            print(
+                f"ingestd verify-csv: no CSV files of the layout in {directory} (it reads {known})",
+                file=err,
+            )
             return 1
         return 0 if all(c.ok or c.status == "empty" for c in present) else 1
 

@@ -185,8 +185,8 @@ def is_retriable(exc: BaseException) -> bool:
     """True when retrying the same work later can succeed.
 
     While PostgreSQL is down most failures are plain ``OSError``s; after ``pg_terminate_backend``
-    mid-COPY asyncpg raises ``InternalClientError``/``InterfaceError`` (RELIABILITY.md), which are
-    not connection-error classes but are retriable all the same.
+    mid-COPY asyncpg raises ``InternalClientError``/``InterfaceError`` (seen in the fault suite),
+    which are not connection-error classes but are retriable all the same.
     """
     if isinstance(exc, IngestdError):
         return exc.retriable

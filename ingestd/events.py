@@ -1,4 +1,4 @@
-"""The wire format (DESIGN §3): decoding JSON exactly and validating it into typed events.
+"""The wire format (docs/events.md): decoding JSON exactly and validating it into typed events.
 
 Decimals never pass through a binary float: JSON numbers are kept as their literal text
 (``JsonNumber``), decimal strings must match a strict pattern, and each value is checked against
@@ -286,7 +286,7 @@ class Event:
 # --- value validation --------------------------------------------------------------------------
 
 # [0-9] rather than \d (which matches non-ASCII digits) and \Z rather than $ (which matches before a
-# trailing newline): both traps are in PERFORMANCE.md.
+# trailing newline): either would let through text PostgreSQL refuses.
 _DECIMAL_TEXT: Final = re.compile(r"(-?)([0-9]+)(?:\.([0-9]+))?\Z")
 _JSON_NUMBER: Final = re.compile(r"-?[0-9]+(?:\.[0-9]+)?(?:[eE][-+]?[0-9]+)?\Z")
 _RFC3339: Final = re.compile(
@@ -489,7 +489,7 @@ def utc_iso(moment: dt.datetime) -> str:
 # decimal string within the column's digits, a plain string of allowed length, an RFC 3339 time
 # of the usual shape) tested inline and everything else handed to the general functions above,
 # which round, convert and produce the error messages. It is about twice as fast as a loop over
-# per-field check functions, and the intake is CPU-bound in exactly this code (PERFORMANCE.md).
+# per-field check functions, and the intake is CPU-bound in exactly this code (profiled).
 
 
 def fits_pattern(kind: tables.Numeric) -> str:
@@ -508,7 +508,7 @@ def _field_source(f: Field, spec: EventType, n: int) -> list[str]:
     if f.required:
         on_none = f"    raise _missing({name!r})"
     elif (spec.name, name) == ("spread", "is_opportunity"):
-        on_none = f"    v{n} = 'false'"  # the seed's column default
+        on_none = f"    v{n} = 'false'"  # the column's default
     else:
         on_none = f"    v{n} = None"
     kind = f.kind

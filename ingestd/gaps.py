@@ -44,8 +44,9 @@ LOCK_ID: Final = 0x1D6E701
 # clock_timestamp(), not the transaction's start: a batch whose transaction waited long must not
 # make the holes below its seqs look old already (the grace period counts from about its commit).
 _SQL_RECORD: Final = """
-INSERT INTO producer_seq_ranges (producer, session, first_seq, last_seq, recorded_at)
-SELECT p, s, f, l, clock_timestamp()
+INSERT INTO producer_seq_ranges
+    (producer, session, first_seq, last_seq, recorded_at, last_recorded_at)
+SELECT p, s, f, l, clock_timestamp(), clock_timestamp()
 FROM unnest($1::text[], $2::text[], $3::bigint[], $4::bigint[]) AS u(p, s, f, l)
 """
 
@@ -57,14 +58,18 @@ SELECT producer, session FROM producer_gaps WHERE closed_at IS NULL
 """
 
 _SQL_RANGES: Final = """
-SELECT id, first_seq, last_seq, recorded_at FROM producer_seq_ranges
+SELECT id, first_seq, last_seq, recorded_at,
+       coalesce(last_recorded_at, recorded_at) AS last_recorded_at
+FROM producer_seq_ranges
 WHERE producer = $1 AND session = $2 ORDER BY first_seq, last_seq
 """
 
 _SQL_REPLACE: Final = """
 WITH gone AS (DELETE FROM producer_seq_ranges WHERE id = ANY($3::bigint[]))
-INSERT INTO producer_seq_ranges (producer, session, first_seq, last_seq, recorded_at)
-SELECT $1, $2, f, l, r FROM unnest($4::bigint[], $5::bigint[], $6::timestamptz[]) AS u(f, l, r)
+INSERT INTO producer_seq_ranges
+    (producer, session, first_seq, last_seq, recorded_at, last_recorded_at)
+SELECT $1, $2, f, l, r, n
+FROM unnest($4::bigint[], $5::bigint[], $6::timestamptz[], $7::timestamptz[]) AS u(f, l, r, n)
 """
 
 _SQL_OPEN_GAPS: Final = """
@@ -125,11 +130,13 @@ async def record_ranges(conn: Connection, batch: Iterable[Event | None]) -> None
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Range:
-    """Seqs ``first..last`` recorded, the earliest of them at ``recorded_at``."""
+    """Seqs ``first..last`` recorded, the earliest of them at ``recorded_at`` and the newest at
+    ``last_recorded_at`` (retention keeps a session's ranges while it is recent)."""
 
     first: int
     last: int
     recorded_at: dt.datetime
+    last_recorded_at: dt.datetime | None = None
 
 
 def merge(ranges: Sequence[Range]) -> list[Range]:
@@ -139,11 +146,20 @@ def merge(ranges: Sequence[Range]) -> list[Range]:
         if out and r.first <= out[-1].last + 1:
             prev = out[-1]
             out[-1] = Range(
-                prev.first, max(prev.last, r.last), min(prev.recorded_at, r.recorded_at)
+                prev.first,
+                max(prev.last, r.last),
+                min(prev.recorded_at, r.recorded_at),
+                _latest(prev.last_recorded_at, r.last_recorded_at),
             )
         else:
             out.append(r)
     return out
+
+
+def _latest(a: dt.datetime | None, b: dt.datetime | None) -> dt.datetime | None:
+    if a is None or b is None:
+        return a or b
+    return max(a, b)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -231,7 +247,10 @@ class GapSweeper:
         self, conn: Connection, producer: str, session: str, now: dt.datetime
     ) -> tuple[list[tuple[int, int]], int]:
         rows = await conn.fetch(_SQL_RANGES, producer, session)
-        ranges = [Range(r["first_seq"], r["last_seq"], r["recorded_at"]) for r in rows]
+        ranges = [
+            Range(r["first_seq"], r["last_seq"], r["recorded_at"], r["last_recorded_at"])
+            for r in rows
+        ]
         merged = merge(ranges)
         if len(merged) < len(ranges):
             await conn.execute(
@@ -242,6 +261,7 @@ class GapSweeper:
                 [m.first for m in merged],
                 [m.last for m in merged],
                 [m.recorded_at for m in merged],
+                [m.last_recorded_at or m.recorded_at for m in merged],
             )
         holes = [
             (below.last + 1, above.first - 1, above.recorded_at)

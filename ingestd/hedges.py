@@ -20,10 +20,18 @@ The rule, per position (``producer``, ``position_key``), over its orders on the 
 This is computed from the database, not from the events one replica happens to see (with several
 replicas each sees only part of the stream). One replica at a time runs a round, under a
 session-level advisory lock it tries without waiting (the others skip the round and only read the
-count for their gauge); and at most one open alert per key exists (a partial unique index), so a
-half hedge is raised, counted and cleared once. Each round then makes Redis match the table: one
-``alerts:half_hedge:{position_key}`` key per open alert (JSON, no TTL), every other key under that
-prefix deleted.
+count for their gauge); and at most one open alert per position (a partial unique index on kind,
+producer, key), so a half hedge is raised, counted and cleared once. Each round then makes Redis
+match the table: one ``alerts:half_hedge:{position_key}`` key per position_key with an open alert
+(JSON, no TTL), every other key under that prefix deleted.
+
+A position is named by ``(producer, position_key)``: two producers (a paper and a live trader
+counting from the same ``pos_001``) have two positions, and each has its own alert, raised and
+cleared on its own legs. The Redis key has only the position_key in its name, so its value says
+whose position it is (``producer``, ``mode``) and, when several producers have an open half hedge
+under that position_key, lists each of them in ``alerts`` (the top-level fields are those of the
+earliest raised): the key goes away only when none is left, and no producer's alert replaces or
+clears another's.
 """
 
 from __future__ import annotations
@@ -67,9 +75,9 @@ WITH candidates AS (
     FROM orders
     WHERE position_key IS NOT NULL AND timestamp >= now() - make_interval(secs => $3)
     UNION
-    SELECT details ->> 'producer', key FROM alerts WHERE kind = $4 AND cleared_at IS NULL
+    SELECT nullif(producer, ''), key FROM alerts WHERE kind = $4 AND cleared_at IS NULL
 )
-SELECT o.producer, o.position_key, min(o.symbol) AS symbol,
+SELECT o.producer, o.position_key, min(o.symbol) AS symbol, min(o.mode) AS mode,
        coalesce(sum(o.qty) FILTER (WHERE o.venue = $1), 0) AS qty_a,
        coalesce(sum(o.qty) FILTER (WHERE o.venue = $2), 0) AS qty_b,
        max(o.timestamp) FILTER (WHERE o.venue = $1) AS since_a,
@@ -85,21 +93,25 @@ ORDER BY o.position_key, o.producer NULLS FIRST
 """
 
 _SQL_OPEN: Final = """
-SELECT key, details::text AS details, raised_at FROM alerts
+SELECT producer, key, details::text AS details, raised_at FROM alerts
 WHERE kind = $1 AND cleared_at IS NULL
+ORDER BY key, raised_at, producer
 """
 
 _SQL_RAISE: Final = """
-INSERT INTO alerts (kind, key, details) VALUES ($1, $2, $3::jsonb)
-ON CONFLICT (kind, key) WHERE cleared_at IS NULL DO NOTHING
+INSERT INTO alerts (kind, producer, key, details) VALUES ($1, $2, $3, $4::jsonb)
+ON CONFLICT (kind, producer, key) WHERE cleared_at IS NULL DO NOTHING
 RETURNING raised_at
 """
 
 _SQL_CLEAR: Final = """
 UPDATE alerts SET cleared_at = greatest(now(), raised_at)
-WHERE kind = $1 AND key = $2 AND cleared_at IS NULL
+WHERE kind = $1 AND producer = $2 AND key = $3 AND cleared_at IS NULL
 RETURNING cleared_at
 """
+
+# A position's identity in the alerts table: (producer, position_key), '' for no producer.
+PositionId = tuple[str, str]
 
 _SQL_COUNT_OPEN: Final = "SELECT count(*) FROM alerts WHERE kind = $1 AND cleared_at IS NULL"
 
@@ -111,6 +123,7 @@ class Legs:
     producer: str | None
     position_key: str
     symbol: str
+    mode: str | None
     qty: tuple[Decimal, Decimal]
     since: tuple[dt.datetime | None, dt.datetime | None]  # newest filled leg, event time
     seen: tuple[dt.datetime | None, dt.datetime | None]  # ... or its arrival, if later
@@ -189,33 +202,31 @@ class HalfHedgeMonitor:
             current = await conn.fetch(_SQL_OPEN, KIND)
             # Before the commit, still under the lock: at worst a key is written for a change
             # whose commit then fails, and the next round puts Redis right.
-            await self._sync_redis(
-                {r["key"]: self._value(r["details"], r["raised_at"], unmatched) for r in current}
-            )
+            await self._sync_redis(self._values(current, unmatched))
         self._report(raised, cleared, unmatched)
-        return Round(len(current), raised, cleared)
+        return Round(len(current), [key for _, key in raised], [key for _, key in cleared])
 
     async def _raise_and_clear(
         self, conn: Connection
-    ) -> tuple[list[str], list[str], dict[str, dict[str, Any]]]:
+    ) -> tuple[list[PositionId], list[PositionId], dict[PositionId, dict[str, Any]]]:
         s = self.settings
-        raised: list[str] = []
-        cleared: list[str] = []
+        raised: list[PositionId] = []
+        cleared: list[PositionId] = []
         now: dt.datetime = await conn.fetchval("SELECT now()")
         rows = await conn.fetch(_SQL_LEGS, *self.venues, s.lookback_s, KIND)
-        open_keys = {r["key"] for r in await conn.fetch(_SQL_OPEN, KIND)}
-        unmatched: dict[str, dict[str, Any]] = {}
+        open_ids = {(r["producer"], r["key"]) for r in await conn.fetch(_SQL_OPEN, KIND)}
+        unmatched: dict[PositionId, dict[str, Any]] = {}
         for row in rows:
             legs = Legs(
                 row["producer"],
                 row["position_key"],
                 row["symbol"],
+                row["mode"],
                 (row["qty_a"], row["qty_b"]),
                 (row["since_a"], row["since_b"]),
                 (row["seen_a"], row["seen_b"]),
             )
-            if legs.position_key in unmatched:
-                continue  # two producers' positions under one key: one key, the first one
+            ident = (legs.producer or "", legs.position_key)
             if legs_match(*legs.qty, self.tolerance):
                 continue
             heavy = 0 if legs.qty[0] > legs.qty[1] else 1
@@ -223,30 +234,35 @@ class HalfHedgeMonitor:
             assert seen is not None  # the heavier venue has a filled leg
             # An open alert stays open until the legs match (a further partial leg that still
             # leaves them apart does not restart its time).
-            if legs.position_key in open_keys or (now - seen).total_seconds() >= s.after_s:
-                unmatched[legs.position_key] = self._details(legs, heavy)
-        for key, details in unmatched.items():
-            if key in open_keys:
+            if ident in open_ids or (now - seen).total_seconds() >= s.after_s:
+                unmatched[ident] = self._details(legs, heavy)
+        for ident, details in unmatched.items():
+            if ident in open_ids:
                 continue
-            if await conn.fetchval(_SQL_RAISE, KIND, key, orjson.dumps(details).decode()):
-                raised.append(key)
-        for key in open_keys:
-            if key not in unmatched and await conn.fetchval(_SQL_CLEAR, KIND, key):
-                cleared.append(key)
+            producer, key = ident
+            if await conn.fetchval(_SQL_RAISE, KIND, producer, key, orjson.dumps(details).decode()):
+                raised.append(ident)
+        for ident in sorted(open_ids):
+            if ident not in unmatched and await conn.fetchval(_SQL_CLEAR, KIND, *ident):
+                cleared.append(ident)
         return raised, cleared, unmatched
 
     def _report(
-        self, raised: list[str], cleared: list[str], unmatched: dict[str, dict[str, Any]]
+        self,
+        raised: list[PositionId],
+        cleared: list[PositionId],
+        unmatched: dict[PositionId, dict[str, Any]],
     ) -> None:
         # Counted and logged once committed.
         self.metrics.half_hedges_raised += len(raised)
         self.metrics.half_hedges_cleared += len(cleared)
-        for key in raised:
-            d = unmatched[key]
+        for ident in raised:
+            d = unmatched[ident]
             log.warning(
-                "half hedge: position %s (%s) has %s %s filled on %s and %s on %s",
-                key,
-                d["symbol"],
+                "half hedge: position %s of %s (%s) has %s %s filled on %s and %s on %s",
+                ident[1],
+                ident[0] or "(no producer)",
+                d["mode"] or "mode not given",
                 d["quantity"],
                 d["symbol"],
                 d["filled_venue"],
@@ -254,10 +270,11 @@ class HalfHedgeMonitor:
                 d["other_venue"],
                 extra={"action": "half_hedge_raised"},
             )
-        for key in cleared:
+        for ident in cleared:
             log.info(
-                "half hedge cleared: position %s is matched again",
-                key,
+                "half hedge cleared: position %s of %s is matched again",
+                ident[1],
+                ident[0] or "(no producer)",
                 extra={"action": "half_hedge_cleared"},
             )
 
@@ -268,6 +285,7 @@ class HalfHedgeMonitor:
         return {
             "position_key": legs.position_key,
             "producer": legs.producer,
+            "mode": legs.mode,
             "symbol": legs.symbol,
             "filled_venue": self.venues[heavy],
             "quantity": str(legs.qty[heavy]),
@@ -277,12 +295,23 @@ class HalfHedgeMonitor:
         }
 
     @staticmethod
-    def _value(stored: str, raised_at: dt.datetime, unmatched: dict[str, dict[str, Any]]) -> bytes:
-        details: dict[str, Any] = orjson.loads(stored)
-        # The quantities as they are now (a further partial leg may have landed since raising).
-        details.update(unmatched.get(details["position_key"], {}))
-        details["raised_at"] = utc_iso(raised_at)
-        return orjson.dumps(details)
+    def _values(
+        current: list[asyncpg.Record], unmatched: dict[PositionId, dict[str, Any]]
+    ) -> dict[str, bytes]:
+        """The value of each ``alerts:half_hedge:{position_key}``: the earliest raised open alert
+        under that position_key at the top level, and every one of them (one per producer) in
+        ``alerts``. ``current`` comes ordered by key, then raised_at."""
+        by_key: dict[str, list[dict[str, Any]]] = {}
+        for r in current:
+            details: dict[str, Any] = orjson.loads(r["details"])
+            # The quantities as they are now (a further partial leg may have landed since).
+            details.update(unmatched.get((r["producer"], r["key"]), {}))
+            details.setdefault("mode", None)
+            details["raised_at"] = utc_iso(r["raised_at"])
+            by_key.setdefault(r["key"], []).append(details)
+        return {
+            key: orjson.dumps({**alerts[0], "alerts": alerts}) for key, alerts in by_key.items()
+        }
 
     async def _sync_redis(self, values: dict[str, bytes]) -> None:
         """Redis as the table says (still under the lock, so rounds never write out of order)."""

@@ -1,4 +1,4 @@
-"""The Redis key names of DESIGN §5, in one place (the mirror, ``ingestd health``, the cache)."""
+"""The Redis key names (docs/redis-keys.md) in one place: mirror, ``ingestd health``, cache."""
 
 from __future__ import annotations
 

@@ -1,11 +1,14 @@
-"""Periodic database maintenance: the part of seed §2 that the database does not do by itself.
+"""Periodic database maintenance: the part of the TimescaleDB layer that the database does not do
+by itself.
 
 Five tasks, each on its own interval (``maintenance:`` settings):
 
 - ``retention_policies`` (TimescaleDB): makes each hypertable's retention policy match the
   ``retention:`` settings, at start and then hourly (``ingestd_set_retention``);
-- ``retention_delete`` (plain PostgreSQL): deletes expired rows in bounded batches, one
-  transaction per batch (``ingestd_delete_expired``);
+- ``retention_delete``: on plain PostgreSQL deletes expired rows of the time-series tables in
+  bounded batches, one transaction per batch (``ingestd_delete_expired``); on both flavours trims
+  the trading-safety history (cleared alerts, closed producer gaps, the seq ranges of quiet
+  sessions, old liveness intervals; never an open alert or gap) with fixed statements;
 - ``refresh_aggregates``: refreshes the aggregates that are plain materialized views
   (``daily_pnl_summary`` on both flavours, ``hourly_spread_avg`` on plain PostgreSQL;
   ``ingestd_refresh_aggregate``); the continuous aggregate is refreshed by its own policy;
@@ -14,7 +17,7 @@ Five tasks, each on its own interval (``maintenance:`` settings):
   imports, late batches; migration 0009), each merged range with ``CALL
   refresh_continuous_aggregate``, on the refresh interval, as the owner of the aggregate;
 - ``metrics_keys``: writes ``metrics:daily_pnl:{YYYY-MM-DD}`` and
-  ``metrics:hourly_spread:{YYYY-MM-DD-HH}`` (DESIGN §5) from the two aggregates, TTL 1 day.
+  ``metrics:hourly_spread:{YYYY-MM-DD-HH}`` from the two aggregates, TTL 1 day.
 
 Several replicas may run this: a replica claims a task's round in ``ingestd_maintenance`` under
 ``pg_try_advisory_xact_lock`` (never waiting), and only when the last round started at least an
@@ -48,6 +51,7 @@ import redis.exceptions
 
 from ingestd.db import Connection
 from ingestd.events import utc_iso
+from ingestd.gaps import LOCK_ID as GAPS_LOCK_ID
 from ingestd.settings import MaintenanceSettings, RetentionSettings
 
 log = logging.getLogger("ingestd.maintenance")
@@ -83,14 +87,51 @@ BACKFILL_STEP: Final = dt.timedelta(days=1)
 # Refreshed in this order, each in its own transaction (migration 0005).
 AGGREGATE_VIEWS: Final = ("daily_pnl_summary", "hourly_spread_avg")
 
-METRICS_TTL_S: Final = 86_400  # DESIGN §5: 1 day
+METRICS_TTL_S: Final = 86_400  # the metrics:* keys live 1 day
 DAILY_PNL_KEY: Final = "metrics:daily_pnl:{day}"
 HOURLY_SPREAD_KEY: Final = "metrics:hourly_spread:{hour}"
 
-# Tables with a retention setting (seed §2.2), in the order they are handled.
+# Tables with a retention setting, in the order they are handled.
 RETENTION_TABLES: Final = ("spreads", "fx_rates", "orders")
 # At most this many batches per table per round, so one round stays bounded; the rest waits.
 MAX_BATCHES_PER_ROUND: Final = 100
+
+# The trading-safety history (plain tables on both flavours), trimmed by the owner's retention
+# round with fixed statements: $1 the period, $2 the batch size. Only what is over is deleted: a
+# cleared alert, a closed gap, the seq ranges of a session quiet for the period and without an
+# open gap (a running session keeps its ranges, or a hole right after the trim would go unseen),
+# a liveness interval whose last heartbeat is older than the period.
+HISTORY_TABLES: Final = ("alerts", "producer_gaps", "producer_seq_ranges", "heartbeat_history")
+_SQL_TRIM_HISTORY: Final = {
+    "alerts": """
+DELETE FROM alerts WHERE id = ANY (ARRAY(
+    SELECT id FROM alerts WHERE cleared_at < now() - $1::interval
+    ORDER BY cleared_at LIMIT $2::int))
+""",
+    "producer_gaps": """
+DELETE FROM producer_gaps WHERE id = ANY (ARRAY(
+    SELECT id FROM producer_gaps WHERE closed_at < now() - $1::interval
+    ORDER BY closed_at LIMIT $2::int))
+""",
+    "producer_seq_ranges": """
+DELETE FROM producer_seq_ranges r
+USING (
+    SELECT producer, session FROM (
+        SELECT producer, session FROM producer_seq_ranges GROUP BY producer, session
+        HAVING max(coalesce(last_recorded_at, recorded_at)) < now() - $1::interval
+        EXCEPT
+        SELECT producer, session FROM producer_gaps WHERE closed_at IS NULL
+    ) AS quiet
+    LIMIT $2::int
+) AS q
+WHERE r.producer = q.producer AND r.session = q.session
+""",
+    "heartbeat_history": """
+DELETE FROM heartbeat_history WHERE id = ANY (ARRAY(
+    SELECT id FROM heartbeat_history WHERE last_seen < now() - $1::interval
+    ORDER BY last_seen LIMIT $2::int))
+""",
+}
 
 _SQL_CLAIM: Final = """
 INSERT INTO ingestd_maintenance AS m (task, last_started_at, runs)
@@ -343,13 +384,26 @@ def hourly_spread_documents(rows: list[asyncpg.Record], refreshed_at: str) -> di
 
 async def may_run_retention(conn: Connection) -> bool:
     """True when this session's role owns (or is a member of the owner of) the retention tables."""
-    return bool(await conn.fetchval(SQL_OWNS_RETENTION_TABLES, list(RETENTION_TABLES)))
+    return bool(
+        await conn.fetchval(SQL_OWNS_RETENTION_TABLES, [*RETENTION_TABLES, *HISTORY_TABLES])
+    )
 
 
 def retention_days(retention: RetentionSettings) -> dict[str, int]:
     """Configured retention per table in days (0: keep forever)."""
     r = retention
     return {"spreads": r.spreads_days, "fx_rates": r.fx_rates_days, "orders": r.orders_days}
+
+
+def history_retention_days(retention: RetentionSettings) -> dict[str, int]:
+    """Configured retention of the trading-safety history in days (0: keep forever)."""
+    r = retention
+    return {
+        "alerts": r.alerts_days,
+        "producer_gaps": r.producer_gaps_days,
+        "producer_seq_ranges": r.producer_seq_ranges_days,
+        "heartbeat_history": r.heartbeat_history_days,
+    }
 
 
 async def reconcile_retention_policies(
@@ -549,13 +603,44 @@ class Maintenance:
                     if n < self.retention.delete_batch_rows:
                         break
                 deleted[table] = total
-            detail = (
-                ", ".join(f"{t}: {n} rows deleted" for t, n in deleted.items())
-                if deleted
-                else "retention is done by TimescaleDB policies"
-            )
+            by_policies = not deleted
+            deleted |= await self._trim_history(conn)
+            detail = ", ".join(f"{t}: {n} rows deleted" for t, n in deleted.items())
+            if by_policies:
+                detail = "retention is done by TimescaleDB policies" + (
+                    f"; {detail}" if detail else ""
+                )
             await conn.execute(_SQL_SUCCEEDED, TASK_RETENTION, detail)
         return RoundResult(TASK_RETENTION, ran=True, detail=detail)
+
+    async def _trim_history(self, conn: Connection) -> dict[str, int]:
+        """Delete what is over in the trading-safety history (bounded batches, as the owner)."""
+        timeout = self.settings.statement_timeout_s
+        batch = self.retention.delete_batch_rows
+        deleted: dict[str, int] = {}
+        for table, days in history_retention_days(self.retention).items():
+            if days <= 0:
+                continue
+            total = 0
+            for _ in range(MAX_BATCHES_PER_ROUND):
+                async with conn.transaction():
+                    await self._set_timeout(conn)
+                    if table == "producer_seq_ranges":
+                        # Not while a gap sweep rewrites a session's ranges (it merges them).
+                        await conn.execute("SELECT pg_advisory_xact_lock($1)", GAPS_LOCK_ID)
+                    status = await conn.execute(
+                        _SQL_TRIM_HISTORY[table],
+                        dt.timedelta(days=days),
+                        batch,
+                        timeout=timeout,
+                    )
+                n = int(status.split()[-1])
+                total += n
+                # The seq ranges are deleted by sessions (a batch may hold more rows than that).
+                if n == 0 or (table != "producer_seq_ranges" and n < batch):
+                    break
+            deleted[table] = total
+        return deleted
 
     async def refresh_aggregates(self, force: bool = False) -> RoundResult:
         """Refresh the aggregates that are plain materialized views (CONCURRENTLY).

@@ -145,6 +145,10 @@ class Metrics:
     stream_sample_errors: int = 0  # ingestd_stream_sample_errors_total
     # ingestd_stream_oldest_pending_seconds: age of the group's oldest unacknowledged entry
     stream_oldest_pending_s: float | None = None
+    # Age of the oldest entry the group has not delivered to any consumer yet (None: none). Not
+    # a health signal (a replica catching up on a backlog is healthy), but ingest lag for
+    # trading:state: an entry waiting unread is as late as one read and not yet committed.
+    stream_oldest_undelivered_s: float | None = None
     # Why the stream cannot be read (wrong type at its key, read errors), None when it can.
     stream_problem: str | None = None
     # Sampled by the open-count reconciliation: closes parked waiting for their open.

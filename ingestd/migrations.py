@@ -3,6 +3,13 @@
 Each file is applied in its own transaction under ``pg_advisory_xact_lock``, so several replicas
 may run ``ingestd migrate`` at once: the second waits, then finds the work done. A transaction-
 scoped lock is used because a session lock taken through a pool is released by the pool's reset.
+
+An applied migration must not change: a database whose recorded checksum differs from the file
+refuses to start (``SchemaDrift``). The one exception is ``AMENDED_CHECKSUMS``: the former
+checksums of migrations whose *comments* were amended after release. A database that applied the
+former text is accepted for exactly those versions and those checksums (its schema is the same,
+only the comments differ); the ledger keeps the former checksum. Only comments may ever be
+amended this way, and each amendment adds the file's previous checksum here.
 """
 
 from __future__ import annotations
@@ -12,7 +19,9 @@ import hashlib
 import logging
 import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Final
 
 from ingestd.db import Connection
 from ingestd.errors import SchemaBehind, SchemaDrift
@@ -23,6 +32,19 @@ log = logging.getLogger("ingestd.migrations")
 MIGRATION_LOCK_ID = 0x1D6E57D
 LEDGER_TABLE = "ingestd_migrations"
 _FILE_NAME = re.compile(r"([0-9]{4})_([a-z0-9_]+)\.sql\Z")
+
+# Former checksums accepted per version, for migrations whose comments were amended after release
+# (the schema they build is unchanged). 2026-12: comments that referred readers to documents
+# outside the repository were rewritten to state the thing itself.
+AMENDED_CHECKSUMS: Final[Mapping[int, frozenset[str]]] = {
+    1: frozenset({"aacd8e9eb77acc222fe4b16c8a341aff531e2289c2ef016f6fc6cb0be0d7594b"}),
+    2: frozenset({"453b11b96ec7aa26ef31e5f99a8148d8dc4b0023d52945bb1c85f546a8d49545"}),
+    3: frozenset({"acc6ba685858c350dc62f3761a61aee30a6e156653f21275cc161582a10f083d"}),
+    5: frozenset({"ad8996bb7f64fa2990447a3d0a4e4d1551356318f9ad43de0d5e86a5a028d0ad"}),
+    7: frozenset({"1728afbb713aee1f269836d33b78d599b9d9154a6adf0601a194476b3422caa6"}),
+    8: frozenset({"e1d9e88664474354e15ad30b44e201f5174616c5f001827b76d2b95def9fc876"}),
+    9: frozenset({"a67a63a0d684a2678be52f17e093d30c4f36e9981916cdc1f1f5f9c092444174"}),
+}
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -78,7 +100,16 @@ async def _applied(conn: Connection) -> dict[int, str]:
     return {r["version"]: r["checksum"].strip() for r in rows}
 
 
-def _check_history(applied: dict[int, str], migrations: list[Migration]) -> None:
+def accepts(mig: Migration, recorded: str, amended: Mapping[int, frozenset[str]]) -> bool:
+    """Whether a database that recorded ``recorded`` for ``mig`` applied the same schema."""
+    return recorded == mig.checksum or recorded in amended.get(mig.version, frozenset())
+
+
+def _check_history(
+    applied: dict[int, str],
+    migrations: list[Migration],
+    amended: Mapping[int, frozenset[str]] = AMENDED_CHECKSUMS,
+) -> None:
     by_version = {m.version: m for m in migrations}
     for version, checksum in applied.items():
         mig = by_version.get(version)
@@ -87,7 +118,7 @@ def _check_history(applied: dict[int, str], migrations: list[Migration]) -> None
                 f"the database has migration {version:04d}, which this build does not know: "
                 "it was migrated by a newer ingestd"
             )
-        if mig.checksum != checksum:
+        if not accepts(mig, checksum, amended):
             raise SchemaDrift(
                 f"migration {version:04d}_{mig.name} was edited after it was applied "
                 f"(checksum {checksum[:12]} in the database, {mig.checksum[:12]} in the file)"

@@ -152,7 +152,7 @@ async def sample_stream(
             # XREADGROUP can never succeed on it: intake has stopped, whatever else is well.
             metrics.stream_problem = wrong_type(key)
             metrics.stream_pending = metrics.stream_lag = metrics.stream_length = None
-            metrics.stream_oldest_pending_s = None
+            metrics.stream_oldest_pending_s = metrics.stream_oldest_undelivered_s = None
             return
         if "no such key" not in str(exc).lower():
             raise
@@ -160,10 +160,14 @@ async def sample_stream(
     metrics.stream_problem = None
     info: dict[str, Any] | None = next((g for g in groups if _text(g.get("name")) == group), None)
     metrics.stream_length = int(length)
+    now = int(time.time() * 1000) if now_ms is None else now_ms
     if info is None:
         metrics.stream_pending = 0
         metrics.stream_lag = int(length)
         metrics.stream_oldest_pending_s = None
+        # No group yet: every entry is undelivered (ingestd creates the group at id 0).
+        first = await client.xrange(key, count=1) if length else []
+        metrics.stream_oldest_undelivered_s = _age_of_first(first, now)
         return
     metrics.stream_pending = int(info["pending"])
     lag = info.get("lag")
@@ -174,9 +178,25 @@ async def sample_stream(
         summary = await client.xpending(key, group)
         oldest = _text(summary.get("min")) if summary else None
         if oldest:
-            # An entry id starts with the Redis server's clock (ms) when it was added.
-            now = int(time.time() * 1000) if now_ms is None else now_ms
-            metrics.stream_oldest_pending_s = max(0.0, (now - int(oldest.split("-")[0])) / 1000)
+            metrics.stream_oldest_pending_s = _age_of_id(oldest, now)
+    metrics.stream_oldest_undelivered_s = None
+    last_delivered = _text(info.get("last-delivered-id"))
+    if length and last_delivered and metrics.stream_lag != 0:
+        # The first entry after the last one delivered (exclusive range, Redis 6.2+).
+        first = await client.xrange(key, min="(" + last_delivered, count=1)
+        metrics.stream_oldest_undelivered_s = _age_of_first(first, now)
+
+
+def _age_of_id(entry_id: str, now_ms: int) -> float:
+    # An entry id starts with the Redis server's clock (ms) when it was added.
+    return max(0.0, (now_ms - int(entry_id.split("-", maxsplit=1)[0])) / 1000)
+
+
+def _age_of_first(entries: Any, now_ms: int) -> float | None:
+    """The age of the first of the entries XRANGE returned (None when it returned none)."""
+    if not entries:
+        return None
+    return _age_of_id(_text(entries[0][0]) or "0", now_ms)
 
 
 async def sample_stream_forever(

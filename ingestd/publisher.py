@@ -101,7 +101,7 @@ def _numbered(event: Mapping[str, Any], counters: dict[str | None, int]) -> int 
 
 
 class Publisher:
-    """Synchronous publisher (plain scripts, the seed's style)."""
+    """Synchronous publisher (plain scripts)."""
 
     def __init__(
         self, client: redis.Redis, *, stream: str = DEFAULT_STREAM, id_prefix: str | None = None

@@ -76,7 +76,7 @@ class OutboxSettings:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class StorageSettings:
-    """Seed §6.2 ``storage`` section."""
+    """The ``storage`` section: the producers' backend and ingestd's servers."""
 
     backend: str = "postgres"
     postgres: PostgresSettings = PostgresSettings()
@@ -89,7 +89,7 @@ class StorageSettings:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class FxSettings:
-    """Seed ``fx`` section: the TTL of ``fx:{pair}`` keys."""
+    """The ``fx`` section: the TTL of ``fx:{pair}`` keys."""
 
     ttl_seconds: float = 3.0
 
@@ -104,7 +104,7 @@ class SpreadSettings:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class StreamSettings:
-    """The Redis Stream intake (DESIGN §4)."""
+    """The Redis Stream intake."""
 
     enabled: bool = True
     key: str = "ingestd:events"
@@ -145,7 +145,7 @@ class PipelineSettings:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class MirrorSettings:
-    """Redis mirror TTLs and ingestd's own heartbeat (DESIGN §5)."""
+    """Redis mirror TTLs and ingestd's own heartbeat."""
 
     spread_ttl_s: float = 60.0
     health_ttl_s: float = 10.0
@@ -173,12 +173,19 @@ class ShutdownSettings:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class RetentionSettings:
-    """Seed §2.2 retention in days (0 keeps rows forever); see ingestd/maintenance.py."""
+    """Retention in days (0 keeps rows forever); see ingestd/maintenance.py."""
 
     spreads_days: int = 90
     fx_rates_days: int = 180
     orders_days: int = 365
     delete_batch_rows: int = 10_000  # plain PostgreSQL: rows per DELETE statement
+    # The trading-safety history, trimmed by the owner's retention on both flavours (never the
+    # open ones: an open alert or gap stays until it is cleared or closed).
+    alerts_days: int = 365  # cleared alerts, by cleared_at
+    producer_gaps_days: int = 90  # closed gaps, by closed_at
+    # The seq ranges of a (producer, session) quiet this long and without an open gap.
+    producer_seq_ranges_days: int = 30
+    heartbeat_history_days: int = 90  # liveness intervals, by their last heartbeat
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -235,8 +242,22 @@ class ProducerGapSettings:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class HeartbeatHistorySettings:
+    """Heartbeat history (ingestd/liveness.py): when each component was alive, in the database."""
+
+    enabled: bool = True
+    # A heartbeat within this long of an interval's last one extends it; a later one opens a new
+    # interval (the component was down in between). The health key's TTL by default.
+    gap_s: float = 10.0
+    # The heartbeats taken in are coalesced in memory and written this often.
+    flush_interval_s: float = 5.0
+    # Intervals held in memory while the database is unreachable; past it the oldest are dropped.
+    max_pending_intervals: int = 10_000
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class TradingSettings:
-    """``trading:state`` (README: Trading state): limits, hysteresis, how it is written."""
+    """``trading:state`` (docs/trading-signals.md): limits, hysteresis, how it is written."""
 
     enabled: bool = True
     # HALTED while commits have failed this long, or the oldest unacknowledged entry is older.
@@ -272,6 +293,7 @@ class Settings:
     half_hedge: HalfHedgeSettings = HalfHedgeSettings()
     producer_gaps: ProducerGapSettings = ProducerGapSettings()
     trading: TradingSettings = TradingSettings()
+    heartbeat_history: HeartbeatHistorySettings = HeartbeatHistorySettings()
     metrics_port: int = 9464
     metrics_host: str = "127.0.0.1"  # the container image sets 0.0.0.0
     log_format: str = "plain"
@@ -347,7 +369,7 @@ class Settings:
                 "storage.outbox.segment_bytes must be >= 1024 and <= storage.outbox.max_bytes"
             )
         r, m = self.retention, self.maintenance
-        for name in ("spreads_days", "fx_rates_days", "orders_days"):
+        for name in RETENTION_DAY_FIELDS:
             if getattr(r, name) < 0:
                 raise ConfigError(f"retention.{name} must be >= 0 (0 keeps rows forever)")
             if getattr(r, name) > MAX_RETENTION_DAYS:
@@ -365,6 +387,8 @@ class Settings:
         ):
             if getattr(m, name) <= 0:
                 raise ConfigError(f"maintenance.{name} must be > 0")
+        if self.heartbeat_history.max_pending_intervals < 1:
+            raise ConfigError("heartbeat_history.max_pending_intervals must be >= 1")
         if m.metrics_days < 1 or m.metrics_hours < 1:
             raise ConfigError("maintenance.metrics_days and metrics_hours must be >= 1")
         _check_half_hedge(self.half_hedge)
@@ -410,6 +434,15 @@ MAX_DURATION_S = 366 * 86_400.0  # a year: longer is a typo, and overflows some 
 MAX_INT = 2**53  # beyond any sensible count or size, still exact as a float
 MAX_SQL_INT = 2**31 - 1  # what reaches PostgreSQL as an INTEGER
 MAX_RETENTION_DAYS = 36_500  # a century; 0 keeps rows forever
+RETENTION_DAY_FIELDS = (
+    "spreads_days",
+    "fx_rates_days",
+    "orders_days",
+    "alerts_days",
+    "producer_gaps_days",
+    "producer_seq_ranges_days",
+    "heartbeat_history_days",
+)
 
 
 _PG_SCHEMES = frozenset({"postgres", "postgresql"})
@@ -643,7 +676,7 @@ def load_settings(
 
 
 def build_section(cls: type[T], data: Mapping[str, Any], path: str) -> T:
-    """One section from a mapping (the seed's ``storage.redis``); a misspelt key is an error."""
+    """One section from a mapping (the config's ``storage.redis``); a misspelt key is an error."""
     return _build(cls, data, path)
 
 

@@ -335,3 +335,26 @@ class Simulator:
                 "timestamp": self._ts(40),
             },
         ]
+
+
+class WallClockPacer:
+    """How far the simulated clock is ahead of the wall clock since the start (to sleep it off).
+
+    ``ingestd simulate`` paced to the wall clock must pace by the simulator's own clock, not by
+    the number of events sent: a fault scenario drops events (a collector pause drops every
+    collector event), and pacing by what was sent let the simulated clock race ahead through the
+    dropped stretch and stay ahead (the collector's heartbeats then came dated seconds in the
+    future, read as no fresh heartbeat, and trading:state never returned to ACTIVE); positions
+    add events, so pacing by count also let it fall behind over a long run.
+    """
+
+    def __init__(self, sim: Simulator, clock: Callable[[], float]) -> None:
+        self._sim = sim
+        self._clock = clock
+        self._sim_start = sim.now
+        self._wall_start = clock()
+
+    def ahead_s(self) -> float:
+        """Seconds the simulated clock is ahead of the wall clock (negative: behind)."""
+        simulated = (self._sim.now - self._sim_start).total_seconds()
+        return simulated - (self._clock() - self._wall_start)

@@ -1,29 +1,33 @@
 """The spool: in-process events past the in-memory bound, kept on local disk until committed.
 
-A directory of segment files ``spool-<sequence>.log``, written append-only. A record is
-``[u32 length][u32 CRC-32 of the payload][payload]`` (big-endian). Appends are group-committed:
-every append waiting at that moment goes into one ``write`` and one ``fsync``, and an append
+The records live in one SQLite database in WAL mode (``spool.sqlite3`` in the spool's
+directory, beside its ``-wal`` and ``-shm`` files and a lock file): SQLite's write-ahead log
+already does what a hand-written spool would have to get right (a commit is all there or not
+there after a crash, a torn tail of the log is ignored at the next open) and is tested far beyond
+what this project could test. ``docs/spool.md`` has the measurements behind the choice.
+
+A record is a row ``(id, crc, payload)``: ids grow in append order and the replay reads them in
+that order. The CRC-32 of the payload is checked at replay: SQLite checksums its log but not its
+database pages, so a payload the disk changed after it was written is caught here; such records
+are kept aside in a ``records-<id>.corrupt`` file, logged, and not replayed.
+
+Appends are group-committed: every append waiting at that moment goes into one transaction,
+committed with ``synchronous=FULL`` (the log is fsync'd before the commit returns), and an append
 returns only once its record is durable, so an event counts as accepted exactly when it is on
-disk. Records are replayed in order; a segment is removed (the active one truncated) once every
-record in it has been committed to the database.
+disk, power loss included. A record committed to the database is removed (its removal is not
+fsync'd on its own: one lost to a power loss replays the record again, and its ``event_id`` makes
+it land once). The log is copied into the database file (a checkpoint) every ``segment_bytes``
+of log, inside the commit that crosses it, which is SQLite's own way.
 
-At open, a torn tail (a record cut short by a crash, or whose checksum fails) is cut off at the
-last valid record. Open creates no file: the segment that takes new appends is made by the first
-append, so a spool whose disk is full still opens and replays its backlog (which frees space).
+A full disk (SQLite's ``SQLITE_FULL``) is a temporary refusal (``SpoolFull``): SQLite rolls the
+transaction back, so nothing of the refused records stays, and the spool takes appends again once
+space is freed. Any other I/O error (a failed fsync among them) is fatal for the spool: after it,
+what is on disk is unknown, so it takes no more appends, but still replays what was durable.
 
-A full disk (``ENOSPC``, ``EDQUOT``, ``EFBIG``) is a temporary refusal (``SpoolFull``) wherever it
-is met, and the spool takes appends again once space is freed:
-
-* creating a segment file: nothing was written; a file left half-made is removed;
-* writing: the partial write is undone with ``ftruncate``; nothing half-written stays;
-* ``fsync``: what the failed fsync covered is unknown, so the segment is cut back to its last
-  durable size, fsync'd again and sealed (it is only read from now on); new appends go to a new
-  segment. If that cut cannot be made durable, the spool is broken (below).
-
-Any other failed ``fsync`` is fatal for the spool (RELIABILITY.md: after it, what is on disk is
-unknown): it takes no more appends, but still replays what was durable before.
-
-All state lives in the event loop's thread; file I/O runs in worker threads.
+``RecordStore`` is the mechanism itself, shared with the producer's disk outbox
+(``ingestd.storage.outbox``), which commits its appends without an fsync each and syncs the log
+from a thread of its own instead. All of the ``Spool``'s state lives in the event loop's thread;
+the database is used from worker threads, one call at a time per connection.
 """
 
 from __future__ import annotations
@@ -35,9 +39,10 @@ import errno
 import fcntl
 import logging
 import os
-import struct
+import sqlite3
 import time
 import zlib
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Final
 
@@ -45,18 +50,20 @@ from ingestd.errors import IngestdError
 
 log = logging.getLogger("ingestd.spool")
 
-HEADER: Final = struct.Struct(">II")
-# A record longer than this cannot be ours (events are bounded by max_event_bytes): a torn length.
-MAX_RECORD_BYTES: Final = 64 * 1024 * 1024
-SEGMENT_PREFIX: Final = "spool-"
-SEGMENT_SUFFIX: Final = ".log"
+DATABASE_FILE: Final = "spool.sqlite3"
 LOCK_FILE: Final = "spool.lock"
-# Replay reads this much at a time.
-READ_CHUNK_BYTES: Final = 4 * 1024 * 1024
-# After a failed write, wait this long before trying the disk again (each try costs a syscall).
+# Counted per record besides its payload against max_bytes (its id and checksum).
+RECORD_OVERHEAD: Final = 16
+# A record longer than this cannot be ours (events are bounded by max_event_bytes).
+MAX_RECORD_BYTES: Final = 64 * 1024 * 1024
+# SQLite's page size: the unit of its log and of the checkpoint threshold.
+PAGE_BYTES: Final = 4096
+# After a refused write, wait this long before trying the disk again (each try costs a syscall).
 WRITE_RETRY_S: Final = 1.0
 # The errors of a disk (or a quota, or a file size limit) that is full for now.
 DISK_FULL_ERRNOS: Final = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+# SQLite's primary result code for a full disk (the low byte of an extended code).
+SQLITE_FULL: Final = 13
 
 
 class SpoolError(IngestdError):
@@ -75,66 +82,12 @@ class SpoolBroken(SpoolError):
     retriable = False
 
 
-class _SegmentCutBack(SpoolFull):
-    """An fsync found the disk full and the active segment was cut back: seal it."""
-
-
 @dataclasses.dataclass(slots=True, eq=False)
 class SpoolRecord:
-    """One record handed to the replay: where it is (for acknowledgement) and its payload."""
+    """One record handed to the replay: its id (for acknowledgement) and its payload."""
 
-    segment: int
-    offset: int
+    record_id: int
     payload: bytes
-
-
-@dataclasses.dataclass(slots=True, eq=False)
-class _Segment:
-    seq: int
-    path: Path
-    size: int = 0  # durable bytes (fsync'd)
-    records: int = 0  # durable records
-    read_offset: int = 0
-    read_records: int = 0  # records handed to the replay
-    committed: int = 0
-    sealed: bool = False
-
-    @property
-    def done(self) -> bool:
-        return self.committed >= self.records and self.read_offset >= self.size
-
-
-def segment_name(seq: int) -> str:
-    """The file name of segment ``seq`` (names sort in sequence order)."""
-    return f"{SEGMENT_PREFIX}{seq:012d}{SEGMENT_SUFFIX}"
-
-
-def encode_record(payload: bytes) -> bytes:
-    """Header plus payload."""
-    return HEADER.pack(len(payload), zlib.crc32(payload)) + payload
-
-
-def scan(data: bytes, limit: int | None = None) -> tuple[list[tuple[int, bytes]], int]:
-    """The valid records at the start of ``data`` (offset, payload) and where validity ends.
-
-    With ``limit``, stops after that many records (the end is then where the last one ends).
-    """
-    out: list[tuple[int, bytes]] = []
-    pos = 0
-    end = len(data)
-    while pos + HEADER.size <= end and (limit is None or len(out) < limit):
-        length, crc = HEADER.unpack_from(data, pos)
-        start = pos + HEADER.size
-        # A record is never empty: zeros where records should be (a hole in a file, a page the
-        # disk never wrote) would otherwise pass as empty records, since crc32(b"") == 0.
-        if length == 0 or length > MAX_RECORD_BYTES or start + length > end:
-            break
-        payload = data[start : start + length]
-        if zlib.crc32(payload) != crc:
-            break
-        out.append((pos, payload))
-        pos = start + length
-    return out, pos
 
 
 def lock_directory(directory: Path, holder: str) -> int:
@@ -152,75 +105,215 @@ def lock_directory(directory: Path, holder: str) -> int:
     return lock_fd
 
 
-def recover_segments(directory: Path) -> list[tuple[int, Path, int, int]]:
-    """Every segment in ``directory``, in order, as (sequence, path, valid bytes, records).
+def is_disk_full(exc: BaseException) -> bool:
+    """True for SQLite's or the system's "disk full" (a refusal for now, not a breakage)."""
+    if isinstance(exc, sqlite3.Error):
+        return getattr(exc, "sqlite_errorcode", 0) & 0xFF == SQLITE_FULL
+    return isinstance(exc, OSError) and exc.errno in DISK_FULL_ERRNOS
 
-    A torn tail of the last segment (a write cut short by a crash) is cut off; damage anywhere
-    else is kept aside in a ``.corrupt`` file and logged. Call it with the directory locked.
+
+def record_bytes(payload: bytes) -> int:
+    """What one record counts against ``max_bytes``."""
+    return RECORD_OVERHEAD + len(payload)
+
+
+class RecordStore:
+    """Records in one SQLite database in WAL mode: the mechanism of the spool and the outbox.
+
+    ``fsync_each_commit``: each append's commit fsyncs the log (``synchronous=FULL``); without it
+    a commit is written to the log (the page cache, which a killed process does not take with it)
+    and the owner calls ``sync_log`` to make it durable. ``checkpoint_bytes``: the log is copied
+    into the database file once this much of it was written; inside the commit that crosses it,
+    or, with ``background_checkpoint``, only when the owner calls ``checkpoint`` (from a thread of
+    its own: a PASSIVE checkpoint never blocks the writer). Not thread-safe: one thread at a time
+    uses the writer (``append``, ``remove``), one the reader (``read``).
     """
-    found: list[tuple[int, Path, int, int]] = []
-    paths = sorted(directory.glob(f"{SEGMENT_PREFIX}*{SEGMENT_SUFFIX}"))
-    for i, path in enumerate(paths):
-        seq = int(path.name[len(SEGMENT_PREFIX) : -len(SEGMENT_SUFFIX)])
-        data = path.read_bytes()
-        records, valid = scan(data)
-        if valid < len(data):
-            _cut_tail(path, data, valid, torn_tail=i == len(paths) - 1)
-        found.append((seq, path, valid, len(records)))
-    return found
 
+    def __init__(
+        self,
+        directory: Path,
+        *,
+        holder: str,
+        checkpoint_bytes: int,
+        fsync_each_commit: bool = True,
+        background_checkpoint: bool = False,
+    ) -> None:
+        self.directory = directory
+        self.path = directory / DATABASE_FILE
+        self.holder = holder
+        self.checkpoint_bytes = checkpoint_bytes
+        self.fsync_each_commit = fsync_each_commit
+        self.background_checkpoint = background_checkpoint
+        self._writer: sqlite3.Connection | None = None
+        self._reader: sqlite3.Connection | None = None
+        self._checkpointer: sqlite3.Connection | None = None
+        self._lock_fd: int | None = None
+        self._log_fd: int | None = None
+        self.last_id = 0  # the id of the last record appended (ids grow in append order)
+        self.first_id = 1  # the first record's id at open
 
-def create_segment_file(directory: Path, seq: int) -> tuple[int, Path]:
-    """Create segment ``seq`` empty, its name durable; returns its open fd and path.
-
-    If that fails, no half-made file stays (the next try makes it again, same name).
-    """
-    path = directory / segment_name(seq)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        dir_fd = os.open(directory, os.O_RDONLY)
+    def open(self) -> tuple[int, int]:
+        """Lock the directory and open (so recover) the database: (records, their bytes)."""
+        self._lock_fd = lock_directory(self.directory, self.holder)
         try:
-            os.fsync(dir_fd)  # the new file's name is durable before records are
+            # Incremental: the file gives back the room of removed records when asked (remove).
+            # Set on a new database only (it stays set; setting it again writes, which a full
+            # disk refuses), and before WAL mode, which writes the new database's first page.
+            new = not self.path.exists()
+            self._writer = self._connect(setup="PRAGMA auto_vacuum=INCREMENTAL" if new else None)
+            self._writer.execute(
+                f"PRAGMA synchronous={'FULL' if self.fsync_each_commit else 'NORMAL'}"
+            )
+            # In the background, the writer checkpoints only if that falls far behind (a bound).
+            threshold = self.checkpoint_bytes * (4 if self.background_checkpoint else 1)
+            self._writer.execute(f"PRAGMA wal_autocheckpoint={max(1, threshold // PAGE_BYTES)}")
+            self._writer.execute(
+                "CREATE TABLE IF NOT EXISTS records ("
+                "id INTEGER PRIMARY KEY, crc INTEGER NOT NULL, payload BLOB NOT NULL)"
+            )
+            self._reader = self._connect()
+            if self.background_checkpoint:
+                self._checkpointer = self._connect()
+            if not self.fsync_each_commit:
+                # The log's file, to fsync it (SQLite made it above, in WAL mode; it stays until
+                # the last connection closes).
+                self._log_fd = os.open(f"{self.path}-wal", os.O_RDONLY | os.O_CREAT, 0o600)
+            count, total, first, last = self._reader.execute(
+                "SELECT count(*), coalesce(sum(length(payload)), 0), min(id), max(id) FROM records"
+            ).fetchone()
+        except BaseException:
+            self.close()
+            raise
+        self.last_id = last or 0
+        self.first_id = first or 1
+        return count, total + RECORD_OVERHEAD * count
+
+    def _connect(self, setup: str | None = None) -> sqlite3.Connection:
+        # isolation_level=None: our transactions only (BEGIN IMMEDIATE ... COMMIT), none implied;
+        # check_same_thread=False: each call may run in another worker thread, one at a time.
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        if setup is not None:
+            conn.execute(setup)
+        # Opening in WAL mode recovers: log frames after the last complete commit (a torn tail)
+        # are ignored.
+        conn.execute("PRAGMA journal_mode=WAL")
+        return conn
+
+    def close(self) -> None:
+        """Close the connections (the last one checkpoints and removes the log) and the lock."""
+        for conn in (self._checkpointer, self._reader, self._writer):
+            if conn is not None:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.close()
+        self._checkpointer = self._reader = self._writer = None
+        for fd in (self._log_fd, self._lock_fd):
+            if fd is not None:
+                os.close(fd)
+        self._log_fd = self._lock_fd = None
+
+    def append(self, payloads: Sequence[bytes]) -> int:
+        """Commit the records in one transaction; the id of the last. Raises sqlite3.Error."""
+        conn = self._writer
+        assert conn is not None
+        first = self.last_id + 1
+        rows = [(first + i, zlib.crc32(p), p) for i, p in enumerate(payloads)]
+        try:
+            if len(rows) == 1:
+                conn.execute("INSERT INTO records (id, crc, payload) VALUES (?, ?, ?)", rows[0])
+            else:
+                conn.execute("BEGIN IMMEDIATE")
+                conn.executemany("INSERT INTO records (id, crc, payload) VALUES (?, ?, ?)", rows)
+                conn.execute("COMMIT")
+        except sqlite3.Error:
+            _rollback(conn)
+            raise
+        self.last_id = first + len(rows) - 1
+        return self.last_id
+
+    def read(self, after: int, limit: int) -> list[tuple[int, int, bytes]]:
+        """Up to ``limit`` records with ids above ``after``, in order: (id, crc, payload)."""
+        assert self._reader is not None
+        rows: list[tuple[int, int, bytes]] = self._reader.execute(
+            "SELECT id, crc, payload FROM records WHERE id > ? ORDER BY id LIMIT ?", (after, limit)
+        ).fetchall()
+        return rows
+
+    def remove(self, ids: Sequence[int], *, emptied: bool) -> None:
+        """Remove records (done with); ``emptied``: none is left, the file may give room back.
+
+        Not fsync'd on its own (``synchronous=NORMAL`` for this commit): a removal lost to a
+        power loss brings records back that are replayed again, under their fixed event ids.
+        """
+        conn = self._writer
+        assert conn is not None
+        if self.fsync_each_commit:
+            conn.execute("PRAGMA synchronous=NORMAL")
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            conn.executemany("DELETE FROM records WHERE id = ?", ((i,) for i in ids))
+            conn.execute("COMMIT")
+            # Giving room back shrinks the file, which the next appends grow again: only worth
+            # it once an emptied spool holds a backlog's worth of free pages.
+            if emptied:
+                free_pages = conn.execute("PRAGMA freelist_count").fetchone()[0]
+                if free_pages * PAGE_BYTES >= self.checkpoint_bytes:
+                    # executescript steps it to the end (execute would free one page).
+                    conn.executescript("PRAGMA incremental_vacuum;")
+        except sqlite3.Error:
+            _rollback(conn)
+            raise
         finally:
-            os.close(dir_fd)
-    except BaseException:
-        os.close(fd)
-        with contextlib.suppress(OSError):
-            path.unlink()
-        raise
-    return fd, path
+            if self.fsync_each_commit:
+                conn.execute("PRAGMA synchronous=FULL")
 
+    def sync_log(self) -> None:
+        """fsync the log: every record committed so far survives a power loss. Raises OSError."""
+        assert self._log_fd is not None
+        os.fsync(self._log_fd)
 
-def _cut_tail(path: Path, data: bytes, valid: int, *, torn_tail: bool) -> None:
-    if torn_tail:
-        log.warning(
-            "spool %s: cut a torn tail of %d bytes (a write cut short by a crash)",
-            path.name,
-            len(data) - valid,
-            extra={"action": "spool_torn_tail"},
-        )
-    else:
-        # Only the last segment is ever appended to: damage elsewhere means the disk lied.
-        aside = path.with_suffix(".corrupt")
-        aside.write_bytes(data[valid:])
+    def checkpoint(self) -> None:
+        """Copy the log into the database file (PASSIVE: the writer goes on meanwhile)."""
+        assert self._checkpointer is not None
+        self._checkpointer.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+
+    def set_aside(self, rows: Sequence[tuple[int, int, bytes]], what: str) -> Path:
+        """Keep records that fail their checksum in a file of their own, logged; the file."""
+        aside = self.directory / f"records-{rows[0][0]}.corrupt"
+        aside.write_bytes(b"".join(payload for _, _, payload in rows))
         log.error(
-            "spool %s: %d bytes after offset %d fail their checksum; kept in %s, not replayed",
-            path.name,
-            len(data) - valid,
-            valid,
+            "%s: %d record(s) from id %d fail their checksum since they were written (the disk "
+            "changed them); kept in %s, not %s",
+            self.directory,
+            len(rows),
+            rows[0][0],
             aside.name,
+            what,
             extra={"action": "spool_corrupt"},
         )
-    fd = os.open(path, os.O_RDWR)
-    try:
-        os.ftruncate(fd, valid)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        return aside
+
+
+def split_corrupt(
+    rows: Sequence[tuple[int, int, bytes]],
+) -> tuple[list[tuple[int, int, bytes]], list[tuple[int, int, bytes]]]:
+    """(records whose payload passes its checksum, those that fail it)."""
+    good: list[tuple[int, int, bytes]] = []
+    bad: list[tuple[int, int, bytes]] = []
+    for row in rows:
+        (good if zlib.crc32(row[2]) == row[1] else bad).append(row)
+    return good, bad
+
+
+def _rollback(conn: sqlite3.Connection) -> None:
+    if conn.in_transaction:
+        try:
+            conn.execute("ROLLBACK")
+        except sqlite3.Error as exc:  # SQLite rolls back itself when it must; logged only
+            log.warning("rollback failed: %s", exc, extra={"action": "spool_rollback"})
 
 
 class Spool:
-    """An append-only, checksummed, fsync'd local spool with in-order replay."""
+    """A durable, checksummed local spool with in-order replay (SQLite WAL, group commit)."""
 
     def __init__(
         self,
@@ -234,13 +327,19 @@ class Spool:
             raise ValueError("need segment_bytes >= 1024 and max_bytes >= segment_bytes")
         self.directory = directory
         self.max_bytes = max_bytes
+        # The log is copied into the database file every segment_bytes of it.
         self.segment_bytes = segment_bytes
         self.full_retry_s = full_retry_s
-        self._segments: list[_Segment] = []
-        self._fd: int | None = None  # the active (last) segment, open for writing
-        self._lock_fd: int | None = None
+        self._store = RecordStore(
+            directory, holder="another ingestd process", checkpoint_bytes=segment_bytes
+        )
         self._waiting: list[tuple[bytes, asyncio.Future[None]]] = []
         self._reserved = 0
+        self._bytes = 0  # durable records not yet removed, as counted against max_bytes
+        self._records = 0
+        self._read_id = 0  # the last id handed to the replay
+        self._done: list[SpoolRecord] = []  # committed to the database, to remove
+        self._removing = 0  # of those, being removed now
         self._io_task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
         self._closing = False
@@ -254,80 +353,45 @@ class Spool:
 
     @property
     def size_bytes(self) -> int:
-        """Durable bytes on disk, all segments."""
-        return sum(s.size for s in self._segments)
+        """Durable records not yet removed, as counted against ``max_bytes``."""
+        return self._bytes
 
     @property
     def pending_records(self) -> int:
         """Durable records not yet committed to the database."""
-        return sum(s.records - s.committed for s in self._segments)
+        return self._records - len(self._done) - self._removing
 
     @property
     def unread(self) -> bool:
         """True while records wait to be replayed (or appends to become durable)."""
-        return bool(self._waiting) or any(s.read_offset < s.size for s in self._segments)
+        return bool(self._waiting) or self._read_id < self._store.last_id
 
     # --- open / close ------------------------------------------------------------------------
 
     async def open(self) -> int:
-        """Lock the directory, recover every segment, and return the records found to replay."""
+        """Lock the directory, recover the database, and return the records found to replay."""
         try:
-            await asyncio.to_thread(self._open_sync)
-        except OSError as exc:
+            self._records, self._bytes = await asyncio.to_thread(self._store.open)
+        except (OSError, sqlite3.Error) as exc:
             raise SpoolBroken(f"spool directory {self.directory} is unusable: {exc}") from exc
+        self._read_id = self._store.first_id - 1
         self._io_task = asyncio.create_task(self._io_loop(), name="ingestd-spool-io")
-        found = self.pending_records
-        if found:
+        if self._records:
             log.info(
                 "spool holds %d records (%d bytes) to replay",
-                found,
-                self.size_bytes,
+                self._records,
+                self._bytes,
                 extra={"action": "spool_recovered"},
             )
-        return found
-
-    def _open_sync(self) -> None:
-        self._lock_fd = lock_directory(self.directory, "another ingestd process")
-        for seq, path, size, records in recover_segments(self.directory):
-            self._segments.append(_Segment(seq, path, size=size, records=records, sealed=True))
-        # New appends go to a fresh segment, made by the first append (not here: a full disk
-        # must not keep the backlog from being replayed). Recovered ones are only read now.
-
-    def _next_seq(self) -> int:
-        return self._segments[-1].seq + 1 if self._segments else 1
-
-    def _create_segment_file(self, seq: int) -> tuple[int, int, Path]:
-        """Create and open a segment file; only system calls, so it may run in a thread."""
-        fd, path = create_segment_file(self.directory, seq)
-        return seq, fd, path
-
-    def _add_segment(self, seq: int, fd: int, path: Path) -> None:
-        """Make a created segment the active one (in the event loop's thread only)."""
-        self._seal_active()
-        self._fd = fd
-        self._segments.append(_Segment(seq, path))
-
-    def _seal_active(self) -> None:
-        """Close the active segment: from now on it is only read (and removed once done)."""
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
-            self._segments[-1].sealed = True
-            self._collect()
+        return self._records
 
     async def close(self) -> None:
-        """Finish pending appends, then release the files (records stay for the next start)."""
+        """Finish pending appends and removals, then release the files (records stay)."""
         self._closing = True
         self._wake.set()
         if self._io_task is not None:
             await self._io_task
-        self._collect()
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)
-            self._lock_fd = None
+        await asyncio.to_thread(self._store.close)
 
     # --- appending ---------------------------------------------------------------------------
 
@@ -339,9 +403,9 @@ class Spool:
             raise SpoolBroken("the spool is closing")
         if time.monotonic() < self._retry_at:
             raise SpoolFull("the spool's disk was full a moment ago")
-        need = HEADER.size + len(payload)
-        if self.size_bytes + self._reserved + need > self.max_bytes:
-            raise SpoolFull(f"the spool holds {self.size_bytes} bytes, max_bytes={self.max_bytes}")
+        need = record_bytes(payload)
+        if self._bytes + self._reserved + need > self.max_bytes:
+            raise SpoolFull(f"the spool holds {self._bytes} bytes, max_bytes={self.max_bytes}")
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiting.append((payload, fut))
         self._reserved += need
@@ -349,220 +413,92 @@ class Spool:
         await fut
 
     async def _io_loop(self) -> None:
-        """The only writer of the active segment: group-committed appends and truncation."""
+        """The only user of the writer: group-committed appends, then removals."""
         while True:
             await self._wake.wait()
             self._wake.clear()
             if self._waiting:
                 await self._write_waiting()
-            elif self._active_done() and self.broken is None:
-                await self._truncate_active()
+            while self._done and self.broken is None and await self._remove_done():
+                pass  # what was committed while the last removal ran, too
             if self._closing and not self._waiting:
-                return
+                return  # what could not be removed is replayed again after a restart
 
     async def _write_waiting(self) -> None:
         batch, self._waiting = self._waiting, []
-        data = b"".join(encode_record(p) for p, _ in batch)
+        need = sum(record_bytes(p) for p, _ in batch)
         try:
-            if self._fd is None or self._segments[-1].size >= self.segment_bytes:
-                await self._new_segment()
-            seg = self._segments[-1]
-            await asyncio.to_thread(self._write_sync, seg.size, data)
-        except SpoolError as exc:
-            self._reserved -= len(data)
-            if isinstance(exc, _SegmentCutBack):
-                self._seal_active()
-            refusal = SpoolBroken if isinstance(exc, SpoolBroken) else SpoolFull
+            await asyncio.to_thread(self._store.append, [p for p, _ in batch])
+        except sqlite3.Error as exc:
+            self._reserved -= need
+            refusal = self._refusal(exc)
             for _, fut in batch:
                 if not fut.done():
-                    fut.set_exception(refusal(str(exc)))
+                    fut.set_exception(type(refusal)(str(refusal)))
             return
         # Reserved until now, so that appends meanwhile see this batch against max_bytes.
-        self._reserved -= len(data)
-        seg.size += len(data)
-        seg.records += len(batch)
+        self._reserved -= need
+        self._bytes += need
+        self._records += len(batch)
         self.appended += len(batch)
         for _, fut in batch:
             if not fut.done():
                 fut.set_result(None)
 
-    async def _new_segment(self) -> None:
-        """Make the next segment the active one; SpoolFull (for now) if it cannot be made.
-
-        Nothing has been written when this fails, so the spool's state is intact: a full disk
-        (no space, no inode left) or a directory not writable for now is a temporary refusal,
-        tried again after ``full_retry_s``. The file is made in a thread; the bookkeeping stays
-        here, in the loop, where the replay also changes the segment list.
-        """
-        try:
-            created = await asyncio.to_thread(self._create_segment_file, self._next_seq())
-        except OSError as exc:
+    def _refusal(self, exc: sqlite3.Error) -> SpoolError:
+        if is_disk_full(exc):
+            # SQLite rolled the transaction back: nothing of the batch stays.
             self._retry_at = time.monotonic() + self.full_retry_s
             log.warning(
-                "cannot create a spool segment in %s, nothing kept: %s",
-                self.directory,
+                "spool write failed, the disk is full, nothing kept: %s",
                 exc,
                 extra={"action": "spool_full"},
             )
-            raise SpoolFull(
-                f"cannot create a spool segment in {self.directory}: {exc.strerror or exc}"
-            ) from exc
-        self._add_segment(*created)
-
-    def _write_sync(self, at: int, data: bytes) -> None:
-        assert self._fd is not None
-        fd = self._fd
-        try:
-            view = memoryview(data)
-            written = 0
-            while written < len(data):
-                written += os.pwrite(fd, view[written:], at + written)
-        except OSError as exc:
-            # Disk full or file too large: undo the partial write so no half record remains.
-            try:
-                os.ftruncate(fd, at)
-            except OSError as undo:
-                self.broken = f"spool write failed ({exc}) and could not be undone ({undo})"
-                log.error("%s", self.broken, extra={"action": "spool_broken"})
-                raise SpoolBroken(self.broken) from exc
-            self._retry_at = time.monotonic() + self.full_retry_s
-            log.warning(
-                "spool write of %d bytes failed, nothing kept: %s",
-                len(data),
-                exc,
-                extra={"action": "spool_full"},
-            )
-            raise SpoolFull(f"spool write failed: {exc.strerror or exc}") from exc
-        try:
-            os.fsync(fd)
-        except OSError as exc:
-            if exc.errno in DISK_FULL_ERRNOS and self._cut_back(fd, at):
-                self._retry_at = time.monotonic() + self.full_retry_s
-                log.warning(
-                    "spool fsync of %d bytes found the disk full, nothing kept; the segment "
-                    "was cut back to its last durable record and sealed: %s",
-                    len(data),
-                    exc,
-                    extra={"action": "spool_full"},
-                )
-                raise _SegmentCutBack(f"spool fsync failed: {exc.strerror or exc}") from exc
-            self.broken = f"spool fsync failed ({exc}): the spool is no longer trusted"
-            log.error("%s", self.broken, extra={"action": "spool_broken"})
-            raise SpoolBroken(self.broken) from exc
-
-    @staticmethod
-    def _cut_back(fd: int, at: int) -> bool:
-        """After an fsync that found the disk full: drop what it covered, durably.
-
-        Everything before ``at`` was fsync'd earlier and is on disk; what was written after it
-        may or may not be. Cutting the file at ``at`` and fsyncing that (a size change, no data
-        to write) leaves it in a known state; the segment is then sealed, never written again.
-        """
-        try:
-            os.ftruncate(fd, at)
-            os.fsync(fd)
-        except OSError as undo:
-            log.error(
-                "spool: cutting a segment back after a failed fsync failed too: %s",
-                undo,
-                extra={"action": "spool_broken"},
-            )
-            return False
-        return True
+            return SpoolFull(f"spool write failed, the disk is full: {exc}")
+        self.broken = f"spool write failed ({exc}): the spool is no longer trusted"
+        log.error("%s", self.broken, extra={"action": "spool_broken"})
+        return SpoolBroken(self.broken)
 
     # --- replaying ---------------------------------------------------------------------------
 
     async def read_batch(self, limit: int) -> list[SpoolRecord]:
         """The next durable records not yet handed out, in order (at most ``limit``)."""
-        for seg in self._segments:
-            if seg.read_offset >= seg.size:
-                continue
-            start = seg.read_offset
-            length = min(seg.size - start, READ_CHUNK_BYTES)
-            data = await asyncio.to_thread(_pread, seg.path, start, length)
-            records, _ = scan(data)
-            if not records and len(data) >= HEADER.size:
-                # One record larger than a chunk: read exactly it.
-                need = HEADER.size + HEADER.unpack_from(data)[0]
-                if need <= seg.size - start:
-                    data = await asyncio.to_thread(_pread, seg.path, start, need)
-                    records, _ = scan(data)
-            if not records:
-                # Durable bytes that no longer pass their checksum: the disk changed them after
-                # they were fsync'd. They cannot be replayed; they are kept aside, not dropped.
-                aside = seg.path.with_suffix(f".{start}.corrupt")
-                await asyncio.to_thread(_copy_range, seg.path, start, seg.size - start, aside)
-                skipped = seg.records - seg.read_records
-                log.error(
-                    "spool %s: %d records after offset %d fail their checksum since they were "
-                    "written; kept in %s, not replayed",
-                    seg.path.name,
-                    skipped,
-                    start,
-                    aside.name,
-                    extra={"action": "spool_corrupt"},
-                )
-                self.corrupt_records += skipped
-                seg.read_offset = seg.size
-                seg.read_records = seg.records
-                seg.committed += skipped  # what was handed out before still counts on its own
-                self._collect()
-                continue
-            records = records[:limit]
-            last_offset, last_payload = records[-1]
-            seg.read_offset = start + last_offset + HEADER.size + len(last_payload)
-            seg.read_records += len(records)
-            self.replayed += len(records)
-            return [SpoolRecord(seg.seq, start + off, payload) for off, payload in records]
+        while self._read_id < self._store.last_id:
+            rows = await asyncio.to_thread(self._store.read, self._read_id, limit)
+            if not rows:
+                return []
+            self._read_id = rows[-1][0]
+            good, bad = split_corrupt(rows)
+            if bad:
+                await asyncio.to_thread(self._store.set_aside, bad, "replayed")
+                self.corrupt_records += len(bad)
+                self._done.extend(SpoolRecord(i, p) for i, _, p in bad)
+                self._wake.set()
+            if good:
+                self.replayed += len(good)
+                return [SpoolRecord(i, p) for i, _, p in good]
         return []
 
     def committed(self, records: list[SpoolRecord]) -> None:
-        """Mark records as committed to the database; remove what is wholly done."""
-        by_seq = {s.seq: s for s in self._segments}
-        for r in records:
-            seg = by_seq.get(r.segment)
-            if seg is not None:
-                seg.committed += 1
-        self._collect()
+        """Mark records as committed to the database; the io loop removes them."""
+        self._done.extend(records)
+        self._wake.set()
 
-    def _collect(self) -> None:
-        keep: list[_Segment] = []
-        for seg in self._segments:
-            if seg.sealed and seg.done:
-                with contextlib.suppress(FileNotFoundError):
-                    seg.path.unlink()
-            else:
-                keep.append(seg)
-        self._segments = keep
-        if self._active_done() and self._segments[-1].size > 0:
-            self._wake.set()  # the io loop truncates the active segment
-
-    def _active_done(self) -> bool:
-        if not self._segments or self._waiting:
-            return False
-        active = self._segments[-1]
-        return not active.sealed and active.size > 0 and active.done
-
-    async def _truncate_active(self) -> None:
-        seg = self._segments[-1]
+    async def _remove_done(self) -> bool:
+        done, self._done = self._done, []
+        emptied = len(done) == self._records and not self._waiting
+        self._removing = len(done)
         try:
-            await asyncio.to_thread(self._truncate_sync)
-        except OSError as exc:
-            log.warning("spool truncate failed: %s", exc, extra={"action": "spool_truncate"})
-            return
-        seg.size = seg.records = seg.read_offset = seg.read_records = seg.committed = 0
-
-    def _truncate_sync(self) -> None:
-        assert self._fd is not None
-        os.ftruncate(self._fd, 0)
-        os.fsync(self._fd)
-
-
-def _copy_range(source: Path, offset: int, length: int, target: Path) -> None:
-    target.write_bytes(_pread(source, offset, length))
-
-
-def _pread(path: Path, offset: int, length: int) -> bytes:
-    with path.open("rb") as f:
-        f.seek(offset)
-        return f.read(length)
+            await asyncio.to_thread(
+                self._store.remove, [r.record_id for r in done], emptied=emptied
+            )
+        except sqlite3.Error as exc:
+            # They stay on disk (replayed again after a restart, stored once); tried again.
+            log.warning("spool removal failed: %s", exc, extra={"action": "spool_truncate"})
+            self._done = done + self._done
+            return False
+        finally:
+            self._removing = 0
+        self._records -= len(done)
+        self._bytes -= sum(record_bytes(r.payload) for r in done)
+        return True

@@ -1,32 +1,40 @@
-"""``ingestd stats`` (seed §7): what is in the database and in Redis, and how maintenance goes.
+"""``ingestd stats``: what is in the database and in Redis, and how maintenance goes.
 
-Sections: table sizes (seed §7.1's query, plus ``hypertable_size()`` since a hypertable's root
-holds no rows), row counts, hypertable chunks and compression, the two aggregates, TimescaleDB
-jobs with their last run, ingestd's own maintenance rounds, the slowest statements from
-``pg_stat_statements`` (``mean_exec_time``, the PostgreSQL 13+ name of the seed's ``mean_time``),
-and Redis ``INFO stats`` with the ``metrics:*`` keys. ``render`` prints readable tables; the same
-dictionary goes out as JSON with ``--json``.
+Sections: table sizes (plus ``hypertable_size()``, since a hypertable's root holds no rows), row
+counts, hypertable chunks and compression, the two aggregates, TimescaleDB jobs with their last
+run, ingestd's own maintenance rounds, the slowest statements from ``pg_stat_statements``
+(``mean_exec_time``), and Redis ``INFO`` (server, clients, memory, stats, keyspace) with the
+``metrics:*`` keys. ``render`` and ``print_report`` show them as sections of tables that fit the
+width (100 columns off a terminal); the whole dictionary goes out as JSON with ``--json``.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import decimal
-from collections.abc import Sequence
-from typing import Any, Final
+from collections.abc import Callable
+from typing import Any, Final, TextIO
 
 import asyncpg
 import orjson
 import redis.asyncio as aioredis
 import redis.exceptions
+from rich.console import RenderableType
 
-from ingestd import tables
+from ingestd import liveness, tables
 from ingestd.db import Connection
 from ingestd.gaps import SQL_COUNT_OPEN as SQL_COUNT_OPEN_GAPS
 from ingestd.logs import escape
 from ingestd.maintenance import hypertable_names
+from ingestd.textui import (
+    PLAIN_WIDTH,
+    Column,
+    Section,
+    print_sections,
+    render_sections,
+    table,
+)
 
-# Seed §7.1, verbatim.
 SQL_TABLE_SIZES: Final = """
 SELECT
     schemaname,
@@ -37,7 +45,7 @@ WHERE schemaname = 'public'
 ORDER BY pg_total_relation_size(schemaname||'.'||tablename) DESC;
 """
 
-# Seed §7.1's slow-query log with the column's current name, limited to this database (the view
+# The slowest statements by mean time (``mean_exec_time``), limited to this database (the view
 # covers the whole server).
 SQL_SLOW_QUERIES: Final = """
 SELECT query, calls, mean_exec_time FROM pg_stat_statements
@@ -131,7 +139,7 @@ WHERE j.proc_name IN ('policy_retention', 'policy_compression',
 ORDER BY j.job_id
 """
 
-# Closes of positions whose open has not landed (DESIGN: visible, then dead letters past an age).
+# Closes of positions whose open has not landed (visible here, then dead letters past an age).
 _SQL_PARKED_CLOSES: Final = """
 SELECT count(*)::int AS waiting,
        (count(*) FILTER (
@@ -223,18 +231,21 @@ async def collect_database(
     exact: bool = False,
     top: int = 10,
     parked_close_max_age_s: float = 86_400.0,
+    liveness_alive_within_s: float = 15.0,
 ) -> dict[str, Any]:
     """Every database section of the report."""
     timescale = await _extension(conn, "timescaledb")
     hyper = await hypertable_names(conn)
     report: dict[str, Any] = {
+        # What the text's relative times ("5m ago") count from.
+        "collected_at": _plain(dt.datetime.now(dt.UTC)),
         "database": {
             "name": await conn.fetchval("SELECT current_database()"),
             "server_version": await conn.fetchval("SHOW server_version"),
             "timescaledb": timescale,
             "flavour": "TimescaleDB" if timescale else "plain PostgreSQL",
             "timezone": await conn.fetchval("SHOW timezone"),
-        }
+        },
     }
     hyper_info: dict[str, dict[str, Any]] = {}
     if timescale:
@@ -317,6 +328,9 @@ async def collect_database(
             "open": await conn.fetchval(SQL_COUNT_OPEN_GAPS),
             "rows": [_record(r) for r in gaps],
         }
+    report["liveness"] = await liveness.collect_section(
+        conn, alive_within_s=liveness_alive_within_s
+    )
     report["slow_queries"] = await _slow_queries(conn, top)
     return report
 
@@ -329,10 +343,14 @@ ORDER BY detected_at, producer, session, first_missing LIMIT 100
 """
 
 
+# The INFO sections collected (all of their fields go into the JSON; the text shows a few).
+REDIS_INFO_SECTIONS: Final = ("server", "clients", "memory", "stats", "keyspace")
+
+
 async def collect_redis(client: aioredis.Redis, *, key_prefix: str = "") -> dict[str, Any]:
-    """Redis ``INFO stats`` (seed §7.2) and the ``metrics:*`` keys ingestd wrote."""
+    """Redis ``INFO`` (server, clients, memory, stats, keyspace) and the ``metrics:*`` keys."""
     try:
-        info = await client.info("stats")
+        info = {s: await client.info(s) for s in REDIS_INFO_SECTIONS}
         keys = sorted(
             [
                 k.decode() if isinstance(k, bytes) else str(k)
@@ -341,226 +359,418 @@ async def collect_redis(client: aioredis.Redis, *, key_prefix: str = "") -> dict
         )
     except (redis.exceptions.RedisError, OSError) as exc:
         return {"error": f"{type(exc).__name__}: {exc}"}
-    return {
-        "info_stats": {k: _plain(v) for k, v in info.items()},
+    report: dict[str, Any] = {
+        "db": int(client.connection_pool.connection_kwargs.get("db", 0)),
+        **{f"info_{s}": {k: _plain(v) for k, v in info[s].items()} for s in REDIS_INFO_SECTIONS},
         "metrics_keys": keys,
     }
+    return report
 
 
-def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    cells = [[("" if v is None else str(v)) for v in row] for row in rows]
-    widths = [len(h) for h in headers]
-    for row in cells:
-        for i, v in enumerate(row):
-            widths[i] = max(widths[i], len(v))
-    line = "  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True))
-    rule = "  ".join("-" * w for w in widths)
-    body = ["  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)) for row in cells]
-    return "\n".join([line, rule, *body])
+# --- the text report: a header and a list of sections, each rendered alike ----------------------
+#
+# A new section is a function of the report returning a ``Section`` (or None when it has nothing
+# to say), added to ``SECTIONS`` in the order it should print. Times are shown relative to when the
+# report was collected; the JSON keeps them exact.
+
+_POLICY_NAMES: Final = {"refresh_continuous_aggregate": "refresh"}
 
 
-def _cut(text: Any, width: int) -> str:
-    s = "" if text is None else str(text)
-    return s if len(s) <= width else s[: width - 1] + "…"
+def _ago(value: Any, now: dt.datetime) -> str:
+    """``5m ago`` / ``in 12m`` for an ISO-8601 time; other values as they are."""
+    if value is None:
+        return ""
+    if value == "infinity":
+        return "never"
+    try:
+        when = dt.datetime.fromisoformat(str(value))
+    except ValueError:
+        return str(value)
+    if when.tzinfo is None:
+        return str(value)
+    seconds = (when - now).total_seconds()
+    span = _span(abs(seconds))
+    return f"in {span}" if seconds > 0 else f"{span} ago"
 
 
-def render(report: dict[str, Any]) -> str:
-    """The report as readable text tables."""
-    db = report["database"]
+def _span(seconds: float) -> str:
+    """A duration in its largest two units: ``45s``, ``12m``, ``3h 5m``, ``2d 4h``."""
+    s = int(seconds)
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m"
+    if s < 86_400:
+        return f"{s // 3600}h {s % 3600 // 60}m"
+    return f"{s // 86_400}d {s % 86_400 // 3600}h"
+
+
+def _took(started: Any, finished: Any) -> str:
+    try:
+        a = dt.datetime.fromisoformat(str(started))
+        b = dt.datetime.fromisoformat(str(finished))
+    except ValueError:
+        return ""
+    seconds = (b - a).total_seconds()
+    return f"{seconds:.1f}s" if 0 <= seconds < 600 else ""
+
+
+def _bytes(n: Any) -> str:
+    if n is None or n == "":
+        return ""
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return ""  # pragma: no cover - the loop returns
+
+
+def _collected_at(report: dict[str, Any]) -> dt.datetime:
+    try:
+        return dt.datetime.fromisoformat(str(report.get("collected_at")))
+    except ValueError:
+        return dt.datetime.now(dt.UTC)
+
+
+def _tables(report: dict[str, Any], now: dt.datetime) -> Section:
     hyper = any(t["hypertable"] for t in report["tables"])
-    out = [
-        f"database {db['name']}: PostgreSQL {db['server_version']}, "
-        + (f"TimescaleDB {db['timescaledb']}" if db["timescaledb"] else "plain (no timescaledb)")
-        + f", TimeZone {db['timezone']}",
-        "",
-        "tables (seed §7.1; a hypertable's own size is its root, see hypertable size)",
-        _table(
-            ["schema", "table", "size", *(["hypertable size"] if hyper else []), "rows"],
-            [
-                [
-                    t["schemaname"],
-                    t["tablename"],
-                    t["size"],
-                    *([t["hypertable_size"] or ""] if hyper else []),
-                    ""
-                    if t["rows"] is None
-                    else (f"{t['rows']}" if t["rows_exact"] else f"~{t['rows']}"),
-                ]
-                for t in report["tables"]
-            ],
-        ),
+    columns = [
+        Column("table"),
+        Column("size", numeric=True),
+        *([Column("hypertable size", numeric=True)] if hyper else []),
+        Column("rows", numeric=True),
     ]
-    if report["hypertables"]:
-        out += [
-            "",
-            "hypertables",
-            _table(
-                [
-                    "hypertable",
-                    "chunk",
-                    "chunks",
-                    "compressed",
-                    "segmentby",
-                    "orderby",
-                    "before",
-                    "after",
-                    "ratio",
-                ],
-                [
-                    [
-                        h["name"],
-                        h["chunk_interval"],
-                        h["chunks"],
-                        h["compressed_chunks"],
-                        h["segmentby"] or ("-" if not h["compression_enabled"] else ""),
-                        h["orderby"] or "",
-                        h["before_compression_bytes"] or "",
-                        h["after_compression_bytes"] or "",
-                        "" if h["compression_ratio"] is None else f"{h['compression_ratio']}x",
-                    ]
-                    for h in report["hypertables"]
-                ],
-            ),
+    rows = [
+        [
+            t["tablename"]
+            if t["schemaname"] == "public"
+            else f"{t['schemaname']}.{t['tablename']}",
+            t["size"],
+            *([t["hypertable_size"] or ""] if hyper else []),
+            ""
+            if t["rows"] is None
+            else (f"{t['rows']:,}" if t["rows_exact"] else f"~{t['rows']:,}"),
         ]
-    out += [
-        "",
-        "aggregates",
-        _table(
-            ["view", "kind", "real-time", "refreshed by", "rows"],
-            [
-                [
-                    a["name"],
-                    a["kind"],
-                    "yes" if a["real_time"] else "no",
-                    a["refreshed_by"],
-                    a["rows"],
-                ]
-                for a in report["aggregates"]
-            ],
-        ),
+        for t in report["tables"]
     ]
-    if report["jobs"]:
-        out += [
-            "",
-            "TimescaleDB jobs (policies)",
-            _table(
-                [
-                    "job",
-                    "policy",
-                    "on",
-                    "every",
-                    "config",
-                    "last run",
-                    "status",
-                    "next",
-                    "runs",
-                    "failed",
-                    "last error",
-                ],
-                [
-                    [
-                        j["job_id"],
-                        str(j["proc_name"]).removeprefix("policy_"),
-                        j["target"],
-                        j["schedule_interval"],
-                        _cut(j["config"], 60),
-                        j["last_run_started_at"],
-                        j["last_run_status"],
-                        j["next_start"],
-                        j["total_runs"],
-                        j["total_failures"],
-                        _cut(j["last_error"], 70),
-                    ]
-                    for j in report["jobs"]
-                ],
-            ),
+    title = "tables (~: an estimate, --exact counts)"
+    if hyper:
+        # A hypertable's rows live in its chunks: its root table alone is nearly empty.
+        title = "tables (~: an estimate, --exact counts; a hypertable's chunks: hypertable size)"
+    return Section(title, [table(columns, rows)])
+
+
+def _hypertables(report: dict[str, Any], now: dt.datetime) -> Section | None:
+    if not report["hypertables"]:
+        return None
+    columns = [
+        Column("hypertable"),
+        Column("chunk"),
+        Column("chunks", numeric=True),
+        Column("compressed", numeric=True),
+        Column("segmentby", cut=True),
+        Column("orderby", cut=True),
+        Column("before", numeric=True),
+        Column("after", numeric=True),
+        Column("ratio", numeric=True),
+    ]
+    rows = [
+        [
+            h["name"],
+            h["chunk_interval"],
+            h["chunks"],
+            h["compressed_chunks"],
+            h["segmentby"] or ("-" if not h["compression_enabled"] else ""),
+            h["orderby"] or "",
+            _bytes(h["before_compression_bytes"]),
+            _bytes(h["after_compression_bytes"]),
+            "" if h["compression_ratio"] is None else f"{h['compression_ratio']}x",
         ]
-    out += [
-        "",
-        "ingestd maintenance rounds",
-        _table(
+        for h in report["hypertables"]
+    ]
+    return Section("hypertables (compression: before / after)", [table(columns, rows)])
+
+
+def _aggregates(report: dict[str, Any], now: dt.datetime) -> Section:
+    columns = [
+        Column("view"),
+        Column("kind"),
+        Column("real-time"),
+        Column("refreshed by"),
+        Column("rows", numeric=True),
+    ]
+    rows = [
+        [a["name"], a["kind"], a["real_time"], a["refreshed_by"], a["rows"]]
+        for a in report["aggregates"]
+    ]
+    return Section("aggregates", [table(columns, rows)])
+
+
+def _jobs(report: dict[str, Any], now: dt.datetime) -> Section | None:
+    if not report["jobs"]:
+        return None
+    columns = [
+        Column("job", numeric=True),
+        Column("policy"),
+        Column("on"),
+        Column("every"),
+        Column("last run"),
+        Column("status"),
+        Column("next"),
+        Column("runs", numeric=True),
+        Column("failed", numeric=True),
+    ]
+    rows = []
+    errors = []
+    for j in report["jobs"]:
+        policy = str(j["proc_name"]).removeprefix("policy_")
+        rows.append(
             [
-                "task",
-                "last started",
-                "last finished",
-                "status",
-                "runs",
-                "failures",
-                "detail / error",
-            ],
-            [
-                [
-                    m["task"],
-                    m["last_started_at"],
-                    m["last_finished_at"],
-                    m["last_status"],
-                    m["runs"],
-                    m["failures"],
-                    _cut(m["last_error"] if m["last_status"] == "failed" else m["last_detail"], 70),
-                ]
-                for m in report["maintenance"]
-            ],
+                str(j["job_id"]),  # an id, not a quantity: no thousands separator
+                _POLICY_NAMES.get(policy, policy),
+                j["target"],
+                j["schedule_interval"],
+                _ago(j["last_run_started_at"], now),
+                j["last_run_status"],
+                _ago(j["next_start"], now),
+                j["total_runs"],
+                j["total_failures"],
+            ]
         )
-        if report["maintenance"]
-        else "(no round has run yet: `ingestd run` does them)",
+        if j["last_error"]:
+            errors.append(f"job {j['job_id']} last error: {escape(str(j['last_error']))}")
+    return Section("TimescaleDB jobs (policies)", [table(columns, rows), *errors])
+
+
+def _maintenance(report: dict[str, Any], now: dt.datetime) -> Section:
+    title = "ingestd maintenance rounds"
+    if not report["maintenance"]:
+        return Section(title, ["(no round has run yet: ingestd run does them)"])
+    columns = [
+        Column("task"),
+        Column("last started"),
+        Column("took", numeric=True),
+        Column("status"),
+        Column("runs", numeric=True),
+        Column("failures", numeric=True),
+        Column("detail / error", cut=True),
     ]
+    rows = [
+        [
+            m["task"],
+            _ago(m["last_started_at"], now),
+            _took(m["last_started_at"], m["last_finished_at"]),
+            m["last_status"],
+            m["runs"],
+            m["failures"],
+            m["last_error"] if m["last_status"] == "failed" else m["last_detail"],
+        ]
+        for m in report["maintenance"]
+    ]
+    return Section(title, [table(columns, rows)])
+
+
+def _parked_closes(report: dict[str, Any], now: dt.datetime) -> Section | None:
     parked = report.get("parked_closes")
-    if parked is not None:
-        line = "parked closes (position_close waiting for its open): "
-        if parked["waiting"]:
-            line += (
-                f"{parked['waiting']} waiting, {parked['past_max_age']} past "
-                f"pipeline.parked_close_max_age_s ({parked['max_age_s']:g} s; the daemon makes "
-                f"them dead letters), oldest since {parked['oldest_received_at']}"
-            )
-        else:
-            line += "none"
-        out += ["", line]
-    gaps = report.get("producer_gaps")
-    if gaps is not None:
-        out += ["", f"open producer gaps (seq numbers not received): {gaps['open']}"]
-        if gaps["rows"]:
-            out.append(
-                _table(
-                    ["producer", "session", "first missing", "last missing", "missing", "since"],
-                    [
-                        [
-                            # Producer-chosen text: escaped, it cannot move the terminal.
-                            _cut(escape(g["producer"] or "(none)"), 20),
-                            _cut(escape(g["session"] or "(none)"), 50),
-                            g["first_missing"],
-                            g["last_missing"],
-                            g["missing"],
-                            g["detected_at"],
-                        ]
-                        for g in gaps["rows"]
-                    ],
-                )
-            )
-    slow = report["slow_queries"]
-    out += ["", "slowest statements (pg_stat_statements, mean_exec_time)"]
-    if slow["available"]:
-        out.append(
-            _table(
-                ["mean ms", "calls", "query"],
-                [[q["mean_exec_time_ms"], q["calls"], _cut(q["query"], 90)] for q in slow["rows"]],
-            )
+    if parked is None:
+        return None
+    if parked["waiting"]:
+        summary = (
+            f"{parked['waiting']} waiting, {parked['past_max_age']} past "
+            f"pipeline.parked_close_max_age_s ({parked['max_age_s']:g} s; the daemon makes "
+            f"them dead letters), oldest since {parked['oldest_received_at']}"
         )
     else:
-        out.append(slow["hint"])
+        summary = "none"
+    return Section(f"parked closes (position_close waiting for its open): {summary}", [])
+
+
+def _producer_gaps(report: dict[str, Any], now: dt.datetime) -> Section | None:
+    gaps = report.get("producer_gaps")
+    if gaps is None:
+        return None
+    body = []
+    if gaps["rows"]:
+        columns = [
+            Column("producer", cut=True),
+            Column("session", cut=True),
+            Column("first missing", numeric=True),
+            Column("last missing", numeric=True),
+            Column("missing", numeric=True),
+            Column("since"),
+        ]
+        rows = [
+            [
+                # Producer-chosen text: escaped, it cannot move the terminal.
+                escape(g["producer"] or "(none)"),
+                escape(g["session"] or "(none)"),
+                g["first_missing"],
+                g["last_missing"],
+                g["missing"],
+                _ago(g["detected_at"], now),
+            ]
+            for g in gaps["rows"]
+        ]
+        body.append(table(columns, rows))
+    return Section(f"open producer gaps (seq numbers not received): {gaps['open']}", body)
+
+
+def _liveness(report: dict[str, Any], now: dt.datetime) -> Section | None:
+    """Each component's newest liveness interval (the heartbeat history, ingestd/liveness.py)."""
+    section = report.get("liveness")
+    if section is None:
+        return None
+    rows = section["components"]
+    title = f"component liveness (heartbeat history): {len(rows)} component(s)"
+    if not rows:
+        return Section(title, ["(no heartbeat recorded yet)"])
+    columns = [
+        Column("component", cut=True),
+        Column("state"),
+        Column("alive since"),
+        Column("last seen"),
+        Column("intervals", numeric=True),
+    ]
+    body = [
+        [
+            # Producer-chosen text: escaped, it cannot move the terminal.
+            escape(c["component"]),
+            "alive" if c["alive"] else "DOWN",
+            _ago(_plain(c["alive_from"]), now) if c["alive"] else "-",
+            _ago(_plain(c["last_seen"]), now),
+            c["intervals"],
+        ]
+        for c in rows
+    ]
+    return Section(title, [table(columns, body)])
+
+
+def _slow_queries_section(report: dict[str, Any], now: dt.datetime) -> Section:
+    slow = report["slow_queries"]
+    title = "slowest statements (pg_stat_statements, mean_exec_time)"
+    if not slow["available"]:
+        return Section(title, [slow["hint"]])
+    columns = [
+        Column("mean ms", numeric=True),
+        Column("calls", numeric=True),
+        Column("query", cut=True),
+    ]
+    rows = [[f"{q['mean_exec_time_ms']:,.3f}", q["calls"], q["query"]] for q in slow["rows"]]
+    return Section(title, [table(columns, rows)])
+
+
+def _redis_rows(rds: dict[str, Any]) -> list[list[Any]]:
+    """The INFO fields an operator looks at, from the sections collected."""
+    server = rds.get("info_server", {})
+    clients = rds.get("info_clients", {})
+    memory = rds.get("info_memory", {})
+    st = rds.get("info_stats", {})
+    rows: list[list[Any]] = []
+
+    def add(name: str, *values: Any, text: str | None = None) -> None:
+        if all(v is not None for v in values):
+            rows.append([name, text if text is not None else values[0]])
+
+    add("version", server.get("redis_version"))
+    uptime = server.get("uptime_in_seconds")
+    add("uptime", uptime, text=None if uptime is None else _span(float(uptime)))
+    add("memory used", memory.get("used_memory_human"))
+    add("memory peak", memory.get("used_memory_peak_human"))
+    maxmemory = memory.get("maxmemory")
+    add(
+        "memory max",
+        maxmemory,
+        memory.get("maxmemory_policy"),
+        text=f"{'no limit' if not maxmemory else memory.get('maxmemory_human')}, "
+        f"policy {memory.get('maxmemory_policy')}",
+    )
+    add("clients connected", clients.get("connected_clients"))
+    add("clients blocked", clients.get("blocked_clients"))
+    add("ops/s", st.get("instantaneous_ops_per_sec"))
+    add("commands processed", st.get("total_commands_processed"))
+    hits, misses = st.get("keyspace_hits"), st.get("keyspace_misses")
+    if hits is not None and misses is not None:
+        ratio = f" ({hits / (hits + misses):.0%} hits)" if hits + misses else ""
+        rows.append(["keyspace hits / misses", f"{hits:,} / {misses:,}{ratio}"])
+    add("evicted keys", st.get("evicted_keys"))
+    add("expired keys", st.get("expired_keys"))
+    add("rejected connections", st.get("rejected_connections"))
+    own = f"db{rds.get('db', 0)}"
+    for db, keys in sorted(rds.get("info_keyspace", {}).items()):
+        if db == own and isinstance(keys, dict):
+            rows.append(
+                [
+                    f"keys in {db}",
+                    f"{keys.get('keys', 0):,} ({keys.get('expires', 0):,} with a TTL)",
+                ]
+            )
+    return rows
+
+
+def _redis(report: dict[str, Any], now: dt.datetime) -> Section | None:
     rds = report.get("redis")
-    if rds is not None:
-        out += ["", "redis INFO stats"]
-        if "error" in rds:
-            out.append(f"unavailable: {rds['error']}")
-        else:
-            out.append(_table(["field", "value"], sorted(rds["info_stats"].items())))
-            keys = rds["metrics_keys"]
-            out += ["", f"metrics keys ({len(keys)})"]
-            out += [f"  {k}" for k in keys[:50]]
-            if len(keys) > 50:
-                out.append(f"  … and {len(keys) - 50} more")
-    return "\n".join(out) + "\n"
+    if rds is None:
+        return None
+    if "error" in rds:
+        return Section("redis", [f"unavailable: {rds['error']}"])
+    columns = [Column("field"), Column("value", cut=True)]
+    return Section("redis (INFO; --json has every field)", [table(columns, _redis_rows(rds))])
+
+
+_METRICS_KEYS_SHOWN: Final = 10
+
+
+def _metrics_keys(report: dict[str, Any], now: dt.datetime) -> Section | None:
+    rds = report.get("redis")
+    if rds is None or "error" in rds:
+        return None
+    keys = rds["metrics_keys"]
+    body: list[RenderableType] = [f"  {k}" for k in keys[:_METRICS_KEYS_SHOWN]]
+    if len(keys) > _METRICS_KEYS_SHOWN:
+        body.append(f"  … and {len(keys) - _METRICS_KEYS_SHOWN} more (--json lists them all)")
+    return Section(f"metrics keys ({len(keys)})", body)
+
+
+SECTIONS: Final[tuple[Callable[[dict[str, Any], dt.datetime], Section | None], ...]] = (
+    _tables,
+    _hypertables,
+    _aggregates,
+    _jobs,
+    _maintenance,
+    _parked_closes,
+    _producer_gaps,
+    _liveness,
+    _slow_queries_section,
+    _redis,
+    _metrics_keys,
+)
+
+
+def header(report: dict[str, Any]) -> list[str]:
+    """The first line: which database, which server, which time zone."""
+    db = report["database"]
+    return [
+        f"database {db['name']}: PostgreSQL {db['server_version']}, "
+        + (f"TimescaleDB {db['timescaledb']}" if db["timescaledb"] else "plain (no timescaledb)")
+        + f", TimeZone {db['timezone']}"
+    ]
+
+
+def sections(report: dict[str, Any]) -> list[Section]:
+    """The report's sections, in order, leaving out those with nothing to show."""
+    now = _collected_at(report)
+    return [s for build in SECTIONS if (s := build(report, now)) is not None]
+
+
+def render(report: dict[str, Any], *, width: int = PLAIN_WIDTH) -> str:
+    """The report as plain text, ``width`` columns wide."""
+    return render_sections(header(report), sections(report), width=width)
+
+
+def print_report(report: dict[str, Any], out: TextIO) -> None:
+    """The report on ``out``: at the terminal's width on a terminal, else ``PLAIN_WIDTH``."""
+    print_sections(out, header(report), sections(report))
 
 
 def to_json(report: dict[str, Any]) -> bytes:

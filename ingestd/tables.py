@@ -149,7 +149,7 @@ TRADES: Final = Table(
 APPEND_TABLES: Final = (SPREADS, FX_RATES, ORDERS, TRADES)
 APPEND_TABLES_BY_NAME: Final = {t.name: t for t in APPEND_TABLES}
 
-# positions is a plain, mutable table (DESIGN §2): written with upserts, not COPY.
+# positions is a plain, mutable table (not a hypertable): written with upserts, not COPY.
 POSITION_ENTRY_COLUMNS: Final = (
     ("symbol", Varchar(10)),
     ("direction", Varchar(50)),

@@ -474,7 +474,10 @@ class StateKeeper:
         cursor = 0
         while True:
             cursor, found = await self._client.scan(cursor, match=pattern, count=1000)
-            count += len(found)
+            if found:
+                # One key per position_key; its value lists each producer's half-hedged
+                # position under that key (``alerts``), so two producers' count as two.
+                count += sum(_positions_in(raw) for raw in await self._client.mget(found))
             if cursor == 0:
                 return count
 
@@ -550,6 +553,18 @@ def _age_of_iso(raw: bytes | str | None, now: dt.datetime) -> float | None:
         return None
     age = (now - moment).total_seconds()
     return None if age < -MAX_CLOCK_AHEAD_S else max(0.0, age)
+
+
+def _positions_in(raw: bytes | str | None) -> int:
+    """How many positions one ``alerts:half_hedge:*`` value names (at least one while it exists:
+    a value that cannot be read still means a half hedge)."""
+    if raw is None:
+        return 0  # deleted between the SCAN and the MGET
+    try:
+        alerts = orjson.loads(raw).get("alerts")
+    except (orjson.JSONDecodeError, AttributeError):
+        return 1
+    return len(alerts) if isinstance(alerts, list) and alerts else 1
 
 
 def _glob_escape(text: str) -> str:

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Measure ``ingestd import-csv`` on a generated spreads.csv: rows/s and peak RSS (README figures).
+"""Measure ``ingestd import-csv`` on a generated spreads.csv: rows/s and peak RSS.
 
     .venv/bin/python scripts/csv_import_bench.py --rows 1000000
     .venv/bin/python scripts/csv_import_bench.py --rows 100000 --rows 1000000   # flat memory?
@@ -9,7 +9,7 @@ derived from the line numbers) into a temporary directory, creates a scratch dat
 and runs, each as its own process under ``/usr/bin/time``: the import, the same import again
 (checkpoint: nothing to read), the import with ``--no-resume`` (every row read, validated and met
 by its unique key), and ``verify-csv``. The scratch database and the file are removed afterwards.
-Nothing here is a test: the numbers go into the README by hand.
+Nothing here is a test: the numbers go into docs/csv-migration.md by hand.
 """
 
 # ruff: noqa: S603, S607 - runs ingestd, psql and /usr/bin/time with arguments built here

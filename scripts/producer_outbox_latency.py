@@ -4,8 +4,8 @@
 
 Each call is timed on its own (``perf_counter_ns``); the table gives p50, p99, p99.9 and the
 maximum per case. "Redis down" publishes to a port where nothing listens, so the publisher thread
-fails and retries all along while the producer logs. Nothing is asserted: the figures go into the
-README. A case's outbox directory is a fresh temporary one.
+fails and retries all along while the producer logs. Nothing is asserted: the figures go into
+docs/producer.md. A case's outbox directory is a fresh temporary one.
 """
 
 from __future__ import annotations

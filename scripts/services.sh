@@ -205,7 +205,7 @@ CONF
   fi
   ts_preloaded "$ts_url" || { log "TimescaleDB did not start (see $data/server.log)"; exit 1; }
 fi
-[ -n "$ts_url" ] || log "no TimescaleDB: its tests skip (README: The TimescaleDB layer, Running the TimescaleDB tests)"
+[ -n "$ts_url" ] || log "no TimescaleDB: its tests skip (docs/development.md: Running the TimescaleDB tests)"
 
 # --- Redis ------------------------------------------------------------------------------------
 command -v redis-cli >/dev/null 2>&1 || apt_install redis-tools

@@ -4,7 +4,7 @@
 -- as the role that owns ingestd's tables. This is not a numbered migration: roles belong to the
 -- whole cluster, creating them needs CREATEROLE, and the grants must be re-applied whenever a
 -- migration adds a table. No password is in this file: `ingestd roles` creates the login roles
--- and sets their passwords from the environment (see README, Security).
+-- and sets their passwords from the environment (see docs/security.md).
 --
 --   ingestd_writer  NOLOGIN group for `ingestd run` (its refreshes and metrics keys), `import-csv` and
 --                   `verify-csv`: reads and appends its own tables, updates only what ingestd
@@ -71,6 +71,10 @@ GRANT SELECT ON daily_pnl_summary, hourly_spread_avg TO ingestd_writer;
 GRANT SELECT, INSERT, UPDATE ON csv_import_checkpoints TO ingestd_writer;
 GRANT SELECT, INSERT, UPDATE ON alerts, producer_gaps TO ingestd_writer;
 GRANT SELECT, INSERT, DELETE ON producer_seq_ranges TO ingestd_writer;
+-- The heartbeat history (ingestd/liveness.py) extends an interval or opens one; never deletes
+-- (retention is the owner's). The view merges its rows for readers and `ingestd stats`.
+GRANT SELECT, INSERT, UPDATE ON heartbeat_history TO ingestd_writer;
+GRANT SELECT ON component_liveness TO ingestd_writer;
 -- BIGSERIAL ids: nextval() needs USAGE on the sequences.
 GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO ingestd_writer;
 
@@ -88,8 +92,8 @@ GRANT SELECT ON ALL TABLES IN SCHEMA public TO ingestd_reader;
 --                                    the tables (REFRESH needs ownership of the view)
 --   ingestd_queue_backfill(timestamptz, timestamptz)  writer: a batch of old spreads queues
 --                                    its hours for the continuous aggregate's refresh (0009)
---   time_bucket(interval, timestamptz)  writer and reader, plain PostgreSQL only: the seed's
---                                    queries; IMMUTABLE SQL, runs with the caller's rights
+--   time_bucket(interval, timestamptz)  writer and reader, plain PostgreSQL only: the aggregates'
+--                                    and ad-hoc queries; IMMUTABLE SQL, runs with the caller's rights
 -- Retention (ingestd_delete_expired, ingestd_set_retention) is the owner's alone: those functions
 -- run with the caller's rights and are executable by nobody else (migration 0007).
 -- tests/integration/test_roles.py enumerates what each group may execute against this list.

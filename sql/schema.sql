@@ -6,13 +6,14 @@
 -- migrations, on plain PostgreSQL and on TimescaleDB, and requires their catalogs to be equal:
 -- a migration that changes the schema changes this file in the same commit.
 -- It runs in one transaction on an empty database; like the migrations it branches on whether
--- TimescaleDB is available (DESIGN §2).
+-- TimescaleDB is available (preloaded and installable).
 
 -- ================================================================================================
 -- Tables (migration 0001)
 -- ================================================================================================
 
--- ingestd 0001: the seed's five tables (§1), made correct for TimescaleDB (DESIGN §2), plus the
+-- ingestd 0001: the five tables (positions, orders, spreads, fx_rates, trades), made correct for
+-- TimescaleDB (the time column in every unique index; positions a plain table), plus the
 -- dead-letter table and the parking table for position closes that arrive before their open.
 -- Applies unchanged on plain PostgreSQL 15+; 0002 turns the time-series tables into hypertables
 -- where the timescaledb extension is available.
@@ -206,10 +207,11 @@ CREATE INDEX idx_dead_letters_received_at ON dead_letters (received_at DESC);
 -- ================================================================================================
 
 -- ingestd 0002: hypertables where TimescaleDB is available, else a time_bucket() for plain
--- PostgreSQL so that the seed's queries run unchanged on both.
+-- PostgreSQL so that the same queries (time_bucket('1 hour', timestamp)) run unchanged on
+-- both.
 --
 -- "Available" means preloaded AND installable: an extension that is installed but not in
--- shared_preload_libraries makes CREATE EXTENSION fail with FATAL (DESIGN §2).
+-- shared_preload_libraries makes CREATE EXTENSION fail with FATAL.
 --
 -- Chunk intervals follow the data: a collector writes many spreads per second per symbol (one
 -- day per chunk keeps a chunk's indexes in memory), FX a few per second (a week), orders and
@@ -243,7 +245,8 @@ $$;
 -- Retention, compression, aggregates, maintenance (migration 0003)
 -- ================================================================================================
 
--- ingestd 0003: the rest of seed §2 — retention, compression and the two aggregates — on
+-- ingestd 0003: the rest of the TimescaleDB layer — retention, compression and the two
+-- aggregates — on
 -- TimescaleDB, with the plain-PostgreSQL fallback, and the SECURITY DEFINER functions through
 -- which ingestd's runtime (a writer role with DML only) refreshes the plain materialized views,
 -- deletes expired rows and reconciles retention policies. Every statement is idempotent: the file
@@ -254,7 +257,7 @@ $$;
 -- before TimescaleDB was installed keeps plain tables and gets the plain fallback.
 
 -- Day and hour buckets are UTC. The views below say so explicitly; the database's TimeZone is
--- also UTC so that the seed's own ad-hoc queries (DATE(timestamp_close), §5.2) give UTC days in
+-- also UTC so that ad-hoc queries (GROUP BY DATE(timestamp_close)) give UTC days in
 -- every new session that does not set its own TimeZone.
 DO $$
 BEGIN
@@ -278,9 +281,10 @@ CREATE TABLE IF NOT EXISTS ingestd_maintenance (
         CHECK (last_status IN ('success', 'failed'))
 );
 
--- Seed §2.3 daily_pnl_summary. positions stays a plain table (DESIGN §2), so this cannot be a
--- continuous aggregate: it is a materialized view on both flavours, refreshed by ingestd. The seed
--- groups by DATE(timestamp_close), which depends on the session TimeZone; here the day is the UTC
+-- daily_pnl_summary. positions stays a plain table (a hypertable behind foreign keys could be
+-- neither compressed nor have chunks dropped), so this cannot be a continuous aggregate: it is a
+-- materialized view on both flavours, refreshed by ingestd. A plain GROUP BY
+-- DATE(timestamp_close) depends on the session TimeZone; here the day is the UTC
 -- day whatever the session says. The unique index lets REFRESH ... CONCURRENTLY run without
 -- blocking readers.
 CREATE MATERIALIZED VIEW IF NOT EXISTS daily_pnl_summary AS
@@ -313,7 +317,7 @@ BEGIN
     END IF;
 
     IF spreads_hyper THEN
-        -- Seed §2.3 hourly_spread_avg, verbatim, as a real continuous aggregate. Real-time
+        -- hourly_spread_avg, as a real continuous aggregate. Real-time
         -- (materialized_only = false): a query sees the materialized buckets plus the raw rows
         -- after the watermark, so the current hour is always there. WITH NO DATA because a
         -- refresh cannot run inside the migration's transaction; the policy fills it.
@@ -380,7 +384,7 @@ BEGIN
             END IF;
         END LOOP;
 
-        -- Seed §2.2 retention with the seed's intervals. ingestd reconciles them with its
+        -- Retention: spreads 90 days, fx_rates 180, orders 365. ingestd reconciles them with its
         -- `retention:` settings through ingestd_set_retention() below.
         FOR tbl, keep IN
             SELECT * FROM (VALUES ('spreads', INTERVAL '90 days'), ('fx_rates', INTERVAL '180 days'),
@@ -635,7 +639,7 @@ ALTER TABLE spreads ADD COLUMN binance_ts TIMESTAMPTZ;
 ALTER TABLE spreads ADD COLUMN fx_ts TIMESTAMPTZ;
 ALTER TABLE spreads ADD COLUMN is_stale BOOLEAN NOT NULL DEFAULT false;
 
--- daily_pnl_summary keeps the seed's definition (all books together). This one splits it by
+-- daily_pnl_summary keeps its definition (all books together). This one splits it by
 -- mode: paper and live never share a row, and positions without a mode have rows of their own
 -- (mode NULL). A plain view over the small positions table, so it is current at every read and
 -- the same on TimescaleDB and plain PostgreSQL (nothing to refresh).
@@ -870,3 +874,65 @@ CREATE TABLE producer_gaps (
 );
 
 CREATE INDEX idx_producer_gaps_open ON producer_gaps (producer, session) WHERE closed_at IS NULL;
+
+-- ================================================================================================
+-- Heartbeat history; half-hedge alerts per (producer, position_key); retention columns (0011)
+-- ================================================================================================
+
+
+-- When was each component alive: one row per liveness interval. A heartbeat within the gap limit
+-- (the health key's TTL, 10 s by default) of an interval's last_seen extends it; a later one opens
+-- a new interval. ingestd coalesces the heartbeats it takes in and writes them every few seconds
+-- (ingestd/liveness.py), one replica at a time; rows that overlap (a late heartbeat that bridged
+-- two intervals) are merged by the component_liveness view below, so readers never see them apart.
+CREATE TABLE heartbeat_history (
+    id BIGSERIAL PRIMARY KEY,
+    component VARCHAR(200) NOT NULL,
+    first_seen TIMESTAMPTZ NOT NULL,
+    last_seen TIMESTAMPTZ NOT NULL,
+    -- Heartbeats counted into this interval (a sparse interval is a flapping component).
+    beats BIGINT NOT NULL DEFAULT 1,
+    CONSTRAINT heartbeat_history_order CHECK (first_seen <= last_seen),
+    CONSTRAINT heartbeat_history_beats CHECK (beats >= 1)
+);
+
+-- The write extends the interval near a heartbeat's time: a range scan over the newest intervals
+-- of one component. Retention scans the small table whole (no index on last_seen alone).
+CREATE INDEX idx_heartbeat_history_component ON heartbeat_history (component, last_seen DESC);
+
+-- Liveness intervals as readers should see them: overlapping or touching rows of one component
+-- merged (gaps-and-islands), each with its heartbeat count.
+CREATE VIEW component_liveness AS
+WITH ordered AS (
+    SELECT component, first_seen, last_seen, beats,
+           max(last_seen) OVER (PARTITION BY component ORDER BY first_seen, last_seen
+                                ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING) AS reached
+    FROM heartbeat_history
+), islands AS (
+    SELECT component, first_seen, last_seen, beats,
+           count(*) FILTER (WHERE reached IS NULL OR first_seen > reached)
+               OVER (PARTITION BY component ORDER BY first_seen, last_seen) AS island
+    FROM ordered
+)
+SELECT component, min(first_seen) AS alive_from, max(last_seen) AS alive_until,
+       sum(beats)::bigint AS beats
+FROM islands
+GROUP BY component, island;
+
+-- Half-hedge alerts: a position is named by (producer, position_key), so two producers with the
+-- same position_key each have their own alert, raised and cleared apart. '' stands for a position
+-- without a producer. The old one-open-alert-per-(kind, key) index gives way to one per
+-- (kind, producer, key).
+ALTER TABLE alerts ADD COLUMN producer VARCHAR(50) NOT NULL DEFAULT '';
+UPDATE alerts SET producer = coalesce(details ->> 'producer', '') WHERE producer = '';
+DROP INDEX alerts_one_open;
+CREATE UNIQUE INDEX alerts_one_open ON alerts (kind, producer, key) WHERE cleared_at IS NULL;
+-- Retention deletes cleared alerts by age.
+CREATE INDEX idx_alerts_cleared_at ON alerts (cleared_at) WHERE cleared_at IS NOT NULL;
+
+-- Producer seq ranges: when a session's seqs were last recorded (the merge keeps the newest), so
+-- that retention removes only the ranges of sessions that have been quiet for the retention period
+-- (recorded_at is the earliest, and says nothing about whether the session is still running).
+-- NULL in rows written before this column existed: recorded_at stands in.
+ALTER TABLE producer_seq_ranges ADD COLUMN last_recorded_at TIMESTAMPTZ;
+CREATE INDEX idx_producer_gaps_closed_at ON producer_gaps (closed_at) WHERE closed_at IS NOT NULL;

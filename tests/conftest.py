@@ -6,8 +6,9 @@ DSN of a server where databases may be created), ``INGESTD_TEST_REDIS_URL`` and
 (PostgreSQL on 127.0.0.1:5432, Redis on 127.0.0.1:6379, a TimescaleDB cluster on 127.0.0.1:5433
 when one runs), else a testcontainers server where a Docker engine answers. Each test gets its
 own database, cloned from a migrated template (fast isolation), and a flushed Redis database.
-Two runs at once on one server (two checkouts) need their own ``INGESTD_TEST_TEMPLATE`` name
-and Redis database.
+Each session migrates a template of its own (a fresh name unless ``INGESTD_TEST_TEMPLATE``
+gives one) and drops it at its end; two runs at once on one server still need their own Redis
+database (``INGESTD_TEST_REDIS_URL``), since each test flushes it.
 """
 
 from __future__ import annotations
@@ -32,8 +33,14 @@ pytest_plugins = ["tests.private_servers"]
 DEFAULT_PG = "postgresql://postgres@127.0.0.1:5432/postgres"
 DEFAULT_TIMESCALE = "postgresql://postgres@127.0.0.1:5433/postgres"
 DEFAULT_REDIS = "redis://127.0.0.1:6379/15"
-# Two test runs at once on one server (two checkouts) each need their own template.
-TEMPLATE = os.environ.get("INGESTD_TEST_TEMPLATE", "ingestd_test_template")
+# Two test runs at once on one server (two checkouts) each need their own template; so does each
+# pytest-xdist worker of one run (each is a session of its own, and creating a template drops the
+# one of that name first). Without INGESTD_TEST_TEMPLATE each session names its own (a fixed
+# default let one checkout's run drop, or migrate with other migration files, the template
+# another run was cloning from). Each session drops its own template at its end, and only its own.
+TEMPLATE = os.environ.get("INGESTD_TEST_TEMPLATE", f"ingestd_tpl_{uuid.uuid4().hex[:12]}") + (
+    f"_{os.environ['PYTEST_XDIST_WORKER']}" if os.environ.get("PYTEST_XDIST_WORKER") else ""
+)
 
 
 def _with_db(dsn: str, name: str) -> str:
@@ -82,6 +89,13 @@ class PgServer:
                 await hold_policy_jobs(conn)
         finally:
             await conn.close()
+
+    async def drop_template(self) -> None:
+        admin = await asyncpg.connect(self.admin_dsn)
+        try:
+            await admin.execute(f"DROP DATABASE IF EXISTS {TEMPLATE} WITH (FORCE)")
+        finally:
+            await admin.close()
 
     async def clone(self) -> str:
         name = f"ingestd_test_{uuid.uuid4().hex[:12]}"
@@ -162,6 +176,8 @@ def pg_server() -> Iterator[PgServer]:
     yield server
     if container is not None:
         container.stop()
+    else:
+        asyncio.run(server.drop_template())
 
 
 def _no_timescale(reason: str) -> NoReturn:
@@ -169,8 +185,8 @@ def _no_timescale(reason: str) -> NoReturn:
     how = (
         "scripts/services.sh builds TimescaleDB and starts a cluster where the vendored source "
         "is at ../shared/vendor/timescaledb (or INGESTD_TIMESCALEDB_SOURCE); else set "
-        "INGESTD_TEST_TIMESCALE_URL to a server with timescaledb preloaded (README: The "
-        "TimescaleDB layer, Running the TimescaleDB tests)"
+        "INGESTD_TEST_TIMESCALE_URL to a server with timescaledb preloaded (docs/development.md: "
+        "Running the TimescaleDB tests)"
     )
     if os.environ.get("CI", "").lower() == "true":
         pytest.fail(f"CI runs every TimescaleDB test, but {reason}: {how}", pytrace=False)
@@ -188,6 +204,7 @@ def timescale_server() -> Iterator[PgServer]:
     server = PgServer(dsn, timescale=True)
     asyncio.run(server.create_template())
     yield server
+    asyncio.run(server.drop_template())
 
 
 @pytest.fixture

@@ -5,6 +5,6 @@ database and keys, verification), ``producer`` (the separate producer process), 
 (ceilings, baselines, ingestd at full speed), ``latency`` (paced loads), ``scaling`` (batch size,
 writers, replicas), ``replicas`` (``ingestd run`` subprocesses), ``memory`` (peak RSS), ``cpu``
 (where CPU time went), ``machine`` (what it ran on), ``report`` and ``plots`` (output),
-``options`` (phases and sizes) and ``runner`` (the command). The README's Performance section
-says what each phase does.
+``options`` (phases and sizes) and ``runner`` (the command). docs/performance.md says what
+each phase does.
 """

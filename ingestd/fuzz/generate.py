@@ -59,7 +59,7 @@ TABLE_OF_TYPE: Final = {
 }
 APPEND_TYPES: Final = tuple(TABLE_OF_TYPE)
 ALL_TYPES: Final = tuple(events.EVENT_TYPES)
-# Seed §2's retention; an event older than its table's is bad input (trades have none).
+# The default retention; an event older than its table's is bad input (trades have none).
 DEFAULT_RETENTION_DAYS: Final = {"spreads": 90, "fx_rates": 180, "orders": 365}
 # What a forged log line would start with; the oracle looks for it at the start of a line.
 FORGE: Final = "FZFORGE"

@@ -1,4 +1,4 @@
-"""The Redis mirror (DESIGN §5): latest values and heartbeats, written after each commit.
+"""The Redis mirror (docs/redis-keys.md): latest values and heartbeats, written after each commit.
 
 Values are coalesced per key within a flush and written by one Lua call that keeps, per key, the
 version it last wrote (event time in microseconds; for open counts a number drawn under the

@@ -1,7 +1,7 @@
 """The database sink: one batch, one transaction.
 
 Append-only tables are written with a CSV COPY of the validated decimal/time text (the cheapest
-exact path, PERFORMANCE.md), first optimistically: every statement straight in the transaction.
+exact path, docs/performance.md), first optimistically: every statement straight in the transaction.
 If the database refuses anything, the batch is written again carefully, in savepoints: a unique
 violation means a redelivered event met its earlier copy, and the table's rows are then merged
 through a staging table with ``ON CONFLICT DO NOTHING`` (a staged row whose stored copy has other
@@ -407,8 +407,8 @@ def _compile_encoder(table: tables.Table) -> Callable[[Sequence[Event]], bytes]:
     in them are data; numbers, times and booleans are validated text without such characters
     and go as they are. An empty field is NULL, which is unambiguous because validation refuses
     empty strings. Generated as straight-line code, like the validators: the C ``csv`` writer
-    took twice as long, checking every field for what needs quoting (PERFORMANCE.md: the
-    intake is CPU-bound in Python).
+    took twice as long, checking every field for what needs quoting (the intake is
+    CPU-bound in Python).
     """
     required = _required_fields(table)
     parts = ["'\"' + ev.event_id.replace('\"', '\"\"') + '\"'"]

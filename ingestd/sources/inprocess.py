@@ -1,7 +1,7 @@
-"""In-process intake (DESIGN §4): producers in the same process ``await submit(event)``.
+"""In-process intake: producers in the same process ``await submit(event)``.
 
 An event is accepted when it is committed, or, with a spool configured, when it is durably on
-the spool (fsync'd), whichever comes first (RELIABILITY.md: an acknowledgement is a promise).
+the spool (fsync'd), whichever comes first (an acknowledgement is a promise).
 It goes to the spool instead of the bounded in-memory queue when the queue is full, when the
 database is failing, or while earlier spooled events still wait (so that order is kept); and an
 event already in memory that is not committed within ``spool.spill_after_s`` is spooled too, so

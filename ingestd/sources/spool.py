@@ -42,8 +42,8 @@ class SpoolSource:
     def dead_letter_key(self, item: Item) -> str | None:
         """A replayed record that the database refuses is recorded once, by its content.
 
-        Not by its place: the active segment is truncated and reused once replayed, so one
-        offset holds different records over time. The in-process source keys its events the
+        Not by its place: record ids start over when an emptied spool is opened again, so one
+        id holds different records over time. The in-process source keys its events the
         same way, so an event both committed from memory and replayed is one dead letter.
         """
         record: SpoolRecord = item.token

@@ -1,4 +1,4 @@
-"""Redis Stream intake (DESIGN §4): one consumer group shared by every replica.
+"""Redis Stream intake: one consumer group shared by every replica.
 
 At start this consumer first re-reads its own pending entries (id ``0``: after a crash they are
 never returned by ``>``), then reads new ones. Entries left idle by a dead replica are claimed with
@@ -80,7 +80,7 @@ class StreamSource:
         # do not wait on the database).
         self._observer = observer
         # XREADGROUP replies stay as Redis sent them: building a dict per entry is a measurable
-        # share of the intake's CPU (PERFORMANCE.md), and _event_payload reads the flat list.
+        # share of the intake's CPU (profiled), and _event_payload reads the flat list.
         client.set_response_callback("XREADGROUP", _raw_reply)
         self._pipeline = pipeline
         self.settings = settings

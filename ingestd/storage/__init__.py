@@ -1,4 +1,4 @@
-"""The producer side (seed §3.3 and §4): the models and the storages collector, paper and live use.
+"""The producer side (docs/producer.md): the models and the storages collector, paper and live use.
 
     from ingestd.storage import RedisCacheStorage, create_storage, SpreadOpportunity
 

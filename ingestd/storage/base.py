@@ -1,4 +1,4 @@
-"""What every producer storage shares: event ids, the seed's ``log_*`` methods, the interfaces.
+"""What every producer storage shares: event ids, the ``log_*`` methods, the interfaces.
 
 Every event gets its ``event_id`` here, once, before it is written anywhere: a retried publish, the
 CSV row of a dual write and a later ``import-csv`` of that row all carry the same id, so the event
@@ -71,7 +71,7 @@ def _prefix(producer: str | None) -> str | None:
 
 
 class LogMethods:
-    """The seed's ``log_*`` calls for synchronous storages, in terms of ``_emit``."""
+    """The ``log_*`` calls for synchronous storages, in terms of ``_emit``."""
 
     _events: EventBuilder
 

@@ -1,11 +1,12 @@
-"""The seed's ``CsvStorage``: the CSV logs producers keep as a backup (seed §4.1 step 3).
+"""``CsvStorage``: the CSV logs producers keep as a backup.
 
 One append-only file per table in one directory: ``positions.csv``, ``orders.csv``,
-``spreads.csv``, ``trades.csv``, ``fx_rates.csv``, in the DESIGN §6 layout (UTF-8, ``\\n`` line
-ends, RFC 4180 quoting), each row with its ``event_id``, so that ``ingestd import-csv`` of these
-files is exactly idempotent. ``positions.csv`` gets one row per event: an ``OPEN`` row when a
-position is opened and a ``CLOSED`` row (with the entry columns again) when it is closed; the import
-replays them in order, so the file is safe to import at any time, also while it grows.
+``spreads.csv``, ``trades.csv``, ``fx_rates.csv``, in the CSV layout of docs/csv-migration.md
+(UTF-8, ``\\n`` line ends, RFC 4180 quoting), each row with its ``event_id``, so that
+``ingestd import-csv`` of these files is exactly idempotent. ``positions.csv`` gets one row per
+event: an ``OPEN`` row when a position is opened and a ``CLOSED`` row (with the entry columns
+again) when it is closed; the import replays them in order, so the file is safe to import at any
+time, also while it grows.
 
 Durability: every row is handed to the operating system as it is logged (one ``write`` as a
 rule, repeated when the kernel takes only part of it, so a crash of the producer loses nothing
@@ -13,7 +14,7 @@ already logged), and fsync'd at most ``fsync_interval_s`` later by a timer (defa
 Redis ``appendfsync everysec``), and at ``flush()``/``close()``; ``fsync_interval_s=0`` fsyncs
 every row. After a power loss, at most the last interval is lost. A row that cannot be written
 (disk full) is cut off again and ``CsvWriteFailed`` is raised: it is not logged, and no torn row
-stays. A failed fsync is fatal for its file (RELIABILITY.md): what is on disk is unknown, so the
+stays. A failed fsync is fatal for its file: what is on disk is unknown, so the
 file takes no more rows, and every later ``log_*`` to it, ``flush()`` and ``close()`` raise
 ``CsvWriteFailed`` (a failure on the timer thread is logged once and kept for those calls).
 A file left with a torn last row (no line end) gets a line end before the next row, so that only
@@ -204,7 +205,7 @@ def _fsync_dir(directory: Path) -> None:
 
 
 class CsvStorage(LogMethods):
-    """Seed §4 ``CsvStorage``: the ``log_*`` calls write rows of the DESIGN §6 CSV layout."""
+    """``CsvStorage``: the ``log_*`` calls write rows of the CSV layout."""
 
     def __init__(
         self,

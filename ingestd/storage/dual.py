@@ -1,4 +1,4 @@
-"""Dual write (seed §4.1 step 1): every event to the CSV files and to ingestd, with one event id.
+"""Dual write: every event to the CSV files and to ingestd, with one event id.
 
 The CSV side is written first and never waits for the database side. The database side is a
 ``PostgresStorage`` with ``overflow="drop_oldest"``, so an unreachable stream never blocks the

@@ -25,7 +25,7 @@ StorageConfig = Settings | StorageSettings | Mapping[str, Any] | None
 
 
 def _resolve(config: StorageConfig) -> tuple[StorageSettings, str]:
-    """The storage section and the stream key; a mapping is the seed's ``storage`` section."""
+    """The storage section and the stream key; a mapping is the config's ``storage`` section."""
     if config is None:
         config = load_settings()
     if isinstance(config, Settings):

@@ -1,6 +1,6 @@
-"""The seed's models ``Position``, ``OrderLeg``, ``SpreadOpportunity``, plus ``FxRate``, ``Trade``.
+"""Producer models: ``Position``, ``OrderLeg``, ``SpreadOpportunity``, ``FxRate``, ``Trade``.
 
-Each is a frozen dataclass named by the seed's columns, with exact ``Decimal`` amounts and aware
+Each is a frozen dataclass named by the tables' columns, with exact ``Decimal`` amounts and aware
 ``datetime`` times. Construction validates through ``ingestd.events``, so the rules are those of
 the wire format: a bad value raises ``InvalidEvent`` naming the field, and every value is kept as
 the database will store it (rounded to its column's scale), so that a model, its CSV row and its
@@ -89,7 +89,7 @@ class _Model:
     def to_event(
         self, *, event_id: str | None = None, producer: str | None = None
     ) -> dict[str, Any]:
-        """The DESIGN §3 wire event (JSON-ready: decimals as strings, RFC 3339 times)."""
+        """The wire event (JSON-ready: decimals as strings, RFC 3339 times)."""
         return _envelope(self._wire(self._event_type()), event_id, producer)
 
     @classmethod
@@ -133,7 +133,7 @@ def _envelope(obj: dict[str, Any], event_id: str | None, producer: str | None) -
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class SpreadOpportunity(_Model):
-    """One spread snapshot (seed table ``spreads``)."""
+    """One spread snapshot (table ``spreads``)."""
 
     EVENT_TYPE: ClassVar[str] = "spread"
 
@@ -154,7 +154,7 @@ class SpreadOpportunity(_Model):
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class FxRate(_Model):
-    """One FX rate (seed table ``fx_rates``), e.g. ``USDKRW``."""
+    """One FX rate (table ``fx_rates``), e.g. ``USDKRW``."""
 
     EVENT_TYPE: ClassVar[str] = "fx_rate"
 
@@ -166,7 +166,7 @@ class FxRate(_Model):
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class OrderLeg(_Model):
-    """One order leg with theoretical and effective price (seed table ``orders``)."""
+    """One order leg with theoretical and effective price (table ``orders``)."""
 
     EVENT_TYPE: ClassVar[str] = "order"
 
@@ -186,7 +186,7 @@ class OrderLeg(_Model):
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class Trade(_Model):
-    """One fill, OPEN or CLOSE side of a position (seed table ``trades``)."""
+    """One fill, OPEN or CLOSE side of a position (table ``trades``)."""
 
     EVENT_TYPE: ClassVar[str] = "trade"
 
@@ -210,7 +210,7 @@ _EXIT_FIELDS = tuple(name for name, _ in tables.POSITION_EXIT_COLUMNS)
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class Position(_Model):
-    """A position, OPEN or CLOSED, named by the producer's ``position_key`` (seed ``positions``).
+    """A position, OPEN or CLOSED, named by the producer's ``position_key`` (table ``positions``).
 
     Its wire events are ``position_open`` (entry columns) and ``position_close`` (exit columns,
     repeating the entry columns so that a close that arrives first can still write the row).

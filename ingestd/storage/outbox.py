@@ -9,31 +9,37 @@ oldest and counts it.
 
 ``DiskOutbox`` is the same queue kept in a local directory, with the same ``take`` / ``settle`` /
 ``put_back`` protocol: the ``postgres`` backend's outbox, so that ``log_*`` never waits for Redis
-and what it returned from survives ``kill -9`` of the producer. Its files are the spool's
-(``ingestd.spool``): segments ``spool-<sequence>.log`` of ``[u32 length][u32 CRC-32][payload]``
-records, a lock file, and the same recovery at open (a torn tail is cut at the last valid record).
-What differs is when a record counts as kept. The in-process spool's ``append`` is an asyncio
-group commit that returns after ``fsync``; a trading loop cannot wait for a disk flush per event,
-so here:
+and what it returned from survives ``kill -9`` of the producer. It is the in-process spool's
+mechanism (``ingestd.spool.RecordStore``): the records are rows of one SQLite database in WAL
+mode (``spool.sqlite3`` and its ``-wal`` file, a lock file), each with the CRC-32 of its payload,
+recovered by SQLite at open (a torn tail of the log is ignored). What differs is when a record
+counts as kept. The in-process spool's ``append`` is an asyncio group commit that returns after
+``fsync``; a trading loop cannot wait for a disk flush per event, so here:
 
-* ``append`` writes the record with one ``pwrite(2)`` in the caller's thread before it returns:
-  the bytes are in the kernel's page cache, which a killed process does not take with it. So
-  ``kill -9`` (or any crash of the producer) loses nothing that ``log_*`` returned from.
-* a background thread ``fsync``s at most ``fsync_interval_s`` later (group commit: one fsync for
-  everything written meanwhile), so a power loss or kernel crash costs at most that window of
-  events not yet published; ``fsync_interval_s=0`` fsyncs every record before ``append`` returns.
+* ``append`` commits the record (one ``INSERT``, ``synchronous=NORMAL``) in the caller's thread
+  before it returns: it is written to the log, in the kernel's page cache, which a killed process
+  does not take with it. So ``kill -9`` (or any crash of the producer) loses nothing that
+  ``log_*`` returned from.
+* a background thread ``fsync``s the log at most ``fsync_interval_s`` later (one fsync for
+  everything committed meanwhile), so a power loss or kernel crash costs at most that window of
+  events not yet published; the same thread copies the log into the database file (a SQLite
+  checkpoint) every ``segment_bytes`` of log, so the appending thread never waits for that.
+  ``fsync_interval_s=0`` commits with ``synchronous=FULL``: every record is fsync'd before
+  ``append`` returns.
 
 Every event goes through the directory, also while Redis answers: an outbox that spilled only once
 a publish failed would hold in memory what was logged before the failure was noticed (up to a
 socket timeout of events), and a kill then would lose it. Memory holds one chunk at a time; the
-publisher reads the records back from the page cache. A segment is deleted once all of its records
-are published (the active one truncated), so after a restart at most the records whose publish was
-not yet confirmed are published again, under their fixed ``event_id``s: at-least-once into the
-stream, exactly once in the database (ingestd stores an ``event_id`` once).
+publisher reads the records back (from the page cache). A record is removed once published, so
+after a restart only the records whose publish was not yet confirmed are published again, under
+their fixed ``event_id``s: at-least-once into the stream, exactly once in the database (ingestd
+stores an ``event_id`` once).
 
-The directory is bounded by ``max_bytes``. A full outbox refuses the record (``OutboxFull``): the
-caller's ``log_*`` raises, nothing is dropped silently, and an alarm is raised once per episode
-(an ERROR log line, ``alarm`` and ``refused``), cleared when publishing has brought it below half.
+The directory is bounded by ``max_bytes`` (payloads plus a few bytes each; the files take some
+more: the log until it is copied, and the database's pages). A full outbox refuses the record
+(``OutboxFull``): the caller's ``log_*`` raises, nothing is dropped silently, and an alarm is
+raised once per episode (an ERROR log line, ``alarm`` and ``refused``), cleared when publishing
+has brought it below half.
 """
 
 from __future__ import annotations
@@ -44,6 +50,7 @@ import dataclasses
 import logging
 import os
 import random
+import sqlite3
 import threading
 from pathlib import Path
 from typing import Final, Literal, NoReturn
@@ -51,15 +58,13 @@ from typing import Final, Literal, NoReturn
 from ingestd import errors
 from ingestd.settings import OutboxSettings
 from ingestd.spool import (
-    DISK_FULL_ERRNOS,
-    HEADER,
     MAX_RECORD_BYTES,
-    READ_CHUNK_BYTES,
-    create_segment_file,
-    encode_record,
-    lock_directory,
-    recover_segments,
-    scan,
+    PAGE_BYTES,
+    RecordStore,
+    SpoolRecord,
+    is_disk_full,
+    record_bytes,
+    split_corrupt,
 )
 
 log = logging.getLogger("ingestd.storage.outbox")
@@ -163,7 +168,7 @@ class Outbox:
 
 
 class Backoff:
-    """Capped, fully jittered exponential backoff (RELIABILITY.md's defaults, scaled down)."""
+    """Capped, fully jittered exponential backoff: 0.1 s doubling, at most 5 s."""
 
     BASE_S: Final = 0.1
     CAP_S: Final = 5.0
@@ -210,35 +215,16 @@ class OutboxState:
     broken: str | None = None
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class Spilled:
-    """One record handed to the publisher, with where it is (to settle or put it back)."""
-
-    segment: int
-    offset: int
-    payload: bytes
-
-
-@dataclasses.dataclass(slots=True, eq=False)
-class _Segment:
-    seq: int
-    path: Path
-    size: int = 0  # bytes written (in the page cache at least)
-    records: int = 0
-    read_offset: int = 0  # the next record to hand out
-    read_records: int = 0
-    settled: int = 0
-    sealed: bool = False
-
-    @property
-    def done(self) -> bool:
-        return self.settled >= self.records and self.read_offset >= self.size
+# What the publisher is handed: the spool's record (its id, to settle or put it back).
+Spilled = SpoolRecord
+# SQLite's primary result code for an I/O error (a failed write or fsync among them).
+SQLITE_IOERR: Final = 10
 
 
 class DiskOutbox:
     """Events on local disk until published: thread-safe; see the module's text for durability.
 
-    ``append`` may be called from any thread (and from an event loop: it is one ``pwrite``);
+    ``append`` may be called from any thread (and from an event loop: it is one short commit);
     ``take`` / ``settle`` / ``put_back`` from one publisher at a time.
     """
 
@@ -258,17 +244,25 @@ class DiskOutbox:
             raise ValueError("fsync_interval_s must be >= 0")
         self.directory = Path(directory)
         self.max_bytes = max_bytes
+        # The log is copied into the database file every segment_bytes of it.
         self.segment_bytes = segment_bytes
         self.fsync_interval_s = fsync_interval_s
+        self._store = RecordStore(
+            self.directory,
+            holder="another producer process",
+            checkpoint_bytes=segment_bytes,
+            fsync_each_commit=fsync_interval_s == 0,
+            background_checkpoint=fsync_interval_s > 0,
+        )
+        # Guards the writer (appends, removals) and the counters. The publisher reads with a
+        # connection of its own, the fsync thread syncs the log's file and checkpoints with one
+        # of its own: neither needs it.
         self._lock = threading.Lock()
-        # Held while an fsync runs on the active fd, so that a rotation never closes it under
-        # the fsync. Taken after _lock, never before.
-        self._fsync_lock = threading.Lock()
-        self._segments: list[_Segment] = []
-        self._fd: int | None = None  # the active (last, unsealed) segment
-        self._lock_fd: int | None = None
         self._bytes = 0
+        self._read_id = 0  # the last id handed to the publisher
+        self._unremoved: list[SpoolRecord] = []  # published, their removal failed: tried again
         self._dirty = False
+        self._log_bytes = 0  # written to the log since the last checkpoint (about)
         self._stop = threading.Event()
         self._syncer: threading.Thread | None = None
         self.added = 0  # recovered at open + appended
@@ -294,25 +288,20 @@ class DiskOutbox:
 
     @property
     def size_bytes(self) -> int:
-        """Bytes in the directory's segments."""
+        """Bytes of the records held (payloads and a few bytes each), as bounded by max_bytes."""
         return self._bytes
 
     # --- open / close ------------------------------------------------------------------------
 
     def _open(self) -> None:
         try:
-            self._lock_fd = lock_directory(self.directory, "another producer process")
-            for seq, path, size, records in recover_segments(self.directory):
-                self._segments.append(_Segment(seq, path, size, records, sealed=True))
-        except OSError as exc:
-            self._release_lock()
+            records, self._bytes = self._store.open()
+        except (OSError, sqlite3.Error) as exc:
             raise OutboxBroken(f"outbox directory {self.directory} is unusable: {exc}") from exc
         except errors.IngestdError as exc:  # the spool's "in use" refusal, in the outbox's words
-            self._release_lock()
             raise OutboxBroken(str(exc).replace("spool directory", "outbox directory")) from None
-        self._bytes = sum(s.size for s in self._segments)
-        self.recovered = self.added = sum(s.records for s in self._segments)
-        self._collect()
+        self._read_id = self._store.first_id - 1
+        self.recovered = self.added = records
         if self.recovered:
             log.info(
                 "outbox %s holds %d event(s) (%d bytes) from an earlier run: publishing them first",
@@ -327,109 +316,61 @@ class DiskOutbox:
             )
             self._syncer.start()
 
-    def _release_lock(self) -> None:
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)
-            self._lock_fd = None
-
     def close(self) -> None:
-        """fsync what is written, release the files; unpublished records stay for the next run."""
+        """fsync what is committed, release the files; unpublished records stay for next run."""
         self._stop.set()
         if self._syncer is not None:
             self._syncer.join()
         with self._lock:
-            if self._fd is not None:
-                with contextlib.suppress(OSError):  # the records stay; a torn tail is cut at open
-                    os.fsync(self._fd)
-                self._seal_active()
-            self._collect()
-            self._release_lock()
+            if self.fsync_interval_s > 0 and self.broken is None:
+                with contextlib.suppress(OSError):  # the records stay: SQLite recovers at open
+                    self._store.sync_log()
+            self._store.close()
 
     # --- appending ---------------------------------------------------------------------------
 
     def append(self, payload: bytes) -> int:
-        """Write one record before returning (see the module's text); the unread count after it.
+        """Commit one record before returning (see the module's text); the unread count after it.
 
         Raises OutboxFull (no room now) or OutboxBroken; then nothing of the record is kept.
         """
         if not payload or len(payload) > MAX_RECORD_BYTES:
-            # Recovery reads such a record as a torn one: it would never be published.
             raise OutboxError(f"an event of {len(payload)} bytes cannot be kept in the outbox")
-        record = encode_record(payload)
+        need = record_bytes(payload)
         with self._lock:
             if self.broken is not None:
                 self._refuse(f"the outbox is broken: {self.broken}", OutboxBroken)
-            if self._bytes + len(record) > self.max_bytes:
+            if self._bytes + need > self.max_bytes:
                 self._refuse(
                     f"it holds {self._bytes} bytes of max_bytes={self.max_bytes}", OutboxFull
                 )
-            active = self._active_for(len(record))
-            fd = self._fd
-            assert fd is not None
-            self._write(fd, active.size, record)
-            if self.fsync_interval_s == 0:
-                try:
-                    self._fsync_now(fd)
-                except OutboxBroken:
-                    # Not kept: the caller is told so, and the record must not be published.
-                    with contextlib.suppress(OSError):
-                        os.ftruncate(fd, active.size)
-                    raise
-            active.size += len(record)
-            active.records += 1
-            self._bytes += len(record)
+            try:
+                self._store.append([payload])
+            except sqlite3.Error as exc:
+                self._append_failed(exc)
+            self._bytes += need
+            # A commit adds at least a page to the log, however small its record.
+            self._log_bytes += PAGE_BYTES * (1 + need // PAGE_BYTES)
             self.added += 1
             self._dirty = self.fsync_interval_s > 0
             if self.alarm:
                 self._end_alarm()  # after a refusal that was not a full outbox (permissions)
             return len(self)
 
-    def _active_for(self, need: int) -> _Segment:
-        """The segment that takes the next record: a new one when the active one is full."""
-        if self._fd is not None and self._segments[-1].size + need <= self.segment_bytes:
-            return self._segments[-1]
-        if self._fd is not None and self._segments[-1].size == 0:
-            return self._segments[-1]  # one record larger than a segment goes in alone
-        if self._fd is not None:
-            # The outgoing segment is made durable before it is only read from now on.
-            self._fsync_now(self._fd)
-            self._seal_active()
-        seq = self._segments[-1].seq + 1 if self._segments else 1
-        try:
-            fd, path = create_segment_file(self.directory, seq)
-        except OSError as exc:
-            self._refuse(f"cannot create a segment: {exc.strerror or exc}", _refusal(exc))
-        self._fd = fd
-        self._segments.append(_Segment(seq, path))
-        return self._segments[-1]
+    def _append_failed(self, exc: sqlite3.Error) -> NoReturn:
+        # SQLite rolled the commit back: the record is not kept, and the caller is told so.
+        if is_disk_full(exc):
+            self._refuse(f"the disk is full: {exc}", OutboxFull)
+        if getattr(exc, "sqlite_errorcode", 0) & 0xFF == SQLITE_IOERR:
+            # A write or (fsync_interval_s=0) an fsync failed: what is on disk is unknown.
+            self._fsync_failed(exc)
+            self._refuse(f"the outbox is broken: {self.broken}", OutboxBroken)
+        # Anything else (permissions, a read-only directory): the next append tries again.
+        self._refuse(f"writing failed: {exc}", OutboxError)
 
-    def _write(self, fd: int, at: int, record: bytes) -> None:
-        try:
-            view = memoryview(record)
-            written = 0
-            while written < len(record):
-                written += os.pwrite(fd, view[written:], at + written)
-        except OSError as exc:
-            # Undo a partial write, so that no half record stays in front of the next one.
-            try:
-                os.ftruncate(fd, at)
-            except OSError as undo:
-                self.broken = f"a write failed ({exc}) and could not be undone ({undo})"
-                self._refuse(self.broken, OutboxBroken)
-            self._refuse(f"writing failed: {exc.strerror or exc}", _refusal(exc))
-
-    def _fsync_now(self, fd: int) -> None:
-        with self._fsync_lock:
-            try:
-                os.fsync(fd)
-            except OSError as exc:
-                self._fsync_failed(exc)
-                self._refuse(f"the outbox is broken: {self.broken}", OutboxBroken)
-            self._dirty = False
-
-    def _fsync_failed(self, exc: OSError) -> None:
+    def _fsync_failed(self, exc: BaseException) -> None:
         # After a failed fsync the kernel may have dropped the dirty pages: what is on disk is
-        # unknown (RELIABILITY.md), so no more records are taken. Those written stay readable.
+        # unknown, so no more records are taken. Those committed stay readable and published.
         self.broken = f"fsync failed ({exc})"
         log.error(
             "outbox %s: %s: it takes no more events; those it holds are still published",
@@ -455,124 +396,89 @@ class DiskOutbox:
         raise kind(f"producer outbox {self.directory} cannot take the event: {reason}")
 
     def _sync_loop(self) -> None:
-        """Group commit: one fsync for everything written in the last interval."""
+        """Group commit: one fsync of the log for everything committed in the last interval."""
         while not self._stop.wait(self.fsync_interval_s):
-            self._lock.acquire()
-            if not self._dirty or self._fd is None or self.broken is not None:
-                self._lock.release()
+            with self._lock:
+                if not self._dirty or self.broken is not None:
+                    continue
+                self._dirty = False
+                checkpoint = self._log_bytes >= self.segment_bytes
+                if checkpoint:
+                    self._log_bytes = 0
+            try:
+                self._store.sync_log()  # its own fd: appends go on meanwhile
+            except OSError as exc:
+                with self._lock:
+                    self._fsync_failed(exc)
                 continue
-            fd = self._fd
-            self._dirty = False
-            with self._fsync_lock:  # taken under _lock (the order), so fd cannot close meanwhile
-                self._lock.release()
-                failure: OSError | None = None
+            if checkpoint:
                 try:
-                    os.fsync(fd)
-                except OSError as exc:
-                    failure = exc
-            if failure is not None:
-                with self._lock:  # not under _fsync_lock: the locks are taken in one order only
-                    self._fsync_failed(failure)
+                    self._store.checkpoint()  # its own connection: appends go on meanwhile
+                except sqlite3.Error as exc:  # the log keeps the records; tried again later
+                    log.warning(
+                        "outbox %s: checkpoint failed: %s",
+                        self.directory,
+                        exc,
+                        extra={"action": "outbox_checkpoint"},
+                    )
 
     # --- publishing --------------------------------------------------------------------------
 
-    def take(self, limit: int) -> list[Spilled]:
-        """The next records not yet handed out, in order, at most ``limit``, from one segment."""
+    def take(self, limit: int) -> list[SpoolRecord]:
+        """The next records not yet handed out, in order, at most ``limit``."""
         while True:
             with self._lock:
-                seg = next((s for s in self._segments if s.read_offset < s.size), None)
-                if seg is None:
-                    return []
-                start, end = seg.read_offset, seg.size
-                # About ``limit`` records' worth (twice the segment's mean record), not more:
-                # a backlog is read once, not a read chunk per publish.
-                window = 2 * limit * max(1, seg.size // max(1, seg.records))
-            # Read outside the lock: appends go on meanwhile (past ``end``), and only this, the
-            # one publisher, moves the read offset or removes segments.
-            data = _pread(seg.path, start, min(end - start, READ_CHUNK_BYTES, window))
-            records, _ = scan(data, limit)
-            if not records and len(data) >= HEADER.size:
-                need = HEADER.size + HEADER.unpack_from(data)[0]
-                if need <= end - start:  # one record longer than a read chunk
-                    records, _ = scan(_pread(seg.path, start, need))
-            if not records:
-                self._skip_corrupt(seg, start, end)
-                continue
-            records = records[:limit]
-            last_offset, last_payload = records[-1]
+                after = self._read_id
+            # Read outside the lock, with the reader's own connection: appends go on meanwhile,
+            # and only this, the one publisher, moves the read position.
+            rows = self._store.read(after, limit)
+            if not rows:
+                return []
+            good, bad = split_corrupt(rows)
             with self._lock:
-                seg.read_offset = start + last_offset + HEADER.size + len(last_payload)
-                seg.read_records += len(records)
-                self.in_flight += len(records)
-            return [Spilled(seg.seq, start + off, payload) for off, payload in records]
+                self._read_id = rows[-1][0]
+                self.in_flight += len(good)
+                if bad:
+                    self._skip_corrupt(bad)
+            if good:
+                return [SpoolRecord(record_id, payload) for record_id, _, payload in good]
 
-    def _skip_corrupt(self, seg: _Segment, start: int, end: int) -> None:
+    def _skip_corrupt(self, bad: list[tuple[int, int, bytes]]) -> None:
         # Bytes that passed their checksum when written fail it now: the disk changed them.
         # They cannot be published; they are kept aside, not dropped, and loudly logged.
-        aside = seg.path.with_suffix(f".{start}.corrupt")
-        aside.write_bytes(_pread(seg.path, start, end - start))
-        with self._lock:
-            skipped = seg.records - seg.read_records
-            log.error(
-                "outbox %s: %d record(s) after offset %d fail their checksum; kept in %s, "
-                "not published",
-                seg.path,
-                skipped,
-                start,
-                aside.name,
-                extra={"action": "outbox_corrupt"},
-            )
-            self.corrupt_records += skipped
-            seg.read_offset = end
-            seg.read_records = seg.records
-            seg.settled += skipped  # never to be published: flush() does not wait for them
-            self._collect()
+        self._store.set_aside(bad, "published")
+        self.corrupt_records += len(bad)  # settled: flush() does not wait for them
+        self._remove([SpoolRecord(record_id, payload) for record_id, _, payload in bad])
 
-    def put_back(self, records: list[Spilled]) -> None:
+    def put_back(self, records: list[SpoolRecord]) -> None:
         """An unsent chunk: handed out again next, in order."""
         if not records:
             return
         with self._lock:
-            seg = next(s for s in self._segments if s.seq == records[0].segment)
-            seg.read_offset = records[0].offset
-            seg.read_records -= len(records)
+            self._read_id = records[0].record_id - 1
             self.in_flight -= len(records)
 
-    def settle(self, records: list[Spilled]) -> None:
-        """A published chunk: segments wholly published are removed (the active one emptied)."""
+    def settle(self, records: list[SpoolRecord]) -> None:
+        """A published chunk: its records are removed."""
         with self._lock:
-            by_seq = {s.seq: s for s in self._segments}
-            for r in records:
-                by_seq[r.segment].settled += 1
             self.sent += len(records)
             self.in_flight -= len(records)
-            self._collect()
+            self._remove(records)
+            self._end_alarm()
 
-    def _collect(self) -> None:
-        keep: list[_Segment] = []
-        for seg in self._segments:
-            if seg.sealed and seg.done:
-                with contextlib.suppress(FileNotFoundError):
-                    seg.path.unlink()
-                self._bytes -= seg.size
-            else:
-                keep.append(seg)
-        self._segments = keep
-        active = self._segments[-1] if self._segments else None
-        if active is not None and not active.sealed and active.size and active.done:
-            # Everything in it is published: empty it, so that a restart republishes nothing.
-            # No fsync: if a power loss brings the records back, they are published again
-            # under the same event ids, which ingestd stores once.
-            assert self._fd is not None
-            try:
-                os.ftruncate(self._fd, 0)
-            except OSError as exc:
-                log.warning("outbox truncate failed: %s", exc, extra={"action": "outbox_truncate"})
-            else:
-                self._bytes -= active.size
-                active.size = active.records = active.read_offset = 0
-                active.read_records = active.settled = 0
-        self._end_alarm()
+    def _remove(self, records: list[SpoolRecord]) -> None:
+        done = self._unremoved + records
+        emptied = self.added == self.settled and not self.in_flight
+        try:
+            self._store.remove([r.record_id for r in done], emptied=emptied)
+        except sqlite3.Error as exc:
+            # They stay on disk: removed with the next chunk, or published again after a
+            # restart under the same event ids, which ingestd stores once.
+            log.warning("outbox removal failed: %s", exc, extra={"action": "outbox_truncate"})
+            self._unremoved = done
+            return
+        self._unremoved = []
+        self._bytes -= sum(record_bytes(r.payload) for r in done)
 
     def _end_alarm(self) -> None:
         """The episode ends below half of max_bytes (hysteresis: no flapping at the edge)."""
@@ -584,26 +490,6 @@ class DiskOutbox:
                 self._bytes,
                 extra={"action": "outbox_room"},
             )
-
-    def _seal_active(self) -> None:
-        """Close the active segment's fd: it is only read from now on (under both locks)."""
-        if self._fd is not None:
-            with self._fsync_lock:
-                os.close(self._fd)
-            self._fd = None
-            self._segments[-1].sealed = True
-
-
-def _refusal(exc: OSError) -> type[OutboxError]:
-    # A full disk frees up as the outbox is published; anything else (permissions) is reported
-    # as such, and the next append tries again.
-    return OutboxFull if exc.errno in DISK_FULL_ERRNOS else OutboxError
-
-
-def _pread(path: Path, offset: int, length: int) -> bytes:
-    with path.open("rb") as f:
-        f.seek(offset)
-        return f.read(length)
 
 
 def open_disk_outbox(settings: OutboxSettings, producer: str | None) -> DiskOutbox | None:

@@ -1,8 +1,8 @@
-"""The seed's ``PostgresStorage``: producers log rows; ingestd's pipeline writes them to PostgreSQL.
+"""``PostgresStorage``: producers log rows; ingestd's pipeline writes them to PostgreSQL.
 
 ``log_position_open(pos)`` and its siblings do not talk to PostgreSQL themselves (one round trip
-per row is the slowest path there is, PERFORMANCE.md): they append the wire event, with its stable
-``event_id``, to an outbox and return at once. A background publisher (a thread for plain
+per row is the slowest path there is, docs/performance.md): they append the wire event, with
+its stable ``event_id``, to an outbox and return at once. A background publisher (a thread for plain
 synchronous code, a task for asyncio) sends the outbox in chunks, one pipelined round trip per
 chunk, to the Redis Stream that ``ingestd run`` consumes (or, in-process, to ``Service.submit``),
 and ingestd COPY-batches them into the database.
@@ -163,7 +163,7 @@ def _validate(chunk_events: int, linger_s: float) -> None:
 
 
 class PostgresStorage(LogMethods):
-    """Seed §4 ``PostgresStorage`` for synchronous code: buffered, pipelined stream publishing."""
+    """``PostgresStorage`` for synchronous code: buffered, pipelined stream publishing."""
 
     def __init__(
         self,

@@ -1,4 +1,4 @@
-"""The seed's ``RedisCacheStorage`` (§3.3): producers read and write the DESIGN §5 keys directly.
+"""``RedisCacheStorage``: producers read and write the mirror's keys (docs/redis-keys.md) directly.
 
     redis_cache = RedisCacheStorage(config.get("storage", {}).get("redis", {}))
     redis_cache.set_fx_rate("USDKRW", 1350.0, ttl=3)
@@ -57,7 +57,7 @@ RedisConfig = Mapping[str, Any] | RedisSettings | Settings | None
 
 
 def redis_settings(config: RedisConfig) -> RedisSettings:
-    """The seed's ``storage.redis`` mapping (url, key_prefix, ...) or settings, as RedisSettings."""
+    """The ``storage.redis`` mapping (url, key_prefix, ...) or settings, as RedisSettings."""
     if config is None:
         return RedisSettings()
     if isinstance(config, Settings):
@@ -98,7 +98,7 @@ def _moment(timestamp: dt.datetime | str | None, field: str = "timestamp") -> dt
 
 
 class CacheKeys:
-    """DESIGN §5 keys, values, TTLs and versions: shared by the sync and the asyncio storage."""
+    """The mirror's keys, values, TTLs and versions: shared by the sync and the asyncio storage."""
 
     def __init__(
         self,
@@ -151,7 +151,7 @@ class CacheKeys:
         """``spreads:{SYMBOL}:last`` = the snapshot JSON, in the mirror's exact format.
 
         A complete spread (every column) is validated as a spread event and written exactly as
-        ingestd writes it; a partial one (the seed's ``{"spread_pct": 0.8, ...}``) keeps the given
+        ingestd writes it; a partial one (such as ``{"spread_pct": 0.8, ...}``) keeps the given
         columns, validated one by one, decimals as strings, plus the symbol and a UTC timestamp.
         """
         key = self.spread_key(symbol)
@@ -281,7 +281,7 @@ def _sync_client(s: RedisSettings) -> redis.Redis:
 
 
 class RedisCacheStorage:
-    """Seed §3.3 for plain synchronous code: FX rates, spread snapshots and heartbeats in Redis."""
+    """For plain synchronous code: FX rates, spread snapshots and heartbeats in Redis."""
 
     def __init__(
         self,

@@ -1,4 +1,5 @@
--- ingestd 0001: the seed's five tables (§1), made correct for TimescaleDB (DESIGN §2), plus the
+-- ingestd 0001: the five tables (positions, orders, spreads, fx_rates, trades), made correct for
+-- TimescaleDB (the time column in every unique index; positions a plain table), plus the
 -- dead-letter table and the parking table for position closes that arrive before their open.
 -- Applies unchanged on plain PostgreSQL 15+; 0002 turns the time-series tables into hypertables
 -- where the timescaledb extension is available.

@@ -1,8 +1,9 @@
 -- ingestd 0002: hypertables where TimescaleDB is available, else a time_bucket() for plain
--- PostgreSQL so that the seed's queries run unchanged on both.
+-- PostgreSQL so that the same queries (time_bucket('1 hour', timestamp)) run unchanged on
+-- both.
 --
 -- "Available" means preloaded AND installable: an extension that is installed but not in
--- shared_preload_libraries makes CREATE EXTENSION fail with FATAL (DESIGN §2).
+-- shared_preload_libraries makes CREATE EXTENSION fail with FATAL.
 --
 -- Chunk intervals follow the data: a collector writes many spreads per second per symbol (one
 -- day per chunk keeps a chunk's indexes in memory), FX a few per second (a week), orders and

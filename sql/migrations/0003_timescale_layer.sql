@@ -1,4 +1,5 @@
--- ingestd 0003: the rest of seed §2 — retention, compression and the two aggregates — on
+-- ingestd 0003: the rest of the TimescaleDB layer — retention, compression and the two
+-- aggregates — on
 -- TimescaleDB, with the plain-PostgreSQL fallback, and the SECURITY DEFINER functions through
 -- which ingestd's runtime (a writer role with DML only) refreshes the plain materialized views,
 -- deletes expired rows and reconciles retention policies. Every statement is idempotent: the file
@@ -9,7 +10,7 @@
 -- before TimescaleDB was installed keeps plain tables and gets the plain fallback.
 
 -- Day and hour buckets are UTC. The views below say so explicitly; the database's TimeZone is
--- also UTC so that the seed's own ad-hoc queries (DATE(timestamp_close), §5.2) give UTC days in
+-- also UTC so that ad-hoc queries (GROUP BY DATE(timestamp_close)) give UTC days in
 -- every new session that does not set its own TimeZone.
 DO $$
 BEGIN
@@ -33,9 +34,10 @@ CREATE TABLE IF NOT EXISTS ingestd_maintenance (
         CHECK (last_status IN ('success', 'failed'))
 );
 
--- Seed §2.3 daily_pnl_summary. positions stays a plain table (DESIGN §2), so this cannot be a
--- continuous aggregate: it is a materialized view on both flavours, refreshed by ingestd. The seed
--- groups by DATE(timestamp_close), which depends on the session TimeZone; here the day is the UTC
+-- daily_pnl_summary. positions stays a plain table (a hypertable behind foreign keys could be
+-- neither compressed nor have chunks dropped), so this cannot be a continuous aggregate: it is a
+-- materialized view on both flavours, refreshed by ingestd. A plain GROUP BY
+-- DATE(timestamp_close) depends on the session TimeZone; here the day is the UTC
 -- day whatever the session says. The unique index lets REFRESH ... CONCURRENTLY run without
 -- blocking readers.
 CREATE MATERIALIZED VIEW IF NOT EXISTS daily_pnl_summary AS
@@ -68,7 +70,7 @@ BEGIN
     END IF;
 
     IF spreads_hyper THEN
-        -- Seed §2.3 hourly_spread_avg, verbatim, as a real continuous aggregate. Real-time
+        -- hourly_spread_avg, as a real continuous aggregate. Real-time
         -- (materialized_only = false): a query sees the materialized buckets plus the raw rows
         -- after the watermark, so the current hour is always there. WITH NO DATA because a
         -- refresh cannot run inside the migration's transaction; the policy fills it.
@@ -135,7 +137,7 @@ BEGIN
             END IF;
         END LOOP;
 
-        -- Seed §2.2 retention with the seed's intervals. ingestd reconciles them with its
+        -- Retention: spreads 90 days, fx_rates 180, orders 365. ingestd reconciles them with its
         -- `retention:` settings through ingestd_set_retention() below.
         FOR tbl, keep IN
             SELECT * FROM (VALUES ('spreads', INTERVAL '90 days'), ('fx_rates', INTERVAL '180 days'),

@@ -1,6 +1,7 @@
 -- ingestd 0005: refresh one aggregate at a time. ingestd_refresh_aggregates() (0003) refreshes
 -- both views in one call, so one transaction: on plain PostgreSQL the full recompute of
--- hourly_spread_avg can outlast the statement timeout at the seed's volumes, and its rollback
+-- hourly_spread_avg can outlast the statement timeout at a collector's volumes (many spreads per
+-- second), and its rollback
 -- then takes the cheap daily_pnl_summary refresh (what traders read) down with it. ingestd now
 -- refreshes each view in a transaction of its own, daily first.
 CREATE OR REPLACE FUNCTION ingestd_refresh_aggregate(view_name TEXT) RETURNS BOOLEAN

@@ -7,7 +7,7 @@
 -- table, or does not own the hypertable, cannot remove a row through them even if someone grants
 -- EXECUTE by mistake. Retention runs as the owner with the periods of its configuration
 -- (`ingestd retention`, `ingestd migrate`, or `ingestd run` when it runs as the owner).
--- trades has no retention (seed §2.2): the functions no longer accept it.
+-- trades has no retention (trading history is kept): the functions no longer accept it.
 
 CREATE OR REPLACE FUNCTION ingestd_delete_expired(table_name TEXT, keep INTERVAL, max_rows INTEGER)
 RETURNS BIGINT

@@ -34,7 +34,7 @@ ALTER TABLE spreads ADD COLUMN binance_ts TIMESTAMPTZ;
 ALTER TABLE spreads ADD COLUMN fx_ts TIMESTAMPTZ;
 ALTER TABLE spreads ADD COLUMN is_stale BOOLEAN NOT NULL DEFAULT false;
 
--- daily_pnl_summary keeps the seed's definition (all books together). This one splits it by
+-- daily_pnl_summary keeps its definition (all books together). This one splits it by
 -- mode: paper and live never share a row, and positions without a mode have rows of their own
 -- (mode NULL). A plain view over the small positions table, so it is current at every read and
 -- the same on TimescaleDB and plain PostgreSQL (nothing to refresh).

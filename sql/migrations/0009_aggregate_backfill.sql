@@ -2,7 +2,7 @@
 -- policy's window. The continuous aggregate's policy refreshes the hours from 3 days ago
 -- (start_offset) to an hour ago. Spreads written older than that window - a CSV import of
 -- history, a late batch - were never materialized (and the real-time part only covers the hours
--- after the watermark), so the aggregate missed them while the seed's query over spreads saw them.
+-- after the watermark), so the aggregate missed them while a query over spreads saw them.
 --
 -- Now the writer's transaction that commits spreads more than an hour old also records their
 -- hour range in ingestd_aggregate_backfill (through ingestd_queue_backfill, in the same

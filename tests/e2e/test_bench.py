@@ -82,8 +82,10 @@ def test_quick_bench_runs_every_phase_verified_and_writes_table_json_plots(
         "Memory: ",
         "ingestd run to first committed row",
         "every phase verified",
+        "--quick: sizes too small for the targets",
     ):
         assert text in table, f"{text!r} missing from:\n{table}"
+    assert "(target" not in table
     assert "NOT VERIFIED" not in table
     assert table.index("Headline") < table.index("Throughput, spreads only")
 

@@ -44,8 +44,8 @@ RULES = PROMETHEUS.parent / "alerts.yml"
 RULE_TESTS = PROMETHEUS.parent / "alerts.test.yml"
 # A bound on a hung or misconfigured Prometheus, not on speed (it scrapes every 5 s).
 DEADLINE_S = 90.0
-# The series an ingestd that has committed events exports (README, Metrics); the dashboard's
-# core panels and the alert rules are built on them.
+# The series an ingestd that has committed events exports (docs/operations.md, Metrics); the
+# dashboard's core panels and the alert rules are built on them.
 CORE_SERIES = {
     "ingestd_events_received_total",
     "ingestd_events_written_total",

@@ -49,13 +49,21 @@ def short(settings: Settings, **more: Any) -> Settings:
 
 
 async def feed_collector(
-    url: str, stream: str, *, fx: Callable[[], bool] = lambda: True, every_s: float = 0.1
+    url: str,
+    stream: str,
+    stop: asyncio.Event,
+    *,
+    fx: Callable[[], bool] = lambda: True,
+    every_s: float = 0.1,
 ) -> None:
     """A live collector: a heartbeat and (while ``fx()``) a USDKRW rate every ``every_s``,
-    published to the stream; publishing errors (Redis down) are ridden out."""
+    published to the stream until ``stop`` is set; publishing errors (Redis down) are ridden
+    out. It ends on ``stop``, not on a cancellation: redis-py can turn a cancellation that
+    arrives during a command into a ConnectionError, which this loop rides out like any other,
+    so a cancelled feed could go on forever and the test that awaited it hang."""
     client = aioredis.Redis.from_url(url, socket_timeout=1, socket_connect_timeout=1)
     try:
-        while True:
+        while not stop.is_set():
             now = utc_iso(dt.datetime.now(dt.UTC))
             n = next(_ids)
             batch = [
@@ -81,22 +89,24 @@ async def feed_collector(
             with contextlib.suppress(redis.exceptions.RedisError, OSError):
                 for ev in batch:
                     await client.xadd(stream, {"event": orjson.dumps(ev)})
-            await asyncio.sleep(every_s)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), every_s)
     finally:
         await client.aclose()
 
 
 @contextlib.asynccontextmanager
 async def collector(settings: Settings, **kwargs: Any) -> AsyncIterator[None]:
+    stop = asyncio.Event()
     task = asyncio.create_task(
-        feed_collector(settings.storage.redis.url, settings.stream.key, **kwargs)
+        feed_collector(settings.storage.redis.url, settings.stream.key, stop, **kwargs)
     )
     try:
         yield
     finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        stop.set()
+        # Bounded: one publish (socket timeouts of 1 s) and the close.
+        await asyncio.wait_for(task, timeout=10)
 
 
 def read_state(client: redis.Redis) -> trading.TradingState:

@@ -1,9 +1,9 @@
-"""hourly_spread_avg agrees with the seed's own query over spreads for any history.
+"""hourly_spread_avg agrees with its defining query over spreads for any history.
 
 On TimescaleDB the continuous aggregate's policy refreshes only the hours from 3 days ago to an
 hour ago; spreads written before that window (a CSV import of history, a late batch) were never
 materialized, and once the policy had moved the watermark the real-time part no longer showed
-them either. Each test compares the aggregate with the seed's query hour by hour, after the
+them either. Each test compares the aggregate with that query hour by hour, after the
 policy itself has run (``run_job``), on TimescaleDB and on plain PostgreSQL.
 """
 
@@ -42,7 +42,7 @@ conn = layer.conn
 
 
 def make_settings(dsn: str, redis_url: str) -> Settings:
-    """That module's settings with the seed's 90-day retention of spreads (a month of history
+    """That module's settings with the default 90-day retention of spreads (a month of history
     must be accepted)."""
     return layer.make_settings(dsn, redis_url, **{"retention.spreads_days": 90})
 
@@ -50,7 +50,7 @@ def make_settings(dsn: str, redis_url: str) -> Settings:
 UTC = dt.UTC
 SYMBOLS = ("BTC", "ETH")
 
-# The seed's own hourly query over spreads (§2.3's definition of hourly_spread_avg).
+# The hourly query over spreads that defines hourly_spread_avg.
 SEED_HOURLY = """
 SELECT TIME_BUCKET('1 hour', timestamp) AS hour, symbol,
        AVG(spread_pct) AS avg_spread_pct, AVG(net_spread_pct) AS avg_net_spread_pct,
@@ -80,7 +80,7 @@ async def hourly(conn: asyncpg.Connection, sql: str) -> dict[tuple[dt.datetime, 
 
 
 async def assert_agree(conn: asyncpg.Connection) -> int:
-    """The aggregate equals the seed's query, hour by hour; returns the number of hours."""
+    """The aggregate equals the defining query, hour by hour; returns the number of hours."""
     want = await hourly(conn, SEED_HOURLY)
     got = await hourly(conn, AGGREGATE)
     missing = sorted(k for k in want if k not in got)

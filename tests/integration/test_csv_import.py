@@ -221,7 +221,8 @@ async def test_appended_rows_are_the_only_ones_added(
     assert (await counts(db))["spreads"] == 1500
     want = sum(D(r.split(",")[1]) for r in spread_rows(1500))
     assert await db.fetchval("SELECT sum(upbit_price) FROM spreads") == want
-    assert (await verified(settings, first))[0] == 0
+    code, report = await verified(settings, first)
+    assert code == 0, report
 
 
 async def test_a_replaced_file_without_event_ids_is_refused_not_imported_under_old_ids(
@@ -445,6 +446,34 @@ async def test_verify_missing_directory_and_no_files(settings: Settings, tmp_pat
     assert (await imported(settings, tmp_path / "nope"))[0] == 2
 
 
+async def test_import_of_a_directory_without_the_layout_says_which_names_it_reads(
+    settings: Settings, db: asyncpg.Connection, tmp_path: Path
+) -> None:
+    # Before: exit 0 and nothing said, for an empty directory and for misspelt names alike.
+    code, summary, err = await imported(settings, tmp_path)
+    assert code == 2 and summary == ""
+    assert "positions.csv, orders.csv, trades.csv, spreads.csv, fx_rates.csv" in err
+    assert "no *.csv file at all" in err
+    write_csv(tmp_path / "position.csv", "symbol", ["BTC"])
+    write_csv(tmp_path / "Spreads.CSV", SPREAD_HEADER, spread_rows(2))
+    code, summary, err = await imported(settings, tmp_path)
+    assert code == 2 and summary == ""
+    assert "Spreads.CSV, position.csv" in err and "positions.csv, orders.csv" in err
+    assert len(err.strip().splitlines()) == 1, err
+    assert (await counts(db))["spreads"] == 0
+
+
+async def test_a_file_import_csv_does_not_read_is_named_and_the_exit_is_1(
+    settings: Settings, db: asyncpg.Connection, tmp_path: Path
+) -> None:
+    write_csv(tmp_path / "spreads.csv", SPREAD_HEADER, spread_rows(3))
+    write_csv(tmp_path / "spreads-old.csv", SPREAD_HEADER, spread_rows(3))
+    code, _, err = await imported(settings, tmp_path)
+    assert code == 1
+    assert "spreads-old.csv: not read (import-csv reads positions.csv" in err
+    assert (await counts(db))["spreads"] == 3
+
+
 async def test_import_with_id_prefix_and_default_producer(
     settings: Settings, db: asyncpg.Connection, tmp_path: Path
 ) -> None:
@@ -559,3 +588,65 @@ async def test_positions_of_two_producers_with_one_key_and_spreads_with_input_ti
     # Importing again adds nothing: each (producer, key) is there already.
     assert (await imported(settings, tmp_path))[0] == 0
     assert (await counts(db))["positions"] == 2
+
+
+async def test_verify_compares_positions_by_producer_and_position_key(
+    settings: Settings, db: asyncpg.Connection, tmp_path: Path
+) -> None:
+    """Two producers' pos_1 are two positions: verify-csv agrees with what import-csv stored and
+    names the producer of the one that differs (it compared by position_key alone, and reported
+    the two producers' rows as one position)."""
+    entry = "BTC,d,1,1,1,1"
+    write_csv(
+        tmp_path / "positions.csv",
+        POSITION_HEADER + ",producer,mode",
+        [
+            f"pos_1,{entry},,,,,,OPEN,2025-11-15T03:00:00Z,,paper,paper",
+            f"pos_1,{entry},2,2,2,5.5,1,CLOSED,2025-11-15T03:00:00Z,2025-11-15T04:00:00Z,live,live",
+            f"pos_2,{entry},,,,,,OPEN,2025-11-15T03:00:00Z,,,",
+        ],
+    )
+    assert (await imported(settings, tmp_path))[0] == 0
+    code, report = await verified(settings, tmp_path)
+    assert code == 0, report
+    positions = next(ln.split() for ln in report.splitlines() if ln.startswith("positions "))
+    assert positions[2:4] == ["3", "3"], report  # csv rows, db rows: three positions
+
+    await db.execute(
+        "UPDATE positions SET pnl_krw = 7 WHERE position_key = 'pos_1' AND producer = 'live'"
+    )
+    code, report = await verified(settings, tmp_path)
+    assert code == 1
+    assert "positions.csv:3: differs in pnl_krw (producer=live, position_key=pos_1)" in report
+    await db.execute(
+        "UPDATE positions SET pnl_krw = 5.5 WHERE position_key = 'pos_1' AND producer = 'live'"
+    )
+    # Another producer's position under a key of the file is not the file's.
+    await db.execute(
+        "INSERT INTO positions (position_key, producer, symbol, direction, size, entry_upbit_price,"
+        " entry_binance_price, entry_spread_pct, status, timestamp_open)"
+        " VALUES ('pos_2', 'other', 'BTC', 'd', 1, 1, 1, 1, 'OPEN', '2025-11-15T03:00:00Z')"
+    )
+    code, report = await verified(settings, tmp_path)
+    assert code == 0, report
+    # The position without a producer is named by its key alone; gone, it is missing.
+    await db.execute("DELETE FROM positions WHERE position_key = 'pos_2' AND producer IS NULL")
+    code, report = await verified(settings, tmp_path)
+    assert code == 1
+    assert "positions.csv:4: not in the database (position_key=pos_2)" in report
+
+
+async def test_verify_with_the_producer_given_to_import(settings: Settings, tmp_path: Path) -> None:
+    entry = "BTC,d,1,1,1,1"
+    write_csv(
+        tmp_path / "positions.csv",
+        POSITION_HEADER,
+        [f"pos_1,{entry},,,,,,OPEN,2025-11-15T03:00:00Z,"],
+    )
+    assert (await imported(settings, tmp_path, default_producer="paper"))[0] == 0
+    out = io.StringIO()
+    assert await run_verify(settings, tmp_path, default_producer="paper", out=out) == 0, out
+    # Without it the file names pos_1 of no producer, which is not there.
+    out = io.StringIO()
+    assert await run_verify(settings, tmp_path, out=out) == 1
+    assert "positions.csv:2: not in the database (position_key=pos_1)" in out.getvalue()

@@ -78,7 +78,7 @@ def test_every_image_is_pinned() -> None:
         repo, _, tag = image.rpartition(":")
         assert repo and re.search(r"[0-9]+\.[0-9]+", tag), f"{name}: {image} is not pinned"
         assert "latest" not in tag, name
-    # The TimescaleDB the tests run against here (DESIGN §2), on PostgreSQL 15.
+    # The TimescaleDB the tests run against here , on PostgreSQL 15.
     assert SERVICES["timescaledb"]["image"] == "timescale/timescaledb:2.28.3-pg15"
 
 

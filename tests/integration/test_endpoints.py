@@ -6,6 +6,7 @@ import asyncio
 import collections
 import datetime as dt
 import socket
+import time
 from collections.abc import AsyncIterator
 from typing import Any, cast
 
@@ -285,3 +286,30 @@ async def test_healthz_fails_when_stream_intake_ends(ops_settings: Settings) -> 
         assert (resp.status, resp.text) == (503, "unhealthy: stream intake has stopped\n")
     finally:
         assert await svc.stop() is True
+
+
+async def test_stream_sample_ages_the_oldest_entry_not_delivered_yet(
+    rclient: redis.Redis, redis_url: str
+) -> None:
+    """Ingest lag counts the entries no replica has read yet (a backlog the replicas do not keep
+    up with), not only those read and not yet acknowledged."""
+    client = aioredis.Redis.from_url(redis_url, protocol=2)
+    m = Metrics()
+    now_ms = int(time.time() * 1000)
+    try:
+        await sample_stream(client, "ops:lagging", "g", m, now_ms=now_ms)
+        assert m.stream_oldest_undelivered_s is None  # no stream: nothing waits
+        # Entry ids carry the time they were added: 60 s, 45 s and 30 s ago.
+        for age_s in (60, 45, 30):
+            rclient.xadd("ops:lagging", {"event": "x"}, id=f"{now_ms - age_s * 1000}-0")
+        await sample_stream(client, "ops:lagging", "g", m, now_ms=now_ms)
+        assert m.stream_oldest_undelivered_s == 60.0  # no group yet: all undelivered
+        rclient.xgroup_create("ops:lagging", "g", id="0")
+        rclient.xreadgroup("g", "c", {"ops:lagging": ">"}, count=1)
+        await sample_stream(client, "ops:lagging", "g", m, now_ms=now_ms)
+        assert m.stream_oldest_pending_s == 60.0 and m.stream_oldest_undelivered_s == 45.0
+        rclient.xreadgroup("g", "c", {"ops:lagging": ">"}, count=2)
+        await sample_stream(client, "ops:lagging", "g", m, now_ms=now_ms)
+        assert m.stream_oldest_undelivered_s is None  # all delivered (pending, not lagging)
+    finally:
+        await client.aclose()

@@ -164,7 +164,8 @@ async def test_tolerance_edges_are_exact(
     await leg(db, "two_producers", "binance_futures", "0.5", age_s=old, producer="live")
     result = await monitor(pool, aredis).run_once()
     assert result is not None
-    assert sorted(result.raised) == ["edge_out", "two_producers", "unfilled"]
+    # Each producer's position under the key is half-hedged: two alerts.
+    assert sorted(result.raised) == ["edge_out", "two_producers", "two_producers", "unfilled"]
     details = {r["key"]: orjson.loads(r["details"]) for r in await open_alerts(db)}
     assert details["edge_out"]["filled_venue"] == "binance_futures"
     assert details["edge_out"]["quantity"] == "1.00000000"
@@ -173,6 +174,51 @@ async def test_tolerance_edges_are_exact(
     # With a zero tolerance, the exact 0.1 % pair is a half hedge too.
     strict = await monitor(pool, aredis, quantity_tolerance=0.0).run_once()
     assert strict is not None and strict.raised == ["edge_in"]
+
+
+async def test_two_producers_with_one_position_key_never_clear_each_others_alert(
+    pool: asyncpg.Pool, aredis: aioredis.Redis, db: asyncpg.Connection, rclient: redis.Redis
+) -> None:
+    """A paper and a live trader both counting from pos_7: one alert each, raised and cleared on
+    its own legs; the one Redis key stays while either is open and says whose it is (before, the
+    second producer's half hedge was folded into the first one's alert and kept it open)."""
+    old = AFTER_S * 2
+    await leg(db, "pos_7", "upbit", "0.5", age_s=old, producer="paper")
+    await db.execute("UPDATE orders SET mode = 'paper' WHERE producer = 'paper'")
+    await leg(db, "pos_7", "binance_futures", "0.2", age_s=old, producer="live")
+    await db.execute("UPDATE orders SET mode = 'live' WHERE producer = 'live'")
+    metrics = Metrics()
+    m = monitor(pool, aredis, metrics)
+    first = await m.run_once()
+    assert first is not None and first.raised == ["pos_7", "pos_7"] and first.open == 2
+    rows = await db.fetch("SELECT producer, key FROM alerts WHERE cleared_at IS NULL")
+    assert sorted(tuple(r) for r in rows) == [("live", "pos_7"), ("paper", "pos_7")]
+    value = orjson.loads(rclient.get("alerts:half_hedge:pos_7") or b"null")
+    by_producer = {a["producer"]: a for a in value["alerts"]}
+    assert set(by_producer) == {"paper", "live"}
+    assert by_producer["paper"]["mode"] == "paper" and by_producer["live"]["mode"] == "live"
+    assert by_producer["paper"]["quantity"] == "0.5" or by_producer["paper"]["quantity"].startswith(
+        "0.5"
+    )
+    assert by_producer["live"]["filled_venue"] == "binance_futures"
+    assert value["producer"] in {"paper", "live"} and "mode" in value
+
+    # The live trader's missing leg lands: only its alert clears; the key stays for paper's.
+    await leg(db, "pos_7", "upbit", "0.2", age_s=0, producer="live")
+    second = await m.run_once()
+    assert second is not None and second.cleared == ["pos_7"] and second.open == 1
+    cleared = await db.fetchrow("SELECT producer FROM alerts WHERE cleared_at IS NOT NULL")
+    assert cleared is not None and cleared["producer"] == "live"
+    value = orjson.loads(rclient.get("alerts:half_hedge:pos_7") or b"null")
+    assert value["producer"] == "paper" and value["mode"] == "paper"
+    assert [a["producer"] for a in value["alerts"]] == ["paper"]
+
+    # Then paper's: no open alert under the key, the key goes.
+    await leg(db, "pos_7", "binance_futures", "0.5", age_s=0, producer="paper")
+    third = await m.run_once()
+    assert third is not None and third.cleared == ["pos_7"] and third.open == 0
+    assert rclient.get("alerts:half_hedge:pos_7") is None
+    assert metrics.half_hedges_raised == 2 and metrics.half_hedges_cleared == 2
 
 
 async def test_the_time_counts_from_a_late_legs_arrival(
@@ -215,7 +261,8 @@ async def test_two_replicas_raise_one_alert(
         assert rclient.keys("alerts:half_hedge:*") == [b"alerts:half_hedge:pos_a"]
         with pytest.raises(asyncpg.UniqueViolationError):
             await db.execute(
-                "INSERT INTO alerts (kind, key, details) VALUES ('half_hedge', 'pos_a', '{}')"
+                "INSERT INTO alerts (kind, producer, key, details)"
+                " VALUES ('half_hedge', 'live', 'pos_a', '{}')"
             )
     finally:
         await other_pool.close()

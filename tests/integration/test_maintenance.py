@@ -22,6 +22,7 @@ import redis
 
 import ingestd.db as ingestd_db
 from ingestd import migrations
+from ingestd import roles as ingestd_roles
 from ingestd.batching import Item
 from ingestd.clients import redis_async
 from ingestd.maintenance import (
@@ -222,7 +223,7 @@ async def test_timescale_retention_policies_follow_the_settings(
         return {r["t"]: r["keep"] for r in rows}
 
     assert await policies() == {"spreads": "90 days", "fx_rates": "180 days", "orders": "365 days"}
-    m = maintenance(pool, aredis)  # the seed's defaults: nothing to change
+    m = maintenance(pool, aredis)  # the default retention: nothing to change
     result = await m.run_task(TASK_POLICIES, force=True)
     assert result is not None and result.detail.count("unchanged") == 3
     m = maintenance(pool, aredis, spreads_days=14, fx_rates_days=0, orders_days=365)
@@ -544,3 +545,134 @@ async def test_migrate_as_the_owner_sets_the_configured_retention_policies(
         )
     }
     assert policies == {"spreads": "30 days", "fx_rates": "180 days"}
+
+
+# --- retention of the trading-safety history ----------------------------------------------------
+
+
+async def test_retention_trims_the_trading_safety_history_but_never_what_is_open(
+    dsn: str, conn: asyncpg.Connection, pool: asyncpg.Pool, aredis: Any
+) -> None:
+    """Cleared alerts, closed gaps, the seq ranges of quiet sessions and old liveness intervals
+    past their periods go (on both flavours); open alerts and gaps, the ranges of a session with an
+    open gap or recent seqs, and recent rows stay."""
+    await conn.execute(
+        """
+        INSERT INTO alerts (kind, producer, key, details, raised_at, cleared_at) VALUES
+          ('half_hedge', 'live', 'cleared_long_ago', '{}', now() - interval '100 days',
+           now() - interval '99 days'),
+          ('half_hedge', 'live', 'cleared_lately', '{}', now() - interval '100 days',
+           now() - interval '5 days'),
+          ('half_hedge', 'live', 'open_long', '{}', now() - interval '100 days', NULL)
+        """
+    )
+    await conn.execute(
+        """
+        INSERT INTO producer_gaps (producer, session, first_missing, last_missing, detected_at,
+                                   closed_at) VALUES
+          ('collector', 's-old', 5, 6, now() - interval '100 days', now() - interval '99 days'),
+          ('collector', 's-open', 5, 6, now() - interval '100 days', NULL),
+          ('collector', 's-lately', 5, 6, now() - interval '100 days', now() - interval '1 day')
+        """
+    )
+    await conn.execute(
+        """
+        INSERT INTO producer_seq_ranges (producer, session, first_seq, last_seq, recorded_at,
+                                         last_recorded_at) VALUES
+          ('collector', 's-quiet', 0, 10, now() - interval '100 days', now() - interval '90 days'),
+          ('collector', 's-quiet', 12, 20, now() - interval '95 days', now() - interval '95 days'),
+          ('collector', 's-legacy', 0, 10, now() - interval '100 days', NULL),
+          ('collector', 's-running', 0, 99, now() - interval '100 days', now()),
+          ('collector', 's-open', 0, 4, now() - interval '100 days', now() - interval '100 days'),
+          ('collector', 's-open', 7, 9, now() - interval '100 days', now() - interval '100 days')
+        """
+    )
+    await conn.execute(
+        """
+        INSERT INTO heartbeat_history (component, first_seen, last_seen, beats) VALUES
+          ('collector', now() - interval '100 days', now() - interval '95 days', 10),
+          ('collector', now() - interval '95 days', now() - interval '10 days', 10),
+          ('paper', now() - interval '1 hour', now(), 10)
+        """
+    )
+    m = maintenance(
+        pool,
+        aredis,
+        alerts_days=30,
+        producer_gaps_days=30,
+        producer_seq_ranges_days=30,
+        heartbeat_history_days=30,
+        delete_batch_rows=1,
+    )
+    result = await m.run_task(TASK_RETENTION, force=True)
+    assert result is not None and result.ran, result
+    assert "alerts: 1 rows deleted" in result.detail
+    assert "producer_gaps: 1 rows deleted" in result.detail
+    assert "producer_seq_ranges: 3 rows deleted" in result.detail
+    assert "heartbeat_history: 1 rows deleted" in result.detail
+    keys = {r["key"] for r in await conn.fetch("SELECT key FROM alerts")}
+    assert keys == {"cleared_lately", "open_long"}
+    sessions = {r["session"] for r in await conn.fetch("SELECT session FROM producer_gaps")}
+    assert sessions == {"s-open", "s-lately"}
+    ranges = await conn.fetch("SELECT session, first_seq FROM producer_seq_ranges ORDER BY 1, 2")
+    assert [tuple(r) for r in ranges] == [("s-open", 0), ("s-open", 7), ("s-running", 0)]
+    beats = await conn.fetch("SELECT component, last_seen FROM heartbeat_history ORDER BY 2")
+    assert [r["component"] for r in beats] == ["collector", "paper"]
+
+    # 0 keeps forever: nothing more goes, whatever its age.
+    await conn.execute("UPDATE alerts SET cleared_at = now() - interval '50 days'")
+    kept = maintenance(
+        pool,
+        aredis,
+        alerts_days=0,
+        producer_gaps_days=0,
+        producer_seq_ranges_days=0,
+        heartbeat_history_days=0,
+    )
+    result = await kept.run_task(TASK_RETENTION, force=True)
+    assert result is not None and result.ran
+    assert await conn.fetchval("SELECT count(*) FROM alerts") == 2
+    assert await conn.fetchval("SELECT count(*) FROM heartbeat_history") == 2
+
+
+@PLAIN_ONLY
+async def test_the_writer_role_cannot_trim_the_trading_safety_history(
+    server: tuple[str, Server], dsn: str, conn: asyncpg.Connection, aredis: Any
+) -> None:
+    """With sql/roles.sql's grants the writer may not delete alerts, gaps or liveness intervals,
+    and its maintenance leaves retention to the owner."""
+    _, srv = server
+    role = f"ingestd_w_{uuid.uuid4().hex[:8]}"
+    await conn.execute(ingestd_roles.roles_sql())
+    await conn.execute(f"CREATE ROLE {role} LOGIN IN ROLE ingestd_writer")
+    try:
+        await conn.execute(
+            "INSERT INTO alerts (kind, producer, key, details, raised_at, cleared_at) VALUES"
+            " ('half_hedge', 'live', 'k', '{}', now() - interval '100 days',"
+            " now() - interval '99 days')"
+        )
+        await conn.execute(
+            "INSERT INTO heartbeat_history (component, first_seen, last_seen)"
+            " VALUES ('collector', now() - interval '100 days', now() - interval '99 days')"
+        )
+        db = dsn.rsplit("/", 1)[1].split("?", maxsplit=1)[0]
+        writer_dsn = with_db(srv.admin_dsn, db, user=role)
+        writer = await asyncpg.connect(writer_dsn)
+        try:
+            for table in ("alerts", "producer_gaps", "heartbeat_history"):
+                with pytest.raises(asyncpg.InsufficientPrivilegeError):
+                    await writer.execute(f"DELETE FROM {table}")
+        finally:
+            await writer.close()
+        p = await make_pool(writer_dsn)
+        try:
+            m = maintenance(p, aredis, alerts_days=1, heartbeat_history_days=1)
+            result = await m.run_task(TASK_RETENTION, force=True)
+            assert result is not None and not result.ran and result.detail == "not the owner"
+        finally:
+            await p.close()
+        assert await conn.fetchval("SELECT count(*) FROM alerts") == 1
+        assert await conn.fetchval("SELECT count(*) FROM heartbeat_history") == 1
+    finally:
+        await conn.execute(f"DROP OWNED BY {role}")
+        await conn.execute(f"DROP ROLE {role}")

@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import datetime as dt
+import hashlib
 import re
+import subprocess
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -189,6 +191,104 @@ async def test_drift_stops_migrate_before_applying_anything(
         await conn.close()
 
 
+async def record_checksum(conn: asyncpg.Connection, version: int, checksum: str) -> None:
+    """Make the ledger say that ``version`` was applied from a file with ``checksum``."""
+    await conn.execute(
+        f"UPDATE {migrations.LEDGER_TABLE} SET checksum = $2 WHERE version = $1", version, checksum
+    )
+
+
+async def test_a_database_that_applied_an_amended_migrations_former_text_still_starts(
+    pg_server: Server, fresh_db: FreshDb
+) -> None:
+    # Amended migrations differ from their former text in comments only, so a database that
+    # applied the former text has the same schema and, in its ledger, the former checksum.
+    conn = await asyncpg.connect(await fresh_db(pg_server))
+    try:
+        await migrations.migrate(conn)
+        assert migrations.AMENDED_CHECKSUMS
+        for version, former in migrations.AMENDED_CHECKSUMS.items():
+            await record_checksum(conn, version, sorted(former)[0])
+        await migrations.check_current(conn)  # what `ingestd run` checks at start: no raise
+        assert await migrations.migrate(conn) == []
+        recorded = {v: c for v, _, c in await ledger(conn)}
+        for version, former in migrations.AMENDED_CHECKSUMS.items():
+            assert recorded[version] in former  # the ledger keeps what was applied
+    finally:
+        await conn.close()
+
+
+async def test_a_former_checksum_is_accepted_only_for_its_own_version(
+    pg_server: Server, fresh_db: FreshDb
+) -> None:
+    conn = await asyncpg.connect(await fresh_db(pg_server))
+    try:
+        known = {m.version: m for m in await _migrated(conn)}
+        amended = sorted(migrations.AMENDED_CHECKSUMS)
+        first_former = sorted(migrations.AMENDED_CHECKSUMS[amended[0]])[0]
+        other_amended = amended[1]
+        not_amended = next(v for v in known if v not in migrations.AMENDED_CHECKSUMS)
+        for version, checksum in (
+            (other_amended, first_former),  # another amended version's former checksum
+            (not_amended, first_former),  # a version that was never amended
+            (amended[0], "0" * 64),  # an amended version with a checksum never released
+        ):
+            await record_checksum(conn, version, checksum)
+            with pytest.raises(SchemaDrift, match=f"{version:04d}_{known[version].name}"):
+                await migrations.check_current(conn)
+            with pytest.raises(SchemaDrift):
+                await migrations.migrate(conn)
+            await record_checksum(conn, version, known[version].checksum)
+        await migrations.check_current(conn)
+    finally:
+        await conn.close()
+
+
+async def _migrated(conn: asyncpg.Connection) -> list[migrations.Migration]:
+    """Migrates ``conn``'s database; returns the migrations."""
+    await migrations.migrate(conn)
+    return migrations.load_migrations()
+
+
+def without_comments(sql: str) -> list[str]:
+    """The SQL's statements as lines, with ``--`` comments, blank lines and indentation removed."""
+    lines = (re.sub(r"--.*", "", line).strip() for line in sql.splitlines())
+    return [line for line in lines if line]
+
+
+def test_former_checksums_are_of_released_texts_that_differ_only_in_comments() -> None:
+    root = Path(__file__).resolve().parents[2]
+    history_ok = subprocess.run(
+        ["git", "-C", str(root), "rev-parse", "--is-shallow-repository"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if history_ok.returncode != 0 or history_ok.stdout.strip() != "false":
+        pytest.skip("needs the repository's full git history")
+    by_version = {m.version: m for m in migrations.load_migrations()}
+    for version, former in migrations.AMENDED_CHECKSUMS.items():
+        mig = by_version[version]
+        path = f"sql/migrations/{version:04d}_{mig.name}.sql"
+        commits = subprocess.run(
+            ["git", "-C", str(root), "log", "--format=%H", "--", path],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.split()
+        released = {}
+        for commit in commits:
+            text = subprocess.run(
+                ["git", "-C", str(root), "show", f"{commit}:{path}"],
+                capture_output=True,
+                check=True,
+            ).stdout.decode("utf-8")
+            released[hashlib.sha256(text.encode("utf-8")).hexdigest()] = text
+        assert former <= released.keys(), f"{path}: a former checksum no commit ever had"
+        for checksum in former:
+            assert without_comments(released[checksum]) == without_comments(mig.sql), path
+
+
 def _write(folder: Path, names: list[str]) -> Path:
     mig = folder / "migrations"
     mig.mkdir()
@@ -297,7 +397,7 @@ async def test_positions_columns_match_tables_py(db: asyncpg.Connection) -> None
     assert positions["position_key"][0] == _expected(tables.POSITION_KEY)
     assert positions["producer"][0] == _expected(tables.PRODUCER)
     for name, _ in tables.POSITION_ENTRY_COLUMNS:
-        assert not positions[name][1], f"positions.{name} should be NOT NULL (seed)"
+        assert not positions[name][1], f"positions.{name} should be NOT NULL"
     for name, _ in tables.POSITION_EXIT_COLUMNS:
         assert positions[name][1], f"positions.{name} is NULL until the close"
     pending = await _columns(db, "position_closes_pending")
@@ -404,7 +504,7 @@ async def _time_bucket_owner(conn: asyncpg.Connection) -> list[Any]:
 async def test_time_bucket_on_plain_postgresql_is_utc(db: asyncpg.Connection) -> None:
     assert not await migrations.timescaledb_enabled(db)
     assert await _time_bucket_owner(db) == [None]  # ingestd's own fallback
-    # The session time zone must not move hour/day buckets: they are UTC (DESIGN §2).
+    # The session time zone must not move hour/day buckets: they are UTC.
     await db.execute("SET TimeZone = 'Asia/Seoul'")
     hour = await db.fetchval(
         "SELECT time_bucket('1 hour', '2025-11-15T12:40:15.123+09:00'::timestamptz)"
@@ -414,7 +514,7 @@ async def test_time_bucket_on_plain_postgresql_is_utc(db: asyncpg.Connection) ->
     assert day == dt.datetime(2025, 11, 14, 0, 0, tzinfo=UTC)
     for (width, sample), got in (await _buckets(db)).items():
         assert got == _floor(_ts(sample), width), (width, sample)
-    # The seed's own form: time_bucket('1 hour', timestamp) on a table column.
+    # The usual form: time_bucket('1 hour', timestamp) on a table column.
     await db.execute(
         "INSERT INTO spreads (event_id, symbol, upbit_price, binance_price, binance_price_krw,"
         " spread_pct, net_spread_pct, timestamp) VALUES"

@@ -303,7 +303,7 @@ async def test_pnl_by_mode_never_mixes_paper_with_live(
     assert (by_mode["live"]["trade_count"], by_mode["live"]["total_pnl_krw"]) == (1, D("1000.00"))
     assert by_mode["live"]["max_pnl_krw"] == by_mode["live"]["min_pnl_krw"] == D("1000.00")
     assert (by_mode[None]["trade_count"], by_mode[None]["total_pnl_krw"]) == (1, D("7.00"))
-    # The seed's summary keeps its definition: every book together.
+    # daily_pnl_summary keeps its definition: every book together.
     await conn.execute("SELECT ingestd_refresh_aggregate('daily_pnl_summary')")
     total = await conn.fetchrow("SELECT * FROM daily_pnl_summary WHERE trade_date = '2025-11-15'")
     assert total is not None

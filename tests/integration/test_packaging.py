@@ -72,7 +72,7 @@ def test_wheel_carries_the_sql_and_runtime_dependencies_only(
         assert not any(n.startswith("tests/") for n in names)
     requires = [line for line in metadata.splitlines() if line.startswith("Requires-Dist:")]
     runtime = [r for r in requires if "extra ==" not in r]
-    for needed in ("asyncpg", "redis", "orjson", "msgspec", "PyYAML", "prometheus-client"):
+    for needed in ("asyncpg", "redis", "orjson", "msgspec", "PyYAML", "prometheus-client", "rich"):
         assert any(needed.lower() in r.lower() for r in runtime), needed
     for dev_only in ("pytest", "mypy", "ruff", "testcontainers", "hypothesis"):
         assert not any(dev_only in r for r in runtime), dev_only

@@ -1,4 +1,4 @@
-"""RedisCacheStorage (seed §3.3) against real Redis: keys, values, TTLs, the mirror's versions."""
+"""RedisCacheStorage against real Redis: keys, values, TTLs, the mirror's versions."""
 
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ pytestmark = pytest.mark.redis
 
 @pytest.fixture
 def cache(redis_url: str) -> Iterator[RedisCacheStorage]:
-    """The seed's construction: the storage.redis mapping of the config."""
+    """The usual construction: the storage.redis mapping of the config."""
     config = {"storage": {"redis": {"url": redis_url}}}
     storage = RedisCacheStorage(config.get("storage", {}).get("redis", {}))
     yield storage
@@ -59,7 +59,7 @@ def recent() -> Recent:
     return Recent()
 
 
-def test_seed_calls_write_the_design_keys_values_and_ttls(
+def test_storage_calls_write_the_documented_keys_values_and_ttls(
     cache: RedisCacheStorage, rclient: redis.Redis
 ) -> None:
     assert cache.set_fx_rate("USDKRW", 1350.0, ttl=3)
@@ -263,7 +263,7 @@ async def test_the_producer_acl_user_may_make_every_seed_call_and_nothing_else(
             assert await acache.set_fx_rate("EURKRW", "1500.5")
             assert await acache.get_fx_rate("EURKRW") == D("1500.5")
             assert await acache.set_health_heartbeat("paper")
-        # The same URL publishes events (one storage.redis section for both, as in the seed).
+        # The same URL publishes events (one storage.redis section for both).
         publisher = Publisher.from_url(url, stream="ingestd:events")
         publisher.publish(fx_rate(0).to_event(event_id="acl-1", producer="collector"))
         publisher.close()

@@ -1,8 +1,8 @@
 """The TimescaleDB layer and its plain-PostgreSQL fallback, after a simulated week of data.
 
 A week of collector + paper-trader events (ingestd.simulate, one tick a minute) goes through the
-real pipeline (Redis Stream -> Service -> PostgreSQL); the expected answers of the seed's own
-queries (§2.3 views, §5.2 queries, §7.1 table sizes) are computed here, independently, with
+real pipeline (Redis Stream -> Service -> PostgreSQL); the expected answers of the queries users
+run (the two views, three ad-hoc queries, the table sizes) are computed here, independently, with
 Decimal arithmetic from the events that were sent. Run on plain PostgreSQL, and on TimescaleDB
 where a server preloads it (else skipped, saying why).
 """
@@ -47,10 +47,10 @@ pytestmark = [pytest.mark.pg, pytest.mark.redis]
 UTC = dt.UTC
 STREAM = "ingestd:events"
 SYMBOLS = ("BTC", "ETH", "XRP")
-# Configured retention, deliberately not the seed's defaults: the policies must follow settings.
+# Configured retention, deliberately not the defaults: the policies must follow settings.
 RETENTION = {"spreads": 30, "fx_rates": 60, "orders": 365}
 
-# --- the seed's queries, verbatim (trailing blanks of the seed's lines dropped) -----------------
+# --- the queries users run, verbatim ------------------------------------------------------------
 
 SEED_DAILY_PNL_VIEW = "SELECT * FROM daily_pnl_summary"
 SEED_HOURLY_SPREAD_VIEW = "SELECT * FROM hourly_spread_avg"
@@ -372,7 +372,7 @@ async def check_timescale_policies(conn: asyncpg.Connection, end: dt.datetime) -
     by: dict[str, dict[str, Any]] = defaultdict(dict)
     for j in await timescale_jobs(conn):
         by[j["proc"]][j["target"]] = orjson.loads(j["config"])
-    # Retention reconciled from the settings (the migration installed the seed's 90/180/365).
+    # Retention reconciled from the settings (the migration installed the default 90/180/365).
     assert {t: c["drop_after"] for t, c in by["policy_retention"].items()} == {
         t: f"{d} days" for t, d in RETENTION.items()
     }
@@ -404,7 +404,7 @@ async def check_timescale_policies(conn: asyncpg.Connection, end: dt.datetime) -
 
 
 async def check_seed_views(conn: asyncpg.Connection, week: Week) -> None:
-    """§2.3: both views, as the seed queries them, in UTC whatever the session's TimeZone."""
+    """Both views, queried as dashboards do, in UTC whatever the session's TimeZone."""
     daily = week.daily()
     hourly = week.hourly()
     for session_tz in (None, "Asia/Seoul"):
@@ -434,7 +434,7 @@ async def check_seed_views(conn: asyncpg.Connection, week: Week) -> None:
 
 
 async def check_seed_queries(conn: asyncpg.Connection, week: Week) -> None:
-    """§5.2's three queries, run unchanged, in a session with the database's TimeZone (UTC)."""
+    """The three ad-hoc queries, run unchanged, in a session with the database's TimeZone (UTC)."""
     assert await conn.fetchval("SHOW timezone") == "UTC"
     btc = sorted((p for p in week.closed if p.symbol == "BTC"), key=lambda p: p.closed)[::-1]
     rows = await conn.fetch(SEED_RECENT_BTC_POSITIONS)
@@ -462,7 +462,7 @@ async def check_seed_queries(conn: asyncpg.Connection, week: Week) -> None:
 
 
 async def check_table_sizes(conn: asyncpg.Connection, kind: str) -> None:
-    """§7.1's table-size query runs unchanged and lists every table, largest first."""
+    """The table-size query runs unchanged and lists every table, largest first."""
     rows = await conn.fetch(SEED_TABLE_SIZES)
     names = [r["tablename"] for r in rows]
     assert set(names) >= {
@@ -569,6 +569,10 @@ async def check_stats(settings: Settings, week: Week, kind: str, conn: asyncpg.C
     assert any(k.startswith("metrics:daily_pnl:") for k in keys)
     assert any(k.startswith("metrics:hourly_spread:") for k in keys)
     assert "keyspace_hits" in report["redis"]["info_stats"]
+    # The JSON keeps every field of the INFO sections the text picks from.
+    assert "used_memory" in report["redis"]["info_memory"]
+    assert "connected_clients" in report["redis"]["info_clients"]
+    assert "redis_version" in report["redis"]["info_server"]
     if kind == "timescale":
         hyper = {h["name"]: h for h in report["hypertables"]}
         assert set(hyper) == {"spreads", "fx_rates", "orders", "trades"}
@@ -605,7 +609,11 @@ async def check_stats(settings: Settings, week: Week, kind: str, conn: asyncpg.C
 
     text = run_stats(settings)
     assert text.returncode == 0, text.stderr
-    for heading in ("tables", "aggregates", "ingestd maintenance rounds", "redis INFO stats"):
+    for heading in ("tables", "aggregates", "ingestd maintenance rounds", "redis (INFO"):
         assert heading in text.stdout
+    # Fits 100 columns off a terminal, and shows the Redis fields an operator reads.
+    assert max(len(line) for line in text.stdout.splitlines()) <= 100, text.stdout
+    for field in ("memory used", "memory max", "clients connected", "ops/s", "evicted keys"):
+        assert field in text.stdout
     if kind == "timescale":
         assert "hypertables" in text.stdout and "TimescaleDB jobs" in text.stdout

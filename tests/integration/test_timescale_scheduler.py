@@ -434,4 +434,6 @@ async def test_stats_shows_why_a_scheduled_run_failed(
     assert text.returncode == 0, text.stderr
     jobs_table = text.stdout.split("TimescaleDB jobs (policies)", 1)[1].split("\n\n", 1)[0]
     (row,) = [line for line in jobs_table.splitlines() if "Failed" in line]
-    assert "lock timeout" in row, jobs_table
+    # The error under the table, whole (the table's columns fit 100 characters).
+    assert f"job {row.split()[0]} last error: " in jobs_table, jobs_table
+    assert "lock timeout" in " ".join(jobs_table.split()), jobs_table

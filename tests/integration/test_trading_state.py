@@ -9,6 +9,7 @@ import datetime as dt
 import logging
 import time
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
@@ -182,6 +183,24 @@ async def test_hysteresis_severe_at_once_calmer_only_after_the_healthy_period(
     sync.close()
 
 
+async def test_reducing_counts_each_producers_half_hedged_position(redis_url: str) -> None:
+    """One alerts:half_hedge:{position_key} key may name two producers' positions (its value's
+    ``alerts``): the reason counts positions, not keys."""
+    client = aioredis.Redis.from_url(redis_url)
+    sync = redis.Redis.from_url(redis_url)
+    clock = FakeClock()
+    k = keeper(client, clock, trading.LocalReport(failing_s=None, lag_s=None), recover_after_s=0)
+    two = {"producer": "paper", "alerts": [{"producer": "paper"}, {"producer": "live"}]}
+    sync.set("alerts:half_hedge:pos_1", orjson.dumps(two))
+    sync.set("alerts:half_hedge:pos_2", b"not json")  # unreadable: still one half hedge
+    state = await k.tick()
+    assert state is not None and state.state is trading.State.REDUCING
+    assert state.reasons == ("3 half-hedged position(s) open",)
+    sync.delete("alerts:half_hedge:pos_1", "alerts:half_hedge:pos_2")
+    await client.aclose()
+    sync.close()
+
+
 async def test_stale_and_absent_inputs_halt_with_their_reasons(redis_url: str) -> None:
     client = aioredis.Redis.from_url(redis_url)
     sync = redis.Redis.from_url(redis_url)
@@ -325,3 +344,43 @@ async def test_release_on_stop_gives_the_lease_up_and_withdraws_the_report(
     assert sync.get(trading.LEADER_KEY) == b"r2"
     await client.aclose()
     sync.close()
+
+
+def test_simulate_paced_to_the_wall_clock_keeps_event_times_real_through_a_scenario(
+    settings: Settings, rclient: redis.Redis
+) -> None:
+    """A collector pause drops events; the simulator's clock must not race ahead through them
+    (it did when pacing counted the events sent: after the pause every event, heartbeats too,
+    was dated seconds in the future, and trading:state never came back to ACTIVE)."""
+    from tests.e2e.conftest import run_cli
+
+    done = run_cli(
+        settings,
+        "simulate",
+        # A count, not a duration: on a loaded machine the feed still gets past the pause.
+        *("--rate", "100", "--count", "600", "--ignore-trading-state"),
+        *("--scenario", "collector-pause", "--scenario-after", "1", "--scenario-duration", "3"),
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    # (entry id's milliseconds = when it was added, the event as published)
+    stream: Any = rclient.xrange(settings.stream.key)
+    entries: list[tuple[float, dict[str, object]]] = [
+        (int(entry_id.decode().split("-")[0]) / 1000, orjson.loads(fields[b"event"]))
+        for entry_id, fields in stream
+    ]
+    assert entries
+
+    def event_time(ev: dict[str, object]) -> float:
+        moment = ev.get("timestamp") or ev.get("timestamp_open") or ev.get("timestamp_close")
+        return dt.datetime.fromisoformat(str(moment)).timestamp()
+
+    first = event_time(entries[0][1])
+    ahead = [event_time(ev) - added_at for added_at, ev in entries]
+    collector_beats_after_pause = sum(
+        1 for _, ev in entries if ev.get("component") == "collector" and event_time(ev) > first + 4
+    )
+    # Publishing may lag the simulated clock (a loaded machine); it never runs ahead of it by
+    # more than one publish's worth (the pause was 3 s).
+    assert max(ahead) < 1.0, max(ahead)
+    assert collector_beats_after_pause >= 1

@@ -41,7 +41,7 @@ def row(**changes: str) -> list[str]:
     return list(values.values())
 
 
-def test_layout_headers_follow_design_section_6() -> None:
+def test_layout_headers_are_the_documented_layout() -> None:
     # The table's columns minus id/position_id/created_at/updated_at, plus position_key, plus the
     # optional event_id and producer.
     assert SPREADS.columns == (*SPREAD_HEADER.split(","), "event_id", "producer")

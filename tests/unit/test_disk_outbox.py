@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
+import shutil
+import sqlite3
 import threading
+import time
 from pathlib import Path
 
 import pytest
 
 from ingestd.errors import ConfigError
 from ingestd.settings import OutboxSettings
-from ingestd.spool import SEGMENT_PREFIX, Spool, encode_record, scan
+from ingestd.spool import DATABASE_FILE, Spool, record_bytes
 from ingestd.storage.outbox import (
     DiskOutbox,
     OutboxBroken,
@@ -41,9 +45,10 @@ def drain(box: DiskOutbox, limit: int = 1000) -> list[bytes]:
     return out
 
 
-def segments(directory: Path) -> list[Path]:
-    """The segment files, in order."""
-    return sorted(directory.glob(f"{SEGMENT_PREFIX}*"))
+def on_disk(directory: Path) -> list[bytes]:
+    """The payloads in the outbox's database, as another process sees them."""
+    with contextlib.closing(sqlite3.connect(directory / DATABASE_FILE)) as db:
+        return [row[0] for row in db.execute("SELECT payload FROM records ORDER BY id")]
 
 
 def test_append_is_in_the_file_before_it_returns_and_is_taken_in_order(tmp_path: Path) -> None:
@@ -51,12 +56,9 @@ def test_append_is_in_the_file_before_it_returns_and_is_taken_in_order(tmp_path:
     try:
         for i in range(100):
             box.append(payload(i))
-        # No fsync has run (60 s), yet every record is in the file: another reader sees it,
+        # No fsync has run (60 s), yet every record is in the files: another process sees it,
         # as a restarted process would after kill -9 (the page cache outlives the process).
-        on_disk = b"".join(p.read_bytes() for p in segments(tmp_path))
-        records, _ = scan(on_disk)
-        assert names([r for _, r in records]) == list(range(100))
-        assert len(segments(tmp_path)) > 1  # 1 KiB segments: several
+        assert names(on_disk(tmp_path)) == list(range(100))
         first = box.take(7)
         box.put_back(first)  # a failed publish: handed out again, first
         assert names([r.payload for r in box.take(7)]) == list(range(7))
@@ -66,18 +68,18 @@ def test_append_is_in_the_file_before_it_returns_and_is_taken_in_order(tmp_path:
         box.close()
 
 
-def test_published_segments_are_removed_and_the_active_one_emptied(tmp_path: Path) -> None:
+def test_published_records_are_removed(tmp_path: Path) -> None:
     box = DiskOutbox(tmp_path, max_bytes=1 << 20, segment_bytes=1024, fsync_interval_s=60)
     try:
         for i in range(200):
             box.append(payload(i))
-        assert box.size_bytes == 200 * len(encode_record(payload(0)))
+        assert box.size_bytes == 200 * record_bytes(payload(0))
         assert drain(box)
         assert box.size_bytes == 0 and box.sent == box.added == 200
-        assert [p.stat().st_size for p in segments(tmp_path)] == [0]  # only the active, empty
+        assert on_disk(tmp_path) == []
     finally:
         box.close()
-    assert segments(tmp_path) == []  # an empty active segment is removed at close
+    assert not (tmp_path / f"{DATABASE_FILE}-wal").exists()  # copied in and removed at close
 
 
 def test_a_reopened_outbox_publishes_the_earlier_run_first_then_new_events(
@@ -87,32 +89,36 @@ def test_a_reopened_outbox_publishes_the_earlier_run_first_then_new_events(
     for i in range(50):
         box.append(payload(i))
     box.settle(box.take(10))  # 10 published; 40 not
+    box.take(5)  # handed out, not confirmed published: they come again
     box.close()
     again = DiskOutbox(tmp_path, max_bytes=1 << 20, segment_bytes=1024, fsync_interval_s=0)
     try:
-        # Progress is kept per segment: the 10 published share the first segment with
-        # unpublished ones, so they come again (at-least-once, under their fixed ids). Only the
-        # one segment being published can be partly published: publishing goes in order.
-        first_segment = 1024 // len(encode_record(payload(0)))
-        assert again.recovered == again.added == 50 and len(again) == 50
-        assert first_segment > 10
+        assert again.recovered == again.added == 40 and len(again) == 40
         for i in range(50, 60):
             again.append(payload(i))
-        assert names(drain(again)) == list(range(60))
+        assert names(drain(again)) == list(range(10, 60))
     finally:
         again.close()
 
 
-def test_a_torn_tail_is_cut_and_everything_before_it_kept(tmp_path: Path) -> None:
-    box = DiskOutbox(tmp_path, max_bytes=1 << 20, fsync_interval_s=60)
-    for i in range(5):
-        box.append(payload(i))
-    box.close()
-    (last,) = segments(tmp_path)
-    with last.open("ab") as f:
-        f.write(encode_record(payload(5))[:-3])  # a write cut short by a crash
-    again = DiskOutbox(tmp_path, max_bytes=1 << 20, fsync_interval_s=60)
+def test_a_torn_tail_of_the_log_is_ignored_and_everything_before_it_kept(tmp_path: Path) -> None:
+    box = DiskOutbox(tmp_path / "live", max_bytes=1 << 20, fsync_interval_s=60)
     try:
+        for i in range(5):
+            box.append(payload(i))
+        # The files as a crash of the producer leaves them (the log not copied in, not
+        # removed), taken while it is open; a crash while writing the log adds part of a frame.
+        crashed = tmp_path / "crashed"
+        crashed.mkdir()
+        for name in (DATABASE_FILE, f"{DATABASE_FILE}-wal"):
+            shutil.copyfile(tmp_path / "live" / name, crashed / name)
+    finally:
+        box.close()
+    with (crashed / f"{DATABASE_FILE}-wal").open("ab") as f:
+        f.write(os.urandom(1000))
+    again = DiskOutbox(crashed, max_bytes=1 << 20, fsync_interval_s=60)
+    try:
+        assert again.recovered == 5
         assert names(drain(again)) == list(range(5))
     finally:
         again.close()
@@ -167,23 +173,23 @@ def test_the_disk_bound_refuses_loudly_once_per_episode_and_clears(
         assert box.alarm and box.refused == 3
         alarms = [r for r in caplog.records if r.levelno == logging.ERROR]
         assert len(alarms) == 1 and "nothing is dropped" in alarms[0].getMessage()
-        # Room comes back a segment at a time, as segments are wholly published. Appends that
-        # fit are taken again at once; the alarm stays until the outbox is below half, so that
-        # it does not flap at the edge.
-        box.settle(box.take(1000))  # the first segment
+        # Room comes back as records are published. Appends that fit are taken again at once;
+        # the alarm stays until the outbox is below half, so that it does not flap at the edge.
+        first = box.take(3)
+        box.settle(first)
+        published = names([r.payload for r in first])
         assert box.size_bytes > 2048
         box.append(payload(3000))
         accepted.append(3000)
         assert box.alarm
-        published = [*names(drain(box))]
+        published += names(drain(box))
         assert not box.alarm
         assert [r for r in caplog.records if "room again" in r.getMessage()]
         box.append(payload(4000))
         accepted.append(4000)
         published += names(drain(box))
         # Every accepted event once, in order, and none of the refused ones.
-        first_segment = 1024 // len(encode_record(payload(0)))
-        assert list(range(first_segment)) + published == accepted
+        assert published == accepted
         assert box.sent == len(accepted)
     finally:
         box.close()
@@ -192,22 +198,26 @@ def test_the_disk_bound_refuses_loudly_once_per_episode_and_clears(
 def test_a_failed_fsync_breaks_the_outbox_but_keeps_what_it_holds(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    box = DiskOutbox(tmp_path, max_bytes=1 << 20, fsync_interval_s=0)
+    box = DiskOutbox(tmp_path, max_bytes=1 << 20, fsync_interval_s=0.01)
     box.append(payload(0))
-    real_fsync = os.fsync
 
     def failing(fd: int) -> None:
         raise OSError(5, "Input/output error")
 
-    monkeypatch.setattr(os, "fsync", failing)
+    monkeypatch.setattr(os, "fsync", failing)  # the fsync thread's fsync of the log
+    box.append(payload(1))  # committed; its fsync, within 10 ms, fails
+    deadline = time.monotonic() + 10
+    while box.broken is None:
+        assert time.monotonic() < deadline, "the failed fsync was not noticed"
+        time.sleep(0.01)
     with pytest.raises(OutboxBroken, match="fsync failed"):
-        box.append(payload(1))
-    with pytest.raises(OutboxBroken, match="broken"):
         box.append(payload(2))
-    monkeypatch.setattr(os, "fsync", real_fsync)
+    with pytest.raises(OutboxBroken, match="broken"):
+        box.append(payload(3))
+    monkeypatch.undo()
     try:
-        # The record whose fsync failed was refused, so it is not published either.
-        assert names(drain(box)) == [0]
+        # What it took before is still published; nothing after the failure was taken.
+        assert names(drain(box)) == [0, 1]
         assert box.broken is not None and "fsync failed" in box.broken and box.alarm
     finally:
         box.close()
@@ -250,47 +260,24 @@ def test_records_the_disk_changed_after_they_were_written_are_kept_aside(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     box = DiskOutbox(tmp_path, max_bytes=1 << 20, fsync_interval_s=60)
+    for i in range(5):
+        box.append(payload(i))
+    box.close()  # the log is copied into the database file
+    database = tmp_path / DATABASE_FILE
+    data = bytearray(database.read_bytes())
+    at = data.index(payload(2)) + 10  # one byte of the third record's payload flips
+    data[at] ^= 0xFF
+    database.write_bytes(bytes(data))
+    again = DiskOutbox(tmp_path, max_bytes=1 << 20, fsync_interval_s=60)
     try:
-        for i in range(5):
-            box.append(payload(i))
-        (segment,) = segments(tmp_path)
-        size = len(encode_record(payload(0)))
-        with segment.open("r+b") as f:  # one byte of the third record's payload flips
-            f.seek(2 * size + 10)
-            byte = f.read(1)
-            f.seek(2 * size + 10)
-            f.write(bytes([byte[0] ^ 0xFF]))
-        assert names(drain(box)) == [0, 1]
-        assert box.corrupt_records == 3 and box.settled == box.added == 5 and not len(box)
+        assert names(drain(again)) == [0, 1, 3, 4]
+        assert again.corrupt_records == 1 and again.settled == again.added == 5
+        assert not len(again)
         (aside,) = tmp_path.glob("*.corrupt")
-        assert aside.stat().st_size == 3 * size  # kept, not dropped
+        assert aside.stat().st_size == len(payload(2))  # kept, not dropped
         assert any("fail their checksum" in r.getMessage() for r in caplog.records)
     finally:
-        box.close()
-
-
-def test_a_segment_that_cannot_be_made_is_refused_then_taken_again(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    box = DiskOutbox(tmp_path, max_bytes=1 << 20, fsync_interval_s=60)
-    real_open = os.open
-
-    def refusing(path: object, *args: object, **kwargs: object) -> int:
-        if str(path).endswith(".log"):
-            raise PermissionError(13, "Permission denied")
-        return real_open(path, *args, **kwargs)  # type: ignore[arg-type]
-
-    try:
-        monkeypatch.setattr(os, "open", refusing)
-        with pytest.raises(OutboxError, match="Permission denied") as refused:
-            box.append(payload(0))
-        assert not isinstance(refused.value, OutboxFull) and box.alarm
-        monkeypatch.setattr(os, "open", real_open)
-        box.append(payload(1))
-        assert not box.alarm  # the episode ended with the first event taken again
-        assert names(drain(box)) == [1]
-    finally:
-        box.close()
+        again.close()
 
 
 def test_a_record_recovery_could_not_read_is_refused(tmp_path: Path) -> None:

@@ -1,4 +1,4 @@
-"""The wire format (DESIGN §3): exact decimals, strict times, clear errors for bad input."""
+"""The wire format (docs/events.md): exact decimals, strict times, clear errors for bad input."""
 
 from __future__ import annotations
 

@@ -51,7 +51,7 @@ def test_position_open_and_close_events() -> None:
     assert close_ev["entry_upbit_price"] == "140123456.12"
     back = Position.from_event(close_ev)
     assert back == done and back.status == CLOSED
-    # The open event of a CLOSED position is its entry (the seed's migration logs both).
+    # The open event of a CLOSED position is its entry (a CSV history holds both).
     assert done.open_event()["type"] == "position_open"
 
 

@@ -1,13 +1,10 @@
-"""The producer outbox (pure bookkeeping) and the progress/table output of the CSV commands."""
+"""The producer outbox (pure bookkeeping)."""
 
 from __future__ import annotations
-
-import io
 
 import pytest
 
 from ingestd.storage.outbox import Backoff, Outbox, Pending
-from ingestd.textui import Progress, format_table
 
 
 def p(n: int) -> Pending:
@@ -82,62 +79,3 @@ def test_backoff_is_capped_and_resets() -> None:
     assert all(0 <= d <= Backoff.CAP_S for d in delays)
     b.reset()
     assert b.attempt == 0
-
-
-class Clock:
-    """A clock the test moves."""
-
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def test_progress_lines_are_rate_limited_and_show_rows_rate_eta() -> None:
-    out, clock = io.StringIO(), Clock()
-    progress = Progress(out, mode="lines", line_interval_s=5, clock=clock)
-    progress.start("spreads.csv", 1000)
-    clock.now = 1.0
-    progress.update(100, 5000)  # too soon
-    assert out.getvalue() == ""
-    clock.now = 5.0
-    progress.update(250, 20000)
-    # 20,000 rows in 5 s; 250 of 1,000 bytes in 5 s -> 15 s to go.
-    assert out.getvalue() == "import-csv: spreads.csv 25%  20,000 rows  4,000 rows/s  ETA 0:00:15\n"
-    progress.finish(1000, 40000)
-    assert out.getvalue().splitlines()[-1].startswith("import-csv: spreads.csv 100%  40,000 rows")
-
-
-def test_progress_bar_redraws_one_line_and_notes_clear_it() -> None:
-    out, clock = io.StringIO(), Clock()
-    progress = Progress(out, mode="bar", clock=clock)
-    progress.start("orders.csv", 200, done_bytes=100)  # resumed half way
-    clock.now = 2.0
-    progress.update(150, 10)
-    text = out.getvalue()
-    assert text.startswith("\rorders.csv [") and "75%" in text and "ETA 0:00:02" in text
-    progress.note("orders.csv:7: qty: required field is missing")
-    assert out.getvalue().endswith("\r\x1b[Korders.csv:7: qty: required field is missing\n")
-    progress.finish(200, 12)
-    assert out.getvalue().endswith("\n") and "100%" in out.getvalue()
-
-
-def test_progress_auto_picks_lines_when_not_a_tty() -> None:
-    assert Progress(io.StringIO()).mode == "lines"
-    out = io.StringIO()
-    off = Progress(out, mode="off")
-    off.start("x", 1)
-    off.update(1, 1, force=True)
-    off.note("bad row")  # bad rows are reported even with progress off
-    assert out.getvalue() == "bad row\n"
-
-
-def test_format_table_aligns_numbers_right() -> None:
-    text = format_table(["table", "rows"], [["spreads", 1000000], ["fx_rates", 5]])
-    assert text.splitlines() == [
-        "table          rows",
-        "--------  ---------",
-        "spreads   1,000,000",
-        "fx_rates          5",
-    ]
