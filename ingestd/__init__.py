@@ -3,13 +3,34 @@
 Events (spreads, FX, orders, positions, trades, heartbeats) arrive in-process through
 ``Service.submit`` or from other processes through a Redis Stream; they are COPY-batched into
 PostgreSQL/TimescaleDB and their latest values mirrored into Redis.
+
+The names below are loaded on first use: ``import ingestd.publisher`` in a producer runs this
+file first, and must not pull in the daemon (asyncpg, prometheus_client, the pipeline) with it.
 """
 
-from ingestd.app import Service
-from ingestd.errors import IngestdError, InvalidEvent
-from ingestd.publisher import AsyncPublisher, Publisher
-from ingestd.settings import Settings, load_settings
-from ingestd.sources.inprocess import Outcome
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ingestd.app import Service
+    from ingestd.errors import IngestdError, InvalidEvent
+    from ingestd.publisher import AsyncPublisher, Publisher
+    from ingestd.settings import Settings, load_settings
+    from ingestd.sources.inprocess import Outcome
+
+# Each public name and the module that defines it.
+_HOMES: dict[str, str] = {
+    "AsyncPublisher": "ingestd.publisher",
+    "IngestdError": "ingestd.errors",
+    "InvalidEvent": "ingestd.errors",
+    "Outcome": "ingestd.sources.inprocess",
+    "Publisher": "ingestd.publisher",
+    "Service": "ingestd.app",
+    "Settings": "ingestd.settings",
+    "load_settings": "ingestd.settings",
+}
 
 __all__ = [
     "AsyncPublisher",
@@ -22,3 +43,12 @@ __all__ = [
     "load_settings",
 ]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module 'ingestd' has no attribute {name!r}")
+    value = getattr(importlib.import_module(home), name)
+    globals()[name] = value  # the next lookup is a plain attribute
+    return value

@@ -24,11 +24,10 @@ from typing import Final
 import asyncpg
 import redis.asyncio as aioredis
 import redis.exceptions
-from redis.asyncio.retry import Retry
-from redis.backoff import ExponentialBackoff
 
-from ingestd import errors, events, failpoints, keys, migrations, probes, trading
+from ingestd import errors, events, keys, migrations, probes, trading
 from ingestd.batching import BatchOutcome, Item
+from ingestd.clients import redis_async
 from ingestd.db import create_pool
 from ingestd.deadletters import DeadLetter
 from ingestd.endpoints import OpsServer
@@ -38,7 +37,6 @@ from ingestd.liveness import LivenessRecorder, LivenessWriter
 from ingestd.maintenance import Maintenance
 from ingestd.metrics import Metrics, MetricsCollector, TradingStateCollector, create_registry
 from ingestd.pipeline import Pipeline, Sink, cancel_quietly
-from ingestd.redis_packing import use_hiredis_packing
 from ingestd.settings import Settings, redact
 from ingestd.sinks.mirror import RedisMirror
 from ingestd.sinks.postgres import PostgresSink, fetch_all_open_counts, sweep_parked_closes
@@ -54,21 +52,13 @@ log = logging.getLogger("ingestd.app")
 FINAL_ACK_TIMEOUT_S: Final = 5.0
 # How long the spool may take to finish its last append and close.
 SPOOL_CLOSE_TIMEOUT_S: Final = 5.0
-
-
-def create_redis(url: str, *, socket_timeout_s: float) -> aioredis.Redis:
-    """A redis-py client with explicit timeouts and retries (``from_url`` sets none)."""
-    client = aioredis.Redis.from_url(
-        url,
-        socket_timeout=socket_timeout_s,
-        socket_connect_timeout=socket_timeout_s,
-        retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), 2),
-        retry_on_error=[redis.exceptions.ConnectionError, redis.exceptions.TimeoutError],
-        health_check_interval=30,
-        protocol=2,
-    )
-    use_hiredis_packing(client)
-    return client
+# The later stop stages' deadlines (Service.stop): the mirror's last values, the trading lease,
+# the endpoints, each client and the pool.
+MIRROR_FLUSH_TIMEOUT_S: Final = 5.0
+LIVENESS_FLUSH_TIMEOUT_S: Final = 2.0
+TRADING_RELEASE_TIMEOUT_S: Final = 2.0
+OPS_CLOSE_TIMEOUT_S: Final = 2.0
+CLIENT_CLOSE_TIMEOUT_S: Final = 5.0
 
 
 async def connect_once(settings: Settings) -> asyncpg.Pool:
@@ -232,7 +222,6 @@ class Service:
 
     async def _start(self, connect_deadline_s: float, wait_for_database: bool | None) -> None:
         s = self.settings
-        failpoints.arm(s.failpoints)
         if s.spool.directory:
             # Before any contact with the database: the spool is what a producer has while the
             # database is unreachable, and it may hold an earlier run's backlog.
@@ -257,10 +246,10 @@ class Service:
             # to the spool at once rather than wait spill_after_s in memory, the replay leaves
             # the backlog on disk, and health shows the database is not taking writes.
             self.metrics.flush_failing_since = time.monotonic()
-        self.redis = create_redis(
+        self.redis = redis_async(
             s.storage.redis.url, socket_timeout_s=s.storage.redis.socket_timeout_s
         )
-        self._mirror_redis = create_redis(
+        self._mirror_redis = redis_async(
             s.storage.redis.url, socket_timeout_s=s.storage.redis.mirror_socket_timeout_s
         )
         self.mirror = RedisMirror(
@@ -562,7 +551,7 @@ class Service:
         t = self.settings.trading
         # A client of its own, with the mirror's short timeout: a hung Redis must not hold the
         # state loop past the key's TTL (it expires: HALTED), nor wait behind stream reads.
-        self._trading_redis = create_redis(
+        self._trading_redis = redis_async(
             self.settings.storage.redis.url,
             socket_timeout_s=min(self.settings.storage.redis.mirror_socket_timeout_s, t.interval_s),
         )
@@ -707,14 +696,43 @@ class Service:
             )
 
     async def stop(self, grace_s: float | None = None) -> bool:
-        """Staged shutdown: stop intake, drain within the grace period, cancel; True if clean."""
+        """Staged shutdown: stop intake, drain within the grace period, cancel; True if clean.
+
+        Each stage has its own deadline (the constants above; the drain's is what is left of
+        the grace period), so a hung server holds up one stage by that much at most and every
+        later stage still runs: the clients and the pool are always closed.
+        """
         if self._stopped:
             return True
         self._stopped = True
         self._stopping = True
         grace = self.settings.shutdown.grace_s if grace_s is None else grace_s
-        clean = True
         t0 = time.monotonic()
+        clean = await self._stop_intake()
+        clean = await self._drain(grace, max(0.1, grace - (time.monotonic() - t0))) and clean
+        clean = self._fail_uncommitted_submits() and clean
+        await self._send_final_acks()
+        await self._cancel_background_tasks()
+        await self._close_spool()
+        await self._flush_mirror()
+        await self._flush_liveness()
+        await self._release_trading_lease()
+        await self._close_ops_server()
+        await self._close_clients()
+        log.info(
+            "ingestd stopped (%s) after %.2fs",
+            "clean" if clean else "forced",
+            time.monotonic() - t0,
+            extra={"action": "stopped"},
+        )
+        return clean
+
+    async def _stop_intake(self) -> bool:
+        """Stage 1: no new entries. The stream reader ends its current read (deadline: one
+        blocking read plus 2 s, then it is cancelled); the spool replay is cancelled, what it
+        had not replayed stays on the spool, durable, for the next start. False if the stream
+        intake had already died."""
+        clean = True
         if self.stream is not None:
             self.stream.stop()
         if self._stream_task is not None:
@@ -731,85 +749,146 @@ class Service:
                         "stream intake had stopped: %r", ended, extra={"action": "intake_failed"}
                     )
         if self._spool_source is not None:
-            # What is still on the spool stays there, durable, for the next start.
             self._spool_source.stop()
             await cancel_quietly(self._spool_task)
-        if self.pipeline is not None:
-            try:
-                async with asyncio.timeout(max(0.1, grace - (time.monotonic() - t0))):
-                    await self.pipeline.drain()
-            except TimeoutError:
-                clean = False
-                log.error(
-                    "drain exceeded the %.1fs grace period; cancelling (unacknowledged "
-                    "entries will be redelivered)",
-                    grace,
-                    extra={"action": "drain_timeout"},
-                )
-                await self.pipeline.abort()
-            except Exception as exc:  # noqa: BLE001 - the batching loop had died of a bug
-                # Nothing it held was acknowledged: the stream redelivers it after a restart.
-                clean = False
-                log.error("drain failed: %r", exc, extra={"action": "drain_failed"})
-                await self.pipeline.abort()
-        if self._submitter is not None:
-            # Whatever was not committed by now never will be by this process: say so.
-            left = self._submitter.fail_pending(
-                errors.ShuttingDown("ingestd stopped before the event was committed")
-            )
-            if left:
-                clean = False
-                log.error(
-                    "%d in-process events were not committed before the stop",
-                    left,
-                    extra={"action": "submit_abandoned"},
-                )
-        if self.stream is not None:
-            # Bounded: with Redis hung the last XACKs are given up (the entries are redelivered
-            # and land once) rather than holding up the exit.
-            with contextlib.suppress(redis.exceptions.RedisError, OSError, TimeoutError):
-                async with asyncio.timeout(FINAL_ACK_TIMEOUT_S):
-                    await self.stream.finish()
-        # Together, not one after the other: each may take its whole deadline.
-        await asyncio.gather(*(cancel_quietly(task) for task in self._tasks))
-        if self.spool is not None:
-            try:
-                async with asyncio.timeout(SPOOL_CLOSE_TIMEOUT_S):
-                    await self.spool.close()
-            except TimeoutError:
-                # A hung disk: what was fsync'd stays for the next start; the rest was never
-                # acknowledged (its callers are still waiting in memory or were failed above).
-                log.error("the spool did not close in time", extra={"action": "spool_stuck"})
-        if self.mirror is not None:
-            await self.mirror.flush()
-        if self.liveness_writer is not None:
-            # The heartbeats noted since its last write (bounded: the pool may be gone).
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(2):
-                    await self.liveness_writer.flush()
-        if self.trading is not None:
-            # After the trading loop was cancelled above: nothing renews the lease any more.
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(2):
-                    await self.trading.release()
-        if self.ops is not None:
-            await self.ops.close()
-        for client in (self.redis, self._mirror_redis, self._trading_redis):
-            if client is not None:
-                await client.aclose()
-        if self.pool is not None:
-            try:
-                async with asyncio.timeout(5):
-                    await self.pool.close()
-            except TimeoutError:
-                self.pool.terminate()
-        log.info(
-            "ingestd stopped (%s) after %.2fs",
-            "clean" if clean else "forced",
-            time.monotonic() - t0,
-            extra={"action": "stopped"},
-        )
         return clean
+
+    async def _drain(self, grace_s: float, deadline_s: float) -> bool:
+        """Stage 2: write everything queued and in flight (deadline: what is left of the grace
+        period), else cancel it: unacknowledged entries are redelivered. False if cancelled."""
+        if self.pipeline is None:
+            return True
+        try:
+            async with asyncio.timeout(deadline_s):
+                await self.pipeline.drain()
+        except TimeoutError:
+            log.error(
+                "drain exceeded the %.1fs grace period; cancelling (unacknowledged "
+                "entries will be redelivered)",
+                grace_s,
+                extra={"action": "drain_timeout"},
+            )
+            await self.pipeline.abort()
+            return False
+        except Exception as exc:  # noqa: BLE001 - the batching loop had died of a bug
+            # Nothing it held was acknowledged: the stream redelivers it after a restart.
+            log.error("drain failed: %r", exc, extra={"action": "drain_failed"})
+            await self.pipeline.abort()
+            return False
+        return True
+
+    def _fail_uncommitted_submits(self) -> bool:
+        """Stage 3 (no wait): in-process callers still waiting hear that their event was not
+        committed by this process. False if there were any."""
+        if self._submitter is None:
+            return True
+        left = self._submitter.fail_pending(
+            errors.ShuttingDown("ingestd stopped before the event was committed")
+        )
+        if left:
+            log.error(
+                "%d in-process events were not committed before the stop",
+                left,
+                extra={"action": "submit_abandoned"},
+            )
+        return not left
+
+    async def _send_final_acks(self) -> None:
+        """Stage 4: the last XACKs (deadline FINAL_ACK_TIMEOUT_S). With Redis hung they are
+        given up: the entries are redelivered and land once, rather than holding up the exit."""
+        if self.stream is None:
+            return
+        with contextlib.suppress(redis.exceptions.RedisError, OSError, TimeoutError):
+            async with asyncio.timeout(FINAL_ACK_TIMEOUT_S):
+                await self.stream.finish()
+
+    async def _cancel_background_tasks(self) -> None:
+        """Stage 5: the background loops (maintenance, sweeps, samplers, trading), cancelled
+        together, not one after the other: each may take its whole deadline
+        (``cancel_quietly``'s, TASK_CANCEL_TIMEOUT_S)."""
+        await asyncio.gather(*(cancel_quietly(task) for task in self._tasks))
+
+    async def _close_spool(self) -> None:
+        """Stage 6: the spool's last append and close (deadline SPOOL_CLOSE_TIMEOUT_S)."""
+        if self.spool is None:
+            return
+        try:
+            async with asyncio.timeout(SPOOL_CLOSE_TIMEOUT_S):
+                await self.spool.close()
+        except TimeoutError:
+            # A hung disk: what was fsync'd stays for the next start; the rest was never
+            # acknowledged (its callers are still waiting in memory or were failed above).
+            log.error("the spool did not close in time", extra={"action": "spool_stuck"})
+
+    async def _flush_mirror(self) -> None:
+        """Stage 7: the mirror's pending values (deadline MIRROR_FLUSH_TIMEOUT_S). Redis is a
+        cache: values not written by then are simply not mirrored by this process."""
+        if self.mirror is None:
+            return
+        try:
+            async with asyncio.timeout(MIRROR_FLUSH_TIMEOUT_S):
+                await self.mirror.flush()
+        except TimeoutError:
+            log.warning(
+                "the mirror's last values were not written in %.0fs: left out",
+                MIRROR_FLUSH_TIMEOUT_S,
+                extra={"action": "mirror_flush_timeout"},
+            )
+
+    async def _flush_liveness(self) -> None:
+        """Stage 8: the heartbeats noted since the liveness writer's last write (deadline
+        LIVENESS_FLUSH_TIMEOUT_S: the pool may be gone)."""
+        if self.liveness_writer is None:
+            return
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(LIVENESS_FLUSH_TIMEOUT_S):
+                await self.liveness_writer.flush()
+
+    async def _release_trading_lease(self) -> None:
+        """Stage 9: the trading-state lease (deadline TRADING_RELEASE_TIMEOUT_S), after the
+        trading loop was cancelled: nothing renews it any more. Unreleased, it expires."""
+        if self.trading is None:
+            return
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(TRADING_RELEASE_TIMEOUT_S):
+                await self.trading.release()
+
+    async def _close_ops_server(self) -> None:
+        """Stage 10: the health and metrics endpoints (deadline OPS_CLOSE_TIMEOUT_S)."""
+        if self.ops is None:
+            return
+        try:
+            async with asyncio.timeout(OPS_CLOSE_TIMEOUT_S):
+                await self.ops.close()
+        except TimeoutError:
+            log.warning("the ops endpoints did not close in time", extra={"action": "ops_stuck"})
+
+    async def _close_clients(self) -> None:
+        """Stage 11: the Redis clients and the database pool (deadline CLIENT_CLOSE_TIMEOUT_S
+        each, together; a pool that does not close in time is terminated)."""
+
+        async def close_redis(client: aioredis.Redis) -> None:
+            try:
+                async with asyncio.timeout(CLIENT_CLOSE_TIMEOUT_S):
+                    await client.aclose()
+            except TimeoutError:
+                log.warning("a Redis client did not close in time", extra={"action": "stuck"})
+
+        async def close_pool(pool: asyncpg.Pool) -> None:
+            try:
+                async with asyncio.timeout(CLIENT_CLOSE_TIMEOUT_S):
+                    await pool.close()
+            except TimeoutError:
+                pool.terminate()
+
+        closing = [
+            close_redis(client)
+            for client in (self.redis, self._mirror_redis, self._trading_redis)
+            if client is not None
+        ]
+        if self.pool is not None:
+            closing.append(close_pool(self.pool))
+        await asyncio.gather(*closing)
 
 
 # The intake allocates a few short-lived objects per event and holds tens of thousands of events

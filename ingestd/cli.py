@@ -19,7 +19,7 @@ import asyncpg
 import orjson
 import redis.exceptions
 
-from ingestd import errors, logs, migrations
+from ingestd import db, errors, logs, migrations
 from ingestd.commands import describe, secret_free
 from ingestd.settings import Settings, load_settings, redact
 
@@ -527,7 +527,7 @@ async def _connect(dsn: str, *, create: bool, deadline_s: float = 30.0) -> async
     end = time.monotonic() + deadline_s
     while True:
         try:
-            return await asyncpg.connect(dsn, timeout=5)
+            return await db.connect(dsn, timeout_s=5)
         except asyncpg.InvalidCatalogNameError:
             if not create:
                 raise
@@ -552,7 +552,7 @@ async def _create_database(dsn: str) -> None:
     name = _database_name(dsn)
     if not name or not name.replace("_", "").isalnum():
         raise errors.ConfigError(f"refusing to create database with name {name!r}")
-    probe = await asyncpg.connect(dsn, database="postgres", timeout=5)
+    probe = await db.connect(dsn, database="postgres", timeout_s=5)
     try:
         exists = await probe.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", name)
         if not exists:
@@ -620,9 +620,9 @@ def _trading_gate(settings: Settings) -> Any:
     """What the simulated paper trader asks before opening: trading:state, read at most every
     half second (a synchronous read with a short timeout; unreachable counts as HALTED)."""
     from ingestd import trading
-    from ingestd.storage.redis_cache import sync_client
+    from ingestd.clients import redis_sync
 
-    client = sync_client(settings.storage.redis, timeout_s=0.5)
+    client = redis_sync(settings.storage.redis.url, socket_timeout_s=0.5)
     prefix = settings.storage.redis.key_prefix
     last: list[Any] = [0.0, None]
 
@@ -638,14 +638,15 @@ def _trading_gate(settings: Settings) -> Any:
 
 async def _redis_answers(settings: Settings) -> None:
     """PING Redis once (with the short retries of the commands' client); raises if it cannot."""
-    from ingestd.app import create_redis
+    from ingestd.clients import redis_async
 
-    client = create_redis(
+    client = redis_async(
         settings.storage.redis.url, socket_timeout_s=settings.storage.redis.socket_timeout_s
     )
     try:
-        await client.ping()
-    except (OSError, TimeoutError, redis.exceptions.RedisError) as exc:
+        with errors.redis_edge():
+            await client.ping()
+    except errors.RedisError as exc:
         url = settings.storage.redis.url
         raise errors.IngestdError(f"cannot reach Redis at {url}: {describe(exc)}") from exc
     finally:
@@ -726,12 +727,12 @@ async def _cmd_simulate(settings: Settings, args: argparse.Namespace) -> int:
 
 
 async def _cmd_stats(settings: Settings, args: argparse.Namespace) -> int:
-    from ingestd.app import create_redis
+    from ingestd.clients import redis_async
     from ingestd.stats import collect_database, collect_redis, print_report, to_json
 
     dsn = settings.storage.postgres.dsn
     try:
-        conn = await asyncpg.connect(dsn, timeout=settings.storage.postgres.connect_timeout_s)
+        conn = await db.connect(dsn, timeout_s=settings.storage.postgres.connect_timeout_s)
     except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
         print(
             secret_free(f"ingestd stats: cannot connect to {dsn}: {describe(exc)}", dsn),
@@ -749,7 +750,7 @@ async def _cmd_stats(settings: Settings, args: argparse.Namespace) -> int:
         )
     finally:
         await conn.close()
-    client = create_redis(
+    client = redis_async(
         settings.storage.redis.url, socket_timeout_s=settings.storage.redis.socket_timeout_s
     )
     try:
@@ -850,9 +851,11 @@ async def _cmd_verify_csv(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _trading_client(settings: Settings) -> Any:
-    from ingestd.storage.redis_cache import sync_client
+    from ingestd.clients import redis_sync
 
-    return sync_client(settings.storage.redis, timeout_s=settings.storage.redis.socket_timeout_s)
+    return redis_sync(
+        settings.storage.redis.url, socket_timeout_s=settings.storage.redis.socket_timeout_s
+    )
 
 
 async def _cmd_halt(settings: Settings, args: argparse.Namespace) -> int:

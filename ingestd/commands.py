@@ -28,20 +28,6 @@ EXIT_FAILED: Final = 2
 
 # A DSN asyncpg cannot parse raises ValueError (an unencoded '#' or '@' in the password, a port
 # that is not a number); ClientConfigurationError is an InterfaceError and a ValueError.
-_CONNECT_ERRORS: Final = (
-    OSError,
-    TimeoutError,
-    ValueError,
-    asyncpg.PostgresError,
-    asyncpg.InterfaceError,
-)
-_RUN_ERRORS: Final = (
-    OSError,
-    TimeoutError,
-    asyncpg.PostgresError,
-    asyncpg.InterfaceError,
-    asyncpg.InternalClientError,
-)
 _CLOSE_TIMEOUT_S: Final = 5.0
 # Shorter passwords are not masked verbatim: masking every "ab" would garble the message.
 _MIN_MASKED_PASSWORD: Final = 4
@@ -103,22 +89,24 @@ async def run_with_database(
         print(secret_free(f"ingestd {command}: {text}", dsn), file=err)
 
     try:
-        pool = await create_pool(settings.storage.postgres, min_size=1)
-    except _CONNECT_ERRORS as exc:
+        with errors.database_edge():
+            pool = await create_pool(settings.storage.postgres, min_size=1)
+    except (errors.DatabaseError, ValueError) as exc:  # ValueError: a malformed DSN
         say(f"cannot connect to {dsn}: {describe(exc)}")
         return EXIT_FAILED
     except errors.IngestdError as exc:
         say(describe(exc))
         return EXIT_FAILED
     try:
-        async with pool.acquire() as conn:
-            await migrations.check_current(conn)
-        return await body(pool)
+        with errors.database_edge():
+            async with pool.acquire() as conn:
+                await migrations.check_current(conn)
+            return await body(pool)
+    except errors.DriverError as exc:
+        say(f"stopped: {describe(exc)}{stopped_hint}")
+        return EXIT_FAILED
     except errors.IngestdError as exc:
         say(describe(exc))
-        return EXIT_FAILED
-    except _RUN_ERRORS as exc:
-        say(f"stopped: {describe(exc)}{stopped_hint}")
         return EXIT_FAILED
     finally:
         try:

@@ -1,4 +1,9 @@
-"""PostgreSQL connections: the pool with its timeouts, and the connection type used everywhere."""
+"""Every PostgreSQL pool and connection ingestd makes is made here, and the connection type.
+
+asyncpg has no timeout on connect or on a command unless asked: a connection made anywhere else
+could hang on a dead server. (``ingestd.clients`` makes the Redis clients; the producer library
+uses only that one and never loads asyncpg.)
+"""
 
 from __future__ import annotations
 
@@ -26,3 +31,18 @@ async def create_pool(pg: PostgresSettings, *, min_size: int | None = None) -> a
     )
     assert pool is not None
     return pool
+
+
+async def connect(
+    dsn: str,
+    *,
+    timeout_s: float,
+    database: str | None = None,
+    command_timeout_s: float | None = None,
+) -> asyncpg.Connection[Any]:
+    """One PostgreSQL connection (the commands that need no pool), with a connect timeout."""
+    options: dict[str, Any] = {"timeout": timeout_s, "command_timeout": command_timeout_s}
+    if database is not None:
+        options["database"] = database
+    conn: asyncpg.Connection[Any] = await asyncpg.connect(dsn, **options)
+    return conn

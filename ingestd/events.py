@@ -747,45 +747,14 @@ def to_wire(ev: Event) -> dict[str, Any]:
     return out
 
 
-def decode_event(
-    payload: bytes | str,
-    *,
-    max_bytes: int,
-    default_event_id: str | None = None,
-    max_depth: int = DEFAULT_MAX_DEPTH,
-    retention: Retention | None = None,
-) -> Event:
-    """Size-check, decode and validate one wire event (and, given ``retention``, its age)."""
-    # A str is measured in UTF-8 bytes, as it would travel; a character is at most 4 of them.
-    size = len(payload)
-    if isinstance(payload, str) and size * 4 > max_bytes:
-        size = len(payload.encode("utf-8", errors="surrogatepass"))
-    if size > max_bytes:
-        raise InvalidEvent(f"event is {size} bytes, larger than max_event_bytes={max_bytes}")
-    try:
-        # Most events have the usual shape and take the typed decoder (ingestd.fastpath); the
-        # rest, and every error, take the general path, which is the definition of the rules.
-        event = fastpath.decode(payload, default_event_id)
-        if event is None:
-            event = parse_event(
-                decode_json(payload, max_depth=max_depth), default_event_id=default_event_id
-            )
-    except InvalidEvent:
-        raise
-    except Exception as exc:
-        raise _internal_error(exc) from exc
-    if retention is not None:
-        retention.check(event)
-    return event
-
-
 # Validation bugs whose traceback was logged, by exception type and the line that raised it: a
 # producer that keeps sending a payload that trips one gets one traceback, then a line each.
 _BUGS_LOGGED: set[tuple[str, str, int]] = set()
 _MAX_BUGS_LOGGED: Final = 1000
 
 
-def _internal_error(exc: Exception) -> InvalidEvent:
+def internal_error(exc: Exception) -> InvalidEvent:
+    """The dead-letter reason for a payload that raised ``exc`` in validation (a bug, logged)."""
     # A payload that trips a bug in validation must not stop the intake or vanish: it becomes
     # a dead letter like bad input (its raw payload kept), and the traceback is logged.
     frames = traceback.extract_tb(exc.__traceback__)
@@ -827,7 +796,7 @@ def normalize(
     except InvalidEvent:
         raise
     except Exception as exc:
-        raise _internal_error(exc) from exc
+        raise internal_error(exc) from exc
     if retention is not None:
         retention.check(event)
     return event
@@ -884,7 +853,3 @@ def retention_of(settings: RetentionSettings) -> Retention:
             "orders": settings.orders_days,
         }
     )
-
-
-# Imported last: the fast path is built from the definitions above.
-from ingestd import fastpath  # noqa: E402

@@ -1,10 +1,15 @@
-"""Deterministic crash points for the fault suite and the soak (FoundationDB/TiKV-style failpoints).
+"""Deterministic crash points for the fault suite (FoundationDB/TiKV-style failpoints).
 
 A failpoint is a named place in the write path where the process can be made to die with a real
 SIGKILL, at the n-th time it passes there: ``before_copy``, ``before_commit``, ``after_commit``
-(committed, neither mirrored nor acknowledged), ``before_ack``. They are armed only from the
-settings (``INGESTD_FAILPOINTS="after_commit=3"`` or ``failpoints:`` in YAML); unarmed, a pass
-costs one dict lookup on an empty dict, once per batch.
+(committed, neither mirrored nor acknowledged), ``before_ack``. Unarmed, a pass costs one check
+of an empty dict, once per batch.
+
+Only the test suite arms them, by calling ``arm`` in the process it wants killed (the fault tests
+start ``ingestd run`` through ``tests/failpoint_run.py``, which arms them and then runs the
+command). Nothing in the package calls ``arm``, and no setting or environment variable reaches
+it: a deployment's configuration cannot arm a failpoint, so a production process cannot be made
+to SIGKILL itself by one (``tests/unit/test_layers.py`` checks that no module calls ``arm``).
 """
 
 from __future__ import annotations

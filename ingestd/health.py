@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import redis.exceptions
 
 from ingestd import keys
-from ingestd.app import create_redis
+from ingestd.clients import redis_async
 from ingestd.settings import Settings, redact
 
 # How far ahead of this host's clock a heartbeat may be dated and still count (as just now): the
@@ -51,7 +51,7 @@ async def check_health(
     settings: Settings, components: Sequence[str], max_age_s: float
 ) -> tuple[bool, str]:
     """(ok, one-line reason) for the named components' heartbeats."""
-    client = create_redis(settings.storage.redis.url, socket_timeout_s=2.0)
+    client = redis_async(settings.storage.redis.url, socket_timeout_s=2.0)
     prefix = settings.storage.redis.key_prefix
     try:
         values = await client.mget([prefix + keys.health(c) for c in components])

@@ -36,7 +36,6 @@ from ingestd.deadletters import DeadLetter, make_dead_letter
 from ingestd.metrics import INVALID_TYPE, Metrics
 from ingestd.quarantine import Quarantine, QuarantineRecord
 from ingestd.settings import PipelineSettings
-from ingestd.sinks.mirror import RedisMirror
 
 log = logging.getLogger("ingestd.pipeline")
 
@@ -62,13 +61,23 @@ class Sink(Protocol):
         """A refusal as a dead letter's reason (SQLSTATE, message) and the column it blames."""
 
 
+class Mirror(Protocol):
+    """Where committed events' latest values go (``RedisMirror``; ``MemoryMirror`` in tests)."""
+
+    def stage_events(self, items: Sequence[Item], outcome: BatchOutcome) -> None:
+        """Take the newest value per key of a committed batch, to be written by ``flush``."""
+
+    async def flush(self) -> bool:
+        """Write what is staged; False (kept for the next flush) if the store is unreachable."""
+
+
 class Pipeline:
     """Batches items from every source into the sink, then mirrors and acknowledges them."""
 
     def __init__(
         self,
         sink: Sink,
-        mirror: RedisMirror | None,
+        mirror: Mirror | None,
         settings: PipelineSettings,
         *,
         metrics: Metrics | None = None,

@@ -39,40 +39,41 @@ async def _bounded(check: Awaitable[str], timeout_s: float) -> str:
             return await check
     except TimeoutError:
         return f"timed out after {timeout_s:g}s"
-    except (
-        OSError,
-        asyncpg.PostgresError,
-        asyncpg.InterfaceError,
-        asyncpg.InternalClientError,
-    ) as exc:
-        return redact(f"{type(exc).__name__}: {exc}")
-    except (redis.exceptions.RedisError, errors.IngestdError) as exc:
+    except errors.DriverError as exc:  # its text is the driver's "Type: message"
+        return redact(str(exc))
+    except (OSError, errors.IngestdError) as exc:
         return redact(f"{type(exc).__name__}: {exc}")
 
 
 async def _database(pool: asyncpg.Pool, found: dict[str, str]) -> str:
-    async with pool.acquire() as conn:
-        try:
-            await migrations.check_current(conn)
-        except errors.IngestdError as exc:
-            found["schema"] = redact(str(exc))
-        else:
-            found["schema"] = OK
-        try:
-            await probe_write(conn)
-        except asyncpg.ReadOnlySQLTransactionError as exc:
-            found["commit"] = (
-                f"the database is read-only (a standby, or read-only by default): {exc}"
-            )
-        except asyncpg.PostgresError as exc:
-            found["commit"] = redact(f"a write cannot commit: {type(exc).__name__}: {exc}")
-        else:
-            found["commit"] = OK
+    with errors.database_edge():
+        async with pool.acquire() as conn:
+            try:
+                await migrations.check_current(conn)
+            except errors.IngestdError as exc:
+                found["schema"] = redact(str(exc))
+            else:
+                found["schema"] = OK
+            try:
+                with errors.database_edge():
+                    await probe_write(conn)
+            except errors.DatabaseError as exc:
+                if exc.sqlstate is None:  # not refused by the server: the database is unreachable
+                    raise
+                found["commit"] = (
+                    "the database is read-only (a standby, or read-only by default): "
+                    f"{errors.driver_error(exc)}"
+                    if exc.sqlstate == errors.READ_ONLY_SQL_TRANSACTION
+                    else redact(f"a write cannot commit: {exc}")
+                )
+            else:
+                found["commit"] = OK
     return OK
 
 
 async def _redis(client: aioredis.Redis) -> str:
-    await client.ping()
+    with errors.redis_edge():
+        await client.ping()
     return OK
 
 
@@ -80,8 +81,9 @@ async def _stream(client: aioredis.Redis, key: str) -> str:
     # XLEN, not TYPE: the ingestd Redis user may run the stream commands only, and XLEN answers
     # 0 for a missing key and WRONGTYPE for a key that holds something else.
     try:
-        await client.xlen(key)
-    except redis.exceptions.ResponseError as exc:
+        with errors.redis_edge():
+            await client.xlen(key)
+    except errors.RedisError as exc:
         if _is_wrong_type(exc):
             return wrong_type(key)
         raise
@@ -209,18 +211,20 @@ async def sample_stream_forever(
     reported: str | None = None
     while True:
         try:
-            await sample_stream(client, key, group, metrics)
+            with errors.redis_edge():
+                await sample_stream(client, key, group, metrics)
             if metrics.stream_problem is not None and metrics.stream_problem != reported:
                 log.error("%s", metrics.stream_problem, extra={"action": "stream_unusable"})
             reported = metrics.stream_problem
-        except (redis.exceptions.RedisError, OSError) as exc:
+        except errors.RedisError as exc:
             metrics.stream_sample_errors += 1
+            cause = errors.driver_error(exc)
             if failing:
                 # Two samples in a row (a blip is absorbed by the client's own retries).
-                metrics.stream_problem = redact(f"cannot read the stream {key!r}: {exc}")
+                metrics.stream_problem = redact(f"cannot read the stream {key!r}: {cause}")
             if not failing:
                 log.warning(
-                    "cannot sample the stream: %s", exc, extra={"action": "stream_sample_failed"}
+                    "cannot sample the stream: %s", cause, extra={"action": "stream_sample_failed"}
                 )
                 failing = True
         else:

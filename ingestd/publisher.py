@@ -20,9 +20,8 @@ from typing import Any
 import orjson
 import redis
 import redis.asyncio as aioredis
-from redis.asyncio.retry import Retry as AsyncRetry
-from redis.backoff import ExponentialBackoff
-from redis.retry import Retry
+
+from ingestd import clients
 
 DEFAULT_STREAM = "ingestd:events"
 
@@ -39,22 +38,9 @@ def _default(value: object) -> str:
     raise TypeError(f"cannot serialise {type(value).__name__}")
 
 
-# Through a Redis restart a publish waits (about 0.1 s, 0.2 s, ... capped at 2 s per try)
-# rather than fails; a chunk retried after a lost reply may be added twice, which is harmless:
-# every event carries its event_id, so ingestd stores it once.
-DEFAULT_RETRIES = 20
-
-
-def _client_options(retries: int) -> dict[str, Any]:
-    # redis-py's from_url() sets no retry and no timeouts unless asked: without them a Redis
-    # restart would fail a publish at once, and a hung Redis would hang it.
-    return {
-        "socket_timeout": 5,
-        "socket_connect_timeout": 5,
-        "protocol": 2,
-        "retry": Retry(ExponentialBackoff(cap=2.0, base=0.1), retries),
-        "retry_on_error": [redis.exceptions.ConnectionError, redis.exceptions.TimeoutError],
-    }
+# Through a Redis restart a publish waits rather than fails (``ingestd.clients``).
+DEFAULT_RETRIES = clients.PRODUCER_RETRIES
+SOCKET_TIMEOUT_S = 5.0
 
 
 _INSTANCES = itertools.count(1)
@@ -133,7 +119,12 @@ class Publisher:
     @classmethod
     def from_url(cls, url: str, *, retries: int = DEFAULT_RETRIES, **kwargs: Any) -> Publisher:
         """Connect with explicit timeouts; publishes ride through a Redis restart."""
-        client = redis.Redis.from_url(url, **_client_options(retries))
+        client = clients.redis_sync(
+            url,
+            socket_timeout_s=SOCKET_TIMEOUT_S,
+            retries=retries,
+            backoff=clients.PRODUCER_BACKOFF,
+        )
         return cls(client, **kwargs)
 
     def publish(self, event: Mapping[str, Any]) -> str:
@@ -183,9 +174,12 @@ class AsyncPublisher:
     @classmethod
     def from_url(cls, url: str, *, retries: int = DEFAULT_RETRIES, **kwargs: Any) -> AsyncPublisher:
         """Connect with explicit timeouts; publishes ride through a Redis restart."""
-        options = _client_options(retries)
-        options["retry"] = AsyncRetry(ExponentialBackoff(cap=2.0, base=0.1), retries)
-        client = aioredis.Redis.from_url(url, **options)
+        client = clients.redis_async(
+            url,
+            socket_timeout_s=SOCKET_TIMEOUT_S,
+            retries=retries,
+            backoff=clients.PRODUCER_BACKOFF,
+        )
         return cls(client, **kwargs)
 
     async def publish(self, event: Mapping[str, Any]) -> str:

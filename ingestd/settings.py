@@ -24,9 +24,6 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any, TypeVar
 
-import yaml
-
-from ingestd import failpoints
 from ingestd.errors import ConfigError
 
 DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/ingestd"
@@ -301,8 +298,6 @@ class Settings:
     metrics_host: str = "127.0.0.1"  # the container image sets 0.0.0.0
     log_format: str = "plain"
     log_level: str = "INFO"
-    # Crash points for the fault suite and the soak (ingestd.failpoints); empty in production.
-    failpoints: str = ""
 
     @property
     def consumer_name(self) -> str:
@@ -366,7 +361,6 @@ class Settings:
             raise ConfigError(f"log_level must be one of {', '.join(_LOG_LEVELS)}")
         if self.storage.backend not in {"postgres", "csv", "dual"}:
             raise ConfigError("storage.backend must be one of csv, postgres, dual")
-        failpoints.parse(self.failpoints)
         if self.spool.segment_bytes < 1024 or self.spool.max_bytes < self.spool.segment_bytes:
             raise ConfigError("spool.segment_bytes must be >= 1024 and <= spool.max_bytes")
         o = self.storage.outbox
@@ -550,6 +544,10 @@ def expand_env(text: str, environ: Mapping[str, str]) -> str:
 
 def _parse_yaml(text: str, path: str | os.PathLike[str]) -> Any:
     """The parsed file; a syntax error names the place, never quotes the text (secrets)."""
+    # Imported here: only a config file needs it, and the producer library and the daemon's
+    # start-up import this module without one.
+    import yaml  # noqa: PLC0415
+
     try:
         return yaml.safe_load(text)
     except yaml.MarkedYAMLError as exc:
@@ -667,8 +665,6 @@ def load_settings(
         from_env["storage.redis.url"] = env["REDIS_URL"]
     if env.get("INGESTD_CONSUMER"):
         from_env["stream.consumer"] = env["INGESTD_CONSUMER"]
-    if env.get("INGESTD_FAILPOINTS"):
-        from_env["failpoints"] = env["INGESTD_FAILPOINTS"]
     if env.get("INGESTD_METRICS_PORT"):
         from_env["metrics_port"] = _coerce(env["INGESTD_METRICS_PORT"], int, "INGESTD_METRICS_PORT")
     if env.get("INGESTD_METRICS_HOST"):

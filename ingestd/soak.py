@@ -29,11 +29,9 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, Final
 
-import asyncpg
 import orjson
-import redis.asyncio as aioredis
 
-from ingestd import migrations
+from ingestd import clients, db, migrations
 from ingestd.publisher import AsyncPublisher
 from ingestd.simulate import Simulator
 from ingestd.throwaway import ThrowawayPostgres, ThrowawayRedis
@@ -187,12 +185,12 @@ class Soak:
         """Servers up, database migrated, replicas started."""
         await asyncio.to_thread(self.pg.start)
         await asyncio.to_thread(self.redis.start)
-        admin = await asyncpg.connect(self.pg.dsn())
+        admin = await db.connect(self.pg.dsn(), timeout_s=60)
         try:
             await admin.execute(f"CREATE DATABASE {DATABASE}")
         finally:
             await admin.close()
-        conn = await asyncpg.connect(self.dsn)
+        conn = await db.connect(self.dsn, timeout_s=60)
         try:
             await migrations.migrate(conn)
         finally:
@@ -284,7 +282,7 @@ class Soak:
         await victim.wait_started()
 
     async def _terminate_backends(self) -> None:
-        conn = await asyncpg.connect(self.dsn)
+        conn = await db.connect(self.dsn, timeout_s=60)
         try:
             for _ in range(5):
                 await conn.execute(
@@ -306,7 +304,7 @@ class Soak:
             self.pg.thaw()
 
     async def _lock_table(self) -> None:
-        conn = await asyncpg.connect(self.dsn)
+        conn = await db.connect(self.dsn, timeout_s=60)
         try:
             async with conn.transaction():
                 await conn.execute("LOCK TABLE spreads IN ACCESS EXCLUSIVE MODE")
@@ -326,8 +324,8 @@ class Soak:
     async def drain(self) -> float:
         """Wait until every published event landed and nothing is pending; seconds it took."""
         t0 = time.monotonic()
-        client = aioredis.Redis.from_url(self.redis.url(0), socket_timeout=5)
-        conn = await asyncpg.connect(self.dsn)
+        client = clients.redis_async(self.redis.url(0), socket_timeout_s=5)
+        conn = await db.connect(self.dsn, timeout_s=60)
         try:
             while time.monotonic() - t0 < DRAIN_TIMEOUT_S:
                 counts = {
@@ -346,7 +344,7 @@ class Soak:
 
     async def verdict(self) -> dict[str, Any]:
         """Compare, event id by event id, what was published with what landed."""
-        conn = await asyncpg.connect(self.dsn)
+        conn = await db.connect(self.dsn, timeout_s=60)
         tables: dict[str, Any] = {}
         try:
             for table, want in sorted(self.ledger.ids.items()):

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import redis
 
+from ingestd import clients
+
 
 class ServerUnavailable(RuntimeError):
     """The binaries to run a throwaway server are not on this machine."""
@@ -223,7 +225,8 @@ class ThrowawayRedis:
             stderr=subprocess.STDOUT,
         )
         log.close()
-        client = redis.Redis(port=self.port, socket_timeout=1)
+        # No retries: this loop is the retry.
+        client = clients.redis_sync(self.url(0), socket_timeout_s=1, retries=0)
         deadline = time.monotonic() + 30
         while True:
             try:
@@ -242,7 +245,7 @@ class ThrowawayRedis:
         if self._proc is None:
             return
         with contextlib.suppress(redis.exceptions.ConnectionError):
-            redis.Redis(port=self.port, socket_timeout=5).shutdown(nosave=True)
+            clients.redis_sync(self.url(0), socket_timeout_s=5, retries=0).shutdown(nosave=True)
         self._proc.wait(timeout=30)
         self._proc = None
 

@@ -22,8 +22,8 @@ from typing import Any
 import asyncpg
 import orjson
 
-from ingestd import db as ingestd_db
-from ingestd import events, migrations
+import ingestd.db as ingestd_db
+from ingestd import decoding, migrations
 from ingestd.batching import BatchOutcome, Item
 from ingestd.settings import load_settings
 from ingestd.simulate import Simulator
@@ -72,7 +72,7 @@ async def main(dsn: str, tick_s: float, days: int) -> None:
                 if ev["type"] == "heartbeat":
                     continue
                 raw = orjson.dumps(ev)
-                decoded = events.decode_event(raw, max_bytes=1 << 20, default_event_id=None)
+                decoded = decoding.decode_event(raw, max_bytes=1 << 20, default_event_id=None)
                 batch.append(Item(decoded, None, source, None, raw, time.monotonic()))
             if len(batch) >= 5000:
                 await sink.write(batch)

@@ -23,6 +23,7 @@ PHASES: Final = (
     "writers",
     "replicas",
     "memory",
+    "startup",
 )
 GROUPS: Final = {
     "spreads": ("copy", "server-copy", "submit", "stream", "baselines"),

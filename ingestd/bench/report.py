@@ -12,6 +12,7 @@ from typing import Any, Final
 import orjson
 
 from ingestd.bench.results import LatencyResult, PhaseResult
+from ingestd.bench.startup import AIM_S, StartupResult
 
 P99_TARGET_MS: Final = 250.0
 P99_TARGET_RATE: Final = 5_000.0
@@ -64,6 +65,7 @@ class Report:
     latency: list[LatencyResult] = dataclasses.field(default_factory=list)
     stream_latency: list[LatencyResult] = dataclasses.field(default_factory=list)
     memory: PhaseResult | None = None
+    startup: StartupResult | None = None
     plots: list[str] = dataclasses.field(default_factory=list)
     plots_note: str | None = None
 
@@ -160,6 +162,7 @@ class Report:
                 "stream_xadd_to_commit": [r.to_json() for r in self.stream_latency],
             },
             "memory": None if self.memory is None else self.memory.to_json(),
+            "startup": None if self.startup is None else self.startup.to_json(),
             "plots": self.plots,
             "plots_note": self.plots_note,
             "verified": self.all_verified(),
@@ -268,6 +271,14 @@ def _headline_lines(r: Report) -> list[str]:
         shown = "unknown" if peak is None else f"{peak:5.0f} MiB"
         label = f"peak RSS of ingestd run, {r.memory.events:,} events" + _target(r, "< 200 MiB")
         lines.append(f"  {label:<58} {shown}")
+    if r.startup is not None:
+        s = r.startup
+        runs = ", ".join(f"{x:.2f}" for x in s.first_row_s)
+        lines.append(
+            f"  {f'ingestd run to first committed row (aim <= {AIM_S:g} s)':<58} "
+            f"{s.median_s:5.2f} s  (median of {runs}; {s.events:,} events waiting; "
+            f"first run {s.first_run_s:.2f} s)"
+        )
     return lines
 
 

@@ -26,8 +26,8 @@ import asyncpg
 import redis
 import redis.asyncio as aioredis
 
-from ingestd import migrations
-from ingestd.app import GC_THRESHOLDS, create_redis
+from ingestd import db, migrations
+from ingestd.app import GC_THRESHOLDS
 from ingestd.bench import latency, plots, scaling, throughput
 from ingestd.bench.cpu import CpuSplit
 from ingestd.bench.machine import load_average, machine_info
@@ -48,6 +48,7 @@ from ingestd.bench.scratch import (
     stream_pending,
     verify,
 )
+from ingestd.bench.startup import startup_run
 from ingestd.bench.workload import (
     Expected,
     Workload,
@@ -57,6 +58,7 @@ from ingestd.bench.workload import (
     write_jsonl,
     write_spreads_csv,
 )
+from ingestd.clients import redis_async
 from ingestd.errors import ConfigError
 from ingestd.settings import Settings, redact
 
@@ -104,7 +106,7 @@ class Bench:
         self.workdir = Path(tempfile.mkdtemp(prefix="ingestd-bench-"))
         # The server reads the CSV of (a2) from here (as its own OS user).
         self.workdir.chmod(0o755)
-        self.redis: aioredis.Redis = create_redis(settings.storage.redis.url, socket_timeout_s=30.0)
+        self.redis: aioredis.Redis = redis_async(settings.storage.redis.url, socket_timeout_s=30.0)
         self.conn: asyncpg.Connection | None = None
         self.cpu: CpuSplit | None = None
         self.report = Report(machine={}, settings=self._settings_json(), options=options.to_json())
@@ -229,6 +231,8 @@ class Bench:
             await self._replicas(mix_all.prefix(o.replica_events))
         if "memory" in selected:
             await self._memory()
+        if "startup" in selected:
+            await self._startup()
         return self.report
 
     def _outstanding(self) -> tuple[int, int]:
@@ -501,6 +505,22 @@ class Bench:
         self.report.memory = result
         await self.redis.delete(key)
 
+    async def _startup(self) -> None:
+        key = self.stream_key("startup")
+        await reset_tables(self.db)
+        log.info(
+            "startup: ingestd run to its first committed row on a full stream",
+            extra={"action": "bench_phase"},
+        )
+        self.report.startup = await startup_run(
+            self.redis,
+            self.db,
+            self.settings,
+            stream_key=key,
+            group=self.group,
+            workdir=self.workdir,
+        )
+
     async def open(self) -> None:
         """Create and migrate the scratch database; record the machine."""
         log.info(
@@ -510,7 +530,7 @@ class Bench:
             extra={"action": "bench"},
         )
         await recreate_database(self.base_dsn, self.options.scratch_database)
-        self.conn = await asyncpg.connect(self.dsn, timeout=10)
+        self.conn = await db.connect(self.dsn, timeout_s=10)
         await migrations.migrate(self.conn)
         self.report.machine = await machine_info(self.conn, self.redis)
         self.cpu = CpuSplit(self.conn, self.redis)

@@ -14,6 +14,7 @@ from typing import Final
 import asyncpg
 import redis.asyncio as aioredis
 
+from ingestd import db
 from ingestd.bench.workload import SUM_COLUMNS, VERIFIED_TABLES, Expected
 from ingestd.errors import ConfigError
 
@@ -53,7 +54,7 @@ def scratch_dsn(dsn: str, database: str) -> str:
 
 async def _admin_connect(dsn: str) -> asyncpg.Connection:
     # CREATE/DROP DATABASE must run from another database; "postgres" exists on every server.
-    return await asyncpg.connect(dsn, database="postgres", timeout=10)
+    return await db.connect(dsn, database="postgres", timeout_s=10)
 
 
 async def recreate_database(dsn: str, name: str) -> None:

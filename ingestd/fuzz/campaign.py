@@ -33,7 +33,7 @@ import asyncpg
 import redis.asyncio as aioredis
 import redis.exceptions
 
-from ingestd import errors, logs, migrations
+from ingestd import clients, db, errors, logs, migrations
 from ingestd.app import Service
 from ingestd.bench.replicas import Replica, replica_config, replica_env, write_config
 from ingestd.bench.scratch import (
@@ -243,7 +243,7 @@ class Campaign:
 
     async def run(self) -> FuzzReport:
         """Start everything, send rounds until done, stop, judge."""
-        client = aioredis.Redis.from_url(self.settings.storage.redis.url, socket_timeout=30)
+        client = clients.redis_async(self.settings.storage.redis.url, socket_timeout_s=30)
         self.daemon = self._daemon()
         service = Service(self.service_settings)
         service_log = self.workdir / "fuzz-in-process.log"
@@ -327,7 +327,7 @@ class Campaign:
             died=died,
             service_clean=service_clean,
         )
-        conn = await asyncpg.connect(self.settings.storage.postgres.dsn, timeout=10)
+        conn = await db.connect(self.settings.storage.postgres.dsn, timeout_s=10)
         try:
             verdict = await oracle.judge(
                 conn, client, self.cases, self.generator.position_rows(), obs
@@ -491,10 +491,10 @@ async def run_fuzz_command(
         return 2
     print(f"fuzz: seed {seed}", file=sys.stderr)
     workdir = Path(tempfile.mkdtemp(prefix="ingestd-fuzz-"))
-    client = aioredis.Redis.from_url(settings.storage.redis.url, socket_timeout=30)
+    client = clients.redis_async(settings.storage.redis.url, socket_timeout_s=30)
     try:
         await recreate_database(base_dsn, scratch_database)
-        conn = await asyncpg.connect(dsn, timeout=10)
+        conn = await db.connect(dsn, timeout_s=10)
         try:
             await migrations.migrate(conn)
         finally:

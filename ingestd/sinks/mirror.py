@@ -23,7 +23,6 @@ import dataclasses
 import datetime as dt
 import logging
 from collections.abc import Iterable, Sequence
-from typing import Any, Final
 
 import orjson
 import redis.asyncio as aioredis
@@ -32,75 +31,16 @@ import redis.exceptions
 from ingestd import keys
 from ingestd.batching import BatchOutcome, Item
 from ingestd.events import Event, utc_iso
+from ingestd.mirror_format import (
+    SET_IF_NEWER,
+    STALE,
+    script_call,
+    spread_snapshot,
+    version_key,
+    version_micros,
+)
 
 log = logging.getLogger("ingestd.sinks.mirror")
-
-# Each mirror key's version (event time in microseconds; for open counts a number drawn under
-# the positions lock, see sinks/postgres.py) lives in a key of its own beside it, with the same
-# TTL: when a value expires its version goes with it, so an event dated in the future (a skewed
-# clock) holds a key for one TTL at most instead of locking it for good.
-VERSION_KEY_PREFIX: Final = "ingestd:mirror:version:"
-
-# KEYS = version key, mirror key, for each write; ARGV = value, ttl_ms, version for each write.
-# Returns one status per write: WRITTEN, SUPERSEDED (a newer version is there) or STALE.
-# ">=" so that rewriting the same event sets its TTL again (catch-up, duplicate delivery); the
-# TTL it gets is still counted from its event time.
-_SET_IF_NEWER: Final = """
--- Redis's clock, in microseconds like the versions (exact in a double until the year 2255).
-local clock = redis.call('TIME')
-local now = tonumber(clock[1]) * 1000000 + tonumber(clock[2])
-local statuses = {}
-for i = 1, #KEYS, 2 do
-    local j = (i - 1) / 2 * 3
-    local version = tonumber(ARGV[j + 3])
-    local ttl = tonumber(ARGV[j + 2])
-    local status = 1
-    if ttl > 0 then
-        -- What is left of the TTL counted from the event time; a future event gets the TTL.
-        ttl = math.min(ttl, math.floor((ttl * 1000 - (now - version)) / 1000))
-        if ttl < 1 then
-            status = -1
-        end
-    end
-    if status == 1 then
-        local current = redis.call('GET', KEYS[i])
-        -- A key never written (or expired) has no version: any event time is newer.
-        if current and version < tonumber(current) then
-            status = 0
-        elseif ttl > 0 then
-            redis.call('SET', KEYS[i + 1], ARGV[j + 1], 'PX', ttl)
-            redis.call('SET', KEYS[i], ARGV[j + 3], 'PX', ttl)
-        else
-            redis.call('SET', KEYS[i + 1], ARGV[j + 1])
-            redis.call('SET', KEYS[i], ARGV[j + 3])
-        end
-    end
-    statuses[#statuses + 1] = status
-end
-return statuses
-"""
-
-# The script's status for each write.
-WRITTEN: Final = 1
-SUPERSEDED: Final = 0  # a newer version is in Redis: left as it is
-STALE: Final = -1  # the event time is older than the TTL: not written
-
-
-def version_key(prefix: str, key: str) -> str:
-    """The key holding the version of mirror key ``key`` (which already carries ``prefix``)."""
-    return prefix + VERSION_KEY_PREFIX + key[len(prefix) :]
-
-
-def script_call(
-    prefix: str, writes: Iterable[tuple[str, str, int, int]]
-) -> tuple[list[str], list[str | int]]:
-    """KEYS and ARGV of the set-if-newer script for (key, value, ttl_ms, version) writes."""
-    keys: list[str] = []
-    args: list[str | int] = []
-    for key, value, ttl_ms, version in writes:
-        keys.extend((version_key(prefix, key), key))
-        args.extend((value, ttl_ms, version))
-    return keys, args
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -113,68 +53,24 @@ class MirrorWrite:
     kind: str  # the metric label: fx, spread, health, open_count
 
 
-def _micros(moment: dt.datetime) -> int:
-    delta = moment - dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
-    return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
-
-
-# Public names for producers that write mirror keys directly (ingestd.storage.redis_cache): the
-# same script and the same versions, so a direct write and this mirror never fight.
-SET_IF_NEWER: Final = _SET_IF_NEWER
-version_micros: Final = _micros
-
-
-def spread_snapshot(ev: Event) -> dict[str, Any]:
-    """The JSON object of ``spreads:{SYMBOL}:last``: columns, decimals as strings, UTC time."""
-    v = ev.values
-    return {
-        "symbol": v["symbol"],
-        "upbit_price": v["upbit_price"],
-        "binance_price": v["binance_price"],
-        "binance_price_krw": v["binance_price_krw"],
-        "spread_pct": v["spread_pct"],
-        "net_spread_pct": v["net_spread_pct"],
-        "is_opportunity": v["is_opportunity"] == "true",
-        "timestamp": utc_iso(ev.time),
-        "event_id": ev.event_id,
-        "producer": ev.producer,
-        # Whether ingestd judged the inputs stale, and their times (null when not sent).
-        "is_stale": v.get("is_stale") == "true",
-        "upbit_ts": _utc_text(v.get("upbit_ts")),
-        "binance_ts": _utc_text(v.get("binance_ts")),
-        "fx_ts": _utc_text(v.get("fx_ts")),
-    }
-
-
-def _utc_text(text: str | None) -> str | None:
-    """A validated time's text in the snapshot's UTC form."""
-    return None if text is None else utc_iso(dt.datetime.fromisoformat(text))
-
-
-class RedisMirror:
-    """Mirrors committed events into Redis keys with TTLs."""
+class MirrorStaging:
+    """What every mirror does before writing: which keys a batch sets, to what, at which version
+    (the newest event per key). ``RedisMirror`` writes them to Redis; ``MemoryMirror``
+    (``ingestd.sinks.memory``) keeps them in a dict for unit tests of the pipeline."""
 
     def __init__(
         self,
-        client: aioredis.Redis,
         *,
         key_prefix: str = "",
         fx_ttl_s: float = 3.0,
         spread_ttl_s: float = 60.0,
         health_ttl_s: float = 10.0,
     ) -> None:
-        self._client = client
         self.prefix = key_prefix
         self._fx_ttl_ms = int(fx_ttl_s * 1000)
         self._spread_ttl_ms = int(spread_ttl_s * 1000)
         self._health_ttl_ms = int(health_ttl_s * 1000)
-        self._script = client.register_script(_SET_IF_NEWER)
         self._pending: dict[str, MirrorWrite] = {}
-        self._failing = False
-        self._skipping = False
-        self.errors = 0
-        # ingestd_mirror_stale_skipped_total{key_kind}: values not written, older than their TTL.
-        self.stale_skipped: collections.Counter[str] = collections.Counter()
 
     def key(self, name: str) -> str:
         """The full Redis key for a mirror key name."""
@@ -205,7 +101,7 @@ class RedisMirror:
             if current is None or ev.time >= current.time:
                 newest[key] = ev
         for key, ev in newest.items():
-            version = _micros(ev.time)
+            version = version_micros(ev.time)
             if ev.type == "spread":
                 pending = self._pending.get(self.prefix + key)
                 if pending is None or version >= pending.version:
@@ -229,7 +125,11 @@ class RedisMirror:
     def stage_heartbeat(self, component: str, moment: dt.datetime) -> None:
         """Stage ``health:{component}`` (ingestd's own heartbeat uses the time it writes it)."""
         self._stage(
-            keys.health(component), utc_iso(moment), self._health_ttl_ms, _micros(moment), "health"
+            keys.health(component),
+            utc_iso(moment),
+            self._health_ttl_ms,
+            version_micros(moment),
+            "health",
         )
 
     def _stage(self, name: str, value: str, ttl_ms: int, version: int, kind: str) -> None:
@@ -242,6 +142,33 @@ class RedisMirror:
     def pending(self) -> int:
         """Keys waiting to be written (non-zero while Redis is unreachable)."""
         return len(self._pending)
+
+
+class RedisMirror(MirrorStaging):
+    """Mirrors committed events into Redis keys with TTLs."""
+
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        *,
+        key_prefix: str = "",
+        fx_ttl_s: float = 3.0,
+        spread_ttl_s: float = 60.0,
+        health_ttl_s: float = 10.0,
+    ) -> None:
+        super().__init__(
+            key_prefix=key_prefix,
+            fx_ttl_s=fx_ttl_s,
+            spread_ttl_s=spread_ttl_s,
+            health_ttl_s=health_ttl_s,
+        )
+        self._client = client
+        self._script = client.register_script(SET_IF_NEWER)
+        self._failing = False
+        self._skipping = False
+        self.errors = 0
+        # ingestd_mirror_stale_skipped_total{key_kind}: values not written, older than their TTL.
+        self.stale_skipped: collections.Counter[str] = collections.Counter()
 
     async def flush(self) -> bool:
         """Write every pending key in one call; keep them for later if Redis fails."""

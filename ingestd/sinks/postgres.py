@@ -582,6 +582,7 @@ class PostgresSink:
         self._pool = pool
         self._acquire_timeout_s = acquire_timeout_s
 
+    @errors.at_database_edge
     async def write(self, items: Sequence[Item]) -> BatchOutcome:
         """Commit every item of the batch in one transaction, or raise and commit nothing.
 
@@ -599,6 +600,7 @@ class PostgresSink:
                 raise
         return await self._attempt(batch, careful=True)
 
+    @errors.at_database_edge
     async def probe(self) -> None:
         """Raise unless a write could commit now: the evidence that tells "the database is
         unavailable" (everything waits) from "this batch is unwritable" (it is split)."""
@@ -606,6 +608,7 @@ class PostgresSink:
         async with self._pool.acquire(timeout=self._acquire_timeout_s) as conn:
             await probe_write(conn)
 
+    @errors.at_database_edge
     async def write_dead_letter(self, letter: DeadLetter) -> None:
         """Commit one dead letter on its own (an entry given up after its attempts), or raise."""
         conn: Connection
@@ -618,6 +621,7 @@ class PostgresSink:
     @staticmethod
     def describe(exc: BaseException) -> tuple[str, str | None]:
         """A refusal as a dead letter's reason and the column PostgreSQL blames (if any)."""
+        exc = errors.driver_error(exc)  # the write raised it translated (DatabaseError)
         if errors.sqlstate(exc) is None:  # not the server's: a bug, a client-side error
             return f"{type(exc).__name__}: {exc}", None
         return describe_pg_error(exc), rejected_column(exc)

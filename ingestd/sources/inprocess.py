@@ -23,7 +23,7 @@ from typing import Any, Final
 
 import orjson
 
-from ingestd import errors, events
+from ingestd import decoding, errors, events
 from ingestd.batching import BatchOutcome, Item
 from ingestd.deadletters import DeadLetter, content_key, make_dead_letter
 from ingestd.pipeline import Pipeline
@@ -116,7 +116,7 @@ class InProcessSource:
             raw = event if isinstance(event, bytes | str) else None
             try:
                 parsed = (
-                    events.decode_event(
+                    decoding.decode_event(
                         event,
                         max_bytes=self._max_event_bytes,
                         max_depth=self._max_event_depth,

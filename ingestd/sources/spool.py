@@ -13,7 +13,7 @@ import logging
 import time
 from collections.abc import Sequence
 
-from ingestd import errors, events
+from ingestd import decoding, errors
 from ingestd.batching import BatchOutcome, Item
 from ingestd.deadletters import content_key, make_dead_letter
 from ingestd.pipeline import Pipeline
@@ -55,7 +55,7 @@ class SpoolSource:
 
     def _item(self, record: SpoolRecord, now: float) -> Item:
         try:
-            ev = events.decode_event(record.payload, max_bytes=self._max_event_bytes)
+            ev = decoding.decode_event(record.payload, max_bytes=self._max_event_bytes)
         except errors.InvalidEvent as exc:
             # Spooled events were valid when spooled; a newer build may judge them otherwise.
             dl = make_dead_letter(

@@ -25,7 +25,7 @@ from typing import Any
 import redis.asyncio as aioredis
 import redis.exceptions
 
-from ingestd import errors, events
+from ingestd import decoding, errors, events
 from ingestd.batching import BatchOutcome, Item
 from ingestd.deadletters import make_dead_letter
 from ingestd.pipeline import Pipeline
@@ -126,10 +126,11 @@ class StreamSource:
         ids = list(batch)
         acked = 0
         try:
-            for start in range(0, len(ids), 1000):
-                chunk = ids[start : start + 1000]
-                acked += int(await self._client.xack(self.key, self.group, *chunk))
-        except (redis.exceptions.RedisError, OSError) as exc:
+            with errors.redis_edge():
+                for start in range(0, len(ids), 1000):
+                    chunk = ids[start : start + 1000]
+                    acked += int(await self._client.xack(self.key, self.group, *chunk))
+        except errors.RedisError as exc:
             # All of them again later (an id already acknowledged is acknowledged once).
             self._unacked |= batch
             self._pipeline.metrics.acks += acked
@@ -193,7 +194,7 @@ class StreamSource:
             )
             return Item(None, dl, self, entry_id, None, now)
         try:
-            ev = events.decode_event(
+            ev = decoding.decode_event(
                 payload,
                 max_bytes=self._max_event_bytes,
                 default_event_id=self._derived_id_prefix + _s(entry_id),
@@ -266,35 +267,36 @@ class StreamSource:
         failing = False
         while not self._stopping.is_set():
             try:
-                if need_pending:
-                    await self.ensure_group()
-                    n = await self.read_own_pending()
-                    if n:
-                        log.info(
-                            "re-read %d pending entries of consumer %s",
-                            n,
-                            self.consumer,
-                            extra={"action": "pending_reread"},
-                        )
-                    need_pending = False
-                await self._flush_acks()
-                entries = await self._read(">", self.settings.block_ms)
-                if failing:
-                    log.info("stream reads recovered", extra={"action": "stream_recovered"})
-                    failing = False
-                attempt = 0
-                if entries:
-                    # Even when stopping: the pipeline drains after intake stops, so entries
-                    # already delivered to us are written and acknowledged, not left pending.
-                    items = self._to_items(entries)
-                    # The reply goes before put() may wait for room: refused entries' payloads
-                    # (an oversize one is up to any size) are not held meanwhile; the items
-                    # keep what they need, and the queue counts it.
-                    entries = []
-                    await self._pipeline.put(items)
+                with errors.redis_edge():
+                    if need_pending:
+                        await self.ensure_group()
+                        n = await self.read_own_pending()
+                        if n:
+                            log.info(
+                                "re-read %d pending entries of consumer %s",
+                                n,
+                                self.consumer,
+                                extra={"action": "pending_reread"},
+                            )
+                        need_pending = False
+                    await self._flush_acks()
+                    entries = await self._read(">", self.settings.block_ms)
+                    if failing:
+                        log.info("stream reads recovered", extra={"action": "stream_recovered"})
+                        failing = False
+                    attempt = 0
+                    if entries:
+                        # Even when stopping: the pipeline drains after intake stops, so entries
+                        # already delivered to us are written and acknowledged, not left pending.
+                        items = self._to_items(entries)
+                        # The reply goes before put() may wait for room: refused entries' payloads
+                        # (an oversize one is up to any size) are not held meanwhile; the items
+                        # keep what they need, and the queue counts it.
+                        entries = []
+                        await self._pipeline.put(items)
             except errors.ShuttingDown:
                 return
-            except (redis.exceptions.RedisError, OSError) as exc:
+            except errors.RedisError as exc:
                 if "NOGROUP" in str(exc):
                     need_pending = True  # the group vanished (Redis restarted without its data)
                 attempt += 1
@@ -312,10 +314,11 @@ class StreamSource:
         while True:
             await asyncio.sleep(self.settings.claim_interval_s)
             try:
-                await self.claim_idle()
+                with errors.redis_edge():
+                    await self.claim_idle()
             except errors.ShuttingDown:
                 return
-            except (redis.exceptions.RedisError, OSError) as exc:
+            except errors.RedisError as exc:
                 log.warning("XAUTOCLAIM failed: %s", exc, extra={"action": "claim_failed"})
 
     async def claim_idle(self) -> int:
@@ -359,8 +362,9 @@ class StreamSource:
         while True:
             await asyncio.sleep(self.settings.trim_interval_s)
             try:
-                await self.trim_acknowledged()
-            except (redis.exceptions.RedisError, OSError) as exc:
+                with errors.redis_edge():
+                    await self.trim_acknowledged()
+            except errors.RedisError as exc:
                 log.warning("stream trim failed: %s", exc, extra={"action": "trim_failed"})
 
     async def trim_acknowledged(self) -> int:

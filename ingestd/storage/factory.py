@@ -6,7 +6,7 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-from ingestd.app import Service, create_redis
+from ingestd.clients import redis_async, redis_sync
 from ingestd.errors import ConfigError
 from ingestd.publisher import DEFAULT_STREAM
 from ingestd.settings import Settings, StorageSettings, build_section, load_settings
@@ -14,8 +14,12 @@ from ingestd.storage.base import AsyncStorage, Storage
 from ingestd.storage.csv_storage import AsyncCsvStorage, CsvStorage
 from ingestd.storage.dual import AsyncDualStorage, DualStorage
 from ingestd.storage.outbox import DiskOutbox, Overflow, open_disk_outbox
-from ingestd.storage.postgres import AsyncPostgresStorage, PostgresStorage, StreamTransport
-from ingestd.storage.redis_cache import sync_client
+from ingestd.storage.postgres import (
+    AsyncPostgresStorage,
+    InProcessService,
+    PostgresStorage,
+    StreamTransport,
+)
 
 StorageConfig = Settings | StorageSettings | Mapping[str, Any] | None
 
@@ -73,7 +77,7 @@ def create_storage(
     try:
         outbox = _disk_outbox(storage, producer)
         db = PostgresStorage(
-            sync_client(r, timeout_s=r.socket_timeout_s),
+            redis_sync(r.url, socket_timeout_s=r.socket_timeout_s),
             stream=stream,
             producer=producer,
             max_buffer_events=storage.buffer_max_events,
@@ -97,7 +101,7 @@ def create_async_storage(
     *,
     producer: str | None = None,
     csv_dir: str | os.PathLike[str] | None = None,
-    service: Service | None = None,
+    service: InProcessService | None = None,
 ) -> AsyncStorage:
     """The asyncio storage for ``storage.backend``; given ``service``, in-process, not via Redis."""
     storage, stream = _resolve(config)
@@ -119,7 +123,7 @@ def create_async_storage(
             r = storage.redis
             outbox = _disk_outbox(storage, producer)
             transport = StreamTransport(
-                create_redis(r.url, socket_timeout_s=r.socket_timeout_s), stream, owns_client=True
+                redis_async(r.url, socket_timeout_s=r.socket_timeout_s), stream, owns_client=True
             )
             db = AsyncPostgresStorage(
                 transport,

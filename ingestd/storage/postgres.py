@@ -40,7 +40,7 @@ import redis.asyncio as aioredis
 import redis.exceptions
 
 from ingestd import errors
-from ingestd.app import Service, create_redis
+from ingestd.clients import redis_async, redis_sync
 from ingestd.publisher import DEFAULT_STREAM
 from ingestd.settings import Settings
 from ingestd.storage.base import AsyncLogMethods, EventBuilder, LogMethods
@@ -55,7 +55,6 @@ from ingestd.storage.outbox import (
     Spilled,
     open_disk_outbox,
 )
-from ingestd.storage.redis_cache import sync_client
 
 log = logging.getLogger("ingestd.storage.postgres")
 
@@ -213,8 +212,8 @@ class PostgresStorage(LogMethods):
         if "outbox" not in kwargs:
             kwargs["outbox"] = open_disk_outbox(settings.storage.outbox, producer)
         try:
-            client = sync_client(
-                settings.storage.redis, timeout_s=settings.storage.redis.socket_timeout_s
+            client = redis_sync(
+                settings.storage.redis.url, socket_timeout_s=settings.storage.redis.socket_timeout_s
             )
         except BaseException:
             if kwargs["outbox"] is not None:
@@ -487,12 +486,27 @@ class StreamTransport:
             await self._client.aclose()
 
 
+class InProcessService(Protocol):
+    """What in-process publishing needs of ``ingestd.Service``.
+
+    A protocol, not the class: the producer library does not import the daemon (a collector
+    publishing to Redis must not load the pipeline, asyncpg and prometheus_client for it).
+    """
+
+    @property
+    def settings(self) -> Settings: ...
+
+    async def submit(self, event: bytes) -> object:
+        """Accept one event; returns once it is committed (or durably held)."""
+        ...
+
+
 class InProcessTransport:
     """``Service.submit`` every event of a chunk at once; returns once they are committed."""
 
     target = "in-process ingestd"
 
-    def __init__(self, service: Service) -> None:
+    def __init__(self, service: InProcessService) -> None:
         self._service = service
 
     async def send(self, batch: Sequence[Pending | Spilled]) -> None:
@@ -548,7 +562,7 @@ class AsyncPostgresStorage(AsyncLogMethods):
             kwargs["outbox"] = open_disk_outbox(settings.storage.outbox, producer)
         r = settings.storage.redis
         try:
-            client = create_redis(r.url, socket_timeout_s=r.socket_timeout_s)
+            client = redis_async(r.url, socket_timeout_s=r.socket_timeout_s)
         except BaseException:
             if kwargs["outbox"] is not None:
                 kwargs["outbox"].close()
@@ -559,7 +573,7 @@ class AsyncPostgresStorage(AsyncLogMethods):
 
     @classmethod
     def in_process(
-        cls, service: Service, *, producer: str | None = None, **kwargs: Any
+        cls, service: InProcessService, *, producer: str | None = None, **kwargs: Any
     ) -> AsyncPostgresStorage:
         """Submit to a running ``Service`` in this process (``flush`` then means committed)."""
         kwargs.setdefault("chunk_events", service.settings.pipeline.batch_max_rows)

@@ -27,20 +27,17 @@ import orjson
 import redis
 import redis.asyncio as aioredis
 import redis.exceptions
-from redis.backoff import ExponentialBackoff
-from redis.retry import Retry
 
-from ingestd import events, tables, trading
-from ingestd.app import create_redis
+from ingestd import clients, events, tables, trading
 from ingestd.errors import InvalidEvent
-from ingestd.settings import RedisSettings, Settings, build_section
-from ingestd.sinks.mirror import (
+from ingestd.mirror_format import (
     SET_IF_NEWER,
     WRITTEN,
     script_call,
     spread_snapshot,
     version_micros,
 )
+from ingestd.settings import RedisSettings, Settings, build_section
 from ingestd.storage.models import SpreadOpportunity, wire_value
 
 D = decimal.Decimal
@@ -279,17 +276,8 @@ def _cache_keys(
     )
 
 
-def sync_client(s: RedisSettings, *, timeout_s: float | None = None) -> redis.Redis:
-    """A synchronous redis-py client with explicit timeouts and retries (``from_url`` sets none)."""
-    timeout = s.mirror_socket_timeout_s if timeout_s is None else timeout_s
-    return redis.Redis.from_url(
-        s.url,
-        socket_timeout=timeout,
-        socket_connect_timeout=timeout,
-        retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), 2),
-        retry_on_error=[redis.exceptions.ConnectionError, redis.exceptions.TimeoutError],
-        protocol=2,
-    )
+def _sync_client(s: RedisSettings) -> redis.Redis:
+    return clients.redis_sync(s.url, socket_timeout_s=s.mirror_socket_timeout_s)
 
 
 class RedisCacheStorage:
@@ -306,7 +294,7 @@ class RedisCacheStorage:
     ) -> None:
         self.keys = _cache_keys(config, fx_ttl_s, spread_ttl_s, health_ttl_s)
         self._owns_client = client is None
-        self._client = client if client is not None else sync_client(redis_settings(config))
+        self._client = client if client is not None else _sync_client(redis_settings(config))
         self._script = self._client.register_script(SET_IF_NEWER)
 
     def __enter__(self) -> RedisCacheStorage:
@@ -408,7 +396,7 @@ class AsyncRedisCacheStorage:
         self._client = (
             client
             if client is not None
-            else create_redis(s.url, socket_timeout_s=s.mirror_socket_timeout_s)
+            else clients.redis_async(s.url, socket_timeout_s=s.mirror_socket_timeout_s)
         )
         self._script = self._client.register_script(SET_IF_NEWER)
 

@@ -15,6 +15,9 @@ import pytest
 
 from ingestd.settings import Settings
 
+# The checkout: ``python -m tests.failpoint_run`` is found from here.
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
 
 class Daemon:
     """One ``ingestd run`` process and its log."""
@@ -91,9 +94,11 @@ def start_daemon(tmp_path: Path) -> Iterator[object]:
         consumer: str = "e2e-1",
         *,
         config_yaml: str | None = None,
+        failpoints: str | None = None,
         **extra_env: str,
     ) -> Daemon:
-        """Start ``ingestd run``; ``config_yaml`` replaces the default test configuration."""
+        """Start ``ingestd run``; ``config_yaml`` replaces the default test configuration;
+        ``failpoints`` (``"after_commit=3"``) arms them, through tests/failpoint_run.py."""
         log_path = tmp_path / f"ingestd-{consumer}-{len(procs)}.log"
         env = ingestd_env(settings, consumer)
         env["INGESTD_CONFIG"] = str(config)
@@ -102,10 +107,14 @@ def start_daemon(tmp_path: Path) -> Iterator[object]:
             own.write_text(config_yaml, encoding="utf-8")
             env["INGESTD_CONFIG"] = str(own)
         env.update(extra_env)
+        command = [sys.executable, "-m", "ingestd.cli", "run"]
+        if failpoints is not None:
+            command = [sys.executable, "-m", "tests.failpoint_run", failpoints, "run"]
         with log_path.open("wb") as log:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "ingestd.cli", "run"],
+                command,
                 env=env,
+                cwd=REPO_ROOT,
                 stdout=log,
                 stderr=subprocess.STDOUT,
             )

@@ -80,6 +80,7 @@ def test_quick_bench_runs_every_phase_verified_and_writes_table_json_plots(
         "batch_max_rows",
         "replicas",
         "Memory: ",
+        "ingestd run to first committed row",
         "every phase verified",
         "--quick: sizes too small for the targets",
     ):
@@ -139,6 +140,7 @@ def test_quick_bench_runs_every_phase_verified_and_writes_table_json_plots(
     assert memory["verified"] is True and memory["events"] == 10_000
     assert memory["peak_rss_mib"] > 10
     assert report["headline"]["peak_rss_mib"] == memory["peak_rss_mib"]
+    assert report["startup"]["median_first_row_s"] > 0
 
     machine = report["machine"]
     assert machine["cpu_count"] >= 1 and machine["postgresql"] and machine["redis"]
@@ -225,6 +227,26 @@ def test_without_matplotlib_the_bench_says_so_and_still_reports(
     assert report["plots"] == [] and "matplotlib" in report["plots_note"]
     assert set(report["phases"]) == {"copy"} and report["verified"] is True
     assert not plots_dir.exists() or list(plots_dir.iterdir()) == []
+
+
+@pytest.mark.e2e
+@pytest.mark.pg
+@pytest.mark.redis
+def test_the_startup_figure_is_measured_and_printed(
+    pg_server: PgServer, redis_url: str, tmp_path: Path
+) -> None:
+    out = tmp_path / "startup.json"
+    done, _ = _bench(
+        pg_server, redis_url, tmp_path, "--quick", "--only", "startup", "--json", str(out)
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "ingestd run to first committed row (aim <= 0.3 s)" in done.stdout
+    startup = json.loads(out.read_text())["startup"]
+    assert len(startup["first_row_s"]) == 3 and startup["events_in_stream"] == 1_000
+    # The first row follows the process's own "started" line, which follows the spawn.
+    for row_s, started_s in zip(startup["first_row_s"], startup["started_line_s"], strict=True):
+        assert 0 < started_s < row_s
+    assert startup["median_first_row_s"] == sorted(startup["first_row_s"])[1]
 
 
 def _database_exists(pg_server: PgServer, name: str) -> bool:

@@ -136,7 +136,7 @@ async def test_sigkill_at_each_crash_point_then_restart_is_exactly_once(
     sent = simulated(20_000, seed=24)
     exp = Expected.of(sent)
     publish_from_other_process(fault_settings, len(sent), seed=24)
-    first = start_daemon(fault_settings, config_yaml=FAULT_CONFIG, INGESTD_FAILPOINTS=f"{point}=3")
+    first = start_daemon(fault_settings, config_yaml=FAULT_CONFIG, failpoints=f"{point}=3")
     assert await asyncio.to_thread(first.wait, 60) == -signal.SIGKILL, first.log
     assert f"failpoint {point}: SIGKILL" in first.log
     assert pending(stream_client(fault_settings)) > 0  # the kill hit entries in flight

@@ -22,7 +22,7 @@ import asyncpg
 import pytest
 import redis.asyncio as aioredis
 
-from ingestd import db as ingestd_db
+import ingestd.db as ingestd_db
 from ingestd import migrations
 from ingestd.csv_import import run_import
 from ingestd.maintenance import TASK_BACKFILL, TASK_REFRESH, Maintenance, advisory_lock_id

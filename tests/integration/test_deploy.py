@@ -293,7 +293,7 @@ def test_docker_compose_config_accepts_the_file() -> None:
 def test_stop_grace_period_outlasts_the_whole_shutdown() -> None:
     """Each shutdown stage has its own deadline; their sum stays under compose's SIGKILL."""
     s = Settings()
-    redis_attempts = 3  # app.create_redis: Retry(..., 2) = one try and two retries
+    redis_attempts = 3  # clients.redis_async: Retry(..., 2) = one try and two retries
     budget = (
         s.shutdown.grace_s  # stop intake + drain (Service.stop counts the stream's stop in it)
         + TASK_CANCEL_TIMEOUT_S  # the pipeline's abort, when the drain ran out of time

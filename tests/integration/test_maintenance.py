@@ -20,11 +20,11 @@ import orjson
 import pytest
 import redis
 
-from ingestd import db as ingestd_db
+import ingestd.db as ingestd_db
 from ingestd import migrations
 from ingestd import roles as ingestd_roles
-from ingestd.app import create_redis
 from ingestd.batching import Item
+from ingestd.clients import redis_async
 from ingestd.maintenance import (
     TASK_METRICS,
     TASK_POLICIES,
@@ -149,7 +149,7 @@ def maintenance(
 @pytest.fixture
 async def aredis(redis_url: str) -> AsyncIterator[Any]:
     """An asyncio Redis client as the Service builds it."""
-    client = create_redis(redis_url, socket_timeout_s=2)
+    client = redis_async(redis_url, socket_timeout_s=2)
     yield client
     await client.aclose()
 
@@ -338,7 +338,7 @@ async def test_a_failed_round_is_logged_recorded_and_retried(
         closed_position("p1", "BTC", "5.00", "0.0100", iso(dt.datetime.now(UTC)))
     )
     await maintenance(pool, aredis).run_task(TASK_REFRESH, force=True)
-    dead_redis = create_redis("redis://127.0.0.1:1/0", socket_timeout_s=0.5)
+    dead_redis = redis_async("redis://127.0.0.1:1/0", socket_timeout_s=0.5)
     try:
         with caplog.at_level(logging.WARNING, logger="ingestd.maintenance"):
             assert await maintenance(pool, dead_redis).run_task(TASK_METRICS) is None

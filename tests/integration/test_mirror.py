@@ -16,12 +16,13 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 
-from ingestd import Outcome, Service, events
-from ingestd.app import create_redis
+from ingestd import Outcome, Service, decoding, events
 from ingestd.batching import BatchOutcome, Item
+from ingestd.clients import redis_async
 from ingestd.db import create_pool
+from ingestd.mirror_format import VERSION_KEY_PREFIX, version_micros
 from ingestd.settings import Settings, load_settings
-from ingestd.sinks.mirror import VERSION_KEY_PREFIX, RedisMirror, version_micros
+from ingestd.sinks.mirror import RedisMirror
 from ingestd.sinks.postgres import PostgresSink, fetch_all_open_counts
 from tests.http_client import by_label, scrape
 from tests.private_servers import free_port
@@ -51,7 +52,7 @@ SRC = Source()
 def item(obj: dict[str, Any] | bytes) -> Item:
     """An Item from a wire payload."""
     raw = obj if isinstance(obj, bytes) else orjson.dumps(obj)
-    return Item(events.decode_event(raw, max_bytes=1 << 20), None, SRC, None, raw, 0.0)
+    return Item(decoding.decode_event(raw, max_bytes=1 << 20), None, SRC, None, raw, 0.0)
 
 
 def spread(eid: str, ts: str, symbol: str = "BTC", upbit: str = "140123456.12") -> dict[str, Any]:
@@ -84,7 +85,7 @@ def heartbeat(component: str, ts: str) -> dict[str, Any]:
 @pytest.fixture
 async def client(redis_url: str) -> AsyncIterator[aioredis.Redis]:
     """ingestd's own Redis client on the (flushed) test database."""
-    c = create_redis(redis_url, socket_timeout_s=1.0)
+    c = redis_async(redis_url, socket_timeout_s=1.0)
     yield c
     await c.aclose()
 
@@ -266,7 +267,7 @@ async def test_older_event_flushed_later_never_replaces_newer(
 async def test_two_replicas_never_regress(
     redis_url: str, client: aioredis.Redis, t: RecentTimes
 ) -> None:
-    other_client = create_redis(redis_url, socket_timeout_s=1.0)
+    other_client = redis_async(redis_url, socket_timeout_s=1.0)
     try:
         a = RedisMirror(client)
         b = RedisMirror(other_client)
@@ -344,7 +345,7 @@ async def test_key_prefix_applies_to_every_key(
 
 
 async def test_unreachable_redis_keeps_pending_values(t: RecentTimes) -> None:
-    dead = create_redis("redis://127.0.0.1:1/0", socket_timeout_s=0.2)
+    dead = redis_async("redis://127.0.0.1:1/0", socket_timeout_s=0.2)
     try:
         m = RedisMirror(dead)
         m.stage_events(
@@ -414,7 +415,7 @@ async def test_mirror_catches_up_when_redis_returns(
 ) -> None:
     url = urllib.parse.urlsplit(redis_url)
     port = _free_port()
-    flaky = create_redis(f"redis://127.0.0.1:{port}{url.path}", socket_timeout_s=0.2)
+    flaky = redis_async(f"redis://127.0.0.1:{port}{url.path}", socket_timeout_s=0.2)
     try:
         m = RedisMirror(flaky)
         m.stage_events([item(fx("f1", t(15), "1"))], BatchOutcome())
@@ -556,7 +557,7 @@ async def test_catch_up_after_an_outage_never_serves_old_values_as_fresh(
     """Events taken in during a 35 s Redis outage: only what is still within its TTL is written."""
     url = urllib.parse.urlsplit(redis_url)
     port = _free_port()
-    flaky = create_redis(f"redis://127.0.0.1:{port}{url.path}", socket_timeout_s=0.2)
+    flaky = redis_async(f"redis://127.0.0.1:{port}{url.path}", socket_timeout_s=0.2)
     try:
         m = RedisMirror(flaky, fx_ttl_s=10.0, spread_ttl_s=60.0, health_ttl_s=10.0)
         # Committed while the mirror could not write: USDKRW last moved 34 s ago, EURKRW 4 s

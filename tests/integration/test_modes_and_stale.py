@@ -16,9 +16,9 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 
-from ingestd import events, migrations
-from ingestd.app import create_redis
+from ingestd import decoding, events, migrations
 from ingestd.batching import BatchOutcome, Item
+from ingestd.clients import redis_async
 from ingestd.db import create_pool
 from ingestd.settings import load_settings
 from ingestd.sinks.mirror import RedisMirror
@@ -47,7 +47,7 @@ SRC = Source()
 
 def item(obj: dict[str, Any]) -> Item:
     raw = orjson.dumps(obj)
-    return Item(events.decode_event(raw, max_bytes=1 << 20), None, SRC, None, raw, 0.0)
+    return Item(decoding.decode_event(raw, max_bytes=1 << 20), None, SRC, None, raw, 0.0)
 
 
 ENTRY = {
@@ -445,7 +445,7 @@ async def test_stale_spreads_are_stored_flagged_and_mirrored(
     assert stored["FRESH"]["upbit_ts"] == now - s
     assert stored["NOTIMES"]["upbit_ts"] is None
 
-    client: aioredis.Redis = create_redis(redis_url, socket_timeout_s=1.0)
+    client: aioredis.Redis = redis_async(redis_url, socket_timeout_s=1.0)
     try:
         mirror = RedisMirror(client, fx_ttl_s=3.0, spread_ttl_s=60.0, health_ttl_s=10.0)
         mirror.stage_events(batch, outcome)

@@ -15,8 +15,8 @@ import asyncpg
 import orjson
 import pytest
 
-from ingestd import db as ingestd_db
-from ingestd import events, migrations, tables
+import ingestd.db as ingestd_db
+from ingestd import decoding, migrations, tables
 from ingestd.batching import BatchOutcome, Item
 from ingestd.deadletters import PAYLOAD_PREFIX_CHARS, make_dead_letter
 from ingestd.errors import InvalidEvent
@@ -63,7 +63,7 @@ def wire(obj: dict[str, Any], **numbers: str) -> bytes:
 def item(obj: dict[str, Any] | bytes, *, token: Any = None, source: Source = SRC) -> Item:
     """An Item built from a wire payload, as a source builds it."""
     raw = obj if isinstance(obj, bytes) else orjson.dumps(obj)
-    ev = events.decode_event(raw, max_bytes=MAX_BYTES, default_event_id=None)
+    ev = decoding.decode_event(raw, max_bytes=MAX_BYTES, default_event_id=None)
     return Item(ev, None, source, token, raw, time.monotonic())
 
 
@@ -346,7 +346,7 @@ async def test_mixed_batch_commits(sink: PostgresSink, conn: asyncpg.Connection)
     assert (row["producer"], row["symbol"], row["is_opportunity"]) == ("collector", "BTC", True)
     assert (
         row["timestamp"]
-        == events.decode_event(
+        == decoding.decode_event(
             orjson.dumps(spread("s1", "BTC", "2025-11-15T12:40:15.123+09:00")), max_bytes=MAX_BYTES
         ).time
     )
@@ -662,7 +662,7 @@ async def test_oversize_dead_letter_keeps_a_prefix(
 ) -> None:
     raw = b'{"type": "spread", "pad": "' + b"x" * (2 * MAX_BYTES) + b'"}'
     with pytest.raises(InvalidEvent, match="larger than max_event_bytes"):
-        events.decode_event(raw, max_bytes=MAX_BYTES)
+        decoding.decode_event(raw, max_bytes=MAX_BYTES)
     await sink.write([dead_item(raw, "too large", dedup_key="big")])
     row = await conn.fetchrow("SELECT payload, payload_bytes, payload_sha256 FROM dead_letters")
     assert row is not None
@@ -1399,7 +1399,7 @@ async def test_a_parked_close_past_its_age_becomes_a_dead_letter(
         " arrive within 86400 s"
     )
     # The payload is the close as it was parked, a valid event that can be sent again.
-    again = events.decode_event(dl["payload"].encode(), max_bytes=MAX_BYTES)
+    again = decoding.decode_event(dl["payload"].encode(), max_bytes=MAX_BYTES)
     assert again.type == "position_close" and again.event_id == "close-old"
     for name, value in EXIT.items():
         if name != "timestamp_close":

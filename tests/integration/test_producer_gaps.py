@@ -17,7 +17,7 @@ import orjson
 import pytest
 import redis
 
-from ingestd import events, fastpath
+from ingestd import decoding, events, fastpath
 from ingestd.app import Service
 from ingestd.errors import InvalidEvent
 from ingestd.events import utc_iso
@@ -135,7 +135,7 @@ def test_bad_seq_or_session_is_refused(changes: dict[str, Any], field: str) -> N
     payload = orjson.dumps({**fx(1), **changes})
     assert fastpath.decode(payload, None) is None
     with pytest.raises(InvalidEvent) as err:
-        events.decode_event(payload, max_bytes=10_000)
+        decoding.decode_event(payload, max_bytes=10_000)
     assert err.value.field == field
 
 

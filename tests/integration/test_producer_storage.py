@@ -24,10 +24,11 @@ import pytest
 import redis
 
 from ingestd import Service, csv_format
+from ingestd.clients import redis_sync
 from ingestd.csv_import import run_import
 from ingestd.csv_verify import run_verify
 from ingestd.errors import ConfigError, SinkUnavailable
-from ingestd.settings import RedisSettings, Settings
+from ingestd.settings import Settings
 from ingestd.storage import (
     AsyncCsvStorage,
     AsyncDualStorage,
@@ -38,7 +39,6 @@ from ingestd.storage import (
     create_async_storage,
     create_storage,
 )
-from ingestd.storage.redis_cache import sync_client
 from tests.samples import closed, fx_rate, order, position, spread, trade
 
 pytestmark = [pytest.mark.pg, pytest.mark.redis]
@@ -422,8 +422,8 @@ async def test_async_dual_and_factories(
     assert (tmp_path / "c" / "fx_rates.csv").is_file()
 
 
-def test_sync_client_timeouts(settings: Settings) -> None:
-    client = sync_client(settings.storage.redis, timeout_s=0.7)
+def test_redis_sync_timeouts(settings: Settings) -> None:
+    client = redis_sync(settings.storage.redis.url, socket_timeout_s=0.7)
     kwargs = client.connection_pool.connection_kwargs
     assert kwargs["socket_timeout"] == 0.7 and kwargs["socket_connect_timeout"] == 0.7
     client.close()
@@ -462,7 +462,7 @@ def test_drops_are_logged_once_per_outage_and_again_after_a_recovery(
 ) -> None:
     caplog.set_level(logging.INFO, logger="ingestd.storage.postgres")
     storage = PostgresStorage(
-        sync_client(RedisSettings(url=own_redis.url), timeout_s=0.5),
+        redis_sync(own_redis.url, socket_timeout_s=0.5),
         producer="paper",
         max_buffer_events=10,
         overflow="drop_oldest",
@@ -515,16 +515,15 @@ async def test_a_foreign_header_is_refused_when_the_storage_is_made_before_any_r
 EXIT_WITHOUT_CLOSE = textwrap.dedent(
     """
     import logging, sys
-    from ingestd.settings import RedisSettings
     from ingestd.storage import PostgresStorage
-    from ingestd.storage.redis_cache import sync_client
+    from ingestd.clients import redis_sync
     from tests.samples import fx_rate
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     url, stream, n, exit_timeout = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
     bound = {} if exit_timeout == "default" else {"exit_timeout_s": float(exit_timeout)}
     storage = PostgresStorage(
-        sync_client(RedisSettings(url=url), timeout_s=0.5), stream=stream, producer="paper",
+        redis_sync(url, socket_timeout_s=0.5), stream=stream, producer="paper",
         **bound,
     )
     for i in range(n):
@@ -575,7 +574,7 @@ CSV_FAILS_ONCE = textwrap.dedent(
     import asyncio, json, resource, signal, sys
     from pathlib import Path
     import redis
-    from ingestd.app import create_redis
+    from ingestd.clients import redis_async
     from ingestd.storage import (
         AsyncDualStorage, AsyncPostgresStorage, CsvStorage, DualStorage, PostgresStorage)
     from ingestd.storage.csv_storage import CsvWriteFailed
@@ -613,7 +612,7 @@ CSV_FAILS_ONCE = textwrap.dedent(
         report(ids, failure, retried_id)
 
     async def asynchronous():
-        transport = StreamTransport(create_redis(url, socket_timeout_s=2), stream, owns_client=True)
+        transport = StreamTransport(redis_async(url, socket_timeout_s=2), stream, owns_client=True)
         db = AsyncPostgresStorage(transport, producer="paper")
         storage = AsyncDualStorage(CsvStorage(directory, producer="paper"), db, producer="paper")
         ids = [await storage.log_spread(spread(i)) for i in range(10)]

@@ -13,12 +13,13 @@ import redis
 import redis.asyncio as aioredis
 
 from ingestd import Publisher, events
-from ingestd.app import create_redis
 from ingestd.batching import BatchOutcome, Item
+from ingestd.clients import redis_async
 from ingestd.errors import ConfigError, InvalidEvent
 from ingestd.health import check_health
+from ingestd.mirror_format import VERSION_KEY_PREFIX
 from ingestd.settings import Settings, load_settings
-from ingestd.sinks.mirror import VERSION_KEY_PREFIX, RedisMirror
+from ingestd.sinks.mirror import RedisMirror
 from ingestd.storage import AsyncRedisCacheStorage, RedisCacheStorage
 from ingestd.storage.models import SpreadOpportunity
 from tests.private_servers import PrivateRedis, acl_denials, producer_url
@@ -100,7 +101,7 @@ async def test_full_snapshot_is_byte_for_byte_what_ingestds_mirror_writes(
     cache: RedisCacheStorage, redis_url: str, rclient: redis.Redis, recent: Recent
 ) -> None:
     event = recent.spread(3).to_event(event_id="c1-000042", producer="collector")
-    client = create_redis(redis_url, socket_timeout_s=2)
+    client = redis_async(redis_url, socket_timeout_s=2)
     try:
         mirror = RedisMirror(client)
         ev = events.parse_event(event)
@@ -123,7 +124,7 @@ async def test_full_snapshot_is_byte_for_byte_what_ingestds_mirror_writes(
 async def test_direct_writes_and_the_mirror_never_regress_each_other(
     cache: RedisCacheStorage, redis_url: str, rclient: redis.Redis, recent: Recent
 ) -> None:
-    client = create_redis(redis_url, socket_timeout_s=2)
+    client = redis_async(redis_url, socket_timeout_s=2)
     try:
         mirror = RedisMirror(client)
 

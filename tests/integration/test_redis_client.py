@@ -6,14 +6,14 @@ from typing import Any
 
 import pytest
 
-from ingestd.app import create_redis
+from ingestd.clients import redis_async
 from ingestd.redis_packing import _HiredisPacking
 
 pytestmark = [pytest.mark.redis]
 
 
 async def test_commands_are_packed_by_hiredis_and_work(redis_url: str) -> None:
-    client = create_redis(redis_url, socket_timeout_s=2.0)
+    client = redis_async(redis_url, socket_timeout_s=2.0)
     try:
         assert issubclass(client.connection_pool.connection_class, _HiredisPacking)
         ids = [await client.xadd("s", {"event": b"x" * 10}) for _ in range(3000)]

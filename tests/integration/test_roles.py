@@ -18,7 +18,7 @@ import orjson
 import pytest
 
 from ingestd import Service, errors, load_settings, migrations
-from ingestd.app import create_redis
+from ingestd.clients import redis_async
 from ingestd.db import create_pool
 from ingestd.maintenance import TASK_BACKFILL, TASK_POLICIES, TASK_RETENTION, TASKS, Maintenance
 from ingestd.roles import READER_GROUP, WRITER_GROUP, Login, apply_roles, scram_verifier
@@ -578,7 +578,7 @@ async def test_writer_runs_its_maintenance_and_retention_is_the_owners(
     await _pause_retention_jobs(owner)
     now = await _seed_for_maintenance(owner)
     pool = await create_pool(PostgresSettings(dsn=cluster.tls_dsn(writer, WRITER_PW, name)))
-    client = create_redis(redis_url, socket_timeout_s=2)
+    client = redis_async(redis_url, socket_timeout_s=2)
     # The continuous aggregate's backfill needs its ownership too (refresh_continuous_aggregate):
     # the owner's job does it; on plain PostgreSQL the round has nothing to do and runs.
     timescale = await owner.fetchval(

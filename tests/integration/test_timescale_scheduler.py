@@ -27,7 +27,7 @@ import asyncpg
 import orjson
 import pytest
 
-from ingestd import db as ingestd_db
+import ingestd.db as ingestd_db
 from ingestd import migrations
 from ingestd.settings import load_settings
 from ingestd.sinks.postgres import PostgresSink

@@ -22,7 +22,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ingestd import db as ingestd_db
+import ingestd.db as ingestd_db
 from ingestd import stats
 from ingestd.app import Service
 from ingestd.batching import Item

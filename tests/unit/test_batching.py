@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from ingestd import events
+from ingestd import decoding
 from ingestd.batching import Batcher, BatchOutcome, IntakeQueue, Item
 from ingestd.deadletters import make_dead_letter
 
@@ -112,7 +112,7 @@ def item(etype: str = "spread") -> Item:
     global _counter  # noqa: PLW0603 - a unique token per item is all this is for
     _counter += 1
     raw = json.dumps({**PAYLOADS[etype], "event_id": f"e-{_counter}"}).encode()
-    ev = events.decode_event(raw, max_bytes=MAX)
+    ev = decoding.decode_event(raw, max_bytes=MAX)
     return Item(ev, None, SOURCE, _counter, raw, 0.0)
 
 

@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ingestd import events, publisher, tables
+from ingestd import decoding, events, publisher, tables
 from ingestd.errors import InvalidEvent
 
 MAX = 1_048_576
@@ -225,12 +225,12 @@ def dumps(obj: Any) -> bytes:
 
 
 def decode(obj: Any, **kwargs: Any) -> events.Event:
-    return events.decode_event(dumps(obj), max_bytes=MAX, **kwargs)
+    return decoding.decode_event(dumps(obj), max_bytes=MAX, **kwargs)
 
 
 def reject(payload: bytes | str, *, max_bytes: int = MAX) -> InvalidEvent:
     with pytest.raises(InvalidEvent) as info:
-        events.decode_event(payload, max_bytes=max_bytes)
+        decoding.decode_event(payload, max_bytes=max_bytes)
     return info.value
 
 
@@ -274,7 +274,7 @@ def test_valid_payload_gives_exact_postgres_text(etype: str) -> None:
 @pytest.mark.parametrize("etype", sorted(VALID))
 def test_str_payload_decodes_like_bytes(etype: str) -> None:
     payload, expected = VALID[etype]
-    ev = events.decode_event(json.dumps(payload), max_bytes=MAX)
+    ev = decoding.decode_event(json.dumps(payload), max_bytes=MAX)
     assert ev.values == expected
 
 
@@ -320,7 +320,7 @@ def test_optional_field_may_be_omitted_or_null(etype: str, field: str) -> None:
 
 def test_json_number_keeps_every_digit() -> None:
     raw = spread_with_raw("binance_price", "1234567890.12345678")
-    assert events.decode_event(raw, max_bytes=MAX).values["binance_price"] == (
+    assert decoding.decode_event(raw, max_bytes=MAX).values["binance_price"] == (
         "1234567890.12345678"
     )
     # the float reading of that literal would lose digits: prove the test would notice
@@ -330,7 +330,7 @@ def test_json_number_keeps_every_digit() -> None:
 def test_json_number_does_not_go_through_float_for_rounding() -> None:
     # 1.005 is 1.00499999999999989... as a binary float, which would round to 1.00.
     raw = spread_with_raw("upbit_price", "1.005")
-    assert events.decode_event(raw, max_bytes=MAX).values["upbit_price"] == "1.01"
+    assert decoding.decode_event(raw, max_bytes=MAX).values["upbit_price"] == "1.01"
 
 
 def test_decimal_string_keeps_every_digit() -> None:
@@ -452,7 +452,7 @@ def test_bare_nan_and_infinity_literals_are_rejected(literal: str) -> None:
     ],
 )
 def test_json_number_exponent_forms_are_exact(literal: str, field: str, expected: str) -> None:
-    ev = events.decode_event(spread_with_raw(field, literal), max_bytes=MAX)
+    ev = decoding.decode_event(spread_with_raw(field, literal), max_bytes=MAX)
     assert ev.values[field] == expected
 
 
@@ -521,12 +521,12 @@ def test_property_rounding_matches_quantize_half_up(d: Decimal) -> None:
         + ',"timestamp":"2025-11-15T03:40:15Z"}'
     )
     if fits:
-        got = events.decode_event(payload, max_bytes=MAX).values["rate"]
+        got = decoding.decode_event(payload, max_bytes=MAX).values["rate"]
         assert got is not None
         assert Decimal(got) == expected
     else:
         with pytest.raises(InvalidEvent):
-            events.decode_event(payload, max_bytes=MAX)
+            decoding.decode_event(payload, max_bytes=MAX)
 
 
 # --- times ----------------------------------------------------------------------------------
@@ -806,7 +806,7 @@ def test_oversize_payload_rejected_before_parsing() -> None:
 
 def test_payload_of_exactly_max_bytes_is_accepted() -> None:
     raw = dumps(VALID["heartbeat"][0])
-    assert events.decode_event(raw, max_bytes=len(raw)).type == "heartbeat"
+    assert decoding.decode_event(raw, max_bytes=len(raw)).type == "heartbeat"
     err = reject(raw, max_bytes=len(raw) - 1)
     assert "larger than max_event_bytes" in str(err)
 
@@ -868,7 +868,7 @@ def test_surrogate_pair_escape_is_a_valid_character() -> None:
     payload = (
         b'{"type":"heartbeat","component":"\\ud83d\\ude00","timestamp":"2025-11-15T03:40:15Z"}'
     )
-    assert events.decode_event(payload, max_bytes=MAX).values["component"] == "\U0001f600"
+    assert decoding.decode_event(payload, max_bytes=MAX).values["component"] == "\U0001f600"
 
 
 # --- normalize: events from in-process producers --------------------------------------------
@@ -993,7 +993,7 @@ def test_publisher_encoding_round_trips_exactly() -> None:
         },
         ids,
     )
-    ev = events.decode_event(raw, max_bytes=MAX)
+    ev = decoding.decode_event(raw, max_bytes=MAX)
     assert ev.event_id == "unit-1"
     assert ev.values["binance_price"] == "1234567890.12345678"
     assert ev.values["is_opportunity"] == "false"
@@ -1083,7 +1083,7 @@ def test_a_bug_in_validation_becomes_a_dead_letter_reason_not_a_crash(
 
     monkeypatch.setattr(events, "parse_event", broken)
     with pytest.raises(InvalidEvent, match="internal error while validating the event: IndexError"):
-        events.decode_event(b'{"type": "heartbeat"}', max_bytes=1000)
+        decoding.decode_event(b'{"type": "heartbeat"}', max_bytes=1000)
     with pytest.raises(InvalidEvent, match="internal error"):
         events.normalize({"type": "heartbeat"})
 
@@ -1106,7 +1106,7 @@ def test_a_validation_bug_logs_its_traceback_once_not_per_event(
     caplog.set_level(logging.WARNING, logger="ingestd.events")
     for _ in range(50):  # a producer that keeps sending the payload that trips it
         with pytest.raises(InvalidEvent, match="internal error"):
-            events.decode_event(b'{"type": "heartbeat"}', max_bytes=1000)
+            decoding.decode_event(b'{"type": "heartbeat"}', max_bytes=1000)
     bug_lines = [r for r in caplog.records if r.name == "ingestd.events"]
     assert len([r for r in bug_lines if r.exc_info]) == 1
     # Every occurrence is still logged, without the traceback after the first.

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from ingestd import errors, events
+from ingestd import decoding, errors, events
 from ingestd.fuzz.generate import Case, Fate, Generator
 
 NOW = dt.datetime(2026, 12, 3, 10, 0, tzinfo=dt.UTC)
@@ -24,7 +24,7 @@ NEEDS_THE_CLOCK = {"older_than_retention"}
 
 def _decode(case: Case) -> events.Event:
     if isinstance(case.payload, bytes | str):
-        return events.decode_event(case.payload, max_bytes=1 << 20, default_event_id="stream:1-1")
+        return decoding.decode_event(case.payload, max_bytes=1 << 20, default_event_id="stream:1-1")
     return events.normalize(case.payload)
 
 

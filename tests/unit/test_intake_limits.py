@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from ingestd import events
+from ingestd import decoding, events
 from ingestd.errors import InvalidEvent
 from ingestd.health import heartbeat_age
 
@@ -44,7 +44,7 @@ def test_deep_nesting_is_refused_with_a_clear_reason_and_no_traceback(
 ) -> None:
     caplog.set_level(logging.DEBUG)
     with pytest.raises(InvalidEvent) as info:
-        events.decode_event(_deep_json(5000, key_first=key_first), max_bytes=MAX)
+        decoding.decode_event(_deep_json(5000, key_first=key_first), max_bytes=MAX)
     assert "nested deeper than 32 levels" in str(info.value)
     assert "internal error" not in str(info.value)
     assert not [r for r in caplog.records if r.exc_info]
@@ -52,10 +52,10 @@ def test_deep_nesting_is_refused_with_a_clear_reason_and_no_traceback(
 
 def test_nesting_just_past_the_configured_depth_is_refused_below_it_is_judged_as_usual() -> None:
     with pytest.raises(InvalidEvent, match="nested deeper than 4 levels"):
-        events.decode_event(_deep_json(4), max_bytes=MAX, max_depth=4)
+        decoding.decode_event(_deep_json(4), max_bytes=MAX, max_depth=4)
     # Within the limit the usual rules decide (an unknown field), not the depth.
     with pytest.raises(InvalidEvent, match="unknown field"):
-        events.decode_event(_deep_json(3), max_bytes=MAX, max_depth=4)
+        decoding.decode_event(_deep_json(3), max_bytes=MAX, max_depth=4)
 
 
 def test_deep_mapping_in_process_is_refused_with_a_clear_reason() -> None:
@@ -77,7 +77,7 @@ def test_a_huge_json_integer_is_out_of_range_not_invalid_json() -> None:
         + b', "timestamp": "2026-12-03T00:00:00Z"}'
     )
     with pytest.raises(InvalidEvent) as info:
-        events.decode_event(payload, max_bytes=MAX)
+        decoding.decode_event(payload, max_bytes=MAX)
     assert info.value.field == "rate"
     assert "does not fit NUMERIC(18, 8)" in str(info.value)
     assert "not valid JSON" not in str(info.value)
@@ -86,12 +86,12 @@ def test_a_huge_json_integer_is_out_of_range_not_invalid_json() -> None:
 def test_a_huge_json_integer_where_a_string_belongs_says_so() -> None:
     payload = json.dumps(_heartbeat()).encode().replace(b'"c"', b"-" + b"1" * 5000)
     with pytest.raises(InvalidEvent, match="component: expected a string, got a number"):
-        events.decode_event(payload, max_bytes=MAX)
+        decoding.decode_event(payload, max_bytes=MAX)
 
 
 def test_invalid_json_with_a_huge_integer_is_still_invalid_json() -> None:
     with pytest.raises(InvalidEvent, match="not valid JSON"):
-        events.decode_event(b'{"rate": ' + b"9" * 5000 + b", NaN}", max_bytes=MAX)
+        decoding.decode_event(b'{"rate": ' + b"9" * 5000 + b", NaN}", max_bytes=MAX)
 
 
 # --- retention ---------------------------------------------------------------------------------
@@ -118,13 +118,13 @@ def _spread(when: dt.datetime) -> bytes:
 def test_an_event_older_than_its_tables_retention_is_refused() -> None:
     old = NOW - dt.timedelta(days=90, seconds=1)
     with pytest.raises(InvalidEvent) as info:
-        events.decode_event(_spread(old), max_bytes=MAX, retention=RETENTION)
+        decoding.decode_event(_spread(old), max_bytes=MAX, retention=RETENTION)
     assert "older than the 90-day retention of spreads" in str(info.value)
     assert info.value.field == "timestamp"
     # Without a retention (a library caller), and just inside it, it is accepted.
-    assert events.decode_event(_spread(old), max_bytes=MAX).type == "spread"
+    assert decoding.decode_event(_spread(old), max_bytes=MAX).type == "spread"
     inside = NOW - dt.timedelta(days=89, hours=23)
-    assert events.decode_event(_spread(inside), max_bytes=MAX, retention=RETENTION).time == inside
+    assert decoding.decode_event(_spread(inside), max_bytes=MAX, retention=RETENTION).time == inside
 
 
 def test_retention_applies_in_process_per_table_and_not_where_none_is_configured() -> None:
@@ -147,7 +147,9 @@ def test_retention_applies_in_process_per_table_and_not_where_none_is_configured
     # 0 days keeps rows forever, so nothing is refused.
     forever = events.Retention({"spreads": 0}, clock=lambda: NOW)
     ancient = NOW - dt.timedelta(days=3000)
-    assert events.decode_event(_spread(ancient), max_bytes=MAX, retention=forever).type == "spread"
+    assert (
+        decoding.decode_event(_spread(ancient), max_bytes=MAX, retention=forever).type == "spread"
+    )
 
 
 # --- heartbeats --------------------------------------------------------------------------------
@@ -164,4 +166,4 @@ def test_a_heartbeat_dated_in_the_future_is_not_fresh() -> None:
 def test_a_huge_integer_before_deep_nesting_is_refused_for_the_nesting() -> None:
     payload = b'{"type": "heartbeat", "n": ' + b"9" * 30 + b', "x": ' + b"[" * 5000 + b"]" * 5000
     with pytest.raises(InvalidEvent, match="nested deeper than 32 levels"):
-        events.decode_event(payload + b"}", max_bytes=MAX)
+        decoding.decode_event(payload + b"}", max_bytes=MAX)

@@ -10,7 +10,7 @@ from typing import Any
 import orjson
 import pytest
 
-from ingestd import csv_format, events, fastpath, metrics, simulate
+from ingestd import csv_format, decoding, events, fastpath, metrics, simulate
 from ingestd.batching import BatchOutcome, Item
 from ingestd.errors import InvalidEvent
 from ingestd.settings import load_settings
@@ -103,7 +103,7 @@ def test_is_stale_is_not_a_wire_field_and_survives_the_round_trip() -> None:
 
 def test_naive_input_time_is_bad_input() -> None:
     with pytest.raises(InvalidEvent) as info:
-        events.decode_event(orjson.dumps(spread(fx_ts="2025-11-15T03:40:15")), max_bytes=1 << 20)
+        decoding.decode_event(orjson.dumps(spread(fx_ts="2025-11-15T03:40:15")), max_bytes=1 << 20)
     assert info.value.field == "fx_ts"
 
 
@@ -142,7 +142,7 @@ def test_another_mode_is_bad_input_on_every_path(mode: object) -> None:
     payload = orjson.dumps(position_open(mode=mode))
     assert fastpath.decode(payload, None) is None
     with pytest.raises(InvalidEvent) as info:
-        events.decode_event(payload, max_bytes=1 << 20)
+        decoding.decode_event(payload, max_bytes=1 << 20)
     assert info.value.field == "mode"
     with pytest.raises(InvalidEvent) as info:
         events.normalize(position_open(mode=mode))

@@ -10,7 +10,7 @@ from typing import Any
 import orjson
 import pytest
 
-from ingestd import events
+from ingestd import decoding
 from ingestd.errors import InvalidEvent
 from ingestd.storage.models import (
     CLOSED,
@@ -34,7 +34,7 @@ def test_wire_round_trip_is_exact(model: object) -> None:
     payload = orjson.dumps(event)
     back = type(model).from_event(payload)  # type: ignore[attr-defined]
     assert back == model
-    parsed = events.decode_event(payload, max_bytes=1 << 20)
+    parsed = decoding.decode_event(payload, max_bytes=1 << 20)
     assert parsed.event_id == "e-1" and parsed.producer == "paper"
 
 
