@@ -41,7 +41,7 @@ from ingestd.settings import Settings, redact
 from ingestd.sinks.mirror import RedisMirror
 from ingestd.sinks.postgres import PostgresSink, fetch_all_open_counts, sweep_parked_closes
 from ingestd.sources.inprocess import EventInput, InProcessSource, Outcome
-from ingestd.sources.spool import SpoolSource
+from ingestd.sources.spooled import SpoolSource
 from ingestd.sources.stream import StreamSource
 from ingestd.spool import Spool
 

@@ -19,7 +19,7 @@ from ingestd.deadletters import content_key, make_dead_letter
 from ingestd.pipeline import Pipeline
 from ingestd.spool import Spool, SpoolRecord
 
-log = logging.getLogger("ingestd.sources.spool")
+log = logging.getLogger("ingestd.sources.spooled")
 
 # How long to sleep when there is nothing to replay (appends also wake the loop).
 IDLE_POLL_S = 0.05
