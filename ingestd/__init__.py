@@ -4,7 +4,8 @@ Events (spreads, FX, orders, positions, trades, heartbeats) arrive in-process th
 ``Service.submit`` or from other processes through a Redis Stream; they are COPY-batched into
 PostgreSQL/TimescaleDB and their latest values mirrored into Redis.
 
-The names below are loaded on first use: ``import ingestd.publisher`` in a producer runs this
+The names below are loaded on first use: ``import ingestd.producer.publisher`` in a producer runs
+this
 file first, and must not pull in the daemon (asyncpg, prometheus_client, the pipeline) with it.
 """
 
@@ -14,20 +15,20 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from ingestd.app import Service
+    from ingestd.daemon.app import Service
+    from ingestd.daemon.sources.inprocess import Outcome
     from ingestd.errors import IngestdError, InvalidEvent
-    from ingestd.publisher import AsyncPublisher, Publisher
+    from ingestd.producer.publisher import AsyncPublisher, Publisher
     from ingestd.settings import Settings, load_settings
-    from ingestd.sources.inprocess import Outcome
 
 # Each public name and the module that defines it.
 _HOMES: dict[str, str] = {
-    "AsyncPublisher": "ingestd.publisher",
+    "AsyncPublisher": "ingestd.producer.publisher",
     "IngestdError": "ingestd.errors",
     "InvalidEvent": "ingestd.errors",
-    "Outcome": "ingestd.sources.inprocess",
-    "Publisher": "ingestd.publisher",
-    "Service": "ingestd.app",
+    "Outcome": "ingestd.daemon.sources.inprocess",
+    "Publisher": "ingestd.producer.publisher",
+    "Service": "ingestd.daemon.app",
     "Settings": "ingestd.settings",
     "load_settings": "ingestd.settings",
 }

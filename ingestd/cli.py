@@ -19,8 +19,9 @@ import asyncpg
 import orjson
 import redis.exceptions
 
-from ingestd import db, errors, logs, migrations
-from ingestd.commands import describe, secret_free
+from ingestd import errors, logs
+from ingestd.commands.common import describe, secret_free
+from ingestd.daemon import db, migrations
 from ingestd.settings import Settings, load_settings, redact
 
 log = logging.getLogger("ingestd.cli")
@@ -435,7 +436,7 @@ def _run_async(coro: Any) -> int:
 
 
 async def _cmd_run(settings: Settings, args: argparse.Namespace) -> int:
-    from ingestd.app import run_daemon
+    from ingestd.daemon.app import run_daemon
 
     return await run_daemon(settings)
 
@@ -483,7 +484,7 @@ async def _cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
 
 async def _retention_policies_as_owner(settings: Settings, conn: asyncpg.Connection) -> str:
     """TimescaleDB: the retention policies set to the ``retention:`` settings, if the owner."""
-    from ingestd.maintenance import may_run_retention, reconcile_retention_policies
+    from ingestd.daemon.maintenance import may_run_retention, reconcile_retention_policies
 
     if not await migrations.timescaledb_enabled(conn) or not await may_run_retention(conn):
         return ""
@@ -496,8 +497,8 @@ async def _retention_policies_as_owner(settings: Settings, conn: asyncpg.Connect
 
 
 async def _cmd_retention(settings: Settings, args: argparse.Namespace) -> int:
-    from ingestd.commands import run_with_database
-    from ingestd.maintenance import Maintenance, may_run_retention
+    from ingestd.commands.common import run_with_database
+    from ingestd.daemon.maintenance import Maintenance, may_run_retention
 
     async def body(pool: asyncpg.Pool) -> int:
         async with pool.acquire() as conn:
@@ -564,7 +565,7 @@ async def _create_database(dsn: str) -> None:
 
 
 async def _cmd_roles(settings: Settings, args: argparse.Namespace) -> int:
-    from ingestd.roles import READER_GROUP, WRITER_GROUP, Login, apply_roles
+    from ingestd.commands.roles import READER_GROUP, WRITER_GROUP, Login, apply_roles
     from ingestd.settings import read_secret
 
     dsn = settings.storage.postgres.dsn
@@ -596,8 +597,8 @@ async def _cmd_roles(settings: Settings, args: argparse.Namespace) -> int:
 
 
 async def _cmd_health(settings: Settings, args: argparse.Namespace) -> int:
-    from ingestd import keys
-    from ingestd.health import check_health
+    from ingestd.commands.health import check_health
+    from ingestd.wire import keys
 
     # A container checks its own replica: health:ingestd is refreshed by every replica, so it
     # would stay fresh while this one is stuck.
@@ -654,8 +655,8 @@ async def _redis_answers(settings: Settings) -> None:
 
 
 async def _cmd_simulate(settings: Settings, args: argparse.Namespace) -> int:
-    from ingestd.publisher import AsyncPublisher
-    from ingestd.simulate import Simulator, WallClockPacer
+    from ingestd.producer.publisher import AsyncPublisher
+    from ingestd.tools.simulate import Simulator, WallClockPacer
 
     start = dt.datetime.fromisoformat(args.start) if args.start else None
     if start is not None and start.tzinfo is None:
@@ -671,7 +672,7 @@ async def _cmd_simulate(settings: Settings, args: argparse.Namespace) -> int:
     sim = Simulator(seed=args.seed, symbols=symbols, start=start, tick_s=tick_s, trading_gate=gate)
     stream = sim.events()
     if args.scenario is not None:
-        from ingestd import scenarios
+        from ingestd.tools import scenarios
 
         stream = scenarios.apply(
             stream,
@@ -728,7 +729,7 @@ async def _cmd_simulate(settings: Settings, args: argparse.Namespace) -> int:
 
 async def _cmd_stats(settings: Settings, args: argparse.Namespace) -> int:
     from ingestd.clients import redis_async
-    from ingestd.stats import collect_database, collect_redis, print_report, to_json
+    from ingestd.commands.stats import collect_database, collect_redis, print_report, to_json
 
     dsn = settings.storage.postgres.dsn
     try:
@@ -775,7 +776,7 @@ async def _cmd_stats(settings: Settings, args: argparse.Namespace) -> int:
 
 async def _cmd_bench(settings: Settings, args: argparse.Namespace) -> int:
     if args.fuzz is not None:
-        from ingestd.fuzz.campaign import DEFAULT_SCRATCH_DATABASE, run_fuzz_command
+        from ingestd.tools.fuzz.campaign import DEFAULT_SCRATCH_DATABASE, run_fuzz_command
 
         scratch = args.scratch_database
         return await run_fuzz_command(
@@ -788,7 +789,7 @@ async def _cmd_bench(settings: Settings, args: argparse.Namespace) -> int:
             keep=args.keep,
         )
     if args.spool:
-        from ingestd.bench.spill import SpillOptions, run_spill_command
+        from ingestd.tools.bench.spill import SpillOptions, run_spill_command
 
         sizes = {"records": args.events, "rounds": args.repeat}
         return await run_spill_command(
@@ -799,7 +800,7 @@ async def _cmd_bench(settings: Settings, args: argparse.Namespace) -> int:
             )
         )
     if args.soak is not None:
-        from ingestd.soak import run_soak
+        from ingestd.tools.soak import run_soak
 
         return await run_soak(
             duration_s=args.soak,
@@ -810,7 +811,7 @@ async def _cmd_bench(settings: Settings, args: argparse.Namespace) -> int:
             json_path=args.json_path,
             keep=args.keep,
         )
-    from ingestd.bench import options, runner
+    from ingestd.tools.bench import options, runner
 
     try:
         chosen = options.options_from_args(args)
@@ -823,7 +824,7 @@ async def _cmd_bench(settings: Settings, args: argparse.Namespace) -> int:
 async def _cmd_import_csv(settings: Settings, args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from ingestd.csv_import import run_import
+    from ingestd.commands.csv_import import run_import
 
     return await run_import(
         settings,
@@ -839,7 +840,7 @@ async def _cmd_import_csv(settings: Settings, args: argparse.Namespace) -> int:
 async def _cmd_verify_csv(settings: Settings, args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from ingestd.csv_verify import run_verify
+    from ingestd.commands.csv_verify import run_verify
 
     return await run_verify(
         settings,

@@ -1,4 +1,4 @@
-"""Every Redis client ingestd makes is made here (``ingestd.db`` makes the PostgreSQL ones).
+"""Every Redis client ingestd makes is made here (``ingestd.daemon.db`` makes the PostgreSQL ones).
 
 redis-py's ``from_url`` sets no timeouts and no retries: a client made anywhere else would hang
 on a dead server. One place keeps the settings alike, and says which differ and why (a

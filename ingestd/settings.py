@@ -83,7 +83,8 @@ class StorageSettings:
     redis: RedisSettings = RedisSettings()
     csv: CsvSettings = CsvSettings()
     outbox: OutboxSettings = OutboxSettings()
-    # Producer side (ingestd.storage): events held in memory while the stream is unreachable.
+    # Producer side (ingestd.producer.storage): events held in memory while the stream is
+    # unreachable.
     buffer_max_events: int = 100_000
 
 
@@ -173,7 +174,7 @@ class ShutdownSettings:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class RetentionSettings:
-    """Retention in days (0 keeps rows forever); see ingestd/maintenance.py."""
+    """Retention in days (0 keeps rows forever); see ingestd/daemon/maintenance.py."""
 
     spreads_days: int = 90
     fx_rates_days: int = 180
@@ -204,7 +205,7 @@ class MaintenanceSettings:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class HalfHedgeSettings:
-    """Half-hedge alerts (ingestd/hedges.py): a position's filled legs that do not match."""
+    """Half-hedge alerts (ingestd/daemon/hedges.py): a position's filled legs that do not match."""
 
     enabled: bool = True
     # Raised once a position's legs have not matched for this long.
@@ -232,7 +233,7 @@ class HalfHedgeSettings:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class ProducerGapSettings:
-    """Producer gap detection (ingestd/gaps.py) over the events' ``seq`` / ``session``."""
+    """Producer gap detection (ingestd/daemon/gaps.py) over the events' ``seq`` / ``session``."""
 
     enabled: bool = True
     # A hole in a session's seqs is a gap once the seqs above it are this old (a stream entry of
@@ -243,7 +244,8 @@ class ProducerGapSettings:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class HeartbeatHistorySettings:
-    """Heartbeat history (ingestd/liveness.py): when each component was alive, in the database."""
+    """Heartbeat history (ingestd/daemon/liveness.py): when each component was alive, in the
+    database."""
 
     enabled: bool = True
     # A heartbeat within this long of an interval's last one extends it; a later one opens a new

@@ -25,7 +25,8 @@ space is freed. Any other I/O error (a failed fsync among them) is fatal for the
 what is on disk is unknown, so it takes no more appends, but still replays what was durable.
 
 ``RecordStore`` is the mechanism itself, shared with the producer's disk outbox
-(``ingestd.storage.outbox``), which commits its appends without an fsync each and syncs the log
+(``ingestd.producer.storage.outbox``), which commits its appends without an fsync each and syncs
+the log
 from a thread of its own instead. All of the ``Spool``'s state lives in the event loop's thread;
 the database is used from worker threads, one call at a time per connection.
 """

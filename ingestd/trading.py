@@ -52,7 +52,8 @@ HALF_HEDGE_PREFIX: Final = "alerts:half_hedge:"
 LEADER_KEY: Final = "ingestd:trading:leader"
 REPORTS_KEY: Final = "ingestd:trading:replicas"
 FX_SEEN_PREFIX: Final = "ingestd:trading:fx_seen:"
-# The mirror's version key of fx:{pair} (event time in microseconds; see ingestd/sinks/mirror.py).
+# The mirror's version key of fx:{pair} (event time in microseconds; see
+# ingestd/daemon/sinks/mirror.py).
 MIRROR_VERSION_PREFIX: Final = "ingestd:mirror:version:"
 # How long the newest FX event time taken in is kept in the shared key (longer than any limit).
 FX_SEEN_TTL_MS: Final = 24 * 3600 * 1000

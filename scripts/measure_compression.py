@@ -4,7 +4,7 @@
         --dsn postgresql://postgres@127.0.0.1:5433/postgres --tick 6
 
 Creates a scratch database on that server (dropped at the end), migrates it, writes a simulated
-week (ingestd.simulate; 3 symbols, one market tick per --tick seconds) through ingestd's own
+week (ingestd.tools.simulate; 3 symbols, one market tick per --tick seconds) through ingestd's own
 PostgresSink, runs the compression policies (CALL run_job), and prints the size of the compressed
 chunks before and after (hypertable_compression_stats) plus the whole hypertable's size.
 """
@@ -22,12 +22,13 @@ from typing import Any
 import asyncpg
 import orjson
 
-import ingestd.db as ingestd_db
-from ingestd import decoding, migrations
-from ingestd.batching import BatchOutcome, Item
+import ingestd.daemon.db as ingestd_db
+from ingestd.daemon import migrations
+from ingestd.daemon.batching import BatchOutcome, Item
+from ingestd.daemon.sinks.postgres import PostgresSink
 from ingestd.settings import load_settings
-from ingestd.simulate import Simulator
-from ingestd.sinks.postgres import PostgresSink
+from ingestd.tools.simulate import Simulator
+from ingestd.wire import decoding
 
 
 class _Source:

@@ -22,8 +22,8 @@ import redis
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ingestd.storage import PostgresStorage
-from ingestd.storage.outbox import DiskOutbox
+from ingestd.producer.storage import PostgresStorage
+from ingestd.producer.storage.outbox import DiskOutbox
 from tests.samples import spread
 
 

@@ -52,7 +52,7 @@ GRANT USAGE ON SCHEMA public TO ingestd_writer, ingestd_reader;
 REVOKE ALL ON ALL TABLES IN SCHEMA public FROM ingestd_writer, ingestd_reader;
 REVOKE ALL ON ALL SEQUENCES IN SCHEMA public FROM ingestd_writer, ingestd_reader;
 
--- The writer: exactly the statements in ingestd/sinks/postgres.py and ingestd/migrations.py.
+-- The writer: exactly the statements in ingestd/daemon/sinks/postgres.py and ingestd/daemon/migrations.py.
 -- COPY needs INSERT; the staging merge reads the table's shape (SELECT) into a TEMP table.
 GRANT SELECT, INSERT ON spreads, fx_rates, dead_letters TO ingestd_writer;
 -- orders/trades: position_id is linked by UPDATE once the position exists.
@@ -61,7 +61,7 @@ GRANT SELECT, INSERT, UPDATE ON orders, trades, positions TO ingestd_writer;
 GRANT SELECT, INSERT, UPDATE, DELETE ON position_closes_pending TO ingestd_writer;
 -- `ingestd run` refuses a schema that is behind: it reads the ledger, never writes it.
 GRANT SELECT ON ingestd_migrations TO ingestd_writer;
--- Maintenance (ingestd/maintenance.py, part of `ingestd run`): a replica claims a task's round
+-- Maintenance (ingestd/daemon/maintenance.py, part of `ingestd run`): a replica claims a task's round
 -- with INSERT ... ON CONFLICT DO UPDATE on its row and records the outcome with UPDATE (a failure
 -- with INSERT ... ON CONFLICT); it reads the two aggregates to write the metrics:* Redis keys.
 -- Refreshing goes through ingestd_refresh_aggregate() below; retention is the owner's.
@@ -71,7 +71,7 @@ GRANT SELECT ON daily_pnl_summary, hourly_spread_avg TO ingestd_writer;
 GRANT SELECT, INSERT, UPDATE ON csv_import_checkpoints TO ingestd_writer;
 GRANT SELECT, INSERT, UPDATE ON alerts, producer_gaps TO ingestd_writer;
 GRANT SELECT, INSERT, DELETE ON producer_seq_ranges TO ingestd_writer;
--- The heartbeat history (ingestd/liveness.py) extends an interval or opens one; never deletes
+-- The heartbeat history (ingestd/daemon/liveness.py) extends an interval or opens one; never deletes
 -- (retention is the owner's). The view merges its rows for readers and `ingestd stats`.
 GRANT SELECT, INSERT, UPDATE ON heartbeat_history TO ingestd_writer;
 GRANT SELECT ON component_liveness TO ingestd_writer;

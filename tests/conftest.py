@@ -24,8 +24,9 @@ import asyncpg
 import pytest
 import redis
 
-from ingestd import events, migrations
+from ingestd.daemon import migrations
 from ingestd.settings import Settings, load_settings
+from ingestd.wire import events
 
 # Throwaway TLS/ACL servers of our own for the security tests (tests/private_servers.py).
 pytest_plugins = ["tests.private_servers"]

@@ -12,7 +12,7 @@ import asyncpg
 import redis
 
 from ingestd.settings import Settings
-from ingestd.simulate import Simulator
+from ingestd.tools.simulate import Simulator
 from tests.e2e.conftest import run_cli
 
 # A day back, to the hour: recent enough that no retention (90 days and more) ever applies to

@@ -10,7 +10,7 @@ from typing import Any
 
 import asyncpg
 
-from ingestd import tables
+from ingestd.wire import tables
 
 NUMERIC_COLUMNS: dict[str, list[tuple[str, int]]] = {
     t.name: [(name, kind.scale) for name, kind in t.columns if isinstance(kind, tables.Numeric)]

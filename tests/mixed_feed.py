@@ -15,8 +15,8 @@ import itertools
 from typing import Any
 
 from ingestd import Service
-from ingestd.events import utc_iso
-from ingestd.simulate import Simulator
+from ingestd.tools.simulate import Simulator
+from ingestd.wire.events import utc_iso
 
 START = dt.datetime(2026, 11, 30, tzinfo=dt.UTC)
 MALFORMED: tuple[bytes, ...] = (

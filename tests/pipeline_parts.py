@@ -7,9 +7,9 @@ from typing import Any
 
 import orjson
 
-from ingestd import decoding
-from ingestd.batching import Acknowledger, Item
-from ingestd.deadletters import make_dead_letter
+from ingestd.daemon.batching import Acknowledger, Item
+from ingestd.daemon.deadletters import make_dead_letter
+from ingestd.wire import decoding
 
 MAX_BYTES = 65_536
 

@@ -26,7 +26,7 @@ import asyncpg
 import pytest
 import redis
 
-from ingestd import migrations
+from ingestd.daemon import migrations
 from tests.deploy_files import compose_variables, redis_acl_users
 
 

@@ -6,7 +6,7 @@ import datetime as dt
 from decimal import Decimal as D
 from pathlib import Path
 
-from ingestd.storage.models import FxRate, OrderLeg, Position, SpreadOpportunity, Trade
+from ingestd.producer.storage.models import FxRate, OrderLeg, Position, SpreadOpportunity, Trade
 
 T0 = dt.datetime(2025, 11, 15, 3, 40, 15, 123000, tzinfo=dt.UTC)
 

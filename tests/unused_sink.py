@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from ingestd.batching import BatchOutcome, Item
-from ingestd.deadletters import DeadLetter
+from ingestd.daemon.batching import BatchOutcome, Item
+from ingestd.daemon.deadletters import DeadLetter
 
 
 class UnusedSink:

@@ -14,10 +14,10 @@ import asyncpg
 import pytest
 import redis
 
-from ingestd.bench import options, throughput
-from ingestd.bench.scratch import BenchFailed, reset_tables, verify
-from ingestd.bench.workload import make_mix, make_spreads, raw_batches
 from ingestd.errors import ConfigError
+from ingestd.tools.bench import options, throughput
+from ingestd.tools.bench.scratch import BenchFailed, reset_tables, verify
+from ingestd.tools.bench.workload import make_mix, make_spreads, raw_batches
 from tests.conftest import PgServer
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

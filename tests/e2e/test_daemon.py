@@ -19,8 +19,8 @@ import asyncpg
 import pytest
 import redis
 
-from ingestd.events import utc_iso
 from ingestd.settings import Settings
+from ingestd.wire.events import utc_iso
 from tests.e2e.conftest import Daemon, ingestd_env, run_cli
 from tests.feeds import pending, publish_from_other_process, simulated, wait_for_rows
 from tests.ledger import Expected, assert_landed_exactly_once

@@ -17,8 +17,8 @@ import asyncpg
 import pytest
 import redis
 
-from ingestd.fuzz.campaign import FuzzOptions, run_campaign
 from ingestd.settings import Settings
+from ingestd.tools.fuzz.campaign import FuzzOptions, run_campaign
 from tests.e2e.conftest import run_cli
 
 pytestmark = [pytest.mark.e2e, pytest.mark.pg, pytest.mark.redis]

@@ -20,7 +20,7 @@ import pytest
 import redis
 
 from ingestd.settings import Settings, load_settings
-from ingestd.throwaway import ServerUnavailable, ThrowawayPostgres, ThrowawayRedis
+from ingestd.tools.throwaway import ServerUnavailable, ThrowawayPostgres, ThrowawayRedis
 from tests.conftest import PgServer
 from tests.e2e.conftest import start_daemon  # noqa: F401 - the fixture, for the fault tests
 

@@ -24,7 +24,8 @@ from typing import Any
 import asyncpg
 import pytest
 
-from ingestd import Outcome, Service, migrations
+from ingestd import Outcome, Service
+from ingestd.daemon import migrations
 from ingestd.settings import Settings
 from ingestd.spool import DATABASE_FILE
 from tests.faults.conftest import FaultServers

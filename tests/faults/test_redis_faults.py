@@ -1,7 +1,8 @@
 """Redis down, restarted, crashed and hung: the database path goes on, nothing is lost.
 
 Redis holds the stream, so the suite's Redis runs as a deployment must run it: AOF with
-``appendfsync everysec`` and ``noeviction`` (ingestd.throwaway). A clean restart loses nothing; a
+``appendfsync everysec`` and ``noeviction`` (ingestd.tools.throwaway). A clean restart loses
+nothing; a
 crash (SIGKILL) may lose up to a second of writes, so the crash test lets a second pass first.
 """
 
@@ -18,8 +19,8 @@ import pytest
 import redis
 
 from ingestd import Outcome, Service
-from ingestd.events import utc_iso
 from ingestd.settings import Settings
+from ingestd.wire.events import utc_iso
 from tests.e2e.conftest import Daemon
 from tests.faults.conftest import FAULT_CONFIG, FaultServers
 from tests.feeds import pending, publish_from_other_process, simulated, wait_for_rows

@@ -24,7 +24,7 @@ import redis
 
 from ingestd import Outcome, Service
 from ingestd.settings import Settings
-from ingestd.simulate import Simulator
+from ingestd.tools.simulate import Simulator
 from tests.e2e.conftest import Daemon
 from tests.faults.conftest import FAULT_CONFIG, FaultServers
 from tests.faults.test_inprocess_faults import produce, wait_until, watch_queue

@@ -21,7 +21,7 @@ import orjson
 import pytest
 
 from ingestd import trading
-from ingestd.publisher import AsyncPublisher
+from ingestd.producer.publisher import AsyncPublisher
 from ingestd.settings import Settings
 from tests.e2e.conftest import Daemon, ingestd_env
 from tests.faults.conftest import FAULT_CONFIG, FaultServers

@@ -22,9 +22,9 @@ import redis
 import redis.asyncio as aioredis
 
 from ingestd import Service, trading
-from ingestd.events import utc_iso
+from ingestd.producer.storage import RedisCacheStorage
 from ingestd.settings import Settings
-from ingestd.storage import RedisCacheStorage
+from ingestd.wire.events import utc_iso
 from tests.faults.conftest import FaultServers
 
 pytestmark = [pytest.mark.faults, pytest.mark.pg, pytest.mark.redis]

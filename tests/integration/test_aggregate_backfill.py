@@ -22,12 +22,12 @@ import asyncpg
 import pytest
 import redis.asyncio as aioredis
 
-import ingestd.db as ingestd_db
-from ingestd import migrations
-from ingestd.csv_import import run_import
-from ingestd.maintenance import TASK_BACKFILL, TASK_REFRESH, Maintenance, advisory_lock_id
+import ingestd.daemon.db as ingestd_db
+from ingestd.commands.csv_import import run_import
+from ingestd.daemon import migrations
+from ingestd.daemon.maintenance import TASK_BACKFILL, TASK_REFRESH, Maintenance, advisory_lock_id
+from ingestd.daemon.sinks.postgres import PostgresSink
 from ingestd.settings import Settings
-from ingestd.sinks.postgres import PostgresSink
 from tests.conftest import PgServer, stop_own_scheduler
 from tests.integration import test_timescale_layer as layer
 from tests.integration.test_postgres_sink import item, spread

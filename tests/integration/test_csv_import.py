@@ -13,8 +13,8 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from ingestd.csv_import import INCOMPLETE_LAST_LINE, run_import
-from ingestd.csv_verify import run_verify
+from ingestd.commands.csv_import import INCOMPLETE_LAST_LINE, run_import
+from ingestd.commands.csv_verify import run_verify
 from ingestd.settings import Settings
 from tests.samples import POSITION_HEADER, RECENT_DAY, SPREAD_HEADER, spread_rows, write_csv
 

@@ -16,8 +16,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ingestd.deadletters import ascii_dead_letter, make_dead_letter
-from ingestd.sinks.postgres import insert_dead_letters
+from ingestd.daemon.deadletters import ascii_dead_letter, make_dead_letter
+from ingestd.daemon.sinks.postgres import insert_dead_letters
 
 pytestmark = [pytest.mark.pg]
 

@@ -22,8 +22,8 @@ import pytest
 import redis
 
 from ingestd import Outcome, Service
-from ingestd.events import utc_iso
 from ingestd.settings import Settings
+from ingestd.wire.events import utc_iso
 from tests.http_client import get, scrape
 from tests.private_servers import free_port
 

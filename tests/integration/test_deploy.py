@@ -23,15 +23,16 @@ import asyncpg
 import pytest
 import redis.asyncio as aioredis
 
-from ingestd import Service, errors, load_settings, metrics
-from ingestd.app import FINAL_ACK_TIMEOUT_S, SPOOL_CLOSE_TIMEOUT_S
-from ingestd.events import utc_iso
-from ingestd.gaps import GapSweeper
-from ingestd.hedges import HalfHedgeMonitor
-from ingestd.pipeline import TASK_CANCEL_TIMEOUT_S
-from ingestd.roles import READER_GROUP, Login, apply_roles
+from ingestd import Service, errors, load_settings
+from ingestd.commands.roles import READER_GROUP, Login, apply_roles
+from ingestd.daemon import metrics
+from ingestd.daemon.app import FINAL_ACK_TIMEOUT_S, SPOOL_CLOSE_TIMEOUT_S
+from ingestd.daemon.gaps import GapSweeper
+from ingestd.daemon.hedges import HalfHedgeMonitor
+from ingestd.daemon.pipeline import TASK_CANCEL_TIMEOUT_S
+from ingestd.producer.storage import CacheKeys
 from ingestd.settings import HalfHedgeSettings, Settings
-from ingestd.storage import CacheKeys
+from ingestd.wire.events import utc_iso
 from tests.deploy_files import (
     GRAFANA,
     PROMETHEUS,

@@ -18,11 +18,11 @@ import redis.asyncio as aioredis
 from prometheus_client import generate_latest
 
 from ingestd import Service, errors
-from ingestd.batching import Item
-from ingestd.events import utc_iso
-from ingestd.metrics import Metrics
-from ingestd.probes import sample_stream
+from ingestd.daemon.batching import Item
+from ingestd.daemon.metrics import Metrics
+from ingestd.daemon.probes import sample_stream
 from ingestd.settings import Settings
+from ingestd.wire.events import utc_iso
 from tests.http_client import by_label, get, scrape
 from tests.mixed_feed import MALFORMED, mixed_feed, submit_all
 from tests.private_servers import free_port

@@ -21,10 +21,10 @@ from hypothesis import HealthCheck, example, given
 from hypothesis import strategies as st
 
 from ingestd import errors
-from ingestd.app import Service
-from ingestd.fuzz.generate import APPEND_TYPES, SUBMIT, TABLE_OF_TYPE, Generator
+from ingestd.daemon.app import Service
+from ingestd.daemon.sources.inprocess import Outcome
 from ingestd.settings import Settings
-from ingestd.sources.inprocess import Outcome
+from ingestd.tools.fuzz.generate import APPEND_TYPES, SUBMIT, TABLE_OF_TYPE, Generator
 
 pytestmark = [pytest.mark.pg, pytest.mark.redis]
 

@@ -1,4 +1,4 @@
-"""Half-hedge alerts (ingestd.hedges) on real PostgreSQL and Redis.
+"""Half-hedge alerts (ingestd.daemon.hedges) on real PostgreSQL and Redis.
 
 Legs are inserted with explicit event and arrival times, so "older than after_s" is decided by
 the data, never by how fast the machine is; the end-to-end test polls with a deadline.
@@ -20,10 +20,10 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 
-from ingestd.app import Service
+from ingestd.daemon.app import Service
+from ingestd.daemon.hedges import HalfHedgeMonitor, legs_match
+from ingestd.daemon.metrics import Metrics
 from ingestd.errors import ConfigError
-from ingestd.hedges import HalfHedgeMonitor, legs_match
-from ingestd.metrics import Metrics
 from ingestd.settings import HalfHedgeSettings, Settings, load_settings
 
 pytestmark = pytest.mark.pg

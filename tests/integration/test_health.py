@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import redis
 
-from ingestd.events import utc_iso
-from ingestd.health import check_health, heartbeat_age
+from ingestd.commands.health import check_health, heartbeat_age
 from ingestd.settings import Settings, load_settings
+from ingestd.wire.events import utc_iso
 from tests.private_servers import free_port
 
 pytestmark = [pytest.mark.redis]

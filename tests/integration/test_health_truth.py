@@ -16,8 +16,8 @@ import redis
 import redis.asyncio as aioredis
 
 from ingestd import Service
-from ingestd.metrics import Metrics
-from ingestd.probes import sample_stream
+from ingestd.daemon.metrics import Metrics
+from ingestd.daemon.probes import sample_stream
 from ingestd.settings import Settings
 from tests.http_client import get, scrape
 from tests.private_servers import free_port

@@ -1,4 +1,5 @@
-"""The heartbeat history (ingestd.liveness) on real PostgreSQL and Redis: intervals extended and
+"""The heartbeat history (ingestd.daemon.liveness) on real PostgreSQL and Redis: intervals extended
+and
 opened by the gap limit, replicas taking turns, the merged view, the daemon's intake writing it,
 and ``ingestd stats`` showing each component's liveness."""
 
@@ -13,13 +14,13 @@ from typing import Any
 import asyncpg
 import pytest
 
-from ingestd import keys
-from ingestd.app import Service
-from ingestd.db import Connection
-from ingestd.events import utc_iso
-from ingestd.liveness import LivenessRecorder, history, write_intervals
+from ingestd.commands.stats import collect_database, render
+from ingestd.daemon.app import Service
+from ingestd.daemon.db import Connection
+from ingestd.daemon.liveness import LivenessRecorder, history, write_intervals
 from ingestd.settings import Settings
-from ingestd.stats import collect_database, render
+from ingestd.wire import keys
+from ingestd.wire.events import utc_iso
 
 pytestmark = [pytest.mark.pg, pytest.mark.redis]
 

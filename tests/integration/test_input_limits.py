@@ -11,11 +11,11 @@ import redis
 import redis.asyncio as aioredis
 
 from ingestd import Service, errors
-from ingestd.events import utc_iso
-from ingestd.pipeline import Pipeline
+from ingestd.daemon.pipeline import Pipeline
+from ingestd.daemon.sources.stream import StreamSource
 from ingestd.settings import Settings
-from ingestd.sources.stream import StreamSource
-from ingestd.tables import APPEND_TABLES
+from ingestd.wire.events import utc_iso
+from ingestd.wire.tables import APPEND_TABLES
 from tests.unused_sink import UnusedSink
 
 pytestmark = [pytest.mark.pg, pytest.mark.redis]

@@ -20,15 +20,15 @@ import redis
 import redis.asyncio as aioredis
 
 from ingestd import Service, errors, logs
-from ingestd.batching import Item
-from ingestd.csv_import import run_import
-from ingestd.csv_verify import run_verify
-from ingestd.events import utc_iso
-from ingestd.health import check_health
-from ingestd.pipeline import Pipeline
+from ingestd.commands.csv_import import run_import
+from ingestd.commands.csv_verify import run_verify
+from ingestd.commands.health import check_health
+from ingestd.daemon.batching import Item
+from ingestd.daemon.pipeline import Pipeline
+from ingestd.daemon.sources.inprocess import Outcome
+from ingestd.daemon.sources.stream import MAX_KEY_CHARS, StreamSource, derived_id_prefix
 from ingestd.settings import Settings
-from ingestd.sources.inprocess import Outcome
-from ingestd.sources.stream import MAX_KEY_CHARS, StreamSource, derived_id_prefix
+from ingestd.wire.events import utc_iso
 from tests.unused_sink import UnusedSink
 
 pytestmark = [pytest.mark.pg, pytest.mark.redis]
@@ -157,7 +157,7 @@ async def test_a_deep_stream_entry_is_a_dead_letter_without_a_traceback(
 
 # --- 6. log forging ----------------------------------------------------------------------------
 
-FORGED = "2026-12-03 10:00:00,000 CRITICAL ingestd.app action=crash database lost, halting"
+FORGED = "2026-12-03 10:00:00,000 CRITICAL ingestd.daemon.app action=crash database lost, halting"
 PLAIN_HEAD = re.compile(r"\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2},\d{3} [A-Z]+ ingestd")
 CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
 HOSTILE_TEXT = [f"\n{FORGED}", f"\r\n{FORGED}", f"\u2028{FORGED}", f"\x85{FORGED}", "\x1b[2J"]

@@ -20,12 +20,12 @@ import orjson
 import pytest
 import redis
 
-import ingestd.db as ingestd_db
-from ingestd import migrations
-from ingestd import roles as ingestd_roles
-from ingestd.batching import Item
+import ingestd.daemon.db as ingestd_db
 from ingestd.clients import redis_async
-from ingestd.maintenance import (
+from ingestd.commands import roles as ingestd_roles
+from ingestd.daemon import migrations
+from ingestd.daemon.batching import Item
+from ingestd.daemon.maintenance import (
     TASK_METRICS,
     TASK_POLICIES,
     TASK_REFRESH,
@@ -33,8 +33,8 @@ from ingestd.maintenance import (
     TASKS,
     Maintenance,
 )
+from ingestd.daemon.sinks.postgres import PostgresSink
 from ingestd.settings import MaintenanceSettings, RetentionSettings, load_settings
-from ingestd.sinks.postgres import PostgresSink
 from tests.integration.test_postgres_sink import item, pos_close, pos_open, spread
 
 pytestmark = [pytest.mark.pg, pytest.mark.redis]
@@ -340,7 +340,7 @@ async def test_a_failed_round_is_logged_recorded_and_retried(
     await maintenance(pool, aredis).run_task(TASK_REFRESH, force=True)
     dead_redis = redis_async("redis://127.0.0.1:1/0", socket_timeout_s=0.5)
     try:
-        with caplog.at_level(logging.WARNING, logger="ingestd.maintenance"):
+        with caplog.at_level(logging.WARNING, logger="ingestd.daemon.maintenance"):
             assert await maintenance(pool, dead_redis).run_task(TASK_METRICS) is None
         await asyncio.sleep(0)
     finally:

@@ -16,8 +16,9 @@ from typing import Any, Protocol
 import asyncpg
 import pytest
 
-from ingestd import events, migrations, tables
+from ingestd.daemon import migrations
 from ingestd.errors import SchemaBehind, SchemaDrift
+from ingestd.wire import events, tables
 
 pytestmark = pytest.mark.pg
 

@@ -16,14 +16,15 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 
-from ingestd import Outcome, Service, decoding, events
-from ingestd.batching import BatchOutcome, Item
+from ingestd import Outcome, Service
 from ingestd.clients import redis_async
-from ingestd.db import create_pool
-from ingestd.mirror_format import VERSION_KEY_PREFIX, version_micros
+from ingestd.daemon.batching import BatchOutcome, Item
+from ingestd.daemon.db import create_pool
+from ingestd.daemon.sinks.mirror import RedisMirror
+from ingestd.daemon.sinks.postgres import PostgresSink, fetch_all_open_counts
 from ingestd.settings import Settings, load_settings
-from ingestd.sinks.mirror import RedisMirror
-from ingestd.sinks.postgres import PostgresSink, fetch_all_open_counts
+from ingestd.wire import decoding, events
+from ingestd.wire.mirror_format import VERSION_KEY_PREFIX, version_micros
 from tests.http_client import by_label, scrape
 from tests.private_servers import free_port
 

@@ -16,13 +16,14 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 
-from ingestd import decoding, events, migrations
-from ingestd.batching import BatchOutcome, Item
 from ingestd.clients import redis_async
-from ingestd.db import create_pool
+from ingestd.daemon import migrations
+from ingestd.daemon.batching import BatchOutcome, Item
+from ingestd.daemon.db import create_pool
+from ingestd.daemon.sinks.mirror import RedisMirror
+from ingestd.daemon.sinks.postgres import PostgresSink
 from ingestd.settings import load_settings
-from ingestd.sinks.mirror import RedisMirror
-from ingestd.sinks.postgres import PostgresSink
+from ingestd.wire import decoding, events
 
 pytestmark = pytest.mark.pg
 

@@ -85,7 +85,7 @@ def test_wheel_carries_the_sql_and_runtime_dependencies_only(
     env = {k: v for k, v in os.environ.items() if k != "INGESTD_SQL_DIR"}
     env["PYTHONPATH"] = str(site)
     probe = (
-        "import ingestd, ingestd.migrations as m, ingestd.roles as r; "
+        "import ingestd, ingestd.daemon.migrations as m, ingestd.commands.roles as r; "
         "print(ingestd.__file__); print(len(m.load_migrations())); print(len(r.roles_sql()))"
     )
     done = subprocess.run(

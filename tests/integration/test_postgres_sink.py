@@ -15,13 +15,14 @@ import asyncpg
 import orjson
 import pytest
 
-import ingestd.db as ingestd_db
-from ingestd import decoding, migrations, tables
-from ingestd.batching import BatchOutcome, Item
-from ingestd.deadletters import PAYLOAD_PREFIX_CHARS, make_dead_letter
+import ingestd.daemon.db as ingestd_db
+from ingestd.daemon import migrations
+from ingestd.daemon.batching import BatchOutcome, Item
+from ingestd.daemon.deadletters import PAYLOAD_PREFIX_CHARS, make_dead_letter
+from ingestd.daemon.sinks.postgres import PostgresSink, fetch_all_open_counts, sweep_parked_closes
 from ingestd.errors import InvalidEvent
 from ingestd.settings import load_settings
-from ingestd.sinks.postgres import PostgresSink, fetch_all_open_counts, sweep_parked_closes
+from ingestd.wire import decoding, tables
 from tests.conftest import hold_policy_jobs
 
 pytestmark = pytest.mark.pg

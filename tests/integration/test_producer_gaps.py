@@ -1,4 +1,5 @@
-"""Producer gaps (ingestd.gaps): seq/session on events, gaps opened and closed in the database.
+"""Producer gaps (ingestd.daemon.gaps): seq/session on events, gaps opened and closed in the
+database.
 
 Events are committed through a real Service (in-process submit returns once committed); the
 sweeps are called directly, with a grace period of 0 or of an hour, so no test depends on timing.
@@ -17,19 +18,19 @@ import orjson
 import pytest
 import redis
 
-from ingestd import decoding, events, fastpath
-from ingestd.app import Service
+from ingestd.commands.stats import collect_database, render
+from ingestd.daemon.app import Service
+from ingestd.daemon.gaps import GapSweeper, Range, merge, runs
+from ingestd.daemon.metrics import Metrics
+from ingestd.daemon.sinks.postgres import PostgresSink
 from ingestd.errors import InvalidEvent
-from ingestd.events import utc_iso
-from ingestd.gaps import GapSweeper, Range, merge, runs
-from ingestd.metrics import Metrics
-from ingestd.publisher import Publisher
+from ingestd.producer.publisher import Publisher
+from ingestd.producer.storage.base import EventBuilder
+from ingestd.producer.storage.models import FxRate
+from ingestd.producer.storage.postgres import PostgresStorage
 from ingestd.settings import Settings
-from ingestd.sinks.postgres import PostgresSink
-from ingestd.stats import collect_database, render
-from ingestd.storage.base import EventBuilder
-from ingestd.storage.models import FxRate
-from ingestd.storage.postgres import PostgresStorage
+from ingestd.wire import decoding, events, fastpath
+from ingestd.wire.events import utc_iso
 from tests.integration.test_postgres_sink import item, spread, tampered
 
 pytestmark = pytest.mark.pg

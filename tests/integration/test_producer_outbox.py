@@ -22,14 +22,14 @@ import pytest
 import redis
 
 from ingestd import Service
-from ingestd.settings import Settings
-from ingestd.storage import (
+from ingestd.producer.storage import (
     AsyncPostgresStorage,
     OutboxFull,
     PostgresStorage,
     create_async_storage,
     create_storage,
 )
+from ingestd.settings import Settings
 from tests.integration.test_producer_storage import REPO_ROOT, OwnRedis, wait_count
 from tests.samples import position, spread
 
@@ -84,7 +84,7 @@ PRODUCER = textwrap.dedent(
     """
     import json, sys, time
     from ingestd.settings import load_settings
-    from ingestd.storage import create_storage
+    from ingestd.producer.storage import create_storage
     from tests.samples import position, spread
 
     overrides, phase, n = json.loads(sys.argv[1]), sys.argv[2], int(sys.argv[3])
@@ -187,7 +187,7 @@ async def test_a_full_outbox_refuses_loudly_drops_nothing_and_recovers(
     db: asyncpg.Connection,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    caplog.set_level(logging.INFO, logger="ingestd.storage")
+    caplog.set_level(logging.INFO, logger="ingestd.producer.storage")
     settings = outbox_settings.replace(
         **{
             "storage.outbox.max_bytes": 16 * 1024,
@@ -240,7 +240,7 @@ async def test_async_storage_keeps_an_outage_on_disk_across_a_close(
     db: asyncpg.Connection,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    caplog.set_level(logging.WARNING, logger="ingestd.storage")
+    caplog.set_level(logging.WARNING, logger="ingestd.producer.storage")
     own_redis.stop()
     # fsync before every log_* returns: the asyncio storage does it off the event loop.
     outbox_settings = outbox_settings.replace(**{"storage.outbox.fsync_interval_s": 0})

@@ -23,13 +23,12 @@ import asyncpg
 import pytest
 import redis
 
-from ingestd import Service, csv_format
+from ingestd import Service
 from ingestd.clients import redis_sync
-from ingestd.csv_import import run_import
-from ingestd.csv_verify import run_verify
+from ingestd.commands.csv_import import run_import
+from ingestd.commands.csv_verify import run_verify
 from ingestd.errors import ConfigError, SinkUnavailable
-from ingestd.settings import Settings
-from ingestd.storage import (
+from ingestd.producer.storage import (
     AsyncCsvStorage,
     AsyncDualStorage,
     AsyncPostgresStorage,
@@ -39,6 +38,8 @@ from ingestd.storage import (
     create_async_storage,
     create_storage,
 )
+from ingestd.settings import Settings
+from ingestd.wire import csv_format
 from tests.samples import closed, fx_rate, order, position, spread, trade
 
 pytestmark = [pytest.mark.pg, pytest.mark.redis]
@@ -460,7 +461,7 @@ def test_rows_are_written_while_an_fsync_is_in_progress(
 def test_drops_are_logged_once_per_outage_and_again_after_a_recovery(
     own_redis: OwnRedis, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="ingestd.storage.postgres")
+    caplog.set_level(logging.INFO, logger="ingestd.producer.storage.postgres")
     storage = PostgresStorage(
         redis_sync(own_redis.url, socket_timeout_s=0.5),
         producer="paper",
@@ -515,7 +516,7 @@ async def test_a_foreign_header_is_refused_when_the_storage_is_made_before_any_r
 EXIT_WITHOUT_CLOSE = textwrap.dedent(
     """
     import logging, sys
-    from ingestd.storage import PostgresStorage
+    from ingestd.producer.storage import PostgresStorage
     from ingestd.clients import redis_sync
     from tests.samples import fx_rate
 
@@ -575,10 +576,10 @@ CSV_FAILS_ONCE = textwrap.dedent(
     from pathlib import Path
     import redis
     from ingestd.clients import redis_async
-    from ingestd.storage import (
+    from ingestd.producer.storage import (
         AsyncDualStorage, AsyncPostgresStorage, CsvStorage, DualStorage, PostgresStorage)
-    from ingestd.storage.csv_storage import CsvWriteFailed
-    from ingestd.storage.postgres import StreamTransport
+    from ingestd.producer.storage.csv_storage import CsvWriteFailed
+    from ingestd.producer.storage.postgres import StreamTransport
     from tests.samples import spread
 
     directory, url, stream, mode = Path(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]

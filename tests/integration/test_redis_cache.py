@@ -12,16 +12,17 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 
-from ingestd import Publisher, events
-from ingestd.batching import BatchOutcome, Item
+from ingestd import Publisher
 from ingestd.clients import redis_async
+from ingestd.commands.health import check_health
+from ingestd.daemon.batching import BatchOutcome, Item
+from ingestd.daemon.sinks.mirror import RedisMirror
 from ingestd.errors import ConfigError, InvalidEvent
-from ingestd.health import check_health
-from ingestd.mirror_format import VERSION_KEY_PREFIX
+from ingestd.producer.storage import AsyncRedisCacheStorage, RedisCacheStorage
+from ingestd.producer.storage.models import SpreadOpportunity
 from ingestd.settings import Settings, load_settings
-from ingestd.sinks.mirror import RedisMirror
-from ingestd.storage import AsyncRedisCacheStorage, RedisCacheStorage
-from ingestd.storage.models import SpreadOpportunity
+from ingestd.wire import events
+from ingestd.wire.mirror_format import VERSION_KEY_PREFIX
 from tests.private_servers import PrivateRedis, acl_denials, producer_url
 from tests.samples import fx_rate, spread
 

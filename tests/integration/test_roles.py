@@ -17,13 +17,20 @@ import asyncpg
 import orjson
 import pytest
 
-from ingestd import Service, errors, load_settings, migrations
+from ingestd import Service, errors, load_settings
 from ingestd.clients import redis_async
-from ingestd.db import create_pool
-from ingestd.maintenance import TASK_BACKFILL, TASK_POLICIES, TASK_RETENTION, TASKS, Maintenance
-from ingestd.roles import READER_GROUP, WRITER_GROUP, Login, apply_roles, scram_verifier
+from ingestd.commands.roles import READER_GROUP, WRITER_GROUP, Login, apply_roles, scram_verifier
+from ingestd.daemon import migrations
+from ingestd.daemon.db import create_pool
+from ingestd.daemon.maintenance import (
+    TASK_BACKFILL,
+    TASK_POLICIES,
+    TASK_RETENTION,
+    TASKS,
+    Maintenance,
+)
+from ingestd.daemon.sinks.postgres import PostgresSink
 from ingestd.settings import MaintenanceSettings, PostgresSettings, RetentionSettings
-from ingestd.sinks.postgres import PostgresSink
 from tests.integration.test_postgres_sink import item, spread
 from tests.ledger import Expected, assert_landed_exactly_once
 from tests.mixed_feed import MALFORMED, mixed_feed, submit_all

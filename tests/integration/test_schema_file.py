@@ -17,7 +17,7 @@ from typing import Any, Protocol
 import asyncpg
 import pytest
 
-from ingestd import migrations
+from ingestd.daemon import migrations
 
 pytestmark = pytest.mark.pg
 

@@ -1,6 +1,6 @@
 """The in-memory sink and mirror keep the real ones' contract: the same assertions, both pairs.
 
-``MemorySink``/``MemoryMirror`` (ingestd.sinks.memory) exist so that the pipeline's retry and
+``MemorySink``/``MemoryMirror`` (ingestd.daemon.sinks.memory) exist so that the pipeline's retry and
 acknowledgement order can be unit-tested without servers; these tests are what makes such a
 unit test mean something about ``PostgresSink`` (PostgreSQL) and ``RedisMirror`` (Redis).
 """
@@ -14,15 +14,16 @@ from dataclasses import dataclass
 import pytest
 import redis.asyncio as aioredis
 
-from ingestd import db, keys
-from ingestd.batching import BatchOutcome, Item
 from ingestd.clients import redis_async
-from ingestd.events import utc_iso
-from ingestd.pipeline import Mirror, Sink
+from ingestd.daemon import db
+from ingestd.daemon.batching import BatchOutcome, Item
+from ingestd.daemon.pipeline import Mirror, Sink
+from ingestd.daemon.sinks.memory import MemoryMirror, MemorySink, RecordingSource
+from ingestd.daemon.sinks.mirror import RedisMirror
+from ingestd.daemon.sinks.postgres import PostgresSink
 from ingestd.settings import Settings
-from ingestd.sinks.memory import MemoryMirror, MemorySink, RecordingSource
-from ingestd.sinks.mirror import RedisMirror
-from ingestd.sinks.postgres import PostgresSink
+from ingestd.wire import keys
+from ingestd.wire.events import utc_iso
 from tests.pipeline_parts import dead_item, item
 from tests.samples import fx_rate, spread
 

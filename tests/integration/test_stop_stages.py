@@ -13,10 +13,10 @@ import time
 
 import pytest
 
-from ingestd import app
-from ingestd.app import Service
+from ingestd.daemon import app
+from ingestd.daemon.app import Service
+from ingestd.daemon.sources.inprocess import Outcome
 from ingestd.settings import Settings
-from ingestd.sources.inprocess import Outcome
 from tests.samples import fx_rate
 
 pytestmark = [pytest.mark.pg, pytest.mark.redis]

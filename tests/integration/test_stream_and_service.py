@@ -17,8 +17,8 @@ import redis
 
 from ingestd import Outcome, Service
 from ingestd.errors import InvalidEvent, SchemaBehind, ShuttingDown
-from ingestd.events import utc_iso
 from ingestd.settings import Settings
+from ingestd.wire.events import utc_iso
 
 pytestmark = [pytest.mark.pg, pytest.mark.redis]
 

@@ -1,6 +1,7 @@
 """The TimescaleDB layer and its plain-PostgreSQL fallback, after a simulated week of data.
 
-A week of collector + paper-trader events (ingestd.simulate, one tick a minute) goes through the
+A week of collector + paper-trader events (ingestd.tools.simulate, one tick a minute) goes through
+the
 real pipeline (Redis Stream -> Service -> PostgreSQL); the expected answers of the queries users
 run (the two views, three ad-hoc queries, the table sizes) are computed here, independently, with
 Decimal arithmetic from the events that were sent. Run on plain PostgreSQL, and on TimescaleDB
@@ -28,8 +29,9 @@ import orjson
 import pytest
 import redis
 
-from ingestd import Service, migrations
-from ingestd.maintenance import (
+from ingestd import Service
+from ingestd.daemon import migrations
+from ingestd.daemon.maintenance import (
     METRICS_TTL_S,
     TASK_BACKFILL,
     TASK_METRICS,
@@ -39,7 +41,7 @@ from ingestd.maintenance import (
     TASKS,
 )
 from ingestd.settings import Settings, load_settings
-from ingestd.simulate import Simulator
+from ingestd.tools.simulate import Simulator
 from tests.conftest import stop_own_scheduler
 
 pytestmark = [pytest.mark.pg, pytest.mark.redis]

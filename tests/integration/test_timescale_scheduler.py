@@ -27,10 +27,10 @@ import asyncpg
 import orjson
 import pytest
 
-import ingestd.db as ingestd_db
-from ingestd import migrations
+import ingestd.daemon.db as ingestd_db
+from ingestd.daemon import migrations
+from ingestd.daemon.sinks.postgres import PostgresSink
 from ingestd.settings import load_settings
-from ingestd.sinks.postgres import PostgresSink
 from tests.conftest import PgServer
 from tests.integration.test_postgres_sink import fx, item, order, spread
 from tests.integration.test_timescale_layer import run_stats

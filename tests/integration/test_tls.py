@@ -15,9 +15,9 @@ import pytest
 import redis
 
 from ingestd import AsyncPublisher, Service, load_settings
-from ingestd.health import check_health
-from ingestd.metrics import Metrics
-from ingestd.probes import sample_stream
+from ingestd.commands.health import check_health
+from ingestd.daemon.metrics import Metrics
+from ingestd.daemon.probes import sample_stream
 from ingestd.settings import Settings
 from tests.mixed_feed import mixed_feed
 from tests.private_servers import (

@@ -17,11 +17,11 @@ import redis
 import redis.asyncio as aioredis
 
 from ingestd import Service, trading
+from ingestd.daemon.metrics import TradingStateCollector
 from ingestd.errors import ConfigError
-from ingestd.metrics import TradingStateCollector
+from ingestd.producer.storage import AsyncRedisCacheStorage, RedisCacheStorage
 from ingestd.settings import Settings, load_settings
-from ingestd.simulate import Simulator
-from ingestd.storage import AsyncRedisCacheStorage, RedisCacheStorage
+from ingestd.tools.simulate import Simulator
 
 pytestmark = [pytest.mark.redis]
 
@@ -239,7 +239,7 @@ def test_paper_trader_opens_only_while_active(caplog: pytest.LogCaptureFixture) 
     free = opens(Simulator(seed=3, tick_s=1.0), 3000)
     assert free > 0  # the comparison below means something
     halted = trading.TradingState(trading.State.HALTED, ("collector heartbeat 14s old",), None)
-    caplog.set_level(logging.INFO, logger="ingestd.simulate")
+    caplog.set_level(logging.INFO, logger="ingestd.tools.simulate")
     gated = Simulator(seed=3, tick_s=1.0, trading_gate=lambda: halted)
     assert opens(gated, 3000) == 0
     assert gated.opens_refused > 0

@@ -22,12 +22,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import ingestd.db as ingestd_db
-from ingestd import stats
-from ingestd.app import Service
-from ingestd.batching import Item
+import ingestd.daemon.db as ingestd_db
+from ingestd.commands import stats
+from ingestd.daemon.app import Service
+from ingestd.daemon.batching import Item
+from ingestd.daemon.sinks.postgres import PostgresSink
 from ingestd.settings import Settings, load_settings
-from ingestd.sinks.postgres import PostgresSink
 from tests.integration.test_postgres_sink import (
     ENTRY,
     EXIT,

@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 
-from ingestd import decoding
-from ingestd.batching import Batcher, BatchOutcome, IntakeQueue, Item
-from ingestd.deadletters import make_dead_letter
+from ingestd.daemon.batching import Batcher, BatchOutcome, IntakeQueue, Item
+from ingestd.daemon.deadletters import make_dead_letter
+from ingestd.wire import decoding
 
 MAX = 1_048_576
 

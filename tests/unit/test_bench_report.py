@@ -3,9 +3,9 @@ its small-size figures against the targets of a full run."""
 
 from __future__ import annotations
 
-from ingestd.bench import options
-from ingestd.bench.report import QUICK_NOTE, Report, format_table
-from ingestd.bench.results import PhaseResult
+from ingestd.tools.bench import options
+from ingestd.tools.bench.report import QUICK_NOTE, Report, format_table
+from ingestd.tools.bench.results import PhaseResult
 
 SETTINGS = {
     "batch_max_rows": 5000,

@@ -11,8 +11,8 @@ import sys
 
 import pytest
 
-from ingestd import csv_format
 from ingestd.cli import build_parser
+from ingestd.wire import csv_format
 
 # The commands that open a database connection / a Redis connection (what each command's code
 # does); a connection option anywhere else would be a knob that does nothing.

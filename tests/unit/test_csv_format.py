@@ -6,9 +6,9 @@ import io
 
 import pytest
 
-from ingestd import csv_format, events
-from ingestd.csv_format import CSV_TABLES_BY_NAME, CsvLayoutError, RecordReader, RowConverter
 from ingestd.errors import InvalidEvent
+from ingestd.wire import csv_format, events
+from ingestd.wire.csv_format import CSV_TABLES_BY_NAME, CsvLayoutError, RecordReader, RowConverter
 from tests.samples import POSITION_HEADER, SPREAD_HEADER
 
 SPREADS = CSV_TABLES_BY_NAME["spreads"]

@@ -21,8 +21,8 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 
-from ingestd import csv_format, errors
-from ingestd.storage import (
+from ingestd import errors
+from ingestd.producer.storage import (
     AsyncCsvStorage,
     AsyncDualStorage,
     AsyncPostgresStorage,
@@ -30,9 +30,10 @@ from ingestd.storage import (
     DualStorage,
     PostgresStorage,
 )
-from ingestd.storage import csv_storage as csv_storage_mod
-from ingestd.storage.csv_storage import CsvWriteFailed
-from ingestd.storage.postgres import StreamTransport
+from ingestd.producer.storage import csv_storage as csv_storage_mod
+from ingestd.producer.storage.csv_storage import CsvWriteFailed
+from ingestd.producer.storage.postgres import StreamTransport
+from ingestd.wire import csv_format
 from tests.samples import fx_rate, spread
 
 # Fills a 64 KiB tmpfs with spreads.csv rows, then reports what the file holds.
@@ -40,8 +41,8 @@ DISK_FULL_SCRIPT = textwrap.dedent(
     """
     import json, os, sys
     from pathlib import Path
-    from ingestd import csv_format
-    from ingestd.storage import CsvStorage
+    from ingestd.wire import csv_format
+    from ingestd.producer.storage import CsvStorage
     from tests.samples import spread
 
     directory = Path(sys.argv[1])
@@ -92,7 +93,7 @@ def test_a_full_disk_refuses_the_row_and_never_leaves_a_torn_row(tmp_path: Path)
         text=True,
         timeout=60,
         check=False,
-        env={**os.environ, "PYTHONPATH": str(Path(csv_storage_mod.__file__).parents[2])},
+        env={**os.environ, "PYTHONPATH": str(Path(csv_storage_mod.__file__).parents[3])},
     )
     if done.returncode != 0 and "mount" in done.stderr and "permission" in done.stderr.lower():
         pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ingestd.deadletters import (
+from ingestd.daemon.deadletters import (
     PAYLOAD_PREFIX_CHARS,
     DeadLetter,
     ascii_dead_letter,

@@ -15,15 +15,15 @@ from pathlib import Path
 import pytest
 
 from ingestd.errors import ConfigError
-from ingestd.settings import OutboxSettings
-from ingestd.spool import DATABASE_FILE, Spool, record_bytes
-from ingestd.storage.outbox import (
+from ingestd.producer.storage.outbox import (
     DiskOutbox,
     OutboxBroken,
     OutboxError,
     OutboxFull,
     open_disk_outbox,
 )
+from ingestd.settings import OutboxSettings
+from ingestd.spool import DATABASE_FILE, Spool, record_bytes
 
 
 def payload(n: int, size: int = 20) -> bytes:
@@ -156,7 +156,7 @@ def test_one_process_per_directory(tmp_path: Path) -> None:
 def test_the_disk_bound_refuses_loudly_once_per_episode_and_clears(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="ingestd.storage.outbox")
+    caplog.set_level(logging.INFO, logger="ingestd.producer.storage.outbox")
     box = DiskOutbox(tmp_path, max_bytes=4096, segment_bytes=1024, fsync_interval_s=60)
     accepted: list[int] = []
     try:

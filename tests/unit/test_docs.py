@@ -18,8 +18,8 @@ import orjson
 import pytest
 import redis
 
-from ingestd import csv_format, events
 from ingestd.settings import Settings
+from ingestd.wire import csv_format, events
 from tests.deploy_files import ROOT
 
 README = ROOT / "README.md"

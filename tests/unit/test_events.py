@@ -13,8 +13,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ingestd import decoding, events, publisher, tables
 from ingestd.errors import InvalidEvent
+from ingestd.producer import publisher
+from ingestd.wire import decoding, events, tables
 
 MAX = 1_048_576
 UTC = dt.UTC
@@ -1103,11 +1104,11 @@ def test_a_validation_bug_logs_its_traceback_once_not_per_event(
 
     monkeypatch.setattr(events, "parse_event", broken)
     monkeypatch.setattr(events, "_BUGS_LOGGED", set())
-    caplog.set_level(logging.WARNING, logger="ingestd.events")
+    caplog.set_level(logging.WARNING, logger="ingestd.wire.events")
     for _ in range(50):  # a producer that keeps sending the payload that trips it
         with pytest.raises(InvalidEvent, match="internal error"):
             decoding.decode_event(b'{"type": "heartbeat"}', max_bytes=1000)
-    bug_lines = [r for r in caplog.records if r.name == "ingestd.events"]
+    bug_lines = [r for r in caplog.records if r.name == "ingestd.wire.events"]
     assert len([r for r in bug_lines if r.exc_info]) == 1
     # Every occurrence is still logged, without the traceback after the first.
     assert len(bug_lines) == 50

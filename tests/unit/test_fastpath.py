@@ -11,9 +11,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ingestd import events, fastpath
 from ingestd.errors import InvalidEvent
-from ingestd.simulate import Simulator
+from ingestd.tools.simulate import Simulator
+from ingestd.wire import events, fastpath
 
 
 def general(payload: bytes, default_event_id: str | None = None) -> events.Event | None:

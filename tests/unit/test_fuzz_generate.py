@@ -13,8 +13,9 @@ from typing import Any
 
 import pytest
 
-from ingestd import decoding, errors, events
-from ingestd.fuzz.generate import Case, Fate, Generator
+from ingestd import errors
+from ingestd.tools.fuzz.generate import Case, Fate, Generator
+from ingestd.wire import decoding, events
 
 NOW = dt.datetime(2026, 12, 3, 10, 0, tzinfo=dt.UTC)
 # Refused for their age, which validation alone does not know on every build: the campaign

@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 
-from ingestd import decoding, events
+from ingestd.commands.health import heartbeat_age
 from ingestd.errors import InvalidEvent
-from ingestd.health import heartbeat_age
+from ingestd.wire import decoding, events
 
 MAX = 1_048_576
 NOW = dt.datetime(2026, 12, 3, 12, 0, tzinfo=dt.UTC)

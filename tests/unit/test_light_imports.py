@@ -1,7 +1,8 @@
 """The producer library stays light: a collector that imports it loads no daemon with it.
 
 Each import runs in a fresh interpreter (this one has loaded everything already) and reports the
-modules it loaded; before this was kept, ``import ingestd.publisher`` loaded 32 ingestd modules,
+modules it loaded; before this was kept, ``import ingestd.producer.publisher`` loaded 32 ingestd
+modules,
 asyncpg and prometheus_client.
 """
 
@@ -21,24 +22,24 @@ FORBIDDEN_PACKAGES = (
     "prometheus_client",
     "uvloop",
     "yaml",
-    "ingestd.sinks",
-    "ingestd.sources",
+    "ingestd.daemon.sinks",
+    "ingestd.daemon.sources",
 )
 FORBIDDEN_MODULES = frozenset(
     {
-        "ingestd.app",
-        "ingestd.batching",
+        "ingestd.daemon.app",
+        "ingestd.daemon.batching",
         "ingestd.cli",
-        "ingestd.db",
-        "ingestd.endpoints",
-        "ingestd.gaps",
-        "ingestd.hedges",
-        "ingestd.maintenance",
-        "ingestd.metrics",
-        "ingestd.migrations",
-        "ingestd.pipeline",
-        "ingestd.probes",
-        "ingestd.quarantine",
+        "ingestd.daemon.db",
+        "ingestd.daemon.endpoints",
+        "ingestd.daemon.gaps",
+        "ingestd.daemon.hedges",
+        "ingestd.daemon.maintenance",
+        "ingestd.daemon.metrics",
+        "ingestd.daemon.migrations",
+        "ingestd.daemon.pipeline",
+        "ingestd.daemon.probes",
+        "ingestd.daemon.quarantine",
     }
 )
 
@@ -65,7 +66,12 @@ def forbidden(loaded: set[str]) -> list[str]:
 
 @pytest.mark.parametrize(
     "module",
-    ["ingestd", "ingestd.publisher", "ingestd.storage", "ingestd.storage.redis_cache"],
+    [
+        "ingestd",
+        "ingestd.producer.publisher",
+        "ingestd.producer.storage",
+        "ingestd.producer.storage.redis_cache",
+    ],
 )
 def test_the_producer_library_loads_no_daemon(module: str) -> None:
     loaded = modules_loaded_by(module)
@@ -75,8 +81,10 @@ def test_the_producer_library_loads_no_daemon(module: str) -> None:
 
 def test_the_check_sees_the_daemon_when_it_is_loaded() -> None:
     # The same check on the daemon's composition root finds what it must: it is not vacuous.
-    found = forbidden(modules_loaded_by("ingestd.app"))
-    assert {"asyncpg", "prometheus_client", "ingestd.app", "ingestd.pipeline"} <= set(found)
+    found = forbidden(modules_loaded_by("ingestd.daemon.app"))
+    assert {"asyncpg", "prometheus_client", "ingestd.daemon.app", "ingestd.daemon.pipeline"} <= set(
+        found
+    )
 
 
 def test_the_package_still_offers_its_names() -> None:
@@ -84,6 +92,6 @@ def test_the_package_still_offers_its_names() -> None:
     import ingestd
 
     assert ingestd.Service.__name__ == "Service"
-    assert ingestd.Publisher.__module__ == "ingestd.publisher"
+    assert ingestd.Publisher.__module__ == "ingestd.producer.publisher"
     with pytest.raises(AttributeError):
         _ = ingestd.NoSuchName

@@ -1,10 +1,10 @@
-"""The heartbeat history's coalescing in memory (ingestd.liveness.LivenessRecorder)."""
+"""The heartbeat history's coalescing in memory (ingestd.daemon.liveness.LivenessRecorder)."""
 
 from __future__ import annotations
 
 import datetime as dt
 
-from ingestd.liveness import Interval, LivenessRecorder
+from ingestd.daemon.liveness import Interval, LivenessRecorder
 
 T0 = dt.datetime(2026, 1, 5, 3, 0, tzinfo=dt.UTC)
 

@@ -32,7 +32,7 @@ def record(
             raise ConnectionError("could not reach postgresql://ingest:hunter2@db:5432/ingestd")
         except ConnectionError:
             exc_info = sys.exc_info()
-    rec = logging.LogRecord("ingestd.pipeline", level, __file__, 42, msg, args, exc_info)
+    rec = logging.LogRecord("ingestd.daemon.pipeline", level, __file__, 42, msg, args, exc_info)
     if action is not None:
         rec.action = action
     for key, value in extra.items():
@@ -47,7 +47,7 @@ def test_json_formatter_one_object_per_line() -> None:
     assert "\n" not in line
     doc = json.loads(line)
     assert doc["level"] == "warning"
-    assert doc["logger"] == "ingestd.pipeline"
+    assert doc["logger"] == "ingestd.daemon.pipeline"
     assert doc["action"] == "flush"
     assert doc["msg"] == "batch of 5000 committed"
     ts = dt.datetime.fromisoformat(doc["ts"])
@@ -103,13 +103,13 @@ def test_json_formatter_redacts_exception_text() -> None:
 
 def test_plain_formatter_includes_action() -> None:
     out = logs.PlainFormatter(PLAIN_FMT).format(record("batch committed", action="flush"))
-    assert " INFO ingestd.pipeline action=flush batch committed" in out
+    assert " INFO ingestd.daemon.pipeline action=flush batch committed" in out
 
 
 def test_plain_formatter_without_action() -> None:
     # A line from a library (asyncpg, redis-py) still carries an event name.
     out = logs.PlainFormatter(PLAIN_FMT).format(record("hello"))
-    assert out.endswith(" INFO ingestd.pipeline action=log hello")
+    assert out.endswith(" INFO ingestd.daemon.pipeline action=log hello")
 
 
 def test_plain_formatter_redacts() -> None:
@@ -199,7 +199,7 @@ def test_every_log_call_in_ingestd_names_its_event() -> None:
 
 
 # A producer's text meant to look like a line of ingestd's own, after a line break.
-FORGED = "2026-12-03 10:00:00,000 CRITICAL ingestd.pipeline action=crash database lost"
+FORGED = "2026-12-03 10:00:00,000 CRITICAL ingestd.daemon.pipeline action=crash database lost"
 HOSTILE = [
     f"x\n{FORGED}",
     f"x\r{FORGED}",

@@ -11,15 +11,15 @@ from typing import Any
 import orjson
 import pytest
 
-from ingestd.errors import ConfigError
-from ingestd.maintenance import (
+from ingestd.commands.stats import render, to_json
+from ingestd.daemon.maintenance import (
     BackfillRange,
     daily_pnl_documents,
     hourly_spread_documents,
     merge_backfill_ranges,
 )
+from ingestd.errors import ConfigError
 from ingestd.settings import load_settings
-from ingestd.stats import render, to_json
 
 
 def test_retention_defaults_are_the_seeds() -> None:

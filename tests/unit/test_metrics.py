@@ -10,9 +10,9 @@ import pytest
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from ingestd import metrics
-from ingestd.batching import BatchOutcome, Item
-from ingestd.events import normalize
+from ingestd.daemon import metrics
+from ingestd.daemon.batching import BatchOutcome, Item
+from ingestd.wire.events import normalize
 
 
 def scrape(registry: CollectorRegistry) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

@@ -10,10 +10,12 @@ from typing import Any
 import orjson
 import pytest
 
-from ingestd import csv_format, decoding, events, fastpath, metrics, simulate
-from ingestd.batching import BatchOutcome, Item
+from ingestd.daemon import metrics
+from ingestd.daemon.batching import BatchOutcome, Item
 from ingestd.errors import InvalidEvent
 from ingestd.settings import load_settings
+from ingestd.tools import simulate
+from ingestd.wire import csv_format, decoding, events, fastpath
 
 UTC = dt.UTC
 T = dt.datetime(2025, 11, 15, 3, 40, 15, tzinfo=UTC)

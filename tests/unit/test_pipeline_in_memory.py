@@ -11,11 +11,9 @@ import asyncio
 import datetime as dt
 from pathlib import Path
 
-from ingestd import keys
-from ingestd.batching import Item
-from ingestd.pipeline import Pipeline
-from ingestd.settings import PipelineSettings
-from ingestd.sinks.memory import (
+from ingestd.daemon.batching import Item
+from ingestd.daemon.pipeline import Pipeline
+from ingestd.daemon.sinks.memory import (
     MemoryMirror,
     MemorySink,
     RecordingSource,
@@ -23,6 +21,8 @@ from ingestd.sinks.memory import (
     outage,
     refusal,
 )
+from ingestd.settings import PipelineSettings
+from ingestd.wire import keys
 from tests.pipeline_parts import item
 from tests.samples import fx_rate
 

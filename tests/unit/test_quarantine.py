@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from ingestd.quarantine import Quarantine, QuarantineRecord
+from ingestd.daemon.quarantine import Quarantine, QuarantineRecord
 
 
 def record(payload: bytes | str | None, **changes: str | None) -> QuarantineRecord:

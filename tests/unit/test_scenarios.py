@@ -1,4 +1,4 @@
-"""ingestd.scenarios: the fault scenarios of ``ingestd simulate --scenario``."""
+"""ingestd.tools.scenarios: the fault scenarios of ``ingestd simulate --scenario``."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from ingestd import scenarios
-from ingestd.simulate import Simulator
+from ingestd.tools import scenarios
+from ingestd.tools.simulate import Simulator
 
 START = dt.datetime(2026, 12, 1, 9, 0, tzinfo=dt.UTC)
 

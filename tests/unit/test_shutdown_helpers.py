@@ -7,7 +7,7 @@ import contextlib
 
 import pytest
 
-from ingestd.pipeline import cancel_quietly
+from ingestd.daemon.pipeline import cancel_quietly
 
 
 async def test_cancel_quietly_gives_up_on_a_task_that_swallows_its_cancellation(

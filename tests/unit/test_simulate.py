@@ -10,7 +10,8 @@ from typing import Any
 
 import pytest
 
-from ingestd import events, simulate
+from ingestd.tools import simulate
+from ingestd.wire import events
 
 START = dt.datetime(2025, 11, 15, 3, 0, tzinfo=dt.UTC)
 TICKS = 5_000

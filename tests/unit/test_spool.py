@@ -289,8 +289,8 @@ async def test_appends_while_the_replay_commits_lose_nothing(tmp_path: Path) -> 
 
 
 def test_spool_dead_letter_keys_follow_the_content_not_the_place() -> None:
-    from ingestd.batching import Item
-    from ingestd.sources.spooled import SpoolSource
+    from ingestd.daemon.batching import Item
+    from ingestd.daemon.sources.spooled import SpoolSource
     from ingestd.spool import SpoolRecord
 
     def key(record: SpoolRecord) -> str | None:

@@ -8,7 +8,7 @@ from typing import Any
 
 import orjson
 
-from ingestd.stats import render, sections, to_json
+from ingestd.commands.stats import render, sections, to_json
 
 NOW = "2026-12-03T12:00:00Z"
 

@@ -1,4 +1,5 @@
-"""The producer models: exact decimals, aware times, wire events, the rules of ingestd.events."""
+"""The producer models: exact decimals, aware times, wire events, the rules of
+ingestd.wire.events."""
 
 from __future__ import annotations
 
@@ -10,9 +11,8 @@ from typing import Any
 import orjson
 import pytest
 
-from ingestd import decoding
 from ingestd.errors import InvalidEvent
-from ingestd.storage.models import (
+from ingestd.producer.storage.models import (
     CLOSED,
     OPEN,
     FxRate,
@@ -21,6 +21,7 @@ from ingestd.storage.models import (
     SpreadOpportunity,
     Trade,
 )
+from ingestd.wire import decoding
 from tests.samples import T0, at, closed, fx_rate, order, position, spread, trade
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from ingestd.storage.outbox import Backoff, Outbox, Pending
+from ingestd.producer.storage.outbox import Backoff, Outbox, Pending
 
 
 def p(n: int) -> Pending:

@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from ingestd.textui import Column, Progress, Section, format_table, render_sections, table
+from ingestd.commands.textui import Column, Progress, Section, format_table, render_sections, table
 
 ESCAPE = re.compile(r"\x1b\[")
 COLOUR = re.compile(r"\x1b\[[0-9;]*3[0-9][;m]")  # a foreground colour (30-39, 38;5;n, 38;2;...)

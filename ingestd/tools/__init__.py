@@ -1,0 +1,2 @@
+"""Tooling apart from the runtime: the benchmark, the soak, the fuzz campaign, throwaway servers,
+the simulator and its fault scenarios. The daemon never imports these."""
