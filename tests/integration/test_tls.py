@@ -11,6 +11,7 @@ import datetime as dt
 import ssl
 
 import asyncpg
+import orjson
 import pytest
 import redis
 
@@ -19,6 +20,7 @@ from ingestd.commands.health import check_health
 from ingestd.daemon.metrics import Metrics
 from ingestd.daemon.probes import sample_stream
 from ingestd.settings import Settings
+from ingestd.trading import State, read_trading_state
 from tests.mixed_feed import mixed_feed
 from tests.private_servers import (
     COMPOSE_PASSWORDS,
@@ -167,6 +169,12 @@ def test_the_acl_users_may_do_nothing_else(compose_redis: PrivateRedis) -> None:
         assert ingestd.hgetall("ingestd:trading:replicas") == {b"r1": b"{}"}
         assert ingestd.hdel("ingestd:trading:replicas", "r1") == 1
         producer.xadd("ingestd:events", {"event": "{}"})
+        # It may read trading:state (failed before: a trader on this user always read HALTED,
+        # "no permissions"), and not write it.
+        since = dt.datetime.now(dt.UTC).isoformat()
+        state = {"state": "ACTIVE", "reasons": [], "since": since}
+        ingestd.set("trading:state", orjson.dumps(state))
+        assert read_trading_state(producer).state is State.ACTIVE
         # It may read and write the RedisCacheStorage keys (GET fx:usdkrw), and nothing else.
         denied_to_producer: list[tuple[str, ...]] = [
             ("XREADGROUP", "GROUP", "g", "c", "STREAMS", "ingestd:events", ">"),
@@ -178,6 +186,9 @@ def test_the_acl_users_may_do_nothing_else(compose_redis: PrivateRedis) -> None:
             ("SET", "health:ingestd", "forged"),
             ("GET", "health:ingestd"),
             ("XTRIM", "ingestd:events", "MAXLEN", "0"),
+            ("SET", "trading:state", "{}"),
+            ("SET", "trading:halt", "x"),
+            ("DEL", "trading:state"),
         ]
         for command in denied_to_producer:
             with pytest.raises(redis.exceptions.NoPermissionError):
