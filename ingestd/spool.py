@@ -52,6 +52,8 @@ from ingestd.errors import IngestdError
 log = logging.getLogger("ingestd.spool")
 
 DATABASE_FILE: Final = "spool.sqlite3"
+# The files of the earlier format (append-only segments), refused at open while they hold records.
+EARLIER_SEGMENTS: Final = "spool-*.log"
 LOCK_FILE: Final = "spool.lock"
 # Counted per record besides its payload against max_bytes (its id and checksum).
 RECORD_OVERHEAD: Final = 16
@@ -71,6 +73,21 @@ class SpoolError(IngestdError):
     """The spool cannot take this record now; the caller falls back to waiting (backpressure)."""
 
     retriable = True
+
+
+def refuse_earlier_segments(directory: Path) -> None:
+    """Refuse a directory that still holds records in the earlier format (``spool-*.log``
+    segment files, before the records moved into SQLite): this version cannot replay them, and
+    starting beside them would leave accepted events unreplayed without a word."""
+    segments = [p for p in sorted(directory.glob(EARLIER_SEGMENTS)) if p.stat().st_size > 0]
+    if segments:
+        size = sum(p.stat().st_size for p in segments)
+        raise SpoolError(
+            f"{directory} holds {len(segments)} segment file(s) of the earlier spool format "
+            f"({EARLIER_SEGMENTS}, {size} bytes) that this version cannot replay: run the earlier "
+            "ingestd version on it until it is empty (it removes each segment it has replayed), "
+            "then start this one; nothing was read or removed"
+        )
 
 
 class SpoolFull(SpoolError):
@@ -157,6 +174,7 @@ class RecordStore:
         """Lock the directory and open (so recover) the database: (records, their bytes)."""
         self._lock_fd = lock_directory(self.directory, self.holder)
         try:
+            refuse_earlier_segments(self.directory)
             # Incremental: the file gives back the room of removed records when asked (remove).
             # Set on a new database only (it stays set; setting it again writes, which a full
             # disk refuses), and before WAL mode, which writes the new database's first page.
