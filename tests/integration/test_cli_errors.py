@@ -166,19 +166,15 @@ def test_simulate_says_at_once_that_redis_does_not_answer(tmp_path: Path) -> Non
 @pytest.fixture
 async def read_only_database(pg_server: PgServer) -> AsyncIterator[str]:
     """An empty database whose sessions are read-only (a hot standby behaves the same)."""
-    name = f"ingestd_ro_{uuid.uuid4().hex[:12]}"
+    url = await pg_server.create_empty("ingestd_ro")
+    name = url.partition("?")[0].rsplit("/", 1)[1]
     admin = await asyncpg.connect(pg_server.admin_dsn)
     try:
-        await admin.execute(f"CREATE DATABASE {name}")
         await admin.execute(f"ALTER DATABASE {name} SET default_transaction_read_only = on")
     finally:
         await admin.close()
     yield _with(pg_server.admin_dsn, database=name, password=PASSWORD)
-    admin = await asyncpg.connect(pg_server.admin_dsn)
-    try:
-        await admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-    finally:
-        await admin.close()
+    await pg_server.drop(url)
 
 
 async def test_migrate_on_a_read_only_database_is_one_line(

@@ -6,10 +6,9 @@ Against real PostgreSQL (and TimescaleDB where it runs) and Redis.
 from __future__ import annotations
 
 import datetime as dt
-import uuid
 from collections.abc import AsyncIterator, Sequence
 from decimal import Decimal as D
-from typing import Any, Protocol
+from typing import Any
 
 import asyncpg
 import orjson
@@ -19,11 +18,10 @@ import redis.asyncio as aioredis
 from ingestd.clients import redis_async
 from ingestd.daemon import migrations
 from ingestd.daemon.batching import BatchOutcome, Item
-from ingestd.daemon.db import create_pool
 from ingestd.daemon.sinks.mirror import RedisMirror
 from ingestd.daemon.sinks.postgres import PostgresSink
-from ingestd.settings import load_settings
 from ingestd.wire import decoding, events
+from tests.conftest import PgServer, ingestd_pool
 
 pytestmark = pytest.mark.pg
 
@@ -141,64 +139,22 @@ def trade(producer: str, key: str, mode: str | None = None) -> dict[str, Any]:
     return obj
 
 
-class Server(Protocol):
-    """What these tests use of the conftest's server fixtures."""
-
-    admin_dsn: str
-
-
-@pytest.fixture(params=["postgres", pytest.param("timescale", marks=pytest.mark.timescale)])
-def server(request: pytest.FixtureRequest) -> Server:
-    """Plain PostgreSQL, then TimescaleDB (skipped where absent)."""
-    name: str = request.param
-    srv: Server = request.getfixturevalue("pg_server" if name == "postgres" else "timescale_server")
-    return srv
-
-
 @pytest.fixture
-async def empty_dsn(server: Server) -> AsyncIterator[str]:
+async def empty_dsn(server: tuple[str, PgServer]) -> AsyncIterator[str]:
     """An empty (unmigrated) database on this parameter's server."""
-    name = f"ingestd_md_{uuid.uuid4().hex[:12]}"
-    admin = await asyncpg.connect(server.admin_dsn)
-    try:
-        await admin.execute(f"CREATE DATABASE {name}")
-    finally:
-        await admin.close()
-    base, _, query = server.admin_dsn.partition("?")
-    yield f"{base.rsplit('/', 1)[0]}/{name}" + (f"?{query}" if query else "")
-    admin = await asyncpg.connect(server.admin_dsn)
-    try:
-        await admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-    finally:
-        await admin.close()
+    _, srv = server
+    url = await srv.create_empty("ingestd_md")
+    yield url
+    await srv.drop(url)
 
 
 @pytest.fixture
-async def dsn(empty_dsn: str) -> str:
-    """A migrated database on this parameter's server."""
-    conn = await asyncpg.connect(empty_dsn)
-    try:
-        await migrations.migrate(conn)
-    finally:
-        await conn.close()
-    return empty_dsn
-
-
-@pytest.fixture
-async def conn(dsn: str) -> AsyncIterator[asyncpg.Connection]:
-    c = await asyncpg.connect(dsn)
-    yield c
-    await c.close()
-
-
-@pytest.fixture
-async def sink(dsn: str) -> AsyncIterator[PostgresSink]:
-    settings = load_settings(
-        None, environ={}, overrides={"storage.postgres.dsn": dsn, "metrics_port": 0}
-    )
-    pool = await create_pool(settings.storage.postgres)
-    yield PostgresSink(pool)
-    await pool.close()
+async def dsn(server: tuple[str, PgServer]) -> AsyncIterator[str]:
+    """A database migrated here on this parameter's server."""
+    _, srv = server
+    url = await srv.create_migrated("ingestd_md")
+    yield url
+    await srv.drop(url)
 
 
 async def rows_of(conn: asyncpg.Connection, key: str) -> dict[str | None, asyncpg.Record]:
@@ -361,10 +317,7 @@ async def test_0008_applies_over_existing_positions_and_keeps_them_working(
 
     # The sink goes on with the old rows: a close of an old open, a NULL producer's close, the
     # parked close's open, and another producer's open under an old key is a new position.
-    settings = load_settings(
-        None, environ={}, overrides={"storage.postgres.dsn": empty_dsn, "metrics_port": 0}
-    )
-    pool = await create_pool(settings.storage.postgres)
+    pool = await ingestd_pool(empty_dsn)
     try:
         sink = PostgresSink(pool)
         outcome = await sink.write(
