@@ -23,9 +23,9 @@ import redis
 
 from ingestd import Outcome, Service
 from ingestd.settings import Settings
-from ingestd.wire.events import utc_iso
 from tests.http_client import get, scrape
 from tests.private_servers import free_port
+from tests.samples import fx_event
 
 pytestmark = [pytest.mark.pg, pytest.mark.redis]
 
@@ -63,17 +63,7 @@ CREATE TRIGGER refuse_poison_dead_letter BEFORE INSERT ON dead_letters
 """
 
 
-def fx(i: int, *, event_id: str | None = None) -> dict[str, Any]:
-    """A valid FX event."""
-    moment = dt.datetime(2026, 11, 30, tzinfo=dt.UTC) + dt.timedelta(seconds=i)
-    return {
-        "type": "fx_rate",
-        "event_id": event_id or f"fx-{i}",
-        "producer": "collector",
-        "pair": "USDKRW",
-        "rate": "1385.5",
-        "timestamp": utc_iso(moment),
-    }
+fx = fx_event
 
 
 def entry_id(reply: Any) -> str:

@@ -22,6 +22,7 @@ from ingestd.daemon.sinks.mirror import RedisMirror
 from ingestd.daemon.sinks.postgres import PostgresSink
 from ingestd.wire import decoding, events
 from tests.conftest import PgServer, ingestd_pool
+from tests.samples import POSITION_ENTRY, SPREAD_PRICES, position_exit
 
 pytestmark = pytest.mark.pg
 
@@ -49,26 +50,7 @@ def item(obj: dict[str, Any]) -> Item:
     return Item(decoding.decode_event(raw, max_bytes=1 << 20), None, SRC, None, raw, 0.0)
 
 
-ENTRY = {
-    "symbol": "BTC",
-    "direction": "upbit_short_binance_long",
-    "size": "0.01",
-    "entry_upbit_price": "140000000.00",
-    "entry_binance_price": "98000.12345678",
-    "entry_spread_pct": "3.1000",
-    "timestamp_open": "2025-11-15T03:00:00Z",
-}
-
-
-def exit_(pnl: str, day: str = "2025-11-15") -> dict[str, Any]:
-    return {
-        "exit_upbit_price": "139000000.50",
-        "exit_binance_price": "97900.00000001",
-        "exit_spread_pct": "0.5000",
-        "pnl_krw": pnl,
-        "pnl_pct": "1.2345",
-        "timestamp_close": f"{day}T04:00:00Z",
-    }
+ENTRY = {"symbol": "BTC", **POSITION_ENTRY}
 
 
 def opened(
@@ -94,7 +76,7 @@ def closed(
         "type": "position_close",
         "event_id": eid or f"c-{producer}-{key}",
         "position_key": key,
-        **exit_(pnl),
+        **position_exit(pnl),
     }
     if producer is not None:
         obj["producer"] = producer
@@ -360,12 +342,8 @@ def spread(eid: str, at: dt.datetime, **times: dt.datetime) -> dict[str, Any]:
         "type": "spread",
         "event_id": eid,
         "producer": "collector",
+        **SPREAD_PRICES,
         "symbol": eid.split("-", maxsplit=1)[0],
-        "upbit_price": "140123456.12",
-        "binance_price": "98012.12345678",
-        "binance_price_krw": "135800000.55",
-        "spread_pct": "3.1836",
-        "net_spread_pct": "2.9836",
         "timestamp": at.isoformat(),
         **{name: t.isoformat() for name, t in times.items()},
     }

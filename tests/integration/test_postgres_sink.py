@@ -21,6 +21,7 @@ from ingestd.daemon.sinks.postgres import PostgresSink, fetch_all_open_counts, s
 from ingestd.errors import InvalidEvent
 from ingestd.wire import decoding, tables
 from tests.conftest import PgServer, ingestd_pool
+from tests.samples import POSITION_ENTRY, SPREAD_PRICES, position_exit
 
 pytestmark = pytest.mark.pg
 
@@ -77,12 +78,8 @@ def spread(eid: str, symbol: str = "BTC", ts: str = T0, **kw: Any) -> dict[str, 
         "type": "spread",
         "event_id": eid,
         "producer": "collector",
+        **SPREAD_PRICES,
         "symbol": symbol,
-        "upbit_price": "140123456.12",
-        "binance_price": "98012.12345678",
-        "binance_price_krw": "135800000.55",
-        "spread_pct": "3.1836",
-        "net_spread_pct": "2.9836",
         "is_opportunity": True,
         "timestamp": ts,
         **kw,
@@ -142,22 +139,8 @@ def trade(eid: str, key: str | None, symbol: str = "BTC", ts: str = T0) -> dict[
     return obj
 
 
-ENTRY = {
-    "direction": "upbit_short_binance_long",
-    "size": "0.01",
-    "entry_upbit_price": "140000000.00",
-    "entry_binance_price": "98000.12345678",
-    "entry_spread_pct": "3.1000",
-    "timestamp_open": "2025-11-15T03:00:00Z",
-}
-EXIT = {
-    "exit_upbit_price": "139000000.50",
-    "exit_binance_price": "97900.00000001",
-    "exit_spread_pct": "0.5000",
-    "pnl_krw": "25000.75",
-    "pnl_pct": "1.2345",
-    "timestamp_close": "2025-11-15T04:00:00Z",
-}
+ENTRY = POSITION_ENTRY
+EXIT = position_exit()
 
 
 def pos_open(key: str, symbol: str = "BTC", eid: str | None = None) -> dict[str, Any]:
