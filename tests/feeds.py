@@ -67,6 +67,18 @@ async def wait_for_rows(dsn: str, table: str, at_least: int, timeout: float = 12
         await conn.close()
 
 
+async def wait_count(conn: asyncpg.Connection, sql: str, want: int, timeout: float = 30) -> int:
+    """Poll ``sql`` (a count) until it reaches ``want``; return the last value."""
+    end = time.monotonic() + timeout
+    n = -1
+    while time.monotonic() < end:
+        n = int(await conn.fetchval(sql))
+        if n >= want:
+            return n
+        await asyncio.sleep(0.05)
+    return n
+
+
 def pending(client: redis.Redis) -> int:
     """Entries delivered to the group but not acknowledged."""
     summary: Any = client.xpending("ingestd:events", "ingestd")

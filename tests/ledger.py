@@ -90,6 +90,11 @@ async def wait_until_landed_exactly_once(dsn: str, exp: Expected, timeout: float
 
     for table in ("spreads", "fx_rates", "orders", "trades"):
         await wait_for_rows(dsn, table, exp.counts[table], timeout=timeout)
+    await assert_landed_cleanly(dsn, exp)
+
+
+async def assert_landed_cleanly(dsn: str, exp: Expected) -> None:
+    """Judge the database of ``dsn`` now: exactly once, no dead letters."""
     conn = await asyncpg.connect(dsn)
     try:
         await assert_landed_exactly_once(conn, exp)

@@ -281,6 +281,45 @@ def start_redis(base: Path, certs: Certs, users: dict[str, list[str]]) -> Privat
         time.sleep(0.05)
 
 
+class OwnRedis:
+    """A throwaway redis-server on a free port, which the test stops and starts."""
+
+    def __init__(self, directory: Path) -> None:
+        self.port = free_port()
+        self.directory = directory
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        exe = shutil.which("redis-server")
+        assert exe is not None, "redis-server is needed for the outage tests"
+        self.proc = subprocess.Popen(
+            [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", ""]  # noqa: RUF005
+            + ["--appendonly", "no", "--dir", str(self.directory)],
+            stdout=subprocess.DEVNULL,
+        )
+        client = redis.Redis.from_url(self.url, socket_timeout=0.5)
+        end = time.monotonic() + 10
+        while True:
+            try:
+                client.ping()
+                break
+            except redis.exceptions.ConnectionError:
+                if time.monotonic() > end:
+                    raise
+                time.sleep(0.05)
+        client.close()
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(timeout=10)
+            self.proc = None
+
+
 # --- fixtures ------------------------------------------------------------------------------------
 
 
@@ -395,3 +434,13 @@ def acl_denials(server: PrivateRedis) -> list[dict[str, Any]]:
     finally:
         admin.close()
     return entries
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[OwnRedis]:
+    """A throwaway redis-server of the test's own, which it may stop and start (never the
+    shared one); stopped at teardown."""
+    server = OwnRedis(tmp_path)
+    server.start()
+    yield server
+    server.stop()

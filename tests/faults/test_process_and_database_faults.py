@@ -22,7 +22,7 @@ from ingestd.settings import Settings
 from tests.e2e.conftest import Daemon
 from tests.faults.conftest import FAULT_CONFIG, FaultServers
 from tests.feeds import pending, publish_from_other_process, simulated, wait_for_rows
-from tests.ledger import Expected, assert_landed_exactly_once
+from tests.ledger import Expected, assert_landed_cleanly, assert_landed_exactly_once
 
 pytestmark = [pytest.mark.faults, pytest.mark.e2e, pytest.mark.pg, pytest.mark.redis]
 
@@ -48,12 +48,7 @@ async def finish_and_check(
         await wait_for_rows(dsn, table, exp.counts[table], timeout=timeout)
     daemon.signal(signal.SIGTERM)
     assert daemon.wait(timeout=30) == 0, daemon.log
-    conn = await asyncpg.connect(dsn)
-    try:
-        await assert_landed_exactly_once(conn, exp)
-        assert await conn.fetchval("SELECT count(*) FROM dead_letters") == 0
-    finally:
-        await conn.close()
+    await assert_landed_cleanly(dsn, exp)
     assert pending(stream_client(settings)) == 0
 
 

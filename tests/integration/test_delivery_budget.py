@@ -23,6 +23,7 @@ import redis
 
 from ingestd import Outcome, Service
 from ingestd.settings import Settings
+from tests.feeds import wait_count
 from tests.http_client import get, scrape
 from tests.private_servers import free_port
 from tests.samples import fx_event
@@ -71,18 +72,6 @@ def entry_id(reply: Any) -> str:
     return reply.decode() if isinstance(reply, bytes) else str(reply)
 
 
-async def wait_for_rows(conn: asyncpg.Connection, sql: str, want: int, timeout: float = 30) -> int:
-    """Wait until ``sql`` (a count) reaches ``want``; return the last count."""
-    end = time.monotonic() + timeout
-    n = 0
-    while time.monotonic() < end:
-        n = int(await conn.fetchval(sql))
-        if n >= want:
-            return n
-        await asyncio.sleep(0.05)
-    return n
-
-
 @pytest.fixture
 def budget_settings(settings: Settings, tmp_path: Path) -> Settings:
     """Quick retries, a quarantine file of this test's own."""
@@ -105,8 +94,8 @@ async def test_a_small_entry_whose_dead_letter_overflows_does_not_jam_the_stream
     for i in range(20, 40):
         rclient.xadd(STREAM, {"event": json.dumps(fx(i))})
     async with Service(budget_settings):
-        assert await wait_for_rows(db, "SELECT count(*) FROM fx_rates", 40) == 40
-        assert await wait_for_rows(db, "SELECT count(*) FROM dead_letters", 1) == 1
+        assert await wait_count(db, "SELECT count(*) FROM fx_rates", 40) == 40
+        assert await wait_count(db, "SELECT count(*) FROM dead_letters", 1) == 1
         deadline = time.monotonic() + 20
         while rclient.xpending(STREAM, "ingestd")["pending"] and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
@@ -148,8 +137,8 @@ async def test_an_entry_the_database_refuses_is_isolated_then_dead_lettered(
     for ev in events:
         rclient.xadd(STREAM, {"event": json.dumps(ev)})
     async with Service(budget_settings.replace(**{"pipeline.max_entry_attempts": 2})) as service:
-        assert await wait_for_rows(db, "SELECT count(*) FROM dead_letters", 1) == 1
-        assert await wait_for_rows(db, "SELECT count(*) FROM fx_rates", 30) == 30
+        assert await wait_count(db, "SELECT count(*) FROM dead_letters", 1) == 1
+        assert await wait_count(db, "SELECT count(*) FROM fx_rates", 30) == 30
         deadline = time.monotonic() + 20
         while rclient.xpending(STREAM, "ingestd")["pending"] and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
@@ -178,7 +167,7 @@ async def test_an_entry_whose_dead_letter_is_refused_too_is_quarantined_and_alar
     quarantine = Path(ops.pipeline.quarantine_path)
     async with Service(ops) as service:
         port = ops.metrics_port
-        assert await wait_for_rows(db, "SELECT count(*) FROM fx_rates", 20) == 20
+        assert await wait_count(db, "SELECT count(*) FROM fx_rates", 20) == 20
         deadline = time.monotonic() + 30
         while service.metrics.quarantined == 0 and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
@@ -297,8 +286,8 @@ async def test_bad_input_whose_dead_letter_is_refused_is_quarantined_and_the_res
     for i in range(15, 30):
         rclient.xadd(STREAM, {"event": json.dumps(fx(i))})
     async with Service(budget_settings) as service:
-        assert await wait_for_rows(db, "SELECT count(*) FROM fx_rates", 30) == 30
-        assert await wait_for_rows(db, "SELECT count(*) FROM dead_letters", 1) == 1
+        assert await wait_count(db, "SELECT count(*) FROM fx_rates", 30) == 30
+        assert await wait_count(db, "SELECT count(*) FROM dead_letters", 1) == 1
         deadline = time.monotonic() + 30
         while rclient.xpending(STREAM, "ingestd")["pending"] and time.monotonic() < deadline:
             await asyncio.sleep(0.05)

@@ -5,11 +5,7 @@ fatal for its file and is raised by the next call, never lost on the timer threa
 from __future__ import annotations
 
 import asyncio
-import json
 import os
-import shutil
-import subprocess
-import sys
 import textwrap
 import threading
 import time
@@ -30,11 +26,11 @@ from ingestd.producer.storage import (
     DualStorage,
     PostgresStorage,
 )
-from ingestd.producer.storage import csv_storage as csv_storage_mod
 from ingestd.producer.storage.csv_storage import CsvWriteFailed
 from ingestd.producer.storage.postgres import StreamTransport
 from ingestd.wire import csv_format
 from tests.samples import fx_rate, spread
+from tests.tiny_disk import needs_unshare, run_on_tiny_disk
 
 # Fills a 64 KiB tmpfs with spreads.csv rows, then reports what the file holds.
 DISK_FULL_SCRIPT = textwrap.dedent(
@@ -77,28 +73,9 @@ DISK_FULL_SCRIPT = textwrap.dedent(
 )
 
 
-@pytest.mark.skipif(shutil.which("unshare") is None, reason="needs unshare(1)")
+@needs_unshare
 def test_a_full_disk_refuses_the_row_and_never_leaves_a_torn_row(tmp_path: Path) -> None:
-    mnt = tmp_path / "tiny"
-    mnt.mkdir()
-    script = tmp_path / "fill.py"
-    script.write_text(DISK_FULL_SCRIPT)
-    shell = (
-        f"mount -t tmpfs -o size=64k ingestd-csv-test {mnt} && "
-        f"exec {sys.executable} {script} {mnt}/csv"
-    )
-    done = subprocess.run(
-        ["unshare", "-m", "sh", "-c", shell],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-        env={**os.environ, "PYTHONPATH": str(Path(csv_storage_mod.__file__).parents[3])},
-    )
-    if done.returncode != 0 and "mount" in done.stderr and "permission" in done.stderr.lower():
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
-    assert done.returncode == 0, done.stderr
-    report = json.loads(done.stdout)
+    report = run_on_tiny_disk(tmp_path, DISK_FULL_SCRIPT, "{mnt}/csv", mount_options="size=64k")
     assert report["ok"] > 100  # it filled the disk...
     assert report["kind"] == "CsvWriteFailed"  # ...and said so clearly
     assert "No space left on device" in report["refused"]
