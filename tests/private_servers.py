@@ -147,6 +147,21 @@ class PrivatePostgres:
         finally:
             await admin.close()
 
+    async def drop_database_and_role(self, name: str, role: str) -> None:
+        """Drop a database made by ``create_database`` and the cluster-wide login ``role`` a test
+        made for it (what it owns and was granted there first, else the role could not go)."""
+        owner = await asyncpg.connect(self.admin_dsn(name))
+        try:
+            await owner.execute(f'DROP OWNED BY "{role}"')
+        finally:
+            await owner.close()
+        await self.drop_database(name)
+        admin = await asyncpg.connect(self.admin_dsn())
+        try:
+            await admin.execute(f'DROP ROLE IF EXISTS "{role}"')
+        finally:
+            await admin.close()
+
     def stop(self) -> None:
         """Stop the cluster."""
         self._stop()

@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
-import sys
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -15,6 +14,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 
+from tests.commands import operator_env, run_ingestd
 from tests.conftest import PgServer
 
 PASSWORD = "pw-" + os.urandom(6).hex()
@@ -56,17 +56,8 @@ def _with(dsn: str, *, database: str, password: str) -> str:
 
 
 def cli(args: list[str], tmp_path: Path, **env_vars: str) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("INGESTD_", "PG"))}
-    env.update(INGESTD_METRICS_PORT="0", **env_vars)
-    return subprocess.run(
-        [sys.executable, "-m", "ingestd.cli", *(a.format(dir=tmp_path) for a in args)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-        cwd=tmp_path,
-    )
+    env = operator_env(without_pg=True, INGESTD_METRICS_PORT="0", **env_vars)
+    return run_ingestd(env, *(a.format(dir=tmp_path) for a in args), cwd=tmp_path)
 
 
 def assert_one_clean_line(done: subprocess.CompletedProcess[str], *secrets: str) -> str:

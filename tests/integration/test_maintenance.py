@@ -6,9 +6,6 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
-import os
-import subprocess
-import sys
 import uuid
 from collections.abc import AsyncIterator
 from decimal import Decimal
@@ -33,6 +30,7 @@ from ingestd.daemon.maintenance import (
 )
 from ingestd.daemon.sinks.postgres import PostgresSink
 from ingestd.settings import MaintenanceSettings, RetentionSettings
+from tests.commands import operator_env, run_ingestd
 from tests.conftest import PLAIN_ONLY, TIMESCALE_ONLY, PgServer, ingestd_pool, with_db
 from tests.integration.test_postgres_sink import item, pos_close, pos_open, spread
 
@@ -456,16 +454,8 @@ async def test_migrate_as_the_owner_sets_the_configured_retention_policies(
 ) -> None:
     config = tmp_path / "ingestd.yml"
     config.write_text("retention:\n  spreads_days: 30\n  orders_days: 0\n", encoding="utf-8")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("INGESTD_", "PG"))}
-    env.update(DATABASE_URL=dsn, INGESTD_CONFIG=str(config))
-    done = subprocess.run(
-        [sys.executable, "-m", "ingestd.cli", "migrate"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    env = operator_env(without_pg=True, DATABASE_URL=dsn, INGESTD_CONFIG=str(config))
+    done = run_ingestd(env, "migrate")
     assert done.returncode == 0, done.stdout + done.stderr
     assert "spreads (30 days): changed" in done.stdout
     assert "orders (kept forever): removed" in done.stdout

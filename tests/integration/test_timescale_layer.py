@@ -14,9 +14,7 @@ import asyncio
 import dataclasses
 import datetime as dt
 import decimal
-import os
 import subprocess
-import sys
 import time
 from collections import defaultdict
 from collections.abc import AsyncIterator, Iterable
@@ -40,6 +38,7 @@ from ingestd.daemon.maintenance import (
 )
 from ingestd.settings import Settings, load_settings
 from ingestd.tools.simulate import Simulator
+from tests.commands import run_ingestd, servers_env
 from tests.conftest import PgServer
 
 pytestmark = [pytest.mark.pg, pytest.mark.redis]
@@ -487,16 +486,7 @@ async def check_metrics_keys(rclient: redis.Redis, week: Week, end: dt.datetime)
 
 def run_stats(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
     """``ingestd stats`` as an operator runs it, in another process."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("INGESTD_")}
-    env.update(DATABASE_URL=settings.storage.postgres.dsn, REDIS_URL=settings.storage.redis.url)
-    return subprocess.run(
-        [sys.executable, "-m", "ingestd.cli", "stats", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    return run_ingestd(servers_env(settings), "stats", *args)
 
 
 async def check_stats(settings: Settings, week: Week, kind: str, conn: asyncpg.Connection) -> None:
