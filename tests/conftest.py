@@ -75,6 +75,11 @@ def _docker_available() -> bool:
     return True
 
 
+def database_name(dsn: str) -> str:
+    """The database ``dsn`` names."""
+    return dsn.partition("?")[0].rsplit("/", 1)[1]
+
+
 @dataclass
 class PgServer:
     """An admin DSN of a server where the tests may create databases."""
@@ -82,13 +87,19 @@ class PgServer:
     admin_dsn: str
     timescale: bool
 
-    async def create_template(self) -> None:
+    async def as_admin(self, *statements: str) -> None:
+        """Run ``statements`` in order on one admin connection (CREATE/ALTER/DROP DATABASE)."""
         admin = await asyncpg.connect(self.admin_dsn)
         try:
-            await admin.execute(f"DROP DATABASE IF EXISTS {TEMPLATE} WITH (FORCE)")
-            await admin.execute(f"CREATE DATABASE {TEMPLATE}")
+            for statement in statements:
+                await admin.execute(statement)
         finally:
             await admin.close()
+
+    async def create_template(self) -> None:
+        await self.as_admin(
+            f"DROP DATABASE IF EXISTS {TEMPLATE} WITH (FORCE)", f"CREATE DATABASE {TEMPLATE}"
+        )
         conn = await asyncpg.connect(with_db(self.admin_dsn, TEMPLATE))
         try:
             await migrations.migrate(conn)
@@ -98,21 +109,13 @@ class PgServer:
             await conn.close()
 
     async def drop_template(self) -> None:
-        admin = await asyncpg.connect(self.admin_dsn)
-        try:
-            await admin.execute(f"DROP DATABASE IF EXISTS {TEMPLATE} WITH (FORCE)")
-        finally:
-            await admin.close()
+        await self.as_admin(f"DROP DATABASE IF EXISTS {TEMPLATE} WITH (FORCE)")
 
     async def create_empty(self, prefix: str) -> str:
         """A new, empty database (neither cloned nor migrated) named ``prefix_<random>``: its
         DSN. ``drop`` drops it."""
         name = f"{prefix}_{uuid.uuid4().hex[:12]}"
-        admin = await asyncpg.connect(self.admin_dsn)
-        try:
-            await admin.execute(f"CREATE DATABASE {name}")
-        finally:
-            await admin.close()
+        await self.as_admin(f"CREATE DATABASE {name}")
         return with_db(self.admin_dsn, name)
 
     async def create_migrated(
@@ -143,21 +146,12 @@ class PgServer:
 
     async def clone(self) -> str:
         name = f"ingestd_test_{uuid.uuid4().hex[:12]}"
-        admin = await asyncpg.connect(self.admin_dsn)
-        try:
-            await admin.execute(f"CREATE DATABASE {name} TEMPLATE {TEMPLATE}")
-        finally:
-            await admin.close()
+        await self.as_admin(f"CREATE DATABASE {name} TEMPLATE {TEMPLATE}")
         return with_db(self.admin_dsn, name)
 
     async def drop(self, dsn: str) -> None:
         """Drop the database of ``dsn`` (one ``clone`` or ``create_empty`` made)."""
-        name = dsn.partition("?")[0].rsplit("/", 1)[1]
-        admin = await asyncpg.connect(self.admin_dsn)
-        try:
-            await admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-        finally:
-            await admin.close()
+        await self.as_admin(f"DROP DATABASE IF EXISTS {database_name(dsn)} WITH (FORCE)")
 
 
 async def hold_policy_jobs(conn: asyncpg.Connection) -> None:
@@ -307,8 +301,18 @@ async def ingestd_pool(dsn: str) -> asyncpg.Pool:
 
 
 # --- on the ``dsn`` of the module that asks ----------------------------------------------------
-# A module whose tests need a database of their own kind (migrated here rather than cloned, or on
-# either server) defines a ``dsn`` fixture; these give the same things on it in every such module.
+# Tests on either server, in a database migrated here rather than cloned, use ``dsn`` (a module
+# that needs another kind defines its own); these give the same things on it in every module.
+
+
+@pytest.fixture
+async def dsn(server: tuple[str, PgServer]) -> AsyncIterator[str]:
+    """A database migrated here (``create_migrated``) on the ``server`` parameter's server; a
+    module that needs another kind defines its own ``dsn``."""
+    _, srv = server
+    url = await srv.create_migrated("ingestd_it")
+    yield url
+    await srv.drop(url)
 
 
 @pytest.fixture

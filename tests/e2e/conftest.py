@@ -7,7 +7,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -48,6 +48,10 @@ class Daemon:
             if time.monotonic() > end:
                 raise AssertionError(f"{text!r} not in log after {timeout}s:\n{self.log}")
             await asyncio.sleep(0.05)
+
+
+# The type of the ``start_daemon`` fixture (below).
+StartDaemon = Callable[..., Daemon]
 
 
 def ingestd_env(settings: Settings, consumer: str = "e2e-1") -> dict[str, str]:

@@ -11,7 +11,6 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,13 +20,11 @@ import redis
 
 from ingestd.settings import Settings
 from ingestd.wire.events import utc_iso
-from tests.e2e.conftest import Daemon, ingestd_env, run_cli
+from tests.e2e.conftest import StartDaemon, ingestd_env, run_cli
 from tests.feeds import pending, publish_from_other_process, simulated, wait_for_rows
 from tests.ledger import Expected, assert_landed_exactly_once
 
 pytestmark = [pytest.mark.e2e, pytest.mark.pg, pytest.mark.redis]
-
-StartDaemon = Callable[..., Daemon]
 
 
 async def test_100k_events_from_another_process_land_exactly_once(

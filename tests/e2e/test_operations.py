@@ -26,7 +26,7 @@ import redis.asyncio as aioredis
 from ingestd import AsyncPublisher, load_settings
 from ingestd.settings import Settings
 from tests.commands import operator_env, run_ingestd
-from tests.e2e.conftest import Daemon
+from tests.e2e.conftest import StartDaemon
 from tests.feeds import pending, publish_from_other_process, simulated
 from tests.http_client import Samples, by_label, get, scrape
 from tests.ledger import Expected, assert_landed_exactly_once
@@ -41,7 +41,6 @@ from tests.private_servers import (
 )
 
 pytestmark = [pytest.mark.e2e, pytest.mark.pg, pytest.mark.redis]
-StartDaemon = Callable[..., Daemon]
 
 
 async def scrape_until(

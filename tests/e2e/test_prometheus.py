@@ -31,14 +31,13 @@ import yaml
 
 from ingestd.settings import Settings
 from tests.deploy_files import PROMETHEUS, dashboard, panels
-from tests.e2e.conftest import Daemon
+from tests.e2e.conftest import StartDaemon
 from tests.feeds import publish_from_other_process
 from tests.http_client import get
 from tests.mixed_feed import MALFORMED
 from tests.private_servers import free_port
 
 pytestmark = [pytest.mark.e2e, pytest.mark.pg, pytest.mark.redis]
-StartDaemon = Callable[..., Daemon]
 
 RULES = PROMETHEUS.parent / "alerts.yml"
 RULE_TESTS = PROMETHEUS.parent / "alerts.test.yml"

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import random
 import signal
-from collections.abc import Callable
 from typing import Any
 
 import asyncpg
@@ -19,14 +18,12 @@ import pytest
 import redis
 
 from ingestd.settings import Settings
-from tests.e2e.conftest import Daemon
+from tests.e2e.conftest import Daemon, StartDaemon
 from tests.faults.conftest import FAULT_CONFIG, FaultServers
 from tests.feeds import pending, publish_from_other_process, simulated, wait_for_rows
 from tests.ledger import Expected, assert_landed_cleanly, assert_landed_exactly_once
 
 pytestmark = [pytest.mark.faults, pytest.mark.e2e, pytest.mark.pg, pytest.mark.redis]
-
-StartDaemon = Callable[..., Daemon]
 
 
 def stream_client(settings: Settings) -> redis.Redis:

@@ -13,7 +13,6 @@ import datetime as dt
 import json
 import signal
 import time
-from collections.abc import Callable
 
 import pytest
 import redis
@@ -21,14 +20,12 @@ import redis
 from ingestd import Outcome, Service
 from ingestd.settings import Settings
 from ingestd.wire.events import utc_iso
-from tests.e2e.conftest import Daemon
+from tests.e2e.conftest import StartDaemon
 from tests.faults.conftest import FAULT_CONFIG, FaultServers
 from tests.feeds import pending, publish_from_other_process, simulated, wait_for_rows
 from tests.ledger import Expected, wait_until_landed_exactly_once
 
 pytestmark = [pytest.mark.faults, pytest.mark.pg, pytest.mark.redis]
-
-StartDaemon = Callable[..., Daemon]
 
 
 def felt_redis_fault(log: str) -> bool:

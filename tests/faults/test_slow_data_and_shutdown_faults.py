@@ -14,7 +14,6 @@ import json
 import random
 import signal
 import time
-from collections.abc import Callable
 from decimal import Decimal
 from typing import Any
 
@@ -25,15 +24,13 @@ import redis
 from ingestd import Outcome, Service
 from ingestd.settings import Settings
 from ingestd.tools.simulate import Simulator
-from tests.e2e.conftest import Daemon
+from tests.e2e.conftest import StartDaemon
 from tests.faults.conftest import FAULT_CONFIG, FaultServers
 from tests.faults.test_inprocess_faults import produce, wait_until, watch_queue
 from tests.feeds import START, pending, publish_from_other_process, simulated, wait_for_rows
 from tests.ledger import Expected, assert_landed_exactly_once, wait_until_landed_exactly_once
 
 pytestmark = [pytest.mark.faults, pytest.mark.pg, pytest.mark.redis]
-
-StartDaemon = Callable[..., Daemon]
 
 
 async def test_slow_database_lock_gives_backpressure_and_loses_nothing(

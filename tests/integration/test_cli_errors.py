@@ -11,11 +11,10 @@ import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-import asyncpg
 import pytest
 
 from tests.commands import operator_env, run_ingestd
-from tests.conftest import PgServer
+from tests.conftest import PgServer, database_name
 
 PASSWORD = "pw-" + os.urandom(6).hex()
 REDIS_PASSWORD = "rpw-" + os.urandom(6).hex()
@@ -158,12 +157,8 @@ def test_simulate_says_at_once_that_redis_does_not_answer(tmp_path: Path) -> Non
 async def read_only_database(pg_server: PgServer) -> AsyncIterator[str]:
     """An empty database whose sessions are read-only (a hot standby behaves the same)."""
     url = await pg_server.create_empty("ingestd_ro")
-    name = url.partition("?")[0].rsplit("/", 1)[1]
-    admin = await asyncpg.connect(pg_server.admin_dsn)
-    try:
-        await admin.execute(f"ALTER DATABASE {name} SET default_transaction_read_only = on")
-    finally:
-        await admin.close()
+    name = database_name(url)
+    await pg_server.as_admin(f"ALTER DATABASE {name} SET default_transaction_read_only = on")
     yield _with(pg_server.admin_dsn, database=name, password=PASSWORD)
     await pg_server.drop(url)
 

@@ -54,15 +54,6 @@ DEFINER_FUNCTIONS = (
 )
 
 
-@pytest.fixture
-async def dsn(server: tuple[str, PgServer]) -> AsyncIterator[str]:
-    """A freshly migrated database on this parameter's server."""
-    _, srv = server
-    url = await srv.create_migrated("ingestd_mt")
-    yield url
-    await srv.drop(url)
-
-
 def maintenance(
     pool: asyncpg.Pool, redis_client: Any, *, prefix: str = "", **retention: int
 ) -> Maintenance:

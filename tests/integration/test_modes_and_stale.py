@@ -53,6 +53,17 @@ def item(obj: dict[str, Any]) -> Item:
 ENTRY = {"symbol": "BTC", **POSITION_ENTRY}
 
 
+def with_identity(
+    obj: dict[str, Any], *, producer: str | None = None, mode: str | None = None
+) -> dict[str, Any]:
+    """``obj`` with its producer and mode where given (an event without them is a test too)."""
+    if producer is not None:
+        obj["producer"] = producer
+    if mode is not None:
+        obj["mode"] = mode
+    return obj
+
+
 def opened(
     producer: str | None, key: str, mode: str | None = None, eid: str = ""
 ) -> dict[str, Any]:
@@ -62,11 +73,7 @@ def opened(
         "position_key": key,
         **ENTRY,
     }
-    if producer is not None:
-        obj["producer"] = producer
-    if mode is not None:
-        obj["mode"] = mode
-    return obj
+    return with_identity(obj, producer=producer, mode=mode)
 
 
 def closed(
@@ -78,11 +85,7 @@ def closed(
         "position_key": key,
         **position_exit(pnl),
     }
-    if producer is not None:
-        obj["producer"] = producer
-    if mode is not None:
-        obj["mode"] = mode
-    return obj
+    return with_identity(obj, producer=producer, mode=mode)
 
 
 def order(producer: str, key: str, mode: str | None = None) -> dict[str, Any]:
@@ -99,9 +102,7 @@ def order(producer: str, key: str, mode: str | None = None) -> dict[str, Any]:
         "leg_id": f"{key}_leg_0",
         "timestamp": "2025-11-15T03:00:01Z",
     }
-    if mode is not None:
-        obj["mode"] = mode
-    return obj
+    return with_identity(obj, mode=mode)
 
 
 def trade(producer: str, key: str, mode: str | None = None) -> dict[str, Any]:
@@ -116,9 +117,7 @@ def trade(producer: str, key: str, mode: str | None = None) -> dict[str, Any]:
         "side": "OPEN",
         "timestamp": "2025-11-15T03:00:02Z",
     }
-    if mode is not None:
-        obj["mode"] = mode
-    return obj
+    return with_identity(obj, mode=mode)
 
 
 @pytest.fixture
@@ -126,15 +125,6 @@ async def empty_dsn(server: tuple[str, PgServer]) -> AsyncIterator[str]:
     """An empty (unmigrated) database on this parameter's server."""
     _, srv = server
     url = await srv.create_empty("ingestd_md")
-    yield url
-    await srv.drop(url)
-
-
-@pytest.fixture
-async def dsn(server: tuple[str, PgServer]) -> AsyncIterator[str]:
-    """A database migrated here on this parameter's server."""
-    _, srv = server
-    url = await srv.create_migrated("ingestd_md")
     yield url
     await srv.drop(url)
 

@@ -222,16 +222,24 @@ async def _loop_goes_on_during(slow: SlowFsync, call: Awaitable[Any], log_more: 
     assert slow.released and all(slow.released), "the fsync blocked the event loop"
 
 
-async def test_async_csv_flush_and_close_fsync_off_the_event_loop(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+async def _flush_then_close_off_the_loop(
+    storage: AsyncCsvStorage | AsyncDualStorage, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    storage = AsyncCsvStorage(CsvStorage(tmp_path, fsync_interval_s=3600))
+    """Log a spread, then: while a flush and then the close are held in a slow fsync, the event
+    loop goes on (logging another spread during the flush)."""
     await storage.log_spread(spread(0))
     slow = SlowFsync(monkeypatch)
     await _loop_goes_on_during(slow, storage.flush(), lambda: storage.log_spread(spread(1)))
     slow.entered.clear()
     slow.release.clear()
     await _loop_goes_on_during(slow, storage.aclose(), lambda: asyncio.sleep(0))
+
+
+async def test_async_csv_flush_and_close_fsync_off_the_event_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    storage = AsyncCsvStorage(CsvStorage(tmp_path, fsync_interval_s=3600))
+    await _flush_then_close_off_the_loop(storage, monkeypatch)
     assert (tmp_path / "spreads.csv").read_text(encoding="utf-8").count("\n") == 3
 
 
@@ -254,10 +262,5 @@ async def test_async_dual_flush_and_close_fsync_off_the_event_loop(
         StreamTransport(aioredis.Redis.from_url(redis_url), "ingestd:events", owns_client=True)
     )
     storage = AsyncDualStorage(CsvStorage(tmp_path, fsync_interval_s=3600), db)
-    await storage.log_spread(spread(0))
-    slow = SlowFsync(monkeypatch)
-    await _loop_goes_on_during(slow, storage.flush(), lambda: storage.log_spread(spread(1)))
-    slow.entered.clear()
-    slow.release.clear()
-    await _loop_goes_on_during(slow, storage.aclose(), lambda: asyncio.sleep(0))
+    await _flush_then_close_off_the_loop(storage, monkeypatch)
     assert db.sent == 2
