@@ -51,6 +51,13 @@ def publish_from_other_process(settings: Settings, count: int, seed: int) -> Non
     assert done.returncode == 0, done.stderr
 
 
+def published_feed(settings: Settings, count: int, seed: int) -> list[dict[str, Any]]:
+    """The feed ``ingestd simulate`` publishes in its own process (``publish_from_other_process``):
+    the events it sent, as ``simulated`` gives them, for the ledger to judge."""
+    publish_from_other_process(settings, count, seed)
+    return simulated(count, seed)
+
+
 async def wait_for_rows(dsn: str, table: str, at_least: int, timeout: float = 120.0) -> int:
     """Poll until ``table`` has at least ``at_least`` rows."""
     conn = await asyncpg.connect(dsn)

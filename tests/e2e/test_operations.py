@@ -27,7 +27,7 @@ from ingestd import AsyncPublisher, load_settings
 from ingestd.settings import Settings
 from tests.commands import operator_env, run_ingestd
 from tests.e2e.conftest import StartDaemon
-from tests.feeds import pending, publish_from_other_process, simulated
+from tests.feeds import pending, published_feed
 from tests.http_client import Samples, by_label, get, scrape
 from tests.ledger import Expected, assert_landed_exactly_once
 from tests.mixed_feed import MALFORMED, mixed_feed
@@ -72,8 +72,7 @@ async def test_metrics_endpoint_is_scraped_during_a_run(
     settings: Settings, start_daemon: StartDaemon, rclient: redis.Redis, db: asyncpg.Connection
 ) -> None:
     n = 5_000
-    sent = simulated(n, seed=9)
-    publish_from_other_process(settings, n, seed=9)
+    sent = published_feed(settings, n, seed=9)
     for payload in MALFORMED:
         rclient.xadd("ingestd:events", {"event": payload})
     entries = n + len(MALFORMED)

@@ -27,7 +27,14 @@ from ingestd.tools.simulate import Simulator
 from tests.e2e.conftest import StartDaemon
 from tests.faults.conftest import FAULT_CONFIG, FaultServers
 from tests.faults.test_inprocess_faults import produce, wait_until, watch_queue
-from tests.feeds import START, pending, publish_from_other_process, simulated, wait_for_rows
+from tests.feeds import (
+    START,
+    pending,
+    publish_from_other_process,
+    published_feed,
+    simulated,
+    wait_for_rows,
+)
 from tests.ledger import Expected, assert_landed_exactly_once, wait_until_landed_exactly_once
 
 pytestmark = [pytest.mark.faults, pytest.mark.pg, pytest.mark.redis]
@@ -199,9 +206,8 @@ async def test_out_of_order_events_across_two_replicas_end_right(
 async def test_second_signal_exits_at_once_and_a_restart_completes_exactly_once(
     fault_settings: Settings, start_daemon: StartDaemon
 ) -> None:
-    sent = simulated(30_000, seed=55)
+    sent = published_feed(fault_settings, 30_000, seed=55)
     exp = Expected.of(sent)
-    publish_from_other_process(fault_settings, len(sent), seed=55)
     dsn = fault_settings.storage.postgres.dsn
     daemon = start_daemon(fault_settings, config_yaml=FAULT_CONFIG)
     await wait_for_rows(dsn, "spreads", 2_000)
