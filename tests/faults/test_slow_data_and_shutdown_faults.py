@@ -35,7 +35,12 @@ from tests.feeds import (
     simulated,
     wait_for_rows,
 )
-from tests.ledger import Expected, assert_landed_exactly_once, wait_until_landed_exactly_once
+from tests.ledger import (
+    Expected,
+    assert_landed_exactly_once,
+    assert_landed_in,
+    wait_until_landed_exactly_once,
+)
 
 pytestmark = [pytest.mark.faults, pytest.mark.pg, pytest.mark.redis]
 
@@ -234,8 +239,4 @@ async def test_second_signal_exits_at_once_and_a_restart_completes_exactly_once(
     again.signal(signal.SIGTERM)
     # Exit code 0 means the drain finished within shutdown.grace_s (3 would mean forced).
     assert await asyncio.to_thread(again.wait, 30) == 0, again.log
-    conn = await asyncpg.connect(dsn)
-    try:
-        await assert_landed_exactly_once(conn, exp)
-    finally:
-        await conn.close()
+    await assert_landed_in(dsn, exp)
