@@ -37,6 +37,18 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def terminate(process: subprocess.Popen[Any], timeout: float) -> None:
+    """Stop ``process`` with SIGTERM, killing it if it is not gone within ``timeout`` seconds."""
+    if process.poll() is not None:
+        return
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(timeout=10)
+
+
 def _run(cmd: list[str], **kwargs: object) -> None:
     done = subprocess.run(cmd, capture_output=True, text=True, check=False, **kwargs)  # type: ignore[call-overload]
     if done.returncode != 0:
@@ -239,13 +251,7 @@ class PrivateRedis:
 
     def stop(self) -> None:
         """Stop the server."""
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=10)
+        terminate(self.process, timeout=10)
 
 
 def redis_version() -> tuple[int, ...]:
