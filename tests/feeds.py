@@ -90,3 +90,12 @@ def pending(client: redis.Redis) -> int:
     """Entries delivered to the group but not acknowledged."""
     summary: Any = client.xpending("ingestd:events", "ingestd")
     return int(summary["pending"])
+
+
+async def wait_until_acknowledged(client: redis.Redis, timeout: float) -> None:
+    """Wait until the group has acknowledged every entry delivered to it; assert that it has
+    within ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while pending(client) and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    assert pending(client) == 0

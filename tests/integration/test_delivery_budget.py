@@ -23,7 +23,7 @@ import redis
 
 from ingestd import Outcome, Service
 from ingestd.settings import Settings
-from tests.feeds import wait_count
+from tests.feeds import wait_count, wait_until_acknowledged
 from tests.http_client import get, scrape
 from tests.private_servers import free_port
 from tests.samples import fx_event
@@ -96,10 +96,7 @@ async def test_a_small_entry_whose_dead_letter_overflows_does_not_jam_the_stream
     async with Service(budget_settings):
         assert await wait_count(db, "SELECT count(*) FROM fx_rates", 40) == 40
         assert await wait_count(db, "SELECT count(*) FROM dead_letters", 1) == 1
-        deadline = time.monotonic() + 20
-        while rclient.xpending(STREAM, "ingestd")["pending"] and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
-        assert rclient.xpending(STREAM, "ingestd")["pending"] == 0
+        await wait_until_acknowledged(rclient, timeout=20)
     dead = await db.fetchrow("SELECT * FROM dead_letters")
     assert dead is not None
     assert dead["dedup_key"] == f"stream:{STREAM}:{poison_id}"
@@ -139,10 +136,7 @@ async def test_an_entry_the_database_refuses_is_isolated_then_dead_lettered(
     async with Service(budget_settings.replace(**{"pipeline.max_entry_attempts": 2})) as service:
         assert await wait_count(db, "SELECT count(*) FROM dead_letters", 1) == 1
         assert await wait_count(db, "SELECT count(*) FROM fx_rates", 30) == 30
-        deadline = time.monotonic() + 20
-        while rclient.xpending(STREAM, "ingestd")["pending"] and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
-        assert rclient.xpending(STREAM, "ingestd")["pending"] == 0
+        await wait_until_acknowledged(rclient, timeout=20)
         assert service.metrics.quarantined == 0
     dead = await db.fetchrow("SELECT * FROM dead_letters")
     assert dead is not None
@@ -288,10 +282,7 @@ async def test_bad_input_whose_dead_letter_is_refused_is_quarantined_and_the_res
     async with Service(budget_settings) as service:
         assert await wait_count(db, "SELECT count(*) FROM fx_rates", 30) == 30
         assert await wait_count(db, "SELECT count(*) FROM dead_letters", 1) == 1
-        deadline = time.monotonic() + 30
-        while rclient.xpending(STREAM, "ingestd")["pending"] and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
-        assert rclient.xpending(STREAM, "ingestd")["pending"] == 0
+        await wait_until_acknowledged(rclient, timeout=30)
         assert service.metrics.quarantined == 1
     assert await db.fetchval("SELECT payload FROM dead_letters") == '{"type": "nope"}'
     text = await asyncio.to_thread(Path(budget_settings.pipeline.quarantine_path).read_text)
