@@ -24,7 +24,9 @@ import asyncpg
 import pytest
 import redis
 
+import ingestd.daemon.db as ingestd_db
 from ingestd.daemon import migrations
+from ingestd.daemon.sinks.postgres import PostgresSink
 from ingestd.settings import Settings, load_settings
 from ingestd.wire import events
 
@@ -44,9 +46,13 @@ TEMPLATE = os.environ.get("INGESTD_TEST_TEMPLATE", f"ingestd_tpl_{uuid.uuid4().h
 )
 
 
-def _with_db(dsn: str, name: str) -> str:
+def with_db(dsn: str, name: str, user: str | None = None) -> str:
+    """The DSN of database ``name`` on the server of ``dsn`` (optionally as ``user``)."""
     base, _, query = dsn.partition("?")
     base = base.rsplit("/", 1)[0]
+    if user is not None:
+        scheme, _, rest = base.partition("://")
+        base = f"{scheme}://{user}@{rest.rpartition('@')[2]}"
     return f"{base}/{name}" + (f"?{query}" if query else "")
 
 
@@ -69,6 +75,11 @@ def _docker_available() -> bool:
     return True
 
 
+def database_name(dsn: str) -> str:
+    """The database ``dsn`` names."""
+    return dsn.partition("?")[0].rsplit("/", 1)[1]
+
+
 @dataclass
 class PgServer:
     """An admin DSN of a server where the tests may create databases."""
@@ -76,14 +87,20 @@ class PgServer:
     admin_dsn: str
     timescale: bool
 
-    async def create_template(self) -> None:
+    async def as_admin(self, *statements: str) -> None:
+        """Run ``statements`` in order on one admin connection (CREATE/ALTER/DROP DATABASE)."""
         admin = await asyncpg.connect(self.admin_dsn)
         try:
-            await admin.execute(f"DROP DATABASE IF EXISTS {TEMPLATE} WITH (FORCE)")
-            await admin.execute(f"CREATE DATABASE {TEMPLATE}")
+            for statement in statements:
+                await admin.execute(statement)
         finally:
             await admin.close()
-        conn = await asyncpg.connect(_with_db(self.admin_dsn, TEMPLATE))
+
+    async def create_template(self) -> None:
+        await self.as_admin(
+            f"DROP DATABASE IF EXISTS {TEMPLATE} WITH (FORCE)", f"CREATE DATABASE {TEMPLATE}"
+        )
+        conn = await asyncpg.connect(with_db(self.admin_dsn, TEMPLATE))
         try:
             await migrations.migrate(conn)
             if self.timescale:
@@ -92,28 +109,49 @@ class PgServer:
             await conn.close()
 
     async def drop_template(self) -> None:
-        admin = await asyncpg.connect(self.admin_dsn)
+        await self.as_admin(f"DROP DATABASE IF EXISTS {TEMPLATE} WITH (FORCE)")
+
+    async def create_empty(self, prefix: str) -> str:
+        """A new, empty database (neither cloned nor migrated) named ``prefix_<random>``: its
+        DSN. ``drop`` drops it."""
+        name = f"{prefix}_{uuid.uuid4().hex[:12]}"
+        await self.as_admin(f"CREATE DATABASE {name}")
+        return with_db(self.admin_dsn, name)
+
+    async def create_migrated(
+        self, prefix: str, *, stop_scheduler: bool = False, hold_jobs: bool = False
+    ) -> str:
+        """A new database migrated here, not cloned from the template: its DSN.
+
+        Not a clone where a test needs what a clone lacks: the database-level TimeZone that
+        migration 0003 sets is not inherited, and TimescaleDB's scheduler keeps a session on the
+        template (CREATE DATABASE ... TEMPLATE fails, "accessed by other users"). On a
+        TimescaleDB server ``stop_scheduler`` stops the scheduler before migrating (for tests that
+        run the policies themselves with run_job) and ``hold_jobs`` holds the policy jobs after
+        it (for tests whose samples are older than the retention). Asserts that the extension is
+        created exactly where the server has it.
+        """
+        url = await self.create_empty(prefix)
+        conn = await asyncpg.connect(url)
         try:
-            await admin.execute(f"DROP DATABASE IF EXISTS {TEMPLATE} WITH (FORCE)")
+            if stop_scheduler and self.timescale:
+                await stop_own_scheduler(conn)
+            await migrations.migrate(conn)
+            assert await migrations.timescaledb_enabled(conn) == self.timescale
+            if hold_jobs and self.timescale:
+                await hold_policy_jobs(conn)
         finally:
-            await admin.close()
+            await conn.close()
+        return url
 
     async def clone(self) -> str:
         name = f"ingestd_test_{uuid.uuid4().hex[:12]}"
-        admin = await asyncpg.connect(self.admin_dsn)
-        try:
-            await admin.execute(f"CREATE DATABASE {name} TEMPLATE {TEMPLATE}")
-        finally:
-            await admin.close()
-        return _with_db(self.admin_dsn, name)
+        await self.as_admin(f"CREATE DATABASE {name} TEMPLATE {TEMPLATE}")
+        return with_db(self.admin_dsn, name)
 
     async def drop(self, dsn: str) -> None:
-        name = dsn.partition("?")[0].rsplit("/", 1)[1]
-        admin = await asyncpg.connect(self.admin_dsn)
-        try:
-            await admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-        finally:
-            await admin.close()
+        """Drop the database of ``dsn`` (one ``clone`` or ``create_empty`` made)."""
+        await self.as_admin(f"DROP DATABASE IF EXISTS {database_name(dsn)} WITH (FORCE)")
 
 
 async def hold_policy_jobs(conn: asyncpg.Connection) -> None:
@@ -208,6 +246,26 @@ def timescale_server() -> Iterator[PgServer]:
     asyncio.run(server.drop_template())
 
 
+@pytest.fixture(params=["postgres", pytest.param("timescale", marks=pytest.mark.timescale)])
+def server(request: pytest.FixtureRequest) -> tuple[str, PgServer]:
+    """Plain PostgreSQL, then TimescaleDB (skipped where absent): the parameter's name and server.
+
+    Synchronous on purpose: the session fixtures use asyncio.run, which cannot run from inside
+    the event loop of an async fixture. ``PLAIN_ONLY`` and ``TIMESCALE_ONLY`` narrow it.
+    """
+    name: str = request.param
+    srv: PgServer = request.getfixturevalue(
+        "pg_server" if name == "postgres" else "timescale_server"
+    )
+    return name, srv
+
+
+PLAIN_ONLY = pytest.mark.parametrize("server", ["postgres"], indirect=True)
+TIMESCALE_ONLY = pytest.mark.parametrize(
+    "server", [pytest.param("timescale", marks=pytest.mark.timescale)], indirect=True
+)
+
+
 @pytest.fixture
 async def db_dsn(pg_server: PgServer) -> AsyncIterator[str]:
     """A fresh, migrated database for this test."""
@@ -232,6 +290,60 @@ def _default_staleness() -> None:
     """The stale-spread limits are process-wide (each Service start and import-csv sets them from
     its settings): every test begins with the defaults, whatever an earlier test started."""
     events.configure_staleness_from(_DEFAULTS)
+
+
+async def ingestd_pool(dsn: str) -> asyncpg.Pool:
+    """ingestd's own pool (its settings' sizes and session set-up) on the database of ``dsn``."""
+    settings = load_settings(
+        None, environ={}, overrides={"storage.postgres.dsn": dsn, "metrics_port": 0}
+    )
+    return await ingestd_db.create_pool(settings.storage.postgres)
+
+
+# --- on the ``dsn`` of the module that asks ----------------------------------------------------
+# Tests on either server, in a database migrated here rather than cloned, use ``dsn`` (a module
+# that needs another kind defines its own); these give the same things on it in every module.
+
+
+@pytest.fixture
+async def dsn(server: tuple[str, PgServer]) -> AsyncIterator[str]:
+    """A database migrated here (``create_migrated``) on the ``server`` parameter's server; a
+    module that needs another kind defines its own ``dsn``."""
+    _, srv = server
+    url = await srv.create_migrated("ingestd_it")
+    yield url
+    await srv.drop(url)
+
+
+@pytest.fixture
+async def conn(dsn: str) -> AsyncIterator[asyncpg.Connection]:
+    """A side connection to the module's ``dsn``, for set-up and assertions."""
+    c = await asyncpg.connect(dsn)
+    yield c
+    await c.close()
+
+
+@pytest.fixture
+async def pool(dsn: str) -> AsyncIterator[asyncpg.Pool]:
+    """ingestd's own pool on the module's ``dsn``."""
+    p = await ingestd_pool(dsn)
+    yield p
+    await p.close()
+
+
+@pytest.fixture
+def sink(pool: asyncpg.Pool) -> PostgresSink:
+    """ingestd's PostgreSQL writer on the module's ``dsn``."""
+    return PostgresSink(pool)
+
+
+@pytest.fixture
+async def db_pool(db_dsn: str) -> AsyncIterator[asyncpg.Pool]:
+    """A small plain asyncpg pool on this test's database."""
+    pool = await asyncpg.create_pool(db_dsn, min_size=1, max_size=4)
+    assert pool is not None
+    yield pool
+    await pool.close()
 
 
 @pytest.fixture(scope="session")

@@ -51,6 +51,13 @@ def publish_from_other_process(settings: Settings, count: int, seed: int) -> Non
     assert done.returncode == 0, done.stderr
 
 
+def published_feed(settings: Settings, count: int, seed: int) -> list[dict[str, Any]]:
+    """The feed ``ingestd simulate`` publishes in its own process (``publish_from_other_process``):
+    the events it sent, as ``simulated`` gives them, for the ledger to judge."""
+    publish_from_other_process(settings, count, seed)
+    return simulated(count, seed)
+
+
 async def wait_for_rows(dsn: str, table: str, at_least: int, timeout: float = 120.0) -> int:
     """Poll until ``table`` has at least ``at_least`` rows."""
     conn = await asyncpg.connect(dsn)
@@ -67,7 +74,28 @@ async def wait_for_rows(dsn: str, table: str, at_least: int, timeout: float = 12
         await conn.close()
 
 
+async def wait_count(conn: asyncpg.Connection, sql: str, want: int, timeout: float = 30) -> int:
+    """Poll ``sql`` (a count) until it reaches ``want``; return the last value."""
+    end = time.monotonic() + timeout
+    n = -1
+    while time.monotonic() < end:
+        n = int(await conn.fetchval(sql))
+        if n >= want:
+            return n
+        await asyncio.sleep(0.05)
+    return n
+
+
 def pending(client: redis.Redis) -> int:
     """Entries delivered to the group but not acknowledged."""
     summary: Any = client.xpending("ingestd:events", "ingestd")
     return int(summary["pending"])
+
+
+async def wait_until_acknowledged(client: redis.Redis, timeout: float) -> None:
+    """Wait until the group has acknowledged every entry delivered to it; assert that it has
+    within ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while pending(client) and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    assert pending(client) == 0

@@ -37,6 +37,18 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def terminate(process: subprocess.Popen[Any], timeout: float) -> None:
+    """Stop ``process`` with SIGTERM, killing it if it is not gone within ``timeout`` seconds."""
+    if process.poll() is not None:
+        return
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(timeout=10)
+
+
 def _run(cmd: list[str], **kwargs: object) -> None:
     done = subprocess.run(cmd, capture_output=True, text=True, check=False, **kwargs)  # type: ignore[call-overload]
     if done.returncode != 0:
@@ -147,6 +159,21 @@ class PrivatePostgres:
         finally:
             await admin.close()
 
+    async def drop_database_and_role(self, name: str, role: str) -> None:
+        """Drop a database made by ``create_database`` and the cluster-wide login ``role`` a test
+        made for it (what it owns and was granted there first, else the role could not go)."""
+        owner = await asyncpg.connect(self.admin_dsn(name))
+        try:
+            await owner.execute(f'DROP OWNED BY "{role}"')
+        finally:
+            await owner.close()
+        await self.drop_database(name)
+        admin = await asyncpg.connect(self.admin_dsn())
+        try:
+            await admin.execute(f'DROP ROLE IF EXISTS "{role}"')
+        finally:
+            await admin.close()
+
     def stop(self) -> None:
         """Stop the cluster."""
         self._stop()
@@ -224,13 +251,7 @@ class PrivateRedis:
 
     def stop(self) -> None:
         """Stop the server."""
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=10)
+        terminate(self.process, timeout=10)
 
 
 def redis_version() -> tuple[int, ...]:
@@ -279,6 +300,45 @@ def start_redis(base: Path, certs: Certs, users: dict[str, list[str]]) -> Privat
             private.stop()
             raise RuntimeError("redis-server did not answer within 10 s")
         time.sleep(0.05)
+
+
+class OwnRedis:
+    """A throwaway redis-server on a free port, which the test stops and starts."""
+
+    def __init__(self, directory: Path) -> None:
+        self.port = free_port()
+        self.directory = directory
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        exe = shutil.which("redis-server")
+        assert exe is not None, "redis-server is needed for the outage tests"
+        self.proc = subprocess.Popen(
+            [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", ""]  # noqa: RUF005
+            + ["--appendonly", "no", "--dir", str(self.directory)],
+            stdout=subprocess.DEVNULL,
+        )
+        client = redis.Redis.from_url(self.url, socket_timeout=0.5)
+        end = time.monotonic() + 10
+        while True:
+            try:
+                client.ping()
+                break
+            except redis.exceptions.ConnectionError:
+                if time.monotonic() > end:
+                    raise
+                time.sleep(0.05)
+        client.close()
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(timeout=10)
+            self.proc = None
 
 
 # --- fixtures ------------------------------------------------------------------------------------
@@ -395,3 +455,13 @@ def acl_denials(server: PrivateRedis) -> list[dict[str, Any]]:
     finally:
         admin.close()
     return entries
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[OwnRedis]:
+    """A throwaway redis-server of the test's own, which it may stop and start (never the
+    shared one); stopped at teardown."""
+    server = OwnRedis(tmp_path)
+    server.start()
+    yield server
+    server.stop()

@@ -1,12 +1,15 @@
-"""Model instances and CSV text for the storage and CSV tests (real values, exact decimals)."""
+"""Sample data with real values and exact decimals: model instances and CSV text for the storage
+and CSV tests, and the parts of wire events (JSON mappings) that many tests build alike."""
 
 from __future__ import annotations
 
 import datetime as dt
 from decimal import Decimal as D
 from pathlib import Path
+from typing import Any
 
 from ingestd.producer.storage.models import FxRate, OrderLeg, Position, SpreadOpportunity, Trade
+from ingestd.wire.events import utc_iso
 
 T0 = dt.datetime(2025, 11, 15, 3, 40, 15, 123000, tzinfo=dt.UTC)
 
@@ -122,3 +125,67 @@ def write_csv(path: Path, header: str, rows: list[str], *, newline: str = "\n") 
     """A CSV file of a header and rows."""
     path.write_bytes((newline.join([header, *rows]) + newline).encode("utf-8"))
     return path
+
+
+# --- wire events -------------------------------------------------------------------------------
+
+# A spread's symbol and prices as the wire carries them (decimal text, never floats), in the order
+# of the spreads.csv header.
+SPREAD_PRICES: dict[str, str] = {
+    "symbol": "BTC",
+    "upbit_price": "140123456.12",
+    "binance_price": "98012.12345678",
+    "binance_price_krw": "135800000.55",
+    "spread_pct": "3.1836",
+    "net_spread_pct": "2.9836",
+}
+
+# The entry and exit columns of a position as the wire carries them (position_open and
+# position_close events).
+POSITION_ENTRY: dict[str, str] = {
+    "direction": "upbit_short_binance_long",
+    "size": "0.01",
+    "entry_upbit_price": "140000000.00",
+    "entry_binance_price": "98000.12345678",
+    "entry_spread_pct": "3.1000",
+    "timestamp_open": "2025-11-15T03:00:00Z",
+}
+
+
+def position_exit(pnl_krw: str = "25000.75", day: str = "2025-11-15") -> dict[str, str]:
+    """The exit columns of a position_close event, closed at 04:00 UTC of ``day``."""
+    return {
+        "exit_upbit_price": "139000000.50",
+        "exit_binance_price": "97900.00000001",
+        "exit_spread_pct": "0.5000",
+        "pnl_krw": pnl_krw,
+        "pnl_pct": "1.2345",
+        "timestamp_close": f"{day}T04:00:00Z",
+    }
+
+
+def fx_event(
+    i: int, *, rate: str = "1385.5", event_id: str | None = None, **extra: str
+) -> dict[str, Any]:
+    """A valid fx_rate event, ``i`` seconds after 2026-11-30 UTC, with ``extra`` fields."""
+    moment = dt.datetime(2026, 11, 30, tzinfo=dt.UTC) + dt.timedelta(seconds=i)
+    return {
+        "type": "fx_rate",
+        "event_id": event_id or f"fx-{i}",
+        "producer": "collector",
+        "pair": "USDKRW",
+        "rate": rate,
+        **extra,
+        "timestamp": utc_iso(moment),
+    }
+
+
+def nested_lists(levels: int) -> list[Any]:
+    """Lists nested ``levels`` deep (``[[[...]]]``), built without recursion."""
+    outer: list[Any] = []
+    current = outer
+    for _ in range(levels - 1):
+        inner: list[Any] = []
+        current.append(inner)
+        current = inner
+    return outer

@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from ingestd.settings import Settings
+from tests.commands import INGESTD, run_ingestd, servers_env
 
 # The checkout: ``python -m tests.failpoint_run`` is found from here.
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -50,30 +50,20 @@ class Daemon:
             await asyncio.sleep(0.05)
 
 
+# The type of the ``start_daemon`` fixture (below).
+StartDaemon = Callable[..., Daemon]
+
+
 def ingestd_env(settings: Settings, consumer: str = "e2e-1") -> dict[str, str]:
     """The environment an operator would give the container."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("INGESTD_")}
-    env.update(
-        DATABASE_URL=settings.storage.postgres.dsn,
-        REDIS_URL=settings.storage.redis.url,
-        INGESTD_CONSUMER=consumer,
-        INGESTD_METRICS_PORT="0",
-    )
-    return env
+    return servers_env(settings, INGESTD_CONSUMER=consumer, INGESTD_METRICS_PORT="0")
 
 
 def run_cli(
     settings: Settings, *args: str, timeout: float = 120
 ) -> subprocess.CompletedProcess[str]:
     """Run an ``ingestd`` command to completion in another process."""
-    return subprocess.run(
-        [sys.executable, "-m", "ingestd.cli", *args],
-        env=ingestd_env(settings),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
+    return run_ingestd(ingestd_env(settings), *args, timeout=timeout)
 
 
 @pytest.fixture
@@ -107,7 +97,7 @@ def start_daemon(tmp_path: Path) -> Iterator[object]:
             own.write_text(config_yaml, encoding="utf-8")
             env["INGESTD_CONFIG"] = str(own)
         env.update(extra_env)
-        command = [sys.executable, "-m", "ingestd.cli", "run"]
+        command = [*INGESTD, "run"]
         if failpoints is not None:
             command = [sys.executable, "-m", "tests.failpoint_run", failpoints, "run"]
         with log_path.open("wb") as log:

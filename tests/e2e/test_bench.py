@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import subprocess
-import sys
 import uuid
 from pathlib import Path
 
@@ -18,6 +16,7 @@ from ingestd.errors import ConfigError
 from ingestd.tools.bench import options, throughput
 from ingestd.tools.bench.scratch import BenchFailed, reset_tables, verify
 from ingestd.tools.bench.workload import make_mix, make_spreads, raw_batches
+from tests.commands import operator_env, run_ingestd
 from tests.conftest import PgServer
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -31,18 +30,13 @@ def _bench(
     pythonpath: str | None = None,
 ) -> tuple[subprocess.CompletedProcess[str], str]:
     database = f"ingestd_bench_test_{uuid.uuid4().hex[:10]}"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("INGESTD_")}
-    env.update(DATABASE_URL=pg_server.admin_dsn, REDIS_URL=redis_url, INGESTD_METRICS_PORT="0")
+    env = operator_env(
+        DATABASE_URL=pg_server.admin_dsn, REDIS_URL=redis_url, INGESTD_METRICS_PORT="0"
+    )
     if pythonpath is not None:
         env["PYTHONPATH"] = pythonpath
-    done = subprocess.run(
-        [sys.executable, "-m", "ingestd.cli", "bench", "--scratch-database", database, *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-        cwd=tmp_path,
+    done = run_ingestd(
+        env, "bench", "--scratch-database", database, *args, timeout=600, cwd=tmp_path
     )
     return done, database
 

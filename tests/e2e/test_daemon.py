@@ -11,7 +11,6 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,22 +20,24 @@ import redis
 
 from ingestd.settings import Settings
 from ingestd.wire.events import utc_iso
-from tests.e2e.conftest import Daemon, ingestd_env, run_cli
-from tests.feeds import pending, publish_from_other_process, simulated, wait_for_rows
+from tests.e2e.conftest import StartDaemon, ingestd_env, run_cli
+from tests.feeds import (
+    pending,
+    published_feed,
+    simulated,
+    wait_for_rows,
+)
 from tests.ledger import Expected, assert_landed_exactly_once
 
 pytestmark = [pytest.mark.e2e, pytest.mark.pg, pytest.mark.redis]
-
-StartDaemon = Callable[..., Daemon]
 
 
 async def test_100k_events_from_another_process_land_exactly_once(
     settings: Settings, start_daemon: StartDaemon, rclient: redis.Redis, db: asyncpg.Connection
 ) -> None:
     n = 100_000
-    sent = simulated(n, seed=7)
+    sent = published_feed(settings, n, seed=7)
     exp = Expected.of(sent)
-    publish_from_other_process(settings, n, seed=7)
     daemon = start_daemon(settings)
     await daemon.wait_for_log("action=started")
     await wait_for_rows(settings.storage.postgres.dsn, "spreads", exp.counts["spreads"])
@@ -101,8 +102,7 @@ async def test_sigkill_mid_stream_then_restart_is_exactly_once(
     settings: Settings, start_daemon: StartDaemon, rclient: redis.Redis, db: asyncpg.Connection
 ) -> None:
     n = 40_000
-    sent = simulated(n, seed=11)
-    publish_from_other_process(settings, n, seed=11)
+    sent = published_feed(settings, n, seed=11)
     first = start_daemon(settings)
     await wait_for_rows(settings.storage.postgres.dsn, "spreads", 4_000)
     first.signal(signal.SIGKILL)
@@ -298,8 +298,7 @@ async def test_sigterm_drains_and_exits_zero(
     settings: Settings, start_daemon: StartDaemon, rclient: redis.Redis, db: asyncpg.Connection
 ) -> None:
     n = 80_000
-    sent = simulated(n, seed=5)
-    publish_from_other_process(settings, n, seed=5)
+    sent = published_feed(settings, n, seed=5)
     daemon = start_daemon(settings)
     await wait_for_rows(settings.storage.postgres.dsn, "spreads", 1_000)
     daemon.signal(signal.SIGTERM)

@@ -13,7 +13,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -26,8 +25,9 @@ import redis.asyncio as aioredis
 
 from ingestd import AsyncPublisher, load_settings
 from ingestd.settings import Settings
-from tests.e2e.conftest import Daemon
-from tests.feeds import pending, publish_from_other_process, simulated
+from tests.commands import operator_env, run_ingestd
+from tests.e2e.conftest import StartDaemon
+from tests.feeds import pending, published_feed
 from tests.http_client import Samples, by_label, get, scrape
 from tests.ledger import Expected, assert_landed_exactly_once
 from tests.mixed_feed import MALFORMED, mixed_feed
@@ -41,7 +41,6 @@ from tests.private_servers import (
 )
 
 pytestmark = [pytest.mark.e2e, pytest.mark.pg, pytest.mark.redis]
-StartDaemon = Callable[..., Daemon]
 
 
 async def scrape_until(
@@ -73,8 +72,7 @@ async def test_metrics_endpoint_is_scraped_during_a_run(
     settings: Settings, start_daemon: StartDaemon, rclient: redis.Redis, db: asyncpg.Connection
 ) -> None:
     n = 5_000
-    sent = simulated(n, seed=9)
-    publish_from_other_process(settings, n, seed=9)
+    sent = published_feed(settings, n, seed=9)
     for payload in MALFORMED:
         rclient.xadd("ingestd:events", {"event": payload})
     entries = n + len(MALFORMED)
@@ -137,18 +135,11 @@ READER_PW = "reader-" + os.urandom(6).hex()
 
 
 def cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "ingestd.cli", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    return run_ingestd(env, *args)
 
 
 def clean_env() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if not k.startswith(("INGESTD_", "PG"))}
+    return operator_env(without_pg=True)
 
 
 @pytest.fixture
@@ -167,13 +158,7 @@ async def deployed(
     roles = cli(roles_env, "roles", "--writer-login", writer)
     assert roles.returncode == 0, roles.stderr
     yield cluster, name, writer
-    owner = await asyncpg.connect(cluster.admin_dsn(name))
-    await owner.execute(f'DROP OWNED BY "{writer}"')
-    await owner.close()
-    await cluster.drop_database(name)
-    admin = await asyncpg.connect(cluster.admin_dsn())
-    await admin.execute(f'DROP ROLE IF EXISTS "{writer}"')
-    await admin.close()
+    await cluster.drop_database_and_role(name, writer)
 
 
 async def test_least_privilege_deployment_over_tls_ingests_a_mixed_feed(

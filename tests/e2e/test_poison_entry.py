@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
-from collections.abc import Callable
 from pathlib import Path
 
 import asyncpg
@@ -13,7 +12,7 @@ import pytest
 import redis
 
 from ingestd.settings import Settings
-from tests.e2e.conftest import Daemon
+from tests.e2e.conftest import StartDaemon
 from tests.feeds import pending, wait_for_rows
 from tests.integration.test_delivery_budget import (
     NUL_FIELD_ENTRY,
@@ -24,7 +23,6 @@ from tests.integration.test_delivery_budget import (
 
 pytestmark = [pytest.mark.e2e, pytest.mark.pg, pytest.mark.redis]
 
-StartDaemon = Callable[..., Daemon]
 STREAM = "ingestd:events"
 
 

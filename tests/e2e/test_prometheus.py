@@ -31,14 +31,13 @@ import yaml
 
 from ingestd.settings import Settings
 from tests.deploy_files import PROMETHEUS, dashboard, panels
-from tests.e2e.conftest import Daemon
+from tests.e2e.conftest import StartDaemon
 from tests.feeds import publish_from_other_process
 from tests.http_client import get
 from tests.mixed_feed import MALFORMED
-from tests.private_servers import free_port
+from tests.private_servers import free_port, terminate
 
 pytestmark = [pytest.mark.e2e, pytest.mark.pg, pytest.mark.redis]
-StartDaemon = Callable[..., Daemon]
 
 RULES = PROMETHEUS.parent / "alerts.yml"
 RULE_TESTS = PROMETHEUS.parent / "alerts.test.yml"
@@ -182,12 +181,7 @@ def start_prometheus(tmp_path: Path) -> Iterator[Callable[[str], Prometheus]]:
 
     yield start
     for server in started:
-        server.proc.send_signal(signal.SIGTERM)
-        try:
-            server.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.proc.kill()
-            server.proc.wait(timeout=10)
+        terminate(server.proc, timeout=30)
 
 
 def panel_exprs() -> list[tuple[str, str]]:

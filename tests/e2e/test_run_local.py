@@ -8,13 +8,12 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import redis
 
-from tests.conftest import PgServer
 from tests.private_servers import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -73,13 +72,6 @@ def _port_free(port: int) -> bool:
 
 
 @pytest.fixture
-async def scratch_dsn(pg_server: PgServer) -> AsyncIterator[str]:
-    dsn = await pg_server.clone()
-    yield dsn
-    await pg_server.drop(dsn)
-
-
-@pytest.fixture
 def started() -> Iterator[list[int]]:
     """Pids this test started (the script and what it started): killed if a test leaves them."""
     pids: list[int] = []
@@ -94,7 +86,7 @@ def started() -> Iterator[list[int]]:
 @pytest.mark.redis
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
 def test_a_signal_to_the_script_alone_stops_the_daemon_and_the_simulator(
-    sig: signal.Signals, scratch_dsn: str, redis_url: str, tmp_path: Path, started: list[int]
+    sig: signal.Signals, db_dsn: str, redis_url: str, tmp_path: Path, started: list[int]
 ) -> None:
     if not os.access(ROOT / ".venv" / "bin" / "ingestd", os.X_OK):
         pytest.skip("run-local.sh runs .venv/bin/ingestd of the checkout, which is not installed")
@@ -103,7 +95,7 @@ def test_a_signal_to_the_script_alone_stops_the_daemon_and_the_simulator(
     # The servers the tests use, so that scripts/services.sh finds them and starts nothing.
     env.update({k: v for k, v in os.environ.items() if k.startswith("INGESTD_TEST_")})
     env.update(
-        DATABASE_URL=scratch_dsn,
+        DATABASE_URL=db_dsn,
         REDIS_URL=redis_url,
         INGESTD_METRICS_PORT=str(port),
         INGESTD_CONSUMER="run-local-test",

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import random
 import signal
-from collections.abc import Callable
 from typing import Any
 
 import asyncpg
@@ -19,14 +18,18 @@ import pytest
 import redis
 
 from ingestd.settings import Settings
-from tests.e2e.conftest import Daemon
+from tests.e2e.conftest import Daemon, StartDaemon
 from tests.faults.conftest import FAULT_CONFIG, FaultServers
-from tests.feeds import pending, publish_from_other_process, simulated, wait_for_rows
-from tests.ledger import Expected, assert_landed_exactly_once
+from tests.feeds import (
+    pending,
+    publish_from_other_process,
+    published_feed,
+    simulated,
+    wait_for_rows,
+)
+from tests.ledger import Expected, assert_landed_in
 
 pytestmark = [pytest.mark.faults, pytest.mark.e2e, pytest.mark.pg, pytest.mark.redis]
-
-StartDaemon = Callable[..., Daemon]
 
 
 def stream_client(settings: Settings) -> redis.Redis:
@@ -48,21 +51,15 @@ async def finish_and_check(
         await wait_for_rows(dsn, table, exp.counts[table], timeout=timeout)
     daemon.signal(signal.SIGTERM)
     assert daemon.wait(timeout=30) == 0, daemon.log
-    conn = await asyncpg.connect(dsn)
-    try:
-        await assert_landed_exactly_once(conn, exp)
-        assert await conn.fetchval("SELECT count(*) FROM dead_letters") == 0
-    finally:
-        await conn.close()
+    await assert_landed_in(dsn, exp, no_dead_letters=True)
     assert pending(stream_client(settings)) == 0
 
 
 async def test_postgres_restarted_mid_copy_loses_and_doubles_nothing(
     fault_settings: Settings, fault_servers: FaultServers, start_daemon: StartDaemon
 ) -> None:
-    sent = simulated(60_000, seed=21)
+    sent = published_feed(fault_settings, 60_000, seed=21)
     exp = Expected.of(sent)
-    publish_from_other_process(fault_settings, len(sent), seed=21)
     daemon = start_daemon(fault_settings, config_yaml=FAULT_CONFIG)
     dsn = fault_settings.storage.postgres.dsn
     for target in (5_000, 20_000):
@@ -77,9 +74,8 @@ async def test_postgres_restarted_mid_copy_loses_and_doubles_nothing(
 async def test_backends_terminated_mid_batch_are_retried_all_or_nothing(
     fault_settings: Settings, start_daemon: StartDaemon
 ) -> None:
-    sent = simulated(50_000, seed=22)
+    sent = published_feed(fault_settings, 50_000, seed=22)
     exp = Expected.of(sent)
-    publish_from_other_process(fault_settings, len(sent), seed=22)
     daemon = start_daemon(fault_settings, config_yaml=FAULT_CONFIG)
     dsn = fault_settings.storage.postgres.dsn
     await wait_for_rows(dsn, "spreads", 2_000)
@@ -133,9 +129,8 @@ async def test_database_down_keeps_entries_pending_and_memory_bounded(
 async def test_sigkill_at_each_crash_point_then_restart_is_exactly_once(
     fault_settings: Settings, start_daemon: StartDaemon, point: str
 ) -> None:
-    sent = simulated(20_000, seed=24)
+    sent = published_feed(fault_settings, 20_000, seed=24)
     exp = Expected.of(sent)
-    publish_from_other_process(fault_settings, len(sent), seed=24)
     first = start_daemon(fault_settings, config_yaml=FAULT_CONFIG, failpoints=f"{point}=3")
     assert await asyncio.to_thread(first.wait, 60) == -signal.SIGKILL, first.log
     assert f"failpoint {point}: SIGKILL" in first.log
@@ -148,9 +143,8 @@ async def test_sigkill_at_each_crash_point_then_restart_is_exactly_once(
 async def test_sigkill_at_random_moments_is_exactly_once(
     fault_settings: Settings, start_daemon: StartDaemon
 ) -> None:
-    sent = simulated(60_000, seed=25)
+    sent = published_feed(fault_settings, 60_000, seed=25)
     exp = Expected.of(sent)
-    publish_from_other_process(fault_settings, len(sent), seed=25)
     rng = random.Random(25)
     daemon = start_daemon(fault_settings, config_yaml=FAULT_CONFIG)
     client = stream_client(fault_settings)
@@ -170,9 +164,8 @@ async def test_sigkill_at_random_moments_is_exactly_once(
 async def test_replica_killed_its_entries_are_claimed_by_the_others(
     fault_settings: Settings, start_daemon: StartDaemon
 ) -> None:
-    sent = simulated(60_000, seed=26)
+    sent = published_feed(fault_settings, 60_000, seed=26)
     exp = Expected.of(sent)
-    publish_from_other_process(fault_settings, len(sent), seed=26)
     claim = {"CLAIM_IDLE_MS": "2000", "CLAIM_INTERVAL_S": "1"}
     replicas = [
         start_daemon(fault_settings, name, config_yaml=FAULT_CONFIG, **claim)
@@ -204,9 +197,5 @@ async def test_replica_killed_its_entries_are_claimed_by_the_others(
         r.signal(signal.SIGTERM)
     for r in (replicas[0], replicas[2]):
         assert await asyncio.to_thread(r.wait, 30) == 0, r.log
-    conn = await asyncpg.connect(dsn)
-    try:
-        await assert_landed_exactly_once(conn, exp)
-    finally:
-        await conn.close()
+    await assert_landed_in(dsn, exp)
     assert pending(client) == 0

@@ -13,7 +13,6 @@ import datetime as dt
 import json
 import signal
 import time
-from collections.abc import Callable
 
 import pytest
 import redis
@@ -21,14 +20,17 @@ import redis
 from ingestd import Outcome, Service
 from ingestd.settings import Settings
 from ingestd.wire.events import utc_iso
-from tests.e2e.conftest import Daemon
+from tests.e2e.conftest import StartDaemon
 from tests.faults.conftest import FAULT_CONFIG, FaultServers
-from tests.feeds import pending, publish_from_other_process, simulated, wait_for_rows
+from tests.feeds import (
+    pending,
+    published_feed,
+    simulated,
+    wait_for_rows,
+)
 from tests.ledger import Expected, wait_until_landed_exactly_once
 
 pytestmark = [pytest.mark.faults, pytest.mark.pg, pytest.mark.redis]
-
-StartDaemon = Callable[..., Daemon]
 
 
 def felt_redis_fault(log: str) -> bool:
@@ -113,8 +115,7 @@ async def test_redis_down_database_writes_go_on_and_the_mirror_catches_up(
 async def test_redis_restarted_mid_stream_the_consumer_resumes_without_loss(
     fault_settings: Settings, fault_servers: FaultServers, start_daemon: StartDaemon
 ) -> None:
-    first = simulated(30_000, seed=42)
-    publish_from_other_process(fault_settings, len(first), seed=42)
+    first = published_feed(fault_settings, 30_000, seed=42)
     daemon = start_daemon(fault_settings, config_yaml=FAULT_CONFIG)
     dsn = fault_settings.storage.postgres.dsn
     await wait_for_rows(dsn, "spreads", 3_000)
@@ -136,8 +137,7 @@ async def test_redis_restarted_mid_stream_the_consumer_resumes_without_loss(
 async def test_redis_crash_restores_the_pending_list_and_redelivery_lands_once(
     fault_settings: Settings, fault_servers: FaultServers, start_daemon: StartDaemon
 ) -> None:
-    sent = simulated(30_000, seed=43)
-    publish_from_other_process(fault_settings, len(sent), seed=43)
+    sent = published_feed(fault_settings, 30_000, seed=43)
     await asyncio.sleep(1.5)  # appendfsync everysec: what was published is on disk now
     daemon = start_daemon(fault_settings, config_yaml=FAULT_CONFIG)
     dsn = fault_settings.storage.postgres.dsn
@@ -156,8 +156,7 @@ async def test_redis_crash_restores_the_pending_list_and_redelivery_lands_once(
 async def test_hung_redis_is_waited_out_and_nothing_is_lost(
     fault_settings: Settings, fault_servers: FaultServers, start_daemon: StartDaemon
 ) -> None:
-    sent = simulated(30_000, seed=44)
-    publish_from_other_process(fault_settings, len(sent), seed=44)
+    sent = published_feed(fault_settings, 30_000, seed=44)
     daemon = start_daemon(fault_settings, config_yaml=FAULT_CONFIG)
     dsn = fault_settings.storage.postgres.dsn
     await wait_for_rows(dsn, "spreads", 3_000)

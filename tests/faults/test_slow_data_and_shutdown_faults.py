@@ -14,7 +14,6 @@ import json
 import random
 import signal
 import time
-from collections.abc import Callable
 from decimal import Decimal
 from typing import Any
 
@@ -25,15 +24,25 @@ import redis
 from ingestd import Outcome, Service
 from ingestd.settings import Settings
 from ingestd.tools.simulate import Simulator
-from tests.e2e.conftest import Daemon
+from tests.e2e.conftest import StartDaemon
 from tests.faults.conftest import FAULT_CONFIG, FaultServers
 from tests.faults.test_inprocess_faults import produce, wait_until, watch_queue
-from tests.feeds import START, pending, publish_from_other_process, simulated, wait_for_rows
-from tests.ledger import Expected, assert_landed_exactly_once, wait_until_landed_exactly_once
+from tests.feeds import (
+    START,
+    pending,
+    publish_from_other_process,
+    published_feed,
+    simulated,
+    wait_for_rows,
+)
+from tests.ledger import (
+    Expected,
+    assert_landed_exactly_once,
+    assert_landed_in,
+    wait_until_landed_exactly_once,
+)
 
 pytestmark = [pytest.mark.faults, pytest.mark.pg, pytest.mark.redis]
-
-StartDaemon = Callable[..., Daemon]
 
 
 async def test_slow_database_lock_gives_backpressure_and_loses_nothing(
@@ -202,9 +211,8 @@ async def test_out_of_order_events_across_two_replicas_end_right(
 async def test_second_signal_exits_at_once_and_a_restart_completes_exactly_once(
     fault_settings: Settings, start_daemon: StartDaemon
 ) -> None:
-    sent = simulated(30_000, seed=55)
+    sent = published_feed(fault_settings, 30_000, seed=55)
     exp = Expected.of(sent)
-    publish_from_other_process(fault_settings, len(sent), seed=55)
     dsn = fault_settings.storage.postgres.dsn
     daemon = start_daemon(fault_settings, config_yaml=FAULT_CONFIG)
     await wait_for_rows(dsn, "spreads", 2_000)
@@ -231,8 +239,4 @@ async def test_second_signal_exits_at_once_and_a_restart_completes_exactly_once(
     again.signal(signal.SIGTERM)
     # Exit code 0 means the drain finished within shutdown.grace_s (3 would mean forced).
     assert await asyncio.to_thread(again.wait, 30) == 0, again.log
-    conn = await asyncpg.connect(dsn)
-    try:
-        await assert_landed_exactly_once(conn, exp)
-    finally:
-        await conn.close()
+    await assert_landed_in(dsn, exp)

@@ -19,6 +19,7 @@ from typing import Any
 import asyncpg
 import orjson
 import pytest
+import redis
 
 from ingestd import trading
 from ingestd.producer.publisher import AsyncPublisher
@@ -81,25 +82,31 @@ def simulate(tmp_path: Path) -> Iterator[Simulate]:
             proc.wait(timeout=10)
 
 
-def daemon(start_daemon: Any, settings: Settings) -> Daemon:
-    started: Daemon = start_daemon(settings, "fault-1", config_yaml=DAEMON_CONFIG)
-    return started
+def scenario(name: str, *, after_s: int, for_s: int) -> tuple[str, ...]:
+    """The simulator's arguments for fault scenario ``name``: from ``after_s`` for ``for_s``."""
+    return (
+        *("--scenario", name),
+        *("--scenario-after", str(after_s)),
+        *("--scenario-duration", str(for_s)),
+    )
+
+
+async def daemon_and_feed(
+    start_daemon: Any, simulate: Simulate, settings: Settings, *simulate_args: str
+) -> tuple[redis.Redis, Daemon, subprocess.Popen[bytes]]:
+    """A client reading trading:state as a trader does, the daemon (started, with the short
+    trading limits) and then the simulator's feed (with ``simulate_args``)."""
+    client = redis_client(settings)
+    run: Daemon = start_daemon(settings, "fault-1", config_yaml=DAEMON_CONFIG)
+    await run.wait_for_log("ingestd started")
+    return client, run, simulate(settings, *simulate_args)
 
 
 async def test_collector_pause_halts_and_the_state_comes_back_active(
     fault_settings: Settings, start_daemon: Any, simulate: Simulate
 ) -> None:
-    client = redis_client(fault_settings)
-    run = daemon(start_daemon, fault_settings)
-    await run.wait_for_log("ingestd started")
-    simulate(
-        fault_settings,
-        "--scenario",
-        "collector-pause",
-        "--scenario-after",
-        "4",
-        "--scenario-duration",
-        "8",
+    client, _, _ = await daemon_and_feed(
+        start_daemon, simulate, fault_settings, *scenario("collector-pause", after_s=4, for_s=8)
     )
     await wait_state(client, trading.State.ACTIVE, timeout=60)
     halted = await wait_state(client, trading.State.HALTED, reason="collector", timeout=60)
@@ -128,17 +135,8 @@ async def test_collector_pause_halts_and_the_state_comes_back_active(
 async def test_fx_stale_halts_on_the_rate_alone_and_comes_back_active(
     fault_settings: Settings, start_daemon: Any, simulate: Simulate
 ) -> None:
-    client = redis_client(fault_settings)
-    run = daemon(start_daemon, fault_settings)
-    await run.wait_for_log("ingestd started")
-    simulate(
-        fault_settings,
-        "--scenario",
-        "fx-stale",
-        "--scenario-after",
-        "4",
-        "--scenario-duration",
-        "6",
+    client, _, _ = await daemon_and_feed(
+        start_daemon, simulate, fault_settings, *scenario("fx-stale", after_s=4, for_s=6)
     )
     await wait_state(client, trading.State.ACTIVE, timeout=60)
     halted = await wait_state(client, trading.State.HALTED, reason="USDKRW", timeout=60)
@@ -150,17 +148,8 @@ async def test_fx_stale_halts_on_the_rate_alone_and_comes_back_active(
 async def test_a_dropped_hedge_leg_makes_it_reducing_until_the_leg_is_logged(
     fault_settings: Settings, start_daemon: Any, simulate: Simulate
 ) -> None:
-    client = redis_client(fault_settings)
-    run = daemon(start_daemon, fault_settings)
-    await run.wait_for_log("ingestd started")
-    simulate(
-        fault_settings,
-        "--scenario",
-        "drop-hedge-leg",
-        "--scenario-after",
-        "3",
-        "--scenario-duration",
-        "30",
+    client, _, _ = await daemon_and_feed(
+        start_daemon, simulate, fault_settings, *scenario("drop-hedge-leg", after_s=3, for_s=30)
     )
     await wait_state(client, trading.State.ACTIVE, timeout=60)
     reducing = await wait_state(client, trading.State.REDUCING, reason="half-hedged", timeout=60)
@@ -209,10 +198,7 @@ async def test_the_database_refusing_connections_under_the_daemon_and_the_simula
     start_daemon: Any,
     simulate: Simulate,
 ) -> None:
-    client = redis_client(fault_settings)
-    run = daemon(start_daemon, fault_settings)
-    await run.wait_for_log("ingestd started")
-    simulate(fault_settings)
+    client, _, _ = await daemon_and_feed(start_daemon, simulate, fault_settings)
     await wait_state(client, trading.State.ACTIVE, timeout=60)
     await asyncio.to_thread(fault_servers.pg.stop)
     down_at = dt.datetime.now(dt.UTC)
@@ -247,10 +233,7 @@ async def test_redis_stopped_under_the_daemon_and_the_simulator(
     start_daemon: Any,
     simulate: Simulate,
 ) -> None:
-    client = redis_client(fault_settings)
-    run = daemon(start_daemon, fault_settings)
-    await run.wait_for_log("ingestd started")
-    feed = simulate(fault_settings)
+    client, run, feed = await daemon_and_feed(start_daemon, simulate, fault_settings)
     await wait_state(client, trading.State.ACTIVE, timeout=60)
     await asyncio.to_thread(fault_servers.redis.stop)
     # A trader cannot read the state: HALTED, as the producer API says.

@@ -11,7 +11,6 @@ import datetime as dt
 import itertools
 import os
 import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -25,6 +24,7 @@ from ingestd import Service, trading
 from ingestd.producer.storage import RedisCacheStorage
 from ingestd.settings import Settings
 from ingestd.wire.events import utc_iso
+from tests.commands import run_ingestd, servers_env
 from tests.faults.conftest import FaultServers
 
 pytestmark = [pytest.mark.faults, pytest.mark.pg, pytest.mark.redis]
@@ -233,16 +233,7 @@ async def test_redis_stopped_the_key_expires_readers_see_halted_and_it_comes_bac
 
 
 def run_cli(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("INGESTD_")}
-    env.update(DATABASE_URL=settings.storage.postgres.dsn, REDIS_URL=settings.storage.redis.url)
-    return subprocess.run(
-        [sys.executable, "-m", "ingestd.cli", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    return run_ingestd(servers_env(settings), *args, timeout=60)
 
 
 async def test_operator_halt_through_the_cli_survives_a_restart_until_resume(

@@ -13,7 +13,6 @@ import dataclasses
 import datetime as dt
 import io
 import random
-import uuid
 from collections.abc import AsyncIterator
 from decimal import Decimal
 from pathlib import Path
@@ -35,10 +34,9 @@ from tests.samples import SPREAD_HEADER
 
 pytestmark = [pytest.mark.pg]
 
-# Plain PostgreSQL, then TimescaleDB: a freshly migrated database each (that module's fixtures).
-server = layer.server
+# Plain PostgreSQL, then TimescaleDB (the conftest's ``server``): a freshly migrated database
+# each, as that module makes it.
 dsn = layer.dsn
-conn = layer.conn
 
 
 def make_settings(dsn: str, redis_url: str) -> Settings:
@@ -256,24 +254,14 @@ async def timescale_dsn(timescale_server: PgServer) -> AsyncIterator[str]:
     """An empty TimescaleDB database (migrated by the test) whose jobs run only when a test asks
     (its scheduler stopped: its own run of ingestd_backfill_job took the drain's lock while the
     test's run_job returned having drained nothing)."""
-    name = f"ingestd_bf_{uuid.uuid4().hex[:12]}"
-    admin = await asyncpg.connect(timescale_server.admin_dsn)
-    try:
-        await admin.execute(f"CREATE DATABASE {name}")
-    finally:
-        await admin.close()
-    dsn = layer.with_db(timescale_server.admin_dsn, name)
+    dsn = await timescale_server.create_empty("ingestd_bf")
     conn = await asyncpg.connect(dsn)
     try:
         await stop_own_scheduler(conn)
     finally:
         await conn.close()
     yield dsn
-    admin = await asyncpg.connect(timescale_server.admin_dsn)
-    try:
-        await admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-    finally:
-        await admin.close()
+    await timescale_server.drop(dsn)
 
 
 async def insert_spreads(

@@ -6,16 +6,15 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
-import sys
 import time
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-import asyncpg
 import pytest
 
-from tests.conftest import PgServer
+from tests.commands import operator_env, run_ingestd
+from tests.conftest import PgServer, database_name
 
 PASSWORD = "pw-" + os.urandom(6).hex()
 REDIS_PASSWORD = "rpw-" + os.urandom(6).hex()
@@ -56,17 +55,8 @@ def _with(dsn: str, *, database: str, password: str) -> str:
 
 
 def cli(args: list[str], tmp_path: Path, **env_vars: str) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("INGESTD_", "PG"))}
-    env.update(INGESTD_METRICS_PORT="0", **env_vars)
-    return subprocess.run(
-        [sys.executable, "-m", "ingestd.cli", *(a.format(dir=tmp_path) for a in args)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-        cwd=tmp_path,
-    )
+    env = operator_env(without_pg=True, INGESTD_METRICS_PORT="0", **env_vars)
+    return run_ingestd(env, *(a.format(dir=tmp_path) for a in args), cwd=tmp_path)
 
 
 def assert_one_clean_line(done: subprocess.CompletedProcess[str], *secrets: str) -> str:
@@ -166,19 +156,11 @@ def test_simulate_says_at_once_that_redis_does_not_answer(tmp_path: Path) -> Non
 @pytest.fixture
 async def read_only_database(pg_server: PgServer) -> AsyncIterator[str]:
     """An empty database whose sessions are read-only (a hot standby behaves the same)."""
-    name = f"ingestd_ro_{uuid.uuid4().hex[:12]}"
-    admin = await asyncpg.connect(pg_server.admin_dsn)
-    try:
-        await admin.execute(f"CREATE DATABASE {name}")
-        await admin.execute(f"ALTER DATABASE {name} SET default_transaction_read_only = on")
-    finally:
-        await admin.close()
+    url = await pg_server.create_empty("ingestd_ro")
+    name = database_name(url)
+    await pg_server.as_admin(f"ALTER DATABASE {name} SET default_transaction_read_only = on")
     yield _with(pg_server.admin_dsn, database=name, password=PASSWORD)
-    admin = await asyncpg.connect(pg_server.admin_dsn)
-    try:
-        await admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-    finally:
-        await admin.close()
+    await pg_server.drop(url)
 
 
 async def test_migrate_on_a_read_only_database_is_one_line(

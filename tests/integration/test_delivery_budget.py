@@ -23,9 +23,10 @@ import redis
 
 from ingestd import Outcome, Service
 from ingestd.settings import Settings
-from ingestd.wire.events import utc_iso
+from tests.feeds import wait_count, wait_until_acknowledged
 from tests.http_client import get, scrape
 from tests.private_servers import free_port
+from tests.samples import fx_event
 
 pytestmark = [pytest.mark.pg, pytest.mark.redis]
 
@@ -63,34 +64,12 @@ CREATE TRIGGER refuse_poison_dead_letter BEFORE INSERT ON dead_letters
 """
 
 
-def fx(i: int, *, event_id: str | None = None) -> dict[str, Any]:
-    """A valid FX event."""
-    moment = dt.datetime(2026, 11, 30, tzinfo=dt.UTC) + dt.timedelta(seconds=i)
-    return {
-        "type": "fx_rate",
-        "event_id": event_id or f"fx-{i}",
-        "producer": "collector",
-        "pair": "USDKRW",
-        "rate": "1385.5",
-        "timestamp": utc_iso(moment),
-    }
+fx = fx_event
 
 
 def entry_id(reply: Any) -> str:
     """An XADD reply as text."""
     return reply.decode() if isinstance(reply, bytes) else str(reply)
-
-
-async def wait_for_rows(conn: asyncpg.Connection, sql: str, want: int, timeout: float = 30) -> int:
-    """Wait until ``sql`` (a count) reaches ``want``; return the last count."""
-    end = time.monotonic() + timeout
-    n = 0
-    while time.monotonic() < end:
-        n = int(await conn.fetchval(sql))
-        if n >= want:
-            return n
-        await asyncio.sleep(0.05)
-    return n
 
 
 @pytest.fixture
@@ -115,12 +94,9 @@ async def test_a_small_entry_whose_dead_letter_overflows_does_not_jam_the_stream
     for i in range(20, 40):
         rclient.xadd(STREAM, {"event": json.dumps(fx(i))})
     async with Service(budget_settings):
-        assert await wait_for_rows(db, "SELECT count(*) FROM fx_rates", 40) == 40
-        assert await wait_for_rows(db, "SELECT count(*) FROM dead_letters", 1) == 1
-        deadline = time.monotonic() + 20
-        while rclient.xpending(STREAM, "ingestd")["pending"] and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
-        assert rclient.xpending(STREAM, "ingestd")["pending"] == 0
+        assert await wait_count(db, "SELECT count(*) FROM fx_rates", 40) == 40
+        assert await wait_count(db, "SELECT count(*) FROM dead_letters", 1) == 1
+        await wait_until_acknowledged(rclient, timeout=20)
     dead = await db.fetchrow("SELECT * FROM dead_letters")
     assert dead is not None
     assert dead["dedup_key"] == f"stream:{STREAM}:{poison_id}"
@@ -158,12 +134,9 @@ async def test_an_entry_the_database_refuses_is_isolated_then_dead_lettered(
     for ev in events:
         rclient.xadd(STREAM, {"event": json.dumps(ev)})
     async with Service(budget_settings.replace(**{"pipeline.max_entry_attempts": 2})) as service:
-        assert await wait_for_rows(db, "SELECT count(*) FROM dead_letters", 1) == 1
-        assert await wait_for_rows(db, "SELECT count(*) FROM fx_rates", 30) == 30
-        deadline = time.monotonic() + 20
-        while rclient.xpending(STREAM, "ingestd")["pending"] and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
-        assert rclient.xpending(STREAM, "ingestd")["pending"] == 0
+        assert await wait_count(db, "SELECT count(*) FROM dead_letters", 1) == 1
+        assert await wait_count(db, "SELECT count(*) FROM fx_rates", 30) == 30
+        await wait_until_acknowledged(rclient, timeout=20)
         assert service.metrics.quarantined == 0
     dead = await db.fetchrow("SELECT * FROM dead_letters")
     assert dead is not None
@@ -188,7 +161,7 @@ async def test_an_entry_whose_dead_letter_is_refused_too_is_quarantined_and_alar
     quarantine = Path(ops.pipeline.quarantine_path)
     async with Service(ops) as service:
         port = ops.metrics_port
-        assert await wait_for_rows(db, "SELECT count(*) FROM fx_rates", 20) == 20
+        assert await wait_count(db, "SELECT count(*) FROM fx_rates", 20) == 20
         deadline = time.monotonic() + 30
         while service.metrics.quarantined == 0 and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
@@ -307,12 +280,9 @@ async def test_bad_input_whose_dead_letter_is_refused_is_quarantined_and_the_res
     for i in range(15, 30):
         rclient.xadd(STREAM, {"event": json.dumps(fx(i))})
     async with Service(budget_settings) as service:
-        assert await wait_for_rows(db, "SELECT count(*) FROM fx_rates", 30) == 30
-        assert await wait_for_rows(db, "SELECT count(*) FROM dead_letters", 1) == 1
-        deadline = time.monotonic() + 30
-        while rclient.xpending(STREAM, "ingestd")["pending"] and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
-        assert rclient.xpending(STREAM, "ingestd")["pending"] == 0
+        assert await wait_count(db, "SELECT count(*) FROM fx_rates", 30) == 30
+        assert await wait_count(db, "SELECT count(*) FROM dead_letters", 1) == 1
+        await wait_until_acknowledged(rclient, timeout=30)
         assert service.metrics.quarantined == 1
     assert await db.fetchval("SELECT payload FROM dead_letters") == '{"type": "nope"}'
     text = await asyncio.to_thread(Path(budget_settings.pipeline.quarantine_path).read_text)

@@ -592,12 +592,8 @@ async def filled_db(
             await pool.close()
         yield cluster, name, reader
     finally:
-        await owner.execute(f'DROP OWNED BY "{reader}"')
         await owner.close()
-        await cluster.drop_database(name)
-        admin = await asyncpg.connect(cluster.admin_dsn())
-        await admin.execute(f'DROP ROLE IF EXISTS "{reader}"')
-        await admin.close()
+        await cluster.drop_database_and_role(name, reader)
 
 
 @pytest.mark.pg

@@ -34,14 +34,6 @@ _ids = itertools.count()
 
 
 @pytest.fixture
-async def pool(db_dsn: str) -> AsyncIterator[asyncpg.Pool]:
-    p = await asyncpg.create_pool(db_dsn, min_size=1, max_size=4)
-    assert p is not None
-    yield p
-    await p.close()
-
-
-@pytest.fixture
 async def aredis(redis_url: str) -> AsyncIterator[aioredis.Redis]:
     client = aioredis.Redis.from_url(redis_url)
     yield client
@@ -97,10 +89,10 @@ def test_legs_match_is_exact_at_the_tolerance() -> None:
 
 
 async def test_raised_after_the_time_and_cleared_when_the_leg_lands(
-    pool: asyncpg.Pool, aredis: aioredis.Redis, db: asyncpg.Connection, rclient: redis.Redis
+    db_pool: asyncpg.Pool, aredis: aioredis.Redis, db: asyncpg.Connection, rclient: redis.Redis
 ) -> None:
     metrics = Metrics()
-    m = monitor(pool, aredis, metrics)
+    m = monitor(db_pool, aredis, metrics)
     await leg(db, "pos_1", "upbit", "0.01", age_s=AFTER_S / 2)
     await leg(db, "pos_ok", "upbit", "0.02", age_s=AFTER_S * 2)
     await leg(db, "pos_ok", "binance_futures", "0.02", age_s=AFTER_S * 2)
@@ -143,7 +135,7 @@ async def test_raised_after_the_time_and_cleared_when_the_leg_lands(
 
 
 async def test_tolerance_edges_are_exact(
-    pool: asyncpg.Pool, aredis: aioredis.Redis, db: asyncpg.Connection
+    db_pool: asyncpg.Pool, aredis: aioredis.Redis, db: asyncpg.Connection
 ) -> None:
     old = AFTER_S * 2
     # 1 BTC against 0.999 BTC: exactly 0.1 % apart, a match.
@@ -162,7 +154,7 @@ async def test_tolerance_edges_are_exact(
     # A different producer's leg under the same key never completes this one's hedge.
     await leg(db, "two_producers", "upbit", "0.5", age_s=old, producer="paper")
     await leg(db, "two_producers", "binance_futures", "0.5", age_s=old, producer="live")
-    result = await monitor(pool, aredis).run_once()
+    result = await monitor(db_pool, aredis).run_once()
     assert result is not None
     # Each producer's position under the key is half-hedged: two alerts.
     assert sorted(result.raised) == ["edge_out", "two_producers", "two_producers", "unfilled"]
@@ -172,12 +164,12 @@ async def test_tolerance_edges_are_exact(
     assert details["edge_out"]["other_quantity"] == "0.99899999"
 
     # With a zero tolerance, the exact 0.1 % pair is a half hedge too.
-    strict = await monitor(pool, aredis, quantity_tolerance=0.0).run_once()
+    strict = await monitor(db_pool, aredis, quantity_tolerance=0.0).run_once()
     assert strict is not None and strict.raised == ["edge_in"]
 
 
 async def test_two_producers_with_one_position_key_never_clear_each_others_alert(
-    pool: asyncpg.Pool, aredis: aioredis.Redis, db: asyncpg.Connection, rclient: redis.Redis
+    db_pool: asyncpg.Pool, aredis: aioredis.Redis, db: asyncpg.Connection, rclient: redis.Redis
 ) -> None:
     """A paper and a live trader both counting from pos_7: one alert each, raised and cleared on
     its own legs; the one Redis key stays while either is open and says whose it is (before, the
@@ -188,7 +180,7 @@ async def test_two_producers_with_one_position_key_never_clear_each_others_alert
     await leg(db, "pos_7", "binance_futures", "0.2", age_s=old, producer="live")
     await db.execute("UPDATE orders SET mode = 'live' WHERE producer = 'live'")
     metrics = Metrics()
-    m = monitor(pool, aredis, metrics)
+    m = monitor(db_pool, aredis, metrics)
     first = await m.run_once()
     assert first is not None and first.raised == ["pos_7", "pos_7"] and first.open == 2
     rows = await db.fetch("SELECT producer, key FROM alerts WHERE cleared_at IS NULL")
@@ -222,7 +214,7 @@ async def test_two_producers_with_one_position_key_never_clear_each_others_alert
 
 
 async def test_the_time_counts_from_a_late_legs_arrival(
-    pool: asyncpg.Pool, aredis: aioredis.Redis, db: asyncpg.Connection
+    db_pool: asyncpg.Pool, aredis: aioredis.Redis, db: asyncpg.Connection
 ) -> None:
     """A leg whose event is old but which has only just arrived (catch-up) gets the full time."""
     await db.execute(
@@ -233,12 +225,12 @@ async def test_the_time_counts_from_a_late_legs_arrival(
                 now() - interval '5 minutes')
         """
     )
-    result = await monitor(pool, aredis).run_once()
+    result = await monitor(db_pool, aredis).run_once()
     assert result is not None and result.raised == [] and result.open == 0
 
 
 async def test_two_replicas_raise_one_alert(
-    pool: asyncpg.Pool,
+    db_pool: asyncpg.Pool,
     db_dsn: str,
     aredis: aioredis.Redis,
     db: asyncpg.Connection,
@@ -249,7 +241,7 @@ async def test_two_replicas_raise_one_alert(
     assert other_pool is not None
     try:
         metrics_a, metrics_b = Metrics(), Metrics()
-        a = monitor(pool, aredis, metrics_a)
+        a = monitor(db_pool, aredis, metrics_a)
         b = monitor(other_pool, aredis, metrics_b)
         for _ in range(5):
             await asyncio.gather(a.run_once(), b.run_once())
@@ -269,12 +261,12 @@ async def test_two_replicas_raise_one_alert(
 
 
 async def test_redis_follows_the_table(
-    pool: asyncpg.Pool, aredis: aioredis.Redis, db: asyncpg.Connection, rclient: redis.Redis
+    db_pool: asyncpg.Pool, aredis: aioredis.Redis, db: asyncpg.Connection, rclient: redis.Redis
 ) -> None:
     """A key left behind (a crash between commit and Redis) goes; a lost key comes back."""
     await leg(db, "pos_x", "upbit", "1", age_s=AFTER_S * 2)
     rclient.set("alerts:half_hedge:gone", b"{}")
-    m = monitor(pool, aredis)
+    m = monitor(db_pool, aredis)
     assert await m.run_once() is not None
     assert rclient.keys("alerts:half_hedge:*") == [b"alerts:half_hedge:pos_x"]
     rclient.delete("alerts:half_hedge:pos_x")

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import datetime as dt
-import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,6 +13,7 @@ import redis
 from ingestd.commands.health import check_health, heartbeat_age
 from ingestd.settings import Settings, load_settings
 from ingestd.wire.events import utc_iso
+from tests.commands import operator_env, run_ingestd
 from tests.private_servers import free_port
 
 pytestmark = [pytest.mark.redis]
@@ -116,19 +115,11 @@ def run_health(
     settings: Settings, *args: str, config: Path | None = None
 ) -> subprocess.CompletedProcess[str]:
     """The real command, as the container HEALTHCHECK runs it."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("INGESTD_")}
-    env["REDIS_URL"] = settings.storage.redis.url
+    env = operator_env(REDIS_URL=settings.storage.redis.url)
     env["INGESTD_CONSUMER"] = "desk1-a"  # the replica whose container runs the check
     if config is not None:
         env["INGESTD_CONFIG"] = str(config)
-    return subprocess.run(
-        [sys.executable, "-m", "ingestd.cli", "health", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    return run_ingestd(env, "health", *args, timeout=60)
 
 
 def test_health_command_exit_codes(

@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import time
-from collections.abc import AsyncIterator
 from typing import Any
 
 import asyncpg
@@ -29,14 +28,6 @@ GAP_S = 10.0
 
 def at(base: dt.datetime, seconds: float) -> dt.datetime:
     return base + dt.timedelta(seconds=seconds)
-
-
-@pytest.fixture
-async def pool(db_dsn: str) -> AsyncIterator[asyncpg.Pool]:
-    p = await asyncpg.create_pool(db_dsn, min_size=1, max_size=4)
-    assert p is not None
-    yield p
-    await p.close()
 
 
 async def write(conn: Connection, component: str, *moments: dt.datetime) -> None:
@@ -81,14 +72,14 @@ async def test_writes_extend_the_interval_within_the_gap_and_open_one_after_it(
 
 
 async def test_replicas_writing_at_once_never_open_one_interval_twice(
-    pool: asyncpg.Pool, db: asyncpg.Connection
+    db_pool: asyncpg.Pool, db: asyncpg.Connection
 ) -> None:
     """Each replica sees part of a component's heartbeats; they take turns, so the table keeps
     one row per interval (not one per replica that found none to extend)."""
     t = dt.datetime.now(dt.UTC).replace(microsecond=0) - dt.timedelta(hours=1)
 
     async def replica(offset: float) -> None:
-        async with pool.acquire() as conn:
+        async with db_pool.acquire() as conn:
             for i in range(20):
                 await write(conn, "collector", at(t, i * 2 + offset))
 

@@ -29,6 +29,7 @@ from ingestd.daemon.sources.inprocess import Outcome
 from ingestd.daemon.sources.stream import MAX_KEY_CHARS, StreamSource, derived_id_prefix
 from ingestd.settings import Settings
 from ingestd.wire.events import utc_iso
+from tests.samples import SPREAD_PRICES, nested_lists
 from tests.unused_sink import UnusedSink
 
 pytestmark = [pytest.mark.pg, pytest.mark.redis]
@@ -42,12 +43,8 @@ def spread(i: int, *, symbol: str = "BTC", when: dt.datetime | None = None) -> d
     return {
         "type": "spread",
         "producer": "collector",
+        **SPREAD_PRICES,
         "symbol": symbol,
-        "upbit_price": "140123456.12",
-        "binance_price": "98012.12345678",
-        "binance_price_krw": "135800000.55",
-        "spread_pct": "3.1836",
-        "net_spread_pct": "2.9836",
         "timestamp": utc_iso(moment),
     }
 
@@ -99,16 +96,6 @@ async def test_a_stream_key_too_long_to_spell_out_is_named_by_its_digest(
 # --- 5. deep nesting ---------------------------------------------------------------------------
 
 
-def _nested(levels: int) -> list[Any]:
-    outer: list[Any] = []
-    current = outer
-    for _ in range(levels - 1):
-        inner: list[Any] = []
-        current.append(inner)
-        current = inner
-    return outer
-
-
 DEEP_JSON = json.dumps(spread(9))[:-1] + ', "x": ' + "[" * 5000 + "]" * 5000 + "}"
 
 
@@ -118,7 +105,7 @@ async def test_one_deep_event_in_submit_many_is_a_dead_letter_and_the_rest_land(
     caplog.set_level(logging.INFO)
     batch: list[Any] = [
         {**spread(1), "event_id": "deep-1"},
-        {**spread(2), "event_id": "deep-2", "x": _nested(5000)},
+        {**spread(2), "event_id": "deep-2", "x": nested_lists(5000)},
         {**spread(3), "event_id": "deep-3"},
         DEEP_JSON,
     ]

@@ -6,24 +6,19 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
-import os
-import subprocess
-import sys
 import uuid
 from collections.abc import AsyncIterator
 from decimal import Decimal
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import asyncpg
 import orjson
 import pytest
 import redis
 
-import ingestd.daemon.db as ingestd_db
 from ingestd.clients import redis_async
 from ingestd.commands import roles as ingestd_roles
-from ingestd.daemon import migrations
 from ingestd.daemon.batching import Item
 from ingestd.daemon.maintenance import (
     TASK_METRICS,
@@ -34,7 +29,9 @@ from ingestd.daemon.maintenance import (
     Maintenance,
 )
 from ingestd.daemon.sinks.postgres import PostgresSink
-from ingestd.settings import MaintenanceSettings, RetentionSettings, load_settings
+from ingestd.settings import MaintenanceSettings, RetentionSettings
+from tests.commands import operator_env, run_ingestd
+from tests.conftest import PLAIN_ONLY, TIMESCALE_ONLY, PgServer, ingestd_pool, with_db
 from tests.integration.test_postgres_sink import item, pos_close, pos_open, spread
 
 pytestmark = [pytest.mark.pg, pytest.mark.redis]
@@ -55,82 +52,6 @@ DEFINER_FUNCTIONS = (
     "ingestd_refresh_aggregate(text)",
     "ingestd_queue_backfill(timestamp with time zone, timestamp with time zone)",
 )
-
-
-class Server(Protocol):
-    """What these tests use of the conftest's server fixtures."""
-
-    admin_dsn: str
-
-
-PLAIN_ONLY = pytest.mark.parametrize("server", ["postgres"], indirect=True)
-TIMESCALE_ONLY = pytest.mark.parametrize(
-    "server", [pytest.param("timescale", marks=pytest.mark.timescale)], indirect=True
-)
-
-
-@pytest.fixture(params=["postgres", pytest.param("timescale", marks=pytest.mark.timescale)])
-def server(request: pytest.FixtureRequest) -> tuple[str, Server]:
-    """Plain PostgreSQL, then TimescaleDB (skipped where absent); synchronous (asyncio.run)."""
-    name: str = request.param
-    srv: Server = request.getfixturevalue("pg_server" if name == "postgres" else "timescale_server")
-    return name, srv
-
-
-def with_db(dsn: str, name: str, user: str | None = None) -> str:
-    """The DSN of database ``name`` on the server of ``dsn`` (optionally as ``user``)."""
-    base, _, query = dsn.partition("?")
-    base = base.rsplit("/", 1)[0]
-    if user is not None:
-        scheme, _, rest = base.partition("://")
-        base = f"{scheme}://{user}@{rest.rpartition('@')[2]}"
-    return f"{base}/{name}" + (f"?{query}" if query else "")
-
-
-@pytest.fixture
-async def dsn(server: tuple[str, Server]) -> AsyncIterator[str]:
-    """A freshly migrated database on this parameter's server."""
-    _, srv = server
-    name = f"ingestd_mt_{uuid.uuid4().hex[:12]}"
-    admin = await asyncpg.connect(srv.admin_dsn)
-    try:
-        await admin.execute(f"CREATE DATABASE {name}")
-    finally:
-        await admin.close()
-    url = with_db(srv.admin_dsn, name)
-    conn = await asyncpg.connect(url)
-    try:
-        await migrations.migrate(conn)
-    finally:
-        await conn.close()
-    yield url
-    admin = await asyncpg.connect(srv.admin_dsn)
-    try:
-        await admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-    finally:
-        await admin.close()
-
-
-@pytest.fixture
-async def conn(dsn: str) -> AsyncIterator[asyncpg.Connection]:
-    """A side connection for assertions."""
-    c = await asyncpg.connect(dsn)
-    yield c
-    await c.close()
-
-
-async def make_pool(dsn: str) -> asyncpg.Pool:
-    """ingestd's own pool."""
-    s = load_settings(None, environ={}, overrides={"storage.postgres.dsn": dsn, "metrics_port": 0})
-    return await ingestd_db.create_pool(s.storage.postgres)
-
-
-@pytest.fixture
-async def pool(dsn: str) -> AsyncIterator[asyncpg.Pool]:
-    """ingestd's pool on the test database."""
-    p = await make_pool(dsn)
-    yield p
-    await p.close()
 
 
 def maintenance(
@@ -261,7 +182,7 @@ def closed_position(key: str, symbol: str, pnl: str, pct: str, closed: str) -> l
 
 
 async def test_refresh_and_metrics_keys_respect_the_key_prefix(
-    server: tuple[str, Server],
+    server: tuple[str, PgServer],
     dsn: str,
     conn: asyncpg.Connection,
     pool: asyncpg.Pool,
@@ -312,7 +233,7 @@ async def test_refresh_and_metrics_keys_respect_the_key_prefix(
 async def test_only_one_replica_does_each_round(
     dsn: str, conn: asyncpg.Connection, aredis: Any
 ) -> None:
-    pools = [await make_pool(dsn) for _ in range(3)]
+    pools = [await ingestd_pool(dsn) for _ in range(3)]
     try:
         replicas = [maintenance(p, aredis) for p in pools]
         results = await asyncio.gather(*(r.run_task(TASK_REFRESH) for r in replicas))
@@ -358,7 +279,7 @@ async def test_a_failed_round_is_logged_recorded_and_retried(
 
 @PLAIN_ONLY
 async def test_a_round_without_a_database_fails_cleanly(dsn: str, aredis: Any) -> None:
-    p = await make_pool(dsn)
+    p = await ingestd_pool(dsn)
     m = maintenance(p, aredis)
     await p.close()
     # Every task fails (and so does recording the failure); none raises, all are counted.
@@ -370,7 +291,7 @@ async def test_a_round_without_a_database_fails_cleanly(dsn: str, aredis: Any) -
 
 
 async def test_a_dml_only_role_refreshes_but_cannot_run_retention_even_if_granted(
-    server: tuple[str, Server], dsn: str, conn: asyncpg.Connection, aredis: Any
+    server: tuple[str, PgServer], dsn: str, conn: asyncpg.Connection, aredis: Any
 ) -> None:
     kind, srv = server
     role = f"ingestd_writer_{uuid.uuid4().hex[:8]}"
@@ -415,7 +336,7 @@ async def test_a_dml_only_role_refreshes_but_cannot_run_retention_even_if_grante
                     await writer.fetchval("SELECT ingestd_set_retention('spreads', '1 day')")
         finally:
             await writer.close()
-        p = await make_pool(writer_dsn)
+        p = await ingestd_pool(writer_dsn)
         try:
             m = maintenance(p, aredis, spreads_days=45)
             results = {r.task: r for r in await m.run_all() if r is not None}
@@ -524,16 +445,8 @@ async def test_migrate_as_the_owner_sets_the_configured_retention_policies(
 ) -> None:
     config = tmp_path / "ingestd.yml"
     config.write_text("retention:\n  spreads_days: 30\n  orders_days: 0\n", encoding="utf-8")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("INGESTD_", "PG"))}
-    env.update(DATABASE_URL=dsn, INGESTD_CONFIG=str(config))
-    done = subprocess.run(
-        [sys.executable, "-m", "ingestd.cli", "migrate"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    env = operator_env(without_pg=True, DATABASE_URL=dsn, INGESTD_CONFIG=str(config))
+    done = run_ingestd(env, "migrate")
     assert done.returncode == 0, done.stdout + done.stderr
     assert "spreads (30 days): changed" in done.stdout
     assert "orders (kept forever): removed" in done.stdout
@@ -637,7 +550,7 @@ async def test_retention_trims_the_trading_safety_history_but_never_what_is_open
 
 @PLAIN_ONLY
 async def test_the_writer_role_cannot_trim_the_trading_safety_history(
-    server: tuple[str, Server], dsn: str, conn: asyncpg.Connection, aredis: Any
+    server: tuple[str, PgServer], dsn: str, conn: asyncpg.Connection, aredis: Any
 ) -> None:
     """With sql/roles.sql's grants the writer may not delete alerts, gaps or liveness intervals,
     and its maintenance leaves retention to the owner."""
@@ -664,7 +577,7 @@ async def test_the_writer_role_cannot_trim_the_trading_safety_history(
                     await writer.execute(f"DELETE FROM {table}")
         finally:
             await writer.close()
-        p = await make_pool(writer_dsn)
+        p = await ingestd_pool(writer_dsn)
         try:
             m = maintenance(p, aredis, alerts_days=1, heartbeat_history_days=1)
             result = await m.run_task(TASK_RETENTION, force=True)

@@ -8,10 +8,9 @@ import datetime as dt
 import hashlib
 import re
 import subprocess
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import asyncpg
 import pytest
@@ -19,50 +18,29 @@ import pytest
 from ingestd.daemon import migrations
 from ingestd.errors import SchemaBehind, SchemaDrift
 from ingestd.wire import events, tables
+from tests.conftest import PgServer
 
 pytestmark = pytest.mark.pg
 
 UTC = dt.UTC
 
 
-class Server(Protocol):
-    """What these tests use of the conftest's server fixtures."""
-
-    admin_dsn: str
-
-
-def with_db(dsn: str, name: str) -> str:
-    """The DSN of database ``name`` on the server of ``dsn``."""
-    base, _, query = dsn.partition("?")
-    base = base.rsplit("/", 1)[0]
-    return f"{base}/{name}" + (f"?{query}" if query else "")
-
-
-FreshDb = Callable[[Server], Awaitable[str]]
+FreshDb = Callable[[PgServer], Awaitable[str]]
 
 
 @pytest.fixture
 async def fresh_db() -> AsyncIterator[FreshDb]:
     """Creates empty (unmigrated) databases on a server; drops them after the test."""
-    made: list[tuple[str, str]] = []
+    made: list[tuple[PgServer, str]] = []
 
-    async def make(server: Server) -> str:
-        name = f"ingestd_it_{uuid.uuid4().hex[:12]}"
-        admin = await asyncpg.connect(server.admin_dsn)
-        try:
-            await admin.execute(f"CREATE DATABASE {name}")
-        finally:
-            await admin.close()
-        made.append((server.admin_dsn, name))
-        return with_db(server.admin_dsn, name)
+    async def make(server: PgServer) -> str:
+        url = await server.create_empty("ingestd_it")
+        made.append((server, url))
+        return url
 
     yield make
-    for admin_dsn, name in made:
-        admin = await asyncpg.connect(admin_dsn)
-        try:
-            await admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-        finally:
-            await admin.close()
+    for server, url in made:
+        await server.drop(url)
 
 
 async def ledger(conn: asyncpg.Connection) -> list[tuple[int, str, str]]:
@@ -77,7 +55,7 @@ async def ledger(conn: asyncpg.Connection) -> list[tuple[int, str, str]]:
 
 
 async def test_fresh_database_migrates_and_second_run_applies_nothing(
-    pg_server: Server, fresh_db: FreshDb
+    pg_server: PgServer, fresh_db: FreshDb
 ) -> None:
     dsn = await fresh_db(pg_server)
     known = migrations.load_migrations()
@@ -117,14 +95,14 @@ async def _concurrent_migrate(dsn: str) -> None:
 
 
 async def test_three_concurrent_migrations_all_succeed(
-    pg_server: Server, fresh_db: FreshDb
+    pg_server: PgServer, fresh_db: FreshDb
 ) -> None:
     await _concurrent_migrate(await fresh_db(pg_server))
 
 
 @pytest.mark.timescale
 async def test_three_concurrent_migrations_on_timescaledb(
-    timescale_server: Server, fresh_db: FreshDb
+    timescale_server: PgServer, fresh_db: FreshDb
 ) -> None:
     dsn = await fresh_db(timescale_server)
     await _concurrent_migrate(dsn)
@@ -136,7 +114,7 @@ async def test_three_concurrent_migrations_on_timescaledb(
 
 
 async def test_check_current_on_unmigrated_database_names_the_command(
-    pg_server: Server, fresh_db: FreshDb
+    pg_server: PgServer, fresh_db: FreshDb
 ) -> None:
     conn = await asyncpg.connect(await fresh_db(pg_server))
     try:
@@ -155,7 +133,7 @@ async def test_check_current_on_unmigrated_database_names_the_command(
         await conn.close()
 
 
-async def test_edited_migration_is_drift(pg_server: Server, fresh_db: FreshDb) -> None:
+async def test_edited_migration_is_drift(pg_server: PgServer, fresh_db: FreshDb) -> None:
     conn = await asyncpg.connect(await fresh_db(pg_server))
     try:
         known = migrations.load_migrations()
@@ -178,7 +156,7 @@ async def test_edited_migration_is_drift(pg_server: Server, fresh_db: FreshDb) -
 
 
 async def test_drift_stops_migrate_before_applying_anything(
-    pg_server: Server, fresh_db: FreshDb
+    pg_server: PgServer, fresh_db: FreshDb
 ) -> None:
     conn = await asyncpg.connect(await fresh_db(pg_server))
     try:
@@ -200,7 +178,7 @@ async def record_checksum(conn: asyncpg.Connection, version: int, checksum: str)
 
 
 async def test_a_database_that_applied_an_amended_migrations_former_text_still_starts(
-    pg_server: Server, fresh_db: FreshDb
+    pg_server: PgServer, fresh_db: FreshDb
 ) -> None:
     # Amended migrations differ from their former text in comments only, so a database that
     # applied the former text has the same schema and, in its ledger, the former checksum.
@@ -220,7 +198,7 @@ async def test_a_database_that_applied_an_amended_migrations_former_text_still_s
 
 
 async def test_a_former_checksum_is_accepted_only_for_its_own_version(
-    pg_server: Server, fresh_db: FreshDb
+    pg_server: PgServer, fresh_db: FreshDb
 ) -> None:
     conn = await asyncpg.connect(await fresh_db(pg_server))
     try:
@@ -532,7 +510,7 @@ async def test_time_bucket_on_plain_postgresql_is_utc(db: asyncpg.Connection) ->
 
 @pytest.mark.timescale
 async def test_timescaledb_hypertables_and_time_bucket(
-    timescale_server: Server, fresh_db: FreshDb, db: asyncpg.Connection
+    timescale_server: PgServer, fresh_db: FreshDb, db: asyncpg.Connection
 ) -> None:
     # A fresh database migrated here rather than a clone of the template: TimescaleDB's
     # background-worker scheduler stays connected to the template, which makes

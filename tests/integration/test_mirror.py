@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
-import socket
 import time
 import urllib.parse
 from collections.abc import AsyncIterator, Sequence
@@ -370,13 +369,6 @@ async def test_unreachable_redis_keeps_pending_values(t: RecentTimes) -> None:
         await dead.aclose()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-    return port
-
-
 @contextlib.asynccontextmanager
 async def tcp_proxy(port: int, target_host: str, target_port: int) -> AsyncIterator[None]:
     """A plain TCP relay on ``port`` to the real Redis: a way to make Redis come and go."""
@@ -415,7 +407,7 @@ async def test_mirror_catches_up_when_redis_returns(
     redis_url: str, client: aioredis.Redis, t: RecentTimes
 ) -> None:
     url = urllib.parse.urlsplit(redis_url)
-    port = _free_port()
+    port = free_port()
     flaky = redis_async(f"redis://127.0.0.1:{port}{url.path}", socket_timeout_s=0.2)
     try:
         m = RedisMirror(flaky)
@@ -557,7 +549,7 @@ async def test_catch_up_after_an_outage_never_serves_old_values_as_fresh(
 ) -> None:
     """Events taken in during a 35 s Redis outage: only what is still within its TTL is written."""
     url = urllib.parse.urlsplit(redis_url)
-    port = _free_port()
+    port = free_port()
     flaky = redis_async(f"redis://127.0.0.1:{port}{url.path}", socket_timeout_s=0.2)
     try:
         m = RedisMirror(flaky, fx_ttl_s=10.0, spread_ttl_s=60.0, health_ttl_s=10.0)

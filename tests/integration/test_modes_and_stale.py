@@ -6,10 +6,9 @@ Against real PostgreSQL (and TimescaleDB where it runs) and Redis.
 from __future__ import annotations
 
 import datetime as dt
-import uuid
 from collections.abc import AsyncIterator, Sequence
 from decimal import Decimal as D
-from typing import Any, Protocol
+from typing import Any
 
 import asyncpg
 import orjson
@@ -19,11 +18,11 @@ import redis.asyncio as aioredis
 from ingestd.clients import redis_async
 from ingestd.daemon import migrations
 from ingestd.daemon.batching import BatchOutcome, Item
-from ingestd.daemon.db import create_pool
 from ingestd.daemon.sinks.mirror import RedisMirror
 from ingestd.daemon.sinks.postgres import PostgresSink
-from ingestd.settings import load_settings
 from ingestd.wire import decoding, events
+from tests.conftest import PgServer, ingestd_pool
+from tests.samples import POSITION_ENTRY, SPREAD_PRICES, position_exit
 
 pytestmark = pytest.mark.pg
 
@@ -51,26 +50,18 @@ def item(obj: dict[str, Any]) -> Item:
     return Item(decoding.decode_event(raw, max_bytes=1 << 20), None, SRC, None, raw, 0.0)
 
 
-ENTRY = {
-    "symbol": "BTC",
-    "direction": "upbit_short_binance_long",
-    "size": "0.01",
-    "entry_upbit_price": "140000000.00",
-    "entry_binance_price": "98000.12345678",
-    "entry_spread_pct": "3.1000",
-    "timestamp_open": "2025-11-15T03:00:00Z",
-}
+ENTRY = {"symbol": "BTC", **POSITION_ENTRY}
 
 
-def exit_(pnl: str, day: str = "2025-11-15") -> dict[str, Any]:
-    return {
-        "exit_upbit_price": "139000000.50",
-        "exit_binance_price": "97900.00000001",
-        "exit_spread_pct": "0.5000",
-        "pnl_krw": pnl,
-        "pnl_pct": "1.2345",
-        "timestamp_close": f"{day}T04:00:00Z",
-    }
+def with_identity(
+    obj: dict[str, Any], *, producer: str | None = None, mode: str | None = None
+) -> dict[str, Any]:
+    """``obj`` with its producer and mode where given (an event without them is a test too)."""
+    if producer is not None:
+        obj["producer"] = producer
+    if mode is not None:
+        obj["mode"] = mode
+    return obj
 
 
 def opened(
@@ -82,11 +73,7 @@ def opened(
         "position_key": key,
         **ENTRY,
     }
-    if producer is not None:
-        obj["producer"] = producer
-    if mode is not None:
-        obj["mode"] = mode
-    return obj
+    return with_identity(obj, producer=producer, mode=mode)
 
 
 def closed(
@@ -96,13 +83,9 @@ def closed(
         "type": "position_close",
         "event_id": eid or f"c-{producer}-{key}",
         "position_key": key,
-        **exit_(pnl),
+        **position_exit(pnl),
     }
-    if producer is not None:
-        obj["producer"] = producer
-    if mode is not None:
-        obj["mode"] = mode
-    return obj
+    return with_identity(obj, producer=producer, mode=mode)
 
 
 def order(producer: str, key: str, mode: str | None = None) -> dict[str, Any]:
@@ -119,9 +102,7 @@ def order(producer: str, key: str, mode: str | None = None) -> dict[str, Any]:
         "leg_id": f"{key}_leg_0",
         "timestamp": "2025-11-15T03:00:01Z",
     }
-    if mode is not None:
-        obj["mode"] = mode
-    return obj
+    return with_identity(obj, mode=mode)
 
 
 def trade(producer: str, key: str, mode: str | None = None) -> dict[str, Any]:
@@ -136,69 +117,16 @@ def trade(producer: str, key: str, mode: str | None = None) -> dict[str, Any]:
         "side": "OPEN",
         "timestamp": "2025-11-15T03:00:02Z",
     }
-    if mode is not None:
-        obj["mode"] = mode
-    return obj
-
-
-class Server(Protocol):
-    """What these tests use of the conftest's server fixtures."""
-
-    admin_dsn: str
-
-
-@pytest.fixture(params=["postgres", pytest.param("timescale", marks=pytest.mark.timescale)])
-def server(request: pytest.FixtureRequest) -> Server:
-    """Plain PostgreSQL, then TimescaleDB (skipped where absent)."""
-    name: str = request.param
-    srv: Server = request.getfixturevalue("pg_server" if name == "postgres" else "timescale_server")
-    return srv
+    return with_identity(obj, mode=mode)
 
 
 @pytest.fixture
-async def empty_dsn(server: Server) -> AsyncIterator[str]:
+async def empty_dsn(server: tuple[str, PgServer]) -> AsyncIterator[str]:
     """An empty (unmigrated) database on this parameter's server."""
-    name = f"ingestd_md_{uuid.uuid4().hex[:12]}"
-    admin = await asyncpg.connect(server.admin_dsn)
-    try:
-        await admin.execute(f"CREATE DATABASE {name}")
-    finally:
-        await admin.close()
-    base, _, query = server.admin_dsn.partition("?")
-    yield f"{base.rsplit('/', 1)[0]}/{name}" + (f"?{query}" if query else "")
-    admin = await asyncpg.connect(server.admin_dsn)
-    try:
-        await admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-    finally:
-        await admin.close()
-
-
-@pytest.fixture
-async def dsn(empty_dsn: str) -> str:
-    """A migrated database on this parameter's server."""
-    conn = await asyncpg.connect(empty_dsn)
-    try:
-        await migrations.migrate(conn)
-    finally:
-        await conn.close()
-    return empty_dsn
-
-
-@pytest.fixture
-async def conn(dsn: str) -> AsyncIterator[asyncpg.Connection]:
-    c = await asyncpg.connect(dsn)
-    yield c
-    await c.close()
-
-
-@pytest.fixture
-async def sink(dsn: str) -> AsyncIterator[PostgresSink]:
-    settings = load_settings(
-        None, environ={}, overrides={"storage.postgres.dsn": dsn, "metrics_port": 0}
-    )
-    pool = await create_pool(settings.storage.postgres)
-    yield PostgresSink(pool)
-    await pool.close()
+    _, srv = server
+    url = await srv.create_empty("ingestd_md")
+    yield url
+    await srv.drop(url)
 
 
 async def rows_of(conn: asyncpg.Connection, key: str) -> dict[str | None, asyncpg.Record]:
@@ -361,10 +289,7 @@ async def test_0008_applies_over_existing_positions_and_keeps_them_working(
 
     # The sink goes on with the old rows: a close of an old open, a NULL producer's close, the
     # parked close's open, and another producer's open under an old key is a new position.
-    settings = load_settings(
-        None, environ={}, overrides={"storage.postgres.dsn": empty_dsn, "metrics_port": 0}
-    )
-    pool = await create_pool(settings.storage.postgres)
+    pool = await ingestd_pool(empty_dsn)
     try:
         sink = PostgresSink(pool)
         outcome = await sink.write(
@@ -407,12 +332,8 @@ def spread(eid: str, at: dt.datetime, **times: dt.datetime) -> dict[str, Any]:
         "type": "spread",
         "event_id": eid,
         "producer": "collector",
+        **SPREAD_PRICES,
         "symbol": eid.split("-", maxsplit=1)[0],
-        "upbit_price": "140123456.12",
-        "binance_price": "98012.12345678",
-        "binance_price_krw": "135800000.55",
-        "spread_pct": "3.1836",
-        "net_spread_pct": "2.9836",
         "timestamp": at.isoformat(),
         **{name: t.isoformat() for name, t in times.items()},
     }

@@ -9,21 +9,19 @@ import random
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
-from typing import Any, Protocol
+from typing import Any
 
 import asyncpg
 import orjson
 import pytest
 
-import ingestd.daemon.db as ingestd_db
-from ingestd.daemon import migrations
 from ingestd.daemon.batching import BatchOutcome, Item
 from ingestd.daemon.deadletters import PAYLOAD_PREFIX_CHARS, make_dead_letter
 from ingestd.daemon.sinks.postgres import PostgresSink, fetch_all_open_counts, sweep_parked_closes
 from ingestd.errors import InvalidEvent
-from ingestd.settings import load_settings
 from ingestd.wire import decoding, tables
-from tests.conftest import hold_policy_jobs
+from tests.conftest import PgServer, ingestd_pool
+from tests.samples import POSITION_ENTRY, SPREAD_PRICES, position_exit
 
 pytestmark = pytest.mark.pg
 
@@ -80,12 +78,8 @@ def spread(eid: str, symbol: str = "BTC", ts: str = T0, **kw: Any) -> dict[str, 
         "type": "spread",
         "event_id": eid,
         "producer": "collector",
+        **SPREAD_PRICES,
         "symbol": symbol,
-        "upbit_price": "140123456.12",
-        "binance_price": "98012.12345678",
-        "binance_price_krw": "135800000.55",
-        "spread_pct": "3.1836",
-        "net_spread_pct": "2.9836",
         "is_opportunity": True,
         "timestamp": ts,
         **kw,
@@ -145,22 +139,8 @@ def trade(eid: str, key: str | None, symbol: str = "BTC", ts: str = T0) -> dict[
     return obj
 
 
-ENTRY = {
-    "direction": "upbit_short_binance_long",
-    "size": "0.01",
-    "entry_upbit_price": "140000000.00",
-    "entry_binance_price": "98000.12345678",
-    "entry_spread_pct": "3.1000",
-    "timestamp_open": "2025-11-15T03:00:00Z",
-}
-EXIT = {
-    "exit_upbit_price": "139000000.50",
-    "exit_binance_price": "97900.00000001",
-    "exit_spread_pct": "0.5000",
-    "pnl_krw": "25000.75",
-    "pnl_pct": "1.2345",
-    "timestamp_close": "2025-11-15T04:00:00Z",
-}
+ENTRY = POSITION_ENTRY
+EXIT = position_exit()
 
 
 def pos_open(key: str, symbol: str = "BTC", eid: str | None = None) -> dict[str, Any]:
@@ -204,93 +184,17 @@ def heartbeat(component: str = "collector", ts: str = T0) -> dict[str, Any]:
 # --- fixtures --------------------------------------------------------------------------------
 
 
-class Server(Protocol):
-    """What these tests use of the conftest's server fixtures."""
-
-    admin_dsn: str
-
-    async def clone(self) -> str:
-        """A migrated database cloned from the template."""
-        ...
-
-    async def drop(self, dsn: str) -> None:
-        """Drop a cloned database."""
-        ...
-
-
-@pytest.fixture(params=["postgres", pytest.param("timescale", marks=pytest.mark.timescale)])
-def server(request: pytest.FixtureRequest) -> tuple[str, Server]:
-    """Plain PostgreSQL, then TimescaleDB (skipped where absent).
-
-    Synchronous on purpose: the session fixtures use asyncio.run, which cannot run from inside
-    the event loop of an async fixture.
-    """
-    name: str = request.param
-    srv: Server = request.getfixturevalue("pg_server" if name == "postgres" else "timescale_server")
-    return name, srv
-
-
 @pytest.fixture
-async def dsn(server: tuple[str, Server]) -> AsyncIterator[str]:
-    """A migrated database for this test on the server of this parameter."""
+async def dsn(server: tuple[str, PgServer]) -> AsyncIterator[str]:
+    """A migrated database for this test on the server of this parameter: a clone of the
+    template on plain PostgreSQL, migrated here on TimescaleDB (its scheduler keeps a session on
+    the template), with the policy jobs held (the samples are older than the retention)."""
     kind, srv = server
-    if kind == "postgres":
-        url = await srv.clone()
-        yield url
-        await srv.drop(url)
-        return
-    # Migrated here, not cloned: TimescaleDB's background-worker scheduler keeps a session on
-    # the template database, so CREATE DATABASE ... TEMPLATE fails ("accessed by other users").
-    name = f"ingestd_it_{uuid.uuid4().hex[:12]}"
-    admin = await asyncpg.connect(srv.admin_dsn)
-    try:
-        await admin.execute(f"CREATE DATABASE {name}")
-    finally:
-        await admin.close()
-    base, _, query = srv.admin_dsn.partition("?")
-    url = f"{base.rsplit('/', 1)[0]}/{name}" + (f"?{query}" if query else "")
-    conn = await asyncpg.connect(url)
-    try:
-        await migrations.migrate(conn)
-        assert await migrations.timescaledb_enabled(conn)
-        await hold_policy_jobs(conn)  # (the samples are older than retention)
-    finally:
-        await conn.close()
-    yield url
-    admin = await asyncpg.connect(srv.admin_dsn)
-    try:
-        await admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-    finally:
-        await admin.close()
-
-
-async def _pool(dsn: str) -> asyncpg.Pool:
-    settings = load_settings(
-        None, environ={}, overrides={"storage.postgres.dsn": dsn, "metrics_port": 0}
+    url = await (
+        srv.clone() if kind == "postgres" else srv.create_migrated("ingestd_it", hold_jobs=True)
     )
-    return await ingestd_db.create_pool(settings.storage.postgres)
-
-
-@pytest.fixture
-async def pool(dsn: str) -> AsyncIterator[asyncpg.Pool]:
-    """ingestd's own pool on the test database."""
-    p = await _pool(dsn)
-    yield p
-    await p.close()
-
-
-@pytest.fixture
-def sink(pool: asyncpg.Pool) -> PostgresSink:
-    """The sink under test."""
-    return PostgresSink(pool)
-
-
-@pytest.fixture
-async def conn(dsn: str) -> AsyncIterator[asyncpg.Connection]:
-    """A side connection for assertions."""
-    c = await asyncpg.connect(dsn)
-    yield c
-    await c.close()
+    yield url
+    await srv.drop(url)
 
 
 async def counts(conn: asyncpg.Connection) -> dict[str, int]:
@@ -476,7 +380,7 @@ async def test_same_event_twice_in_one_batch_lands_once(
 
 
 async def test_concurrent_redelivery_from_two_replicas(dsn: str, conn: asyncpg.Connection) -> None:
-    pools = [await _pool(dsn), await _pool(dsn)]
+    pools = [await ingestd_pool(dsn), await ingestd_pool(dsn)]
     try:
         sinks = [PostgresSink(p) for p in pools]
         batch = [
@@ -879,7 +783,7 @@ async def test_opens_and_closes_from_two_replicas_interleaved(
     closes = [item(pos_close(k)) for k in keys]
     rng.shuffle(opens)
     rng.shuffle(closes)
-    pools = [await _pool(dsn), await _pool(dsn)]
+    pools = [await ingestd_pool(dsn), await ingestd_pool(dsn)]
     try:
         a, b = (PostgresSink(p) for p in pools)
 

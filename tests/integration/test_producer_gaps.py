@@ -71,14 +71,6 @@ async def service(settings: Settings) -> AsyncIterator[Service]:
         yield svc
 
 
-@pytest.fixture
-async def pool(db_dsn: str) -> AsyncIterator[asyncpg.Pool]:
-    p = await asyncpg.create_pool(db_dsn, min_size=1, max_size=4)
-    assert p is not None
-    yield p
-    await p.close()
-
-
 def sweeper(pool: asyncpg.Pool, grace_s: float = 0.0, metrics: Metrics | None = None) -> GapSweeper:
     return GapSweeper(pool, metrics or Metrics(), grace_s=grace_s, interval_s=1.0)
 
@@ -141,28 +133,28 @@ def test_bad_seq_or_session_is_refused(changes: dict[str, Any], field: str) -> N
 
 
 async def test_a_gap_opens_and_closes_when_the_late_events_land(
-    service: Service, pool: asyncpg.Pool, db: asyncpg.Connection
+    service: Service, db_pool: asyncpg.Pool, db: asyncpg.Connection
 ) -> None:
     metrics = Metrics()
     await submit(service, [0, 1, 2, 3, 4, 8, 9])
     # Within the grace period the seqs above the hole may still be overtaking it: no gap yet.
-    patient = await sweeper(pool, grace_s=3600.0).run_once()
+    patient = await sweeper(db_pool, grace_s=3600.0).run_once()
     assert patient is not None and patient.opened == [] and await gaps(db) == []
     # The runs were merged meanwhile: two rows, with the hole between them.
     assert await db.fetchval("SELECT count(*) FROM producer_seq_ranges") == 2
 
-    first = await sweeper(pool, metrics=metrics).run_once()
+    first = await sweeper(db_pool, metrics=metrics).run_once()
     assert first is not None and first.opened == [("collector", "run-1", 5, 7)]
     assert await gaps(db) == [("collector", "run-1", 5, 7, True)]
     assert metrics.producer_gaps_open == 1
 
     await submit(service, [6])  # part of it: the gap stays open, no new one for 5 or 7
-    partial = await sweeper(pool).run_once()
+    partial = await sweeper(db_pool).run_once()
     assert partial is not None and partial.opened == [] and partial.closed == 0
     assert await gaps(db) == [("collector", "run-1", 5, 7, True)]
 
     await submit(service, [5, 7])
-    closing = await sweeper(pool, metrics=metrics).run_once()
+    closing = await sweeper(db_pool, metrics=metrics).run_once()
     assert closing is not None and closing.closed == 1 and closing.open == 0
     assert await gaps(db) == [("collector", "run-1", 5, 7, False)]
     assert metrics.producer_gaps_open == 0
@@ -170,7 +162,7 @@ async def test_a_gap_opens_and_closes_when_the_late_events_land(
 
 
 async def test_a_restart_is_not_a_gap(
-    service: Service, pool: asyncpg.Pool, db: asyncpg.Connection
+    service: Service, db_pool: asyncpg.Pool, db: asyncpg.Connection
 ) -> None:
     await submit(service, [0, 1, 3], session="run-1")
     heartbeat = {
@@ -186,30 +178,30 @@ async def test_a_restart_is_not_a_gap(
     await submit(service, [100, 101], session="run-3")  # a session need not start at 0
     # A redelivered event (same event, same seq) changes nothing.
     await submit(service, [3], session="run-1")
-    result = await sweeper(pool).run_once()
+    result = await sweeper(db_pool).run_once()
     assert result is not None and result.opened == [] and result.open == 0
     assert await gaps(db) == []
 
 
 async def test_two_replicas_record_one_gap(
-    service: Service, pool: asyncpg.Pool, db_dsn: str, db: asyncpg.Connection
+    service: Service, db_pool: asyncpg.Pool, db_dsn: str, db: asyncpg.Connection
 ) -> None:
     await submit(service, [0, 3])
     other = await asyncpg.create_pool(db_dsn, min_size=1, max_size=2)
     assert other is not None
     try:
         for _ in range(3):
-            await asyncio.gather(sweeper(pool).run_once(), sweeper(other).run_once())
+            await asyncio.gather(sweeper(db_pool).run_once(), sweeper(other).run_once())
     finally:
         await other.close()
     assert await gaps(db) == [("collector", "run-1", 1, 2, True)]
 
 
 async def test_stats_show_open_gaps(
-    service: Service, pool: asyncpg.Pool, db: asyncpg.Connection
+    service: Service, db_pool: asyncpg.Pool, db: asyncpg.Connection
 ) -> None:
     await submit(service, [0, 2], session="s\x1b[2J")  # a session with a terminal escape
-    assert await sweeper(pool).run_once() is not None
+    assert await sweeper(db_pool).run_once() is not None
     report = await collect_database(db)
     assert report["producer_gaps"]["open"] == 1
     (row,) = report["producer_gaps"]["rows"]
@@ -287,11 +279,13 @@ def test_storage_api_numbers_what_it_publishes(redis_url: str, rclient: redis.Re
     assert builder.numbered(builder.fx_rate(rate))["session"] != sent[0]["session"]
 
 
-async def test_a_dead_letters_seq_stays_missing(pool: asyncpg.Pool, db: asyncpg.Connection) -> None:
+async def test_a_dead_letters_seq_stays_missing(
+    db_pool: asyncpg.Pool, db: asyncpg.Connection
+) -> None:
     """The database refuses one row of a batch: its number is a gap, the others are not."""
     good = [item(spread(f"g{i}", seq=i, session="run-1")) for i in (0, 1, 3)]
     refused = tampered(spread("bad", seq=2, session="run-1"), symbol="ABCDEFGHIJK")  # VARCHAR(10)
-    outcome = await PostgresSink(pool).write([*good, refused])
+    outcome = await PostgresSink(db_pool).write([*good, refused])
     assert set(outcome.rejected) == {id(refused)}
-    result = await sweeper(pool).run_once()
+    result = await sweeper(db_pool).run_once()
     assert result is not None and result.opened == [("collector", "run-1", 2, 2)]

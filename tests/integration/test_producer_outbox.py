@@ -14,7 +14,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-from collections.abc import Iterator
 from pathlib import Path
 
 import asyncpg
@@ -30,19 +29,12 @@ from ingestd.producer.storage import (
     create_storage,
 )
 from ingestd.settings import Settings
-from tests.integration.test_producer_storage import REPO_ROOT, OwnRedis, wait_count
+from tests.feeds import wait_count
+from tests.integration.test_producer_storage import REPO_ROOT
+from tests.private_servers import OwnRedis
 from tests.samples import position, spread
 
 pytestmark = [pytest.mark.pg, pytest.mark.redis]
-
-
-@pytest.fixture
-def own_redis(tmp_path: Path) -> Iterator[OwnRedis]:
-    """A throwaway redis-server the test stops and starts (never the shared one)."""
-    server = OwnRedis(tmp_path)
-    server.start()
-    yield server
-    server.stop()
 
 
 @pytest.fixture

@@ -8,14 +8,12 @@ import io
 import json
 import logging
 import os
-import shutil
-import socket
 import subprocess
 import sys
 import textwrap
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from decimal import Decimal as D
 from pathlib import Path
 
@@ -40,6 +38,8 @@ from ingestd.producer.storage import (
 )
 from ingestd.settings import Settings
 from ingestd.wire import csv_format
+from tests.feeds import wait_count
+from tests.private_servers import OwnRedis, free_port
 from tests.samples import closed, fx_rate, order, position, spread, trade
 
 pytestmark = [pytest.mark.pg, pytest.mark.redis]
@@ -63,18 +63,6 @@ def settings(settings: Settings, tmp_path: Path) -> Settings:
             "storage.outbox.dir": str(tmp_path / "outbox"),
         }
     )
-
-
-async def wait_count(conn: asyncpg.Connection, sql: str, want: int, timeout: float = 30) -> int:
-    """Poll ``sql`` (a count) until it reaches ``want``; return the last value."""
-    end = time.monotonic() + timeout
-    n = -1
-    while time.monotonic() < end:
-        n = int(await conn.fetchval(sql))
-        if n >= want:
-            return n
-        await asyncio.sleep(0.05)
-    return n
 
 
 def log_history(storage: PostgresStorage | CsvStorage | DualStorage, spreads: int = 300) -> None:
@@ -182,7 +170,7 @@ async def test_async_postgres_storage_stream_and_in_process(
 
 
 def test_block_policy_backpressure_and_flush_timeout(tmp_path: Path) -> None:
-    dead = redis.Redis(host="127.0.0.1", port=_free_port(), socket_timeout=0.2, protocol=2)
+    dead = redis.Redis(host="127.0.0.1", port=free_port(), socket_timeout=0.2, protocol=2)
     storage = PostgresStorage(dead, max_buffer_events=5, chunk_events=2)
     for i in range(5):
         storage.log_spread(spread(i))
@@ -255,61 +243,6 @@ def test_csv_storage_refuses_a_foreign_header_and_isolates_a_torn_row(tmp_path: 
 
 
 # --- dual write through a Redis outage -------------------------------------------------------
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-class OwnRedis:
-    """A throwaway redis-server on a free port, which the test stops and starts."""
-
-    def __init__(self, directory: Path) -> None:
-        self.port = _free_port()
-        self.directory = directory
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        exe = shutil.which("redis-server")
-        assert exe is not None, "redis-server is needed for the outage tests"
-        self.proc = subprocess.Popen(
-            [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", ""]  # noqa: RUF005
-            + ["--appendonly", "no", "--dir", str(self.directory)],
-            stdout=subprocess.DEVNULL,
-        )
-        client = redis.Redis.from_url(self.url, socket_timeout=0.5)
-        end = time.monotonic() + 10
-        while True:
-            try:
-                client.ping()
-                break
-            except redis.exceptions.ConnectionError:
-                if time.monotonic() > end:
-                    raise
-                time.sleep(0.05)
-        client.close()
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.terminate()
-            self.proc.wait(timeout=10)
-            self.proc = None
-
-
-@pytest.fixture
-def own_redis(tmp_path: Path) -> Iterator[OwnRedis]:
-    """A Redis of the test's own (never the shared one's database)."""
-    server = OwnRedis(tmp_path)
-    server.start()
-    yield server
-    server.stop()
 
 
 @pytest.fixture
@@ -561,7 +494,7 @@ def test_a_producer_exiting_without_close_still_publishes_its_outbox(
 def test_a_producer_exiting_while_redis_is_down_says_what_it_could_not_publish(
     tmp_path: Path,
 ) -> None:
-    log = _exit_without_close(tmp_path, f"redis://127.0.0.1:{_free_port()}/0", 50, "1")
+    log = _exit_without_close(tmp_path, f"redis://127.0.0.1:{free_port()}/0", 50, "1")
     assert "exiting without PostgresStorage.close(): publishing 50 pending event(s)" in log
     assert "closing with 50 unpublished event(s)" in log
     assert "Traceback" not in log

@@ -9,7 +9,6 @@ from __future__ import annotations
 import datetime as dt
 import os
 import subprocess
-import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -31,6 +30,7 @@ from ingestd.daemon.maintenance import (
 )
 from ingestd.daemon.sinks.postgres import PostgresSink
 from ingestd.settings import MaintenanceSettings, PostgresSettings, RetentionSettings
+from tests.commands import operator_env, run_ingestd
 from tests.integration.test_postgres_sink import item, spread
 from tests.ledger import Expected, assert_landed_exactly_once
 from tests.mixed_feed import MALFORMED, mixed_feed, submit_all
@@ -473,14 +473,13 @@ def test_scram_verifier_format() -> None:
 async def test_roles_command(private_database: tuple[PrivatePostgres, str]) -> None:
     cluster, name = private_database
     login = f"cli_{name[-10:]}"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("INGESTD_")}
-    env["DATABASE_URL"] = cluster.admin_dsn(name)
-    cmd = [sys.executable, "-m", "ingestd.cli", "roles", "--writer-login", login]
-    missing = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60, check=False)
+    env = operator_env(DATABASE_URL=cluster.admin_dsn(name))
+    cmd = ("roles", "--writer-login", login)
+    missing = run_ingestd(env, *cmd, timeout=60)
     assert missing.returncode == 2
     assert "give it a password" in missing.stderr
     env["INGESTD_WRITER_PASSWORD"] = "cli-" + WRITER_PW
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60, check=False)
+    done = run_ingestd(env, *cmd, timeout=60)
     try:
         assert done.returncode == 0, done.stderr
         assert f"{login} (ingestd_writer): created, password set" in done.stdout
@@ -489,13 +488,7 @@ async def test_roles_command(private_database: tuple[PrivatePostgres, str]) -> N
         await conn.execute(INSERT_FX)
         await conn.close()
     finally:
-        owner = await asyncpg.connect(cluster.admin_dsn(name))
-        await owner.execute(f'DROP OWNED BY "{login}"')
-        await owner.close()
-        await cluster.drop_database(name)
-        admin = await asyncpg.connect(cluster.admin_dsn())
-        await admin.execute(f'DROP ROLE IF EXISTS "{login}"')
-        await admin.close()
+        await cluster.drop_database_and_role(name, login)
 
 
 async def test_an_owner_without_createrole_applies_the_grants(private_pg: PrivatePostgres) -> None:
@@ -625,18 +618,8 @@ async def test_writer_runs_its_maintenance_and_retention_is_the_owners(
     )
     assert await owner.fetchval("SELECT count(*) FROM spreads") == 3  # nothing expired went
 
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("INGESTD_", "PG"))}
-    cmd = [sys.executable, "-m", "ingestd.cli", "retention"]
-
     def retention(dsn: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            cmd,
-            env={**env, "DATABASE_URL": dsn},
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=False,
-        )
+        return run_ingestd(operator_env(without_pg=True, DATABASE_URL=dsn), "retention")
 
     refused = retention(cluster.tls_dsn(writer, WRITER_PW, name))
     assert refused.returncode == 2, refused.stdout + refused.stderr
@@ -663,19 +646,12 @@ async def test_writer_runs_import_csv_and_verify_csv(
     write_csv(tmp_path / "spreads.csv", SPREAD_HEADER, spread_rows(40))
     pos = "pos_w,BTC,upbit_short_binance_long,0.01,1,1,1,,,,,,OPEN,2025-11-15T03:40:15Z,"
     write_csv(tmp_path / "positions.csv", POSITION_HEADER, [pos])
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("INGESTD_", "PG"))}
+    env = operator_env(without_pg=True)
     env["DATABASE_URL"] = cluster.tls_dsn(writer, "unused", name).replace(":unused@", "@")
     env["PGPASSWORD"] = WRITER_PW  # as compose passes the writer's password
 
     def cli(*args: str, **extra: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "ingestd.cli", *args],
-            env={**env, **extra},
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=False,
-        )
+        return run_ingestd({**env, **extra}, *args)
 
     first = cli("import-csv", str(tmp_path), "--batch-rows", "16", "--progress", "off")
     assert first.returncode == 0, first.stderr

@@ -10,59 +10,34 @@ from __future__ import annotations
 
 import json
 import re
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, Protocol
+from typing import Any
 
 import asyncpg
 import pytest
 
 from ingestd.daemon import migrations
+from tests.conftest import PgServer
 
 pytestmark = pytest.mark.pg
-
-
-class Server(Protocol):
-    """What these tests use of the conftest's server fixtures."""
-
-    admin_dsn: str
-
-
-@pytest.fixture(params=["postgres", pytest.param("timescale", marks=pytest.mark.timescale)])
-def server(request: pytest.FixtureRequest) -> tuple[str, Server]:
-    """Plain PostgreSQL, then TimescaleDB (skipped where absent); synchronous (asyncio.run)."""
-    name: str = request.param
-    srv: Server = request.getfixturevalue("pg_server" if name == "postgres" else "timescale_server")
-    return name, srv
 
 
 EmptyDb = Callable[[], Awaitable[str]]
 
 
 @pytest.fixture
-async def empty_db(server: tuple[str, Server]) -> AsyncIterator[EmptyDb]:
+async def empty_db(server: tuple[str, PgServer]) -> AsyncIterator[EmptyDb]:
     """Creates empty databases on this parameter's server; drops them afterwards."""
     _, srv = server
     made: list[str] = []
 
     async def make() -> str:
-        name = f"ingestd_sf_{uuid.uuid4().hex[:12]}"
-        admin = await asyncpg.connect(srv.admin_dsn)
-        try:
-            await admin.execute(f"CREATE DATABASE {name}")
-        finally:
-            await admin.close()
-        made.append(name)
-        base, _, query = srv.admin_dsn.partition("?")
-        return f"{base.rsplit('/', 1)[0]}/{name}" + (f"?{query}" if query else "")
+        made.append(await srv.create_empty("ingestd_sf"))
+        return made[-1]
 
     yield make
-    admin = await asyncpg.connect(srv.admin_dsn)
-    try:
-        for name in made:
-            await admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-    finally:
-        await admin.close()
+    for url in made:
+        await srv.drop(url)
 
 
 # TimescaleDB numbers its internal objects (hypertable ids, chunk and job ids) by creation order.
@@ -188,7 +163,7 @@ async def catalog(dsn: str) -> dict[str, list[tuple[Any, ...]]]:
 
 
 async def test_migrations_and_schema_file_build_the_same_database(
-    server: tuple[str, Server], empty_db: EmptyDb
+    server: tuple[str, PgServer], empty_db: EmptyDb
 ) -> None:
     kind, _ = server
     migrated, from_file = await empty_db(), await empty_db()
@@ -225,7 +200,7 @@ async def test_migrations_and_schema_file_build_the_same_database(
 
 
 async def test_migration_0003_applies_again_unchanged(
-    server: tuple[str, Server], empty_db: EmptyDb
+    server: tuple[str, PgServer], empty_db: EmptyDb
 ) -> None:
     dsn = await empty_db()
     conn = await asyncpg.connect(dsn)

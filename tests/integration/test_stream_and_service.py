@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime as dt
 import json
 import time
 from collections.abc import AsyncIterator
@@ -18,7 +17,7 @@ import redis
 from ingestd import Outcome, Service
 from ingestd.errors import InvalidEvent, SchemaBehind, ShuttingDown
 from ingestd.settings import Settings
-from ingestd.wire.events import utc_iso
+from tests.samples import fx_event
 
 pytestmark = [pytest.mark.pg, pytest.mark.redis]
 
@@ -26,17 +25,8 @@ STREAM = "ingestd:events"
 
 
 def fx(i: int, *, rate: str = "1385.5", event_id: str | None = None) -> dict[str, Any]:
-    """A valid FX event."""
-    moment = dt.datetime(2026, 11, 30, tzinfo=dt.UTC) + dt.timedelta(seconds=i)
-    return {
-        "type": "fx_rate",
-        "event_id": event_id or f"fx-{i}",
-        "producer": "collector",
-        "pair": "USDKRW",
-        "rate": rate,
-        "source": "test",
-        "timestamp": utc_iso(moment),
-    }
+    """A valid FX event, its source named "test"."""
+    return fx_event(i, rate=rate, event_id=event_id, source="test")
 
 
 async def count(conn: asyncpg.Connection, table: str, want: int, timeout: float = 20) -> int:

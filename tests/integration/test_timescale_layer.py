@@ -14,15 +14,12 @@ import asyncio
 import dataclasses
 import datetime as dt
 import decimal
-import os
 import subprocess
-import sys
 import time
-import uuid
 from collections import defaultdict
 from collections.abc import AsyncIterator, Iterable
 from decimal import Decimal
-from typing import Any, Protocol
+from typing import Any
 
 import asyncpg
 import orjson
@@ -30,7 +27,6 @@ import pytest
 import redis
 
 from ingestd import Service
-from ingestd.daemon import migrations
 from ingestd.daemon.maintenance import (
     METRICS_TTL_S,
     TASK_BACKFILL,
@@ -42,7 +38,8 @@ from ingestd.daemon.maintenance import (
 )
 from ingestd.settings import Settings, load_settings
 from ingestd.tools.simulate import Simulator
-from tests.conftest import stop_own_scheduler
+from tests.commands import run_ingestd, servers_env
+from tests.conftest import PgServer
 
 pytestmark = [pytest.mark.pg, pytest.mark.redis]
 
@@ -196,61 +193,16 @@ def simulate_week(end: dt.datetime, tick_s: float = 60.0) -> Week:
 # --- fixtures ---------------------------------------------------------------------------------
 
 
-class Server(Protocol):
-    """What these tests use of the conftest's server fixtures."""
-
-    admin_dsn: str
-
-
-@pytest.fixture(params=["postgres", pytest.param("timescale", marks=pytest.mark.timescale)])
-def server(request: pytest.FixtureRequest) -> tuple[str, Server]:
-    """Plain PostgreSQL, then TimescaleDB (skipped where absent); synchronous (asyncio.run)."""
-    name: str = request.param
-    srv: Server = request.getfixturevalue("pg_server" if name == "postgres" else "timescale_server")
-    return name, srv
-
-
-def with_db(dsn: str, name: str) -> str:
-    """The DSN of database ``name`` on the server of ``dsn``."""
-    base, _, query = dsn.partition("?")
-    return f"{base.rsplit('/', 1)[0]}/{name}" + (f"?{query}" if query else "")
-
-
 @pytest.fixture
-async def dsn(server: tuple[str, Server]) -> AsyncIterator[str]:
+async def dsn(server: tuple[str, PgServer]) -> AsyncIterator[str]:
     """A freshly migrated database (not a template clone: a clone does not inherit the
-    database-level TimeZone that migration 0003 sets, and TimescaleDB's scheduler holds the
-    template open)."""
+    database-level TimeZone that migration 0003 sets, which the side connection ``conn`` has);
+    on TimescaleDB with its scheduler stopped, since the tests run the policies with run_job."""
     kind, srv = server
-    name = f"ingestd_ts_{uuid.uuid4().hex[:12]}"
-    admin = await asyncpg.connect(srv.admin_dsn)
-    try:
-        await admin.execute(f"CREATE DATABASE {name}")
-    finally:
-        await admin.close()
-    url = with_db(srv.admin_dsn, name)
-    conn = await asyncpg.connect(url)
-    try:
-        if kind == "timescale":
-            await stop_own_scheduler(conn)  # the tests run the policies with run_job
-        await migrations.migrate(conn)
-        assert await migrations.timescaledb_enabled(conn) == (kind == "timescale")
-    finally:
-        await conn.close()
+    url = await srv.create_migrated("ingestd_ts", stop_scheduler=True)
+    assert srv.timescale == (kind == "timescale")
     yield url
-    admin = await asyncpg.connect(srv.admin_dsn)
-    try:
-        await admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-    finally:
-        await admin.close()
-
-
-@pytest.fixture
-async def conn(dsn: str) -> AsyncIterator[asyncpg.Connection]:
-    """A side connection for assertions, with the database's default TimeZone."""
-    c = await asyncpg.connect(dsn)
-    yield c
-    await c.close()
+    await srv.drop(url)
 
 
 def make_settings(dsn: str, redis_url: str, **extra: Any) -> Settings:
@@ -311,7 +263,7 @@ async def timescale_jobs(conn: asyncpg.Connection) -> list[asyncpg.Record]:
 
 
 async def test_a_simulated_week_gives_the_seeds_answers(
-    server: tuple[str, Server],
+    server: tuple[str, PgServer],
     dsn: str,
     conn: asyncpg.Connection,
     redis_url: str,
@@ -534,16 +486,7 @@ async def check_metrics_keys(rclient: redis.Redis, week: Week, end: dt.datetime)
 
 def run_stats(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
     """``ingestd stats`` as an operator runs it, in another process."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("INGESTD_")}
-    env.update(DATABASE_URL=settings.storage.postgres.dsn, REDIS_URL=settings.storage.redis.url)
-    return subprocess.run(
-        [sys.executable, "-m", "ingestd.cli", "stats", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    return run_ingestd(servers_env(settings), "stats", *args)
 
 
 async def check_stats(settings: Settings, week: Week, kind: str, conn: asyncpg.Connection) -> None:

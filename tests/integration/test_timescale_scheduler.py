@@ -17,7 +17,6 @@ import asyncio
 import datetime as dt
 import decimal
 import time
-import uuid
 from collections import defaultdict
 from collections.abc import AsyncIterator, Iterable
 from decimal import Decimal
@@ -27,8 +26,6 @@ import asyncpg
 import orjson
 import pytest
 
-import ingestd.daemon.db as ingestd_db
-from ingestd.daemon import migrations
 from ingestd.daemon.sinks.postgres import PostgresSink
 from ingestd.settings import load_settings
 from tests.conftest import PgServer
@@ -74,47 +71,11 @@ def same_avg(got: Decimal, values: Iterable[Decimal]) -> bool:
 
 @pytest.fixture
 async def dsn(timescale_server: PgServer) -> AsyncIterator[str]:
-    """A freshly migrated database with TimescaleDB (not a clone: the scheduler of the template
-    would keep it open)."""
-    name = f"ingestd_sched_{uuid.uuid4().hex[:12]}"
-    admin = await asyncpg.connect(timescale_server.admin_dsn)
-    try:
-        await admin.execute(f"CREATE DATABASE {name}")
-    finally:
-        await admin.close()
-    base, _, query = timescale_server.admin_dsn.partition("?")
-    url = f"{base.rsplit('/', 1)[0]}/{name}" + (f"?{query}" if query else "")
-    conn = await asyncpg.connect(url)
-    try:
-        await migrations.migrate(conn)
-        assert await migrations.timescaledb_enabled(conn)
-    finally:
-        await conn.close()
+    """A freshly migrated database with TimescaleDB, its scheduler running (not a clone: the
+    scheduler of the template would keep it open)."""
+    url = await timescale_server.create_migrated("ingestd_sched")
     yield url
-    admin = await asyncpg.connect(timescale_server.admin_dsn)
-    try:
-        await admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-    finally:
-        await admin.close()
-
-
-@pytest.fixture
-async def conn(dsn: str) -> AsyncIterator[asyncpg.Connection]:
-    """A side connection for set-up and assertions."""
-    c = await asyncpg.connect(dsn)
-    yield c
-    await c.close()
-
-
-@pytest.fixture
-async def sink(dsn: str) -> AsyncIterator[PostgresSink]:
-    """ingestd's writer on the test database."""
-    settings = load_settings(
-        None, environ={}, overrides={"storage.postgres.dsn": dsn, "metrics_port": 0}
-    )
-    pool = await ingestd_db.create_pool(settings.storage.postgres)
-    yield PostgresSink(pool)
-    await pool.close()
+    await timescale_server.drop(url)
 
 
 async def policy_jobs(conn: asyncpg.Connection) -> dict[tuple[str, str], asyncpg.Record]:

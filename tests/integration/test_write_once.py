@@ -22,12 +22,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import ingestd.daemon.db as ingestd_db
 from ingestd.commands import stats
 from ingestd.daemon.app import Service
 from ingestd.daemon.batching import Item
 from ingestd.daemon.sinks.postgres import PostgresSink
-from ingestd.settings import Settings, load_settings
+from ingestd.settings import Settings
+from tests.conftest import ingestd_pool
 from tests.integration.test_postgres_sink import (
     ENTRY,
     EXIT,
@@ -182,15 +182,10 @@ class Model:
         return out
 
 
-async def _pool(dsn: str) -> asyncpg.Pool:
-    s = load_settings(None, environ={}, overrides={"storage.postgres.dsn": dsn})
-    return await ingestd_db.create_pool(s.storage.postgres)
-
-
 @pytest.fixture
 async def sink_pool(db_dsn: str) -> AsyncIterator[asyncpg.Pool]:
     """ingestd's own pool on this test's database."""
-    pool = await _pool(db_dsn)
+    pool = await ingestd_pool(db_dsn)
     yield pool
     await pool.close()
 
@@ -279,7 +274,7 @@ def model_columns() -> tuple[str, ...]:
 async def test_two_replicas_racing_on_one_position_end_write_once(
     sink_pool: asyncpg.Pool, db_dsn: str
 ) -> None:
-    other = await _pool(db_dsn)
+    other = await ingestd_pool(db_dsn)
     try:
         sinks = (PostgresSink(sink_pool), PostgresSink(other))
         for round_ in range(15):

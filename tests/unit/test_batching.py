@@ -12,6 +12,7 @@ import pytest
 from ingestd.daemon.batching import Batcher, BatchOutcome, IntakeQueue, Item
 from ingestd.daemon.deadletters import make_dead_letter
 from ingestd.wire import decoding
+from tests.samples import SPREAD_PRICES
 
 MAX = 1_048_576
 
@@ -49,12 +50,7 @@ SOURCE = FakeSource()
 PAYLOADS: dict[str, dict[str, Any]] = {
     "spread": {
         "type": "spread",
-        "symbol": "BTC",
-        "upbit_price": "140123456.12",
-        "binance_price": "98012.12345678",
-        "binance_price_krw": "135800000.55",
-        "spread_pct": "3.1836",
-        "net_spread_pct": "2.9836",
+        **SPREAD_PRICES,
         "timestamp": "2025-11-15T03:40:15Z",
     },
     "fx_rate": {

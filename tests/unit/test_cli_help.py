@@ -6,13 +6,12 @@ from __future__ import annotations
 import argparse
 import importlib.metadata
 import re
-import subprocess
-import sys
 
 import pytest
 
 from ingestd.cli import build_parser
 from ingestd.wire import csv_format
+from tests.commands import run_ingestd
 
 # The commands that open a database connection / a Redis connection (what each command's code
 # does); a connection option anywhere else would be a knob that does nothing.
@@ -88,12 +87,6 @@ def test_import_csv_help_names_every_file_it_reads() -> None:
 
 
 def test_version_comes_from_the_package_metadata() -> None:
-    done = subprocess.run(
-        [sys.executable, "-m", "ingestd.cli", "--version"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    done = run_ingestd(None, "--version", timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == f"ingestd {importlib.metadata.version('ingestd')}"

@@ -9,7 +9,7 @@ import pytest
 from ingestd.errors import InvalidEvent
 from ingestd.wire import csv_format, events
 from ingestd.wire.csv_format import CSV_TABLES_BY_NAME, CsvLayoutError, RecordReader, RowConverter
-from tests.samples import POSITION_HEADER, SPREAD_HEADER
+from tests.samples import POSITION_HEADER, SPREAD_HEADER, SPREAD_PRICES
 
 SPREADS = CSV_TABLES_BY_NAME["spreads"]
 POSITIONS = CSV_TABLES_BY_NAME["positions"]
@@ -28,12 +28,7 @@ def spreads_converter(header: str = SPREAD_HEADER) -> RowConverter:
 def row(**changes: str) -> list[str]:
     """A valid spreads row (header order) with some fields changed."""
     values = {
-        "symbol": "BTC",
-        "upbit_price": "140123456.12",
-        "binance_price": "98012.12345678",
-        "binance_price_krw": "135800000.55",
-        "spread_pct": "3.1836",
-        "net_spread_pct": "2.9836",
+        **SPREAD_PRICES,
         "is_opportunity": "true",
         "timestamp": "2025-11-15T03:40:15.123Z",
     }

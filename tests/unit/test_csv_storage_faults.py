@@ -5,11 +5,7 @@ fatal for its file and is raised by the next call, never lost on the timer threa
 from __future__ import annotations
 
 import asyncio
-import json
 import os
-import shutil
-import subprocess
-import sys
 import textwrap
 import threading
 import time
@@ -30,11 +26,11 @@ from ingestd.producer.storage import (
     DualStorage,
     PostgresStorage,
 )
-from ingestd.producer.storage import csv_storage as csv_storage_mod
 from ingestd.producer.storage.csv_storage import CsvWriteFailed
 from ingestd.producer.storage.postgres import StreamTransport
 from ingestd.wire import csv_format
 from tests.samples import fx_rate, spread
+from tests.tiny_disk import needs_unshare, run_on_tiny_disk
 
 # Fills a 64 KiB tmpfs with spreads.csv rows, then reports what the file holds.
 DISK_FULL_SCRIPT = textwrap.dedent(
@@ -77,28 +73,9 @@ DISK_FULL_SCRIPT = textwrap.dedent(
 )
 
 
-@pytest.mark.skipif(shutil.which("unshare") is None, reason="needs unshare(1)")
+@needs_unshare
 def test_a_full_disk_refuses_the_row_and_never_leaves_a_torn_row(tmp_path: Path) -> None:
-    mnt = tmp_path / "tiny"
-    mnt.mkdir()
-    script = tmp_path / "fill.py"
-    script.write_text(DISK_FULL_SCRIPT)
-    shell = (
-        f"mount -t tmpfs -o size=64k ingestd-csv-test {mnt} && "
-        f"exec {sys.executable} {script} {mnt}/csv"
-    )
-    done = subprocess.run(
-        ["unshare", "-m", "sh", "-c", shell],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-        env={**os.environ, "PYTHONPATH": str(Path(csv_storage_mod.__file__).parents[3])},
-    )
-    if done.returncode != 0 and "mount" in done.stderr and "permission" in done.stderr.lower():
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
-    assert done.returncode == 0, done.stderr
-    report = json.loads(done.stdout)
+    report = run_on_tiny_disk(tmp_path, DISK_FULL_SCRIPT, "{mnt}/csv", mount_options="size=64k")
     assert report["ok"] > 100  # it filled the disk...
     assert report["kind"] == "CsvWriteFailed"  # ...and said so clearly
     assert "No space left on device" in report["refused"]
@@ -245,16 +222,24 @@ async def _loop_goes_on_during(slow: SlowFsync, call: Awaitable[Any], log_more: 
     assert slow.released and all(slow.released), "the fsync blocked the event loop"
 
 
-async def test_async_csv_flush_and_close_fsync_off_the_event_loop(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+async def _flush_then_close_off_the_loop(
+    storage: AsyncCsvStorage | AsyncDualStorage, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    storage = AsyncCsvStorage(CsvStorage(tmp_path, fsync_interval_s=3600))
+    """Log a spread, then: while a flush and then the close are held in a slow fsync, the event
+    loop goes on (logging another spread during the flush)."""
     await storage.log_spread(spread(0))
     slow = SlowFsync(monkeypatch)
     await _loop_goes_on_during(slow, storage.flush(), lambda: storage.log_spread(spread(1)))
     slow.entered.clear()
     slow.release.clear()
     await _loop_goes_on_during(slow, storage.aclose(), lambda: asyncio.sleep(0))
+
+
+async def test_async_csv_flush_and_close_fsync_off_the_event_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    storage = AsyncCsvStorage(CsvStorage(tmp_path, fsync_interval_s=3600))
+    await _flush_then_close_off_the_loop(storage, monkeypatch)
     assert (tmp_path / "spreads.csv").read_text(encoding="utf-8").count("\n") == 3
 
 
@@ -277,10 +262,5 @@ async def test_async_dual_flush_and_close_fsync_off_the_event_loop(
         StreamTransport(aioredis.Redis.from_url(redis_url), "ingestd:events", owns_client=True)
     )
     storage = AsyncDualStorage(CsvStorage(tmp_path, fsync_interval_s=3600), db)
-    await storage.log_spread(spread(0))
-    slow = SlowFsync(monkeypatch)
-    await _loop_goes_on_during(slow, storage.flush(), lambda: storage.log_spread(spread(1)))
-    slow.entered.clear()
-    slow.release.clear()
-    await _loop_goes_on_during(slow, storage.aclose(), lambda: asyncio.sleep(0))
+    await _flush_then_close_off_the_loop(storage, monkeypatch)
     assert db.sent == 2

@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from ingestd.errors import InvalidEvent
 from ingestd.producer import publisher
 from ingestd.wire import decoding, events, tables
+from tests.samples import SPREAD_PRICES
 
 MAX = 1_048_576
 UTC = dt.UTC
@@ -28,12 +29,7 @@ VALID: dict[str, tuple[dict[str, Any], dict[str, str | None]]] = {
             "type": "spread",
             "event_id": "c1-000042",
             "producer": "collector",
-            "symbol": "BTC",
-            "upbit_price": "140123456.12",
-            "binance_price": "98012.12345678",
-            "binance_price_krw": "135800000.55",
-            "spread_pct": "3.1836",
-            "net_spread_pct": "2.9836",
+            **SPREAD_PRICES,
             "is_opportunity": True,
             "timestamp": "2025-11-15T12:40:15.123+09:00",
         },

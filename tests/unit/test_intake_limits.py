@@ -12,6 +12,7 @@ import pytest
 from ingestd.commands.health import heartbeat_age
 from ingestd.errors import InvalidEvent
 from ingestd.wire import decoding, events
+from tests.samples import SPREAD_PRICES, nested_lists
 
 MAX = 1_048_576
 NOW = dt.datetime(2026, 12, 3, 12, 0, tzinfo=dt.UTC)
@@ -19,16 +20,6 @@ NOW = dt.datetime(2026, 12, 3, 12, 0, tzinfo=dt.UTC)
 
 def _heartbeat(**extra: Any) -> dict[str, Any]:
     return {"type": "heartbeat", "component": "c", "timestamp": "2026-12-03T00:00:00Z", **extra}
-
-
-def _nested(levels: int) -> list[Any]:
-    outer: list[Any] = []
-    current = outer
-    for _ in range(levels - 1):
-        inner: list[Any] = []
-        current.append(inner)
-        current = inner
-    return outer
 
 
 def _deep_json(levels: int, *, key_first: bool = False) -> bytes:
@@ -60,7 +51,7 @@ def test_nesting_just_past_the_configured_depth_is_refused_below_it_is_judged_as
 
 def test_deep_mapping_in_process_is_refused_with_a_clear_reason() -> None:
     with pytest.raises(InvalidEvent, match="nested deeper than 32 levels"):
-        events.normalize(_heartbeat(x=_nested(5000)))
+        events.normalize(_heartbeat(x=nested_lists(5000)))
 
 
 def test_a_cyclic_mapping_is_refused_not_walked_forever() -> None:
@@ -104,12 +95,7 @@ def _spread(when: dt.datetime) -> bytes:
         {
             "type": "spread",
             "event_id": "r-1",
-            "symbol": "BTC",
-            "upbit_price": "140123456.12",
-            "binance_price": "98012.12345678",
-            "binance_price_krw": "135800000.55",
-            "spread_pct": "3.1836",
-            "net_spread_pct": "2.9836",
+            **SPREAD_PRICES,
             "timestamp": when.isoformat(),
         }
     ).encode()

@@ -16,6 +16,7 @@ from ingestd.errors import InvalidEvent
 from ingestd.settings import load_settings
 from ingestd.tools import simulate
 from ingestd.wire import csv_format, decoding, events, fastpath
+from tests.samples import SPREAD_PRICES
 
 UTC = dt.UTC
 T = dt.datetime(2025, 11, 15, 3, 40, 15, tzinfo=UTC)
@@ -34,12 +35,7 @@ def spread(**times: Any) -> dict[str, Any]:
         "type": "spread",
         "event_id": "s-1",
         "producer": "collector",
-        "symbol": "BTC",
-        "upbit_price": "140123456.12",
-        "binance_price": "98012.12345678",
-        "binance_price_krw": "135800000.55",
-        "spread_pct": "3.1836",
-        "net_spread_pct": "2.9836",
+        **SPREAD_PRICES,
         "timestamp": T.isoformat(),
         **{k: v.isoformat() if isinstance(v, dt.datetime) else v for k, v in times.items()},
     }

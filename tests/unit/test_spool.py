@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
-import shutil
 import signal
 import sqlite3
 import subprocess
@@ -19,6 +17,7 @@ import pytest
 
 from ingestd import spool as spool_mod
 from ingestd.spool import DATABASE_FILE, Spool, SpoolBroken, SpoolFull
+from tests.tiny_disk import needs_unshare, run_on_tiny_disk
 
 
 async def opened(directory: Path, **kw: int) -> Spool:
@@ -230,28 +229,9 @@ DISK_FULL_SCRIPT = textwrap.dedent(
 )
 
 
-@pytest.mark.skipif(shutil.which("unshare") is None, reason="needs unshare(1)")
+@needs_unshare
 def test_full_disk_is_a_clear_refusal_and_never_a_torn_record(tmp_path: Path) -> None:
-    mnt = tmp_path / "tiny"
-    mnt.mkdir()
-    script = tmp_path / "fill.py"
-    script.write_text(DISK_FULL_SCRIPT)
-    shell = (
-        f"mount -t tmpfs -o size=1m ingestd-spool-test {mnt} && "
-        f"exec {sys.executable} {script} {mnt}/spool"
-    )
-    done = subprocess.run(
-        ["unshare", "-m", "sh", "-c", shell],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-        env={**os.environ, "PYTHONPATH": str(Path(spool_mod.__file__).parents[1])},
-    )
-    if done.returncode != 0 and "mount" in done.stderr and "permission" in done.stderr.lower():
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
-    assert done.returncode == 0, done.stderr
-    report = json.loads(done.stdout)
+    report = run_on_tiny_disk(tmp_path, DISK_FULL_SCRIPT, "{mnt}/spool", mount_options="size=1m")
     assert report["ok"] > 50  # it filled the disk...
     assert "the disk is full" in report["refused"]  # ...and said so clearly
     # Every acknowledged append is there after a reopen, and nothing else: no torn record.
@@ -363,7 +343,7 @@ RECOVERY_SCRIPT = textwrap.dedent(
 )
 
 
-@pytest.mark.skipif(shutil.which("unshare") is None, reason="needs unshare(1)")
+@needs_unshare
 @pytest.mark.parametrize(
     ("mode", "mount_options", "segment_bytes", "filler_bytes"),
     [
@@ -374,27 +354,14 @@ RECOVERY_SCRIPT = textwrap.dedent(
 def test_a_full_disk_is_a_temporary_refusal_recovered_once_space_is_freed(
     tmp_path: Path, mode: str, mount_options: str, segment_bytes: int, filler_bytes: int
 ) -> None:
-    mnt = tmp_path / "tiny"
-    mnt.mkdir()
-    script = tmp_path / "fill.py"
-    script.write_text(RECOVERY_SCRIPT.replace("SEGMENT", str(segment_bytes)))
-    shell = (
-        f"mount -t tmpfs -o {mount_options} ingestd-spool-test {mnt} && "
-        f"head -c {filler_bytes} /dev/zero > {mnt}/filler && "
-        f"exec {sys.executable} {script} {mnt} {mode}"
+    report = run_on_tiny_disk(
+        tmp_path,
+        RECOVERY_SCRIPT.replace("SEGMENT", str(segment_bytes)),
+        "{mnt}",
+        mode,
+        mount_options=mount_options,
+        before=f"head -c {filler_bytes} /dev/zero > {{mnt}}/filler",
     )
-    done = subprocess.run(
-        ["unshare", "-m", "sh", "-c", shell],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-        env={**os.environ, "PYTHONPATH": str(Path(spool_mod.__file__).parents[1])},
-    )
-    if done.returncode != 0 and "mount" in done.stderr and "permission" in done.stderr.lower():
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
-    assert done.returncode == 0, done.stderr
-    report = json.loads(done.stdout)
     assert report["ok"] > 10  # records went in before the disk was full...
     assert report["kind"] == "SpoolFull", report  # ...then a clean, temporary refusal
     assert "the disk is full" in report["refused"]
