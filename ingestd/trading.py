@@ -44,6 +44,8 @@ import redis
 import redis.asyncio as aioredis
 import redis.exceptions
 
+from ingestd.settings import TradingSettings
+
 log = logging.getLogger("ingestd.trading")
 
 STATE_KEY: Final = "trading:state"
@@ -190,20 +192,9 @@ def _user() -> str:
 # --- the daemon side -------------------------------------------------------------------------
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class Limits:
-    """The thresholds (``trading:`` settings) the state is computed with."""
-
-    max_commit_failing_s: float = 10.0
-    max_ingest_lag_s: float = 30.0
-    collector_component: str = "collector"
-    max_heartbeat_age_s: float = 10.0
-    fx_pair: str = "USDKRW"
-    max_fx_age_s: float = 10.0
-    recover_after_s: float = 30.0
-    interval_s: float = 1.0
-    state_ttl_s: float = 10.0
-    lease_s: float = 3.0
+# The thresholds the state is computed with are the ``trading:`` settings themselves (one
+# definition: a copy of its fields here had to follow every new setting by hand).
+Limits = TradingSettings
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -560,18 +560,7 @@ class Service:
         )
         self.trading = trading.StateKeeper(
             self._trading_redis,
-            trading.Limits(
-                max_commit_failing_s=t.max_commit_failing_s,
-                max_ingest_lag_s=t.max_ingest_lag_s,
-                collector_component=t.collector_component,
-                max_heartbeat_age_s=t.max_heartbeat_age_s,
-                fx_pair=t.fx_pair,
-                max_fx_age_s=t.max_fx_age_s,
-                recover_after_s=t.recover_after_s,
-                interval_s=t.interval_s,
-                state_ttl_s=t.state_ttl_s,
-                lease_s=t.lease_s,
-            ),
+            t,
             replica=self.settings.consumer_name,
             key_prefix=self.settings.storage.redis.key_prefix,
             local=self._local_trading_report,
