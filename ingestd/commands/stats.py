@@ -66,6 +66,12 @@ COUNTABLE: Final = frozenset(
         "ingestd_migrations",
         "daily_pnl_summary",
         "hourly_spread_avg",
+        # The trading-safety tables.
+        "alerts",
+        "producer_gaps",
+        "producer_seq_ranges",
+        "heartbeat_history",
+        "ingestd_aggregate_backfill",
     }
 )
 AGGREGATES: Final = ("daily_pnl_summary", "hourly_spread_avg")

@@ -133,6 +133,15 @@ async def test_the_daemon_records_heartbeats_taken_in_and_its_own_and_stats_show
     # ingestd's own replica heartbeat is noted as it writes it (and a final write on stop).
     assert found[replica].alive_until >= now - dt.timedelta(seconds=5)
 
+    # --exact counts the history too (it was left blank: not in the allow-list of countable
+    # tables).
+    exact = await collect_database(db, exact=True, liveness_alive_within_s=GAP_S + 5)
+    counted = {t["tablename"]: t for t in exact["tables"]}
+    intervals = await db.fetchval("SELECT count(*) FROM heartbeat_history")
+    assert counted["heartbeat_history"]["rows"] == intervals and intervals >= 3
+    assert counted["heartbeat_history"]["rows_exact"] is True
+    for name in ("alerts", "producer_gaps", "producer_seq_ranges"):
+        assert counted[name]["rows_exact"] is True, name
     report = await collect_database(db, liveness_alive_within_s=GAP_S + 5)
     by_name = {c["component"]: c for c in report["liveness"]["components"]}
     assert by_name["collector"]["alive"] is True
