@@ -132,8 +132,10 @@ def build_parser() -> argparse.ArgumentParser:
         "retention",
         "as the owner: apply the retention settings now",
         "As the owner of the tables: set the retention policies from the retention: settings\n"
-        "(TimescaleDB), or delete the expired rows (plain PostgreSQL), now rather than at the\n"
-        "next maintenance round of 'ingestd run'.",
+        "(TimescaleDB), or delete the expired rows (plain PostgreSQL); on both, trim the\n"
+        "trading-safety history (cleared alerts, closed gaps, quiet sessions' seq ranges,\n"
+        "heartbeat intervals; never an open alert or gap). Now rather than at the next\n"
+        "maintenance round of 'ingestd run'.",
         database=True,
     )
 
