@@ -215,8 +215,11 @@ async def test_late_spreads_through_the_sink_land_in_old_hours(
         await run_refresh_policy(conn)
     await assert_agree(conn)
 
-    # A live batch: within the policy's window, nothing is queued.
-    outcome = await sink.write([item(spread("live-1", ts=at(now - dt.timedelta(minutes=5))))])
+    # A live batch: within the policy's window, nothing is queued. A minute ago by the clock, not
+    # five minutes before the hour: from :55 on that was older than the window's end (an hour
+    # ago) and was queued, a failure by time of day.
+    live = dt.datetime.now(UTC) - dt.timedelta(minutes=1)
+    outcome = await sink.write([item(spread("live-1", ts=at(live)))])
     assert outcome.backfill_queued is None
     if timescale:
         assert await conn.fetchval("SELECT count(*) FROM ingestd_aggregate_backfill") == 0
