@@ -308,9 +308,12 @@ async def ingestd_pool(dsn: str) -> asyncpg.Pool:
 @pytest.fixture
 async def dsn(server: tuple[str, PgServer]) -> AsyncIterator[str]:
     """A database migrated here (``create_migrated``) on the ``server`` parameter's server; a
-    module that needs another kind defines its own ``dsn``."""
+    module that needs another kind defines its own ``dsn``. On TimescaleDB its scheduler is
+    stopped: the tests run maintenance and the policies themselves, and the scheduler's own
+    compression ran in the middle of them (a chunk it compressed copied a test role's grants
+    between DROP OWNED and DROP ROLE; "tuple concurrently updated" on the same grants)."""
     _, srv = server
-    url = await srv.create_migrated("ingestd_it")
+    url = await srv.create_migrated("ingestd_it", stop_scheduler=True)
     yield url
     await srv.drop(url)
 

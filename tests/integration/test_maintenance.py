@@ -290,21 +290,6 @@ async def test_a_round_without_a_database_fails_cleanly(dsn: str, aredis: Any) -
 # --- least privilege ----------------------------------------------------------------------------
 
 
-async def drop_role(conn: asyncpg.Connection, role: str) -> None:
-    """DROP OWNED BY, then DROP ROLE, again while they race TimescaleDB's compression job: a
-    chunk it compresses meanwhile copies the hypertable's grants, the role's among them
-    ("privileges for table _timescaledb_internal.compress_hyper_..._chunk", seen in CI)."""
-    for attempt in range(20):
-        await conn.execute(f"DROP OWNED BY {role}")
-        try:
-            await conn.execute(f"DROP ROLE {role}")
-            return
-        except asyncpg.DependentObjectsStillExistError:
-            if attempt == 19:
-                raise
-            await asyncio.sleep(0.5)
-
-
 async def test_a_dml_only_role_refreshes_but_cannot_run_retention_even_if_granted(
     server: tuple[str, PgServer], dsn: str, conn: asyncpg.Connection, aredis: Any
 ) -> None:
@@ -369,7 +354,8 @@ async def test_a_dml_only_role_refreshes_but_cannot_run_retention_even_if_grante
             )
             assert keep == "90 days"
     finally:
-        await drop_role(conn, role)
+        await conn.execute(f"DROP OWNED BY {role}")
+        await conn.execute(f"DROP ROLE {role}")
 
 
 async def test_functions_run_with_a_fixed_search_path(conn: asyncpg.Connection, dsn: str) -> None:
@@ -601,4 +587,5 @@ async def test_the_writer_role_cannot_trim_the_trading_safety_history(
         assert await conn.fetchval("SELECT count(*) FROM alerts") == 1
         assert await conn.fetchval("SELECT count(*) FROM heartbeat_history") == 1
     finally:
-        await drop_role(conn, role)
+        await conn.execute(f"DROP OWNED BY {role}")
+        await conn.execute(f"DROP ROLE {role}")
