@@ -1,8 +1,9 @@
 """The intake queue and the batcher: pure bookkeeping, no I/O.
 
 ``IntakeQueue`` is a bounded FIFO of items whose ``put`` waits while it is full (backpressure).
-``Batcher`` accumulates items and says when a batch is due, on size (per table) or age; its clock
-is injectable so that tests drive it without sleeping.
+``Batcher`` accumulates items and says when a batch is due, on size (per table) or age, or at once
+when the pipeline is idle after a quiet spell; its clock is injectable so that tests drive it
+without sleeping.
 """
 
 from __future__ import annotations
@@ -165,7 +166,16 @@ class IntakeQueue:
 
 
 class Batcher:
-    """Collects items; due when one lane reaches ``max_rows`` or the oldest item ``max_age_s``."""
+    """Collects items; due when one lane reaches ``max_rows`` or the oldest item ``max_age_s``,
+    or, when the pipeline is idle, as soon as the last batch was cut ``max_age_s`` ago or more.
+
+    The age bound exists to let a batch gather company while events keep coming. An event that
+    arrives after a quiet spell, with nothing queued behind it and a writer free, has no company
+    to wait for: waiting would only add ``max_age_s`` to its latency (and to start-up, and to the
+    moment a trader's position shows). Cutting it at once keeps the rate bound the age gives:
+    two cuts are never closer than ``max_age_s`` unless a batch fills up, since an age cut's
+    first item, too, arrived after the previous cut.
+    """
 
     def __init__(
         self,
@@ -185,6 +195,7 @@ class Batcher:
         self._items: list[Item] = []
         self._lanes: collections.Counter[str] = collections.Counter()
         self._started: float | None = None
+        self._last_cut: float | None = None
         self._full = False
 
     def __len__(self) -> int:
@@ -210,17 +221,27 @@ class Batcher:
         """How many more items surely fit before some lane is full."""
         return 0 if self._full else self.max_rows - max(self._lanes.values(), default=0)
 
-    def due_in(self) -> float | None:
-        """Seconds until the batch is due (0 when due now); None when empty."""
-        if self._started is None:
+    def due_in(self, *, idle: bool = False) -> float | None:
+        """Seconds until the batch is due (0 when due now); None when empty.
+
+        ``idle``: nothing is queued behind the batch and a writer is free; then the batch is due
+        at once if no batch was cut in the last ``max_age_s`` (or none ever was).
+        """
+        started = self._started
+        if started is None:
             return None
         if self._full:
             return 0.0
-        return max(0.0, self._started + self.max_age_s - self._clock())
+        now = self._clock()
+        if idle and (self._last_cut is None or now - self._last_cut >= self.max_age_s):
+            return 0.0
+        return max(0.0, started + self.max_age_s - now)
 
     def take(self) -> list[Item]:
         """Hand over the batch and start a new one."""
         items, self._items = self._items, []
+        if items:
+            self._last_cut = self._clock()
         self._lanes.clear()
         self._bytes = 0
         self._started = None

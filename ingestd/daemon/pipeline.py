@@ -1,10 +1,10 @@
 """The pipeline: intake queue -> batcher -> writers (database commit, then mirror, then acks).
 
 Sources (``ingestd.daemon.sources``) put items on a bounded queue and wait while it is full. One
-loop
-cuts batches (size or age); up to ``writers`` batches are written at once, each in one
-transaction. After the commit the mirror is written and each source hears which of its items are
-done (the stream XACKs them; in-process callers are woken; the spool marks records committed).
+loop cuts batches (size or age, or at once when idle after a quiet spell: ``Batcher``); up to
+``writers`` batches are written at once, each in one transaction. After the commit the mirror is
+written and each source hears which of its items are done (the stream XACKs them; in-process
+callers are woken; the spool marks records committed).
 
 When a batch fails, the evidence decides what happens (never the error's class alone):
 
@@ -201,7 +201,9 @@ class Pipeline:
                 continue
             for item in queue.take(max(1, batcher.room())):
                 batcher.add(item)
-            if batcher.full or batcher.due_in() == 0:
+            # Idle: the sources have handed over all they had and a writer waits for work.
+            idle = not len(queue) and not self._slots.locked()
+            if batcher.due_in(idle=idle) == 0:
                 await self._dispatch(batcher.take())
 
     async def _dispatch(self, items: list[Item]) -> None:

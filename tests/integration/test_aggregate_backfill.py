@@ -29,8 +29,8 @@ from ingestd.daemon.sinks.postgres import PostgresSink
 from ingestd.settings import Settings
 from tests.conftest import PgServer, stop_own_scheduler
 from tests.integration import test_timescale_layer as layer
-from tests.integration.test_postgres_sink import item, spread
 from tests.samples import SPREAD_HEADER
+from tests.sink_items import item, spread
 
 pytestmark = [pytest.mark.pg]
 

@@ -32,7 +32,7 @@ from ingestd.daemon.sinks.postgres import PostgresSink
 from ingestd.settings import MaintenanceSettings, RetentionSettings
 from tests.commands import operator_env, run_ingestd
 from tests.conftest import PLAIN_ONLY, TIMESCALE_ONLY, PgServer, ingestd_pool, with_db
-from tests.integration.test_postgres_sink import item, pos_close, pos_open, spread
+from tests.sink_items import item, pos_close, pos_open, spread
 
 pytestmark = [pytest.mark.pg, pytest.mark.redis]
 

@@ -31,7 +31,7 @@ from ingestd.producer.storage.postgres import PostgresStorage
 from ingestd.settings import Settings
 from ingestd.wire import decoding, events, fastpath
 from ingestd.wire.events import utc_iso
-from tests.integration.test_postgres_sink import item, spread, tampered
+from tests.sink_items import item, spread, tampered
 
 pytestmark = pytest.mark.pg
 

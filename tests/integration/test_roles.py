@@ -31,11 +31,11 @@ from ingestd.daemon.maintenance import (
 from ingestd.daemon.sinks.postgres import PostgresSink
 from ingestd.settings import MaintenanceSettings, PostgresSettings, RetentionSettings
 from tests.commands import operator_env, run_ingestd
-from tests.integration.test_postgres_sink import item, spread
 from tests.ledger import Expected, assert_landed_exactly_once
 from tests.mixed_feed import MALFORMED, mixed_feed, submit_all
 from tests.private_servers import PrivatePostgres
 from tests.samples import POSITION_HEADER, SPREAD_HEADER, spread_rows, write_csv
+from tests.sink_items import item, spread
 
 pytestmark = [pytest.mark.pg, pytest.mark.redis]
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
+import decimal
 import hashlib
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -28,11 +29,10 @@ from ingestd.daemon.batching import Item
 from ingestd.daemon.sinks.postgres import PostgresSink
 from ingestd.settings import Settings
 from tests.conftest import ingestd_pool
-from tests.integration.test_postgres_sink import (
+from tests.sink_items import (
     ENTRY,
     EXIT,
     EXIT_B,
-    D,
     Source,
     item,
     order,
@@ -42,6 +42,8 @@ from tests.integration.test_postgres_sink import (
 )
 
 pytestmark = pytest.mark.pg
+
+D = decimal.Decimal
 
 KEYS = ("p0", "p1", "p2")
 SRC = Source()

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 from collections.abc import Sequence
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from ingestd.daemon.batching import Batcher, BatchOutcome, IntakeQueue, Item
 from ingestd.daemon.deadletters import make_dead_letter
@@ -240,6 +243,73 @@ def test_take_hands_over_in_order_and_resets() -> None:
     assert b.due_in() == pytest.approx(1.0)
     assert not b.full
     assert len(b.take()) == 1
+
+
+def test_idle_batch_is_due_at_once_when_none_was_ever_cut() -> None:
+    b = Batcher(100, 60.0, FakeClock())
+    b.add(item())
+    assert b.due_in(idle=True) == 0.0
+    assert b.due_in() == pytest.approx(60.0)  # not idle: it waits for company
+
+
+def test_idle_batch_waits_while_the_last_cut_is_recent() -> None:
+    clock = FakeClock()
+    b = Batcher(100, 1.0, clock)
+    b.add(item())
+    assert len(b.take()) == 1
+    clock.advance(0.4)
+    b.add(item())
+    assert b.due_in(idle=True) == pytest.approx(1.0)  # its own age decides
+    clock.advance(0.6)  # the last cut is max_age_s old: a quiet spell
+    assert b.due_in(idle=True) == 0.0
+    assert b.due_in() == pytest.approx(0.4)
+
+
+def test_an_empty_take_is_not_a_cut() -> None:
+    clock = FakeClock()
+    b = Batcher(100, 1.0, clock)
+    assert b.take() == []
+    b.add(item())
+    assert b.due_in(idle=True) == 0.0
+
+
+@given(
+    steps=st.lists(
+        st.tuples(
+            st.floats(min_value=0.0, max_value=0.5),  # time until the next item
+            st.booleans(),  # whether the pipeline is idle when it is added
+        ),
+        max_size=200,
+    )
+)
+def test_cuts_are_never_closer_than_max_age_unless_a_batch_is_full(
+    steps: list[tuple[float, bool]],
+) -> None:
+    """Whatever the arrivals and idleness, the idle rule cannot raise the batch rate: a loop
+    like the pipeline's (cut when due, else when the age has passed) cuts at least max_age_s
+    apart; a full batch is the one exception, and max_rows is set out of reach here."""
+    clock = FakeClock(0.0)
+    max_age = 0.2
+    b = Batcher(10_000, max_age, clock)
+    cuts: list[float] = []
+
+    def cut_if_due(*, idle: bool) -> None:
+        due = b.due_in(idle=idle)
+        if due == 0:
+            b.take()
+            cuts.append(clock.now)
+
+    for gap, idle in steps:
+        wait = gap
+        due = b.due_in()
+        if due is not None and due <= wait:  # the age passes before the next item comes
+            clock.advance(due)
+            cut_if_due(idle=False)
+            wait -= due
+        clock.advance(wait)
+        b.add(item())
+        cut_if_due(idle=idle)
+    assert all(later - earlier >= max_age - 1e-9 for earlier, later in itertools.pairwise(cuts))
 
 
 # --- IntakeQueue --------------------------------------------------------------------------

@@ -42,9 +42,11 @@ def fx_items(source: RecordingSource, *numbers: int) -> list[Item]:
     ]
 
 
-def pipeline(tmp_path: Path, sink: MemorySink, mirror: MemoryMirror) -> Pipeline:
+def pipeline(
+    tmp_path: Path, sink: MemorySink, mirror: MemoryMirror, *, batch_max_age_ms: int = 10
+) -> Pipeline:
     settings = PipelineSettings(
-        batch_max_age_ms=10,
+        batch_max_age_ms=batch_max_age_ms,
         writers=1,
         backoff_base_s=0.01,
         backoff_cap_s=0.02,
@@ -107,3 +109,28 @@ async def test_a_refused_entry_is_isolated_and_dead_lettered_the_rest_committed(
     for n, (step, ids) in enumerate(timeline):
         if step == "ack" and ids != ("fx-3",):
             assert ("commit", ids) in timeline[:n]
+
+
+async def test_an_event_after_a_quiet_spell_is_written_at_once_later_ones_gather(
+    tmp_path: Path,
+) -> None:
+    """With a minute's batch age, the first event is committed without waiting for it (nothing
+    was cut before, nothing queued behind it, a writer free); the next two, arriving right
+    after that cut, wait for company and go together."""
+    timeline: list[Step] = []
+    sink, mirror = MemorySink(timeline), MemoryMirror(timeline)
+    source = RecordingSource("stream", timeline)
+    p = pipeline(tmp_path, sink, mirror, batch_max_age_ms=60_000)
+    p.start()
+    await p.put(fx_items(source, 1))
+    async with asyncio.timeout(5):  # far below the minute the age alone would take
+        while not source.acked:
+            await asyncio.sleep(0.005)
+    await p.put(fx_items(source, 2))
+    await p.put(fx_items(source, 3))
+    for _ in range(20):  # the loop takes them in; the last cut is too recent to cut again
+        await asyncio.sleep(0)
+    assert not len(p.queue)
+    assert [ids for step, ids in timeline if step == "commit"] == [("fx-1",)]
+    await p.drain()
+    assert [ids for step, ids in timeline if step == "commit"] == [("fx-1",), ("fx-2", "fx-3")]
