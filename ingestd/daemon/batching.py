@@ -17,8 +17,10 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Protocol
 
-from ingestd.daemon.deadletters import DeadLetter
-from ingestd.wire.events import Event
+import orjson
+
+from ingestd.daemon.deadletters import DeadLetter, make_dead_letter
+from ingestd.wire.events import Event, to_wire
 
 
 class Acknowledger(Protocol):
@@ -63,6 +65,28 @@ class Item:
                 size = ESTIMATED_EVENT_BYTES
             self._size = size
         return size
+
+    def payload(self) -> bytes | str | None:
+        """The entry as received (its raw payload), else its validated event on the wire (an
+        in-process event given as a mapping: the JSON a producer would have sent)."""
+        if self.raw is not None:
+            return self.raw
+        if self.event is not None:
+            return orjson.dumps(to_wire(self.event))
+        return None if self.dead_letter is None else self.dead_letter.payload
+
+    def refused(self, event: Event, reason: str, field: str | None) -> DeadLetter:
+        """This item's valid ``event`` as the dead letter of the database's refusal."""
+        return make_dead_letter(
+            self.payload() or b"",
+            reason,
+            source=self.source.name,
+            field=field,
+            dedup_key=self.source.dead_letter_key(self),
+            event_type=event.type,
+            event_id=event.event_id,
+            producer=event.producer,
+        )
 
     @property
     def route(self) -> str:

@@ -29,15 +29,12 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
-import orjson
-
 from ingestd import errors, failpoints
 from ingestd.daemon.batching import Acknowledger, Batcher, BatchOutcome, IntakeQueue, Item
-from ingestd.daemon.deadletters import DeadLetter, make_dead_letter
+from ingestd.daemon.deadletters import DeadLetter
 from ingestd.daemon.metrics import INVALID_TYPE, Metrics
 from ingestd.daemon.quarantine import Quarantine, QuarantineRecord
 from ingestd.settings import PipelineSettings
-from ingestd.wire import events
 
 log = logging.getLogger("ingestd.daemon.pipeline")
 
@@ -393,7 +390,7 @@ class Pipeline:
             key=key,
             error=reason,
             dead_letter_error=dead_letter_error,
-            payload=_payload_of(item),
+            payload=item.payload(),
             event_id=item.event.event_id if item.event is not None else None,
         )
         attempt = 0
@@ -429,31 +426,12 @@ class Pipeline:
         await self._deliver([item], outcome)
 
 
-def _payload_of(item: Item) -> bytes | str | None:
-    """The entry as received (its raw payload), else its validated event on the wire."""
-    if item.raw is not None:
-        return item.raw
-    if item.event is not None:
-        return orjson.dumps(events.to_wire(item.event))
-    return None if item.dead_letter is None else item.dead_letter.payload
-
-
 def _dead_letter_for(item: Item, reason: str, column: str | None) -> DeadLetter:
     if item.event is None:
         # Bad input whose own dead letter was refused: that dead letter is tried once more.
         assert item.dead_letter is not None
         return item.dead_letter
-    ev = item.event
-    return make_dead_letter(
-        _payload_of(item) or b"",
-        reason,
-        source=item.source.name,
-        field=column,
-        dedup_key=item.source.dead_letter_key(item),
-        event_type=ev.type,
-        event_id=ev.event_id,
-        producer=ev.producer,
-    )
+    return item.refused(item.event, reason, column)
 
 
 def count_by_type(items: Sequence[Item]) -> Mapping[str, int]:

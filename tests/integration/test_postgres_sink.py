@@ -6,6 +6,7 @@ import asyncio
 import decimal
 import hashlib
 import random
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -17,13 +18,14 @@ from ingestd.daemon.batching import Item
 from ingestd.daemon.deadletters import PAYLOAD_PREFIX_CHARS
 from ingestd.daemon.sinks.postgres import PostgresSink, fetch_all_open_counts, sweep_parked_closes
 from ingestd.errors import InvalidEvent
-from ingestd.wire import decoding, tables
+from ingestd.wire import decoding, events, tables
 from tests.conftest import PgServer, ingestd_pool
 from tests.sink_items import (
     ENTRY,
     EXIT,
     EXIT_B,
     MAX_BYTES,
+    SRC,
     T0,
     dead_item,
     fx,
@@ -321,6 +323,23 @@ async def test_row_the_database_rejects_becomes_the_only_dead_letter(
     assert rows["far-offset"]["payload"] == raw.decode()
     assert rows["far-offset"]["payload_bytes"] == len(raw)
     assert rows["far-offset"]["payload_sha256"].strip() == hashlib.sha256(raw).hexdigest()
+
+
+async def test_a_refused_in_process_event_is_dead_lettered_as_its_wire_form(
+    sink: PostgresSink, conn: asyncpg.Connection
+) -> None:
+    """An in-process event has no raw payload: its dead letter must still be the event as a
+    producer would send it (replayable JSON that decodes back to the same event), as the
+    pipeline's own dead letters are, not a Python repr of its values."""
+    far_offset = item(fx("far-offset", ts="2025-11-15T03:40:15+20:00"))
+    in_process = Item(far_offset.event, None, SRC, None, None, time.monotonic())
+    outcome = await sink.write([in_process])
+    assert outcome.dead_letters == 1
+    payload = await conn.fetchval("SELECT payload FROM dead_letters WHERE event_id = 'far-offset'")
+    assert far_offset.event is not None
+    assert orjson.loads(payload) == events.to_wire(far_offset.event)
+    again = decoding.decode_event(payload.encode(), max_bytes=MAX_BYTES, default_event_id=None)
+    assert again.values == far_offset.event.values
 
 
 async def test_rejected_redelivery_is_one_dead_letter(

@@ -29,7 +29,7 @@ from typing import Any
 
 from ingestd import errors
 from ingestd.daemon.batching import BatchOutcome, Item
-from ingestd.daemon.deadletters import DeadLetter, make_dead_letter
+from ingestd.daemon.deadletters import DeadLetter
 from ingestd.daemon.sinks.mirror import MirrorStaging
 from ingestd.wire import tables
 
@@ -124,18 +124,7 @@ class MemorySink:
                 )
                 field = columns[0] if columns else None
                 outcome.reject(item, reason, field)
-                dead.append(
-                    make_dead_letter(
-                        item.raw if item.raw is not None else repr(ev.values),
-                        reason,
-                        source=item.source.name,
-                        field=field,
-                        dedup_key=item.source.dead_letter_key(item),
-                        event_type=ev.type,
-                        event_id=ev.event_id,
-                        producer=ev.producer,
-                    )
-                )
+                dead.append(item.refused(ev, reason, field))
         for name, rows in added.items():
             self.rows[name].update(rows)
         for letter in dead:

@@ -666,7 +666,7 @@ class PostgresSink:
                 reason = outcome.rejected.get(id(item))
                 if reason is not None and item.event is not None:
                     field = outcome.rejected_fields.get(id(item))
-                    dead.append(self._rejected(item, item.event, reason, field))
+                    dead.append(item.refused(item.event, reason, field))
             if dead:
                 await insert_dead_letters(conn, dead)
                 outcome.dead_letters = len(dead)
@@ -909,20 +909,6 @@ class PostgresSink:
                 outcome.reject(item, describe_pg_error(exc), rejected_column(exc))
                 continue
             step.settle(outcome, touched, keys)
-
-    @staticmethod
-    def _rejected(item: Item, ev: Event, reason: str, field: str | None) -> DeadLetter:
-        raw = item.raw if item.raw is not None else repr(ev.values)
-        return make_dead_letter(
-            raw,
-            reason,
-            source=item.source.name,
-            field=field,
-            dedup_key=item.source.dead_letter_key(item),
-            event_type=ev.type,
-            event_id=ev.event_id,
-            producer=ev.producer,
-        )
 
 
 # A batch with spreads older than this queues their hours for hourly_spread_avg (migration 0009;
