@@ -268,41 +268,48 @@ async def _kill_round(kind: str, directory: Path, run_s: float, tear: bool) -> d
 # --- a full disk -----------------------------------------------------------------------------
 
 
-async def _child_fill(kind: str, mnt: Path) -> None:
-    """Fill a small disk, free it, go on; print what happened as JSON."""
+async def _child_fill(kind: str, mnt: Path, segment_bytes: int | None = None) -> None:
+    """Fill a small disk, free it, go on; print what happened as JSON. The unit tests run this
+    same scenario on the SQLite spool (tests/unit/test_spool.py), with a checkpoint every
+    ``segment_bytes`` of log where given."""
     directory = mnt / "spool"
+    options: dict[str, Any] = {"full_retry_s": 0}
+    if segment_bytes is not None:
+        options["segment_bytes"] = segment_bytes
 
-    async def fill(s: SpoolLike, start: int) -> tuple[int, str]:
+    async def fill(s: SpoolLike, start: int) -> tuple[int, SpoolError]:
         ok = 0
         while True:
             try:
                 await s.append(b"%06d" % (start + ok) + b"z" * 300)
             except SpoolError as exc:
-                return ok, f"{type(exc).__name__}: {exc}"
+                return ok, exc
             ok += 1
 
-    s = make_spool(kind, directory, full_retry_s=0)
+    s = make_spool(kind, directory, **options)
     await s.open()
     ok, refused = await fill(s, 0)
-    report: dict[str, Any] = {"ok": ok, "refused": refused}
+    report: dict[str, Any] = {"ok": ok, "kind": type(refused).__name__, "refused": str(refused)}
     try:
         await s.append(b"%06d" % ok + b"z" * 300)
         report["again"] = "accepted"
     except SpoolError as exc:
         report["again"] = type(exc).__name__
     await s.close()
-    s = make_spool(kind, directory, full_retry_s=0)
+    # A restart while the disk is still full: the backlog is there and replayable.
+    s = make_spool(kind, directory, **options)
     try:
         report["recovered_while_full"] = await s.open()
     except SpoolError as exc:
         report["recovered_while_full"] = f"{type(exc).__name__}: {exc}"
         print(json.dumps(report))
         return
-    (mnt / "filler").unlink()
+    report["first"] = [r.payload[:6].decode() for r in await s.read_batch(2)]
+    (mnt / "filler").unlink()  # space is freed
     more, _ = await fill(s, ok)
-    report["more_after_freeing"] = more
+    report["more"] = more
     await s.close()
-    s = make_spool(kind, directory, full_retry_s=0)
+    s = make_spool(kind, directory, **options)
     report["recovered"] = await s.open()
     seen: list[int] = []
     while records := await s.read_batch(1000):
@@ -621,11 +628,12 @@ async def run_spill_command(opts: SpillOptions) -> int:
 
 def main(argv: list[str]) -> None:
     """The child processes of the kill -9 and full-disk measurements."""
-    role, kind, directory = argv
+    role, kind, directory, *rest = argv
     if role == "child-append":
         asyncio.run(_child_append_forever(kind, Path(directory)))
     elif role == "child-fill":
-        asyncio.run(_child_fill(kind, Path(directory)))
+        segment_bytes = int(rest[0]) if rest else None
+        asyncio.run(_child_fill(kind, Path(directory), segment_bytes))
     else:
         raise SystemExit(f"unknown role {role}")
 
