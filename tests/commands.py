@@ -15,6 +15,9 @@ from ingestd.settings import Settings
 # ``ingestd`` as this checkout's interpreter runs it.
 INGESTD = (sys.executable, "-m", "ingestd.cli")
 
+# The checkout: a child process given it as PYTHONPATH (or cwd) imports ``tests.*`` from here.
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
 
 def operator_env(*, without_pg: bool = False, **values: str) -> dict[str, str]:
     """This process's environment without any ``INGESTD_`` variable (nor ``PG*`` ones with
@@ -49,3 +52,8 @@ def run_ingestd(
         check=False,
         cwd=cwd,
     )
+
+
+def run_stats(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
+    """``ingestd stats`` as an operator runs it, in another process."""
+    return run_ingestd(servers_env(settings), "stats", *args)

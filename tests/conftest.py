@@ -18,7 +18,7 @@ import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import asyncpg
 import pytest
@@ -29,6 +29,7 @@ from ingestd.daemon import migrations
 from ingestd.daemon.sinks.postgres import PostgresSink
 from ingestd.settings import Settings, load_settings
 from ingestd.wire import events
+from tests.scheduler import hold_policy_jobs, stop_own_scheduler
 
 # Throwaway TLS/ACL servers of our own for the security tests (tests/private_servers.py).
 pytest_plugins = ["tests.private_servers"]
@@ -152,35 +153,6 @@ class PgServer:
     async def drop(self, dsn: str) -> None:
         """Drop the database of ``dsn`` (one ``clone`` or ``create_empty`` made)."""
         await self.as_admin(f"DROP DATABASE IF EXISTS {database_name(dsn)} WITH (FORCE)")
-
-
-async def hold_policy_jobs(conn: asyncpg.Connection) -> None:
-    """Keep TimescaleDB's policy jobs of this database from running by themselves.
-
-    The scheduler runs in every database with the extension, and would run the policies
-    (retention of the sample history, which is older than 90 days; compression) in the middle of
-    tests that are about something else. The jobs stay scheduled but wait
-    (`next_start => 'infinity'` is TimescaleDB's documented pause); a test about the policies
-    asks for a run with `alter_job(id, next_start => now())`. A database cloned from a template
-    inherits this.
-    """
-    await conn.execute(
-        "SELECT alter_job(job_id, next_start => 'infinity')"
-        " FROM timescaledb_information.jobs WHERE job_id >= 1000"
-    )
-
-
-async def stop_own_scheduler(conn: asyncpg.Connection) -> None:
-    """Create TimescaleDB in this (new, empty) database and stop its scheduler before migrating.
-
-    The scheduler runs each job a migration adds at once (its next_start is now), in the middle
-    of a test that runs the same job itself with run_job: the two runs raced for the refresh's
-    lock and the drain's lock (seen in CI). A stopped scheduler stays stopped until the extension
-    is created again, which migrating does not do (CREATE EXTENSION IF NOT EXISTS); the scheduler
-    itself is tested in tests/integration/test_timescale_scheduler.py.
-    """
-    await conn.execute("CREATE EXTENSION IF NOT EXISTS timescaledb")
-    assert await conn.fetchval("SELECT _timescaledb_functions.stop_background_workers()")
 
 
 async def _preloaded(dsn: str) -> bool:
@@ -312,8 +284,9 @@ async def dsn(server: tuple[str, PgServer]) -> AsyncIterator[str]:
     stopped: the tests run maintenance and the policies themselves, and the scheduler's own
     compression ran in the middle of them (a chunk it compressed copied a test role's grants
     between DROP OWNED and DROP ROLE; "tuple concurrently updated" on the same grants)."""
-    _, srv = server
+    kind, srv = server
     url = await srv.create_migrated("ingestd_it", stop_scheduler=True)
+    assert srv.timescale == (kind == "timescale")
     yield url
     await srv.drop(url)
 
@@ -381,18 +354,25 @@ def rclient(redis_url: str) -> Iterator[redis.Redis]:
     client.close()
 
 
-@pytest.fixture
-def settings(db_dsn: str, redis_url: str) -> Settings:
-    """Settings pointing at this test's database and Redis, tuned for quick tests."""
+def quick_settings(dsn: str, redis_url: str, **overrides: Any) -> Settings:
+    """Settings pointing at ``dsn`` and ``redis_url``, tuned for quick tests (a short stream
+    block and batch age, no metrics port), then ``overrides`` (dotted names)."""
     return load_settings(
         None,
         environ={},
         overrides={
-            "storage.postgres.dsn": db_dsn,
+            "storage.postgres.dsn": dsn,
             "storage.redis.url": redis_url,
             "stream.consumer": "test-consumer",
             "stream.block_ms": 200,
             "pipeline.batch_max_age_ms": 50,
             "metrics_port": 0,
+            **overrides,
         },
     )
+
+
+@pytest.fixture
+def settings(db_dsn: str, redis_url: str) -> Settings:
+    """Settings pointing at this test's database and Redis, tuned for quick tests."""
+    return quick_settings(db_dsn, redis_url)

@@ -1,19 +1,23 @@
-"""Feeds and probes shared by the end-to-end and fault suites."""
+"""Feeds and probes shared by the suites: simulated events, producers feeding a Service, and
+waits on rows, acknowledgements and conditions."""
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import datetime as dt
 import itertools
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import asyncpg
 import redis
 
+from ingestd import Outcome, Service
 from ingestd.settings import Settings
 from ingestd.tools.simulate import Simulator
-from tests.e2e.conftest import run_cli
+from tests.daemons import run_cli
 
 # A day back, to the hour: recent enough that no retention (90 days and more) ever applies to
 # the test data, and fixed for the whole session so that producers and ledgers agree.
@@ -99,3 +103,39 @@ async def wait_until_acknowledged(client: redis.Redis, timeout: float) -> None:
     while pending(client) and time.monotonic() < deadline:
         await asyncio.sleep(0.05)
     assert pending(client) == 0
+
+
+def chunks(events: Sequence[dict[str, Any]], n: int) -> list[Sequence[dict[str, Any]]]:
+    """``events`` cut into consecutive slices of ``n`` (the last may be shorter)."""
+    return [events[i : i + n] for i in range(0, len(events), n)]
+
+
+async def produce(
+    service: Service, events: Sequence[dict[str, Any]], *, producers: int = 4, chunk: int = 50
+) -> collections.Counter[Outcome]:
+    """Several producer tasks, each submitting its share a tick's worth at a time."""
+    outcomes: collections.Counter[Outcome] = collections.Counter()
+    parts = chunks(events, chunk)
+
+    async def one(mine: list[Sequence[dict[str, Any]]]) -> None:
+        for part in mine:
+            outcomes.update(await service.submit_many(part))
+
+    await asyncio.gather(*(one(parts[i::producers]) for i in range(producers)))
+    return outcomes
+
+
+async def watch_queue(service: Service, peak: list[int]) -> None:
+    """Record the largest queue depth seen (the in-memory bound must hold)."""
+    assert service.pipeline is not None
+    while True:
+        peak[0] = max(peak[0], len(service.pipeline.queue))
+        await asyncio.sleep(0.005)
+
+
+async def wait_until(predicate: Any, timeout: float = 60.0) -> None:
+    """Poll ``predicate()`` until it is true; fail after ``timeout`` seconds."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not predicate():
+        assert asyncio.get_running_loop().time() < deadline, "condition not reached"
+        await asyncio.sleep(0.05)

@@ -28,6 +28,7 @@ import redis
 
 from ingestd.daemon import migrations
 from tests.deploy_files import compose_variables, redis_acl_users
+from tests.scheduler import stop_own_scheduler
 
 
 def free_port() -> int:
@@ -136,8 +137,12 @@ class PrivatePostgres:
             f"/{database}?sslmode={sslmode}&sslrootcert={root}"
         )
 
-    async def create_database(self, name: str, *, migrate: bool = True) -> None:
-        """A fresh database, migrated by the superuser (the owner)."""
+    async def create_database(
+        self, name: str, *, migrate: bool = True, stop_scheduler: bool = False
+    ) -> None:
+        """A fresh database, migrated by the superuser (the owner); on TimescaleDB with its job
+        scheduler stopped before migrating when ``stop_scheduler`` (for tests that run jobs
+        themselves with ``run_job``)."""
         admin = await asyncpg.connect(self.admin_dsn())
         try:
             await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
@@ -147,6 +152,8 @@ class PrivatePostgres:
         if migrate:
             conn = await asyncpg.connect(self.admin_dsn(name))
             try:
+                if stop_scheduler and self.timescale:
+                    await stop_own_scheduler(conn)
                 await migrations.migrate(conn)
             finally:
                 await conn.close()
@@ -403,9 +410,13 @@ def production_pg(private_clusters: Callable[[str], PrivatePostgres]) -> Private
 async def private_database(
     private_pg: PrivatePostgres,
 ) -> AsyncIterator[tuple[PrivatePostgres, str]]:
-    """A fresh migrated database on each private cluster."""
+    """A fresh migrated database on each private cluster, TimescaleDB's scheduler stopped: the
+    role tests run the owner's jobs themselves with run_job, and the scheduler's own first run of
+    ingestd_backfill_job, started at once by the migration, held the drain's lock while the test's
+    run returned having drained nothing (seen in CI); the scheduler is tested in
+    test_timescale_scheduler.py."""
     name = f"ingestd_priv_{os.urandom(5).hex()}"
-    await private_pg.create_database(name)
+    await private_pg.create_database(name, stop_scheduler=True)
     yield private_pg, name
     await private_pg.drop_database(name)
 

@@ -17,8 +17,7 @@ from typing import Any
 
 import pytest
 
-# The checkout, on PYTHONPATH for the script (it imports ingestd).
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from tests.commands import REPO_ROOT
 
 needs_unshare = pytest.mark.skipif(shutil.which("unshare") is None, reason="needs unshare(1)")
 

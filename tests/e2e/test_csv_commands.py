@@ -18,7 +18,7 @@ import asyncpg
 import pytest
 
 from ingestd.settings import Settings
-from tests.e2e.conftest import ingestd_env, run_cli
+from tests.daemons import ingestd_env, run_cli
 from tests.samples import SPREAD_HEADER, spread_rows, write_csv
 
 pytestmark = [pytest.mark.e2e, pytest.mark.pg]

@@ -20,7 +20,7 @@ import redis
 
 from ingestd.settings import Settings
 from ingestd.wire.events import utc_iso
-from tests.e2e.conftest import StartDaemon, ingestd_env, run_cli
+from tests.daemons import StartDaemon, ingestd_env, run_cli
 from tests.feeds import (
     pending,
     published_feed,

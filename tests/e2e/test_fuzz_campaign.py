@@ -19,7 +19,7 @@ import redis
 
 from ingestd.settings import Settings
 from ingestd.tools.fuzz.campaign import FuzzOptions, run_campaign
-from tests.e2e.conftest import run_cli
+from tests.daemons import run_cli
 
 pytestmark = [pytest.mark.e2e, pytest.mark.pg, pytest.mark.redis]
 

@@ -26,7 +26,7 @@ import redis.asyncio as aioredis
 from ingestd import AsyncPublisher, load_settings
 from ingestd.settings import Settings
 from tests.commands import operator_env, run_ingestd
-from tests.e2e.conftest import StartDaemon
+from tests.daemons import StartDaemon
 from tests.feeds import pending, published_feed
 from tests.http_client import Samples, by_label, get, scrape
 from tests.ledger import Expected, assert_landed_exactly_once

@@ -12,14 +12,10 @@ import pytest
 import redis
 
 from ingestd.settings import Settings
-from tests.e2e.conftest import StartDaemon
+from tests.daemons import StartDaemon
 from tests.feeds import pending, wait_for_rows
-from tests.integration.test_delivery_budget import (
-    NUL_FIELD_ENTRY,
-    REFUSE_POISON,
-    REFUSE_POISON_DEAD_LETTER,
-    fx,
-)
+from tests.refusals import NUL_FIELD_ENTRY, REFUSE_POISON, REFUSE_POISON_DEAD_LETTER
+from tests.samples import fx_event as fx
 
 pytestmark = [pytest.mark.e2e, pytest.mark.pg, pytest.mark.redis]
 

@@ -30,8 +30,8 @@ import redis
 import yaml
 
 from ingestd.settings import Settings
+from tests.daemons import StartDaemon
 from tests.deploy_files import PROMETHEUS, dashboard, panels
-from tests.e2e.conftest import StartDaemon
 from tests.feeds import publish_from_other_process
 from tests.http_client import get
 from tests.mixed_feed import MALFORMED

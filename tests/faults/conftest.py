@@ -22,7 +22,7 @@ import redis
 from ingestd.settings import Settings, load_settings
 from ingestd.tools.throwaway import ServerUnavailable, ThrowawayPostgres, ThrowawayRedis
 from tests.conftest import PgServer
-from tests.e2e.conftest import start_daemon  # noqa: F401 - the fixture, for the fault tests
+from tests.daemons import start_daemon  # noqa: F401 - the fixture, for the fault tests
 
 # Short deadlines so that faults are felt, and recovered from, within seconds.
 FAULT_CONFIG = """\

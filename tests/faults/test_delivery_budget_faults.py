@@ -18,7 +18,8 @@ import pytest
 from ingestd import Outcome, Service
 from ingestd.settings import Settings
 from tests.faults.conftest import FaultServers
-from tests.integration.test_delivery_budget import REFUSE_POISON, fx
+from tests.refusals import REFUSE_POISON
+from tests.samples import fx_event as fx
 
 pytestmark = [pytest.mark.faults, pytest.mark.pg, pytest.mark.redis]
 

@@ -8,7 +8,6 @@ suite's own PostgreSQL, stopped, frozen and locked for real.
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import json
 import os
@@ -17,9 +16,7 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
-from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import asyncpg
 import pytest
@@ -28,47 +25,12 @@ from ingestd import Outcome, Service
 from ingestd.daemon import migrations
 from ingestd.settings import Settings
 from ingestd.spool import DATABASE_FILE
+from tests.commands import REPO_ROOT
 from tests.faults.conftest import FaultServers
-from tests.feeds import simulated
+from tests.feeds import produce, simulated, wait_until, watch_queue
 from tests.ledger import Expected, wait_until_landed_exactly_once
 
 pytestmark = [pytest.mark.faults, pytest.mark.pg, pytest.mark.redis]
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
-
-
-def chunks(events: Sequence[dict[str, Any]], n: int) -> list[Sequence[dict[str, Any]]]:
-    return [events[i : i + n] for i in range(0, len(events), n)]
-
-
-async def produce(
-    service: Service, events: Sequence[dict[str, Any]], *, producers: int = 4, chunk: int = 50
-) -> collections.Counter[Outcome]:
-    """Several producer tasks, each submitting its share a tick's worth at a time."""
-    outcomes: collections.Counter[Outcome] = collections.Counter()
-    parts = chunks(events, chunk)
-
-    async def one(mine: list[Sequence[dict[str, Any]]]) -> None:
-        for part in mine:
-            outcomes.update(await service.submit_many(part))
-
-    await asyncio.gather(*(one(parts[i::producers]) for i in range(producers)))
-    return outcomes
-
-
-async def watch_queue(service: Service, peak: list[int]) -> None:
-    """Record the largest queue depth seen (the in-memory bound must hold)."""
-    assert service.pipeline is not None
-    while True:
-        peak[0] = max(peak[0], len(service.pipeline.queue))
-        await asyncio.sleep(0.005)
-
-
-async def wait_until(predicate: Any, timeout: float = 60.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not predicate():
-        assert asyncio.get_running_loop().time() < deadline, "condition not reached"
-        await asyncio.sleep(0.05)
 
 
 async def test_long_outage_spills_to_the_spool_and_replays_exactly_once(
@@ -250,7 +212,7 @@ PRODUCER = textwrap.dedent(
     """
     import asyncio, collections, json, os, signal, sys
     from ingestd import Service, load_settings
-    from tests.feeds import simulated
+    from tests.feeds import produce, simulated, wait_until, watch_queue
 
     async def main(spool_dir, phase):
         settings = load_settings(None, overrides={

@@ -18,7 +18,7 @@ import pytest
 import redis
 
 from ingestd.settings import Settings
-from tests.e2e.conftest import Daemon, StartDaemon
+from tests.daemons import Daemon, StartDaemon
 from tests.faults.conftest import FAULT_CONFIG, FaultServers
 from tests.feeds import (
     pending,

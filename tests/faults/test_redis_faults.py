@@ -20,7 +20,7 @@ import redis
 from ingestd import Outcome, Service
 from ingestd.settings import Settings
 from ingestd.wire.events import utc_iso
-from tests.e2e.conftest import StartDaemon
+from tests.daemons import StartDaemon
 from tests.faults.conftest import FAULT_CONFIG, FaultServers
 from tests.feeds import (
     pending,

@@ -24,16 +24,18 @@ import redis
 from ingestd import Outcome, Service
 from ingestd.settings import Settings
 from ingestd.tools.simulate import Simulator
-from tests.e2e.conftest import StartDaemon
+from tests.daemons import StartDaemon
 from tests.faults.conftest import FAULT_CONFIG, FaultServers
-from tests.faults.test_inprocess_faults import produce, wait_until, watch_queue
 from tests.feeds import (
     START,
     pending,
+    produce,
     publish_from_other_process,
     published_feed,
     simulated,
     wait_for_rows,
+    wait_until,
+    watch_queue,
 )
 from tests.ledger import (
     Expected,

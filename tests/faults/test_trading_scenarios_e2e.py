@@ -24,9 +24,9 @@ import redis
 from ingestd import trading
 from ingestd.producer.publisher import AsyncPublisher
 from ingestd.settings import Settings
-from tests.e2e.conftest import Daemon, ingestd_env
+from tests.daemons import Daemon, ingestd_env
 from tests.faults.conftest import FAULT_CONFIG, FaultServers
-from tests.faults.test_trading_state_faults import redis_client, states_until, wait_state
+from tests.trading_watch import redis_client, states_until, wait_state
 
 pytestmark = [pytest.mark.faults, pytest.mark.pg, pytest.mark.redis]
 

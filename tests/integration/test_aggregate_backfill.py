@@ -26,23 +26,17 @@ from ingestd.commands.csv_import import run_import
 from ingestd.daemon import migrations
 from ingestd.daemon.maintenance import TASK_BACKFILL, TASK_REFRESH, Maintenance, advisory_lock_id
 from ingestd.daemon.sinks.postgres import PostgresSink
-from ingestd.settings import Settings
-from tests.conftest import PgServer, stop_own_scheduler
-from tests.integration import test_timescale_layer as layer
+from tests.conftest import PgServer, quick_settings
 from tests.samples import SPREAD_HEADER
+from tests.scheduler import stop_own_scheduler
 from tests.sink_items import item, spread
 
 pytestmark = [pytest.mark.pg]
 
-# Plain PostgreSQL, then TimescaleDB (the conftest's ``server``): a freshly migrated database
-# each, as that module makes it.
-dsn = layer.dsn
-
-
-def make_settings(dsn: str, redis_url: str) -> Settings:
-    """That module's settings with the default 90-day retention of spreads (a month of history
-    must be accepted)."""
-    return layer.make_settings(dsn, redis_url, **{"retention.spreads_days": 90})
+# The tests on either server run in the conftest's ``dsn``: plain PostgreSQL, then TimescaleDB,
+# a freshly migrated database each (the scheduler stopped: the tests run the jobs themselves).
+# Their settings are the defaults (a 90-day retention of spreads: a month of history is
+# accepted), tuned for quick tests (``quick_settings``).
 
 
 UTC = dt.UTC
@@ -130,7 +124,7 @@ def spreads_csv(path: Path, start: dt.datetime, hours: int, per_hour: int, seed:
 
 @pytest.fixture
 async def pool(dsn: str) -> AsyncIterator[asyncpg.Pool]:
-    settings = make_settings(dsn, "redis://127.0.0.1:1/0")
+    settings = quick_settings(dsn, "redis://127.0.0.1:1/0")
     p = await ingestd_db.create_pool(settings.storage.postgres)
     yield p
     await p.close()
@@ -139,7 +133,7 @@ async def pool(dsn: str) -> AsyncIterator[asyncpg.Pool]:
 @pytest.fixture
 async def maintenance(pool: asyncpg.Pool, dsn: str, redis_url: str) -> AsyncIterator[Maintenance]:
     """ingestd's maintenance on the test database (Redis for its metrics keys)."""
-    settings = make_settings(dsn, redis_url)
+    settings = quick_settings(dsn, redis_url)
     client = aioredis.Redis.from_url(redis_url)
     yield Maintenance(pool, client, settings=settings.maintenance, retention=settings.retention)
     await client.aclose()
@@ -153,7 +147,7 @@ async def test_an_imported_month_agrees_hour_by_hour(
     tmp_path: Path,
 ) -> None:
     """import-csv of 30 days of spreads, then the policy: every hour of the month is there."""
-    settings = make_settings(dsn, redis_url)
+    settings = quick_settings(dsn, redis_url)
     now = dt.datetime.now(UTC).replace(minute=0, second=0, microsecond=0)
     timescale = await is_timescale(conn)
     # Live data first, and the policy has run: the watermark is current, as in production.
@@ -300,7 +294,7 @@ async def test_migration_0009_queues_the_history_the_policy_never_materialized(
             await assert_agree(conn)  # the defect this migration repairs
         await migrations.migrate(conn, every)
         assert await conn.fetchval("SELECT count(*) FROM ingestd_aggregate_backfill") == 1
-        settings = make_settings(timescale_dsn, redis_url)
+        settings = quick_settings(timescale_dsn, redis_url)
         pool = await ingestd_db.create_pool(settings.storage.postgres)
         try:
             m = Maintenance(pool, None, settings=settings.maintenance, retention=settings.retention)
@@ -323,7 +317,7 @@ async def test_a_failed_refresh_keeps_the_hours_queued_and_one_replica_drains_at
     now = dt.datetime.now(UTC).replace(minute=0, second=0, microsecond=0)
     conn = await asyncpg.connect(timescale_dsn)
     blocker = await asyncpg.connect(timescale_dsn)
-    settings = make_settings(timescale_dsn, redis_url)
+    settings = quick_settings(timescale_dsn, redis_url)
     quick = dataclasses.replace(settings.maintenance, statement_timeout_s=1.0)
     pool = await ingestd_db.create_pool(settings.storage.postgres)
     try:

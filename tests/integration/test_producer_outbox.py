@@ -29,8 +29,8 @@ from ingestd.producer.storage import (
     create_storage,
 )
 from ingestd.settings import Settings
+from tests.commands import REPO_ROOT
 from tests.feeds import wait_count
-from tests.integration.test_producer_storage import REPO_ROOT
 from tests.private_servers import OwnRedis
 from tests.samples import position, spread
 

@@ -38,13 +38,12 @@ from ingestd.producer.storage import (
 )
 from ingestd.settings import Settings
 from ingestd.wire import csv_format
+from tests.commands import REPO_ROOT
 from tests.feeds import wait_count
 from tests.private_servers import OwnRedis, free_port
 from tests.samples import closed, fx_rate, order, position, spread, trade
 
 pytestmark = [pytest.mark.pg, pytest.mark.redis]
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture

@@ -14,10 +14,9 @@ import asyncio
 import dataclasses
 import datetime as dt
 import decimal
-import subprocess
 import time
 from collections import defaultdict
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import Iterable
 from decimal import Decimal
 from typing import Any
 
@@ -36,10 +35,10 @@ from ingestd.daemon.maintenance import (
     TASK_RETENTION,
     TASKS,
 )
-from ingestd.settings import Settings, load_settings
+from ingestd.settings import Settings
 from ingestd.tools.simulate import Simulator
-from tests.commands import run_ingestd, servers_env
-from tests.conftest import PgServer
+from tests.commands import run_stats
+from tests.conftest import PgServer, quick_settings
 
 pytestmark = [pytest.mark.pg, pytest.mark.redis]
 
@@ -193,31 +192,10 @@ def simulate_week(end: dt.datetime, tick_s: float = 60.0) -> Week:
 # --- fixtures ---------------------------------------------------------------------------------
 
 
-@pytest.fixture
-async def dsn(server: tuple[str, PgServer]) -> AsyncIterator[str]:
-    """A freshly migrated database (not a template clone: a clone does not inherit the
-    database-level TimeZone that migration 0003 sets, which the side connection ``conn`` has);
-    on TimescaleDB with its scheduler stopped, since the tests run the policies with run_job."""
-    kind, srv = server
-    url = await srv.create_migrated("ingestd_ts", stop_scheduler=True)
-    assert srv.timescale == (kind == "timescale")
-    yield url
-    await srv.drop(url)
-
-
 def make_settings(dsn: str, redis_url: str, **extra: Any) -> Settings:
     """Settings for this test's database and Redis, with the test's retention."""
-    overrides: dict[str, Any] = {
-        "storage.postgres.dsn": dsn,
-        "storage.redis.url": redis_url,
-        "stream.consumer": "tsdb-test",
-        "stream.block_ms": 200,
-        "pipeline.batch_max_age_ms": 50,
-        "metrics_port": 0,
-        **{f"retention.{t}_days": d for t, d in RETENTION.items()},
-    }
-    overrides.update(extra)
-    return load_settings(None, environ={}, overrides=overrides)
+    retention = {f"retention.{t}_days": d for t, d in RETENTION.items()}
+    return quick_settings(dsn, redis_url, **{"stream.consumer": "tsdb-test", **retention, **extra})
 
 
 async def ingest(
@@ -482,11 +460,6 @@ async def check_metrics_keys(rclient: redis.Redis, week: Week, end: dt.datetime)
         evs = hourly[(newest, symbol)]
         assert_avg(Decimal(s["avg_spread_pct"]), (Decimal(e["spread_pct"]) for e in evs), key)
         assert Decimal(s["min_spread_pct"]) == min(Decimal(e["spread_pct"]) for e in evs)
-
-
-def run_stats(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
-    """``ingestd stats`` as an operator runs it, in another process."""
-    return run_ingestd(servers_env(settings), "stats", *args)
 
 
 async def check_stats(settings: Settings, week: Week, kind: str, conn: asyncpg.Connection) -> None:

@@ -28,8 +28,8 @@ import pytest
 
 from ingestd.daemon.sinks.postgres import PostgresSink
 from ingestd.settings import load_settings
+from tests.commands import run_stats
 from tests.conftest import PgServer
-from tests.integration.test_timescale_layer import run_stats
 from tests.sink_items import fx, item, order, spread
 
 pytestmark = [pytest.mark.pg, pytest.mark.timescale]

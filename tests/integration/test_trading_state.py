@@ -22,6 +22,7 @@ from ingestd.errors import ConfigError
 from ingestd.producer.storage import AsyncRedisCacheStorage, RedisCacheStorage
 from ingestd.settings import Settings, load_settings
 from ingestd.tools.simulate import Simulator
+from tests.daemons import run_cli
 
 pytestmark = [pytest.mark.redis]
 
@@ -352,8 +353,6 @@ def test_simulate_paced_to_the_wall_clock_keeps_event_times_real_through_a_scena
     """A collector pause drops events; the simulator's clock must not race ahead through them
     (it did when pacing counted the events sent: after the pause every event, heartbeats too,
     was dated seconds in the future, and trading:state never came back to ACTIVE)."""
-    from tests.e2e.conftest import run_cli
-
     done = run_cli(
         settings,
         "simulate",

@@ -132,3 +132,29 @@ def test_clients_are_made_in_one_place() -> None:
     # The scan finds the factories' own calls (it is not vacuous).
     assert client_makers(PACKAGE / "clients.py") != []
     assert client_makers(PACKAGE / "daemon" / "db.py") != []
+
+
+def imported_modules(path: Path) -> set[str]:
+    """The absolute module names a file imports (``from x import y`` gives x and x.y)."""
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+            names.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return names
+
+
+def test_no_test_module_is_a_helper_of_another() -> None:
+    """Test helpers live in tests/*.py (and the conftests' fixtures): a test module that imports
+    another test module runs that module's fixtures and couples the two suites, and its helpers
+    end up copied (seen before: REPO_ROOT four times, a dsn fixture twice)."""
+    borrowed = {
+        f"{path.relative_to(ROOT)}: {name}"
+        for path in (ROOT / "tests").rglob("*.py")
+        for name in imported_modules(path)
+        if any(part.startswith("test_") for part in name.split(".")[1:])
+        and name.startswith("tests.")
+    }
+    assert not borrowed, sorted(borrowed)
