@@ -52,8 +52,3 @@ def run_ingestd(
         check=False,
         cwd=cwd,
     )
-
-
-def run_stats(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
-    """``ingestd stats`` as an operator runs it, in another process."""
-    return run_ingestd(servers_env(settings), "stats", *args)

@@ -12,10 +12,6 @@ from ingestd import trading
 from ingestd.settings import Settings
 
 
-def read_state(client: redis.Redis) -> trading.TradingState:
-    return trading.read_trading_state(client)
-
-
 async def wait_state(
     client: redis.Redis,
     want: trading.State,
@@ -26,7 +22,7 @@ async def wait_state(
     """Poll trading:state until it is ``want`` (with a reason containing ``reason``)."""
     deadline = time.monotonic() + timeout
     while True:
-        current = await asyncio.to_thread(read_state, client)
+        current = await asyncio.to_thread(trading.read_trading_state, client)
         if current.state is want and (reason is None or any(reason in r for r in current.reasons)):
             return current
         assert time.monotonic() < deadline, f"wanted {want.value} ({reason}), have {current}"

@@ -26,7 +26,7 @@ from ingestd.settings import Settings
 from ingestd.wire.events import utc_iso
 from tests.commands import run_ingestd, servers_env
 from tests.faults.conftest import FaultServers
-from tests.trading_watch import read_state, redis_client, states_until, wait_state
+from tests.trading_watch import redis_client, states_until, wait_state
 
 pytestmark = [pytest.mark.faults, pytest.mark.pg, pytest.mark.redis]
 
@@ -237,7 +237,7 @@ async def test_two_replicas_one_writer_and_a_takeover_keeps_the_state(
                 # One state, not two replicas fighting over the key: while both run, the state
                 # and its since stay as they are, read after read.
                 for _ in range(40):
-                    current = read_state(client)
+                    current = trading.read_trading_state(client)
                     assert (current.state, current.since) == (active.state, active.since)
                     await asyncio.sleep(0.05)
                 holder = client.get(trading.LEADER_KEY)

@@ -37,8 +37,8 @@ from ingestd.daemon.maintenance import (
 )
 from ingestd.settings import Settings
 from ingestd.tools.simulate import Simulator
-from tests.commands import run_stats
 from tests.conftest import PgServer, quick_settings
+from tests.daemons import run_cli
 
 pytestmark = [pytest.mark.pg, pytest.mark.redis]
 
@@ -468,7 +468,7 @@ async def check_stats(settings: Settings, week: Week, kind: str, conn: asyncpg.C
     if preloaded:  # the TimescaleDB server here preloads it; this database is the test's own
         await conn.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
         await conn.fetchval("SELECT count(*) FROM spreads WHERE spread_pct > 0")
-    done = run_stats(settings, "--json", "--exact")
+    done = run_cli(settings, "stats", "--json", "--exact")
     assert done.returncode == 0, done.stderr
     report = orjson.loads(done.stdout)
     assert report["database"]["flavour"] == (
@@ -525,7 +525,7 @@ async def check_stats(settings: Settings, week: Week, kind: str, conn: asyncpg.C
     else:
         assert "pg_stat_statements" in slow["hint"] and "CREATE EXTENSION" in slow["hint"]
 
-    text = run_stats(settings)
+    text = run_cli(settings, "stats")
     assert text.returncode == 0, text.stderr
     for heading in ("tables", "aggregates", "ingestd maintenance rounds", "redis (INFO"):
         assert heading in text.stdout

@@ -28,8 +28,8 @@ import pytest
 
 from ingestd.daemon.sinks.postgres import PostgresSink
 from ingestd.settings import load_settings
-from tests.commands import run_stats
 from tests.conftest import PgServer
+from tests.daemons import run_cli
 from tests.sink_items import fx, item, order, spread
 
 pytestmark = [pytest.mark.pg, pytest.mark.timescale]
@@ -346,7 +346,7 @@ def run_stats_for(dsn: str, redis_url: str, *, text: bool = False) -> Any:
         environ={},
         overrides={"storage.postgres.dsn": dsn, "storage.redis.url": redis_url, "metrics_port": 0},
     )
-    return run_stats(settings) if text else run_stats(settings, "--json")
+    return run_cli(settings, "stats") if text else run_cli(settings, "stats", "--json")
 
 
 async def test_stats_shows_why_a_scheduled_run_failed(

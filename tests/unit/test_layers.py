@@ -154,7 +154,7 @@ def test_no_test_module_is_a_helper_of_another() -> None:
         f"{path.relative_to(ROOT)}: {name}"
         for path in (ROOT / "tests").rglob("*.py")
         for name in imported_modules(path)
-        if any(part.startswith("test_") for part in name.split(".")[1:])
-        and name.startswith("tests.")
+        if name.startswith("tests.")
+        and any(part.startswith("test_") for part in name.split(".")[1:])
     }
     assert not borrowed, sorted(borrowed)
